@@ -1,0 +1,282 @@
+#include "dense.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "microkernel.h"
+
+namespace ssse::cpu {
+
+namespace {
+
+// Cache blocking: an MC x KC panel of A (~200 KB) stays in L2, a KC x NC panel of B in L3.
+constexpr int64_t kKC = 256;
+constexpr int64_t kMC = 96;
+constexpr int64_t kNC = 2304;
+
+// Packs A(ic:ic+mc, pc:pc+kc) into row panels of height mr: [ceil(mc/mr)][kc][mr], zero-padded.
+template <typename T>
+void pack_a(int64_t mc, int64_t kc, const T* a, int64_t rs, int64_t cs, int mr, double* out) {
+  for (int64_t i0 = 0; i0 < mc; i0 += mr) {
+    const int64_t h = std::min<int64_t>(mr, mc - i0);
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* src = a + i0 * rs + k * cs;
+      int64_t i = 0;
+      for (; i < h; ++i) out[i] = static_cast<double>(src[i * rs]);
+      for (; i < mr; ++i) out[i] = 0.0;
+      out += mr;
+    }
+  }
+}
+
+// Packs B(pc:pc+kc, jc:jc+nc) into column panels of width nr: [ceil(nc/nr)][kc][nr], zero-padded.
+template <typename T>
+void pack_b(int64_t kc, int64_t nc, const T* b, int64_t rs, int64_t cs, int nr, double* out) {
+  for (int64_t j0 = 0; j0 < nc; j0 += nr) {
+    const int64_t w = std::min<int64_t>(nr, nc - j0);
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* src = b + k * rs + j0 * cs;
+      int64_t j = 0;
+      if (cs == 1) {
+        for (; j < w; ++j) out[j] = static_cast<double>(src[j]);
+      } else {
+        for (; j < w; ++j) out[j] = static_cast<double>(src[j * cs]);
+      }
+      for (; j < nr; ++j) out[j] = 0.0;
+      out += nr;
+    }
+  }
+}
+
+thread_local std::vector<double> tl_pack_a;
+thread_local std::vector<double> tl_pack_b;
+
+double* scratch(std::vector<double>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+}  // namespace
+
+template <typename TA, typename TB>
+void gemm(int64_t M, int64_t N, int64_t K, double alpha, const TA* a, int64_t a_rs, int64_t a_cs,
+          const TB* b, int64_t b_rs, int64_t b_cs, double beta, double* c, int64_t ldc,
+          bool lower_only) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0 || alpha == 0.0) {
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < (lower_only ? std::min(i + 1, N) : N); ++j)
+        c[i * ldc + j] = beta == 0.0 ? 0.0 : beta * c[i * ldc + j];
+    return;
+  }
+  const detail::MicroKernel& mk = detail::micro_kernel();
+  const int mr = mk.mr, nr = mk.nr;
+  const int64_t mc_max = (kMC + mr - 1) / mr * mr;
+  const int64_t nc_max = (kNC + nr - 1) / nr * nr;
+  double* ap = scratch(tl_pack_a, static_cast<size_t>(mc_max * kKC));
+  double* bp = scratch(tl_pack_b, static_cast<size_t>(nc_max * kKC));
+  double acc[8 * 24];  // large enough for every micro-kernel shape
+
+  for (int64_t jc = 0; jc < N; jc += nc_max) {
+    const int64_t nc = std::min(nc_max, N - jc);
+    // Rows above the diagonal of this column range do not exist in lower_only mode.
+    const int64_t i_begin = lower_only ? std::min<int64_t>(jc, M) : 0;
+    for (int64_t pc = 0; pc < K; pc += kKC) {
+      const int64_t kc = std::min(kKC, K - pc);
+      const bool first = pc == 0;
+      pack_b(kc, nc, b + pc * b_rs + jc * b_cs, b_rs, b_cs, nr, bp);
+      for (int64_t ic = i_begin; ic < M; ic += mc_max) {
+        const int64_t mc = std::min(mc_max, M - ic);
+        pack_a(mc, kc, a + ic * a_rs + pc * a_cs, a_rs, a_cs, mr, ap);
+        for (int64_t jr = 0; jr < nc; jr += nr) {
+          const int64_t w = std::min<int64_t>(nr, nc - jr);
+          const int64_t j_abs = jc + jr;
+          for (int64_t ir = 0; ir < mc; ir += mr) {
+            const int64_t h = std::min<int64_t>(mr, mc - ir);
+            const int64_t i_abs = ic + ir;
+            if (lower_only && i_abs + h - 1 < j_abs) continue;  // tile strictly above diagonal
+            mk.fn(kc, ap + ir * kc, bp + jr * kc, acc);
+            for (int64_t i = 0; i < h; ++i) {
+              double* crow = c + (i_abs + i) * ldc + j_abs;
+              const double* arow = acc + i * nr;
+              const int64_t jend = lower_only ? std::min<int64_t>(w, i_abs + i - j_abs + 1) : w;
+              if (first) {
+                if (beta == 0.0) {
+                  for (int64_t j = 0; j < jend; ++j) crow[j] = alpha * arow[j];
+                } else {
+                  for (int64_t j = 0; j < jend; ++j) crow[j] = beta * crow[j] + alpha * arow[j];
+                }
+              } else {
+                for (int64_t j = 0; j < jend; ++j) crow[j] += alpha * arow[j];
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+template void gemm<float, float>(int64_t, int64_t, int64_t, double, const float*, int64_t, int64_t,
+                                 const float*, int64_t, int64_t, double, double*, int64_t, bool);
+template void gemm<double, double>(int64_t, int64_t, int64_t, double, const double*, int64_t,
+                                   int64_t, const double*, int64_t, int64_t, double, double*,
+                                   int64_t, bool);
+template void gemm<float, double>(int64_t, int64_t, int64_t, double, const float*, int64_t, int64_t,
+                                  const double*, int64_t, int64_t, double, double*, int64_t, bool);
+template void gemm<double, float>(int64_t, int64_t, int64_t, double, const double*, int64_t,
+                                  int64_t, const float*, int64_t, int64_t, double, double*, int64_t,
+                                  bool);
+
+void trsm_left_lower(int64_t m, int64_t n, const double* l, int64_t ldl, double* x, int64_t ldx) {
+  for (int64_t i = 0; i < m; ++i) {
+    double* xi = x + i * ldx;
+    for (int64_t k = 0; k < i; ++k) {
+      const double f = l[i * ldl + k];
+      if (f == 0.0) continue;
+      const double* xk = x + k * ldx;
+      for (int64_t j = 0; j < n; ++j) xi[j] -= f * xk[j];
+    }
+    const double inv = 1.0 / l[i * ldl + i];
+    for (int64_t j = 0; j < n; ++j) xi[j] *= inv;
+  }
+}
+
+namespace {
+
+constexpr int64_t kBase = 48;  // below this size the recursive routines run unblocked loops
+
+// X[m, n] := X L^{-T} with L lower [n, n]: solves X L^T = B column block by column block.
+void trsm_right_lower_trans(int64_t m, int64_t n, const double* l, int64_t ldl, double* x,
+                            int64_t ldx) {
+  if (n <= kBase) {
+    for (int64_t r = 0; r < m; ++r) {
+      double* xr = x + r * ldx;
+      for (int64_t j = 0; j < n; ++j) {
+        const double* lj = l + j * ldl;
+        double s = xr[j];
+        for (int64_t k = 0; k < j; ++k) s -= xr[k] * lj[k];
+        xr[j] = s / lj[j];
+      }
+    }
+    return;
+  }
+  const int64_t n1 = n / 2, n2 = n - n1;
+  trsm_right_lower_trans(m, n1, l, ldl, x, ldx);
+  // X2 -= X1 L21^T, with L21 = L[n1:, :n1]
+  gemm<double, double>(m, n2, n1, -1.0, x, ldx, 1, l + n1 * ldl, 1, ldl, 1.0, x + n1, ldx);
+  trsm_right_lower_trans(m, n2, l + n1 * ldl + n1, ldl, x + n1, ldx);
+}
+
+// In place L := L^{-1} for lower triangular L [n, n]; the strict upper triangle must be zero.
+void trtri_lower(int64_t n, double* l, int64_t ldl) {
+  if (n <= kBase) {
+    for (int64_t j = 0; j < n; ++j) {
+      l[j * ldl + j] = 1.0 / l[j * ldl + j];
+      // column j of the inverse below the diagonal: x_i = -(sum_{k=j}^{i-1} L_ik x_k) / L_ii
+      for (int64_t i = j + 1; i < n; ++i) {
+        double s = 0.0;
+        for (int64_t k = j; k < i; ++k) s += l[i * ldl + k] * l[k * ldl + j];
+        l[i * ldl + j] = -s / l[i * ldl + i];
+      }
+    }
+    // The loop above reads L_ik for k < i (still original) and x_k (already inverted) — valid
+    // because row i's entries left of the diagonal are overwritten only after their last use.
+    return;
+  }
+  const int64_t n1 = n / 2, n2 = n - n1;
+  double* l11 = l;
+  double* l21 = l + n1 * ldl;
+  double* l22 = l + n1 * ldl + n1;
+  // L21 := -L22^{-1} L21 L11^{-1}: first T = L21 L11^{-1} (solve T L11 = L21), then L22^{-1} T.
+  trtri_lower(n1, l11, ldl);
+  std::vector<double> t(static_cast<size_t>(n2 * n1));
+  gemm<double, double>(n2, n1, n1, 1.0, l21, ldl, 1, l11, ldl, 1, 0.0, t.data(), n1);
+  trtri_lower(n2, l22, ldl);
+  gemm<double, double>(n2, n1, n2, -1.0, l22, ldl, 1, t.data(), n1, 1, 0.0, l21, ldl);
+}
+
+}  // namespace
+
+int64_t potrf_lower(int64_t n, double* a, int64_t lda) {
+  if (n <= kBase) {
+    for (int64_t j = 0; j < n; ++j) {
+      double* aj = a + j * lda;
+      double d = aj[j];
+      for (int64_t k = 0; k < j; ++k) d -= aj[k] * aj[k];
+      if (!(d > 0.0) || !std::isfinite(d)) return j + 1;
+      d = std::sqrt(d);
+      aj[j] = d;
+      for (int64_t i = j + 1; i < n; ++i) {
+        double* ai = a + i * lda;
+        double s = ai[j];
+        for (int64_t k = 0; k < j; ++k) s -= ai[k] * aj[k];
+        ai[j] = s / d;
+      }
+    }
+    return 0;
+  }
+  const int64_t n1 = n / 2, n2 = n - n1;
+  if (int64_t info = potrf_lower(n1, a, lda)) return info;
+  double* a21 = a + n1 * lda;
+  double* a22 = a21 + n1;
+  trsm_right_lower_trans(n2, n1, a, lda, a21, lda);
+  gemm<double, double>(n2, n2, n1, -1.0, a21, lda, 1, a21, 1, lda, 1.0, a22, lda, true);
+  if (int64_t info = potrf_lower(n2, a22, lda)) return info + n1;
+  return 0;
+}
+
+void symmetrize_from_lower(int64_t n, double* a, int64_t lda) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = i + 1; j < n; ++j) a[i * lda + j] = a[j * lda + i];
+}
+
+int64_t spd_inverse(int64_t n, double* a, int64_t lda, double* work) {
+  if (int64_t info = potrf_lower(n, a, lda)) return info;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = i + 1; j < n; ++j) a[i * lda + j] = 0.0;
+  trtri_lower(n, a, lda);  // a = M = L^{-1}, lower
+  // A^{-1} = M^T M: a symmetric product, lower triangle only, then mirrored.
+  gemm<double, double>(n, n, n, 1.0, a, 1, lda, a, lda, 1, 0.0, work, n, true);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j <= i; ++j) a[i * lda + j] = work[i * n + j];
+  symmetrize_from_lower(n, a, lda);
+  return 0;
+}
+
+void parallel_for(int64_t count, int threads, const std::function<void(int64_t)>& fn) {
+  if (count <= 0) return;
+  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(threads, count));
+  if (nthreads == 1) {
+    for (int64_t i = 0; i < count; ++i) fn(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  auto worker = [&]() {
+    for (;;) {
+      const int64_t i = next.fetch_add(1);
+      if (i >= count) return;
+      try {
+        fn(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+        next.store(count);
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(nthreads - 1));
+  for (int64_t t = 1; t < nthreads; ++t) pool.emplace_back(worker);
+  worker();
+  for (auto& t : pool) t.join();
+  if (error) std::rethrow_exception(error);
+}
+
+}  // namespace ssse::cpu

@@ -1,0 +1,39 @@
+// Single-threaded dense linear algebra in float64 used by the CPU kernels: a packed, cache-blocked
+// GEMM over strided (and possibly float32) operands, a recursive Cholesky factorisation and the
+// Cholesky-based inverse of a symmetric positive definite matrix. Callers parallelise over blocks.
+#pragma once
+#include <cstdint>
+#include <exception>
+#include <functional>
+
+namespace ssse::cpu {
+
+// C[M, N] (row-major, leading dimension ldc) = beta * C + alpha * A B, where
+// A(i, k) = a[i * a_rs + k * a_cs] and B(k, j) = b[k * b_rs + j * b_cs] (any strides, so
+// transposes and sub-blocks need no copies). beta == 0 overwrites C without reading it.
+// lower_only: only entries with i >= j are computed and written (symmetric rank-k updates).
+template <typename TA, typename TB>
+void gemm(int64_t M, int64_t N, int64_t K, double alpha, const TA* a, int64_t a_rs, int64_t a_cs,
+          const TB* b, int64_t b_rs, int64_t b_cs, double beta, double* c, int64_t ldc,
+          bool lower_only = false);
+
+// In-place lower Cholesky factor of the SPD matrix a[n, n] (lda): reads and writes the lower
+// triangle only. Returns 0 on success, else j + 1 where the leading minor of order j + 1 is not
+// positive definite (LAPACK's convention).
+int64_t potrf_lower(int64_t n, double* a, int64_t lda);
+
+// Inverse of the SPD matrix whose lower triangle is in a[n, n] (lda), written in full (both
+// triangles) into a. work: n * n doubles. Returns the potrf code (0 on success).
+int64_t spd_inverse(int64_t n, double* a, int64_t lda, double* work);
+
+// X[m, n] (ldx) := L^{-1} X, L lower triangular [m, m] (ldl), non-unit diagonal.
+void trsm_left_lower(int64_t m, int64_t n, const double* l, int64_t ldl, double* x, int64_t ldx);
+
+// Mirrors the lower triangle of a[n, n] onto the upper one.
+void symmetrize_from_lower(int64_t n, double* a, int64_t lda);
+
+// Runs fn(i) for i in [0, count) on up to `threads` threads (dynamic scheduling); the first
+// exception thrown by any call is rethrown in the caller after all threads have joined.
+void parallel_for(int64_t count, int threads, const std::function<void(int64_t)>& fn);
+
+}  // namespace ssse::cpu
