@@ -1,0 +1,1 @@
+"""ssse: erase training samples from a trained model in one closed-form step."""

@@ -1,0 +1,140 @@
+"""The kernels as ``torch.library`` custom ops (so they compose with ``torch.compile``).
+
+These are the low-level entry points: they assume validated, contiguous inputs (the public API in
+:mod:`ssse_ext.fisher` checks everything first) and route to the CPU or CUDA kernels. Every
+buffer, scratch space included, is a torch tensor allocated here, so torch's allocator owns all
+memory; CUDA kernels run on the current stream.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C
+
+__all__ = ["gram_accumulate_", "inverse_from_gram", "sherman_morrison_", "apply_inverse",
+           "cuda_available"]
+
+_DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
+
+
+def cuda_available() -> bool:
+    """Whether the extension was compiled with CUDA kernels."""
+    return bool(_C.build_info()["cuda_compiled"])
+
+
+def _code(t: torch.Tensor) -> int:
+    return _DTYPE_CODE[t.dtype]
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _need_cuda(name: str):
+    if not hasattr(_C, name):
+        raise RuntimeError(f"ssse_ext was built without the CUDA kernel {name!r}; rebuild with "
+                           "nvcc available (SSSE_CUDA=ON) to use CUDA tensors")
+    return getattr(_C, name)
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+@torch.library.custom_op("ssse_ext::gram_accumulate_", mutates_args=("gram",))
+def gram_accumulate_(grads: torch.Tensor, layout: torch.Tensor, layout_dev: torch.Tensor,
+                     gram: torch.Tensor) -> None:
+    """``gram_b += X_b^T X_b`` (lower triangles, float64) for every block of the layout table."""
+    m, d = grads.shape
+    if grads.is_cuda:
+        _need_cuda("gram_accumulate_cuda")(
+            _code(grads), grads.data_ptr(), m, d, layout.data_ptr(), layout_dev.data_ptr(),
+            layout.shape[0], gram.data_ptr(), _stream(grads.device))
+    else:
+        _C.gram_accumulate(_code(grads), grads.data_ptr(), m, d, layout.data_ptr(),
+                           layout.shape[0], gram.data_ptr(), _threads())
+
+
+@gram_accumulate_.register_fake
+def _(grads, layout, layout_dev, gram):
+    return None
+
+
+@torch.library.custom_op("ssse_ext::inverse_from_gram", mutates_args=("gram",))
+def inverse_from_gram(gram: torch.Tensor, layout: torch.Tensor, layout_dev: torch.Tensor,
+                      damping: float, normalizer: float,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(damping I + gram_b / normalizer)^{-1}`` per block, in ``dtype``; returns (inv, info)."""
+    nb = layout.shape[0]
+    out = torch.empty(gram.shape, dtype=dtype, device=gram.device)
+    info = torch.zeros(nb, dtype=torch.int64, device=gram.device)
+    if gram.is_cuda:
+        fn = _need_cuda("inverse_from_gram_cuda")
+        work = torch.empty(_C.inverse_from_gram_workspace_bytes(layout.data_ptr(), nb),
+                           dtype=torch.uint8, device=gram.device)
+        fn(_DTYPE_CODE[dtype], gram.data_ptr(), layout.data_ptr(), layout_dev.data_ptr(), nb,
+           damping, normalizer, out.data_ptr(), info.data_ptr(), work.data_ptr(), work.numel(),
+           _stream(gram.device))
+    else:
+        _C.inverse_from_gram(_DTYPE_CODE[dtype], gram.data_ptr(), layout.data_ptr(), nb, damping,
+                             normalizer, out.data_ptr(), info.data_ptr(), _threads())
+    return out, info
+
+
+@inverse_from_gram.register_fake
+def _(gram, layout, layout_dev, damping, normalizer, dtype):
+    return (torch.empty(gram.shape, dtype=dtype, device=gram.device),
+            torch.empty(layout.shape[0], dtype=torch.int64, device=gram.device))
+
+
+@torch.library.custom_op("ssse_ext::sherman_morrison_", mutates_args=("inv",))
+def sherman_morrison_(inv: torch.Tensor, layout: torch.Tensor, layout_dev: torch.Tensor,
+                      grads: torch.Tensor, normalizer: float, sign: int,
+                      chunked: bool) -> torch.Tensor:
+    """Adds (sign=+1) or removes (sign=-1) the rows of ``grads``; returns the per-block info."""
+    m, d = grads.shape
+    nb = layout.shape[0]
+    info = torch.zeros(nb, dtype=torch.int64, device=inv.device)
+    if inv.is_cuda:
+        fn = _need_cuda("sherman_morrison_cuda")
+        work = torch.empty(_C.sherman_morrison_workspace_bytes(_code(inv), chunked,
+                                                               layout.data_ptr(), nb, m),
+                           dtype=torch.uint8, device=inv.device)
+        fn(_code(inv), chunked, inv.data_ptr(), layout.data_ptr(), layout_dev.data_ptr(), nb,
+           grads.data_ptr(), m, d, normalizer, sign, info.data_ptr(), work.data_ptr(),
+           work.numel(), _stream(inv.device))
+    else:
+        _C.sherman_morrison(_code(inv), chunked, inv.data_ptr(), layout.data_ptr(), nb,
+                            grads.data_ptr(), m, d, normalizer, sign, info.data_ptr(), _threads())
+    return info
+
+
+@sherman_morrison_.register_fake
+def _(inv, layout, layout_dev, grads, normalizer, sign, chunked):
+    return torch.empty(layout.shape[0], dtype=torch.int64, device=inv.device)
+
+
+@torch.library.custom_op("ssse_ext::apply_inverse", mutates_args=())
+def apply_inverse(inv: torch.Tensor, layout: torch.Tensor, layout_dev: torch.Tensor,
+                  v: torch.Tensor, base: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """``base + scale * blockdiag(F^{-1}) v`` for ``v`` of shape ``(d, r)``."""
+    d, r = v.shape
+    out = torch.empty_like(v)
+    if v.is_cuda:
+        _need_cuda("apply_inverse_cuda")(
+            _code(v), inv.data_ptr(), layout.data_ptr(), layout_dev.data_ptr(), layout.shape[0],
+            v.data_ptr(), d, r, _ptr(base), scale, out.data_ptr(), _stream(v.device))
+    else:
+        _C.apply_inverse(_code(v), inv.data_ptr(), layout.data_ptr(), layout.shape[0],
+                         v.data_ptr(), d, r, _ptr(base), scale, out.data_ptr(), _threads())
+    return out
+
+
+@apply_inverse.register_fake
+def _(inv, layout, layout_dev, v, base, scale):
+    return torch.empty_like(v)

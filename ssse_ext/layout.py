@@ -1,0 +1,153 @@
+"""Block layouts: how the flat parameter vector of length ``d`` is cut into diagonal blocks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+__all__ = ["BlockLayout"]
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """A partition of ``[0, dim)`` into contiguous blocks, block ``b`` covering
+    ``[starts[b], starts[b] + sizes[b])``.
+
+    Block ``b``'s ``sizes[b] x sizes[b]`` matrix is stored at element ``offsets[b]`` of the packed
+    block storage used by the kernels (``numel`` elements in all).
+
+    Use the constructors: :meth:`fixed` (the paper's consecutive chunks), :meth:`per_parameter`
+    (no block crosses a parameter tensor) and :meth:`from_boundaries` (explicit cuts, e.g. one
+    block per output row of a linear multi-attribute classifier).
+    """
+
+    starts: tuple[int, ...]
+    sizes: tuple[int, ...]
+    dim: int
+
+    def __post_init__(self):
+        if len(self.starts) != len(self.sizes):
+            raise ValueError("starts and sizes must have the same length")
+        expected = 0
+        for b, (start, size) in enumerate(zip(self.starts, self.sizes)):
+            if start != expected:
+                raise ValueError(f"block {b} starts at {start}, expected {expected}: blocks must be "
+                                 "contiguous and cover [0, dim) in order")
+            if size <= 0:
+                raise ValueError(f"block {b} has size {size}, expected > 0")
+            expected += size
+        if expected != self.dim:
+            raise ValueError(f"blocks cover {expected} parameters, expected dim={self.dim}")
+
+    # ---- constructors -------------------------------------------------------------------
+    @classmethod
+    def fixed(cls, dim: int, block_size: int) -> "BlockLayout":
+        """Consecutive chunks of ``block_size`` parameters; the last one may be smaller."""
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+            raise ValueError(f"dim must be a non-negative integer, got {dim!r}")
+        block_size = _positive_int(block_size, "block_size")
+        starts = tuple(range(0, dim, block_size))
+        sizes = tuple(min(block_size, dim - s) for s in starts)
+        return cls(starts, sizes, dim)
+
+    @classmethod
+    def per_parameter(cls, shapes: Iterable, block_size: int) -> "BlockLayout":
+        """Blocks of at most ``block_size`` that never cross a parameter tensor.
+
+        Args:
+            shapes: per parameter, in ``named_parameters()`` order: a shape (tuple or
+                ``torch.Size``), a tensor, or a number of elements.
+            block_size: the largest block size ``B``.
+        """
+        block_size = _positive_int(block_size, "block_size")
+        starts, sizes, pos = [], [], 0
+        for k, shape in enumerate(shapes):
+            if isinstance(shape, torch.Tensor):
+                numel = shape.numel()
+            elif isinstance(shape, int) and not isinstance(shape, bool):
+                numel = shape
+            elif isinstance(shape, (tuple, list, torch.Size)):
+                numel = math.prod(int(s) for s in shape)
+            else:
+                raise ValueError(f"shapes[{k}] must be a shape, a tensor or an int, got {shape!r}")
+            if numel < 0:
+                raise ValueError(f"shapes[{k}] has a negative number of elements: {numel}")
+            for off in range(0, numel, block_size):
+                starts.append(pos + off)
+                sizes.append(min(block_size, numel - off))
+            pos += numel
+        return cls(tuple(starts), tuple(sizes), pos)
+
+    @classmethod
+    def from_boundaries(cls, boundaries: Sequence[int], dim: int | None = None) -> "BlockLayout":
+        """Blocks between consecutive cut points ``0 = c_0 < c_1 < ... < c_K = dim``.
+
+        ``boundaries`` may omit the leading 0 and, when ``dim`` is given, the final ``dim``.
+        """
+        cuts = [int(c) for c in boundaries]
+        if dim is not None:
+            dim = int(dim)
+            if not cuts or cuts[-1] != dim:
+                cuts.append(dim)
+        if not cuts or cuts[0] != 0:
+            cuts.insert(0, 0)
+        for a, b in zip(cuts, cuts[1:]):
+            if b <= a:
+                raise ValueError(f"boundaries must be strictly increasing, got {list(boundaries)!r}")
+        return cls(tuple(cuts[:-1]), tuple(b - a for a, b in zip(cuts, cuts[1:])), cuts[-1])
+
+    # ---- derived quantities ---------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def max_block_size(self) -> int:
+        return max(self.sizes, default=0)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        out, pos = [], 0
+        for s in self.sizes:
+            out.append(pos)
+            pos += s * s
+        return tuple(out)
+
+    @property
+    def numel(self) -> int:
+        """Elements of the packed block storage: the sum of ``size_b ** 2``."""
+        return sum(s * s for s in self.sizes)
+
+    def table(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The ``[num_blocks, 3]`` int64 table (start, size, offset) passed to the kernels."""
+        rows = list(zip(self.starts, self.sizes, self.offsets))
+        return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 3)
+
+    def slice(self, b: int) -> slice:
+        """The parameters covered by block ``b``."""
+        return slice(self.starts[b], self.starts[b] + self.sizes[b])
+
+    def to_dict(self) -> dict:
+        return {"dim": self.dim, "sizes": list(self.sizes)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BlockLayout":
+        sizes = [int(s) for s in data["sizes"]]
+        starts, pos = [], 0
+        for s in sizes:
+            starts.append(pos)
+            pos += s
+        return cls(tuple(starts), tuple(sizes), int(data["dim"]))
+
+    def __repr__(self) -> str:
+        return (f"BlockLayout(dim={self.dim}, num_blocks={self.num_blocks}, "
+                f"max_block_size={self.max_block_size})")
