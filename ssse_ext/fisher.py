@@ -120,7 +120,10 @@ def _chunks(grads, chunk_size: int | None, name: str = "grads") -> Iterator[torc
         else:
             chunk = _check_matrix(chunk, label, dim=first.shape[1], dtype=first.dtype,
                                   device=first.device)
-        step = chunk_size or max(chunk.shape[0], 1)
+        if chunk.shape[0] == 0:
+            yield chunk  # still tells d, dtype and device
+            continue
+        step = chunk_size or chunk.shape[0]
         for i in range(0, chunk.shape[0], step):
             yield chunk[i:i + step]
 

@@ -1,0 +1,8 @@
+"""Benchmark of the block inverse Fisher kernels; see ``ssse.bench`` (also ``ssse bench``)."""
+
+import sys
+
+from ssse.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,305 @@
+"""Kernel benchmark: build, update and apply of the block inverse Fisher, checked then timed.
+
+Each case first checks the result against a float64 closed form (and refuses to time a result
+above tolerance), then times with a warm-up and the median of repeats, and prints ratios
+measured in the same run (DESIGN §3):
+
+* the build's effective rate, ``4 n d B`` flops (the chunked recurrence's work) over its time,
+  against this machine's ``torch.matmul`` rate for the same dtype (TF32 off);
+* the speed-up over the per-sample PyTorch loop (``bmm`` + ``baddbmm_`` per gradient, batched
+  over blocks; timed on a prefix of the rows and scaled, since its cost per row is constant) and
+  over the closed form ``cholesky_inverse(cholesky(lambda I + G^T G / N))``;
+* the chunked Sherman–Morrison (Woodbury) update of an existing inverse;
+* the apply ``theta + s F^{-1} v`` in GB/s against a copy of the inverse;
+* peak memory (CUDA: the allocator's peak; CPU: the peak rise of the resident set).
+
+Run ``python benchmarks/bench_fisher.py --help`` or ``ssse bench --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+
+import torch
+
+import ssse_ext
+from ssse_ext import BlockLayout, build_inverse_fisher
+
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+# ---- timing and memory ------------------------------------------------------------------------
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of fn() in seconds, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class _PeakRSS:
+    """Samples the resident set size in a thread; ``peak - start`` is the peak extra memory."""
+
+    def __init__(self):
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:  # not Linux: no measurement
+            return 0
+
+    def _run(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def _peak_memory(fn, device: torch.device) -> int:
+    """Peak extra bytes while fn() runs."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with _PeakRSS() as rss:
+        fn()
+    return rss.peak - rss.start
+
+
+# ---- the competitors ------------------------------------------------------------------------
+
+def matmul_gflops(dtype, device, size: int, repeats: int) -> float:
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    t = _time(lambda: a @ b, device, repeats)
+    return 2 * size**3 / t / 1e9
+
+
+def closed_form_blocks(grads: torch.Tensor, num_blocks: int, block: int, damping: float,
+                       normalizer: float) -> torch.Tensor:
+    """Batched closed form with torch: (nb, B, B) Cholesky inverses."""
+    x = grads.view(grads.shape[0], num_blocks, block).transpose(0, 1)  # (nb, n, B)
+    gram = torch.bmm(x.transpose(1, 2), x) / normalizer
+    gram.diagonal(dim1=1, dim2=2).add_(damping)
+    return torch.cholesky_inverse(torch.linalg.cholesky(gram))
+
+
+def per_sample_loop(grads: torch.Tensor, num_blocks: int, block: int, damping: float,
+                    normalizer: float) -> torch.Tensor:
+    """Paper eq. 7 one row at a time, batched over blocks (bmm + baddbmm_ per gradient)."""
+    inv = torch.eye(block, dtype=grads.dtype, device=grads.device).repeat(num_blocks, 1, 1)
+    inv /= damping
+    for g in grads.view(grads.shape[0], num_blocks, block, 1):
+        v = torch.bmm(inv, g)                                           # (nb, B, 1)
+        den = normalizer + torch.bmm(g.transpose(1, 2), v)              # (nb, 1, 1)
+        inv.baddbmm_(v / den, v.transpose(1, 2), alpha=-1.0)
+    return inv
+
+
+def _rel_err(inv: ssse_ext.BlockInverseFisher, ref: torch.Tensor) -> float:
+    got = torch.stack([b.double() for b in inv.blocks]).cpu()
+    ref = ref.cpu()
+    return ((got - ref).norm() / ref.norm()).item()
+
+
+# ---- one case -------------------------------------------------------------------------------
+
+def run_case(n: int, num_blocks: int, block: int, dtype, device, *, repeats: int,
+             loop_rows: int, damping: float, matmul_rate: float, seed: int) -> dict:
+    d = num_blocks * block
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    grads = torch.randn(n, d, generator=gen, dtype=torch.float64).to(device)
+    ref = closed_form_blocks(grads, num_blocks, block, damping, float(n))  # float64 oracle
+    g = grads.to(dtype)
+    layout = BlockLayout.fixed(d, block)
+    flops = 4.0 * n * d * block
+    row = {"n": n, "blocks": num_blocks, "B": block, "d": d, "dtype": str(dtype)[6:],
+           "device": str(device)}
+
+    # Build (default method): check, then time.
+    build = lambda: build_inverse_fisher(g, damping=damping, layout=layout)  # noqa: E731
+    inv = build()
+    err = _rel_err(inv, ref)
+    row["build_rel_err"] = err
+    if not err <= TOLERANCE[dtype]:
+        raise RuntimeError(f"build error {err:.2e} above tolerance {TOLERANCE[dtype]:.0e}: "
+                           "not timing a wrong result")
+    t_build = _time(build, device, repeats)
+    row.update(build_s=t_build, build_gflops=flops / t_build / 1e9,
+               matmul_gflops=matmul_rate, build_vs_matmul=flops / t_build / 1e9 / matmul_rate,
+               build_peak_mb=_peak_memory(build, device) / 2**20)
+
+    # Closed form with torch (Cholesky), same dtype.
+    t_closed = _time(lambda: closed_form_blocks(g, num_blocks, block, damping, float(n)), device,
+                     repeats)
+    row.update(closed_form_s=t_closed, speedup_vs_closed_form=t_closed / t_build)
+
+    # Per-sample PyTorch loop on a prefix, scaled to n rows (its cost per row is constant).
+    rows = min(n, loop_rows)
+    t_loop = _time(lambda: per_sample_loop(g[:rows], num_blocks, block, damping, float(n)),
+                   device, 1, warmup=1) * n / rows
+    row.update(loop_s_est=t_loop, loop_rows_timed=rows, speedup_vs_loop=t_loop / t_build)
+
+    # Chunked Sherman-Morrison update of an accurate inverse built on the first half.
+    half = n // 2
+    base = build_inverse_fisher(g[:half], damping=damping, layout=layout, normalizer=float(n))
+    upd = base.clone().update(g[half:])
+    err_u = _rel_err(upd, ref)
+    row["update_rel_err"] = err_u
+    if not err_u <= TOLERANCE[dtype]:
+        raise RuntimeError(f"update error {err_u:.2e} above tolerance: not timing it")
+    t_upd = _time(lambda: base.clone().update(g[half:]), device, repeats)
+    t_clone = _time(lambda: base.clone(), device, repeats)
+    t_upd = max(t_upd - t_clone, 1e-9)
+    upd_flops = 4.0 * (n - half) * d * block
+    row.update(update_s=t_upd, update_gflops=upd_flops / t_upd / 1e9,
+               update_vs_matmul=upd_flops / t_upd / 1e9 / matmul_rate)
+
+    # Apply (theta + s F^{-1} v): bandwidth against a copy of the inverse.
+    theta = torch.randn(d, dtype=dtype, device=device)
+    v = torch.randn(d, dtype=dtype, device=device)
+    out = inv.apply_update(theta, v, 0.5)
+    expect = theta.double() + 0.5 * torch.block_diag(*[b for b in ref]).to(device) @ v.double() \
+        if d <= 20000 else None
+    if expect is not None:
+        err_a = ((out.double() - expect).norm() / expect.norm()).item()
+        row["apply_rel_err"] = err_a
+        if not err_a <= TOLERANCE[dtype]:
+            raise RuntimeError(f"apply error {err_a:.2e} above tolerance: not timing it")
+    nbytes = inv.packed.numel() * inv.packed.element_size()
+    t_apply = _time(lambda: inv.apply_update(theta, v, 0.5), device, repeats * 3)
+    t_copy = _time(lambda: inv.packed.clone(), device, repeats * 3)
+    row.update(apply_s=t_apply, apply_gbs=nbytes / t_apply / 1e9,
+               copy_gbs=2 * nbytes / t_copy / 1e9,
+               apply_vs_copy=(nbytes / t_apply) / (2 * nbytes / t_copy))
+    return row
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("| case | dtype | build s | build GFLOP/s | matmul GFLOP/s | ratio | vs loop | "
+            "vs closed form | update/matmul | apply/copy | peak MB | build err |")
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        lines.append(
+            f"| {r['blocks']}x{r['B']}, n={r['n']} | {r['dtype']} | {r['build_s']:.3f} | "
+            f"{r['build_gflops']:.1f} | {r['matmul_gflops']:.1f} | {r['build_vs_matmul']:.2f} | "
+            f"{r['speedup_vs_loop']:.0f}x | {r['speedup_vs_closed_form']:.2f}x | "
+            f"{r['update_vs_matmul']:.2f} | {r['apply_vs_copy']:.2f} | {r['build_peak_mb']:.0f} | "
+            f"{r['build_rel_err']:.1e} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ssse bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", choices=["float32", "float64", "both"], default="both")
+    p.add_argument("--cases", default=None,
+                   help="comma-separated n:blocks:B cases (default: 1024:4:256 and "
+                        "4096:16:1024 on CPU; 8192:16:1024 and 8192:16:4096 on CUDA)")
+    p.add_argument("--small", action="store_true", help="only the small case (a quick check)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
+    p.add_argument("--loop-rows", type=int, default=64,
+                   help="rows of the per-sample loop actually timed (then scaled to n)")
+    p.add_argument("--damping", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda asked for but torch sees no CUDA device")
+    if args.repeats < 1 or args.loop_rows < 1:
+        p.error("--repeats and --loop-rows must be >= 1")
+    if args.cases:
+        try:
+            cases = [tuple(int(x) for x in c.split(":")) for c in args.cases.split(",")]
+            assert all(len(c) == 3 and min(c) > 0 for c in cases)
+        except (ValueError, AssertionError):
+            p.error("--cases must look like 4096:16:1024,1024:4:256")
+    elif device.type == "cuda":
+        cases = [(8192, 16, 1024), (8192, 16, 4096)]
+    else:
+        cases = [(1024, 4, 256), (4096, 16, 1024)]
+    if args.small:
+        cases = cases[:1]
+    dtypes = [torch.float32, torch.float64] if args.dtype == "both" else [_DTYPES[args.dtype]]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+    print(f"ssse_ext {ssse_ext.__version__} on {_machine(device)}; build: "
+          f"{ {k: v for k, v in ssse_ext.build_info().items() if k != 'version'} }", flush=True)
+    rows = []
+    for dtype in dtypes:
+        rate = matmul_gflops(dtype, device, 2048 if device.type == "cpu" else 8192, args.repeats)
+        for n, nb, block in cases:
+            print(f"  {nb}x{block}, n={n}, {str(dtype)[6:]} ...", flush=True)
+            rows.append(run_case(n, nb, block, dtype, device, repeats=args.repeats,
+                                 loop_rows=args.loop_rows, damping=args.damping,
+                                 matmul_rate=rate, seed=args.seed))
+    print()
+    print(format_table(rows))
+    print("\nratio = build GFLOP/s (4 n d B basis) / torch.matmul GFLOP/s; vs loop / vs closed form"
+          " = speed-ups of the build; update/matmul = chunked Sherman-Morrison update rate / matmul;"
+          " apply/copy = apply GB/s / copy GB/s.")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": _machine(device), "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

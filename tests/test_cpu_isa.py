@@ -1,0 +1,41 @@
+"""Every CPU micro-kernel (chosen once per process) gives the same, correct results."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = r"""
+import torch, ssse_ext
+from ssse_ext import reference
+torch.manual_seed(3)
+worst = 0.0
+for dtype in (torch.float32, torch.float64):
+    for n, d, B in [(1, 5, 5), (77, 131, 45), (300, 257, 257)]:
+        g = torch.randn(n, d, dtype=torch.float64)
+        inv = ssse_ext.build_inverse_fisher(g.to(dtype), damping=0.05, block_size=B)
+        ref = reference.block_closed_form(g, inv.layout, 0.05)
+        for a, b in zip(inv.blocks, ref):
+            err = ((a.double() - b).norm() / b.norm()).item()
+            worst = max(worst, err / (1e-5 if dtype == torch.float32 else 1e-11))
+        inv.update(g[:9].to(dtype)).downdate(g[:9].to(dtype))
+        v = torch.randn(d, 20, dtype=torch.float64)
+        out = inv.matvec(v.to(dtype))
+        expect = torch.block_diag(*ref) @ v
+        worst = max(worst, ((out.double() - expect).norm() / expect.norm()).item()
+                    / (1e-5 if dtype == torch.float32 else 1e-11))
+print(ssse_ext.build_info()["cpu_isa"], worst)
+"""
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_micro_kernel(isa):
+    env = dict(os.environ, SSSE_CPU_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    chosen, worst = out.stdout.split()
+    if chosen != isa:
+        pytest.skip(f"this CPU has no {isa}")
+    assert float(worst) < 1.0  # every error below its dtype's tolerance
