@@ -1,0 +1,272 @@
+r"""The SSSE update (paper eq. 8) and :class:`Eraser`, which serves a sequence of requests.
+
+.. math:: \hat\theta_\varepsilon = \theta^* + \frac{\varepsilon}{n-k}\,
+          F_D^{-1} \sum_{i \in S} \nabla \ell_i(\theta^*)
+
+with :math:`F_D` the block-diagonal damped empirical Fisher of the training set :math:`D`
+(:func:`ssse.fit_inverse_fisher`), :math:`S \subset D` the :math:`k` samples to erase and
+:math:`n = |D|`. It is the influence-function update (paper eq. 4) with the Hessian replaced by
+:math:`F_D / \varepsilon`.
+"""
+
+from __future__ import annotations
+
+
+import torch
+from torch import nn
+
+import ssse_ext
+
+from ._utils import (FlatModel, check_callable, check_choice, check_data, check_dtype,
+                     check_module, check_nonneg_float, check_positive_float, check_positive_int,
+                     warn_if_training)
+from .gradients import _grad_stream, fit_inverse_fisher, gradient_sum, resolve_layout
+
+__all__ = ["ssse_update", "Eraser", "FISHER_VARIANTS", "GRADIENT_VARIANTS"]
+
+#: ``"full"``: the Fisher of D (the paper); ``"leave_k_out"``: downdated by S first.
+FISHER_VARIANTS = ("full", "leave_k_out")
+#: ``"removed"``: the summed gradient of S (the paper); ``"retained"``: minus that of D \ S.
+GRADIENT_VARIANTS = ("removed", "retained")
+
+
+def _check_inverse(inv, fm: FlatModel) -> ssse_ext.BlockInverseFisher:
+    if not isinstance(inv, ssse_ext.BlockInverseFisher):
+        raise TypeError(f"inv_fisher must be a ssse_ext.BlockInverseFisher, got "
+                        f"{type(inv).__name__}")
+    if inv.dim != fm.dim:
+        raise ValueError(f"inv_fisher has dim={inv.dim}, the model has d={fm.dim} trainable "
+                         "parameters")
+    return inv
+
+
+def _check_epsilon(epsilon) -> float:
+    return check_positive_float(epsilon, "epsilon")
+
+
+def _group_means(rows: torch.Tensor, b: int) -> torch.Tensor:
+    """Mean of consecutive groups of ``b`` rows (a last, smaller group gives its own mean)."""
+    if b == 1:
+        return rows
+    return torch.stack([rows[i:i + b].mean(0) for i in range(0, rows.shape[0], b)])
+
+
+def _removed_rows(fm: FlatModel, loss_fn, removed, *, weight_decay: float, dtype,
+                  params: dict | None = None) -> torch.Tensor:
+    chunks = list(_grad_stream(fm, loss_fn, removed, "removed", weight_decay=weight_decay,
+                               chunk_size=None, minibatch=1, dtype=dtype, params=params))
+    if not chunks or sum(c.shape[0] for c in chunks) == 0:
+        raise ValueError("removed is empty: nothing to erase")
+    return torch.cat(chunks)
+
+
+def ssse_update(model: nn.Module, inv_fisher: ssse_ext.BlockInverseFisher, removed, loss_fn, *,
+                epsilon: float, n_total: int, weight_decay: float = 0.0, fisher: str = "full",
+                gradient: str = "removed", retained=None, minibatch: int = 1,
+                inplace: bool = False) -> dict[str, torch.Tensor]:
+    r"""Single-step sample erasure, paper eq. 8, applied block by block:
+
+    .. math:: \hat\theta_\varepsilon = \theta^* + \frac{\varepsilon}{n-k}\,F^{-1} v,\qquad
+              v = \sum_{i \in S} \nabla\ell_i(\theta^*)
+
+    Args:
+        model: the trained model (:math:`\theta^*`).
+        inv_fisher: :math:`F_D^{-1}` from :func:`ssse.fit_inverse_fisher` at :math:`\theta^*`
+            (not modified).
+        removed: :math:`S`, an ``(X, y)`` pair or an iterable of batches.
+        loss_fn: per-sample loss, as in :func:`ssse.per_sample_grads`.
+        epsilon: :math:`\varepsilon > 0`.
+        n_total: :math:`n = |D|`, the number of training *samples* (``n_total > k``).
+        weight_decay: the L2 coefficient folded into every :math:`\ell_i`.
+        fisher: ``"full"`` uses :math:`F_D^{-1}`; ``"leave_k_out"`` downdates a copy by the
+            gradients of :math:`S` first (:math:`F_{D \setminus S}^{-1}`, DESIGN §1).
+        gradient: ``"removed"`` (paper): :math:`v = \sum_{S} \nabla\ell_i`; ``"retained"``
+            (paper §5.3): :math:`v = -\sum_{D \setminus S} \nabla\ell_i`, the same direction at an
+            optimum since :math:`\sum_D \nabla\ell_i = 0` there. Needs ``retained``.
+        retained: :math:`D \setminus S` for ``gradient="retained"``.
+        minibatch: ``b`` of a mini-batch Fisher; the leave-k-out downdate then removes the mean
+            gradients of consecutive groups of ``b`` samples of :math:`S` (an approximation:
+            the groups of the fit mixed :math:`S` with other samples).
+        inplace: also write :math:`\hat\theta` into ``model``.
+
+    Returns:
+        A new ``state_dict`` with :math:`\hat\theta_\varepsilon`. On any error nothing is
+        changed.
+    """
+    check_module(model)
+    fm = FlatModel(model)
+    inv = _check_inverse(inv_fisher, fm)
+    check_data(removed, "removed")
+    check_callable(loss_fn, "loss_fn")
+    epsilon = _check_epsilon(epsilon)
+    n_total = check_positive_int(n_total, "n_total")
+    weight_decay = check_nonneg_float(weight_decay, "weight_decay")
+    check_choice(fisher, "fisher", FISHER_VARIANTS)
+    check_choice(gradient, "gradient", GRADIENT_VARIANTS)
+    minibatch = check_positive_int(minibatch, "minibatch")
+    if gradient == "retained":
+        if retained is None:
+            raise ValueError('retained must be given (D \\ S) when gradient="retained"')
+        check_data(retained, "retained")
+    warn_if_training(model, "ssse_update")
+
+    dtype, device = inv.dtype, inv.device
+    rows = None
+    if fisher == "leave_k_out":
+        rows = _removed_rows(fm, loss_fn, removed, weight_decay=weight_decay, dtype=dtype)
+        k = rows.shape[0]
+        v = rows.sum(0)
+    else:
+        v, k = gradient_sum(model, loss_fn, removed, weight_decay=weight_decay, dtype=dtype,
+                            name="removed")
+        if k == 0:
+            raise ValueError("removed is empty: nothing to erase")
+    if n_total <= k:
+        raise ValueError(f"n_total must be larger than the number of removed samples k={k}, "
+                         f"got {n_total}")
+    if gradient == "retained":
+        v_ret, _ = gradient_sum(model, loss_fn, retained, weight_decay=weight_decay,
+                                dtype=dtype, name="retained")
+        v = -v_ret
+    if rows is not None:
+        inv = inv.clone().downdate(_group_means(rows, minibatch).to(device))
+    theta = fm.flat(dtype=dtype, device=device)
+    theta_hat = inv.apply_update(theta, v.to(device), epsilon / (n_total - k))
+    if not bool(torch.isfinite(theta_hat).all()):
+        raise FloatingPointError("the SSSE update produced NaN or Inf; the model is unchanged")
+    state = fm.state_dict_with(theta_hat)
+    if inplace:
+        fm.write(theta_hat)
+    return state
+
+
+class Eraser:
+    r"""Serves a sequence of deletion requests with SSSE (paper eq. 8).
+
+    :meth:`fit` computes :math:`F_D^{-1}` at the trained parameters :math:`\theta^*`. Request
+    :math:`t` (samples :math:`S_t`, :math:`k_t` of them) then moves the current parameters
+
+    .. math:: \theta_t = \theta_{t-1} + \frac{\varepsilon}{n_{t-1}-k_t}\,F_{D_{t-1}}^{-1}
+              \sum_{i\in S_t}\nabla\ell_i(\theta^*),\qquad D_t = D_{t-1}\setminus S_t,\;
+              n_t = n_{t-1} - k_t
+
+    and downdates the inverse by the gradients of :math:`S_t`, so later requests see the Fisher
+    of the remaining data. Gradients are always taken at :math:`\theta^*`, where the Fisher was
+    fitted, so a downdate removes exactly the rows that were added (with ``minibatch=1``).
+
+    Two requests :math:`S_1, S_2` versus one for :math:`S_1 \cup S_2`: the only differences are
+    the normalisation of the first step (:math:`n-k_1` instead of :math:`n-k_1-k_2`) and the
+    Fisher of the second (:math:`F_{D\setminus S_1}` instead of :math:`F_D`), both relative
+    changes of order :math:`k/(n-k)` of the step.
+
+    Args:
+        model: the trained model (:math:`\theta^*`); written only by ``erase(..., inplace=True)``.
+        loss_fn, damping, block_size, layout, weight_decay, minibatch: as in
+            :func:`ssse.fit_inverse_fisher`.
+        dtype, device: of the inverse (default: the model's).
+
+    Attributes:
+        inv_fisher: the current inverse (of the Fisher of the remaining data).
+        n: the number of remaining training samples.
+        theta: the current flat parameters.
+        history: one ``(k, epsilon)`` per request served.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn, *, damping: float,
+                 block_size: int | None = None, layout="per_parameter",
+                 weight_decay: float = 0.0, minibatch: int = 1,
+                 dtype: torch.dtype | None = None, device=None):
+        check_module(model)
+        check_callable(loss_fn, "loss_fn")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.damping = check_positive_float(damping, "damping")
+        self.weight_decay = check_nonneg_float(weight_decay, "weight_decay")
+        self.minibatch = check_positive_int(minibatch, "minibatch")
+        self._fm = FlatModel(model)
+        self.layout = resolve_layout(layout, block_size, self._fm)
+        self.dtype = check_dtype(dtype) or self._fm.dtype
+        self.device = torch.device(device) if device is not None else self._fm.device
+        self.inv_fisher: ssse_ext.BlockInverseFisher | None = None
+        self.n: int | None = None
+        self.theta: torch.Tensor | None = None
+        self._star: dict | None = None
+        self.history: list[tuple[int, float]] = []
+
+    def fit(self, train_data, *, n_total: int | None = None, progress: bool = False) -> "Eraser":
+        """Fits :math:`F_D^{-1}` at the model's current parameters (:math:`\\theta^*`).
+
+        Args:
+            train_data: :math:`D`, an ``(X, y)`` pair or an iterable of batches.
+            n_total: :math:`n`; default the number of samples seen (needed only with
+                ``minibatch > 1`` and an iterable, where the fit counts mini-batches).
+            progress: show a progress bar.
+        """
+        check_data(train_data, "train_data")
+        inv = fit_inverse_fisher(self.model, self.loss_fn, train_data, damping=self.damping,
+                                 layout=self.layout, weight_decay=self.weight_decay,
+                                 minibatch=self.minibatch, dtype=self.dtype, device=self.device,
+                                 progress=progress)
+        if n_total is not None:
+            n = check_positive_int(n_total, "n_total")
+        elif self.minibatch == 1:
+            n = inv.num_samples
+        elif isinstance(train_data, (tuple, list)) and len(train_data) == 2 and \
+                isinstance(train_data[0], torch.Tensor):
+            n = int(train_data[0].shape[0])
+        else:
+            raise ValueError("n_total must be given with minibatch > 1 and an iterable "
+                             "train_data (the fit counts mini-batches, not samples)")
+        self.inv_fisher, self.n = inv, n
+        self.theta = self._fm.flat(dtype=self.dtype, device=self.device)
+        self._star = self._fm.param_dict(self.dtype)
+        self.history = []
+        return self
+
+    def erase(self, removed, *, epsilon: float, fisher: str = "full",
+              inplace: bool = False) -> dict[str, torch.Tensor]:
+        r"""Serves one deletion request (see the class docstring).
+
+        Args:
+            removed: :math:`S_t`, samples of the remaining training set.
+            epsilon: :math:`\varepsilon > 0`.
+            fisher: ``"full"`` (the Fisher of the data before this request, as in eq. 8) or
+                ``"leave_k_out"`` (downdate first, then apply).
+            inplace: also write the new parameters into the model.
+
+        Returns:
+            A new ``state_dict``. On any error (e.g. :class:`ssse_ext.NotPositiveDefiniteError`
+            when ``removed`` was never part of the training set) nothing is changed.
+        """
+        if self.inv_fisher is None:
+            raise RuntimeError("call fit(train_data) before erase()")
+        check_data(removed, "removed")
+        epsilon = _check_epsilon(epsilon)
+        check_choice(fisher, "fisher", FISHER_VARIANTS)
+        rows = _removed_rows(self._fm, self.loss_fn, removed, weight_decay=self.weight_decay,
+                             dtype=self.dtype, params=self._star).to(self.device)
+        k = rows.shape[0]
+        if k >= self.n:
+            raise ValueError(f"removed has {k} samples, but only {self.n} remain")
+        v = rows.sum(0)
+        downdated = self.inv_fisher.clone().downdate(_group_means(rows, self.minibatch))
+        inv = downdated if fisher == "leave_k_out" else self.inv_fisher
+        theta = inv.apply_update(self.theta, v, epsilon / (self.n - k))
+        if not bool(torch.isfinite(theta).all()):
+            raise FloatingPointError("the SSSE update produced NaN or Inf; nothing was changed")
+        state = self._fm.state_dict_with(theta)
+        self.inv_fisher, self.theta, self.n = downdated, theta, self.n - k
+        self.history.append((k, epsilon))
+        if inplace:
+            self._fm.write(theta)
+        return state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's ``state_dict`` with the current parameters."""
+        if self.theta is None:
+            raise RuntimeError("call fit(train_data) first")
+        return self._fm.state_dict_with(self.theta)
+
+    def __repr__(self) -> str:
+        return (f"Eraser(n={self.n}, requests={len(self.history)}, layout={self.layout}, "
+                f"damping={self.damping:g}, minibatch={self.minibatch})")

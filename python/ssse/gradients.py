@@ -1,0 +1,317 @@
+r"""Per-sample gradients of a model and the block inverse of its damped empirical Fisher.
+
+The per-sample loss of paper §3 includes the L2 regulariser used in training:
+
+.. math:: \ell_i(\theta) = \mathrm{loss}(f_\theta(x_i), y_i) + \frac{w}{2}\,\lVert\theta\rVert^2
+
+where :math:`\theta` is the flat vector of the trainable parameters in ``named_parameters()``
+order and :math:`w` the ``weight_decay``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.func import grad, jvp, vmap
+from tqdm.auto import tqdm
+
+import ssse_ext
+
+from ._utils import (DEFAULT_BLOCK_SIZE, DEFAULT_CHUNK_SIZE, FlatModel, LossReductionError,
+                     check_callable, check_choice, check_data, check_dtype, check_module,
+                     check_nonneg_float, check_positive_float, check_positive_int, data_size,
+                     iter_batches, per_sample_losses, rebatch, warn_if_training)
+
+__all__ = ["per_sample_grads", "fit_inverse_fisher", "gradient_sum", "hessian_vector_products",
+           "resolve_layout", "LAYOUTS"]
+
+#: Block-layout policies accepted by ``layout=`` (or pass a :class:`ssse_ext.BlockLayout`).
+LAYOUTS = ("per_parameter", "fixed")
+
+# Per-sample gradient chunks are capped at this many elements (256 MiB in float32).
+_MAX_CHUNK_ELEMENTS = 1 << 26
+
+
+def _default_chunk(d: int) -> int:
+    return max(1, min(DEFAULT_CHUNK_SIZE, _MAX_CHUNK_ELEMENTS // max(d, 1)))
+
+
+def _group_grads(fm: FlatModel, loss_fn, params: dict, frozen: dict, x: torch.Tensor,
+                 y: torch.Tensor, b: int, state: dict) -> torch.Tensor:
+    """``(ceil(m / b), d)`` mean gradients of consecutive groups of ``b`` rows of one chunk."""
+    m = x.shape[0]
+    full = m // b
+
+    def group_loss(p, xg, yg):
+        return per_sample_losses(loss_fn, fm(p, xg, frozen), yg).mean()
+
+    rows = []
+    if full:
+        xg = x[:full * b].reshape((full, b) + tuple(x.shape[1:]))
+        yg = y[:full * b].reshape((full, b) + tuple(y.shape[1:]))
+        if state.get("loop"):
+            rows.append(_loop_grads(fm, group_loss, params, xg, yg))
+        else:
+            try:
+                g = vmap(grad(group_loss), in_dims=(None, 0, 0), randomness="different")(
+                    params, xg, yg)
+                rows.append(fm.flatten_rows(g, full))
+            except LossReductionError:
+                raise
+            except Exception as exc:  # a module vmap cannot batch: fall back for good
+                warnings.warn(f"per-sample gradients: torch.func.vmap failed ({type(exc).__name__}:"
+                              f" {exc}); falling back to a per-sample loop, which is much slower",
+                              RuntimeWarning, stacklevel=4)
+                state["loop"] = True
+                rows.append(_loop_grads(fm, group_loss, params, xg, yg))
+    if full * b < m:
+        g = grad(group_loss)(params, x[full * b:], y[full * b:])
+        rows.append(fm.flatten_rows({k: v.unsqueeze(0) for k, v in g.items()}, 1))
+    return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+
+def _loop_grads(fm: FlatModel, group_loss, params: dict, xg: torch.Tensor,
+                yg: torch.Tensor) -> torch.Tensor:
+    out = []
+    for xi, yi in zip(xg, yg):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        with torch.enable_grad():
+            gs = torch.autograd.grad(group_loss(leaves, xi, yi), [leaves[k] for k in fm.names],
+                                     allow_unused=True)
+        out.append(torch.cat([(torch.zeros_like(leaves[k]) if g is None else g).reshape(-1)
+                              for k, g in zip(fm.names, gs)]))
+    return torch.stack(out)
+
+
+def _grad_stream(fm: FlatModel, loss_fn, data, name: str, *, weight_decay: float,
+                 chunk_size: int | None, minibatch: int, dtype: torch.dtype,
+                 params: dict | None = None) -> Iterator[torch.Tensor]:
+    """The validated per-sample (or per-group) gradient chunks of ``data`` at ``params``."""
+    params = fm.param_dict(dtype) if params is None else params
+    frozen = fm.frozen_dict(dtype)
+    theta = torch.cat([params[k].reshape(-1) for k in fm.names])
+    chunk = chunk_size or _default_chunk(fm.dim)
+    batches = iter_batches(data, name, device=fm.device, dtype=dtype)
+    state: dict = {}
+    for x, y in rebatch(batches, chunk * minibatch):
+        rows = _group_grads(fm, loss_fn, params, frozen, x, y, minibatch, state)
+        if weight_decay:
+            rows = rows + weight_decay * theta
+        yield rows.detach()
+
+
+def per_sample_grads(model: nn.Module, loss_fn, data, *, weight_decay: float = 0.0,
+                     chunk_size: int | None = None, minibatch: int = 1) -> Iterator[torch.Tensor]:
+    r"""Streams the per-sample gradients :math:`g_i = \nabla_\theta \ell_i(\theta)` (paper §3).
+
+    Built on ``torch.func`` (``functional_call`` + ``vmap(grad)``); a module that ``vmap``
+    cannot batch falls back to a per-sample loop with a ``RuntimeWarning``. Buffers (e.g.
+    BatchNorm statistics in eval mode) and frozen parameters are held fixed. The model is called
+    in its current mode: call ``model.eval()`` first for BatchNorm and Dropout.
+
+    Args:
+        model: the model :math:`f_\theta`; :math:`\theta` = its trainable parameters, flattened
+            in ``named_parameters()`` order.
+        loss_fn: ``loss_fn(model(x), y)`` returning per-sample losses of shape ``(batch,)``
+            (``reduction="none"``); elements beyond the batch dimension (e.g. one per
+            attribute) are summed.
+        data: an ``(X, y)`` pair of tensors or an iterable of ``(x, y)`` batches.
+        weight_decay: :math:`w \ge 0`; adds :math:`w\,\theta` to every gradient (the gradient
+            of :math:`\frac{w}{2}\lVert\theta\rVert^2`).
+        chunk_size: rows per yielded chunk (default: up to 128, fewer for large models).
+        minibatch: ``b``; with ``b > 1`` each row is the mean gradient of ``b`` consecutive
+            samples (the paper's mini-batch Fisher, b = 10 on CIFAR-10); a last group of fewer
+            than ``b`` samples gives the mean of those.
+
+    Yields:
+        ``(m, d)`` tensors in the model's dtype and on its device.
+    """
+    check_module(model)
+    check_callable(loss_fn, "loss_fn")
+    check_data(data, "data")
+    weight_decay = check_nonneg_float(weight_decay, "weight_decay")
+    chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    minibatch = check_positive_int(minibatch, "minibatch")
+    warn_if_training(model, "per_sample_grads")
+    fm = FlatModel(model)
+    return _grad_stream(fm, loss_fn, data, "data", weight_decay=weight_decay,
+                        chunk_size=chunk_size, minibatch=minibatch, dtype=fm.dtype)
+
+
+def resolve_layout(layout, block_size: int | None, fm_or_shapes) -> ssse_ext.BlockLayout:
+    """The :class:`ssse_ext.BlockLayout` for ``layout`` (``"per_parameter"``, ``"fixed"`` or a
+    ``BlockLayout``) over a model's trainable parameters (a :class:`FlatModel` or shapes)."""
+    shapes = fm_or_shapes.shapes if isinstance(fm_or_shapes, FlatModel) else list(fm_or_shapes)
+    d = sum(math.prod(s) for s in shapes)
+    block_size = check_positive_int(block_size, "block_size", allow_none=True)
+    if isinstance(layout, ssse_ext.BlockLayout):
+        if block_size is not None:
+            raise ValueError("give block_size or a BlockLayout as layout, not both")
+        if layout.dim != d:
+            raise ValueError(f"layout covers dim={layout.dim} parameters, the model has d={d} "
+                             "trainable parameters")
+        return layout
+    if not isinstance(layout, str):
+        raise TypeError(f"layout must be one of {LAYOUTS} or a ssse_ext.BlockLayout, got "
+                        f"{type(layout).__name__}")
+    check_choice(layout, "layout", LAYOUTS)
+    if layout == "per_parameter":
+        return ssse_ext.BlockLayout.per_parameter(shapes, block_size or DEFAULT_BLOCK_SIZE)
+    return ssse_ext.BlockLayout.fixed(d, block_size or max(1, min(d, DEFAULT_BLOCK_SIZE)))
+
+
+def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
+                       block_size: int | None = None, layout="per_parameter",
+                       weight_decay: float = 0.0, minibatch: int = 1,
+                       dtype: torch.dtype | None = None, device=None,
+                       progress: bool = True) -> ssse_ext.BlockInverseFisher:
+    r"""Fits the block inverse of the damped empirical Fisher at the model's parameters.
+
+    .. math:: F_b^{-1} = \Big(\lambda I + \frac{1}{N}\sum_{i=1}^{N} g_{i,b}\, g_{i,b}^\top\Big)^{-1}
+
+    (paper eq. 6; computed stably, see :func:`ssse_ext.build_inverse_fisher`), with
+    :math:`g_i` the per-sample gradients of :func:`per_sample_grads` streamed chunk by chunk
+    (the ``n x d`` matrix never exists) and :math:`N` the number of rows: samples, or
+    mini-batches when ``minibatch > 1``.
+
+    Args:
+        model, loss_fn, data, weight_decay, minibatch: as in :func:`per_sample_grads`.
+        damping: :math:`\lambda > 0`.
+        block_size: the largest block ``B`` (default 1024, or ``d`` if smaller for ``"fixed"``).
+        layout: ``"per_parameter"`` (no block crosses a parameter tensor), ``"fixed"``
+            (consecutive chunks of the flat vector, as in the paper) or a
+            :class:`ssse_ext.BlockLayout`.
+        dtype: dtype of the gradients and the inverse (default: the model's).
+        device: device of the inverse (default: the model's); gradients are computed on the
+            model's device.
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`ssse_ext.BlockInverseFisher` with ``num_samples`` = :math:`N`.
+    """
+    check_module(model)
+    check_callable(loss_fn, "loss_fn")
+    check_data(data, "data")
+    damping = check_positive_float(damping, "damping")
+    weight_decay = check_nonneg_float(weight_decay, "weight_decay")
+    minibatch = check_positive_int(minibatch, "minibatch")
+    dtype = check_dtype(dtype)
+    warn_if_training(model, "fit_inverse_fisher")
+    fm = FlatModel(model)
+    lay = resolve_layout(layout, block_size, fm)
+    dtype = dtype or fm.dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"the model's dtype is {dtype}; pass dtype=torch.float32 or float64")
+    device = torch.device(device) if device is not None else fm.device
+    n = data_size(data)
+    total = None if n is None else math.ceil(n / minibatch)
+    bar = tqdm(total=total, unit="grad", desc="inverse Fisher", disable=not progress,
+               leave=False)
+
+    def chunks():
+        for rows in _grad_stream(fm, loss_fn, data, "data", weight_decay=weight_decay,
+                                 chunk_size=None, minibatch=minibatch, dtype=dtype):
+            bar.update(rows.shape[0])
+            yield rows.to(device)
+
+    try:
+        return ssse_ext.build_inverse_fisher(chunks(), damping=damping, layout=lay)
+    finally:
+        bar.close()
+
+
+def gradient_sum(model: nn.Module, loss_fn, data, *, weight_decay: float = 0.0,
+                 dtype: torch.dtype | None = None, params: dict | None = None,
+                 name: str = "data") -> tuple[torch.Tensor, int]:
+    r""":math:`\sum_{i} \nabla_\theta \ell_i(\theta)` over ``data`` (one backward pass per batch)
+    and the number of samples.
+
+    Args:
+        model, loss_fn, data, weight_decay: as in :func:`per_sample_grads`.
+        dtype: compute dtype (default: the model's).
+        params: ``{name: tensor}`` trainable parameters to evaluate at (default: the model's).
+
+    Returns:
+        ``(grad, n)``: a ``(d,)`` tensor on the model's device and the sample count.
+    """
+    check_module(model)
+    check_callable(loss_fn, "loss_fn")
+    check_data(data, name)
+    weight_decay = check_nonneg_float(weight_decay, "weight_decay")
+    fm = FlatModel(model)
+    dtype = check_dtype(dtype) or fm.dtype
+    params = fm.param_dict(dtype) if params is None else params
+    frozen = fm.frozen_dict(dtype)
+    total = torch.zeros(fm.dim, dtype=dtype, device=fm.device)
+    count = 0
+    for x, y in iter_batches(data, name, batch_size=1024, device=fm.device, dtype=dtype):
+        if x.shape[0] == 0:
+            continue
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        with torch.enable_grad():
+            loss = per_sample_losses(loss_fn, fm(leaves, x, frozen), y).sum()
+            gs = torch.autograd.grad(loss, [leaves[k] for k in fm.names], allow_unused=True)
+        total += torch.cat([(torch.zeros_like(leaves[k]) if g is None else g).reshape(-1)
+                            for k, g in zip(fm.names, gs)])
+        count += x.shape[0]
+    if weight_decay:
+        theta = torch.cat([params[k].reshape(-1) for k in fm.names]).to(dtype)
+        total += weight_decay * count * theta
+    return total, count
+
+
+def hessian_vector_products(model: nn.Module, loss_fn, data, vectors: torch.Tensor, *,
+                            weight_decay: float = 0.0, dtype: torch.dtype | None = None,
+                            chunk: int = 16) -> tuple[torch.Tensor, int]:
+    r""":math:`\big(\sum_i \nabla^2_\theta \ell_i(\theta)\big) V` for the columns of ``vectors``
+    (forward-over-reverse, ``torch.func.jvp`` of ``grad``), and the number of samples.
+
+    Args:
+        vectors: ``(d,)`` or ``(d, r)``.
+        chunk: columns pushed through the data at once.
+
+    Returns:
+        ``(HV, n)`` with ``HV`` the shape of ``vectors`` (the *sum* over samples; divide by
+        ``n`` for the mean Hessian).
+    """
+    check_module(model)
+    check_callable(loss_fn, "loss_fn")
+    check_data(data, "data")
+    weight_decay = check_nonneg_float(weight_decay, "weight_decay")
+    fm = FlatModel(model)
+    dtype = check_dtype(dtype) or fm.dtype
+    if not isinstance(vectors, torch.Tensor) or vectors.dim() not in (1, 2) or \
+            vectors.shape[0] != fm.dim:
+        raise ValueError(f"vectors must be a ({fm.dim},) or ({fm.dim}, r) tensor, got "
+                         f"{getattr(vectors, 'shape', type(vectors).__name__)}")
+    vec = vectors.dim() == 1
+    V = (vectors.reshape(-1, 1) if vec else vectors).to(dtype=dtype, device=fm.device)
+    params = fm.param_dict(dtype)
+    frozen = fm.frozen_dict(dtype)
+    theta = torch.cat([params[k].reshape(-1) for k in fm.names])
+    out = torch.zeros_like(V)
+    count = 0
+
+    for x, y in iter_batches(data, "data", batch_size=1024, device=fm.device, dtype=dtype):
+        if x.shape[0] == 0:
+            continue
+
+        def g(t):
+            return torch.func.grad(
+                lambda tt: per_sample_losses(loss_fn, fm(fm.unflatten(tt), x, frozen), y).sum())(t)
+
+        def hvp(v):
+            return jvp(g, (theta,), (v,))[1]
+
+        for j in range(0, V.shape[1], chunk):
+            block = V[:, j:j + chunk].T.contiguous()
+            out[:, j:j + chunk] += vmap(hvp)(block).T
+        count += x.shape[0]
+    if weight_decay:
+        out += weight_decay * count * V
+    out = out.detach()
+    return (out.view(-1) if vec else out), count
