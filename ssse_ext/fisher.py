@@ -80,6 +80,16 @@ def _check_chunk_size(chunk_size) -> int | None:
     return chunk_size
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    # A float64 sum is NaN/Inf iff an entry is, barring overflow of huge float64 values, which the
+    # exact elementwise test (slower: it allocates a mask) then settles.
+    if t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def _check_matrix(t, name: str, *, dim: int | None = None, dtype=None, device=None) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -93,7 +103,7 @@ def _check_matrix(t, name: str, *, dim: int | None = None, dtype=None, device=No
         raise TypeError(f"{name} must be {dtype} like the inverse Fisher, got {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} must be on {device} like the inverse Fisher, got {t.device}")
-    if t.numel() and not bool(torch.isfinite(t).all()):
+    if not _all_finite(t):
         raise ValueError(f"{name} contains NaN or Inf")
     if t.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{name} must be on a CPU or CUDA device, got {t.device}")
@@ -248,7 +258,7 @@ class BlockInverseFisher:
         if base.shape != vv.shape:
             raise ValueError(f"theta and v must have the same shape, got {tuple(theta.shape)} "
                              f"and {tuple(v.shape)}")
-        if not bool(torch.isfinite(vv).all()):
+        if not _all_finite(vv):
             raise ValueError("v contains NaN or Inf")
         host, dev = self._layout_tables()
         out = _ops.apply_inverse(self.packed, host, dev, vv, base, float(scale))
@@ -257,7 +267,7 @@ class BlockInverseFisher:
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``F^{-1} v`` for ``v`` of shape ``(d,)`` or ``(d, r)``."""
         vv, vec = self._vector(v, "v")
-        if not bool(torch.isfinite(vv).all()):
+        if not _all_finite(vv):
             raise ValueError("v contains NaN or Inf")
         host, dev = self._layout_tables()
         out = _ops.apply_inverse(self.packed, host, dev, vv, None, 1.0)
