@@ -64,14 +64,18 @@ def build_model(spec: dict) -> nn.Module:
     raise ValueError(f"unknown model arch {arch!r} (expected 'linear' or 'small_resnet')")
 
 
+def _cross_entropy(logits, targets):
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
 def _bce(logits, targets):
     # One binary loss per attribute, summed: the per-sample loss of a multi-attribute model.
     return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype),
-                                              reduction="none").sum(-1).mean()
+                                              reduction="none").sum(-1)
 
 
-#: Losses by name, each ``loss(outputs, targets) -> mean over the batch``.
-LOSSES = {"cross_entropy": F.cross_entropy, "bce": _bce}
+#: Losses by name, each ``loss(outputs, targets) -> (batch,)`` per-sample losses.
+LOSSES = {"cross_entropy": _cross_entropy, "bce": _bce}
 
 
 def loss_function(name: str):
