@@ -1,0 +1,342 @@
+r"""Baselines with the same interface as :func:`ssse.ssse_update`: each returns a new
+``state_dict`` and leaves the model untouched unless ``inplace=True`` (on any error nothing is
+changed).
+
+- :func:`influence_update`: the influence-function / Newton step of paper eq. 4 with the true
+  Hessian, exact per block.
+- :func:`fisher_forgetting`: Fisher forgetting of Golatkar, Achille & Soatto (CVPR 2020).
+- :func:`gradient_ascent`: one gradient-ascent step on the removed samples.
+- :func:`retrain`: rerun the training recipe on :math:`D \setminus S` (the gold standard).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import nn
+from torch.func import grad, jacrev, vmap
+
+import ssse_ext
+
+from ._utils import (FlatModel, check_callable, check_choice, check_data, check_module,
+                     check_nonneg_float, check_positive_float, check_positive_int, iter_batches,
+                     per_sample_losses, warn_if_training)
+from .gradients import _grad_stream, gradient_sum
+
+__all__ = ["influence_update", "fisher_forgetting", "gradient_ascent", "retrain",
+           "block_hessians"]
+
+HESSIAN_VARIANTS = ("retained", "full")
+FISHER_KINDS = ("true", "empirical")
+LIKELIHOODS = ("categorical", "bernoulli")
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - exotic platforms
+        return 1 << 62
+
+
+def _check_hessian_memory(layout: ssse_ext.BlockLayout, device: torch.device,
+                          max_memory: int | None):
+    s = layout.max_block_size
+    # the float64 block, its column-chunked construction and the solve's LU copy
+    need = 3 * s * s * 8
+    limit = _available_bytes(device) if max_memory is None else int(max_memory)
+    if need > limit:
+        raise MemoryError(
+            f"influence_update: a {s} x {s} Hessian block needs about {need / 2**30:.2f} GiB in "
+            f"float64 but only {limit / 2**30:.2f} GiB are available on {device}; pass a smaller "
+            f"block_size (e.g. {max(1, int(math.sqrt(limit / 24)))})")
+
+
+def block_hessians(model: nn.Module, loss_fn, datasets, layout: ssse_ext.BlockLayout, *,
+                   weight_decay: float = 0.0, chunk_size: int = 64) -> list[torch.Tensor]:
+    r"""The diagonal blocks of :math:`\sum_i \nabla^2_\theta \ell_i(\theta)` over the samples of
+    every data set in ``datasets``, in float64 (``torch.func``: ``jacrev`` of ``grad``, in
+    chunks of ``chunk_size`` columns)."""
+    fm = FlatModel(model)
+    theta = fm.flat(dtype=torch.float64)
+    frozen = fm.frozen_dict(torch.float64)
+    blocks = [torch.zeros(s, s, dtype=torch.float64, device=fm.device) for s in layout.sizes]
+    count = 0
+    for name, data in datasets:
+        for x, y in iter_batches(data, name, batch_size=1024, device=fm.device,
+                                 dtype=torch.float64):
+            if x.shape[0] == 0:
+                continue
+            count += x.shape[0]
+            for b in range(layout.num_blocks):
+                sl = layout.slice(b)
+
+                def block_loss(tb):
+                    t = torch.cat([theta[:sl.start], tb, theta[sl.stop:]])
+                    return per_sample_losses(loss_fn, fm(fm.unflatten(t), x, frozen), y).sum()
+
+                blocks[b] += jacrev(grad(block_loss), chunk_size=chunk_size)(theta[sl])
+    if weight_decay:
+        for blk in blocks:
+            blk.diagonal().add_(weight_decay * count)
+    return blocks
+
+
+def influence_update(model: nn.Module, loss_fn, removed, retained, *, weight_decay: float = 0.0,
+                     hessian: str = "retained", block_size: int | None = None,
+                     max_memory: int | None = None, inplace: bool = False) -> dict:
+    r"""The influence-function update of paper eq. 4 with the true Hessian:
+
+    .. math:: \hat\theta = \theta^* + \frac{1}{|C|}\,H_C^{-1} \sum_{i\in S}\nabla\ell_i(\theta^*),
+              \qquad H_C = \frac{1}{|C|}\sum_{i \in C} \nabla^2 \ell_i(\theta^*)
+
+    with :math:`C = D \setminus S` (``hessian="retained"``: one Newton step on the retained
+    objective, exact for a quadratic loss) or :math:`C = D` (``"full"``: the classical
+    influence function). Replacing :math:`H_C^{-1}` by :math:`\varepsilon F_D^{-1}` gives SSSE
+    (eq. 8). The Hessian is formed exactly per block (``torch.func``) and solved in float64.
+
+    Args:
+        model: the trained model (:math:`\theta^*`).
+        loss_fn: per-sample loss, as in :func:`ssse.per_sample_grads`.
+        removed: :math:`S`; retained: :math:`D \setminus S` (``(X, y)`` pairs or iterables).
+        weight_decay: L2 coefficient folded into every :math:`\ell_i`.
+        hessian: ``"retained"`` or ``"full"``.
+        block_size: ``B`` of a fixed block layout; default one block of all ``d`` parameters
+            (the exact Hessian).
+        max_memory: bytes allowed for one block (default: the memory available now); a larger
+            block is refused with a ``MemoryError`` before any work.
+        inplace: also write :math:`\hat\theta` into the model.
+
+    Returns:
+        A new ``state_dict``.
+    """
+    check_module(model)
+    check_callable(loss_fn, "loss_fn")
+    check_data(removed, "removed")
+    check_data(retained, "retained")
+    weight_decay = check_nonneg_float(weight_decay, "weight_decay")
+    check_choice(hessian, "hessian", HESSIAN_VARIANTS)
+    block_size = check_positive_int(block_size, "block_size", allow_none=True)
+    if max_memory is not None:
+        check_positive_int(max_memory, "max_memory")
+    warn_if_training(model, "influence_update")
+    fm = FlatModel(model)
+    layout = ssse_ext.BlockLayout.fixed(fm.dim, block_size or fm.dim)
+    _check_hessian_memory(layout, fm.device, max_memory)
+
+    v, k = gradient_sum(model, loss_fn, removed, weight_decay=weight_decay,
+                        dtype=torch.float64, name="removed")
+    if k == 0:
+        raise ValueError("removed is empty: nothing to erase")
+    sets = [("retained", retained)] + ([("removed", removed)] if hessian == "full" else [])
+    blocks = block_hessians(model, loss_fn, sets, layout, weight_decay=weight_decay)
+    step = torch.empty_like(v)
+    for b, blk in enumerate(blocks):
+        sl = layout.slice(b)
+        try:
+            step[sl] = torch.linalg.solve(blk, v[sl])
+        except RuntimeError as exc:  # torch.linalg.LinAlgError
+            raise ValueError(f"influence_update: the Hessian block {b} (parameters "
+                             f"{sl.start}..{sl.stop}) is singular; add weight_decay") from exc
+    theta_hat = fm.flat(dtype=torch.float64) + step
+    if not bool(torch.isfinite(theta_hat).all()):
+        raise FloatingPointError("the influence update produced NaN or Inf; nothing was changed")
+    state = fm.state_dict_with(theta_hat)
+    if inplace:
+        fm.write(theta_hat)
+    return state
+
+
+def _log_probs(output: torch.Tensor, likelihood: str) -> torch.Tensor:
+    """Per-sample log-probabilities of every outcome: ``(m, K)``."""
+    z = output.reshape(output.shape[0], -1)
+    if likelihood == "categorical":
+        return torch.log_softmax(z, dim=-1)
+    # independent Bernoulli outputs: the cross terms of the Fisher vanish, so the diagonal is
+    # the sum over outputs and their two values
+    return torch.cat([nn.functional.logsigmoid(z), nn.functional.logsigmoid(-z)], dim=-1)
+
+
+def _diagonal_fisher(fm: FlatModel, loss_fn, data, kind: str, likelihood: str) -> torch.Tensor:
+    dtype = fm.dtype
+    if kind == "empirical":
+        total = torch.zeros(fm.dim, dtype=dtype, device=fm.device)
+        n = 0
+        for rows in _grad_stream(fm, loss_fn, data, "retained", weight_decay=0.0,
+                                 chunk_size=None, minibatch=1, dtype=dtype):
+            total += (rows * rows).sum(0)
+            n += rows.shape[0]
+        return total / max(n, 1)
+    params = fm.param_dict(dtype)
+    frozen = fm.frozen_dict(dtype)
+
+    def sample_log_probs(p, x):
+        return _log_probs(fm(p, x.unsqueeze(0), frozen), likelihood)[0]
+
+    jac = vmap(jacrev(sample_log_probs), in_dims=(None, 0))
+    total = torch.zeros(fm.dim, dtype=dtype, device=fm.device)
+    n = 0
+    for x, _ in iter_batches(data, "retained", batch_size=None, device=fm.device, dtype=dtype):
+        with torch.no_grad():
+            K = _log_probs(fm(params, x[:1], frozen), likelihood).shape[1] if x.shape[0] else 1
+        step = max(1, (1 << 24) // max(K * fm.dim, 1))
+        for i in range(0, x.shape[0], step):
+            xs = x[i:i + step]
+            J = fm.flatten_rows({k: v.reshape(xs.shape[0] * K, *v.shape[2:])
+                                 for k, v in jac(params, xs).items()}, xs.shape[0] * K)
+            J = J.reshape(xs.shape[0], K, fm.dim)
+            with torch.no_grad():
+                p = _log_probs(fm(params, xs, frozen), likelihood).exp()
+            total += torch.einsum("mk,mkd->d", p, J * J)
+            n += xs.shape[0]
+    return total / max(n, 1)
+
+
+def fisher_forgetting(model: nn.Module, loss_fn, retained, *, alpha: float, seed: int,
+                      fisher: str = "true", likelihood: str = "categorical",
+                      forget_class: int | None = None, inplace: bool = False) -> dict:
+    r"""Fisher forgetting (Golatkar, Achille & Soatto, "Eternal Sunshine of the Spotless Net",
+    CVPR 2020): add Gaussian noise shaped by the diagonal Fisher :math:`F` of the retained data,
+
+    .. math:: \hat\theta = \theta^* + \sigma \odot \xi,\quad \xi \sim \mathcal N(0, I),\quad
+              \sigma^2 = \alpha\, \min(1/(F + 10^{-8}),\, c)
+
+    with their clamping and shaping, per parameter tensor: :math:`c = 10^3`, or :math:`10^2`
+    for the classifier's tensors (first dimension = the number of outputs); for tensors with
+    ``ndim > 1`` the variance is averaged over dimension 1; the classifier's tensors and 1-D
+    tensors (biases, BatchNorm) get 10x the variance. With ``forget_class`` the classifier's
+    row of that class is zeroed with variance 1e-4, as in their class-removal experiments.
+
+    Args:
+        model: the trained model; loss_fn: per-sample loss (used by ``fisher="empirical"``).
+        retained: :math:`D \setminus S`.
+        alpha: noise scale :math:`\alpha > 0` (they use 1e-6 .. 1e-8).
+        seed: seeds the noise (same seed, same result).
+        fisher: ``"true"`` (theirs: the expectation over the model's predictive distribution,
+            :math:`\sum_y p(y|x)\,(\nabla\log p(y|x))^2`) or ``"empirical"`` (squared
+            per-sample gradients of ``loss_fn`` at the labels).
+        likelihood: the model's output for ``fisher="true"``: ``"categorical"`` (softmax
+            logits) or ``"bernoulli"`` (independent sigmoid logits, e.g. multi-attribute).
+        forget_class: the removed class, or ``None``.
+        inplace: also write the result into the model.
+
+    Returns:
+        A new ``state_dict``.
+    """
+    check_module(model)
+    check_callable(loss_fn, "loss_fn")
+    check_data(retained, "retained")
+    alpha = check_positive_float(alpha, "alpha")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    check_choice(fisher, "fisher", FISHER_KINDS)
+    check_choice(likelihood, "likelihood", LIKELIHOODS)
+    if forget_class is not None and (isinstance(forget_class, bool)
+                                     or not isinstance(forget_class, int) or forget_class < 0):
+        raise ValueError(f"forget_class must be a non-negative int or None, got {forget_class!r}")
+    warn_if_training(model, "fisher_forgetting")
+    fm = FlatModel(model)
+    diag = _diagonal_fisher(fm, loss_fn, retained, fisher, likelihood)
+    first = next(iter_batches(retained, "retained", batch_size=1, device=fm.device,
+                              dtype=fm.dtype))
+    with torch.no_grad():
+        num_outputs = fm(fm.param_dict(), first[0][:1]).reshape(1, -1).shape[1]
+    if forget_class is not None and forget_class >= num_outputs:
+        raise ValueError(f"forget_class={forget_class} but the model has {num_outputs} outputs")
+
+    gen = torch.Generator(device=fm.device).manual_seed(seed)
+    new = []
+    for p, f in zip(fm.params, torch.split(diag, fm.numels)):
+        f = f.reshape(p.shape)
+        classifier = p.dim() >= 1 and p.shape[0] == num_outputs
+        var = (1.0 / (f + 1e-8)).clamp(max=1e3)
+        if classifier:
+            var = var.clamp(max=1e2)
+        var = alpha * var
+        if p.dim() > 1:
+            var = var.mean(dim=1, keepdim=True).expand_as(p).clone()
+        mu = p.detach().clone()
+        if classifier and forget_class is not None:
+            mu[forget_class] = 0
+            var[forget_class] = 1e-4
+        if classifier or p.dim() == 1:
+            var = var * 10
+        noise = torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device)
+        new.append((mu + var.sqrt() * noise).reshape(-1))
+    theta_hat = torch.cat(new)
+    state = fm.state_dict_with(theta_hat)
+    if inplace:
+        fm.write(theta_hat)
+    return state
+
+
+def gradient_ascent(model: nn.Module, loss_fn, removed, *, lr: float, weight_decay: float = 0.0,
+                    inplace: bool = False) -> dict:
+    r"""One gradient-ascent step on the removed samples:
+
+    .. math:: \hat\theta = \theta^* + \eta\,\frac{1}{k}\sum_{i\in S}\nabla\ell_i(\theta^*)
+
+    Args:
+        model, loss_fn, removed, weight_decay: as in :func:`ssse.ssse_update`.
+        lr: step size :math:`\eta > 0`.
+        inplace: also write the result into the model.
+
+    Returns:
+        A new ``state_dict``.
+    """
+    check_module(model)
+    check_callable(loss_fn, "loss_fn")
+    check_data(removed, "removed")
+    lr = check_positive_float(lr, "lr")
+    weight_decay = check_nonneg_float(weight_decay, "weight_decay")
+    warn_if_training(model, "gradient_ascent")
+    fm = FlatModel(model)
+    g, k = gradient_sum(model, loss_fn, removed, weight_decay=weight_decay, name="removed")
+    if k == 0:
+        raise ValueError("removed is empty: nothing to erase")
+    theta_hat = fm.flat() + lr * g / k
+    if not bool(torch.isfinite(theta_hat).all()):
+        raise FloatingPointError("gradient ascent produced NaN or Inf; nothing was changed")
+    state = fm.state_dict_with(theta_hat)
+    if inplace:
+        fm.write(theta_hat)
+    return state
+
+
+def retrain(recipe, data, *, seed: int) -> nn.Module:
+    r"""Retrains from scratch on :math:`D \setminus S`: the gold standard :math:`\theta^*_{-S}`.
+
+    Calls ``recipe(data, seed=seed)`` with torch's global random state seeded by ``seed`` (and
+    restored afterwards), so that rerunning the recipe that produced :math:`\theta^*` with the
+    same seed differs only in the data.
+
+    Args:
+        recipe: ``recipe(data, *, seed) -> nn.Module``, e.g. :func:`ssse.training.sgd_recipe`
+            or :func:`ssse.training.lbfgs_recipe`.
+        data: :math:`D \setminus S`.
+        seed: the seed of the original training run.
+
+    Returns:
+        The retrained model.
+    """
+    check_callable(recipe, "recipe")
+    check_data(data, "data")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model = recipe(data, seed=seed)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"recipe must return a torch.nn.Module, got {type(model).__name__}")
+    return model
