@@ -103,10 +103,10 @@ def _check_matrix(t, name: str, *, dim: int | None = None, dtype=None, device=No
         raise TypeError(f"{name} must be {dtype} like the inverse Fisher, got {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} must be on {device} like the inverse Fisher, got {t.device}")
-    if not _all_finite(t):
-        raise ValueError(f"{name} contains NaN or Inf")
     if t.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{name} must be on a CPU or CUDA device, got {t.device}")
+    if not _all_finite(t):
+        raise ValueError(f"{name} contains NaN or Inf")
     return t.contiguous()
 
 

@@ -281,3 +281,15 @@ def test_bad_vectors_and_updates():
         inv.update(torch.ones(2, 6, dtype=torch.float64))
     with pytest.raises(ValueError, match="method must be one of"):
         inv.downdate(torch.ones(2, 6), method="cholesky")
+
+
+def test_wrong_device():
+    with pytest.raises(ValueError, match="grads must be on a CPU or CUDA device, got meta"):
+        build_inverse_fisher(torch.ones(3, 4, device="meta"), damping=1.0)
+    inv = build_inverse_fisher(torch.randn(20, 6), damping=0.1, block_size=4)
+    with pytest.raises(ValueError, match="v must be on cpu like the inverse Fisher, got meta"):
+        inv @ torch.ones(6, device="meta")
+    with pytest.raises(ValueError, match="theta must be on cpu"):
+        inv.apply_update(torch.ones(6, device="meta"), torch.ones(6), 1.0)
+    with pytest.raises(ValueError, match=r"grads must be on a CPU or CUDA device"):
+        inv.update(torch.ones(2, 6, device="meta"))
