@@ -281,7 +281,7 @@ def split_report(model: nn.Module, splits: Mapping, *, loss_fn=None,
                 gs = torch.autograd.grad(loss, [params[k] for k in fm.names], allow_unused=True)
             grad_sum += torch.cat([(torch.zeros_like(params[k]) if g is None else g).reshape(-1)
                                    for k, g in zip(fm.names, gs)])
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             c, t = _correct(out.detach(), y, task)
             correct, total, n = correct + c, total + t, n + x.shape[0]
         if n == 0:
