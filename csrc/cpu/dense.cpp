@@ -172,32 +172,122 @@ void trsm_right_lower_trans(int64_t m, int64_t n, const double* l, int64_t ldl, 
   trsm_right_lower_trans(m, n2, l + n1 * ldl + n1, ldl, x + n1, ldx);
 }
 
-// In place L := L^{-1} for lower triangular L [n, n]; the strict upper triangle must be zero.
+// X[m, n] := X M with M lower triangular [n, n] (only its lower triangle is read).
+void trmm_right_lower(int64_t m, int64_t n, const double* mat, int64_t ldm, double* x,
+                      int64_t ldx) {
+  if (n <= kBase) {
+    std::vector<double> row(static_cast<size_t>(n));
+    for (int64_t r = 0; r < m; ++r) {
+      double* xr = x + r * ldx;
+      std::fill(row.begin(), row.end(), 0.0);
+      for (int64_t k = 0; k < n; ++k) {  // row k of M contributes to columns j <= k
+        const double xk = xr[k];
+        const double* mk = mat + k * ldm;
+        for (int64_t j = 0; j <= k; ++j) row[static_cast<size_t>(j)] += xk * mk[j];
+      }
+      std::copy(row.begin(), row.end(), xr);
+    }
+    return;
+  }
+  const int64_t n1 = n / 2, n2 = n - n1;
+  trmm_right_lower(m, n1, mat, ldm, x, ldx);                                   // X1 := X1 Ma
+  gemm<double, double>(m, n1, n2, 1.0, x + n1, ldx, 1, mat + n1 * ldm, ldm, 1, 1.0, x, ldx);
+  trmm_right_lower(m, n2, mat + n1 * ldm + n1, ldm, x + n1, ldx);              // X2 := X2 Mc
+}
+
+// X[m, n] := M X with M lower triangular [m, m].
+void trmm_left_lower(int64_t m, int64_t n, const double* mat, int64_t ldm, double* x,
+                     int64_t ldx) {
+  if (m <= kBase) {
+    for (int64_t i = m - 1; i >= 0; --i) {  // rows above i are still the old ones
+      double* xi = x + i * ldx;
+      const double* mi = mat + i * ldm;
+      for (int64_t j = 0; j < n; ++j) xi[j] *= mi[i];
+      for (int64_t k = 0; k < i; ++k) {
+        const double f = mi[k];
+        const double* xk = x + k * ldx;
+        for (int64_t j = 0; j < n; ++j) xi[j] += f * xk[j];
+      }
+    }
+    return;
+  }
+  const int64_t m1 = m / 2, m2 = m - m1;
+  double* x2 = x + m1 * ldx;
+  trmm_left_lower(m2, n, mat + m1 * ldm + m1, ldm, x2, ldx);                   // X2 := Mc X2
+  gemm<double, double>(m2, n, m1, 1.0, mat + m1 * ldm, ldm, 1, x, ldx, 1, 1.0, x2, ldx);
+  trmm_left_lower(m1, n, mat, ldm, x, ldx);                                    // X1 := Ma X1
+}
+
+// X[m, n] := M^T X with M lower triangular [m, m].
+void trmm_left_lower_trans(int64_t m, int64_t n, const double* mat, int64_t ldm, double* x,
+                           int64_t ldx) {
+  if (m <= kBase) {
+    for (int64_t i = 0; i < m; ++i) {  // rows below i are still the old ones
+      double* xi = x + i * ldx;
+      const double d = mat[i * ldm + i];
+      for (int64_t j = 0; j < n; ++j) xi[j] *= d;
+      for (int64_t k = i + 1; k < m; ++k) {
+        const double f = mat[k * ldm + i];
+        const double* xk = x + k * ldx;
+        for (int64_t j = 0; j < n; ++j) xi[j] += f * xk[j];
+      }
+    }
+    return;
+  }
+  const int64_t m1 = m / 2, m2 = m - m1;
+  double* x2 = x + m1 * ldx;
+  trmm_left_lower_trans(m1, n, mat, ldm, x, ldx);                              // X1 := Ma^T X1
+  gemm<double, double>(m1, n, m2, 1.0, mat + m1 * ldm, 1, ldm, x2, ldx, 1, 1.0, x, ldx);
+  trmm_left_lower_trans(m2, n, mat + m1 * ldm + m1, ldm, x2, ldx);             // X2 := Mc^T X2
+}
+
+// In place L := L^{-1} for lower triangular L [n, n] (lower triangle only).
 void trtri_lower(int64_t n, double* l, int64_t ldl) {
   if (n <= kBase) {
     for (int64_t j = 0; j < n; ++j) {
       l[j * ldl + j] = 1.0 / l[j * ldl + j];
-      // column j of the inverse below the diagonal: x_i = -(sum_{k=j}^{i-1} L_ik x_k) / L_ii
+      // column j of the inverse below the diagonal: x_i = -(sum_{k=j}^{i-1} L_ik x_k) / L_ii.
+      // Row i's entries left of the diagonal are overwritten only after their last use.
       for (int64_t i = j + 1; i < n; ++i) {
         double s = 0.0;
         for (int64_t k = j; k < i; ++k) s += l[i * ldl + k] * l[k * ldl + j];
         l[i * ldl + j] = -s / l[i * ldl + i];
       }
     }
-    // The loop above reads L_ik for k < i (still original) and x_k (already inverted) — valid
-    // because row i's entries left of the diagonal are overwritten only after their last use.
     return;
   }
+  // [L11 0; L21 L22]^{-1} = [M11 0; -M22 L21 M11, M22]
   const int64_t n1 = n / 2, n2 = n - n1;
-  double* l11 = l;
   double* l21 = l + n1 * ldl;
-  double* l22 = l + n1 * ldl + n1;
-  // L21 := -L22^{-1} L21 L11^{-1}: first T = L21 L11^{-1} (solve T L11 = L21), then L22^{-1} T.
-  trtri_lower(n1, l11, ldl);
-  std::vector<double> t(static_cast<size_t>(n2 * n1));
-  gemm<double, double>(n2, n1, n1, 1.0, l21, ldl, 1, l11, ldl, 1, 0.0, t.data(), n1);
+  double* l22 = l21 + n1;
+  trtri_lower(n1, l, ldl);
   trtri_lower(n2, l22, ldl);
-  gemm<double, double>(n2, n1, n2, -1.0, l22, ldl, 1, t.data(), n1, 1, 0.0, l21, ldl);
+  trmm_right_lower(n2, n1, l, ldl, l21, ldl);
+  trmm_left_lower(n2, n1, l22, ldl, l21, ldl);
+  for (int64_t i = 0; i < n2; ++i)
+    for (int64_t j = 0; j < n1; ++j) l21[i * ldl + j] = -l21[i * ldl + j];
+}
+
+// In place lower(M^T M) for lower triangular M [n, n] (LAPACK's lauum, lower case).
+void lauum_lower(int64_t n, double* a, int64_t lda) {
+  if (n <= kBase) {
+    // Row by row: C_ij (j <= i) reads rows k >= i of M, which are overwritten only later.
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j <= i; ++j) {
+        double s = 0.0;
+        for (int64_t k = i; k < n; ++k) s += a[k * lda + i] * a[k * lda + j];
+        a[i * lda + j] = s;
+      }
+    return;
+  }
+  // [M11 0; M21 M22]^T [M11 0; M21 M22] = [M11^T M11 + M21^T M21, .; M22^T M21, M22^T M22]
+  const int64_t n1 = n / 2, n2 = n - n1;
+  double* a21 = a + n1 * lda;
+  double* a22 = a21 + n1;
+  lauum_lower(n1, a, lda);
+  gemm<double, double>(n1, n1, n2, 1.0, a21, 1, lda, a21, lda, 1, 1.0, a, lda, true);
+  trmm_left_lower_trans(n2, n1, a22, lda, a21, lda);
+  lauum_lower(n2, a22, lda);
 }
 
 }  // namespace
@@ -235,15 +325,11 @@ void symmetrize_from_lower(int64_t n, double* a, int64_t lda) {
     for (int64_t j = i + 1; j < n; ++j) a[i * lda + j] = a[j * lda + i];
 }
 
-int64_t spd_inverse(int64_t n, double* a, int64_t lda, double* work) {
+int64_t spd_inverse(int64_t n, double* a, int64_t lda) {
+  // A = L L^T, A^{-1} = L^{-T} L^{-1}: potrf, trtri and lauum, n^3 / 3 flops each.
   if (int64_t info = potrf_lower(n, a, lda)) return info;
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = i + 1; j < n; ++j) a[i * lda + j] = 0.0;
-  trtri_lower(n, a, lda);  // a = M = L^{-1}, lower
-  // A^{-1} = M^T M: a symmetric product, lower triangle only, then mirrored.
-  gemm<double, double>(n, n, n, 1.0, a, 1, lda, a, lda, 1, 0.0, work, n, true);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j <= i; ++j) a[i * lda + j] = work[i * n + j];
+  trtri_lower(n, a, lda);
+  lauum_lower(n, a, lda);
   symmetrize_from_lower(n, a, lda);
   return 0;
 }

@@ -22,9 +22,9 @@ void gemm(int64_t M, int64_t N, int64_t K, double alpha, const TA* a, int64_t a_
 // positive definite (LAPACK's convention).
 int64_t potrf_lower(int64_t n, double* a, int64_t lda);
 
-// Inverse of the SPD matrix whose lower triangle is in a[n, n] (lda), written in full (both
-// triangles) into a. work: n * n doubles. Returns the potrf code (0 on success).
-int64_t spd_inverse(int64_t n, double* a, int64_t lda, double* work);
+// In-place inverse of the SPD matrix whose lower triangle is in a[n, n] (lda), written in full
+// (both triangles). Returns the potrf code (0 on success; a is then garbage otherwise).
+int64_t spd_inverse(int64_t n, double* a, int64_t lda);
 
 // X[m, n] (ldx) := L^{-1} X, L lower triangular [m, m] (ldl), non-unit diagonal.
 void trsm_left_lower(int64_t m, int64_t n, const double* l, int64_t ldl, double* x, int64_t ldx);

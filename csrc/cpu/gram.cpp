@@ -72,9 +72,7 @@ void inverse_from_gram(double* gram, const int64_t* layout, int64_t num_blocks, 
       for (int64_t j = 0; j <= i; ++j) a[i * s + j] *= inv_n;
       a[i * s + i] += damping;
     }
-    thread_local std::vector<double> work;
-    if (work.size() < static_cast<size_t>(s * s)) work.resize(static_cast<size_t>(s * s));
-    info[b] = spd_inverse(s, a, s, work.data());
+    info[b] = spd_inverse(s, a, s);
     if (info[b] != 0) return;
     T* o = out + blk.offset;
     for (int64_t i = 0; i < s * s; ++i) o[i] = static_cast<T>(a[i]);
