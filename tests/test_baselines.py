@@ -47,7 +47,8 @@ def test_influence_update_solves_the_block_hessian(hessian, block_size):
     k, wd = 4, 0.1
     theta = flat(model)
     C = slice(k, None) if hessian == "retained" else slice(None)
-    H = torch.autograd.functional.hessian(total_loss_fn(model, X[C], y[C], wd), theta)
+    H = torch.autograd.functional.hessian(total_loss_fn(model, X[C], y[C], wd), theta,
+                                         vectorize=True)
     g = torch.autograd.functional.jacobian(total_loss_fn(model, X[:k], y[:k], wd), theta)
     d = theta.numel()
     B = block_size or d
