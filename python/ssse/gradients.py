@@ -173,7 +173,8 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
 
     .. math:: F_b^{-1} = \Big(\lambda I + \frac{1}{N}\sum_{i=1}^{N} g_{i,b}\, g_{i,b}^\top\Big)^{-1}
 
-    (paper eq. 6; computed stably, see :func:`ssse_ext.build_inverse_fisher`), with
+    (DESIGN §1; the matrix of paper eq. 7's recurrence, computed stably by
+    :func:`ssse_ext.build_inverse_fisher`), with
     :math:`g_i` the per-sample gradients of :func:`per_sample_grads` streamed chunk by chunk
     (the ``n x d`` matrix never exists) and :math:`N` the number of rows: samples, or
     mini-batches when ``minibatch > 1``.
