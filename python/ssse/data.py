@@ -204,7 +204,7 @@ def _yeast_file(data_dir: str | Path | None) -> Path:
 def load_yeast(data_dir: str | Path | None = None, *, seed: int = 0, n_train: int = 1500,
                dtype: torch.dtype = torch.float64) -> Dataset:
     """Yeast multi-label data (2417 genes x 103 features, 14 functional classes; MULAN's
-    version), standardised, split at random (by ``seed``) into ``n_train`` training and the
+    version), standardised, with a constant 104th feature, split at random (by ``seed``) into ``n_train`` training and the
     remaining test samples (MULAN's own split is 1500/917)."""
     path = _yeast_file(data_dir)
     raw = path.read_bytes()
@@ -221,6 +221,10 @@ def load_yeast(data_dir: str | Path | None = None, *, seed: int = 0, n_train: in
     perm = np.random.default_rng(seed).permutation(len(x))
     tr, te = perm[:n_train], perm[n_train:]
     x_tr, x_te = _standardise(x[tr], x[te])
+    # A constant feature: the model has no bias parameter, so each attribute's row carries its
+    # own intercept (and stays one Fisher block).
+    x_tr = np.hstack([x_tr, np.ones((len(x_tr), 1))])
+    x_te = np.hstack([x_te, np.ones((len(x_te), 1))])
     return Dataset("yeast", torch.tensor(x_tr, dtype=dtype), torch.tensor(y[tr], dtype=dtype),
                    torch.tensor(x_te, dtype=dtype), torch.tensor(y[te], dtype=dtype),
                    "multilabel", len(labels), info={"seed": seed, "file": str(path)})

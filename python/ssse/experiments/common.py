@@ -98,13 +98,15 @@ class Task:
     def n(self) -> int:
         return self.ds.n_train
 
-    def data(self, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def data(self, idx: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The training samples ``idx`` (all by default) as one ``(x, y)`` batch in a list."""
         x, y = self.ds.train()
         if idx is not None:
             x, y = x[idx], y[idx]
-        return x.to(self.device, self.dtype), y.to(self.device)
+        # A one-batch iterable rather than a bare pair: the library then never re-slices it.
+        return [(x.to(self.device, self.dtype), y.to(self.device))]
 
-    def retained(self, removed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def retained(self, removed: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         keep = torch.ones(self.n, dtype=torch.bool)
         keep[removed] = False
         return self.data(torch.nonzero(keep).flatten())
