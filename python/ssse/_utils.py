@@ -271,7 +271,3 @@ def per_sample_losses(loss_fn, output: torch.Tensor, y: torch.Tensor) -> torch.T
 
 class LossReductionError(ValueError):
     """``loss_fn`` does not return per-sample losses."""
-
-
-def l2_norm_sq(theta: torch.Tensor) -> torch.Tensor:
-    return (theta * theta).sum()

@@ -18,7 +18,8 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 from torch import nn
 
 from ._utils import (FlatModel, check_callable, check_choice, check_data, check_module,
-                     check_nonneg_float, check_positive_int, iter_batches, per_sample_losses)
+                     check_nonneg_float, check_positive_int, data_size, iter_batches,
+                     per_sample_losses)
 from .gradients import _grad_stream, hessian_vector_products
 
 __all__ = [
@@ -357,8 +358,9 @@ def estimate_epsilon(model: nn.Module, loss_fn, data, inv_fisher, *, weight_deca
             the training set).
         inv_fisher: :math:`F^{-1}` at the model's parameters.
         probes: number of probe vectors.
-        probe: ``"gradients"`` (per-sample gradients of random training samples: the
-            directions eq. 8 is applied to) or ``"gaussian"``.
+        probe: ``"gradients"`` (per-sample gradients of training samples, drawn at random
+            from an ``(X, y)`` pair or the first ones of an iterable: the directions eq. 8 is
+            applied to) or ``"gaussian"``.
         seed: seeds the choice of probes.
         details: also return the fit's relative residual
             :math:`\lVert\hat\varepsilon HF^{-1}U - U\rVert / \lVert U\rVert`.
@@ -380,7 +382,6 @@ def estimate_epsilon(model: nn.Module, loss_fn, data, inv_fisher, *, weight_deca
     if probe == "gaussian":
         U = torch.randn(fm.dim, probes, generator=gen, dtype=torch.float64)
     else:
-        from ._utils import data_size
         n = data_size(data)
         if n is not None:
             idx = torch.randperm(n, generator=gen)[:probes]
