@@ -1,0 +1,57 @@
+"""Model and inverse-Fisher files: round trips, metadata, atomic writes, refusal of bad files."""
+
+import json
+
+import pytest
+import torch
+
+import ssse_ext
+from ssse.experiments.models import build_model
+from ssse.io import (FileFormatError, atomic_path, load_inverse_fisher, load_model,
+                     read_metadata, save_inverse_fisher, save_model, write_json)
+
+
+def test_model_round_trip(tmp_path):
+    spec = {"arch": "linear", "in_features": 5, "out_features": 3, "bias": True}
+    model = build_model(spec).double()
+    path = save_model(tmp_path / "m.safetensors", model, spec=spec, loss="cross_entropy")
+    loaded, meta = load_model(path)
+    assert meta["spec"] == spec and meta["loss"] == "cross_entropy" and meta["dtype"] == "float64"
+    for a, b in zip(model.parameters(), loaded.parameters()):
+        assert torch.equal(a, b) and b.dtype == torch.float64
+    fmt, _ = read_metadata(path)
+    assert fmt == "ssse-model"
+
+
+def test_inverse_fisher_round_trip(tmp_path):
+    g = torch.randn(20, 7, dtype=torch.float64)
+    inv = ssse_ext.build_inverse_fisher(g, damping=0.1, block_size=3)
+    path = save_inverse_fisher(tmp_path / "f.safetensors", inv, minibatch=1)
+    back, meta = load_inverse_fisher(path)
+    assert meta["minibatch"] == 1 and meta["state"]["damping"] == 0.1
+    assert torch.equal(back.packed, inv.packed)
+    assert back.layout == inv.layout and back.normalizer == inv.normalizer
+    with pytest.raises(FileFormatError, match="expected an ssse-model"):
+        load_model(path)
+
+
+def test_refuses_foreign_and_corrupt_files(tmp_path):
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(FileFormatError):
+        read_metadata(bad)
+    from safetensors.torch import save_file
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(FileFormatError, match="not an ssse file"):
+        read_metadata(tmp_path / "plain.safetensors")
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "out.json"
+    write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
