@@ -44,21 +44,21 @@ __global__ void __launch_bounds__(GemmMicro::kThreads)
   double acc[kGemmTM][kGemmTM] = {};
   for (int64_t k0 = 0; k0 < m; k0 += kSlice) {
     const int kr = clamp_extent(m - k0, kSlice);
-    load_slice(as, xi + k0 * d, d, kr, rows_i);
-    load_slice(bs, xj + k0 * d, d, kr, rows_j);
+    load_slice<GemmMicro::kThreads>(as, xi + k0 * d, d, kr, rows_i);
+    load_slice<GemmMicro::kThreads>(bs, xj + k0 * d, d, kr, rows_j);
     __syncthreads();
     tile_fma<kGemmTM>(acc, as, bs, tx, ty);
     __syncthreads();
   }
-  double* g = gram + blk.offset;
+  const int64_t i0 = static_cast<int64_t>(ti) * kTile + ty, j0 = static_cast<int64_t>(tj) * kTile + tx;
+  const int64_t row_step = static_cast<int64_t>(GemmMicro::kStride) * s;
+  double* p = gram + blk.offset + i0 * s + j0;
 #pragma unroll
-  for (int a = 0; a < kGemmTM; ++a) {
-    const int64_t i = static_cast<int64_t>(ti) * kTile + ty + GemmMicro::kStride * a;
+  for (int a = 0; a < kGemmTM; ++a, p += row_step) {
+    const int64_t i = i0 + GemmMicro::kStride * a;
 #pragma unroll
-    for (int c = 0; c < kGemmTM; ++c) {
-      const int64_t j = static_cast<int64_t>(tj) * kTile + tx + GemmMicro::kStride * c;
-      if (i < s && j <= i) g[i * s + j] += acc[a][c];
-    }
+    for (int c = 0; c < kGemmTM; ++c)
+      if (i < s && j0 + GemmMicro::kStride * c <= i) p[GemmMicro::kStride * c] += acc[a][c];
   }
 }
 
@@ -197,34 +197,37 @@ __global__ void __launch_bounds__(GemmMicro::kThreads)
   __shared__ __align__(16) double bs[kSlice * kLd];
   const int tx = threadIdx.x % GemmMicro::kStride, ty = threadIdx.x / GemmMicro::kStride;
   double* a = gram + blk.offset;
+  // Element (r, c) of the thread's register block is A(i0 + r kStride, j0 + c kStride).
+  const int64_t i0 = static_cast<int64_t>(ti) * kTile + ty, j0 = static_cast<int64_t>(tj) * kTile + tx;
+  const int64_t row_step = static_cast<int64_t>(GemmMicro::kStride) * s;
   double acc[kGemmTM][kGemmTM];
+  {
+    const double* p = a + i0 * s + j0;
 #pragma unroll
-  for (int r = 0; r < kGemmTM; ++r) {
-    const int64_t i = static_cast<int64_t>(ti) * kTile + ty + GemmMicro::kStride * r;
+    for (int r = 0; r < kGemmTM; ++r, p += row_step) {
+      const int64_t i = i0 + GemmMicro::kStride * r;
 #pragma unroll
-    for (int c = 0; c < kGemmTM; ++c) {
-      const int64_t j = static_cast<int64_t>(tj) * kTile + tx + GemmMicro::kStride * c;
-      acc[r][c] = (i < s && j <= i) ? a[i * s + j] : 0.0;
+      for (int c = 0; c < kGemmTM; ++c)
+        acc[r][c] = (i < s && j0 + GemmMicro::kStride * c <= i) ? p[GemmMicro::kStride * c] : 0.0;
     }
   }
   const double* yi = yt + blk.start + ti * kTile;
   const double* vj = vt + blk.start + tj * kTile;
   for (int kk = 0; kk < nk; kk += kSlice) {
     const int kr = min(kSlice, nk - kk);
-    load_slice(as, yi + kk * ldw, ldw, kr, rows_i, -1.0);
-    load_slice(bs, vj + kk * ldw, ldw, kr, rows_j);
+    load_slice<GemmMicro::kThreads>(as, yi + kk * ldw, ldw, kr, rows_i, -1.0);
+    load_slice<GemmMicro::kThreads>(bs, vj + kk * ldw, ldw, kr, rows_j);
     __syncthreads();
     tile_fma<kGemmTM>(acc, as, bs, tx, ty);
     __syncthreads();
   }
+  double* p = a + i0 * s + j0;
 #pragma unroll
-  for (int r = 0; r < kGemmTM; ++r) {
-    const int64_t i = static_cast<int64_t>(ti) * kTile + ty + GemmMicro::kStride * r;
+  for (int r = 0; r < kGemmTM; ++r, p += row_step) {
+    const int64_t i = i0 + GemmMicro::kStride * r;
 #pragma unroll
-    for (int c = 0; c < kGemmTM; ++c) {
-      const int64_t j = static_cast<int64_t>(tj) * kTile + tx + GemmMicro::kStride * c;
-      if (i < s && j <= i) a[i * s + j] = acc[r][c];
-    }
+    for (int c = 0; c < kGemmTM; ++c)
+      if (i < s && j0 + GemmMicro::kStride * c <= i) p[GemmMicro::kStride * c] = acc[r][c];
   }
 }
 

@@ -79,11 +79,14 @@ __device__ __forceinline__ void tile_fma(Acc (&acc)[TM][TM], const S* __restrict
 }
 
 // dst[k][c] = scale * src[k * ld + c] for k < rows, c < cols; zero elsewhere (k < kSlice,
-// c < kTile). The source slice is row-major with the tile index contiguous.
-template <typename S, typename T>
+// c < kTile). The source slice is row-major with the tile index contiguous. NT = blockDim.x.
+template <int NT, typename S, typename T>
 __device__ __forceinline__ void load_slice(S* __restrict__ dst, const T* __restrict__ src,
                                            int64_t ld, int rows, int cols, S scale = S(1)) {
-  for (int e = threadIdx.x; e < kSlice * kTile; e += blockDim.x) {
+  static_assert((kSlice * kTile) % NT == 0, "the slice must split evenly over the threads");
+#pragma unroll 4
+  for (int u = 0; u < kSlice * kTile / NT; ++u) {
+    const int e = threadIdx.x + u * NT;
     const int k = e / kTile, c = e % kTile;
     dst[k * kLd + c] =
         (k < rows && c < cols) ? scale * static_cast<S>(src[k * ld + c]) : S(0);
@@ -92,10 +95,13 @@ __device__ __forceinline__ void load_slice(S* __restrict__ dst, const T* __restr
 
 // dst[k][c] = src[c * ld + k] for k < rows, c < cols; zero elsewhere: the transposed slice of a
 // row-major source whose contiguous index is k (consecutive threads read consecutive k).
-template <typename S, typename T>
+template <int NT, typename S, typename T>
 __device__ __forceinline__ void load_slice_t(S* __restrict__ dst, const T* __restrict__ src,
                                              int64_t ld, int rows, int cols) {
-  for (int e = threadIdx.x; e < kSlice * kTile; e += blockDim.x) {
+  static_assert((kSlice * kTile) % NT == 0, "the slice must split evenly over the threads");
+#pragma unroll 4
+  for (int u = 0; u < kSlice * kTile / NT; ++u) {
+    const int e = threadIdx.x + u * NT;
     const int k = e % kSlice, c = e / kSlice;
     dst[k * kLd + c] = (k < rows && c < cols) ? static_cast<S>(src[c * ld + k]) : S(0);
   }
