@@ -103,13 +103,23 @@ __global__ void __launch_bounds__(Micro<TM>::kThreads)
 #pragma unroll
         for (int c = 0; c < TM; ++c)
           fs[(tx + M::kStride * c) * kLd + ty + M::kStride * a] = acc[a][c];
+      // The tile's contribution is summed in the (now free) F registers and then added to
+      // U: blocked summation, so the rounding error grows with kTile + s / kTile, not with s.
+#pragma unroll
+      for (int a = 0; a < TM; ++a)
+#pragma unroll
+        for (int c = 0; c < TM; ++c) acc[a][c] = T(0);
 #pragma unroll 1
       for (int kk = 0; kk < kTile; kk += kSlice) {
         load_slice_t<M::kThreads>(sb, x + blk.start + j0 + kk, d, cols_j - kk, m_next);
         __syncthreads();
-        tile_fma<TM>(accu, sb, fs + kk * kLd, tx, ty);
+        tile_fma<TM>(acc, sb, fs + kk * kLd, tx, ty);
         __syncthreads();
       }
+#pragma unroll
+      for (int a = 0; a < TM; ++a)
+#pragma unroll
+        for (int c = 0; c < TM; ++c) accu[a][c] += acc[a][c];
     }
   }
   if (kNext) {
