@@ -44,16 +44,25 @@ export SSSE_CUDA=ON SSSE_CUDA_ARCHITECTURES=${CC:-90}
 export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
 
 # A virtual environment over the system packages (torch, pybind11, scikit-build-core) keeps the
-# system site untouched; the build runs without isolation since nothing can be downloaded.
-VENV=/tmp/ssse-venv
+# system site untouched; where venv is unavailable the package goes to a --target directory.
+# The build runs without isolation since nothing can be downloaded.
+export PY ROOT VENV=/tmp/ssse-venv SITE=/tmp/ssse-site
 build() {
-  $PY -m venv --system-site-packages "$VENV" &&
-    "$VENV/bin/python" -m pip install --no-build-isolation --no-deps -q "$ROOT" &&
-    cd /tmp && "$VENV/bin/python" -c 'import ssse_ext, json; i = ssse_ext.build_info();
+  set -e
+  if "$PY" -m venv --system-site-packages "$VENV" 2>/dev/null && [[ -x "$VENV/bin/pip" ]]; then
+    "$VENV/bin/python" -m pip install --no-build-isolation --no-deps -q "$ROOT"
+    py="$VENV/bin/python"
+  else
+    rm -rf "$VENV"
+    "$PY" -m pip install --no-build-isolation --no-deps -q --target "$SITE" "$ROOT"
+    py="$PY"; export PYTHONPATH="$SITE"
+  fi
+  cd /tmp && "$py" -c 'import ssse_ext, json; i = ssse_ext.build_info()
 assert i["cuda_compiled"] and i["cuda_device_count"] > 0, i; print(json.dumps(i))'
 }
-if step build 240 build; then
-  PY="$VENV/bin/python"
+export -f build
+if step build 240 bash -c build; then
+  if [[ -x "$VENV/bin/python" ]]; then PY="$VENV/bin/python"; else export PYTHONPATH="$SITE"; fi
   # The tests run from a copy so that ssse_ext is the installed package, not the source tree
   # (which has no built _C).
   rm -rf /tmp/ssse-tests && mkdir -p /tmp/ssse-tests && cp -r tests /tmp/ssse-tests/
