@@ -17,6 +17,8 @@
 #include <cuda_runtime.h>
 
 #include "cuda/apply.cuh"
+#include "cuda/gram.cuh"
+#include "cuda/sherman_morrison.cuh"
 #endif
 
 namespace py = pybind11;
@@ -156,19 +158,117 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- CUDA entry points (same arguments plus the host copy of the layout and the stream) ----
 #ifdef SSSE_WITH_CUDA
+  auto stream_of = [](std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); };
+  auto check_cuda_args = [](int64_t num_blocks, std::uintptr_t layout_host,
+                            std::uintptr_t layout_dev) {
+    ssse::check_arg(num_blocks >= 0, "num_blocks must be >= 0, got " + std::to_string(num_blocks));
+    ssse::check_arg(num_blocks == 0 || (layout_host != 0 && layout_dev != 0),
+                    "layout_host and layout_dev must be non-null when num_blocks > 0");
+  };
+
+  m.def(
+      "gram_accumulate_cuda",
+      [=](int dtype, std::uintptr_t grads, int64_t m_rows, int64_t d, std::uintptr_t layout_host,
+          std::uintptr_t layout_dev, int64_t num_blocks, std::uintptr_t gram,
+          std::uintptr_t stream) {
+        check_cuda_args(num_blocks, layout_host, layout_dev);
+        ssse::check_arg(m_rows >= 0, "m must be >= 0, got " + std::to_string(m_rows));
+        py::gil_scoped_release release;
+        dispatch(dtype, [&](auto tag) {
+          using T = decltype(tag);
+          ssse::cuda::gram_accumulate<T>(ptr<const T>(grads), m_rows, d,
+                                         ptr<const int64_t>(layout_host),
+                                         ptr<const int64_t>(layout_dev), num_blocks,
+                                         ptr<double>(gram), stream_of(stream));
+        });
+      },
+      py::arg("dtype"), py::arg("grads"), py::arg("m"), py::arg("d"), py::arg("layout_host"),
+      py::arg("layout_dev"), py::arg("num_blocks"), py::arg("gram"), py::arg("stream"));
+
+  m.def(
+      "inverse_from_gram_workspace_bytes",
+      [](std::uintptr_t layout_host, int64_t num_blocks) {
+        ssse::check_arg(num_blocks >= 0, "num_blocks must be >= 0");
+        return ssse::cuda::inverse_from_gram_workspace_bytes(ptr<const int64_t>(layout_host),
+                                                             num_blocks);
+      },
+      py::arg("layout_host"), py::arg("num_blocks"));
+
+  m.def(
+      "inverse_from_gram_cuda",
+      [=](int dtype, std::uintptr_t gram, std::uintptr_t layout_host, std::uintptr_t layout_dev,
+          int64_t num_blocks, double damping, double normalizer, std::uintptr_t out,
+          std::uintptr_t info, std::uintptr_t work, std::size_t work_bytes,
+          std::uintptr_t stream) {
+        check_cuda_args(num_blocks, layout_host, layout_dev);
+        ssse::check_arg(damping > 0, "damping must be > 0");
+        ssse::check_arg(normalizer > 0, "normalizer must be > 0");
+        py::gil_scoped_release release;
+        dispatch(dtype, [&](auto tag) {
+          using T = decltype(tag);
+          ssse::cuda::inverse_from_gram<T>(ptr<double>(gram), ptr<const int64_t>(layout_host),
+                                           ptr<const int64_t>(layout_dev), num_blocks, damping,
+                                           normalizer, ptr<T>(out), ptr<int64_t>(info),
+                                           ptr<void>(work), work_bytes, stream_of(stream));
+        });
+      },
+      py::arg("dtype"), py::arg("gram"), py::arg("layout_host"), py::arg("layout_dev"),
+      py::arg("num_blocks"), py::arg("damping"), py::arg("normalizer"), py::arg("out"),
+      py::arg("info"), py::arg("work"), py::arg("work_bytes"), py::arg("stream"));
+
+  m.def(
+      "sherman_morrison_workspace_bytes",
+      [](int dtype, bool chunked, std::uintptr_t layout_host, int64_t num_blocks, int64_t m_rows) {
+        ssse::check_arg(num_blocks >= 0, "num_blocks must be >= 0");
+        std::size_t bytes = 0;
+        dispatch(dtype, [&](auto tag) {
+          bytes = ssse::cuda::sherman_morrison_workspace_bytes(
+              sizeof(decltype(tag)), chunked, ptr<const int64_t>(layout_host), num_blocks, m_rows);
+        });
+        return bytes;
+      },
+      py::arg("dtype"), py::arg("chunked"), py::arg("layout_host"), py::arg("num_blocks"),
+      py::arg("m"));
+
+  m.def(
+      "sherman_morrison_cuda",
+      [=](int dtype, bool chunked, std::uintptr_t inv, std::uintptr_t layout_host,
+          std::uintptr_t layout_dev, int64_t num_blocks, std::uintptr_t grads, int64_t m_rows,
+          int64_t d, double normalizer, int sign, std::uintptr_t info, std::uintptr_t work,
+          std::size_t work_bytes, std::uintptr_t stream) {
+        check_cuda_args(num_blocks, layout_host, layout_dev);
+        ssse::check_arg(sign == 1 || sign == -1, "sign must be +1 or -1, got " + std::to_string(sign));
+        ssse::check_arg(normalizer > 0, "normalizer must be > 0");
+        ssse::check_arg(m_rows >= 0, "m must be >= 0, got " + std::to_string(m_rows));
+        py::gil_scoped_release release;
+        dispatch(dtype, [&](auto tag) {
+          using T = decltype(tag);
+          auto fn = chunked ? &ssse::cuda::sherman_morrison_chunk<T>
+                            : &ssse::cuda::sherman_morrison_rank1<T>;
+          fn(ptr<T>(inv), ptr<const int64_t>(layout_host), ptr<const int64_t>(layout_dev),
+             num_blocks, ptr<const T>(grads), m_rows, d, normalizer, sign, ptr<int64_t>(info),
+             ptr<void>(work), work_bytes, stream_of(stream));
+        });
+      },
+      py::arg("dtype"), py::arg("chunked"), py::arg("inv"), py::arg("layout_host"),
+      py::arg("layout_dev"), py::arg("num_blocks"), py::arg("grads"), py::arg("m"), py::arg("d"),
+      py::arg("normalizer"), py::arg("sign"), py::arg("info"), py::arg("work"),
+      py::arg("work_bytes"), py::arg("stream"));
+
   m.def(
       "apply_inverse_cuda",
-      [](int dtype, std::uintptr_t inv, std::uintptr_t layout_host, std::uintptr_t layout_dev,
-         int64_t num_blocks, std::uintptr_t v, int64_t d, int64_t r, std::uintptr_t base,
-         double scale, std::uintptr_t out, std::uintptr_t stream) {
-        ssse::check_arg(num_blocks >= 0, "num_blocks must be >= 0");
+      [=](int dtype, std::uintptr_t inv, std::uintptr_t layout_host, std::uintptr_t layout_dev,
+          int64_t num_blocks, std::uintptr_t v, int64_t d, int64_t r, std::uintptr_t base,
+          double scale, std::uintptr_t out, std::uintptr_t stream) {
+        check_cuda_args(num_blocks, layout_host, layout_dev);
+        ssse::check_arg(out != v || out == 0, "out must not alias v");
         py::gil_scoped_release release;
         dispatch(dtype, [&](auto tag) {
           using T = decltype(tag);
           ssse::cuda::apply_inverse<T>(ptr<const T>(inv), ptr<const int64_t>(layout_host),
                                        ptr<const int64_t>(layout_dev), num_blocks, ptr<const T>(v),
                                        d, r, ptr<const T>(base), scale, ptr<T>(out),
-                                       reinterpret_cast<cudaStream_t>(stream));
+                                       stream_of(stream));
         });
       },
       py::arg("dtype"), py::arg("inv"), py::arg("layout_host"), py::arg("layout_dev"),
