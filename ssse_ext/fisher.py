@@ -30,6 +30,13 @@ UPDATE_METHODS = ("woodbury", "sherman_morrison")
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 _DEFAULT_BLOCK_SIZE = 1024
 _DEFAULT_WOODBURY_CHUNK = 64
+# The CUDA kernel splits each call into rank-64 steps itself and fuses consecutive steps into
+# one pass over F^{-1}, so it is given more rows per call.
+_DEFAULT_WOODBURY_CHUNK_CUDA = 1024
+
+
+def _default_woodbury_chunk(device: torch.device) -> int:
+    return _DEFAULT_WOODBURY_CHUNK_CUDA if device.type == "cuda" else _DEFAULT_WOODBURY_CHUNK
 
 
 class NotPositiveDefiniteError(ValueError):
@@ -282,7 +289,7 @@ class BlockInverseFisher:
             raise ValueError(f"method must be one of {UPDATE_METHODS}, got {method!r}")
         chunk_size = _check_chunk_size(chunk_size)
         if method == "woodbury" and chunk_size is None:
-            chunk_size = _DEFAULT_WOODBURY_CHUNK
+            chunk_size = _default_woodbury_chunk(self.device)
         work = self.packed.clone()  # swapped in only on success: an error leaves self unchanged
         host, dev = self._layout_tables()
         rows = 0
@@ -312,7 +319,8 @@ class BlockInverseFisher:
             grads: ``(m, d)`` tensor or iterable of such chunks, same dtype and device.
             method: ``"woodbury"`` (chunked rank-m form, float64 arithmetic) or
                 ``"sherman_morrison"`` (literal rank-1 recurrence of paper eq. 7).
-            chunk_size: rows per rank-m step (default 64).
+            chunk_size: rows per rank-m step (default 64; on CUDA, rows per kernel call,
+                default 1024, which the kernel processes as fused rank-64 steps).
 
         Raises:
             NotPositiveDefiniteError: a denominator lost positivity (the inverse is unchanged).
@@ -422,7 +430,8 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
         raise ValueError(f"normalizer must be given when grads is an iterable and "
                          f"method={method!r} (the recurrence uses N at every step)")
     if method == "woodbury" and chunk_size is None:
-        chunk_size = _DEFAULT_WOODBURY_CHUNK
+        first_device = grads.device if is_tensor else None
+        chunk_size = _default_woodbury_chunk(first_device or torch.device("cpu"))
 
     chunks = _chunks(grads, chunk_size)
     first = next(chunks, None)

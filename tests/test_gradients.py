@@ -204,3 +204,13 @@ def test_gradient_sum_and_hessian_vector_products():
     V = torch.randn(flat.numel(), 3, dtype=torch.float64)
     HV, n = ssse.hessian_vector_products(model, CE, (X, y), V, weight_decay=0.2, chunk=2)
     assert n == 17 and rel_err(HV, H @ V) < 1e-12
+
+
+def test_pairs_longer_than_a_batch_are_cut_whole():
+    # Regression: every batch of a large (X, y) pair must be seen, not only the first.
+    from ssse._utils import iter_batches
+
+    x, y = torch.arange(10.0).view(10, 1), torch.arange(10)
+    batches = list(iter_batches((x, y), "data", batch_size=4))
+    assert [b[0].shape[0] for b in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat([b[1] for b in batches]), y)

@@ -108,10 +108,10 @@ def iter_batches(data, name: str, *, batch_size: int | None = None,
     ``None``); the batches of an iterable are passed through as they come."""
     check_data(data, name)
     if _is_pair(data):
-        x, y = data
-        n = x.shape[0]
+        xs, ys = data  # not x, y: the loop below rebinds those while the generator runs
+        n = xs.shape[0]
         step = batch_size or max(n, 1)
-        source: Iterable = ((x[i:i + step], y[i:i + step]) for i in range(0, n, step))
+        source: Iterable = ((xs[i:i + step], ys[i:i + step]) for i in range(0, n, step))
         pair = True
     else:
         source, pair = data, False
