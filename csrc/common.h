@@ -1,8 +1,11 @@
 // Shared definitions of the block layout seen by every kernel (CPU and CUDA).
 #pragma once
+#include <algorithm>
 #include <cstdint>
+#include <numeric>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace ssse {
 
@@ -17,6 +20,17 @@ static_assert(sizeof(BlockSpec) == 3 * sizeof(int64_t), "layout rows are three i
 
 inline const BlockSpec* as_blocks(const int64_t* layout) {
   return reinterpret_cast<const BlockSpec*>(layout);
+}
+
+// Block indices, largest block first: the order in which to hand blocks to threads so that the
+// dynamic schedule ends on small ones.
+inline std::vector<int64_t> blocks_by_size(const int64_t* layout, int64_t num_blocks) {
+  const BlockSpec* blocks = as_blocks(layout);
+  std::vector<int64_t> order(static_cast<size_t>(num_blocks));
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return blocks[a].size > blocks[b].size; });
+  return order;
 }
 
 inline void check_arg(bool ok, const std::string& message) {

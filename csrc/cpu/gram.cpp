@@ -21,13 +21,6 @@ struct GramTask {
   int64_t cost;
 };
 
-std::vector<int64_t> blocks_by_size(const BlockSpec* blocks, int64_t num_blocks) {
-  std::vector<int64_t> order(static_cast<size_t>(num_blocks));
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return blocks[a].size > blocks[b].size; });
-  return order;
-}
 }  // namespace
 
 template <typename T>
@@ -61,7 +54,7 @@ template <typename T>
 void inverse_from_gram(double* gram, const int64_t* layout, int64_t num_blocks, double damping,
                        double normalizer, T* out, int64_t* info, int threads) {
   const BlockSpec* blocks = as_blocks(layout);
-  const std::vector<int64_t> order = blocks_by_size(blocks, num_blocks);
+  const std::vector<int64_t> order = blocks_by_size(layout, num_blocks);
   const double inv_n = 1.0 / normalizer;
   parallel_for(num_blocks, threads, [&](int64_t t) {
     const int64_t b = order[static_cast<size_t>(t)];

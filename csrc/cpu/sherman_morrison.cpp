@@ -11,22 +11,12 @@
 
 namespace ssse::cpu {
 
-namespace {
-std::vector<int64_t> blocks_by_size(const BlockSpec* blocks, int64_t num_blocks) {
-  std::vector<int64_t> order(static_cast<size_t>(num_blocks));
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return blocks[a].size > blocks[b].size; });
-  return order;
-}
-}  // namespace
-
 template <typename T>
 void sherman_morrison_rank1(T* inv, const int64_t* layout, int64_t num_blocks, const T* grads,
                             int64_t m, int64_t d, double normalizer, int sign, int64_t* info,
                             int threads) {
   const BlockSpec* blocks = as_blocks(layout);
-  const std::vector<int64_t> order = blocks_by_size(blocks, num_blocks);
+  const std::vector<int64_t> order = blocks_by_size(layout, num_blocks);
   const T n = static_cast<T>(normalizer);
   const T sgn = static_cast<T>(sign);
   parallel_for(num_blocks, threads, [&](int64_t t) {
@@ -66,7 +56,7 @@ void sherman_morrison_chunk(T* inv, const int64_t* layout, int64_t num_blocks, c
                             int64_t m, int64_t d, double normalizer, int sign, int64_t* info,
                             int threads) {
   const BlockSpec* blocks = as_blocks(layout);
-  const std::vector<int64_t> order = blocks_by_size(blocks, num_blocks);
+  const std::vector<int64_t> order = blocks_by_size(layout, num_blocks);
   parallel_for(num_blocks, threads, [&](int64_t t) {
     const int64_t b = order[static_cast<size_t>(t)];
     const BlockSpec& blk = blocks[b];
