@@ -1,5 +1,7 @@
 """ssse_update (paper eq. 8) and Eraser against dense float64 formulas."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -174,3 +176,16 @@ def test_eraser_inplace_and_minibatch_needs_n_total():
         ssse.Eraser(model, CE, damping=0.1, minibatch=4).fit([(X, y)])
     with pytest.raises(RuntimeError, match="fit"):
         ssse.Eraser(model, CE, damping=0.1).erase((X, y), epsilon=1.0)
+
+
+def test_eraser_inplace_keeps_gradients_at_theta_star():
+    model, X, y = setup()
+    twin = copy.deepcopy(model)
+    quiet = ssse.Eraser(model, CE, damping=0.1, weight_decay=WD).fit((X, y))
+    loud = ssse.Eraser(twin, CE, damping=0.1, weight_decay=WD).fit((X, y))
+    for sl in (slice(0, 3), slice(3, 7)):
+        a = quiet.erase((X[sl], y[sl]), epsilon=1.0)
+        b = loud.erase((X[sl], y[sl]), epsilon=1.0, inplace=True)
+    # writing the model must not move the point where later gradients are taken
+    assert rel_err(flat_state(b, model), flat_state(a, model)) < 1e-14
+    assert torch.equal(flat(twin), flat_state(b, model))

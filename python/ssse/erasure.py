@@ -219,7 +219,8 @@ class Eraser:
                              "train_data (the fit counts mini-batches, not samples)")
         self.inv_fisher, self.n = inv, n
         self.theta = self._fm.flat(dtype=self.dtype, device=self.device)
-        self._star = self._fm.param_dict(self.dtype)
+        # a copy: param_dict() shares storage with the model, which erase(inplace=True) writes
+        self._star = {k: v.clone() for k, v in self._fm.param_dict(self.dtype).items()}
         self.history = []
         return self
 
