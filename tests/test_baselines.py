@@ -184,3 +184,21 @@ def test_retrain_is_seeded_and_restores_the_global_rng():
         ssse.retrain(lambda data, seed: None, (X, y), seed=0)
     with pytest.raises(TypeError, match="seed"):
         ssse.retrain(recipe, (X, y), seed="0")
+
+
+def test_two_pass_baselines_refuse_one_shot_iterators():
+    model, X, y = setup()
+    # influence_update(hessian="full") reads S twice (gradient, then Hessian): a generator's
+    # second pass would silently drop S from H_D
+    with pytest.raises(TypeError, match="removed is read more than once"):
+        ssse.influence_update(model, CE, ((X[i:i + 2], y[i:i + 2]) for i in (0, 2)),
+                              (X[4:], y[4:]), hessian="full", weight_decay=0.1)
+    listed = ssse.influence_update(model, CE, [(X[:2], y[:2]), (X[2:4], y[2:4])],
+                                   (X[4:], y[4:]), hessian="full", weight_decay=0.1)
+    paired = ssse.influence_update(model, CE, (X[:4], y[:4]), (X[4:], y[4:]), hessian="full",
+                                   weight_decay=0.1)
+    assert rel_err(flat_state(listed, model), flat_state(paired, model)) < 1e-12
+    with pytest.raises(TypeError, match="retained is read more than once"):
+        ssse.fisher_forgetting(model, CE, iter([(X, y)]), alpha=1e-6, seed=0)
+    with pytest.raises(ValueError, match="retained is empty"):
+        ssse.fisher_forgetting(model, CE, (X[:0], y[:0]), alpha=1e-6, seed=0)

@@ -144,3 +144,24 @@ def test_select_epsilon():
         metrics.select_epsilon([], lambda e: 0.0)
     with pytest.raises(ValueError, match="NaN"):
         metrics.select_epsilon([1.0], lambda e: float("nan"))
+
+
+def test_estimate_epsilon_refuses_a_generator_and_matches_a_list():
+    import ssse
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    X, y = torch.randn(40, 4, dtype=torch.float64), torch.randint(0, 3, (40,))
+    ce = nn.CrossEntropyLoss(reduction="none")
+    inv = ssse.fit_inverse_fisher(model, ce, (X, y), damping=0.1, progress=False)
+    batches = [(X[i:i + 10], y[i:i + 10]) for i in range(0, 40, 10)]
+    with pytest.raises(TypeError, match="data is read more than once"):
+        metrics.estimate_epsilon(model, ce, iter(batches), inv, probes=4)
+    # the first 4 rows as probes, the Hessian of all 40 samples
+    eps = metrics.estimate_epsilon(model, ce, batches, inv, probes=4)
+    U = torch.cat(list(ssse.per_sample_grads(model, ce, (X[:4], y[:4])))).T
+    HW, n = ssse.hessian_vector_products(model, ce, (X, y), inv @ U)
+    HW = HW / n
+    assert eps == pytest.approx(float((HW * U).sum() / (HW * HW).sum()), rel=1e-10)
+    with pytest.raises(TypeError, match="seed"):
+        metrics.estimate_epsilon(model, ce, batches, inv, seed=None)

@@ -100,6 +100,18 @@ def check_data(data, name: str):
     return data
 
 
+def check_reiterable(data, name: str):
+    """Validates ``data`` like :func:`check_data` and refuses a one-shot iterator (e.g. a
+    generator), for functions that read their data more than once: its second pass would
+    silently see nothing."""
+    check_data(data, name)
+    if not _is_pair(data) and isinstance(data, Iterator):
+        raise TypeError(f"{name} is read more than once: pass an (X, y) pair or a re-iterable "
+                        f"collection of batches (a list, a DataLoader), not a one-shot "
+                        f"{type(data).__name__}")
+    return data
+
+
 def iter_batches(data, name: str, *, batch_size: int | None = None,
                  device: torch.device | None = None,
                  dtype: torch.dtype | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

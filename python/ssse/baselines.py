@@ -21,8 +21,8 @@ from torch.func import grad, jacrev, vmap
 import ssse_ext
 
 from ._utils import (FlatModel, check_callable, check_choice, check_data, check_module,
-                     check_nonneg_float, check_positive_float, check_positive_int, iter_batches,
-                     per_sample_losses, warn_if_training)
+                     check_nonneg_float, check_positive_float, check_positive_int,
+                     check_reiterable, iter_batches, per_sample_losses, warn_if_training)
 from .gradients import _grad_stream, gradient_sum
 
 __all__ = ["influence_update", "fisher_forgetting", "gradient_ascent", "retrain",
@@ -126,6 +126,8 @@ def influence_update(model: nn.Module, loss_fn, removed, retained, *, weight_dec
     check_data(retained, "retained")
     weight_decay = check_nonneg_float(weight_decay, "weight_decay")
     check_choice(hessian, "hessian", HESSIAN_VARIANTS)
+    if hessian == "full":  # S is read twice: its gradient, then its Hessian
+        check_reiterable(removed, "removed")
     block_size = check_positive_int(block_size, "block_size", allow_none=True)
     if max_memory is not None:
         check_positive_int(max_memory, "max_memory")
@@ -235,7 +237,7 @@ def fisher_forgetting(model: nn.Module, loss_fn, retained, *, alpha: float, seed
     """
     check_module(model)
     check_callable(loss_fn, "loss_fn")
-    check_data(retained, "retained")
+    check_reiterable(retained, "retained")
     alpha = check_positive_float(alpha, "alpha")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
@@ -246,9 +248,11 @@ def fisher_forgetting(model: nn.Module, loss_fn, retained, *, alpha: float, seed
         raise ValueError(f"forget_class must be a non-negative int or None, got {forget_class!r}")
     warn_if_training(model, "fisher_forgetting")
     fm = FlatModel(model)
+    first = next((b for b in iter_batches(retained, "retained", batch_size=1, device=fm.device,
+                                          dtype=fm.dtype) if b[0].shape[0]), None)
+    if first is None:
+        raise ValueError("retained is empty: the Fisher needs at least one sample")
     diag = _diagonal_fisher(fm, loss_fn, retained, fisher, likelihood)
-    first = next(iter_batches(retained, "retained", batch_size=1, device=fm.device,
-                              dtype=fm.dtype))
     with torch.no_grad():
         num_outputs = fm(fm.param_dict(), first[0][:1]).reshape(1, -1).shape[1]
     if forget_class is not None and forget_class >= num_outputs:

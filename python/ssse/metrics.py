@@ -18,8 +18,8 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 from torch import nn
 
 from ._utils import (FlatModel, check_callable, check_choice, check_data, check_module,
-                     check_nonneg_float, check_positive_int, data_size, iter_batches,
-                     per_sample_losses)
+                     check_nonneg_float, check_positive_int, check_reiterable, data_size,
+                     iter_batches, per_sample_losses)
 from .gradients import _grad_stream, hessian_vector_products
 
 __all__ = [
@@ -376,6 +376,10 @@ def estimate_epsilon(model: nn.Module, loss_fn, data, inv_fisher, *, weight_deca
     weight_decay = check_nonneg_float(weight_decay, "weight_decay")
     probes = check_positive_int(probes, "probes")
     check_choice(probe, "probe", ("gradients", "gaussian"))
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if probe == "gradients":  # probes come from data, then the Hessian reads all of it
+        check_reiterable(data, "data")
     fm = FlatModel(model)
     inv = _check_inverse(inv_fisher, fm)
     gen = torch.Generator().manual_seed(seed)
