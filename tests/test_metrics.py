@@ -165,3 +165,17 @@ def test_estimate_epsilon_refuses_a_generator_and_matches_a_list():
     assert eps == pytest.approx(float((HW * U).sum() / (HW * HW).sum()), rel=1e-10)
     with pytest.raises(TypeError, match="seed"):
         metrics.estimate_epsilon(model, ce, batches, inv, seed=None)
+
+
+def test_confusion_distance_refuses_classes_out_of_range():
+    labels = np.array([0, 1, 2])
+    # class 5 does not exist for num_classes=3: it must not be dropped silently (distance 0)
+    with pytest.raises(ValueError, match="pred_a must hold class indices in 0..2"):
+        metrics.confusion_distance(np.array([0, 1, 5]), np.array([0, 1, 2]), labels, 3)
+    with pytest.raises(ValueError, match="labels must hold class indices"):
+        metrics.confusion_distance(labels, labels, np.array([0, 1, 3]), 3)
+    with pytest.raises(ValueError, match="pred_b has scores for 4 classes"):
+        metrics.confusion_distance(labels, np.eye(4)[:3], labels, 3)
+    empty = np.array([], dtype=np.int64)
+    assert metrics.confusion_distance(empty, empty, empty, 3) == 0.0
+    assert metrics.normalized_confusion_distance(empty, empty, empty, empty, 3) == 0.5

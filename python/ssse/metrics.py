@@ -129,11 +129,26 @@ def _predictions(pred, name: str) -> np.ndarray:
     return p
 
 
+def _class_indices(values: np.ndarray, name: str, num_classes: int) -> np.ndarray:
+    # confusion_matrix(labels=...) silently drops values outside the label set
+    if values.size and (not np.all(np.isfinite(values)) or np.any(values != np.round(values))
+                        or values.min() < 0 or values.max() >= num_classes):
+        raise ValueError(f"{name} must hold class indices in 0..{num_classes - 1}, got values "
+                         f"{np.unique(values)[:5]}")
+    return values.astype(np.int64)
+
+
 def _confusion(pred, labels, num_classes: int, normalize, name: str) -> np.ndarray:
-    p = _predictions(pred, name)
-    y = _numpy(labels, "labels").reshape(-1)
+    raw = _numpy(pred, name)
+    if raw.ndim == 2 and raw.shape[1] != num_classes:
+        raise ValueError(f"{name} has scores for {raw.shape[1]} classes, expected "
+                         f"num_classes={num_classes}")
+    p = _class_indices(_predictions(raw, name), name, num_classes)
+    y = _class_indices(_numpy(labels, "labels").reshape(-1), "labels", num_classes)
     if p.shape[0] != y.shape[0]:
         raise ValueError(f"{name} has {p.shape[0]} predictions but labels has {y.shape[0]}")
+    if y.size == 0:  # an empty split: no counts
+        return np.zeros((num_classes, num_classes))
     return confusion_matrix(y, p, labels=np.arange(num_classes), normalize=normalize)
 
 
