@@ -80,3 +80,36 @@ def test_help_on_every_subcommand(capsys):
             main([cmd, "--help"])
         assert exc.value.code == 0
         assert "usage: ssse " + cmd in capsys.readouterr().out
+
+
+def test_library_value_errors_exit_2_with_one_line(capsys):
+    code, _, err = run(capsys, "demo", "--remove-class", "12", "--quiet")
+    assert code == 2 and err.strip() == "ssse demo: error: --remove-class must be in 0..9"
+
+
+def test_erase_refuses_other_data_and_counts_earlier_requests(capsys, trained, tmp_path):
+    model = str(trained / "model.safetensors")
+    fisher = str(trained / "inverse_fisher.safetensors")
+    # another subset of digits: index i would be another sample than the one trained on
+    code, _, err = run(capsys, "erase", "--model", model, "--fisher", fisher, "--indices", "1",
+                       "--epsilon", "1", "--train-limit", "200")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "300 samples" in err
+    code, _, err = run(capsys, "erase", "--model", model, "--fisher", fisher, "--indices", "1",
+                       "--epsilon", "1", "--data", "yeast")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    first = tmp_path / "first.safetensors"
+    assert run(capsys, "erase", "--model", model, "--fisher", fisher, "--indices", "0-4",
+               "--epsilon", "1", "--output", str(first), "--quiet")[0] == 0
+    code, _, err = run(capsys, "erase", "--model", str(first), "--fisher", fisher, "--indices",
+                       "3-6", "--epsilon", "1", "--output", str(tmp_path / "again.safetensors"))
+    assert code == 2 and "already erased" in err
+    assert not (tmp_path / "again.safetensors").exists()
+    code, out, _ = run(capsys, "erase", "--model", str(first), "--fisher", fisher, "--indices",
+                       "5-6", "--epsilon", "1", "--output", str(tmp_path / "second.safetensors"),
+                       "--quiet")
+    assert code == 0 and "erased 2 of 295 samples" in out  # n - k of the earlier request
+    from ssse.io import load_model
+    assert load_model(tmp_path / "second.safetensors")[1]["erased"] == list(range(7))
+    code, _, err = run(capsys, "sweep", "--model", str(first), "--fisher", fisher, "--indices",
+                       "9", "--out", str(tmp_path))
+    assert code == 2 and "already had samples erased" in err

@@ -314,11 +314,41 @@ def _task_from_meta(args, model, meta):
         data["data_dir"] = args.data_dir
     if getattr(args, "train_limit", None):
         data["train_limit"] = args.train_limit
-    return task_from_metadata(meta, data, dtype=next(model.parameters()).dtype,
+    task = task_from_metadata(meta, data, dtype=next(model.parameters()).dtype,
                               device=args.device)
+    trained_on = meta.get("n_train")
+    if trained_on is not None and int(trained_on) != task.n:
+        raise UsageError(f"the model was trained on {trained_on} samples, but --data/"
+                         f"--train-limit give {task.n}: indices would point at other samples")
+    x = task.ds.x_train[:1].to(args.device)
+    try:
+        with torch.no_grad():
+            model(x)
+    except RuntimeError:
+        raise UsageError(f"the model ({meta['spec']}) does not take the inputs of data set "
+                         f"{task.ds.name!r} (shape {tuple(x.shape[1:])})") from None
+    return task
 
 
-def _removal(args, task) -> torch.Tensor:
+def _check_fisher_matches(fmeta: dict, task) -> None:
+    fitted_on = fmeta.get("n_train")
+    if fitted_on is not None and int(fitted_on) != task.n:
+        raise UsageError(f"--fisher was fitted on {fitted_on} samples, the training set has "
+                         f"{task.n}")
+
+
+def _removal(args, task, erased=()) -> torch.Tensor:
+    removed = _choose_removal(args, task)
+    again = sorted(set(removed.tolist()) & set(erased))
+    if again:
+        raise UsageError(f"{len(again)} of these samples were already erased from this model "
+                         f"(e.g. {again[:5]}); choose others (or another --seed)")
+    if removed.numel() + len(erased) >= task.n:
+        raise UsageError("cannot erase the whole training set")
+    return removed
+
+
+def _choose_removal(args, task) -> torch.Tensor:
     from .data import attribute_removal, class_removal
 
     chosen = [a for a in ("indices", "indices_file", "remove_class", "remove_attribute")
@@ -488,16 +518,20 @@ def _cmd_erase(args) -> int:
     model, meta = _load_model_file(args)
     inv, fmeta = _load_fisher(args, model)
     task = _task_from_meta(args, model, meta)
-    removed = _removal(args, task)
+    _check_fisher_matches(fmeta, task)
+    before = [int(i) for i in meta.get("erased", [])]
+    removed = _removal(args, task, before)
+    # samples erased by earlier requests are no longer part of D: n counts what remains
     state, seconds = timed(ssse.ssse_update, model, inv, task.data(removed), task.loss_fn,
-                           epsilon=args.epsilon, n_total=task.n, weight_decay=task.weight_decay,
-                           fisher=args.variant, minibatch=int(fmeta.get("minibatch", 1)))
+                           epsilon=args.epsilon, n_total=task.n - len(before),
+                           weight_decay=task.weight_decay, fisher=args.variant,
+                           minibatch=int(fmeta.get("minibatch", 1)))
     model.load_state_dict(state)
-    erased = sorted(set(meta.get("erased", [])) | set(removed.tolist()))
+    erased = sorted(set(before) | set(removed.tolist()))
     path = save_model(_out_path(args, "erased.safetensors"), model, spec=meta["spec"],
                       **{**{k: v for k, v in meta.items() if k not in ("spec", "dtype")},
                          "erased": erased, "epsilon": args.epsilon, "variant": args.variant})
-    print(f"erased {removed.numel()} of {task.n} samples with ε={args.epsilon:g} "
+    print(f"erased {removed.numel()} of {task.n - len(before)} samples with ε={args.epsilon:g} "
           f"({args.variant} Fisher) in {seconds:.3f} s")
     print(path)
     return 0
@@ -507,8 +541,12 @@ def _cmd_sweep(args) -> int:
     from .experiments.sweep import run_sweep
 
     model, meta = _load_model_file(args)
+    if meta.get("erased"):
+        raise UsageError("--model already had samples erased; sweep compares erasure with "
+                         "retraining from the trained model (ssse train)")
     inv, fmeta = _load_fisher(args, model)
     task = _task_from_meta(args, model, meta)
+    _check_fisher_matches(fmeta, task)
     removed = _removal(args, task)
     reference = None
     if args.reference:
@@ -557,6 +595,10 @@ def _cmd_experiment(args) -> int:
 
 # ---- entry point --------------------------------------------------------------------------
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # forwarded untouched, --help included
@@ -564,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(bench.main(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ssse_ext import NotPositiveDefiniteError
+
     from .data import DataUnavailableError
     try:
         _setup(args)
@@ -573,6 +617,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DataUnavailableError as exc:
         print(f"ssse {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (FloatingPointError, NotPositiveDefiniteError) as exc:  # numerics, not arguments
+        print(f"ssse {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # the library's and the data sets' checks of what was asked
+        print(f"ssse {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ssse {args.command}: interrupted (no partial files were written)",
