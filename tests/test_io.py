@@ -55,3 +55,47 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
             raise RuntimeError("interrupted")
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def _rewrite(path, target, *, meta=None, tensors=None):
+    """A copy of the safetensors file ``path`` with its ssse metadata or tensors replaced."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+        data = {k: f.get_tensor(k) for k in f.keys()}
+    if meta is not None:
+        header = {**header, "ssse": json.dumps(meta)}
+    save_file({**data, **(tensors or {})}, str(target), metadata=header)
+    return target
+
+
+def test_refuses_tampered_files(tmp_path):
+    spec = {"arch": "linear", "in_features": 5, "out_features": 3, "bias": True}
+    path = save_model(tmp_path / "m.safetensors", build_model(spec), spec=spec)
+    _, meta = read_metadata(path)
+    # a spec that disagrees with the tensors is refused before allocating its (huge) model
+    huge = {**meta, "spec": {**spec, "in_features": 10 ** 12}}
+    with pytest.raises(FileFormatError, match="does not match its spec"):
+        load_model(_rewrite(path, tmp_path / "huge.safetensors", meta=huge))
+    with pytest.raises(FileFormatError, match="invalid model spec"):
+        load_model(_rewrite(path, tmp_path / "arch.safetensors",
+                            meta={**meta, "spec": {"arch": "mlp"}}))
+    with pytest.raises(FileFormatError, match="no model spec"):
+        load_model(_rewrite(path, tmp_path / "nospec.safetensors", meta={**meta, "spec": 3}))
+    nan = torch.full((3,), float("nan"))
+    with pytest.raises(FileFormatError, match="'bias' holds NaN"):
+        load_model(_rewrite(path, tmp_path / "nan.safetensors", tensors={"bias": nan}))
+    inv = ssse_ext.build_inverse_fisher(torch.randn(10, 4, dtype=torch.float64), damping=0.1)
+    fpath = save_inverse_fisher(tmp_path / "f.safetensors", inv)
+    bad = inv.packed.clone()
+    bad[1] = float("inf")
+    with pytest.raises(FileFormatError, match="'packed' holds NaN or Inf"):
+        load_inverse_fisher(_rewrite(fpath, tmp_path / "finf.safetensors",
+                                     tensors={"packed": bad}))
+    with pytest.raises(FileFormatError, match="not a JSON object"):
+        read_metadata(_rewrite(fpath, tmp_path / "list.safetensors", meta=[1, 2]))
+    # a truncated file
+    (tmp_path / "cut.safetensors").write_bytes(fpath.read_bytes()[:-9])
+    with pytest.raises(FileFormatError, match="not a safetensors file"):
+        load_inverse_fisher(tmp_path / "cut.safetensors")

@@ -123,6 +123,8 @@ def read_metadata(path: str | os.PathLike) -> tuple[str, dict]:
         meta = json.loads(header["ssse"])
     except (KeyError, ValueError) as exc:
         raise FileFormatError(f"{path} has a corrupt ssse header ({exc})") from None
+    if not isinstance(meta, dict):
+        raise FileFormatError(f"{path} has a corrupt ssse header (not a JSON object)")
     if not 1 <= version <= FORMAT_VERSION:
         raise FileFormatError(f"{path} has format version {version}; this ssse reads up to "
                               f"{FORMAT_VERSION}")
@@ -137,6 +139,9 @@ def _load(path, expected: str, device=None) -> tuple[dict[str, torch.Tensor], di
     with safe_open(str(path), framework="pt", device="cpu") as f:
         for key in f.keys():
             tensors[key] = f.get_tensor(key)
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise FileFormatError(f"{path}: tensor {key!r} holds NaN or Inf (a corrupt file)")
     if device is not None:
         tensors = {k: v.to(device) for k, v in tensors.items()}
     return tensors, meta
@@ -161,8 +166,19 @@ def load_model(path: str | os.PathLike, *, device=None,
     from .experiments.models import build_model
 
     state, meta = _load(path, MODEL_FORMAT)
-    if "spec" not in meta:
+    if not isinstance(meta.get("spec"), dict):
         raise FileFormatError(f"{path} has no model spec")
+    # the spec is checked against the stored shapes before any memory is allocated for it
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(meta["spec"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FileFormatError(f"{path} has an invalid model spec {meta['spec']}: {exc}") from None
+    want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    if want != have:
+        raise FileFormatError(f"{path} does not match its spec {meta['spec']}: expected "
+                              f"tensors {want}, the file holds {have}")
     model = build_model(meta["spec"])
     saved = getattr(torch, meta.get("dtype", "float32"), torch.float32)
     model = model.to(dtype=saved if isinstance(saved, torch.dtype) else torch.float32)
