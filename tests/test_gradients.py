@@ -200,7 +200,7 @@ def test_gradient_sum_and_hessian_vector_products():
         pred = torch.func.functional_call(model, (out, dict(model.named_buffers())), (X,))
         return CE(pred, y).sum() + 0.5 * 0.2 * 17 * (theta * theta).sum()
 
-    H = torch.autograd.functional.hessian(total, flat)
+    H = torch.autograd.functional.hessian(total, flat, vectorize=True)
     V = torch.randn(flat.numel(), 3, dtype=torch.float64)
     HV, n = ssse.hessian_vector_products(model, CE, (X, y), V, weight_decay=0.2, chunk=2)
     assert n == 17 and rel_err(HV, H @ V) < 1e-12
@@ -214,3 +214,11 @@ def test_pairs_longer_than_a_batch_are_cut_whole():
     batches = list(iter_batches((x, y), "data", batch_size=4))
     assert [b[0].shape[0] for b in batches] == [4, 4, 2]
     assert torch.equal(torch.cat([b[1] for b in batches]), y)
+
+
+def test_fit_inverse_fisher_names_empty_data():
+    X, y = data(4)
+    with pytest.raises(ValueError, match="data is empty"):
+        ssse.fit_inverse_fisher(mlp(), CE, (X[:0], y[:0]), damping=1.0, progress=False)
+    with pytest.raises(ValueError, match="data is empty"):
+        ssse.fit_inverse_fisher(mlp(), CE, [], damping=1.0, progress=False)

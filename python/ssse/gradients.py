@@ -213,14 +213,22 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     bar = tqdm(total=total, unit="grad", desc="inverse Fisher", disable=not progress,
                leave=False)
 
+    seen = 0
+
     def chunks():
+        nonlocal seen
         for rows in _grad_stream(fm, loss_fn, data, "data", weight_decay=weight_decay,
                                  chunk_size=None, minibatch=minibatch, dtype=dtype):
             bar.update(rows.shape[0])
+            seen += rows.shape[0]
             yield rows.to(device)
 
     try:
         return ssse_ext.build_inverse_fisher(chunks(), damping=damping, layout=lay)
+    except ValueError:
+        if seen == 0:
+            raise ValueError("data is empty: the Fisher needs at least one sample") from None
+        raise
     finally:
         bar.close()
 
