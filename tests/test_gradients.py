@@ -222,3 +222,11 @@ def test_fit_inverse_fisher_names_empty_data():
         ssse.fit_inverse_fisher(mlp(), CE, (X[:0], y[:0]), damping=1.0, progress=False)
     with pytest.raises(ValueError, match="data is empty"):
         ssse.fit_inverse_fisher(mlp(), CE, [], damping=1.0, progress=False)
+
+
+def test_device_argument_is_named():
+    X, y = data(4)
+    with pytest.raises(ValueError, match="device must name a torch device"):
+        ssse.fit_inverse_fisher(mlp(), CE, (X, y), damping=1.0, device="gpu0", progress=False)
+    with pytest.raises(TypeError, match="device must be a torch.device"):
+        ssse.Eraser(mlp(), CE, damping=1.0, device=3.5)

@@ -179,3 +179,10 @@ def test_confusion_distance_refuses_classes_out_of_range():
     empty = np.array([], dtype=np.int64)
     assert metrics.confusion_distance(empty, empty, empty, 3) == 0.0
     assert metrics.normalized_confusion_distance(empty, empty, empty, empty, 3) == 0.5
+
+
+def test_select_epsilon_validates_candidates():
+    with pytest.raises(ValueError, match="candidates must be finite numbers > 0"):
+        metrics.select_epsilon([1.0, -2.0], lambda e: 0.5)
+    with pytest.raises(TypeError, match="candidates must be an iterable of numbers"):
+        metrics.select_epsilon(["a"], lambda e: 0.5)

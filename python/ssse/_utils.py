@@ -68,6 +68,19 @@ def check_dtype(dtype, name: str = "dtype") -> torch.dtype | None:
     return dtype
 
 
+def check_device(device, name: str = "device") -> torch.device | None:
+    if device is None:
+        return None
+    if not isinstance(device, (str, int, torch.device)) or isinstance(device, bool):
+        raise TypeError(f"{name} must be a torch.device or a string such as 'cpu' or 'cuda', "
+                        f"got {type(device).__name__}")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{name} must name a torch device such as 'cpu' or 'cuda:0', got "
+                         f"{device!r}") from None
+
+
 # ---- data -----------------------------------------------------------------------------------
 
 def _is_pair(data) -> bool:

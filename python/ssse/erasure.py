@@ -17,9 +17,9 @@ from torch import nn
 
 import ssse_ext
 
-from ._utils import (FlatModel, check_callable, check_choice, check_data, check_dtype,
-                     check_module, check_nonneg_float, check_positive_float, check_positive_int,
-                     warn_if_training)
+from ._utils import (FlatModel, check_callable, check_choice, check_data, check_device,
+                     check_dtype, check_module, check_nonneg_float, check_positive_float,
+                     check_positive_int, warn_if_training)
 from .gradients import _grad_stream, fit_inverse_fisher, gradient_sum, resolve_layout
 
 __all__ = ["ssse_update", "Eraser", "FISHER_VARIANTS", "GRADIENT_VARIANTS"]
@@ -186,7 +186,7 @@ class Eraser:
         self._fm = FlatModel(model)
         self.layout = resolve_layout(layout, block_size, self._fm)
         self.dtype = check_dtype(dtype) or self._fm.dtype
-        self.device = torch.device(device) if device is not None else self._fm.device
+        self.device = check_device(device) or self._fm.device
         self.inv_fisher: ssse_ext.BlockInverseFisher | None = None
         self.n: int | None = None
         self.theta: torch.Tensor | None = None

@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 import ssse_ext
 
 from ._utils import (DEFAULT_BLOCK_SIZE, DEFAULT_CHUNK_SIZE, FlatModel, LossReductionError,
-                     check_callable, check_choice, check_data, check_dtype, check_module,
-                     check_nonneg_float, check_positive_float, check_positive_int, data_size,
-                     iter_batches, per_sample_losses, rebatch, warn_if_training)
+                     check_callable, check_choice, check_data, check_device, check_dtype,
+                     check_module, check_nonneg_float, check_positive_float,
+                     check_positive_int, data_size, iter_batches, per_sample_losses, rebatch,
+                     warn_if_training)
 
 __all__ = ["per_sample_grads", "fit_inverse_fisher", "gradient_sum", "hessian_vector_products",
            "resolve_layout", "LAYOUTS"]
@@ -207,7 +208,7 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     dtype = dtype or fm.dtype
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"the model's dtype is {dtype}; pass dtype=torch.float32 or float64")
-    device = torch.device(device) if device is not None else fm.device
+    device = check_device(device) or fm.device
     n = data_size(data)
     total = None if n is None else math.ceil(n / minibatch)
     bar = tqdm(total=total, unit="grad", desc="inverse Fisher", disable=not progress,

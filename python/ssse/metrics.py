@@ -449,9 +449,15 @@ def select_epsilon(candidates: Iterable[float], evaluate: Callable, *,
     """
     check_callable(evaluate, "evaluate")
     check_choice(criterion, "criterion", CRITERIA)
-    grid = [float(c) for c in candidates]
+    try:
+        grid = [float(c) for c in candidates]
+    except (TypeError, ValueError):
+        raise TypeError("candidates must be an iterable of numbers") from None
     if not grid:
         raise ValueError("candidates must hold at least one epsilon")
+    bad = [c for c in grid if not (math.isfinite(c) and c > 0)]
+    if bad:
+        raise ValueError(f"candidates must be finite numbers > 0, got {bad[:3]}")
     keys = (criterion,) + (("normalized_confusion_distance",) if criterion == "confusion" else ())
     curve = []
     for eps in grid:
