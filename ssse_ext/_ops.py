@@ -13,7 +13,7 @@ import torch
 from . import _C
 
 __all__ = ["gram_accumulate_", "inverse_from_gram", "sherman_morrison_", "apply_inverse",
-           "cuda_available"]
+           "cuda_available", "call"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
 
@@ -46,8 +46,7 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-@torch.library.custom_op("ssse_ext::gram_accumulate_", mutates_args=("gram",))
-def gram_accumulate_(grads: torch.Tensor, layout: torch.Tensor, layout_dev: torch.Tensor,
+def _gram_accumulate__impl(grads: torch.Tensor, layout: torch.Tensor, layout_dev: torch.Tensor,
                      gram: torch.Tensor) -> None:
     """``gram_b += X_b^T X_b`` (lower triangles, float64) for every block of the layout table."""
     m, d = grads.shape
@@ -60,13 +59,15 @@ def gram_accumulate_(grads: torch.Tensor, layout: torch.Tensor, layout_dev: torc
                            layout.shape[0], gram.data_ptr(), _threads())
 
 
+gram_accumulate_ = torch.library.custom_op("ssse_ext::gram_accumulate_", mutates_args=("gram",))(_gram_accumulate__impl)
+
+
 @gram_accumulate_.register_fake
 def _(grads, layout, layout_dev, gram):
     return None
 
 
-@torch.library.custom_op("ssse_ext::inverse_from_gram", mutates_args=("gram",))
-def inverse_from_gram(gram: torch.Tensor, layout: torch.Tensor, layout_dev: torch.Tensor,
+def _inverse_from_gram_impl(gram: torch.Tensor, layout: torch.Tensor, layout_dev: torch.Tensor,
                       damping: float, normalizer: float,
                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(damping I + gram_b / normalizer)^{-1}`` per block, in ``dtype``; returns (inv, info)."""
@@ -86,14 +87,16 @@ def inverse_from_gram(gram: torch.Tensor, layout: torch.Tensor, layout_dev: torc
     return out, info
 
 
+inverse_from_gram = torch.library.custom_op("ssse_ext::inverse_from_gram", mutates_args=("gram",))(_inverse_from_gram_impl)
+
+
 @inverse_from_gram.register_fake
 def _(gram, layout, layout_dev, damping, normalizer, dtype):
     return (torch.empty(gram.shape, dtype=dtype, device=gram.device),
             torch.empty(layout.shape[0], dtype=torch.int64, device=gram.device))
 
 
-@torch.library.custom_op("ssse_ext::sherman_morrison_", mutates_args=("inv",))
-def sherman_morrison_(inv: torch.Tensor, layout: torch.Tensor, layout_dev: torch.Tensor,
+def _sherman_morrison__impl(inv: torch.Tensor, layout: torch.Tensor, layout_dev: torch.Tensor,
                       grads: torch.Tensor, normalizer: float, sign: int,
                       chunked: bool) -> torch.Tensor:
     """Adds (sign=+1) or removes (sign=-1) the rows of ``grads``; returns the per-block info."""
@@ -114,13 +117,15 @@ def sherman_morrison_(inv: torch.Tensor, layout: torch.Tensor, layout_dev: torch
     return info
 
 
+sherman_morrison_ = torch.library.custom_op("ssse_ext::sherman_morrison_", mutates_args=("inv",))(_sherman_morrison__impl)
+
+
 @sherman_morrison_.register_fake
 def _(inv, layout, layout_dev, grads, normalizer, sign, chunked):
     return torch.empty(layout.shape[0], dtype=torch.int64, device=inv.device)
 
 
-@torch.library.custom_op("ssse_ext::apply_inverse", mutates_args=())
-def apply_inverse(inv: torch.Tensor, layout: torch.Tensor, layout_dev: torch.Tensor,
+def _apply_inverse_impl(inv: torch.Tensor, layout: torch.Tensor, layout_dev: torch.Tensor,
                   v: torch.Tensor, base: torch.Tensor | None, scale: float) -> torch.Tensor:
     """``base + scale * blockdiag(F^{-1}) v`` for ``v`` of shape ``(d, r)``."""
     d, r = v.shape
@@ -135,6 +140,26 @@ def apply_inverse(inv: torch.Tensor, layout: torch.Tensor, layout_dev: torch.Ten
     return out
 
 
+apply_inverse = torch.library.custom_op("ssse_ext::apply_inverse", mutates_args=())(_apply_inverse_impl)
+
+
 @apply_inverse.register_fake
 def _(inv, layout, layout_dev, v, base, scale):
     return torch.empty_like(v)
+
+
+_EAGER = {
+    gram_accumulate_: _gram_accumulate__impl,
+    inverse_from_gram: _inverse_from_gram_impl,
+    sherman_morrison_: _sherman_morrison__impl,
+    apply_inverse: _apply_inverse_impl,
+}
+
+
+def call(op, *args):
+    """Runs ``op`` through torch's dispatcher while ``torch.compile`` traces, and its plain
+    implementation otherwise: the dispatcher's first call imports torch._dynamo (over a second),
+    a cost eager callers — a command-line erasure, say — should not pay."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return _EAGER[op](*args)

@@ -268,7 +268,7 @@ class BlockInverseFisher:
         if not _all_finite(vv):
             raise ValueError("v contains NaN or Inf")
         host, dev = self._layout_tables()
-        out = _ops.apply_inverse(self.packed, host, dev, vv, base, float(scale))
+        out = _ops.call(_ops.apply_inverse, self.packed, host, dev, vv, base, float(scale))
         return out.view(-1) if vec else out
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
@@ -277,7 +277,7 @@ class BlockInverseFisher:
         if not _all_finite(vv):
             raise ValueError("v contains NaN or Inf")
         host, dev = self._layout_tables()
-        out = _ops.apply_inverse(self.packed, host, dev, vv, None, 1.0)
+        out = _ops.call(_ops.apply_inverse, self.packed, host, dev, vv, None, 1.0)
         return out.view(-1) if vec else out
 
     def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
@@ -301,7 +301,7 @@ class BlockInverseFisher:
                                 f"Fisher, got {chunk.dtype} on {chunk.device}")
             if chunk.shape[0] == 0:
                 continue
-            info = _ops.sherman_morrison_(work, host, dev, chunk, self.normalizer, sign,
+            info = _ops.call(_ops.sherman_morrison_, work, host, dev, chunk, self.normalizer, sign,
                                           method == "woodbury")
             what = "update" if sign > 0 else "downdate"
             _raise_if_failed(info, what, self.layout,
@@ -459,7 +459,8 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
         for chunk in all_chunks():
             if chunk.shape[0] == 0:
                 continue
-            info = _ops.sherman_morrison_(packed, host, dev, chunk, N, 1, method == "woodbury")
+            info = _ops.call(_ops.sherman_morrison_, packed, host, dev, chunk, N, 1,
+                             method == "woodbury")
             _raise_if_failed(info, "build", layout,
                              "row" if method == "sherman_morrison" else "pivot")
             rows += chunk.shape[0]
@@ -470,10 +471,10 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
     for chunk in all_chunks():
         if chunk.shape[0] == 0:
             continue
-        _ops.gram_accumulate_(chunk, host, dev, gram)
+        _ops.call(_ops.gram_accumulate_, chunk, host, dev, gram)
         rows += chunk.shape[0]
     N = normalizer if normalizer is not None else float(max(rows, 1))
-    packed, info = _ops.inverse_from_gram(gram, host, dev, damping, N, dtype)
+    packed, info = _ops.call(_ops.inverse_from_gram, gram, host, dev, damping, N, dtype)
     _raise_if_failed(info, "build", layout, "pivot")
     return BlockInverseFisher(packed, FisherConfig(damping, N, layout), rows)
 
