@@ -104,7 +104,7 @@ def _eps_range(text: str) -> tuple[float, float, int]:
 # ---- parser -------------------------------------------------------------------------------
 
 def _common(p: argparse.ArgumentParser, *, out_default: str | None = "ssse-out",
-            dtype_default: str | None = None) -> None:
+            dtype_default: str | None = None, out_help: str | None = None) -> None:
     g = p.add_argument_group("common options")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     g.add_argument("--dtype", choices=sorted(_DTYPES), default=dtype_default,
@@ -112,7 +112,7 @@ def _common(p: argparse.ArgumentParser, *, out_default: str | None = "ssse-out",
     g.add_argument("--seed", type=int, default=0, help="seed of data splits, removal sets and "
                    "training (default: 0)")
     g.add_argument("--out", default=out_default, metavar="DIR",
-                   help=f"output directory (default: {out_default})")
+                   help=f"output directory (default: {out_help or out_default})")
     g.add_argument("--quiet", action="store_true", help="no progress bars, print only results")
     g.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: torch's choice)")
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Fisher damping λ (default: per data set)")
     p.add_argument("--eps", type=_eps_range, default=None, metavar="LO:HI:NUM",
                    help="ε grid (default: 0.01:100:21)")
-    _common(p, out_default=None)
+    _common(p, out_default=None, out_help="nothing is written")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("train", help="train a model on a data set and save it",
@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, metavar="DIR")
     p.add_argument("--repeats", type=_positive_int, default=None,
                    help="removals per setting for mean ± std")
-    _common(p, out_default=None)
+    _common(p, out_default=None, out_help="results/NAME")
     p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("bench", help="the kernel benchmark (options: ssse bench --help)",
