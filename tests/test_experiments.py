@@ -4,9 +4,20 @@ numbers; the demo's verdict."""
 import json
 
 import pytest
+import torch
 
-from ssse.experiments import illustration, multinomial
+from ssse.experiments import illustration, multinomial, nonconvex
 from ssse.experiments.demo import run_demo
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: a second intra-op thread only adds contention (on a busy 2-core
+    machine it doubles the wall time)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _numbers(obj):
@@ -49,3 +60,25 @@ def test_demo_verdict(tmp_path):
     assert "VERDICT" in out["text"]
     assert (tmp_path / "demo_delta.png").stat().st_size > 1000
     assert 0.0 <= out["results"]["models"]["retrained"]["delta"] <= 0.5
+
+
+def test_nonconvex_quick_is_reproducible(tmp_path):
+    nonconvex.run(quick=True, seed=0, out=tmp_path / "a", progress=False)
+    nonconvex.run(quick=True, seed=0, out=tmp_path / "b", progress=False)
+    a, b = _check_schema(tmp_path / "a"), _check_schema(tmp_path / "b")
+    assert _numbers(a["results"]) == _numbers(b["results"])
+    assert len(a["plots"]) == 4
+    res, methods = a["results"], set(nonconvex.METHODS)
+    assert set(res["settings"]) == set(res["chosen"]) == {"100%", "50%"}
+    for setting, s in res["settings"].items():
+        assert set(res["chosen"][setting]) == methods
+        for run in s["runs"]:
+            assert set(run["methods"]) == methods
+            assert run["retrained"]["delta"] <= 0.5 <= run["original"]["delta"]
+            for name, m in run["methods"].items():
+                grid = a["config"]["grids"][name]
+                assert len(m["delta"]) == len(grid)
+                assert all(0.0 <= d <= 1.0 for d in m["delta"])
+                assert set(m["accuracy"]) == {"D-S", "S", "T-Ta", "Ta"}
+                assert m["best"]["delta"] == min(m["delta"])
+        assert set(res["summary"][setting]) >= methods | {"original", "retrained"}

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ._utils import (FlatModel, check_callable, check_data, check_dtype, check_module,
                      check_nonneg_float, check_positive_float, check_positive_int, concat_data,
@@ -33,9 +34,10 @@ def objective(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
 
 
 def train_sgd(model: nn.Module, loss_fn, data, *, epochs: int, lr: float, batch_size: int,
-              weight_decay: float = 0.0, momentum: float = 0.0, seed: int = 0) -> nn.Module:
+              weight_decay: float = 0.0, momentum: float = 0.0, seed: int = 0,
+              progress: bool = False) -> nn.Module:
     """Trains ``model`` in place with mini-batch SGD on shuffled data (the shuffling is seeded
-    by ``seed``) and returns it in eval mode."""
+    by ``seed``) and returns it in eval mode; ``progress`` shows a bar over the steps."""
     check_module(model)
     check_callable(loss_fn, "loss_fn")
     epochs = check_positive_int(epochs, "epochs")
@@ -48,14 +50,20 @@ def train_sgd(model: nn.Module, loss_fn, data, *, epochs: int, lr: float, batch_
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr,
                           momentum=momentum)
     gen = torch.Generator().manual_seed(seed)
+    steps = -(-x.shape[0] // batch_size)
+    bar = tqdm(total=epochs * steps, unit="step", desc="SGD", disable=not progress, leave=False)
     model.train()
-    for _ in range(epochs):
-        order = torch.randperm(x.shape[0], generator=gen).to(fm.device)
-        for i in range(0, x.shape[0], batch_size):
-            idx = order[i:i + batch_size]
-            opt.zero_grad(set_to_none=True)
-            objective(model, loss_fn, x[idx], y[idx], weight_decay).backward()
-            opt.step()
+    try:
+        for _ in range(epochs):
+            order = torch.randperm(x.shape[0], generator=gen).to(fm.device)
+            for i in range(0, x.shape[0], batch_size):
+                idx = order[i:i + batch_size]
+                opt.zero_grad(set_to_none=True)
+                objective(model, loss_fn, x[idx], y[idx], weight_decay).backward()
+                opt.step()
+                bar.update(1)
+    finally:
+        bar.close()
     return model.eval()
 
 
@@ -107,9 +115,9 @@ def _fresh(model_fn, device, dtype) -> nn.Module:
 
 def sgd_recipe(model_fn: Callable[[], nn.Module], loss_fn, *, epochs: int, lr: float,
                batch_size: int, weight_decay: float = 0.0, momentum: float = 0.0,
-               device=None, dtype: torch.dtype | None = None):
+               device=None, dtype: torch.dtype | None = None, progress: bool = False):
     """A recipe: ``model_fn()`` initialised under ``torch.manual_seed(seed)``, then
-    :func:`train_sgd` with shuffling seeded by ``seed``.
+    :func:`train_sgd` with shuffling seeded by ``seed`` (``progress``: a bar over the steps).
 
     Returns:
         ``recipe(data, *, seed) -> nn.Module``.
@@ -128,7 +136,8 @@ def sgd_recipe(model_fn: Callable[[], nn.Module], loss_fn, *, epochs: int, lr: f
         torch.manual_seed(seed)
         model = _fresh(model_fn, device, dtype)
         return train_sgd(model, loss_fn, data, epochs=epochs, lr=lr, batch_size=batch_size,
-                         weight_decay=weight_decay, momentum=momentum, seed=seed)
+                         weight_decay=weight_decay, momentum=momentum, seed=seed,
+                         progress=progress)
 
     return recipe
 

@@ -36,9 +36,10 @@ def row_layout(model: nn.Module) -> ssse_ext.BlockLayout:
 def make_task(data: str = "digits", *, model: str = "linear", data_dir=None, seed: int = 0,
               train_limit: int | None = None, test_limit: int | None = None, device=None,
               dtype: torch.dtype | None = None, weight_decay: float | None = None,
-              epochs: int | None = None, bias: bool | None = None, width: int = 8) -> Task:
+              epochs: int | None = None, bias: bool | None = None, width: int = 8,
+              pool: int = 1) -> Task:
     """The task of data set ``data`` with a linear model (L-BFGS to the optimum, float64) or
-    the small ResNet (SGD, float32)."""
+    the small ResNet (SGD, float32; ``width`` channels, input average-pooled by ``pool``)."""
     device = torch.device(device or "cpu")
     if model == "linear":
         dtype = dtype or torch.float64
@@ -65,6 +66,8 @@ def make_task(data: str = "digits", *, model: str = "linear", data_dir=None, see
         c, h, _ = ds.image_shape
         spec = {"arch": "small_resnet", "in_channels": c, "num_classes": ds.num_classes,
                 "width": width, "image_size": h}
+        if pool != 1:
+            spec["pool"] = int(pool)
         wd = _RESNET["weight_decay"] if weight_decay is None else weight_decay
         recipe = {"optimizer": "sgd", "epochs": epochs or _RESNET["epochs"], "lr": _RESNET["lr"],
                   "batch_size": _RESNET["batch_size"], "momentum": _RESNET["momentum"]}
