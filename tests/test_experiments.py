@@ -80,5 +80,7 @@ def test_nonconvex_quick_is_reproducible(tmp_path):
                 assert len(m["delta"]) == len(grid)
                 assert all(0.0 <= d <= 1.0 for d in m["delta"])
                 assert set(m["accuracy"]) == {"D-S", "S", "T-Ta", "Ta"}
-                assert m["best"]["delta"] == min(m["delta"])
+                assert m["best_unguarded"]["delta"] == min(m["delta"]) <= m["best"]["delta"]
+                # the smallest value of every grid barely moves the model: some value passes
+                assert m["best"]["accuracy"]["D-S"] >= run["accuracy_floor"]
         assert set(res["summary"][setting]) >= methods | {"original", "retrained"}
