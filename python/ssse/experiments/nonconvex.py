@@ -40,7 +40,7 @@ SETTINGS = {
     "fashion-mnist": {"train_limit": 4000, "test_limit": 2000, "epochs": 20, "width": 8,
                       "pool": 2},
 }
-QUICK = {"train_limit": 240, "test_limit": 200, "epochs": 2, "width": 4}
+QUICK = {"train_limit": 160, "test_limit": 200, "epochs": 2, "width": 4}
 
 #: The methods compared, each with its hyperparameter's name and grid ``(lo, hi, num)``.
 #: SSSE variants are named by Fisher (per-sample or mini-batch gradients) and gradient:
@@ -140,7 +140,7 @@ def run(*, quick: bool = False, seed: int = 0, out: Path = Path("results/nonconv
     classes = list(range(repeats or (1 if quick else 3)))
     proxy_class = task.ds.num_classes - 1
     fractions = {"100%": 1.0, "50%": 0.5}
-    grids = {name: eps_grid(lo, hi, 5 if quick else num)
+    grids = {name: eps_grid(lo, hi, 4 if quick else num)
              for name, (_, (lo, hi, num)) in METHODS.items()}
 
     model, t_train = timed(_train, task, task.data(), seed=seed, progress=progress)
