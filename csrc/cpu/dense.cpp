@@ -3,9 +3,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <mutex>
-#include <thread>
+#include <memory>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "microkernel.h"
 
@@ -52,13 +55,21 @@ void pack_b(int64_t kc, int64_t nc, const T* b, int64_t rs, int64_t cs, int nr, 
   }
 }
 
-thread_local std::vector<double> tl_pack_a;
-thread_local std::vector<double> tl_pack_b;
-
-double* scratch(std::vector<double>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-  return v.data();
-}
+// Per-thread packing buffers, grown on demand and never zero-filled (every element used is
+// written by the packing routines first).
+struct Scratch {
+  std::unique_ptr<double[]> data;
+  size_t size = 0;
+  double* get(size_t n) {
+    if (size < n) {
+      data.reset(new double[n]);
+      size = n;
+    }
+    return data.get();
+  }
+};
+thread_local Scratch tl_pack_a;
+thread_local Scratch tl_pack_b;
 
 }  // namespace
 
@@ -77,8 +88,12 @@ void gemm(int64_t M, int64_t N, int64_t K, double alpha, const TA* a, int64_t a_
   const int mr = mk.mr, nr = mk.nr;
   const int64_t mc_max = (kMC + mr - 1) / mr * mr;
   const int64_t nc_max = (kNC + nr - 1) / nr * nr;
-  double* ap = scratch(tl_pack_a, static_cast<size_t>(mc_max * kKC));
-  double* bp = scratch(tl_pack_b, static_cast<size_t>(nc_max * kKC));
+  // Only as much as this call needs: small GEMMs (recursion leaves, narrow panels) stay cheap.
+  const int64_t kc_need = std::min(kKC, K);
+  const int64_t mc_need = std::min(mc_max, (M + mr - 1) / mr * mr);
+  const int64_t nc_need = std::min(nc_max, (N + nr - 1) / nr * nr);
+  double* ap = tl_pack_a.get(static_cast<size_t>(mc_need * kc_need));
+  double* bp = tl_pack_b.get(static_cast<size_t>(nc_need * kc_need));
   double acc[8 * 24];  // large enough for every micro-kernel shape
 
   for (int64_t jc = 0; jc < N; jc += nc_max) {
@@ -337,32 +352,36 @@ int64_t spd_inverse(int64_t n, double* a, int64_t lda) {
 void parallel_for(int64_t count, int threads, const std::function<void(int64_t)>& fn) {
   if (count <= 0) return;
   const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(threads, count));
-  if (nthreads == 1) {
-    for (int64_t i = 0; i < count; ++i) fn(i);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  std::exception_ptr error;
-  std::mutex error_mutex;
-  auto worker = [&]() {
-    for (;;) {
-      const int64_t i = next.fetch_add(1);
-      if (i >= count) return;
-      try {
-        fn(i);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(error_mutex);
-        if (!error) error = std::current_exception();
-        next.store(count);
+#ifdef _OPENMP
+  // OpenMP, in torch's own runtime (torch loads libgomp first and the module reuses it): the
+  // team is torch's, whose threads are already running or spinning after torch's last
+  // parallel op. Threads of our own would compete with those spinning threads for the same
+  // cores and ran no faster than one thread after any torch call. Only OpenMP 3.0 is used
+  // (torch's libgomp predates 5.1); the schedule is dynamic through one atomic counter.
+  if (nthreads > 1 && !omp_in_parallel()) {
+    std::atomic<int64_t> next{0};
+    std::exception_ptr error;
+#pragma omp parallel num_threads(static_cast<int>(nthreads))
+    {
+      for (;;) {
+        const int64_t i = next.fetch_add(1);
+        if (i >= count) break;
+        try {
+          fn(i);
+        } catch (...) {
+#pragma omp critical(ssse_parallel_for_error)
+          {
+            if (!error) error = std::current_exception();
+          }
+          next.store(count);
+        }
       }
     }
-  };
-  std::vector<std::thread> pool;
-  pool.reserve(static_cast<size_t>(nthreads - 1));
-  for (int64_t t = 1; t < nthreads; ++t) pool.emplace_back(worker);
-  worker();
-  for (auto& t : pool) t.join();
-  if (error) std::rethrow_exception(error);
+    if (error) std::rethrow_exception(error);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < count; ++i) fn(i);
 }
 
 }  // namespace ssse::cpu

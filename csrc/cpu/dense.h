@@ -32,8 +32,9 @@ void trsm_left_lower(int64_t m, int64_t n, const double* l, int64_t ldl, double*
 // Mirrors the lower triangle of a[n, n] onto the upper one.
 void symmetrize_from_lower(int64_t n, double* a, int64_t lda);
 
-// Runs fn(i) for i in [0, count) on up to `threads` threads (dynamic scheduling); the first
-// exception thrown by any call is rethrown in the caller after all threads have joined.
+// Runs fn(i) for i in [0, count) on up to `threads` OpenMP threads (dynamic scheduling; serial
+// inside another parallel region or without OpenMP); the first exception thrown by any call
+// is rethrown in the caller after all threads are done.
 void parallel_for(int64_t count, int threads, const std::function<void(int64_t)>& fn);
 
 }  // namespace ssse::cpu
