@@ -114,16 +114,19 @@ class Task:
     def new_model(self) -> nn.Module:
         return build_model(self.spec).to(device=self.device, dtype=self.dtype)
 
-    def make_recipe(self):
+    def make_recipe(self, progress: bool = False):
+        """The training recipe; ``progress`` shows a bar over the SGD steps (L-BFGS has none)."""
         r = dict(self.recipe)
         kind = r.pop("optimizer")
+        if kind == "sgd":
+            r["progress"] = progress
         factory = {"lbfgs": training.lbfgs_recipe, "sgd": training.sgd_recipe}[kind]
         return factory(self.new_model, self.loss_fn, weight_decay=self.weight_decay,
                        device=self.device, dtype=self.dtype, **r)
 
     def train(self, data, *, seed: int, progress: bool = False) -> nn.Module:
         """A model trained from scratch on ``data`` with this task's recipe (eval mode)."""
-        return retrain(self.make_recipe(), data, seed=seed).eval()
+        return retrain(self.make_recipe(progress), data, seed=seed).eval()
 
     def metadata(self, **extra) -> dict:
         """What a model file needs to rebuild, retrain and erase from this model."""

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import statistics
 
-import torch
-
 import ssse
 from ssse.baselines import influence_update
 

@@ -25,6 +25,9 @@ def run(*, quick: bool = False, seed: int = 0, out: Path = Path("results/multino
         device="cpu", dtype=torch.float64, progress: bool = True, data: str | None = None,
         data_dir=None, repeats: int | None = None) -> str:
     data = data or "digits"
+    if data not in ("digits", "fashion-mnist"):
+        raise ValueError(f"the multinomial experiment needs a multiclass data set (digits or "
+                         f"fashion-mnist), not {data}")
     limits = {"train_limit": 10000, "test_limit": 5000} if data == "fashion-mnist" else {}
     if quick:
         limits = {"train_limit": 400, "test_limit": 300}

@@ -22,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 import ssse
-from ssse import plots, training
-from ssse.baselines import fisher_forgetting, gradient_ascent, retrain
+from ssse import plots
+from ssse.baselines import fisher_forgetting, gradient_ascent
 from ssse.data import class_removal
 
 from .common import Task, eps_grid, markdown_table, sweep_states, timed, with_state
@@ -59,17 +59,8 @@ _SSSE = {name: (("per-sample" if "per-sample" in name else "mini-batch"),
 MINIBATCH = 10
 
 
-def _train(task: Task, data, *, seed: int, progress: bool):
-    """:meth:`Task.train` with a progress bar over the SGD steps."""
-    r = dict(task.recipe)
-    r.pop("optimizer")
-    recipe = training.sgd_recipe(task.new_model, task.loss_fn, weight_decay=task.weight_decay,
-                                 device=task.device, dtype=task.dtype, progress=progress, **r)
-    return retrain(recipe, data, seed=seed).eval()
-
-
 def _removal(task: Task, model, removed, cls: int, *, seed: int, progress: bool) -> Removal:
-    reference, seconds = timed(_train, task, task.retained(removed), seed=seed,
+    reference, seconds = timed(task.train, task.retained(removed), seed=seed,
                                progress=progress)
     rem = prepare_removal(task, model, removed, classes=[cls], seed=seed, reference=reference)
     rem.retrain_seconds = seconds
@@ -143,7 +134,7 @@ def run(*, quick: bool = False, seed: int = 0, out: Path = Path("results/nonconv
     grids = {name: eps_grid(lo, hi, 4 if quick else num)
              for name, (_, (lo, hi, num)) in METHODS.items()}
 
-    model, t_train = timed(_train, task, task.data(), seed=seed, progress=progress)
+    model, t_train = timed(task.train, task.data(), seed=seed, progress=progress)
     inverses, t_fisher = {}, {}
     for fisher, b in (("per-sample", 1), ("mini-batch", MINIBATCH)):
         inverses[fisher], t_fisher[fisher] = timed(
