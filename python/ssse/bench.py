@@ -151,17 +151,19 @@ def run_case(n: int, num_blocks: int, block: int, dtype, device, *, repeats: int
     row = {"n": n, "blocks": num_blocks, "B": block, "d": d, "dtype": str(dtype)[6:],
            "device": str(device)}
 
-    # Build (default method): check, then time.
+    # Build (default method): check, then time. A result above tolerance is reported, never timed.
     build = lambda: build_inverse_fisher(g, damping=damping, layout=layout)  # noqa: E731
     inv = build()
     err = _rel_err(inv, ref)
     row["build_rel_err"] = err
+    row["matmul_gflops"] = matmul_rate
     if not err <= TOLERANCE[dtype]:
-        raise RuntimeError(f"build error {err:.2e} above tolerance {TOLERANCE[dtype]:.0e}: "
-                           "not timing a wrong result")
+        print(f"    build error {err:.2e} above tolerance {TOLERANCE[dtype]:.0e}: not timed",
+              flush=True)
+        return row
     t_build = _time(build, device, repeats)
     row.update(build_s=t_build, build_gflops=flops / t_build / 1e9,
-               matmul_gflops=matmul_rate, build_vs_matmul=flops / t_build / 1e9 / matmul_rate,
+               build_vs_matmul=flops / t_build / 1e9 / matmul_rate,
                build_peak_mb=_peak_memory(build, device) / 2**20)
 
     # Closed form with torch (Cholesky), same dtype.
@@ -181,26 +183,28 @@ def run_case(n: int, num_blocks: int, block: int, dtype, device, *, repeats: int
     upd = base.clone().update(g[half:])
     err_u = _rel_err(upd, ref)
     row["update_rel_err"] = err_u
-    if not err_u <= TOLERANCE[dtype]:
-        raise RuntimeError(f"update error {err_u:.2e} above tolerance: not timing it")
-    t_upd = _time(lambda: base.clone().update(g[half:]), device, repeats)
-    t_clone = _time(lambda: base.clone(), device, repeats)
-    t_upd = max(t_upd - t_clone, 1e-9)
-    upd_flops = 4.0 * (n - half) * d * block
-    row.update(update_s=t_upd, update_gflops=upd_flops / t_upd / 1e9,
-               update_vs_matmul=upd_flops / t_upd / 1e9 / matmul_rate)
+    if err_u <= TOLERANCE[dtype]:
+        t_upd = _time(lambda: base.clone().update(g[half:]), device, repeats)
+        t_clone = _time(lambda: base.clone(), device, repeats)
+        t_upd = max(t_upd - t_clone, 1e-9)
+        upd_flops = 4.0 * (n - half) * d * block
+        row.update(update_s=t_upd, update_gflops=upd_flops / t_upd / 1e9,
+                   update_vs_matmul=upd_flops / t_upd / 1e9 / matmul_rate)
+    else:
+        print(f"    update error {err_u:.2e} above tolerance: not timed", flush=True)
+    del base, upd
 
     # Apply (theta + s F^{-1} v): bandwidth against a copy of the inverse.
     theta = torch.randn(d, dtype=dtype, device=device)
     v = torch.randn(d, dtype=dtype, device=device)
     out = inv.apply_update(theta, v, 0.5)
-    expect = theta.double() + 0.5 * torch.block_diag(*[b for b in ref]).to(device) @ v.double() \
-        if d <= 20000 else None
-    if expect is not None:
-        err_a = ((out.double() - expect).norm() / expect.norm()).item()
-        row["apply_rel_err"] = err_a
-        if not err_a <= TOLERANCE[dtype]:
-            raise RuntimeError(f"apply error {err_a:.2e} above tolerance: not timing it")
+    expect = theta.double() + 0.5 * torch.cat(
+        [blk.to(device) @ v[layout.slice(b)].double() for b, blk in enumerate(ref)])
+    err_a = ((out.double() - expect).norm() / expect.norm()).item()
+    row["apply_rel_err"] = err_a
+    if not err_a <= TOLERANCE[dtype]:
+        print(f"    apply error {err_a:.2e} above tolerance: not timed", flush=True)
+        return row
     nbytes = inv.packed.numel() * inv.packed.element_size()
     t_apply = _time(lambda: inv.apply_update(theta, v, 0.5), device, repeats * 3)
     t_copy = _time(lambda: inv.packed.clone(), device, repeats * 3)
@@ -228,13 +232,18 @@ def _machine(device: torch.device) -> str:
 def format_table(rows: list[dict]) -> str:
     head = ("| case | dtype | build s | build GFLOP/s | matmul GFLOP/s | ratio | vs loop | "
             "vs closed form | update/matmul | apply/copy | peak MB | build err |")
+    # "refused": the result was above tolerance against float64, so it was not timed.
     lines = [head, "|" + "---|" * 12]
+    def f(r, key, fmt):
+        return "refused" if r.get(key) is None else format(r[key], fmt)
+
     for r in rows:
         lines.append(
-            f"| {r['blocks']}x{r['B']}, n={r['n']} | {r['dtype']} | {r['build_s']:.3f} | "
-            f"{r['build_gflops']:.1f} | {r['matmul_gflops']:.1f} | {r['build_vs_matmul']:.2f} | "
-            f"{r['speedup_vs_loop']:.0f}x | {r['speedup_vs_closed_form']:.2f}x | "
-            f"{r['update_vs_matmul']:.2f} | {r['apply_vs_copy']:.2f} | {r['build_peak_mb']:.0f} | "
+            f"| {r['blocks']}x{r['B']}, n={r['n']} | {r['dtype']} | {f(r, 'build_s', '.3f')} | "
+            f"{f(r, 'build_gflops', '.1f')} | {r['matmul_gflops']:.1f} | "
+            f"{f(r, 'build_vs_matmul', '.2f')} | {f(r, 'speedup_vs_loop', '.0f')}x | "
+            f"{f(r, 'speedup_vs_closed_form', '.2f')}x | {f(r, 'update_vs_matmul', '.2f')} | "
+            f"{f(r, 'apply_vs_copy', '.2f')} | {f(r, 'build_peak_mb', '.0f')} | "
             f"{r['build_rel_err']:.1e} |")
     return "\n".join(lines)
 

@@ -1,0 +1,29 @@
+"""The kernel benchmark: checks before it times, and refuses to time wrong results."""
+
+import torch
+
+from ssse import bench
+
+
+def test_small_case_is_checked_then_timed():
+    row = bench.run_case(64, 2, 16, torch.float64, torch.device("cpu"), repeats=1, loop_rows=4,
+                         damping=1e-3, matmul_rate=1.0, seed=0)
+    assert row["build_rel_err"] < 1e-10 and row["update_rel_err"] < 1e-10
+    assert row["apply_rel_err"] < 1e-10
+    assert row["build_s"] > 0 and row["speedup_vs_loop"] > 0 and row["apply_vs_copy"] > 0
+    assert "refused" not in bench.format_table([row])
+
+
+def test_result_above_tolerance_is_not_timed(monkeypatch):
+    monkeypatch.setitem(bench.TOLERANCE, torch.float32, 0.0)  # no result can pass
+    row = bench.run_case(64, 2, 16, torch.float32, torch.device("cpu"), repeats=1, loop_rows=4,
+                         damping=1e-3, matmul_rate=1.0, seed=0)
+    assert row["build_rel_err"] > 0 and "build_s" not in row
+    assert "refused" in bench.format_table([row])
+
+
+def test_main_prints_the_table(capsys):
+    assert bench.main(["--cases", "32:2:8", "--dtype", "float64", "--repeats", "1",
+                       "--loop-rows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| 2x8, n=32 | float64 |" in out
