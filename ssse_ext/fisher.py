@@ -29,14 +29,10 @@ UPDATE_METHODS = ("woodbury", "sherman_morrison")
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 _DEFAULT_BLOCK_SIZE = 1024
-_DEFAULT_WOODBURY_CHUNK = 64
-# The CUDA kernel splits each call into rank-64 steps itself and fuses consecutive steps into
-# one pass over F^{-1}, so it is given more rows per call.
-_DEFAULT_WOODBURY_CHUNK_CUDA = 1024
-
-
-def _default_woodbury_chunk(device: torch.device) -> int:
-    return _DEFAULT_WOODBURY_CHUNK_CUDA if device.type == "cuda" else _DEFAULT_WOODBURY_CHUNK
+# Rows per kernel call of the Woodbury form; both kernels split a call into rank-64 steps (the
+# CUDA one fusing consecutive steps into one pass over F^{-1}), so larger calls only save
+# conversions and passes.
+_DEFAULT_WOODBURY_CHUNK = 1024
 
 
 class NotPositiveDefiniteError(ValueError):
@@ -289,7 +285,7 @@ class BlockInverseFisher:
             raise ValueError(f"method must be one of {UPDATE_METHODS}, got {method!r}")
         chunk_size = _check_chunk_size(chunk_size)
         if method == "woodbury" and chunk_size is None:
-            chunk_size = _default_woodbury_chunk(self.device)
+            chunk_size = _DEFAULT_WOODBURY_CHUNK
         work = self.packed.clone()  # swapped in only on success: an error leaves self unchanged
         host, dev = self._layout_tables()
         rows = 0
@@ -301,11 +297,9 @@ class BlockInverseFisher:
                                 f"Fisher, got {chunk.dtype} on {chunk.device}")
             if chunk.shape[0] == 0:
                 continue
-            info = _ops.call(_ops.sherman_morrison_, work, host, dev, chunk, self.normalizer, sign,
-                                          method == "woodbury")
-            what = "update" if sign > 0 else "downdate"
-            _raise_if_failed(info, what, self.layout,
-                             "row" if method == "sherman_morrison" else "pivot")
+            info = _ops.call(_ops.sherman_morrison_, work, host, dev, chunk, self.normalizer,
+                             sign, method == "woodbury")
+            _raise_if_failed(info, "update" if sign > 0 else "downdate", self.layout, "row")
             rows += chunk.shape[0]
         self.packed = work
         self.num_samples += sign * rows
@@ -319,8 +313,8 @@ class BlockInverseFisher:
             grads: ``(m, d)`` tensor or iterable of such chunks, same dtype and device.
             method: ``"woodbury"`` (chunked rank-m form, float64 arithmetic) or
                 ``"sherman_morrison"`` (literal rank-1 recurrence of paper eq. 7).
-            chunk_size: rows per rank-m step (default 64; on CUDA, rows per kernel call,
-                default 1024, which the kernel processes as fused rank-64 steps).
+            chunk_size: rows per kernel call (default 1024; the kernels work through them in
+                rank-64 steps).
 
         Raises:
             NotPositiveDefiniteError: a denominator lost positivity (the inverse is unchanged).
@@ -400,7 +394,8 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
             build needs it only at the end, so a single pass over an iterable suffices; the
             recurrences use :math:`N` at every step, so they need it up front when ``grads`` is
             an iterable (a ``ValueError`` otherwise — no second pass is made).
-        chunk_size: rows per kernel call (``woodbury``: rows per rank-m step, default 64).
+        chunk_size: rows per kernel call (``woodbury``: default 1024, worked through in rank-64
+            steps by the kernels).
         method: ``"auto"``/``"cholesky"`` (default): float64 Gram accumulation then a
             Cholesky-based inverse — accurate whatever :math:`\lambda` and the gradient scale
             (float32 result within ~1e-7 relative error of the exact inverse, limited by the
@@ -430,8 +425,7 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
         raise ValueError(f"normalizer must be given when grads is an iterable and "
                          f"method={method!r} (the recurrence uses N at every step)")
     if method == "woodbury" and chunk_size is None:
-        first_device = grads.device if is_tensor else None
-        chunk_size = _default_woodbury_chunk(first_device or torch.device("cpu"))
+        chunk_size = _DEFAULT_WOODBURY_CHUNK
 
     chunks = _chunks(grads, chunk_size)
     first = next(chunks, None)
@@ -461,8 +455,7 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
                 continue
             info = _ops.call(_ops.sherman_morrison_, packed, host, dev, chunk, N, 1,
                              method == "woodbury")
-            _raise_if_failed(info, "build", layout,
-                             "row" if method == "sherman_morrison" else "pivot")
+            _raise_if_failed(info, "build", layout, "row")
             rows += chunk.shape[0]
         return BlockInverseFisher(packed, FisherConfig(damping, N, layout), rows)
 

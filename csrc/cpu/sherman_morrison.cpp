@@ -11,6 +11,12 @@
 
 namespace ssse::cpu {
 
+namespace {
+// Rows per rank-m Woodbury step inside one call: large enough for GEMM efficiency, small enough
+// that the m x m systems stay cheap and accurate.
+constexpr int64_t kStepRows = 64;
+}  // namespace
+
 template <typename T>
 void sherman_morrison_rank1(T* inv, const int64_t* layout, int64_t num_blocks, const T* grads,
                             int64_t m, int64_t d, double normalizer, int sign, int64_t* info,
@@ -64,39 +70,42 @@ void sherman_morrison_chunk(T* inv, const int64_t* layout, int64_t num_blocks, c
     info[b] = 0;
     if (m == 0) return;
     T* f = inv + blk.offset;
-    const T* x = grads + blk.start;  // X = G^T: [m, s] with leading dimension d
-    std::vector<double> ut(static_cast<size_t>(m * s));  // U^T = X F  [m, s]
-    std::vector<double> c(static_cast<size_t>(m * m));   // [m, m]
-    // U^T = X F^{-1} (F^{-1} symmetric).
-    gemm<T, T>(m, s, s, 1.0, x, d, 1, f, s, 1, 0.0, ut.data(), s);
-    // C = N I + sign X U  (U = (U^T)^T)
-    gemm<T, double>(m, m, s, static_cast<double>(sign), x, d, 1, ut.data(), 1, s, 0.0, c.data(), m);
-    for (int64_t i = 0; i < m; ++i) {
-      c[static_cast<size_t>(i * m + i)] += normalizer;
-      for (int64_t j = 0; j < i; ++j)  // average away rounding asymmetry
-        c[static_cast<size_t>(i * m + j)] =
-            0.5 * (c[static_cast<size_t>(i * m + j)] + c[static_cast<size_t>(j * m + i)]);
-    }
-    if (int64_t code = potrf_lower(m, c.data(), m)) {
-      info[b] = code;
-      return;
-    }
-    trsm_left_lower(m, s, c.data(), m, ut.data(), s);  // W^T = L^{-1} U^T
-    const double* wt = ut.data();
+    // The block in float64 for the whole call (float32 storage is converted once, not once
+    // per rank-m step), kept full and symmetric between steps.
+    std::vector<double> copy;
+    double* fw;
     if constexpr (std::is_same_v<T, double>) {
-      gemm<double, double>(s, s, m, -static_cast<double>(sign), wt, 1, s, wt, s, 1, 1.0, f, s, true);
-      symmetrize_from_lower(s, f, s);
+      fw = f;
     } else {
-      std::vector<double> fw(static_cast<size_t>(s * s));
-      for (int64_t i = 0; i < s * s; ++i) fw[static_cast<size_t>(i)] = static_cast<double>(f[i]);
-      gemm<double, double>(s, s, m, -static_cast<double>(sign), wt, 1, s, wt, s, 1, 1.0, fw.data(),
-                           s, true);
-      for (int64_t i = 0; i < s; ++i)
-        for (int64_t j = 0; j <= i; ++j) {
-          const T val = static_cast<T>(fw[static_cast<size_t>(i * s + j)]);
-          f[i * s + j] = val;
-          f[j * s + i] = val;
-        }
+      copy.assign(f, f + s * s);
+      fw = copy.data();
+    }
+    std::vector<double> ut(static_cast<size_t>(std::min(m, kStepRows) * s));  // U^T [m_t, s]
+    std::vector<double> c(static_cast<size_t>(kStepRows * kStepRows));        // C [m_t, m_t]
+    for (int64_t r0 = 0; r0 < m; r0 += kStepRows) {
+      const int64_t mt = std::min(kStepRows, m - r0);
+      const T* x = grads + r0 * d + blk.start;  // X = G_t^T: [mt, s] with leading dimension d
+      // U^T = X F^{-1} (F^{-1} symmetric); C = N I + sign X U.
+      gemm<T, double>(mt, s, s, 1.0, x, d, 1, fw, s, 1, 0.0, ut.data(), s);
+      gemm<T, double>(mt, mt, s, static_cast<double>(sign), x, d, 1, ut.data(), 1, s, 0.0,
+                      c.data(), mt);
+      for (int64_t i = 0; i < mt; ++i) {
+        c[static_cast<size_t>(i * mt + i)] += normalizer;
+        for (int64_t j = 0; j < i; ++j)  // average away rounding asymmetry
+          c[static_cast<size_t>(i * mt + j)] =
+              0.5 * (c[static_cast<size_t>(i * mt + j)] + c[static_cast<size_t>(j * mt + i)]);
+      }
+      if (int64_t code = potrf_lower(mt, c.data(), mt)) {
+        info[b] = r0 + code;  // float32 blocks are left unchanged; float64 ones part-updated
+        return;
+      }
+      trsm_left_lower(mt, s, c.data(), mt, ut.data(), s);  // W^T = L^{-1} U^T
+      gemm<double, double>(s, s, mt, -static_cast<double>(sign), ut.data(), 1, s, ut.data(), s,
+                           1, 1.0, fw, s, true);
+      symmetrize_from_lower(s, fw, s);
+    }
+    if constexpr (!std::is_same_v<T, double>) {
+      for (int64_t i = 0; i < s * s; ++i) f[i] = static_cast<T>(fw[i]);
     }
   });
 }

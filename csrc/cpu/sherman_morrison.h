@@ -17,10 +17,11 @@ void sherman_morrison_rank1(T* inv,                 // packed [sum size_b^2], fu
                             int64_t* info,          // [num_blocks]
                             int threads);
 
-// The chunked (Woodbury) form for all m rows at once, in float64 arithmetic:
+// The chunked (Woodbury) form, in float64 arithmetic, in rank-64 steps over the m rows:
 //   U = F^{-1} G, C = N I_m + sign G^T U = L L^T, W = U L^{-T}, F^{-1} <- F^{-1} - sign W W^T.
-// info[b] = 0, or the 1-based pivot at which C stopped being positive definite (block b is then
-// left unchanged).
+// info[b] = 0, or the 1-based row of the call at whose step C stopped being positive definite
+// (a float32 block is then left unchanged, a float64 block keeps the earlier steps; callers
+// work on a copy).
 template <typename T>
 void sherman_morrison_chunk(T* inv, const int64_t* layout, int64_t num_blocks, const T* grads,
                             int64_t m, int64_t d, double normalizer, int sign, int64_t* info,
