@@ -8,7 +8,7 @@ import ssse
 from ssse.baselines import _diagonal_fisher
 from ssse._utils import FlatModel
 
-from .testing import rel_err
+from .testing import flat, flat_state, rel_err
 
 CE = nn.CrossEntropyLoss(reduction="none")
 
@@ -19,14 +19,6 @@ def setup(n=30, seed=0):
     X = torch.randn(n, 3, dtype=torch.float64)
     y = torch.randint(0, 3, (n,))
     return model, X, y
-
-
-def flat(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def flat_state(state, model):
-    return torch.cat([state[k].reshape(-1) for k, _ in model.named_parameters()])
 
 
 def total_loss_fn(model, X, y, wd):

@@ -10,7 +10,7 @@ import ssse
 import ssse_ext
 from ssse_ext import reference
 
-from .testing import rel_err
+from .testing import flat, flat_state, rel_err
 
 CE = nn.CrossEntropyLoss(reduction="none")
 WD = 0.05
@@ -24,14 +24,6 @@ def setup(n=40, seed=0):
     X = torch.randn(n, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (n,))
     return model, X, y
-
-
-def flat(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def flat_state(state, model):
-    return torch.cat([state[k].reshape(-1) for k, _ in model.named_parameters()])
 
 
 def grads(model, X, y):

@@ -19,3 +19,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     denom = b.norm().item()
     return (a - b).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def flat(model) -> torch.Tensor:
+    """The model's parameters as one flat vector (named_parameters() order)."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def flat_state(state: dict, model) -> torch.Tensor:
+    """The parameters of a state_dict as one flat vector, in the model's order."""
+    return torch.cat([state[k].reshape(-1) for k, _ in model.named_parameters()])
