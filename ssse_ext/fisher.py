@@ -57,22 +57,13 @@ class FisherConfig:
 
 # ---- validation ---------------------------------------------------------------------------
 
-def _check_damping(damping) -> float:
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)):
-        raise TypeError(f"damping must be a float, got {type(damping).__name__}")
-    damping = float(damping)
-    if not (damping > 0) or not math.isfinite(damping):
-        raise ValueError(f"damping must be a finite number > 0, got {damping}")
-    return damping
-
-
-def _check_normalizer(normalizer) -> float:
-    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
-        raise TypeError(f"normalizer must be a number, got {type(normalizer).__name__}")
-    normalizer = float(normalizer)
-    if not (normalizer > 0) or not math.isfinite(normalizer):
-        raise ValueError(f"normalizer must be a finite number > 0, got {normalizer}")
-    return normalizer
+def _positive_number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not (value > 0) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
 
 
 def _check_chunk_size(chunk_size) -> int | None:
@@ -358,8 +349,8 @@ class BlockInverseFisher:
         """Inverse of :meth:`to_state`; validates the metadata."""
         try:
             layout = BlockLayout.from_dict(meta["layout"])
-            config = FisherConfig(_check_damping(float(meta["damping"])),
-                                  _check_normalizer(float(meta["normalizer"])), layout)
+            config = FisherConfig(_positive_number(float(meta["damping"]), "damping"),
+                                  _positive_number(float(meta["normalizer"]), "normalizer"), layout)
             packed = tensors["packed"]
             num_samples = int(meta["num_samples"])
         except (KeyError, TypeError) as exc:
@@ -410,12 +401,12 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
     Returns:
         The :class:`BlockInverseFisher`, with ``num_samples`` the number of rows consumed.
     """
-    damping = _check_damping(damping)
+    damping = _positive_number(damping, "damping")
     if method not in BUILD_METHODS:
         raise ValueError(f"method must be one of {BUILD_METHODS}, got {method!r}")
     chunk_size = _check_chunk_size(chunk_size)
     if normalizer is not None:
-        normalizer = _check_normalizer(normalizer)
+        normalizer = _positive_number(normalizer, "normalizer")
     if layout is not None and not isinstance(layout, BlockLayout):
         raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
     if block_size is not None and layout is not None:
