@@ -1,8 +1,8 @@
-"""Benchmark of the block inverse Fisher kernels; see ``ssse.bench`` (also ``ssse bench``)."""
+"""Benchmark of the block inverse Fisher kernels; see ``ssse_ext.bench`` (also ``ssse bench``)."""
 
 import sys
 
-from ssse.bench import main
+from ssse_ext.bench import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -2,7 +2,7 @@
 
 import torch
 
-from ssse import bench
+from ssse_ext import bench
 
 
 def test_small_case_is_checked_then_timed():

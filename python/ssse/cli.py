@@ -249,7 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="the kernel benchmark (options: ssse bench --help)",
                        add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("info", help="build information and devices",
                        description="Print how the kernels were built, the devices torch sees "
@@ -434,12 +433,6 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def _cmd_bench(args) -> int:
-    from . import bench
-
-    return int(bench.main(list(args.args)) or 0)
-
-
 def _cmd_train(args) -> int:
     from .experiments.tasks import make_task
     from .io import save_model
@@ -601,7 +594,7 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # forwarded untouched, --help included
-        from . import bench
+        from ssse_ext import bench
         return int(bench.main(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
