@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
-import torch as _torch  # noqa: F401  (torch must be imported before the extension's ops register)
+# torch first: the extension's OpenMP runtime must bind to the libgomp that torch loads (torch's
+# copy lacks OpenMP 5.1 symbols; loading a second libgomp first would make two thread pools).
+import torch as _torch  # noqa: F401
 
-from . import _C, reference
-from .fisher import (BUILD_METHODS, UPDATE_METHODS, BlockInverseFisher, FisherConfig,
-                     NotPositiveDefiniteError, build_inverse_fisher)
+from . import _C, reference, validation
+from .fisher import (BUILD_METHODS, DEFAULT_BLOCK_SIZE, UPDATE_METHODS, BlockInverseFisher,
+                     FisherConfig, NotPositiveDefiniteError, build_inverse_fisher)
 from .layout import BlockLayout
 
 try:
@@ -26,6 +28,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a sour
 
 __all__ = [
     "BUILD_METHODS",
+    "DEFAULT_BLOCK_SIZE",
     "UPDATE_METHODS",
     "BlockInverseFisher",
     "BlockLayout",
@@ -34,6 +37,7 @@ __all__ = [
     "build_info",
     "build_inverse_fisher",
     "reference",
+    "validation",
 ]
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import itertools
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -10,6 +10,9 @@ import torch
 
 from . import _ops
 from .layout import BlockLayout
+from .validation import (FLOAT_DTYPES, all_finite, check_choice, check_dtype,
+                         check_finite_float, check_matrix, check_positive_float,
+                         check_positive_int)
 
 __all__ = [
     "BlockInverseFisher",
@@ -17,6 +20,7 @@ __all__ = [
     "NotPositiveDefiniteError",
     "build_inverse_fisher",
     "BUILD_METHODS",
+    "DEFAULT_BLOCK_SIZE",
     "UPDATE_METHODS",
 ]
 
@@ -27,8 +31,8 @@ BUILD_METHODS = ("auto", "cholesky", "sherman_morrison", "woodbury")
 #: Methods of :meth:`BlockInverseFisher.update` and :meth:`BlockInverseFisher.downdate`.
 UPDATE_METHODS = ("woodbury", "sherman_morrison")
 
-_FLOAT_DTYPES = (torch.float32, torch.float64)
-_DEFAULT_BLOCK_SIZE = 1024
+#: Largest block size ``B`` when neither ``block_size`` nor a layout is given.
+DEFAULT_BLOCK_SIZE = 1024
 # Rows per kernel call of the Woodbury form; both kernels split a call into rank-64 steps (the
 # CUDA one fusing consecutive steps into one pass over F^{-1}), so larger calls only save
 # conversions and passes.
@@ -54,59 +58,21 @@ class FisherConfig:
     normalizer: float
     layout: BlockLayout
 
+    def __post_init__(self):
+        object.__setattr__(self, "damping", check_positive_float(self.damping, "damping"))
+        object.__setattr__(self, "normalizer",
+                           check_positive_float(self.normalizer, "normalizer"))
+        if not isinstance(self.layout, BlockLayout):
+            raise TypeError(f"layout must be a BlockLayout, got {type(self.layout).__name__}")
+
 
 # ---- validation ---------------------------------------------------------------------------
 
-def _positive_number(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not (value > 0) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return value
-
-
-def _check_chunk_size(chunk_size) -> int | None:
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    return chunk_size
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    # A float64 sum is NaN/Inf iff an entry is, barring overflow of huge float64 values, which the
-    # exact elementwise test (slower: it allocates a mask) then settles.
-    if t.numel() == 0:
-        return True
-    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
-        return True
-    return bool(torch.isfinite(t).all())
-
-
-def _check_matrix(t, name: str, *, dim: int | None = None, dtype=None, device=None) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (rows, d), got shape {tuple(t.shape)}")
-    if dim is not None and t.shape[1] != dim:
-        raise ValueError(f"{name} must have d={dim} columns, got shape {tuple(t.shape)}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{name} must be {dtype} like the inverse Fisher, got {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} must be on {device} like the inverse Fisher, got {t.device}")
-    if t.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{name} must be on a CPU or CUDA device, got {t.device}")
-    if not _all_finite(t):
-        raise ValueError(f"{name} contains NaN or Inf")
-    return t.contiguous()
-
-
-def _chunks(grads, chunk_size: int | None, name: str = "grads") -> Iterator[torch.Tensor]:
+def _chunks(grads, chunk_size: int | None, name: str = "grads", *, dim: int | None = None,
+            dtype=None, device=None) -> Iterator[torch.Tensor]:
     """Validated 2-D chunks of ``grads`` (a tensor, or an iterable of tensors), split into at
-    most ``chunk_size`` rows; all chunks share the first one's d, dtype and device."""
+    most ``chunk_size`` rows; all chunks share ``dim``, ``dtype`` and ``device`` (by default
+    the first chunk's)."""
     if isinstance(grads, torch.Tensor):
         source: Iterable = [grads]
     else:
@@ -118,12 +84,10 @@ def _chunks(grads, chunk_size: int | None, name: str = "grads") -> Iterator[torc
     first = None
     for k, chunk in enumerate(source):
         label = name if isinstance(grads, torch.Tensor) else f"{name}[{k}]"
+        chunk = check_matrix(chunk, label, dim=dim, dtype=dtype, device=device)
         if first is None:
-            chunk = _check_matrix(chunk, label)
             first = chunk
-        else:
-            chunk = _check_matrix(chunk, label, dim=first.shape[1], dtype=first.dtype,
-                                  device=first.device)
+            dim, dtype, device = chunk.shape[1], chunk.dtype, chunk.device
         if chunk.shape[0] == 0:
             yield chunk  # still tells d, dtype and device
             continue
@@ -158,7 +122,7 @@ class BlockInverseFisher:
     def __init__(self, packed: torch.Tensor, config: FisherConfig, num_samples: int):
         if not isinstance(packed, torch.Tensor) or packed.dim() != 1:
             raise TypeError("packed must be a 1-D tensor")
-        if packed.dtype not in _FLOAT_DTYPES:
+        if packed.dtype not in FLOAT_DTYPES:
             raise TypeError(f"packed must be float32 or float64, got {packed.dtype}")
         if packed.numel() != config.layout.numel:
             raise ValueError(f"packed has {packed.numel()} elements, the layout needs "
@@ -235,6 +199,8 @@ class BlockInverseFisher:
         if v.device != self.device:
             raise ValueError(f"{name} must be on {self.device} like the inverse Fisher, got "
                              f"{v.device}")
+        if not all_finite(v):
+            raise ValueError(f"{name} contains NaN or Inf")
         vec = v.dim() == 1
         return (v.reshape(-1, 1) if vec else v).contiguous(), vec
 
@@ -244,16 +210,12 @@ class BlockInverseFisher:
 
         Returns a new tensor; ``theta`` is not modified.
         """
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or \
-                not math.isfinite(float(scale)):
-            raise ValueError(f"scale must be a finite number, got {scale!r}")
+        scale = check_finite_float(scale, "scale")
         vv, vec = self._vector(v, "v")
         base, _ = self._vector(theta, "theta")
         if base.shape != vv.shape:
             raise ValueError(f"theta and v must have the same shape, got {tuple(theta.shape)} "
                              f"and {tuple(v.shape)}")
-        if not _all_finite(vv):
-            raise ValueError("v contains NaN or Inf")
         host, dev = self._layout_tables()
         out = _ops.call(_ops.apply_inverse, self.packed, host, dev, vv, base, float(scale))
         return out.view(-1) if vec else out
@@ -261,8 +223,6 @@ class BlockInverseFisher:
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``F^{-1} v`` for ``v`` of shape ``(d,)`` or ``(d, r)``."""
         vv, vec = self._vector(v, "v")
-        if not _all_finite(vv):
-            raise ValueError("v contains NaN or Inf")
         host, dev = self._layout_tables()
         out = _ops.call(_ops.apply_inverse, self.packed, host, dev, vv, None, 1.0)
         return out.view(-1) if vec else out
@@ -272,20 +232,15 @@ class BlockInverseFisher:
 
     # ---- updates ----
     def _change(self, grads, sign: int, method: str, chunk_size: int | None) -> "BlockInverseFisher":
-        if method not in UPDATE_METHODS:
-            raise ValueError(f"method must be one of {UPDATE_METHODS}, got {method!r}")
-        chunk_size = _check_chunk_size(chunk_size)
+        check_choice(method, "method", UPDATE_METHODS)
+        chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
         if method == "woodbury" and chunk_size is None:
             chunk_size = _DEFAULT_WOODBURY_CHUNK
         work = self.packed.clone()  # swapped in only on success: an error leaves self unchanged
         host, dev = self._layout_tables()
         rows = 0
-        for chunk in _chunks(grads, chunk_size):
-            if chunk.shape[1] != self.dim:
-                raise ValueError(f"grads must have d={self.dim} columns, got {chunk.shape[1]}")
-            if chunk.dtype != self.dtype or chunk.device != self.device:
-                raise TypeError(f"grads must be {self.dtype} on {self.device} like the inverse "
-                                f"Fisher, got {chunk.dtype} on {chunk.device}")
+        for chunk in _chunks(grads, chunk_size, dim=self.dim, dtype=self.dtype,
+                             device=self.device):
             if chunk.shape[0] == 0:
                 continue
             info = _ops.call(_ops.sherman_morrison_, work, host, dev, chunk, self.normalizer,
@@ -330,8 +285,7 @@ class BlockInverseFisher:
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "BlockInverseFisher":
         """A copy on ``device`` and/or in ``dtype`` (float32 or float64)."""
-        if dtype is not None and dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        check_dtype(dtype)
         packed = self.packed.to(device=device, dtype=dtype)
         if packed.data_ptr() == self.packed.data_ptr():
             packed = packed.clone()
@@ -349,8 +303,7 @@ class BlockInverseFisher:
         """Inverse of :meth:`to_state`; validates the metadata."""
         try:
             layout = BlockLayout.from_dict(meta["layout"])
-            config = FisherConfig(_positive_number(float(meta["damping"]), "damping"),
-                                  _positive_number(float(meta["normalizer"]), "normalizer"), layout)
+            config = FisherConfig(float(meta["damping"]), float(meta["normalizer"]), layout)
             packed = tensors["packed"]
             num_samples = int(meta["num_samples"])
         except (KeyError, TypeError) as exc:
@@ -401,20 +354,18 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
     Returns:
         The :class:`BlockInverseFisher`, with ``num_samples`` the number of rows consumed.
     """
-    damping = _positive_number(damping, "damping")
-    if method not in BUILD_METHODS:
-        raise ValueError(f"method must be one of {BUILD_METHODS}, got {method!r}")
-    chunk_size = _check_chunk_size(chunk_size)
+    damping = check_positive_float(damping, "damping")
+    check_choice(method, "method", BUILD_METHODS)
+    chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    block_size = check_positive_int(block_size, "block_size", allow_none=True)
     if normalizer is not None:
-        normalizer = _positive_number(normalizer, "normalizer")
+        normalizer = check_positive_float(normalizer, "normalizer")
     if layout is not None and not isinstance(layout, BlockLayout):
         raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
     if block_size is not None and layout is not None:
         raise ValueError("give block_size or layout, not both")
-
-    is_tensor = isinstance(grads, torch.Tensor)
     recurrence = method in ("sherman_morrison", "woodbury")
-    if recurrence and not is_tensor and normalizer is None:
+    if recurrence and not isinstance(grads, torch.Tensor) and normalizer is None:
         raise ValueError(f"normalizer must be given when grads is an iterable and "
                          f"method={method!r} (the recurrence uses N at every step)")
     if method == "woodbury" and chunk_size is None:
@@ -424,44 +375,52 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
     first = next(chunks, None)
     if first is None:
         raise ValueError("grads is empty: at least one (m, d) chunk is needed to know d")
-    d, dtype, device = first.shape[1], first.dtype, first.device
+    d = first.shape[1]
     if layout is None:
-        layout = BlockLayout.fixed(d, block_size or max(1, min(d, _DEFAULT_BLOCK_SIZE)))
+        layout = BlockLayout.fixed(d, block_size or max(1, min(d, DEFAULT_BLOCK_SIZE)))
     elif layout.dim != d:
         raise ValueError(f"layout.dim={layout.dim} does not match the gradients' d={d}")
+    stream = itertools.chain([first], chunks)
+    if recurrence:
+        if normalizer is None:
+            normalizer = float(max(grads.shape[0], 1))
+        return _build_by_recurrence(stream, layout, damping, normalizer, first.dtype,
+                                    first.device, chunked=method == "woodbury")
+    return _build_by_gram(stream, layout, damping, normalizer, first.dtype, first.device)
+
+
+def _build_by_recurrence(chunks, layout: BlockLayout, damping: float, normalizer: float,
+                         dtype: torch.dtype, device: torch.device, *,
+                         chunked: bool) -> BlockInverseFisher:
+    r"""Paper eq. 7 from :math:`F_0^{-1} = I/\lambda`: rank-1 steps, or Woodbury steps."""
     host = layout.table()
     dev = host if device.type == "cpu" else host.to(device)
+    packed = torch.zeros(layout.numel, dtype=dtype, device=device)
+    for o, s in zip(layout.offsets, layout.sizes):
+        packed[o:o + s * s].view(s, s).diagonal().fill_(1.0 / damping)
+    rows = 0
+    for chunk in chunks:
+        if chunk.shape[0] == 0:
+            continue
+        info = _ops.call(_ops.sherman_morrison_, packed, host, dev, chunk, normalizer, 1, chunked)
+        _raise_if_failed(info, "build", layout, "row")
+        rows += chunk.shape[0]
+    return BlockInverseFisher(packed, FisherConfig(damping, normalizer, layout), rows)
 
-    def all_chunks():
-        yield first
-        yield from chunks
 
-    if recurrence:
-        n_up_front = grads.shape[0] if is_tensor else None
-        N = normalizer if normalizer is not None else float(max(n_up_front, 1))
-        packed = torch.zeros(layout.numel, dtype=dtype, device=device)
-        for o, s in zip(layout.offsets, layout.sizes):
-            packed[o:o + s * s].view(s, s).diagonal().fill_(1.0 / damping)
-        rows = 0
-        for chunk in all_chunks():
-            if chunk.shape[0] == 0:
-                continue
-            info = _ops.call(_ops.sherman_morrison_, packed, host, dev, chunk, N, 1,
-                             method == "woodbury")
-            _raise_if_failed(info, "build", layout, "row")
-            rows += chunk.shape[0]
-        return BlockInverseFisher(packed, FisherConfig(damping, N, layout), rows)
-
+def _build_by_gram(chunks, layout: BlockLayout, damping: float, normalizer: float | None,
+                   dtype: torch.dtype, device: torch.device) -> BlockInverseFisher:
+    """The stable build: float64 Gram accumulation, then a Cholesky-based inverse."""
+    host = layout.table()
+    dev = host if device.type == "cpu" else host.to(device)
     gram = torch.zeros(layout.numel, dtype=torch.float64, device=device)
     rows = 0
-    for chunk in all_chunks():
+    for chunk in chunks:
         if chunk.shape[0] == 0:
             continue
         _ops.call(_ops.gram_accumulate_, chunk, host, dev, gram)
         rows += chunk.shape[0]
-    N = normalizer if normalizer is not None else float(max(rows, 1))
-    packed, info = _ops.call(_ops.inverse_from_gram, gram, host, dev, damping, N, dtype)
+    normalizer = normalizer if normalizer is not None else float(max(rows, 1))
+    packed, info = _ops.call(_ops.inverse_from_gram, gram, host, dev, damping, normalizer, dtype)
     _raise_if_failed(info, "build", layout, "pivot")
-    return BlockInverseFisher(packed, FisherConfig(damping, N, layout), rows)
-
-
+    return BlockInverseFisher(packed, FisherConfig(damping, normalizer, layout), rows)

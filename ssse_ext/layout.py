@@ -8,13 +8,9 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .validation import check_nonneg_int, check_positive_int
+
 __all__ = ["BlockLayout"]
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -52,9 +48,8 @@ class BlockLayout:
     @classmethod
     def fixed(cls, dim: int, block_size: int) -> "BlockLayout":
         """Consecutive chunks of ``block_size`` parameters; the last one may be smaller."""
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
-            raise ValueError(f"dim must be a non-negative integer, got {dim!r}")
-        block_size = _positive_int(block_size, "block_size")
+        dim = check_nonneg_int(dim, "dim")
+        block_size = check_positive_int(block_size, "block_size")
         starts = tuple(range(0, dim, block_size))
         sizes = tuple(min(block_size, dim - s) for s in starts)
         return cls(starts, sizes, dim)
@@ -68,7 +63,7 @@ class BlockLayout:
                 ``torch.Size``), a tensor, or a number of elements.
             block_size: the largest block size ``B``.
         """
-        block_size = _positive_int(block_size, "block_size")
+        block_size = check_positive_int(block_size, "block_size")
         starts, sizes, pos = [], [], 0
         for k, shape in enumerate(shapes):
             if isinstance(shape, torch.Tensor):

@@ -41,9 +41,11 @@ def test_dict_round_trip():
     assert BlockLayout.from_dict(lay.to_dict()) == lay
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
-def test_bad_block_size(bad):
-    with pytest.raises(ValueError, match="block_size"):
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-3, ValueError), (2.5, TypeError),
+                                        (True, TypeError)])
+def test_bad_block_size(bad, error):
+    # the shared rule: a wrong type is a TypeError, a value out of range a ValueError
+    with pytest.raises(error, match=f"block_size must be .*got .*{bad}"):
         BlockLayout.fixed(10, bad)
 
 
