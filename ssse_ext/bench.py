@@ -2,7 +2,7 @@
 
 Each case first checks the result against a float64 closed form (and refuses to time a result
 above tolerance), then times with a warm-up and the median of repeats, and prints ratios
-measured in the same run (DESIGN §3):
+measured in the same run (the performance method of docs/maths.md):
 
 * the build's effective rate, ``4 n d B`` flops (the chunked recurrence's work) over its time,
   against this machine's ``torch.matmul`` rate for the same dtype (TF32 off);
@@ -214,9 +214,8 @@ def run_case(n: int, num_blocks: int, block: int, dtype, device, *, repeats: int
     return row
 
 
-def _machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+def machine() -> dict:
+    """Where numbers are measured: CPU model, torch threads, versions and the CUDA device."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -226,7 +225,16 @@ def _machine(device: torch.device) -> str:
                     break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "ssse": ssse_ext.__version__, "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _describe(device: torch.device) -> str:
+    m = machine()
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{m['cpu']}, {m['threads']} threads"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -289,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
 
-    print(f"ssse_ext {ssse_ext.__version__} on {_machine(device)}; build: "
+    print(f"ssse_ext {ssse_ext.__version__} on {_describe(device)}; build: "
           f"{ {k: v for k, v in ssse_ext.build_info().items() if k != 'version'} }", flush=True)
     rows = []
     for dtype in dtypes:
@@ -306,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
           " apply/copy = apply GB/s / copy GB/s.")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": _machine(device), "rows": rows}, f, indent=2)
+            json.dump({"machine": _describe(device), "rows": rows}, f, indent=2)
     return 0
 
 

@@ -8,23 +8,30 @@ expected and what was given.
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
+from torch import nn
 
 __all__ = [
     "FLOAT_DTYPES",
     "DEVICE_TYPES",
     "all_finite",
+    "check_callable",
     "check_choice",
+    "check_data",
     "check_device",
     "check_dtype",
     "check_finite_float",
     "check_int",
     "check_matrix",
+    "check_module",
     "check_nonneg_float",
     "check_nonneg_int",
     "check_positive_float",
     "check_positive_int",
+    "check_reiterable",
+    "is_pair",
 ]
 
 #: The dtypes of gradients and inverses.
@@ -151,3 +158,58 @@ def check_matrix(t, name: str, *, dim: int | None = None, dtype=None, device=Non
     if not all_finite(t):
         raise ValueError(f"{name} contains NaN or Inf")
     return t.contiguous()
+
+
+# ---- models, callables and data ------------------------------------------------------------
+
+def check_module(model, name: str = "model") -> nn.Module:
+    """An ``nn.Module`` with at least one trainable parameter."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"{name} has no trainable parameters (requires_grad=True)")
+    return model
+
+
+def check_callable(fn, name: str):
+    """A callable."""
+    if not callable(fn):
+        raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+    return fn
+
+
+def is_pair(data) -> bool:
+    """Whether ``data`` is an ``(X, y)`` pair of tensors (rather than an iterable of batches)."""
+    return (isinstance(data, (tuple, list)) and len(data) == 2
+            and all(isinstance(t, torch.Tensor) for t in data))
+
+
+def check_data(data, name: str):
+    """An ``(X, y)`` pair of tensors with the same first dimension, or an iterable of such
+    batches (whose batches are checked as they are read)."""
+    if is_pair(data):
+        x, y = data
+        if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+            raise ValueError(f"{name} must be an (X, y) pair with the same number of rows, got "
+                             f"shapes {tuple(x.shape)} and {tuple(y.shape)}")
+        return data
+    if isinstance(data, (torch.Tensor, str, bytes)):
+        raise TypeError(f"{name} must be an (X, y) pair of tensors or an iterable of (x, y) "
+                        f"batches, got a single {type(data).__name__}")
+    try:
+        iter(data)
+    except TypeError:
+        raise TypeError(f"{name} must be an (X, y) pair of tensors or an iterable of (x, y) "
+                        f"batches, got {type(data).__name__}") from None
+    return data
+
+
+def check_reiterable(data, name: str):
+    """Data as in :func:`check_data` that can be read more than once: a one-shot iterator (a
+    generator, say) is refused, since its second pass would silently see nothing."""
+    check_data(data, name)
+    if not is_pair(data) and isinstance(data, Iterator):
+        raise TypeError(f"{name} is read more than once: pass an (X, y) pair or a re-iterable "
+                        f"collection of batches (a list, a DataLoader), not a one-shot "
+                        f"{type(data).__name__}")
+    return data

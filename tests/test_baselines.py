@@ -48,7 +48,7 @@ def test_influence_update_solves_the_block_hessian(hessian, block_size):
     for s in range(0, d, B):
         sl = slice(s, min(s + B, d))
         expected[sl] += torch.linalg.solve(H[sl, sl], g[sl])
-    state = ssse.influence_update(model, CE, (X[:k], y[:k]), (X[k:], y[k:]), weight_decay=wd,
+    state = ssse.influence_update(model, CE, (X[:k], y[:k]), retained=(X[k:], y[k:]), weight_decay=wd,
                                   hessian=hessian, block_size=block_size)
     assert rel_err(flat_state(state, model), expected) < 1e-11
     assert torch.equal(flat(model), theta)
@@ -57,9 +57,9 @@ def test_influence_update_solves_the_block_hessian(hessian, block_size):
 def test_influence_update_validates():
     model, X, y = setup()
     with pytest.raises(ValueError, match="hessian"):
-        ssse.influence_update(model, CE, (X[:3], y[:3]), (X[3:], y[3:]), hessian="diag")
+        ssse.influence_update(model, CE, (X[:3], y[:3]), retained=(X[3:], y[3:]), hessian="diag")
     with pytest.raises(TypeError, match="retained"):
-        ssse.influence_update(model, CE, (X[:3], y[:3]), X[3:])
+        ssse.influence_update(model, CE, (X[:3], y[:3]), retained=X[3:])
 
 
 def golatkar_fisher(model, X):
@@ -101,7 +101,7 @@ def test_true_diagonal_fisher_matches_their_loop():
 def test_fisher_forgetting_noise_has_their_variance(forget_class):
     model, X, y = setup(n=6)
     alpha, seed = 1e-3, 5
-    state = ssse.fisher_forgetting(model, CE, (X, y), alpha=alpha, seed=seed,
+    state = ssse.fisher_forgetting(model, CE, None, retained=(X, y), alpha=alpha, seed=seed,
                                    forget_class=forget_class)
     fisher = golatkar_fisher(model, X)
     gen = torch.Generator().manual_seed(seed)
@@ -115,9 +115,9 @@ def test_fisher_forgetting_noise_has_their_variance(forget_class):
         noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
         expected = mu + golatkar_std(p.detach(), f, 3, alpha, forget_class) * noise
         assert rel_err(state[name], expected) < 1e-12, name
-    again = ssse.fisher_forgetting(model, CE, (X, y), alpha=alpha, seed=seed,
+    again = ssse.fisher_forgetting(model, CE, None, retained=(X, y), alpha=alpha, seed=seed,
                                    forget_class=forget_class)
-    other = ssse.fisher_forgetting(model, CE, (X, y), alpha=alpha, seed=seed + 1,
+    other = ssse.fisher_forgetting(model, CE, None, retained=(X, y), alpha=alpha, seed=seed + 1,
                                    forget_class=forget_class)
     assert all(torch.equal(state[k], again[k]) for k in state)
     assert not torch.equal(state["0.weight"], other["0.weight"])
@@ -142,9 +142,9 @@ def test_fisher_forgetting_empirical_and_bernoulli():
     expected = torch.cat([expected_w.reshape(-1), w.mean(0)])
     assert rel_err(true, expected) < 1e-12
     with pytest.raises(ValueError, match="alpha"):
-        ssse.fisher_forgetting(model, bce, (X, Y), alpha=0.0, seed=0)
+        ssse.fisher_forgetting(model, bce, None, retained=(X, Y), alpha=0.0, seed=0)
     with pytest.raises(TypeError, match="seed"):
-        ssse.fisher_forgetting(model, bce, (X, Y), alpha=1.0, seed=None)
+        ssse.fisher_forgetting(model, bce, None, retained=(X, Y), alpha=1.0, seed=None)
 
 
 def test_gradient_ascent_is_one_step_on_the_mean_gradient():
@@ -184,13 +184,13 @@ def test_two_pass_baselines_refuse_one_shot_iterators():
     # second pass would silently drop S from H_D
     with pytest.raises(TypeError, match="removed is read more than once"):
         ssse.influence_update(model, CE, ((X[i:i + 2], y[i:i + 2]) for i in (0, 2)),
-                              (X[4:], y[4:]), hessian="full", weight_decay=0.1)
+                              retained=(X[4:], y[4:]), hessian="full", weight_decay=0.1)
     listed = ssse.influence_update(model, CE, [(X[:2], y[:2]), (X[2:4], y[2:4])],
-                                   (X[4:], y[4:]), hessian="full", weight_decay=0.1)
-    paired = ssse.influence_update(model, CE, (X[:4], y[:4]), (X[4:], y[4:]), hessian="full",
-                                   weight_decay=0.1)
+                                   retained=(X[4:], y[4:]), hessian="full", weight_decay=0.1)
+    paired = ssse.influence_update(model, CE, (X[:4], y[:4]), retained=(X[4:], y[4:]),
+                                   hessian="full", weight_decay=0.1)
     assert rel_err(flat_state(listed, model), flat_state(paired, model)) < 1e-12
     with pytest.raises(TypeError, match="retained is read more than once"):
-        ssse.fisher_forgetting(model, CE, iter([(X, y)]), alpha=1e-6, seed=0)
+        ssse.fisher_forgetting(model, CE, None, retained=iter([(X, y)]), alpha=1e-6, seed=0)
     with pytest.raises(ValueError, match="retained is empty"):
-        ssse.fisher_forgetting(model, CE, (X[:0], y[:0]), alpha=1e-6, seed=0)
+        ssse.fisher_forgetting(model, CE, None, retained=(X[:0], y[:0]), alpha=1e-6, seed=0)

@@ -54,10 +54,10 @@ def test_influence_update_lands_near_the_retrained_optimum(problem):
     X, y, model, retrained = problem
     star, target = flat(model), flat(retrained)
     base = (star - target).norm()
-    state = ssse.influence_update(model, bce, (X[:K], y[:K]), (X[K:], y[K:]), weight_decay=WD)
+    state = ssse.influence_update(model, bce, (X[:K], y[:K]), retained=(X[K:], y[K:]), weight_decay=WD)
     ratio = (flat_state(state) - target).norm() / base
     assert ratio < 0.05  # measured 0.0198: one Newton step on the retained objective
-    state = ssse.influence_update(model, bce, (X[:K], y[:K]), (X[K:], y[K:]), weight_decay=WD,
+    state = ssse.influence_update(model, bce, (X[:K], y[:K]), retained=(X[K:], y[K:]), weight_decay=WD,
                                   hessian="full")
     assert (flat_state(state) - target).norm() / base < 0.25  # measured 0.117 with H_D
 
@@ -77,9 +77,9 @@ def test_ssse_with_the_inverse_hessian_is_the_influence_update(problem):
     layout = ssse_ext.BlockLayout.fixed(d, d)
     packed = torch.linalg.inv(H).reshape(-1).contiguous()
     inv = ssse_ext.BlockInverseFisher(packed, ssse_ext.FisherConfig(1.0, float(n), layout), n)
-    state = ssse.ssse_update(model, inv, (X[:K], y[:K]), bce, epsilon=1.0, n_total=n,
+    state = ssse.ssse_update(model, bce, (X[:K], y[:K]), inv_fisher=inv, epsilon=1.0, n_total=n,
                              weight_decay=WD)
-    expected = ssse.influence_update(model, bce, (X[:K], y[:K]), (X[K:], y[K:]),
+    expected = ssse.influence_update(model, bce, (X[:K], y[:K]), retained=(X[K:], y[K:]),
                                      weight_decay=WD)
     assert rel_err(flat_state(state), flat_state(expected)) < 1e-10
 
@@ -104,9 +104,9 @@ def test_estimated_epsilon_is_close_to_the_best_one(problem):
     v, _ = ssse.gradient_sum(model, bce, (X[:K], y[:K]), weight_decay=WD)
     step = inv.matvec(v) / (n - K)
     best = float(step @ (target - star) / (step @ step))  # oracle: closest to the retrained
-    eps = ssse.metrics.estimate_epsilon(model, bce, (X, y), inv, weight_decay=WD, probes=32)
+    eps = ssse.metrics.estimate_epsilon(model, bce, (X, y), inv_fisher=inv, weight_decay=WD, probes=32)
     assert 0.5 * best < eps < 2 * best  # measured 0.442 against 0.404
-    state = ssse.ssse_update(model, inv, (X[:K], y[:K]), bce, epsilon=eps, n_total=n,
+    state = ssse.ssse_update(model, bce, (X[:K], y[:K]), inv_fisher=inv, epsilon=eps, n_total=n,
                              weight_decay=WD)
     # measured 0.382 (the oracle epsilon reaches 0.371): SSSE with the estimate erases
     assert (flat_state(state) - target).norm() / (star - target).norm() < 0.5
@@ -115,4 +115,4 @@ def test_estimated_epsilon_is_close_to_the_best_one(problem):
 def test_influence_update_refuses_blocks_that_do_not_fit(problem):
     X, y, model, _ = problem
     with pytest.raises(MemoryError, match="block_size"):
-        ssse.influence_update(model, bce, (X[:K], y[:K]), (X[K:], y[K:]), max_memory=1000)
+        ssse.influence_update(model, bce, (X[:K], y[:K]), retained=(X[K:], y[K:]), max_memory=1000)

@@ -43,7 +43,7 @@ def test_ssse_update_is_eq8():
     model, X, y = setup()
     inv = fit(model, X, y)
     k, n, eps = 4, 40, 0.7
-    state = ssse.ssse_update(model, inv, (X[:k], y[:k]), CE, epsilon=eps, n_total=n,
+    state = ssse.ssse_update(model, CE, (X[:k], y[:k]), inv_fisher=inv, epsilon=eps, n_total=n,
                              weight_decay=WD)
     G = grads(model, X, y)
     Finv = dense_inverse(G, inv.layout, 0.1, n)
@@ -62,7 +62,7 @@ def test_leave_k_out_and_retained_variants():
     before = inv.dense()
     k, n, eps = 5, 40, 2.0
     G = grads(model, X, y)
-    state = ssse.ssse_update(model, inv, (X[:k], y[:k]), CE, epsilon=eps, n_total=n,
+    state = ssse.ssse_update(model, CE, (X[:k], y[:k]), inv_fisher=inv, epsilon=eps, n_total=n,
                              weight_decay=WD, fisher="leave_k_out")
     # the downdate keeps N = n: the Fisher of D \ S with the original normaliser
     Finv = dense_inverse(G[k:], inv.layout, 0.1, n)
@@ -70,7 +70,7 @@ def test_leave_k_out_and_retained_variants():
     assert rel_err(flat_state(state, model), expected) < 1e-10
     assert torch.equal(inv.dense(), before)  # the caller's inverse is not downdated
 
-    state = ssse.ssse_update(model, inv, [(X[:2], y[:2]), (X[2:k], y[2:k])], CE, epsilon=eps,
+    state = ssse.ssse_update(model, CE, [(X[:2], y[:2]), (X[2:k], y[2:k])], inv_fisher=inv, epsilon=eps,
                              n_total=n, weight_decay=WD, gradient="retained",
                              retained=(X[k:], y[k:]))
     Finv = dense_inverse(G, inv.layout, 0.1, n)
@@ -81,7 +81,7 @@ def test_leave_k_out_and_retained_variants():
 def test_inplace_writes_and_float32_inverse():
     model, X, y = setup()
     inv = fit(model, X, y).to(dtype=torch.float32)
-    state = ssse.ssse_update(model, inv, (X[:3], y[:3]), CE, epsilon=1.0, n_total=40,
+    state = ssse.ssse_update(model, CE, (X[:3], y[:3]), inv_fisher=inv, epsilon=1.0, n_total=40,
                              weight_decay=WD, inplace=True)
     assert state["0.weight"].dtype == torch.float64
     assert torch.equal(state["0.weight"], model[0].weight.detach())
@@ -101,7 +101,7 @@ def test_ssse_update_validates_and_changes_nothing(kwargs, exc, match):
     args = {"epsilon": 1.0, "n_total": 40, "inplace": True, **kwargs}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(exc, match=match):
-        ssse.ssse_update(model, inv, (X[:3], y[:3]), CE, **args)
+        ssse.ssse_update(model, CE, (X[:3], y[:3]), inv_fisher=inv, **args)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -109,9 +109,9 @@ def test_ssse_update_rejects_a_foreign_inverse():
     model, X, y = setup()
     other = ssse_ext.build_inverse_fisher(torch.randn(5, 7, dtype=torch.float64), damping=1.0)
     with pytest.raises(ValueError, match="inv_fisher"):
-        ssse.ssse_update(model, other, (X[:3], y[:3]), CE, epsilon=1.0, n_total=40)
+        ssse.ssse_update(model, CE, (X[:3], y[:3]), inv_fisher=other, epsilon=1.0, n_total=40)
     with pytest.raises(TypeError, match="inv_fisher"):
-        ssse.ssse_update(model, torch.eye(3), (X[:3], y[:3]), CE, epsilon=1.0, n_total=40)
+        ssse.ssse_update(model, CE, (X[:3], y[:3]), inv_fisher=torch.eye(3), epsilon=1.0, n_total=40)
 
 
 def test_eraser_sequence_follows_its_recurrence():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ssse_ext
-from ssse.experiments.models import build_model
+from ssse.models import build_model
 from ssse.io import (FileFormatError, atomic_path, load_inverse_fisher, load_model,
                      read_metadata, save_inverse_fisher, save_model, write_json)
 

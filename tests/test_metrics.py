@@ -156,15 +156,15 @@ def test_estimate_epsilon_refuses_a_generator_and_matches_a_list():
     inv = ssse.fit_inverse_fisher(model, ce, (X, y), damping=0.1, progress=False)
     batches = [(X[i:i + 10], y[i:i + 10]) for i in range(0, 40, 10)]
     with pytest.raises(TypeError, match="data is read more than once"):
-        metrics.estimate_epsilon(model, ce, iter(batches), inv, probes=4)
+        metrics.estimate_epsilon(model, ce, iter(batches), inv_fisher=inv, probes=4)
     # the first 4 rows as probes, the Hessian of all 40 samples
-    eps = metrics.estimate_epsilon(model, ce, batches, inv, probes=4)
+    eps = metrics.estimate_epsilon(model, ce, batches, inv_fisher=inv, probes=4)
     U = torch.cat(list(ssse.per_sample_grads(model, ce, (X[:4], y[:4])))).T
     HW, n = ssse.hessian_vector_products(model, ce, (X, y), inv @ U)
     HW = HW / n
     assert eps == pytest.approx(float((HW * U).sum() / (HW * HW).sum()), rel=1e-10)
     with pytest.raises(TypeError, match="seed"):
-        metrics.estimate_epsilon(model, ce, batches, inv, seed=None)
+        metrics.estimate_epsilon(model, ce, batches, inv_fisher=inv, seed=None)
 
 
 def test_confusion_distance_refuses_classes_out_of_range():

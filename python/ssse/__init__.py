@@ -2,20 +2,28 @@
 
 Single-Step Sample Erasure (SSSE; Peste, Alistarh & Lampert 2021): fit the block inverse of the
 damped empirical Fisher once (:func:`fit_inverse_fisher`), then erase samples with the update of
-paper eq. 8 (:func:`ssse_update`, or :class:`Eraser` for a sequence of requests). Baselines
-(:func:`influence_update`, :func:`fisher_forgetting`, :func:`gradient_ascent`, :func:`retrain`)
-share the same interface; :mod:`ssse.metrics` holds the paper's evaluation metrics and
-:mod:`ssse.training` seeded training recipes.
+paper eq. 8 (:func:`ssse_update`, or :class:`Eraser` for a sequence of requests).
+
+Every erasure method shares one calling convention,
+``method(model, loss_fn, removed, *, ...) -> state_dict``: :func:`ssse_update` and the
+baselines :func:`influence_update`, :func:`fisher_forgetting` and :func:`gradient_ascent`;
+:func:`retrain` reruns a training recipe (the gold standard). :mod:`ssse.metrics` holds the
+paper's evaluation metrics, :mod:`ssse.training` seeded training recipes and
+:mod:`ssse.models` the model registry of the saved-model files.
+
+Layers: this core (gradients, erasure, baselines, metrics, io, models, training) imports
+nothing from :mod:`ssse.experiments` or :mod:`ssse.cli`, which use its public API only.
 """
 
-from . import metrics, training
+from . import metrics, models, training
 from .baselines import fisher_forgetting, gradient_ascent, influence_update, retrain
 from .erasure import Eraser, ssse_update
-from .gradients import (fit_inverse_fisher, gradient_sum, hessian_vector_products,
-                        per_sample_grads)
+from .gradients import (LAYOUTS, fit_inverse_fisher, gradient_sum, hessian_vector_products,
+                        per_sample_grads, resolve_layout)
 
 __all__ = [
     "Eraser",
+    "LAYOUTS",
     "fisher_forgetting",
     "fit_inverse_fisher",
     "gradient_ascent",
@@ -23,7 +31,9 @@ __all__ = [
     "hessian_vector_products",
     "influence_update",
     "metrics",
+    "models",
     "per_sample_grads",
+    "resolve_layout",
     "retrain",
     "ssse_update",
     "training",

@@ -1,8 +1,9 @@
-"""Shared helpers: validation, data iteration and the flat view of a model's parameters."""
+"""Shared helpers of the core: data iteration, the flat view of a model's parameters, and the
+end of every update (checks, ``state_dict``, ``inplace``)."""
 
 from __future__ import annotations
 
-import math
+import os
 import warnings
 from typing import Iterable, Iterator
 
@@ -10,119 +11,19 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-#: Largest block size used when ``block_size`` is not given.
-DEFAULT_BLOCK_SIZE = 1024
-#: Rows per chunk of per-sample gradients when the data is a single ``(X, y)`` pair.
-DEFAULT_CHUNK_SIZE = 128
+import ssse_ext
+from ssse_ext.validation import check_data, is_pair
 
-
-# ---- scalar validation ----------------------------------------------------------------------
-
-def check_module(model, name: str = "model") -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"{name} has no trainable parameters (requires_grad=True)")
-    return model
-
-
-def check_callable(fn, name: str):
-    if not callable(fn):
-        raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
-    return fn
-
-
-def check_nonneg_float(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return value
-
-
-def check_positive_float(value, name: str) -> float:
-    value = check_nonneg_float(value, name)
-    if value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return value
-
-
-def check_positive_int(value, name: str, *, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def check_choice(value, name: str, choices: tuple) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
-
-def check_dtype(dtype, name: str = "dtype") -> torch.dtype | None:
-    if dtype is not None and dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{name} must be torch.float32 or torch.float64, got {dtype!r}")
-    return dtype
-
-
-def check_device(device, name: str = "device") -> torch.device | None:
-    if device is None:
-        return None
-    if not isinstance(device, (str, int, torch.device)) or isinstance(device, bool):
-        raise TypeError(f"{name} must be a torch.device or a string such as 'cpu' or 'cuda', "
-                        f"got {type(device).__name__}")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"{name} must name a torch device such as 'cpu' or 'cuda:0', got "
-                         f"{device!r}") from None
+#: Rows per batch when the library cuts an ``(X, y)`` pair for a full-batch pass (gradient
+#: sums, Hessian-vector products, evaluation).
+BATCH_SIZE = 1024
 
 
 # ---- data -----------------------------------------------------------------------------------
 
-def _is_pair(data) -> bool:
-    return (isinstance(data, (tuple, list)) and len(data) == 2
-            and all(isinstance(t, torch.Tensor) for t in data))
-
-
 def data_size(data) -> int | None:
     """The number of samples of an ``(X, y)`` pair, or ``None`` for an iterable of batches."""
-    return int(data[0].shape[0]) if _is_pair(data) else None
-
-
-def check_data(data, name: str):
-    """Validates ``data``: an ``(X, y)`` pair of tensors with the same first dimension, or an
-    iterable of such batches (checked lazily by :func:`iter_batches`)."""
-    if _is_pair(data):
-        x, y = data
-        if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
-            raise ValueError(f"{name} must be an (X, y) pair with the same number of rows, got "
-                             f"shapes {tuple(x.shape)} and {tuple(y.shape)}")
-        return data
-    if isinstance(data, torch.Tensor) or isinstance(data, (str, bytes)):
-        raise TypeError(f"{name} must be an (X, y) pair of tensors or an iterable of (x, y) "
-                        f"batches, got a single {type(data).__name__}")
-    try:
-        iter(data)
-    except TypeError:
-        raise TypeError(f"{name} must be an (X, y) pair of tensors or an iterable of (x, y) "
-                        f"batches, got {type(data).__name__}") from None
-    return data
-
-
-def check_reiterable(data, name: str):
-    """Validates ``data`` like :func:`check_data` and refuses a one-shot iterator (e.g. a
-    generator), for functions that read their data more than once: its second pass would
-    silently see nothing."""
-    check_data(data, name)
-    if not _is_pair(data) and isinstance(data, Iterator):
-        raise TypeError(f"{name} is read more than once: pass an (X, y) pair or a re-iterable "
-                        f"collection of batches (a list, a DataLoader), not a one-shot "
-                        f"{type(data).__name__}")
-    return data
+    return int(data[0].shape[0]) if is_pair(data) else None
 
 
 def iter_batches(data, name: str, *, batch_size: int | None = None,
@@ -132,7 +33,7 @@ def iter_batches(data, name: str, *, batch_size: int | None = None,
     are cast to ``dtype``. A pair is cut into batches of ``batch_size`` rows (one batch if
     ``None``); the batches of an iterable are passed through as they come."""
     check_data(data, name)
-    if _is_pair(data):
+    if is_pair(data):
         xs, ys = data  # not x, y: the loop below rebinds those while the generator runs
         n = xs.shape[0]
         step = batch_size or max(n, 1)
@@ -142,14 +43,10 @@ def iter_batches(data, name: str, *, batch_size: int | None = None,
         source, pair = data, False
     for k, batch in enumerate(source):
         label = name if pair else f"{name}[{k}]"
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2
-                and all(isinstance(t, torch.Tensor) for t in batch)):
+        if not is_pair(batch):
             raise TypeError(f"{label} must be an (x, y) pair of tensors, got "
                             f"{type(batch).__name__}")
-        x, y = batch
-        if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
-            raise ValueError(f"{label} must have x and y with the same number of rows, got "
-                             f"shapes {tuple(x.shape)} and {tuple(y.shape)}")
+        x, y = check_data(batch, label)
         if device is not None:
             x, y = x.to(device), y.to(device)
         if dtype is not None and x.is_floating_point():
@@ -273,13 +170,6 @@ class FlatModel:
                 p.copy_(v.reshape(p.shape).to(dtype=p.dtype, device=p.device))
 
 
-def loss_sum_fn(flat_model: FlatModel, loss_fn):
-    """``(params, x, y) -> sum of per-sample losses`` (without the L2 term)."""
-    def f(params, x, y, frozen=None):
-        return per_sample_losses(loss_fn, flat_model(params, x, frozen), y).sum()
-    return f
-
-
 def per_sample_losses(loss_fn, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``loss_fn(output, y)`` reduced to one loss per row (elements beyond the batch dimension,
     e.g. one per attribute, are summed)."""
@@ -296,3 +186,45 @@ def per_sample_losses(loss_fn, output: torch.Tensor, y: torch.Tensor) -> torch.T
 
 class LossReductionError(ValueError):
     """``loss_fn`` does not return per-sample losses."""
+
+
+# ---- checks and the end of an update ----------------------------------------------------------
+
+def check_inverse(inv, fm: FlatModel, name: str = "inv_fisher") -> ssse_ext.BlockInverseFisher:
+    """A :class:`ssse_ext.BlockInverseFisher` over the model's ``d`` trainable parameters."""
+    if not isinstance(inv, ssse_ext.BlockInverseFisher):
+        raise TypeError(f"{name} must be a ssse_ext.BlockInverseFisher, got {type(inv).__name__}")
+    if inv.dim != fm.dim:
+        raise ValueError(f"{name} has dim={inv.dim}, the model has d={fm.dim} trainable "
+                         "parameters")
+    return inv
+
+
+def finish_update(fm: FlatModel, theta_hat: torch.Tensor, *, inplace: bool,
+                  what: str) -> dict[str, torch.Tensor]:
+    """The end of every erasure method: refuse a non-finite result (nothing changed), build the
+    new ``state_dict``, and write the model only when ``inplace``."""
+    if not bool(torch.isfinite(theta_hat).all()):
+        raise FloatingPointError(f"{what} produced NaN or Inf; nothing was changed")
+    state = fm.state_dict_with(theta_hat)
+    if inplace:
+        fm.write(theta_hat)
+    return state
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that can be allocated now: free GPU memory (``torch.cuda.mem_get_info``) on CUDA,
+    available RAM (``MemAvailable``) on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - exotic platforms
+        return 1 << 62

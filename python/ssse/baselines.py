@@ -1,6 +1,7 @@
-r"""Baselines with the same interface as :func:`ssse.ssse_update`: each returns a new
-``state_dict`` and leaves the model untouched unless ``inplace=True`` (on any error nothing is
-changed).
+r"""Baselines with the calling convention of every erasure method,
+``method(model, loss_fn, removed, *, ...) -> state_dict`` (as :func:`ssse.ssse_update`): each
+returns a new ``state_dict`` and leaves the model untouched unless ``inplace=True`` (on any
+error nothing is changed).
 
 - :func:`influence_update`: the influence-function / Newton step of paper eq. 4 with the true
   Hessian, exact per block.
@@ -12,17 +13,18 @@ changed).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import nn
 from torch.func import grad, jacrev, vmap
 
 import ssse_ext
+from ssse_ext.validation import (check_callable, check_choice, check_data, check_int,
+                                 check_module, check_nonneg_float, check_nonneg_int,
+                                 check_positive_float, check_positive_int, check_reiterable)
 
-from ._utils import (FlatModel, check_callable, check_choice, check_data, check_module,
-                     check_nonneg_float, check_positive_float, check_positive_int,
-                     check_reiterable, iter_batches, per_sample_losses, warn_if_training)
+from ._utils import (BATCH_SIZE, FlatModel, available_memory, finish_update, iter_batches,
+                     per_sample_losses, warn_if_training)
 from .gradients import _grad_stream, gradient_sum
 
 __all__ = ["influence_update", "fisher_forgetting", "gradient_ascent", "retrain",
@@ -32,34 +34,25 @@ HESSIAN_VARIANTS = ("retained", "full")
 FISHER_KINDS = ("true", "empirical")
 LIKELIHOODS = ("categorical", "bernoulli")
 
-
-def _available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - exotic platforms
-        return 1 << 62
+# influence_update holds, per block of s parameters, the float64 Hessian block, its
+# column-chunked construction and the solve's LU copy: this many s x s float64 matrices.
+_HESSIAN_COPIES = 3
+# Elements of the per-sample Jacobian held at once by the true diagonal Fisher (128 MiB in
+# float64).
+_JACOBIAN_ELEMENTS = 1 << 24
 
 
 def _check_hessian_memory(layout: ssse_ext.BlockLayout, device: torch.device,
                           max_memory: int | None):
     s = layout.max_block_size
-    # the float64 block, its column-chunked construction and the solve's LU copy
-    need = 3 * s * s * 8
-    limit = _available_bytes(device) if max_memory is None else int(max_memory)
+    per_element = _HESSIAN_COPIES * 8  # float64
+    need = per_element * s * s
+    limit = available_memory(device) if max_memory is None else int(max_memory)
     if need > limit:
         raise MemoryError(
             f"influence_update: a {s} x {s} Hessian block needs about {need / 2**30:.2f} GiB in "
             f"float64 but only {limit / 2**30:.2f} GiB are available on {device}; pass a smaller "
-            f"block_size (e.g. {max(1, int(math.sqrt(limit / 24)))})")
+            f"block_size (e.g. {max(1, int(math.sqrt(limit / per_element)))})")
 
 
 def block_hessians(model: nn.Module, loss_fn, datasets, layout: ssse_ext.BlockLayout, *,
@@ -73,7 +66,7 @@ def block_hessians(model: nn.Module, loss_fn, datasets, layout: ssse_ext.BlockLa
     blocks = [torch.zeros(s, s, dtype=torch.float64, device=fm.device) for s in layout.sizes]
     count = 0
     for name, data in datasets:
-        for x, y in iter_batches(data, name, batch_size=1024, device=fm.device,
+        for x, y in iter_batches(data, name, batch_size=BATCH_SIZE, device=fm.device,
                                  dtype=torch.float64):
             if x.shape[0] == 0:
                 continue
@@ -92,9 +85,10 @@ def block_hessians(model: nn.Module, loss_fn, datasets, layout: ssse_ext.BlockLa
     return blocks
 
 
-def influence_update(model: nn.Module, loss_fn, removed, retained, *, weight_decay: float = 0.0,
-                     hessian: str = "retained", block_size: int | None = None,
-                     max_memory: int | None = None, inplace: bool = False) -> dict:
+def influence_update(model: nn.Module, loss_fn, removed, *, retained,
+                     weight_decay: float = 0.0, hessian: str = "retained",
+                     block_size: int | None = None, max_memory: int | None = None,
+                     inplace: bool = False) -> dict:
     r"""The influence-function update of paper eq. 4 with the true Hessian:
 
     .. math:: \hat\theta = \theta^* + \frac{1}{|C|}\,H_C^{-1} \sum_{i\in S}\nabla\ell_i(\theta^*),
@@ -108,7 +102,8 @@ def influence_update(model: nn.Module, loss_fn, removed, retained, *, weight_dec
     Args:
         model: the trained model (:math:`\theta^*`).
         loss_fn: per-sample loss, as in :func:`ssse.per_sample_grads`.
-        removed: :math:`S`; retained: :math:`D \setminus S` (``(X, y)`` pairs or iterables).
+        removed: :math:`S`, an ``(X, y)`` pair or an iterable of batches.
+        retained: :math:`D \setminus S`, likewise.
         weight_decay: L2 coefficient folded into every :math:`\ell_i`.
         hessian: ``"retained"`` or ``"full"``.
         block_size: ``B`` of a fixed block layout; default one block of all ``d`` parameters
@@ -151,12 +146,7 @@ def influence_update(model: nn.Module, loss_fn, removed, retained, *, weight_dec
             raise ValueError(f"influence_update: the Hessian block {b} (parameters "
                              f"{sl.start}..{sl.stop}) is singular; add weight_decay") from exc
     theta_hat = fm.flat(dtype=torch.float64) + step
-    if not bool(torch.isfinite(theta_hat).all()):
-        raise FloatingPointError("the influence update produced NaN or Inf; nothing was changed")
-    state = fm.state_dict_with(theta_hat)
-    if inplace:
-        fm.write(theta_hat)
-    return state
+    return finish_update(fm, theta_hat, inplace=inplace, what="the influence update")
 
 
 def _log_probs(output: torch.Tensor, likelihood: str) -> torch.Tensor:
@@ -191,7 +181,7 @@ def _diagonal_fisher(fm: FlatModel, loss_fn, data, kind: str, likelihood: str) -
     for x, _ in iter_batches(data, "retained", batch_size=None, device=fm.device, dtype=dtype):
         with torch.no_grad():
             K = _log_probs(fm(params, x[:1], frozen), likelihood).shape[1] if x.shape[0] else 1
-        step = max(1, (1 << 24) // max(K * fm.dim, 1))
+        step = max(1, _JACOBIAN_ELEMENTS // max(K * fm.dim, 1))
         for i in range(0, x.shape[0], step):
             xs = x[i:i + step]
             J = fm.flatten_rows({k: v.reshape(xs.shape[0] * K, *v.shape[2:])
@@ -204,7 +194,7 @@ def _diagonal_fisher(fm: FlatModel, loss_fn, data, kind: str, likelihood: str) -
     return total / max(n, 1)
 
 
-def fisher_forgetting(model: nn.Module, loss_fn, retained, *, alpha: float, seed: int,
+def fisher_forgetting(model: nn.Module, loss_fn, removed, *, retained, alpha: float, seed: int,
                       fisher: str = "true", likelihood: str = "categorical",
                       forget_class: int | None = None, inplace: bool = False) -> dict:
     r"""Fisher forgetting (Golatkar, Achille & Soatto, "Eternal Sunshine of the Spotless Net",
@@ -221,6 +211,9 @@ def fisher_forgetting(model: nn.Module, loss_fn, retained, *, alpha: float, seed
 
     Args:
         model: the trained model; loss_fn: per-sample loss (used by ``fisher="empirical"``).
+        removed: :math:`S`. The method itself needs only :math:`D \setminus S`; ``removed``
+            keeps the signature every erasure method shares and is checked to be data, or
+            may be ``None``.
         retained: :math:`D \setminus S`.
         alpha: noise scale :math:`\alpha > 0` (they use 1e-6 .. 1e-8).
         seed: seeds the noise (same seed, same result).
@@ -237,15 +230,15 @@ def fisher_forgetting(model: nn.Module, loss_fn, retained, *, alpha: float, seed
     """
     check_module(model)
     check_callable(loss_fn, "loss_fn")
+    if removed is not None:
+        check_data(removed, "removed")
     check_reiterable(retained, "retained")
     alpha = check_positive_float(alpha, "alpha")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    seed = check_int(seed, "seed")
     check_choice(fisher, "fisher", FISHER_KINDS)
     check_choice(likelihood, "likelihood", LIKELIHOODS)
-    if forget_class is not None and (isinstance(forget_class, bool)
-                                     or not isinstance(forget_class, int) or forget_class < 0):
-        raise ValueError(f"forget_class must be a non-negative int or None, got {forget_class!r}")
+    if forget_class is not None:
+        check_nonneg_int(forget_class, "forget_class")
     warn_if_training(model, "fisher_forgetting")
     fm = FlatModel(model)
     first = next((b for b in iter_batches(retained, "retained", batch_size=1, device=fm.device,
@@ -277,11 +270,7 @@ def fisher_forgetting(model: nn.Module, loss_fn, retained, *, alpha: float, seed
             var = var * 10
         noise = torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device)
         new.append((mu + var.sqrt() * noise).reshape(-1))
-    theta_hat = torch.cat(new)
-    state = fm.state_dict_with(theta_hat)
-    if inplace:
-        fm.write(theta_hat)
-    return state
+    return finish_update(fm, torch.cat(new), inplace=inplace, what="Fisher forgetting")
 
 
 def gradient_ascent(model: nn.Module, loss_fn, removed, *, lr: float, weight_decay: float = 0.0,
@@ -308,13 +297,7 @@ def gradient_ascent(model: nn.Module, loss_fn, removed, *, lr: float, weight_dec
     g, k = gradient_sum(model, loss_fn, removed, weight_decay=weight_decay, name="removed")
     if k == 0:
         raise ValueError("removed is empty: nothing to erase")
-    theta_hat = fm.flat() + lr * g / k
-    if not bool(torch.isfinite(theta_hat).all()):
-        raise FloatingPointError("gradient ascent produced NaN or Inf; nothing was changed")
-    state = fm.state_dict_with(theta_hat)
-    if inplace:
-        fm.write(theta_hat)
-    return state
+    return finish_update(fm, fm.flat() + lr * g / k, inplace=inplace, what="gradient ascent")
 
 
 def retrain(recipe, data, *, seed: int) -> nn.Module:
@@ -335,8 +318,7 @@ def retrain(recipe, data, *, seed: int) -> nn.Module:
     """
     check_callable(recipe, "recipe")
     check_data(data, "data")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    seed = check_int(seed, "seed")
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)

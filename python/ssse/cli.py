@@ -6,14 +6,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
+
+import ssse
+from ssse import metrics
+
+from ssse_ext import validation
+
+from .experiments.common import EPS_GRID
 
 __all__ = ["main"]
 
 EXPERIMENTS = ("illustration", "multiattribute", "multinomial", "nonconvex")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_GRID_TEXT = ":".join(f"{v:g}" for v in EPS_GRID)
 
 
 class UsageError(Exception):
@@ -25,41 +34,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-# ---- argument types -----------------------------------------------------------------------
+# ---- argument types: text -> value, checked by the library's own validation ----------------
 
-def _finite_float(text: str, *, allow_zero: bool) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value >= 0 if allow_zero else value > 0) or value == float("inf"):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    return _finite_float(text, allow_zero=False)
+def _checked(convert, check, what: str):
+    def parse(text: str):
+        try:
+            return check(convert(text), "value")
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
 
 
-def _nonneg_float(text: str) -> float:
-    return _finite_float(text, allow_zero=True)
+_positive_float = _checked(float, validation.check_positive_float, "a number > 0")
+_nonneg_float = _checked(float, validation.check_nonneg_float, "a number >= 0")
+_positive_int = _checked(int, validation.check_positive_int, "an integer > 0")
 
 
 def _fraction(text: str) -> float:
     value = _positive_float(text)
     if value > 1:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
     return value
 
 
@@ -142,20 +137,7 @@ def _removal_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of the class/attribute to erase (default: 0.5)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import data as _data  # noqa: F401  (DATASETS for choices)
-
-    parser = _Parser(prog="ssse", description="Single-Step Sample Erasure: erase training "
-                     "samples from a trained model in one closed-form step.")
-    try:
-        from importlib.metadata import version
-        v = version("ssse")
-    except Exception:  # pragma: no cover
-        v = "unknown"
-    parser.add_argument("--version", action="version", version=f"ssse {v}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="train, erase part of a class, retrain, compare (< 1 min)",
                        description="End to end on a small data set: train an L2 logistic "
                        "regression, fit the inverse Fisher, erase part of a class with SSSE, "
@@ -168,10 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damping", type=_positive_float, default=None,
                    help="Fisher damping λ (default: per data set)")
     p.add_argument("--eps", type=_eps_range, default=None, metavar="LO:HI:NUM",
-                   help="ε grid (default: 0.01:100:21)")
+                   help=f"ε grid (default: {_GRID_TEXT})")
     _common(p, out_default=None, out_help="nothing is written")
     p.set_defaults(func=_cmd_demo)
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model on a data set and save it",
                        description="Train the experiments' model for a data set (linear for "
                        "digits/yeast, or --model resnet) and save it as a safetensors file.")
@@ -185,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=_cmd_train)
 
+
+def _add_fisher(sub) -> None:
     p = sub.add_parser("fisher", help="fit and save the inverse Fisher of a model",
                        description="Fit the block inverse of the damped empirical Fisher of a "
                        "model on its training set and save it (safetensors).")
@@ -203,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=_cmd_fisher)
 
+
+def _add_erase(sub) -> None:
     p = sub.add_parser("erase", help="serve a deletion request: model + inverse + indices",
                        description="Apply the SSSE update (paper eq. 8) to erase training "
                        "samples and save the new model.")
@@ -218,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=_cmd_erase)
 
+
+def _add_sweep(sub) -> None:
     p = sub.add_parser("sweep", help="ε grid against a retrained reference: metrics + plots",
                        description="Sweep ε of the SSSE update for one removal, compare every "
                        "model with the original and a model retrained without the samples, "
@@ -228,11 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model retrained without the samples (default: retrain now)")
     _data_args(p, default=None)
     _removal_args(p)
-    p.add_argument("--eps", type=_eps_range, default=(0.01, 100.0, 21), metavar="LO:HI:NUM",
-                   help="ε grid (default: 0.01:100:21)")
+    p.add_argument("--eps", type=_eps_range, default=EPS_GRID, metavar="LO:HI:NUM",
+                   help=f"ε grid (default: {_GRID_TEXT})")
     _common(p)
     p.set_defaults(func=_cmd_sweep)
 
+
+def _add_experiment(sub) -> None:
     p = sub.add_parser("experiment", help="run one of the paper's experiments",
                        description="Run an experiment of the paper and write results.json, "
                        "results.md and PNG plots to --out.")
@@ -246,15 +238,35 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, out_default=None, out_help="results/NAME")
     p.set_defaults(func=_cmd_experiment)
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="the kernel benchmark (options: ssse bench --help)",
                        add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
 
+
+def _add_info(sub) -> None:
     p = sub.add_parser("info", help="build information and devices",
                        description="Print how the kernels were built, the devices torch sees "
                        "and which data sets are available offline.")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ssse", description="Single-Step Sample Erasure: erase training "
+                     "samples from a trained model in one closed-form step.")
+    try:
+        from importlib.metadata import version
+        v = version("ssse")
+    except Exception:  # pragma: no cover
+        v = "unknown"
+    parser.add_argument("--version", action="version", version=f"ssse {v}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for add in (_add_demo, _add_train, _add_fisher, _add_erase, _add_sweep, _add_experiment,
+                _add_bench, _add_info):
+        add(sub)
     return parser
 
 
@@ -265,9 +277,9 @@ def _setup(args) -> None:
         torch.set_num_threads(args.threads)
     if getattr(args, "device", None):
         try:
-            dev = torch.device(args.device)
-        except RuntimeError:
-            raise UsageError(f"--device: unknown device {args.device!r}") from None
+            dev = validation.check_device(args.device, "--device")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device is available")
         args.device = dev
@@ -441,41 +453,38 @@ def _cmd_train(args) -> int:
                      train_limit=args.train_limit, device=args.device,
                      dtype=_DTYPES[args.dtype] if args.dtype else None,
                      weight_decay=args.weight_decay, epochs=args.epochs)
-    from .experiments.common import timed
-
-    model, seconds = timed(task.train, task.data(), seed=args.seed, progress=not args.quiet)
+    t0 = time.perf_counter()
+    model = task.train(task.data(), seed=args.seed, progress=not args.quiet)
+    seconds = time.perf_counter() - t0
     path = save_model(_out_path(args, "model.safetensors"), model, spec=task.spec,
                       **task.metadata(seed=args.seed, train_seconds=seconds))
-    from .experiments.evaluation import accuracy
+
+    def accuracy(data):
+        return metrics.accuracy(metrics.predict(model, data), data[1])
 
     print(f"trained {task.spec['arch']} on {task.ds.name} (n={task.n}) in {seconds:.2f} s: "
-          f"train accuracy {accuracy(model, task.ds.train(), task.ds.task):.4f}, "
-          f"test accuracy {accuracy(model, task.ds.test(), task.ds.task):.4f}")
+          f"train accuracy {accuracy(task.ds.train()):.4f}, "
+          f"test accuracy {accuracy(task.ds.test()):.4f}")
     print(path)
     return 0
 
 
 def _cmd_fisher(args) -> int:
-    import ssse
-
-    from .experiments.common import timed
-    from .experiments.tasks import row_layout
     from .io import save_inverse_fisher
 
     model, meta = _load_model_file(args)
     task = _task_from_meta(args, model, meta)
-    layout = args.layout
-    if layout == "rows":
-        try:
-            layout = row_layout(model)
-        except ValueError as exc:
-            raise UsageError(f"--layout rows: {exc}") from None
-        if args.block_size is not None:
-            raise UsageError("--layout rows fixes the blocks; drop --block-size")
-    inv, seconds = timed(ssse.fit_inverse_fisher, model, task.loss_fn, task.data(),
-                         damping=args.damping, block_size=args.block_size, layout=layout,
-                         weight_decay=task.weight_decay, minibatch=args.minibatch,
-                         progress=not args.quiet)
+    t0 = time.perf_counter()
+    try:
+        inv = ssse.fit_inverse_fisher(model, task.loss_fn, task.data(), damping=args.damping,
+                                      block_size=args.block_size, layout=args.layout,
+                                      weight_decay=task.weight_decay, minibatch=args.minibatch,
+                                      progress=not args.quiet)
+    except ValueError as exc:
+        if "layout" not in str(exc):
+            raise
+        raise UsageError(f"--layout {args.layout}: {exc}") from None
+    seconds = time.perf_counter() - t0
     path = save_inverse_fisher(_out_path(args, "inverse_fisher.safetensors"), inv,
                                model=str(Path(args.model).name), minibatch=args.minibatch,
                                n_train=task.n, seconds=seconds)
@@ -502,9 +511,6 @@ def _load_fisher(args, model):
 
 
 def _cmd_erase(args) -> int:
-    import ssse
-
-    from .experiments.common import timed
     from .io import save_model
 
     model, meta = _load_model_file(args)
@@ -514,10 +520,12 @@ def _cmd_erase(args) -> int:
     before = [int(i) for i in meta.get("erased", [])]
     removed = _removal(args, task, before)
     # samples erased by earlier requests are no longer part of D: n counts what remains
-    state, seconds = timed(ssse.ssse_update, model, inv, task.data(removed), task.loss_fn,
-                           epsilon=args.epsilon, n_total=task.n - len(before),
-                           weight_decay=task.weight_decay, fisher=args.variant,
-                           minibatch=int(fmeta.get("minibatch", 1)))
+    t0 = time.perf_counter()
+    state = ssse.ssse_update(model, task.loss_fn, task.data(removed), inv_fisher=inv,
+                             epsilon=args.epsilon, n_total=task.n - len(before),
+                             weight_decay=task.weight_decay, fisher=args.variant,
+                             minibatch=int(fmeta.get("minibatch", 1)))
+    seconds = time.perf_counter() - t0
     model.load_state_dict(state)
     erased = sorted(set(before) | set(removed.tolist()))
     path = save_model(_out_path(args, "erased.safetensors"), model, spec=meta["spec"],

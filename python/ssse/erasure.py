@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 import ssse_ext
+from ssse_ext.validation import (check_callable, check_choice, check_data, check_device,
+                                 check_dtype, check_module, check_nonneg_float,
+                                 check_positive_float, check_positive_int, is_pair)
 
-from ._utils import (FlatModel, check_callable, check_choice, check_data, check_device,
-                     check_dtype, check_module, check_nonneg_float, check_positive_float,
-                     check_positive_int, warn_if_training)
+from ._utils import FlatModel, check_inverse, finish_update, warn_if_training
 from .gradients import _grad_stream, fit_inverse_fisher, gradient_sum, resolve_layout
 
 __all__ = ["ssse_update", "Eraser", "FISHER_VARIANTS", "GRADIENT_VARIANTS"]
@@ -28,20 +29,6 @@ __all__ = ["ssse_update", "Eraser", "FISHER_VARIANTS", "GRADIENT_VARIANTS"]
 FISHER_VARIANTS = ("full", "leave_k_out")
 #: ``"removed"``: the summed gradient of S (the paper); ``"retained"``: minus that of D \ S.
 GRADIENT_VARIANTS = ("removed", "retained")
-
-
-def _check_inverse(inv, fm: FlatModel) -> ssse_ext.BlockInverseFisher:
-    if not isinstance(inv, ssse_ext.BlockInverseFisher):
-        raise TypeError(f"inv_fisher must be a ssse_ext.BlockInverseFisher, got "
-                        f"{type(inv).__name__}")
-    if inv.dim != fm.dim:
-        raise ValueError(f"inv_fisher has dim={inv.dim}, the model has d={fm.dim} trainable "
-                         "parameters")
-    return inv
-
-
-def _check_epsilon(epsilon) -> float:
-    return check_positive_float(epsilon, "epsilon")
 
 
 def _group_means(rows: torch.Tensor, b: int) -> torch.Tensor:
@@ -60,10 +47,11 @@ def _removed_rows(fm: FlatModel, loss_fn, removed, *, weight_decay: float, dtype
     return torch.cat(chunks)
 
 
-def ssse_update(model: nn.Module, inv_fisher: ssse_ext.BlockInverseFisher, removed, loss_fn, *,
-                epsilon: float, n_total: int, weight_decay: float = 0.0, fisher: str = "full",
-                gradient: str = "removed", retained=None, minibatch: int = 1,
-                inplace: bool = False) -> dict[str, torch.Tensor]:
+def ssse_update(model: nn.Module, loss_fn, removed, *,
+                inv_fisher: ssse_ext.BlockInverseFisher, epsilon: float, n_total: int,
+                weight_decay: float = 0.0, fisher: str = "full", gradient: str = "removed",
+                retained=None, minibatch: int = 1, inplace: bool = False
+                ) -> dict[str, torch.Tensor]:
     r"""Single-step sample erasure, paper eq. 8, applied block by block:
 
     .. math:: \hat\theta_\varepsilon = \theta^* + \frac{\varepsilon}{n-k}\,F^{-1} v,\qquad
@@ -71,15 +59,15 @@ def ssse_update(model: nn.Module, inv_fisher: ssse_ext.BlockInverseFisher, remov
 
     Args:
         model: the trained model (:math:`\theta^*`).
+        loss_fn: per-sample loss, as in :func:`ssse.per_sample_grads`.
+        removed: :math:`S`, an ``(X, y)`` pair or an iterable of batches.
         inv_fisher: :math:`F_D^{-1}` from :func:`ssse.fit_inverse_fisher` at :math:`\theta^*`
             (not modified).
-        removed: :math:`S`, an ``(X, y)`` pair or an iterable of batches.
-        loss_fn: per-sample loss, as in :func:`ssse.per_sample_grads`.
         epsilon: :math:`\varepsilon > 0`.
         n_total: :math:`n = |D|`, the number of training *samples* (``n_total > k``).
         weight_decay: the L2 coefficient folded into every :math:`\ell_i`.
         fisher: ``"full"`` uses :math:`F_D^{-1}`; ``"leave_k_out"`` downdates a copy by the
-            gradients of :math:`S` first (:math:`F_{D \setminus S}^{-1}`, DESIGN §1).
+            gradients of :math:`S` first (:math:`F_{D \setminus S}^{-1}`, see docs/maths.md).
         gradient: ``"removed"`` (paper): :math:`v = \sum_{S} \nabla\ell_i`; ``"retained"``
             (paper §5.3): :math:`v = -\sum_{D \setminus S} \nabla\ell_i`, the same direction at an
             optimum since :math:`\sum_D \nabla\ell_i = 0` there. Needs ``retained``.
@@ -94,11 +82,11 @@ def ssse_update(model: nn.Module, inv_fisher: ssse_ext.BlockInverseFisher, remov
         changed.
     """
     check_module(model)
-    fm = FlatModel(model)
-    inv = _check_inverse(inv_fisher, fm)
-    check_data(removed, "removed")
     check_callable(loss_fn, "loss_fn")
-    epsilon = _check_epsilon(epsilon)
+    check_data(removed, "removed")
+    fm = FlatModel(model)
+    inv = check_inverse(inv_fisher, fm)
+    epsilon = check_positive_float(epsilon, "epsilon")
     n_total = check_positive_int(n_total, "n_total")
     weight_decay = check_nonneg_float(weight_decay, "weight_decay")
     check_choice(fisher, "fisher", FISHER_VARIANTS)
@@ -132,12 +120,7 @@ def ssse_update(model: nn.Module, inv_fisher: ssse_ext.BlockInverseFisher, remov
         inv = inv.clone().downdate(_group_means(rows, minibatch).to(device))
     theta = fm.flat(dtype=dtype, device=device)
     theta_hat = inv.apply_update(theta, v.to(device), epsilon / (n_total - k))
-    if not bool(torch.isfinite(theta_hat).all()):
-        raise FloatingPointError("the SSSE update produced NaN or Inf; the model is unchanged")
-    state = fm.state_dict_with(theta_hat)
-    if inplace:
-        fm.write(theta_hat)
-    return state
+    return finish_update(fm, theta_hat, inplace=inplace, what="the SSSE update")
 
 
 class Eraser:
@@ -211,8 +194,7 @@ class Eraser:
             n = check_positive_int(n_total, "n_total")
         elif self.minibatch == 1:
             n = inv.num_samples
-        elif isinstance(train_data, (tuple, list)) and len(train_data) == 2 and \
-                isinstance(train_data[0], torch.Tensor):
+        elif is_pair(train_data):
             n = int(train_data[0].shape[0])
         else:
             raise ValueError("n_total must be given with minibatch > 1 and an iterable "
@@ -242,7 +224,7 @@ class Eraser:
         if self.inv_fisher is None:
             raise RuntimeError("call fit(train_data) before erase()")
         check_data(removed, "removed")
-        epsilon = _check_epsilon(epsilon)
+        epsilon = check_positive_float(epsilon, "epsilon")
         check_choice(fisher, "fisher", FISHER_VARIANTS)
         rows = _removed_rows(self._fm, self.loss_fn, removed, weight_decay=self.weight_decay,
                              dtype=self.dtype, params=self._star).to(self.device)
@@ -253,13 +235,9 @@ class Eraser:
         downdated = self.inv_fisher.clone().downdate(_group_means(rows, self.minibatch))
         inv = downdated if fisher == "leave_k_out" else self.inv_fisher
         theta = inv.apply_update(self.theta, v, epsilon / (self.n - k))
-        if not bool(torch.isfinite(theta).all()):
-            raise FloatingPointError("the SSSE update produced NaN or Inf; nothing was changed")
-        state = self._fm.state_dict_with(theta)
+        state = finish_update(self._fm, theta, inplace=inplace, what="the SSSE update")
         self.inv_fisher, self.theta, self.n = downdated, theta, self.n - k
         self.history.append((k, epsilon))
-        if inplace:
-            self._fm.write(theta)
         return state
 
     def state_dict(self) -> dict[str, torch.Tensor]:

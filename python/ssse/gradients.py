@@ -10,6 +10,7 @@ order and :math:`w` the ``weight_decay``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from typing import Iterator
@@ -20,21 +21,30 @@ from torch.func import grad, jvp, vmap
 from tqdm.auto import tqdm
 
 import ssse_ext
+from ssse_ext.validation import (check_callable, check_choice, check_data, check_device,
+                                 check_dtype, check_module, check_nonneg_float,
+                                 check_positive_float, check_positive_int)
 
-from ._utils import (DEFAULT_BLOCK_SIZE, DEFAULT_CHUNK_SIZE, FlatModel, LossReductionError,
-                     check_callable, check_choice, check_data, check_device, check_dtype,
-                     check_module, check_nonneg_float, check_positive_float,
-                     check_positive_int, data_size, iter_batches, per_sample_losses, rebatch,
+from ._utils import (BATCH_SIZE, FlatModel, data_size, iter_batches, per_sample_losses, rebatch,
                      warn_if_training)
 
 __all__ = ["per_sample_grads", "fit_inverse_fisher", "gradient_sum", "hessian_vector_products",
            "resolve_layout", "LAYOUTS"]
 
-#: Block-layout policies accepted by ``layout=`` (or pass a :class:`ssse_ext.BlockLayout`).
-LAYOUTS = ("per_parameter", "fixed")
+#: Block-layout policies accepted by ``layout=`` (or pass a :class:`ssse_ext.BlockLayout`):
+#: ``"per_parameter"`` (no block crosses a parameter tensor), ``"fixed"`` (consecutive chunks
+#: of the flat vector, the paper's) and ``"rows"`` (one block per output row of a linear model,
+#: the paper's multi-attribute layout).
+LAYOUTS = ("per_parameter", "fixed", "rows")
 
+#: Rows per chunk of per-sample gradients when the data is a single ``(X, y)`` pair.
+DEFAULT_CHUNK_SIZE = 128
 # Per-sample gradient chunks are capped at this many elements (256 MiB in float32).
 _MAX_CHUNK_ELEMENTS = 1 << 26
+
+# What torch.func.vmap raises for a module it cannot batch (data-dependent control flow,
+# .item(), in-place writes to unbatched tensors): only these switch to the per-sample loop.
+_VMAP_UNSUPPORTED = ("vmap", "batching rule", "batched tensor", "functorch")
 
 
 def _default_chunk(d: int) -> int:
@@ -61,9 +71,9 @@ def _group_grads(fm: FlatModel, loss_fn, params: dict, frozen: dict, x: torch.Te
                 g = vmap(grad(group_loss), in_dims=(None, 0, 0), randomness="different")(
                     params, xg, yg)
                 rows.append(fm.flatten_rows(g, full))
-            except LossReductionError:
-                raise
-            except Exception as exc:  # a module vmap cannot batch: fall back for good
+            except RuntimeError as exc:
+                if not _vmap_cannot_batch(exc):
+                    raise  # out of memory, shape errors, the loss's own errors: not vmap's
                 warnings.warn(f"per-sample gradients: torch.func.vmap failed ({type(exc).__name__}:"
                               f" {exc}); falling back to a per-sample loop, which is much slower",
                               RuntimeWarning, stacklevel=4)
@@ -73,6 +83,13 @@ def _group_grads(fm: FlatModel, loss_fn, params: dict, frozen: dict, x: torch.Te
         g = grad(group_loss)(params, x[full * b:], y[full * b:])
         rows.append(fm.flatten_rows({k: v.unsqueeze(0) for k, v in g.items()}, 1))
     return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+
+def _vmap_cannot_batch(exc: RuntimeError) -> bool:
+    text = str(exc).lower()
+    if "out of memory" in text or "can't allocate memory" in text:
+        return False
+    return any(key in text for key in _VMAP_UNSUPPORTED)
 
 
 def _loop_grads(fm: FlatModel, group_loss, params: dict, xg: torch.Tensor,
@@ -143,12 +160,17 @@ def per_sample_grads(model: nn.Module, loss_fn, data, *, weight_decay: float = 0
                         chunk_size=chunk_size, minibatch=minibatch, dtype=fm.dtype)
 
 
-def resolve_layout(layout, block_size: int | None, fm_or_shapes) -> ssse_ext.BlockLayout:
-    """The :class:`ssse_ext.BlockLayout` for ``layout`` (``"per_parameter"``, ``"fixed"`` or a
-    ``BlockLayout``) over a model's trainable parameters (a :class:`FlatModel` or shapes)."""
-    shapes = fm_or_shapes.shapes if isinstance(fm_or_shapes, FlatModel) else list(fm_or_shapes)
-    d = sum(math.prod(s) for s in shapes)
+def resolve_layout(layout, block_size: int | None, model_or_shapes) -> ssse_ext.BlockLayout:
+    """The :class:`ssse_ext.BlockLayout` for ``layout`` (one of :data:`LAYOUTS` or a
+    ``BlockLayout``) over a model's trainable parameters (an ``nn.Module``, a
+    :class:`~ssse._utils.FlatModel` or the parameters' shapes)."""
     block_size = check_positive_int(block_size, "block_size", allow_none=True)
+    module = model_or_shapes.model if isinstance(model_or_shapes, FlatModel) else model_or_shapes
+    if isinstance(model_or_shapes, nn.Module):
+        model_or_shapes = FlatModel(model_or_shapes)
+    shapes = (model_or_shapes.shapes if isinstance(model_or_shapes, FlatModel)
+              else list(model_or_shapes))
+    d = sum(math.prod(s) for s in shapes)
     if isinstance(layout, ssse_ext.BlockLayout):
         if block_size is not None:
             raise ValueError("give block_size or a BlockLayout as layout, not both")
@@ -160,9 +182,25 @@ def resolve_layout(layout, block_size: int | None, fm_or_shapes) -> ssse_ext.Blo
         raise TypeError(f"layout must be one of {LAYOUTS} or a ssse_ext.BlockLayout, got "
                         f"{type(layout).__name__}")
     check_choice(layout, "layout", LAYOUTS)
+    if layout == "rows":
+        if block_size is not None:
+            raise ValueError('layout="rows" fixes the blocks: drop block_size')
+        return row_layout(module)
     if layout == "per_parameter":
-        return ssse_ext.BlockLayout.per_parameter(shapes, block_size or DEFAULT_BLOCK_SIZE)
-    return ssse_ext.BlockLayout.fixed(d, block_size or max(1, min(d, DEFAULT_BLOCK_SIZE)))
+        return ssse_ext.BlockLayout.per_parameter(shapes, block_size or ssse_ext.DEFAULT_BLOCK_SIZE)
+    return ssse_ext.BlockLayout.fixed(d, block_size or max(1, min(d, ssse_ext.DEFAULT_BLOCK_SIZE)))
+
+
+def row_layout(model: nn.Module) -> ssse_ext.BlockLayout:
+    """One block per output row of a linear model, plus one for its bias: the paper's
+    multi-attribute layout, where attribute ``i``'s weights form block ``i``."""
+    if not isinstance(model, nn.Linear) or not model.weight.requires_grad:
+        raise ValueError(f'layout="rows" needs a trainable torch.nn.Linear model, got '
+                         f"{type(model).__name__}")
+    out_f, in_f = model.weight.shape
+    cuts = [in_f * (r + 1) for r in range(out_f)]
+    bias = model.bias is not None and model.bias.requires_grad
+    return ssse_ext.BlockLayout.from_boundaries(cuts, out_f * in_f + (out_f if bias else 0))
 
 
 def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
@@ -174,8 +212,8 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
 
     .. math:: F_b^{-1} = \Big(\lambda I + \frac{1}{N}\sum_{i=1}^{N} g_{i,b}\, g_{i,b}^\top\Big)^{-1}
 
-    (DESIGN §1; the matrix of paper eq. 7's recurrence, computed stably by
-    :func:`ssse_ext.build_inverse_fisher`), with
+    (the matrix of paper eq. 7's recurrence, computed stably by
+    :func:`ssse_ext.build_inverse_fisher`; see docs/maths.md), with
     :math:`g_i` the per-sample gradients of :func:`per_sample_grads` streamed chunk by chunk
     (the ``n x d`` matrix never exists) and :math:`N` the number of rows: samples, or
     mini-batches when ``minibatch > 1``.
@@ -185,8 +223,8 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
         damping: :math:`\lambda > 0`.
         block_size: the largest block ``B`` (default 1024, or ``d`` if smaller for ``"fixed"``).
         layout: ``"per_parameter"`` (no block crosses a parameter tensor), ``"fixed"``
-            (consecutive chunks of the flat vector, as in the paper) or a
-            :class:`ssse_ext.BlockLayout`.
+            (consecutive chunks of the flat vector, as in the paper), ``"rows"`` (one block per
+            output row of an ``nn.Linear``) or a :class:`ssse_ext.BlockLayout`.
         dtype: dtype of the gradients and the inverse (default: the model's).
         device: device of the inverse (default: the model's); gradients are computed on the
             model's device.
@@ -214,22 +252,20 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     bar = tqdm(total=total, unit="grad", desc="inverse Fisher", disable=not progress,
                leave=False)
 
-    seen = 0
+    stream = _grad_stream(fm, loss_fn, data, "data", weight_decay=weight_decay, chunk_size=None,
+                          minibatch=minibatch, dtype=dtype)
+    first = next(stream, None)  # an error of the model or the loss surfaces here, unchanged
+    if first is None:
+        bar.close()
+        raise ValueError("data is empty: the Fisher needs at least one sample")
 
     def chunks():
-        nonlocal seen
-        for rows in _grad_stream(fm, loss_fn, data, "data", weight_decay=weight_decay,
-                                 chunk_size=None, minibatch=minibatch, dtype=dtype):
+        for rows in itertools.chain([first], stream):
             bar.update(rows.shape[0])
-            seen += rows.shape[0]
             yield rows.to(device)
 
     try:
         return ssse_ext.build_inverse_fisher(chunks(), damping=damping, layout=lay)
-    except ValueError:
-        if seen == 0:
-            raise ValueError("data is empty: the Fisher needs at least one sample") from None
-        raise
     finally:
         bar.close()
 
@@ -258,7 +294,7 @@ def gradient_sum(model: nn.Module, loss_fn, data, *, weight_decay: float = 0.0,
     frozen = fm.frozen_dict(dtype)
     total = torch.zeros(fm.dim, dtype=dtype, device=fm.device)
     count = 0
-    for x, y in iter_batches(data, name, batch_size=1024, device=fm.device, dtype=dtype):
+    for x, y in iter_batches(data, name, batch_size=BATCH_SIZE, device=fm.device, dtype=dtype):
         if x.shape[0] == 0:
             continue
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
@@ -306,7 +342,7 @@ def hessian_vector_products(model: nn.Module, loss_fn, data, vectors: torch.Tens
     out = torch.zeros_like(V)
     count = 0
 
-    for x, y in iter_batches(data, "data", batch_size=1024, device=fm.device, dtype=dtype):
+    for x, y in iter_batches(data, "data", batch_size=BATCH_SIZE, device=fm.device, dtype=dtype):
         if x.shape[0] == 0:
             continue
 

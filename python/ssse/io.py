@@ -20,6 +20,8 @@ from safetensors.torch import save as _save_bytes
 
 import ssse_ext
 
+from .models import build_model
+
 __all__ = [
     "FORMAT_VERSION",
     "FileFormatError",
@@ -152,7 +154,7 @@ def _load(path, expected: str, device=None) -> tuple[dict[str, torch.Tensor], di
 def save_model(path: str | os.PathLike, model: torch.nn.Module, *, spec: dict,
                **meta: Any) -> Path:
     """Saves ``model``'s state dict with the architecture ``spec`` (see
-    :func:`ssse.experiments.models.build_model`) and free-form JSON metadata ``meta`` (loss,
+    :func:`ssse.models.build_model`) and free-form JSON metadata ``meta`` (loss,
     weight decay, data set, training recipe, ...)."""
     state = model.state_dict()
     dtypes = {str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()}
@@ -163,8 +165,6 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, *, spec: dict,
 def load_model(path: str | os.PathLike, *, device=None,
                dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, dict]:
     """Rebuilds the model saved by :func:`save_model`; returns ``(model, metadata)``."""
-    from .experiments.models import build_model
-
     state, meta = _load(path, MODEL_FORMAT)
     if not isinstance(meta.get("spec"), dict):
         raise FileFormatError(f"{path} has no model spec")

@@ -17,12 +17,17 @@ import torch
 from sklearn.metrics import confusion_matrix, roc_auc_score
 from torch import nn
 
-from ._utils import (FlatModel, check_callable, check_choice, check_data, check_module,
-                     check_nonneg_float, check_positive_int, check_reiterable, data_size,
-                     iter_batches, per_sample_losses)
+from ssse_ext.validation import (check_callable, check_choice, check_data, check_int,
+                                 check_module, check_nonneg_float, check_positive_int,
+                                 check_reiterable)
+
+from ._utils import (BATCH_SIZE, FlatModel, check_inverse, data_size, iter_batches,
+                     per_sample_losses)
 from .gradients import _grad_stream, hessian_vector_products
 
 __all__ = [
+    "accuracy",
+    "predict",
     "attribute_aucs",
     "performance_similarity",
     "similarity_ratio",
@@ -248,6 +253,29 @@ def _correct(output: torch.Tensor, y: torch.Tensor, task: str) -> tuple[float, i
     return float((pred == y).sum()), y.numel()
 
 
+@torch.no_grad()
+def predict(model: nn.Module, data, *, batch_size: int = BATCH_SIZE) -> torch.Tensor:
+    """The model's outputs (logits) on the inputs of ``data`` (an ``(X, y)`` pair or an
+    iterable of batches), in float64 on the CPU, computed ``batch_size`` rows at a time."""
+    check_module(model)
+    batch_size = check_positive_int(batch_size, "batch_size")
+    p = next(model.parameters())
+    out = [model(x.to(p.device, p.dtype)).double().cpu()
+           for x, _ in iter_batches(data, "data", batch_size=batch_size)]
+    out = [o for o in out if o.shape[0]]
+    return torch.cat(out) if out else torch.zeros(0, 1, dtype=torch.float64)
+
+
+def accuracy(outputs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Accuracy of a model's ``outputs`` against ``labels``: top-1 for ``(n, C)`` scores with
+    integer class labels, else per entry of sigmoid logits (positive means 1) against 0/1
+    labels (multi-attribute models). NaN for an empty split."""
+    if outputs.shape[0] == 0:
+        return math.nan
+    correct, total = _correct(outputs, labels, _infer_task(outputs, labels))
+    return correct / total
+
+
 def split_report(model: nn.Module, splits: Mapping, *, loss_fn=None,
                  weight_decay: float = 0.0) -> dict[str, dict[str, float]]:
     r"""Loss, gradient norm and accuracy of ``model`` on each split (paper §4: typically
@@ -285,8 +313,8 @@ def split_report(model: nn.Module, splits: Mapping, *, loss_fn=None,
         params = {k: v.detach().requires_grad_(True) for k, v in fm.param_dict().items()}
         grad_sum = torch.zeros(fm.dim, dtype=fm.dtype, device=fm.device)
         loss_sum, correct, total, n = 0.0, 0.0, 0, 0
-        for x, y in iter_batches(data, f"splits[{name!r}]", batch_size=1024, device=fm.device,
-                                 dtype=fm.dtype):
+        for x, y in iter_batches(data, f"splits[{name!r}]", batch_size=BATCH_SIZE,
+                                 device=fm.device, dtype=fm.dtype):
             if x.shape[0] == 0:
                 continue
             with torch.enable_grad():
@@ -314,7 +342,8 @@ def _losses(model: nn.Module, data, name: str, loss_fn) -> np.ndarray:
     params = fm.param_dict()
     out = []
     with torch.no_grad():
-        for x, y in iter_batches(data, name, batch_size=1024, device=fm.device, dtype=fm.dtype):
+        for x, y in iter_batches(data, name, batch_size=BATCH_SIZE, device=fm.device,
+                                 dtype=fm.dtype):
             if x.shape[0] == 0:
                 continue
             o = fm(params, x)
@@ -349,9 +378,9 @@ def membership_inference(model: nn.Module, removed, test, *, loss_fn=None) -> di
 
 # ---- choosing epsilon -----------------------------------------------------------------------
 
-def estimate_epsilon(model: nn.Module, loss_fn, data, inv_fisher, *, weight_decay: float = 0.0,
-                     probes: int = 16, probe: str = "gradients", seed: int = 0,
-                     details: bool = False):
+def estimate_epsilon(model: nn.Module, loss_fn, data, *, inv_fisher,
+                     weight_decay: float = 0.0, probes: int = 16, probe: str = "gradients",
+                     seed: int = 0, details: bool = False):
     r"""Estimates :math:`\varepsilon` of paper eq. 8 without retraining.
 
     SSSE is the influence update (eq. 4) with :math:`H^{-1}` replaced by
@@ -383,20 +412,17 @@ def estimate_epsilon(model: nn.Module, loss_fn, data, inv_fisher, *, weight_deca
     Returns:
         :math:`\hat\varepsilon` (a float), or ``(epsilon, residual)`` with ``details=True``.
     """
-    from .erasure import _check_inverse
-
     check_module(model)
     check_callable(loss_fn, "loss_fn")
     check_data(data, "data")
     weight_decay = check_nonneg_float(weight_decay, "weight_decay")
     probes = check_positive_int(probes, "probes")
     check_choice(probe, "probe", ("gradients", "gaussian"))
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    seed = check_int(seed, "seed")
     if probe == "gradients":  # probes come from data, then the Hessian reads all of it
         check_reiterable(data, "data")
     fm = FlatModel(model)
-    inv = _check_inverse(inv_fisher, fm)
+    inv = check_inverse(inv_fisher, fm)
     gen = torch.Generator().manual_seed(seed)
     if probe == "gaussian":
         U = torch.randn(fm.dim, probes, generator=gen, dtype=torch.float64)

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._utils import (FlatModel, check_callable, check_data, check_dtype, check_module,
-                     check_nonneg_float, check_positive_float, check_positive_int, concat_data,
-                     per_sample_losses)
+from ssse_ext.validation import (check_callable, check_data, check_dtype, check_module,
+                                 check_nonneg_float, check_positive_float, check_positive_int)
+
+from ._utils import FlatModel, concat_data, per_sample_losses
 
 __all__ = ["sgd_recipe", "lbfgs_recipe", "train_sgd", "train_lbfgs", "objective"]
 

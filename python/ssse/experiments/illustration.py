@@ -6,26 +6,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import ssse
-from ssse import plots
-from ssse.baselines import influence_update
+from ssse import metrics, plots
 from ssse.data import Dataset, two_blobs_2d
 
-from .common import Task, markdown_table, timed, with_state
-from .evaluation import parameter_distance
+from .common import markdown_table, timed, write_results
+from .tasks import Task
 
 NAME = "illustration"
+_STYLES = {"original": dict(color="black", lw=2), "retrained": dict(color="green", lw=2.5),
+           "SSSE, F of D": dict(color="red", ls="--"),
+           "SSSE, F of D∖S": dict(color="purple", ls=":"),
+           "influence, H of D": dict(color="tab:blue", ls="-."),
+           "influence, H of D∖S": dict(color="tab:cyan", ls=(0, (1, 3)))}
 
 
 def _line(model) -> tuple[list[float], float]:
     return model.weight.detach()[0].tolist(), float(model.bias.detach()[0])
 
 
-def run(*, quick: bool = False, seed: int = 0, out: Path = Path("results/illustration"),
-        device="cpu", dtype=torch.float64, progress: bool = True, data=None, data_dir=None,
-        repeats=None, epsilon: float = 1.0, damping: float = 1e-3) -> str:
+def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.float64,
+            epsilon: float = 1.0, damping: float = 1e-3) -> dict:
+    """Train on the blobs, then per request the retrained model, SSSE and the influence update
+    with the curvature of D and of D∖S: their lines and parameter distances."""
     blobs = two_blobs_2d(24 if quick else 40, seed=seed, dtype=dtype)
     x, y = blobs.x_train, blobs.y_train
     ds = Dataset("blobs-2d", x, y.to(dtype).unsqueeze(1), x[:0], y[:0].to(dtype).unsqueeze(1),
@@ -42,46 +48,55 @@ def run(*, quick: bool = False, seed: int = 0, out: Path = Path("results/illustr
         margin = model(x).squeeze(1) * (2 * y.to(dtype) - 1)
     order = torch.argsort(margin)
     requests = {"remove one sample": order[:1], "remove a group of 5": order[:5]}
-    panels, rows, results = [], [], {}
+    results = {}
     for title, removed in requests.items():
         removed = torch.sort(removed).values
         retrained, t_retrain = timed(task.train, task.retained(removed), seed=seed)
-        kw = dict(epsilon=epsilon, n_total=task.n, weight_decay=task.weight_decay)
+        S, rest = task.data(removed), task.retained(removed)
+        wd = task.weight_decay
+        kw = dict(inv_fisher=inv, epsilon=epsilon, n_total=task.n, weight_decay=wd)
         variants = {
-            "SSSE, F of D": ssse.ssse_update(model, inv, task.data(removed), task.loss_fn, **kw),
-            "SSSE, F of D∖S": ssse.ssse_update(model, inv, task.data(removed), task.loss_fn,
-                                               fisher="leave_k_out", **kw),
-            "influence, H of D": influence_update(model, task.loss_fn, task.data(removed),
-                                                  task.retained(removed), hessian="full",
-                                                  weight_decay=task.weight_decay),
-            "influence, H of D∖S": influence_update(model, task.loss_fn, task.data(removed),
-                                                    task.retained(removed), hessian="retained",
-                                                    weight_decay=task.weight_decay),
+            "SSSE, F of D": ssse.ssse_update(model, task.loss_fn, S, **kw),
+            "SSSE, F of D∖S": ssse.ssse_update(model, task.loss_fn, S, fisher="leave_k_out",
+                                               **kw),
+            "influence, H of D": ssse.influence_update(model, task.loss_fn, S, retained=rest,
+                                                       hessian="full", weight_decay=wd),
+            "influence, H of D∖S": ssse.influence_update(model, task.loss_fn, S, retained=rest,
+                                                         hessian="retained", weight_decay=wd),
         }
-        models = {"original": model, "retrained": retrained}
-        models.update({k: with_state(model, v) for k, v in variants.items()})
-        styles = {"original": dict(color="black", lw=2), "retrained": dict(color="green", lw=2.5),
-                  "SSSE, F of D": dict(color="red", ls="--"),
-                  "SSSE, F of D∖S": dict(color="purple", ls=":"),
-                  "influence, H of D": dict(color="tab:blue", ls="-."),
-                  "influence, H of D∖S": dict(color="tab:cyan", ls=(0, (1, 3)))}
-        panels.append((title, removed.numpy(),
-                       {k: (*_line(m), styles[k]) for k, m in models.items()}))
+        states = {"original": model.state_dict(), "retrained": retrained.state_dict(), **variants}
         results[title] = {"removed": removed.tolist(), "retrain_seconds": t_retrain}
-        for k, m in models.items():
-            dist = parameter_distance(m, model, retrained)
-            w, b = _line(m)
-            results[title][k] = {"w": w, "b": b, "param_distance": dist}
-            rows.append([title, k, dist])
-    png = plots.decision_boundaries(out / "illustration.png", x.numpy(), y.numpy(), panels,
-                                    title=f"2-D logistic regression: erasing the red-circled "
-                                          f"samples (SSSE with ε={epsilon:g})")
-    table = (f"n={task.n}, L2 logistic regression, λ={damping:g}, ε={epsilon:g}; normalised "
-             "parameter distance to the retrained model (0 = retrained, 1 = original).\n\n"
-             + markdown_table(["request", "model", "param dist"], rows))
-    write_results(Path(out), NAME, {"seed": seed, "n": task.n, "epsilon": epsilon,
-                                    "damping": damping, "quick": quick}, results, table, [png])
-    return table
+        for k, st in states.items():
+            results[title][k] = {"w": st["weight"][0].tolist(), "b": float(st["bias"][0]),
+                                 "param_distance": metrics.normalized_parameter_distance(
+                                     st, model, retrained)}
+    config = {"seed": seed, "n": task.n, "epsilon": epsilon, "damping": damping, "quick": quick}
+    return {"config": config, "results": results, "x": x.numpy(), "y": y.numpy()}
 
 
-from .common import write_results  # noqa: E402
+def table(r: dict) -> str:
+    c = r["config"]
+    rows = [[title, k, v["param_distance"]] for title, req in r["results"].items()
+            for k, v in req.items() if isinstance(v, dict)]
+    return (f"n={c['n']}, L2 logistic regression, λ={c['damping']:g}, ε={c['epsilon']:g}; "
+            "normalised parameter distance to the retrained model (0 = retrained, 1 = "
+            "original).\n\n" + markdown_table(["request", "model", "param dist"], rows))
+
+
+def figures(r: dict, out: Path) -> list[Path]:
+    panels = [(title, np.asarray(req["removed"]),
+               {k: (v["w"], v["b"], _STYLES[k]) for k, v in req.items() if isinstance(v, dict)})
+              for title, req in r["results"].items()]
+    return [plots.decision_boundaries(out / "illustration.png", r["x"], r["y"], panels,
+                                      title=f"2-D logistic regression: erasing the red-circled "
+                                            f"samples (SSSE with ε={r['config']['epsilon']:g})")]
+
+
+def run(*, quick: bool = False, seed: int = 0, out: Path = Path("results/illustration"),
+        device="cpu", dtype=torch.float64, progress: bool = True, data=None, data_dir=None,
+        repeats=None, epsilon: float = 1.0, damping: float = 1e-3) -> str:
+    r = compute(quick=quick, seed=seed, device=device, dtype=dtype, epsilon=epsilon,
+                damping=damping)
+    text = table(r)
+    write_results(Path(out), NAME, r["config"], r["results"], text, figures(r, Path(out)))
+    return text

@@ -10,20 +10,22 @@ import numpy as np
 import torch
 
 import ssse
-from ssse import plots
+from ssse import metrics, plots
 from ssse.data import class_removal
 
-from .common import eps_grid, markdown_table, timed, write_results
-from .convex import mean_std, run_setting
-from .sweep import SPLITS, choose_eps, prepare_removal, ssse_sweep
-from .tasks import DEFAULTS, make_task, row_layout
+from .common import (EPS_GRID, QUICK_GRID_POINTS, eps_grid, geomean, markdown_table, summary,
+                     timed, write_results)
+from .convex import run_setting
+from .methods import select, ssse_curve
+from .removal import SPLITS, make_removal
+from .tasks import DEFAULTS, make_task
 
 NAME = "multinomial"
 
 
-def run(*, quick: bool = False, seed: int = 0, out: Path = Path("results/multinomial"),
-        device="cpu", dtype=torch.float64, progress: bool = True, data: str | None = None,
-        data_dir=None, repeats: int | None = None) -> str:
+def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.float64,
+            progress: bool = True, data: str | None = None, data_dir=None,
+            repeats: int | None = None) -> dict:
     data = data or "digits"
     if data not in ("digits", "fashion-mnist"):
         raise ValueError(f"the multinomial experiment needs a multiclass data set (digits or "
@@ -34,22 +36,22 @@ def run(*, quick: bool = False, seed: int = 0, out: Path = Path("results/multino
     task = make_task(data, data_dir=data_dir, seed=seed, device=device, dtype=dtype, **limits)
     damping = DEFAULTS[data]["damping"]
     fractions = [0.5, 1.0] if quick else [0.25, 0.5, 1.0]
-    n_classes = repeats or (1 if quick else 3)
-    classes = list(range(n_classes))
-    grid = eps_grid(0.01, 100.0, 7 if quick else 21)
+    classes = list(range(repeats or (1 if quick else 3)))
+    lo, hi, num = EPS_GRID
+    grid = eps_grid(lo, hi, QUICK_GRID_POINTS if quick else num)
 
     model, t_train = timed(task.train, task.data(), seed=seed)
     inv, t_fisher = timed(ssse.fit_inverse_fisher, model, task.loss_fn, task.data(),
-                          damping=damping, layout=row_layout(model),
-                          weight_decay=task.weight_decay, progress=progress)
+                          damping=damping, layout="rows", weight_decay=task.weight_decay,
+                          progress=progress)
     proxy_class = task.ds.num_classes - 1
-    proxy = prepare_removal(task, model, class_removal(task.ds.y_train, proxy_class, 0.5,
-                                                       seed=seed + 1),
-                            classes=[proxy_class], seed=seed)
-    eps_star = choose_eps(ssse_sweep(task, proxy, inv, grid), "delta")
+    proxy = make_removal(task, model, class_removal(task.ds.y_train, proxy_class, 0.5,
+                                                    seed=seed + 1),
+                         classes=[proxy_class], seed=seed)
+    eps_star = grid[select(grid, ssse_curve(proxy, inv, grid)["rows"], "delta")]
     # beyond the paper: ε from the Hessian-to-Fisher scale alone, without any retraining
-    eps_hat, t_eps_hat = timed(ssse.metrics.estimate_epsilon, model, task.loss_fn, task.data(),
-                               inv, weight_decay=task.weight_decay)
+    eps_hat, t_eps_hat = timed(metrics.estimate_epsilon, model, task.loss_fn, task.data(),
+                               inv_fisher=inv, weight_decay=task.weight_decay)
 
     settings = {}
     for f in fractions:
@@ -58,24 +60,10 @@ def run(*, quick: bool = False, seed: int = 0, out: Path = Path("results/multino
         settings[f"{int(f * 100)}%"] = run_setting(task, model, inv, removals, grid, eps_star,
                                                    seed=seed, progress=progress)
 
-    out = Path(out)
-    curves = {name: [r["curve"] for r in s["runs"]] for name, s in settings.items()}
-    curves.update({f"{name} leave-k-out": [r["curve_leave_k_out"] for r in s["runs"]]
-                   for name, s in settings.items()})
-    p1 = plots.eps_curves(out / f"{data}_delta.png", grid, curves, hline=0.5, vline=eps_star,
-                          ylabel="δ on S (< 0.5: closer to retrained)",
-                          title=f"{data}: removing part of a class (Fig. 3a)")
-    p2 = plots.eps_panels(out / f"{data}_accuracy_gaps.png", grid, {
-        s: {name: [r["accuracy_gap"][s] for r in st["runs"]] for name, st in settings.items()}
-        for s in SPLITS}, ylabel="|acc − acc retrained|", vline=eps_star,
-        title=f"{data}: accuracy gaps to the retrained model (Fig. 4)")
-
-    header = ["removed", "k", "δ SSSE @ε*", "δ min (ε)", "δ min leave-k-out (ε)", "δ influence"] + \
-        [f"gap {s}" for s in SPLITS] + ["erase s", "retrain s"]
-    rows, summary = [], {}
+    summ = {}
     for name, s in settings.items():
         runs = s["runs"]
-        m = {key: mean_std(vals) for key, vals in {
+        summ[name] = {**{key: summary(vals) for key, vals in {
             "delta_chosen": [r["chosen"]["delta"] for r in runs],
             "delta_best": [r["best"]["delta"] for r in runs],
             "delta_best_lko": [r["best_leave_k_out"]["delta"] for r in runs],
@@ -83,28 +71,61 @@ def run(*, quick: bool = False, seed: int = 0, out: Path = Path("results/multino
             "erase_seconds": [r["erase_seconds"] for r in runs],
             "retrain_seconds": [r["retrain_seconds"] for r in runs],
             **{f"gap_{sp}": [abs(r["chosen"]["accuracy"][sp] - r["retrained"]["accuracy"][sp])
-                             for r in runs] for sp in SPLITS}}.items()}
-        best_eps = float(np.exp(np.mean(np.log([r["best_eps"] for r in runs]))))
-        best_eps_lko = float(np.exp(np.mean(np.log([r["best_eps_leave_k_out"] for r in runs]))))
-        summary[name] = {**{k: {"mean": v[0], "std": v[1]} for k, v in m.items()},
-                         "best_eps_geomean": best_eps, "best_eps_leave_k_out_geomean": best_eps_lko,
-                         "k_mean": float(np.mean([r["k"] for r in runs]))}
-        pm = lambda k: f"{m[k][0]:.3f} ± {m[k][1]:.3f}"  # noqa: E731
-        rows.append([name, f"{summary[name]['k_mean']:.0f}", pm("delta_chosen"),
-                     f"{pm('delta_best')} ({best_eps:.2g})",
-                     f"{pm('delta_best_lko')} ({best_eps_lko:.2g})", pm("delta_influence")]
-                    + [pm(f"gap_{sp}") for sp in SPLITS]
-                    + [f"{m['erase_seconds'][0]:.3f}", f"{m['retrain_seconds'][0]:.2f}"])
-    table = (f"{data}, n={task.n}, L2 logistic regression (d={inv.dim}), λ={damping:g}, "
-             f"classes {classes}, ε*={eps_star:.3g} chosen on a proxy removal (50 % of class "
-             f"{proxy_class}; without retraining, estimate_epsilon gives ε̂={eps_hat:.3g}); "
-             f"mean ± std over classes. Fisher fit {t_fisher:.2f} s, training "
-             f"{t_train:.2f} s.\n\n" + markdown_table(header, rows))
+                             for r in runs] for sp in SPLITS}}.items()},
+            "best_eps_geomean": geomean([r["best_eps"] for r in runs]),
+            "best_eps_leave_k_out_geomean": geomean([r["best_eps_leave_k_out"] for r in runs]),
+            "k_mean": float(np.mean([r["k"] for r in runs]))}
     config = {"data": data, "quick": quick, "seed": seed, "n": task.n, "d": inv.dim,
               "damping": damping, "weight_decay": task.weight_decay, "fractions": fractions,
               "classes": classes, "eps": grid, "proxy_class": proxy_class, **limits}
     results = {"eps_chosen": eps_star, "eps_estimated": eps_hat,
-               "eps_estimate_seconds": t_eps_hat, "fisher_seconds": t_fisher, "train_seconds": t_train,
-               "summary": summary, "settings": settings}
-    write_results(out, NAME, config, results, table, [p1, p2])
-    return table
+               "eps_estimate_seconds": t_eps_hat, "fisher_seconds": t_fisher,
+               "train_seconds": t_train, "summary": summ, "settings": settings}
+    return {"config": config, "results": results}
+
+
+def table(r: dict) -> str:
+    c, res = r["config"], r["results"]
+    header = ["removed", "k", "δ SSSE @ε*", "δ min (ε)", "δ min leave-k-out (ε)",
+              "δ influence"] + [f"gap {s}" for s in SPLITS] + ["erase s", "retrain s"]
+    rows = []
+    for name, m in res["summary"].items():
+        pm = lambda k: f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}"  # noqa: E731
+        rows.append([name, f"{m['k_mean']:.0f}", pm("delta_chosen"),
+                     f"{pm('delta_best')} ({m['best_eps_geomean']:.2g})",
+                     f"{pm('delta_best_lko')} ({m['best_eps_leave_k_out_geomean']:.2g})",
+                     pm("delta_influence")] + [pm(f"gap_{sp}") for sp in SPLITS]
+                    + [f"{m['erase_seconds']['mean']:.3f}",
+                       f"{m['retrain_seconds']['mean']:.2f}"])
+    return (f"{c['data']}, n={c['n']}, L2 logistic regression (d={c['d']}), "
+            f"λ={c['damping']:g}, classes {c['classes']}, ε*={res['eps_chosen']:.3g} chosen on "
+            f"a proxy removal (50 % of class {c['proxy_class']}; without retraining, "
+            f"estimate_epsilon gives ε̂={res['eps_estimated']:.3g}); mean ± std over classes. "
+            f"Fisher fit {res['fisher_seconds']:.2f} s, training {res['train_seconds']:.2f} s."
+            "\n\n" + markdown_table(header, rows))
+
+
+def figures(r: dict, out: Path) -> list[Path]:
+    c, res = r["config"], r["results"]
+    grid, settings, data = c["eps"], res["settings"], c["data"]
+    curves = {name: [r["curve"] for r in s["runs"]] for name, s in settings.items()}
+    curves.update({f"{name} leave-k-out": [r["curve_leave_k_out"] for r in s["runs"]]
+                   for name, s in settings.items()})
+    p1 = plots.eps_curves(out / f"{data}_delta.png", grid, curves, hline=0.5,
+                          vline=res["eps_chosen"], ylabel="δ on S (< 0.5: closer to retrained)",
+                          title=f"{data}: removing part of a class (Fig. 3a)")
+    p2 = plots.eps_panels(out / f"{data}_accuracy_gaps.png", grid, {
+        s: {name: [r["accuracy_gap"][s] for r in st["runs"]] for name, st in settings.items()}
+        for s in SPLITS}, ylabel="|acc − acc retrained|", vline=res["eps_chosen"],
+        title=f"{data}: accuracy gaps to the retrained model (Fig. 4)")
+    return [p1, p2]
+
+
+def run(*, quick: bool = False, seed: int = 0, out: Path = Path("results/multinomial"),
+        device="cpu", dtype=torch.float64, progress: bool = True, data: str | None = None,
+        data_dir=None, repeats: int | None = None) -> str:
+    r = compute(quick=quick, seed=seed, device=device, dtype=dtype, progress=progress,
+                data=data, data_dir=data_dir, repeats=repeats)
+    text = table(r)
+    write_results(Path(out), NAME, r["config"], r["results"], text, figures(r, Path(out)))
+    return text

@@ -23,14 +23,12 @@ from tqdm.auto import tqdm
 
 import ssse
 from ssse import plots
-from ssse.baselines import fisher_forgetting, gradient_ascent
 from ssse.data import class_removal
 
-from .common import Task, eps_grid, markdown_table, sweep_states, timed, with_state
-from .common import write_results
-from .convex import mean_std
-from .sweep import SPLITS, Removal, evaluate, prepare_removal
-from .tasks import make_task
+from .common import eps_grid, geomean, markdown_table, nearest, summary, timed, write_results
+from .methods import curve, select
+from .removal import SPLITS, Removal, make_removal
+from .tasks import Task, make_task
 
 NAME = "nonconvex"
 
@@ -41,6 +39,8 @@ SETTINGS = {
                       "pool": 2},
 }
 QUICK = {"train_limit": 160, "test_limit": 200, "epochs": 2, "width": 4}
+#: Grid points of every method in the ``--quick`` setting.
+QUICK_POINTS = 4
 
 #: The methods compared, each with its hyperparameter's name and grid ``(lo, hi, num)``.
 #: SSSE variants are named by Fisher (per-sample or mini-batch gradients) and gradient:
@@ -57,29 +57,24 @@ _SSSE = {name: (("per-sample" if "per-sample" in name else "mini-batch"),
                 ("retained" if "D∖S" in name else "removed"))
          for name in METHODS if name.startswith("SSSE")}
 MINIBATCH = 10
+_FRACTIONS = {"100%": 1.0, "50%": 0.5}
 
 
-def _removal(task: Task, model, removed, cls: int, *, seed: int, progress: bool) -> Removal:
-    reference, seconds = timed(task.train, task.retained(removed), seed=seed,
-                               progress=progress)
-    rem = prepare_removal(task, model, removed, classes=[cls], seed=seed, reference=reference)
-    rem.retrain_seconds = seconds
-    return rem
-
-
-def _units(task: Task, rem: Removal, inverses: dict, *, seed: int) -> dict:
+def _units(rem: Removal, inverses: dict, *, seed: int) -> dict:
     """Each method's model at hyperparameter 1 (the unit its grid scales), and its wall time."""
-    model = rem.original
+    task, model = rem.task, rem.original
     removed, retained = task.data(rem.removed), task.retained(rem.removed)
+    wd = task.weight_decay
     units = {}
     for name, (fisher, grad) in _SSSE.items():
-        units[name] = timed(ssse.ssse_update, model, inverses[fisher], removed, task.loss_fn,
-                            epsilon=1.0, n_total=task.n, weight_decay=task.weight_decay,
-                            gradient=grad, retained=retained if grad == "retained" else None)
-    units["gradient ascent"] = timed(gradient_ascent, model, task.loss_fn, removed, lr=1.0,
-                                     weight_decay=task.weight_decay)
-    units["Fisher forgetting"] = timed(fisher_forgetting, model, task.loss_fn, retained,
-                                       alpha=1.0, seed=seed)
+        units[name] = timed(ssse.ssse_update, model, task.loss_fn, removed,
+                            inv_fisher=inverses[fisher], epsilon=1.0, n_total=task.n,
+                            weight_decay=wd, gradient=grad,
+                            retained=retained if grad == "retained" else None)
+    units["gradient ascent"] = timed(ssse.gradient_ascent, model, task.loss_fn, removed, lr=1.0,
+                                     weight_decay=wd)
+    units["Fisher forgetting"] = timed(ssse.fisher_forgetting, model, task.loss_fn, removed,
+                                       retained=retained, alpha=1.0, seed=seed)
     return units
 
 
@@ -88,37 +83,31 @@ def _scale(name: str, value: float) -> float:
     return math.sqrt(value) if name == "Fisher forgetting" else value
 
 
-def _curves(task: Task, rem: Removal, inverses: dict, grids: dict, *, seed: int,
-            progress: bool) -> dict:
+def _curves(rem: Removal, inverses: dict, grids: dict, *, seed: int, progress: bool) -> dict:
     """Per method: the evaluation (δ, accuracies, parameter distance) over its grid."""
     out = {}
-    units = _units(task, rem, inverses, seed=seed)
+    units = _units(rem, inverses, seed=seed)
     for name, (unit, seconds) in tqdm(units.items(), desc=f"methods (k={rem.k})",
                                       disable=not progress, leave=False):
-        states = sweep_states(rem.original, unit, [_scale(name, v) for v in grids[name]])
-        out[name] = {"rows": [evaluate(with_state(rem.original, s), rem, task) for s in states],
+        out[name] = {"rows": curve(rem, unit, [_scale(name, v) for v in grids[name]]),
                      "seconds": seconds}
     return out
 
 
-def _argmin(rows: list[dict], floor: float = -1.0) -> int:
-    """argmin δ over the rows whose accuracy on D∖S is at least ``floor`` (all rows if none)."""
-    ok = [i for i, r in enumerate(rows) if r["accuracy"]["D-S"] >= floor] or range(len(rows))
-    return min(ok, key=lambda i: rows[i]["delta"])
-
-
-def _nearest(grid, value: float) -> int:
-    return min(range(len(grid)), key=lambda i: abs(math.log(grid[i] / value)))
+def _guarded(rows: list[dict], floor: float) -> list[int]:
+    """The grid indices whose accuracy on D∖S is at least ``floor`` (all if none is)."""
+    return [i for i, r in enumerate(rows) if r["accuracy"]["D-S"] >= floor] or \
+        list(range(len(rows)))
 
 
 def _gap(row: dict, reference: dict) -> dict:
     return {s: abs(row["accuracy"][s] - reference["accuracy"][s]) for s in SPLITS}
 
 
-def run(*, quick: bool = False, seed: int = 0, out: Path = Path("results/nonconvex"),
-        device="cpu", dtype=torch.float32, progress: bool = True, data: str | None = None,
-        data_dir=None, repeats: int | None = None, damping: float = 1e-3,
-        block_size: int = 256, max_accuracy_drop: float = 0.05) -> str:
+def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.float32,
+            progress: bool = True, data: str | None = None, data_dir=None,
+            repeats: int | None = None, damping: float = 1e-3, block_size: int = 256,
+            max_accuracy_drop: float = 0.05) -> dict:
     data = data or "digits"
     if data not in SETTINGS:
         raise ValueError(f"the non-convex experiment runs on {' or '.join(SETTINGS)}, not {data}")
@@ -130,8 +119,7 @@ def run(*, quick: bool = False, seed: int = 0, out: Path = Path("results/nonconv
                      epochs=cfg["epochs"], width=cfg["width"], pool=cfg["pool"])
     classes = list(range(repeats or (1 if quick else 3)))
     proxy_class = task.ds.num_classes - 1
-    fractions = {"100%": 1.0, "50%": 0.5}
-    grids = {name: eps_grid(lo, hi, 4 if quick else num)
+    grids = {name: eps_grid(lo, hi, QUICK_POINTS if quick else num)
              for name, (_, (lo, hi, num)) in METHODS.items()}
 
     model, t_train = timed(task.train, task.data(), seed=seed, progress=progress)
@@ -143,14 +131,17 @@ def run(*, quick: bool = False, seed: int = 0, out: Path = Path("results/nonconv
             minibatch=b, progress=progress)
     layout = inverses["per-sample"].layout
 
+    def removal(removed, cls):
+        return make_removal(task, model, removed, classes=[cls], seed=seed, progress=progress)
+
     # The paper's criterion on a proxy removal of each kind: argmin δ over each method's grid.
     proxies, chosen = {}, {}
-    for setting, f in fractions.items():
-        removed = class_removal(task.ds.y_train, proxy_class, f, seed=seed + 1)
-        rem = _removal(task, model, removed, proxy_class, seed=seed, progress=progress)
-        curves = _curves(task, rem, inverses, grids, seed=seed, progress=progress)
-        floor = evaluate(model, rem, task)["accuracy"]["D-S"] - max_accuracy_drop
-        chosen[setting] = {name: grids[name][_argmin(c["rows"], floor)]
+    for setting, f in _FRACTIONS.items():
+        rem = removal(class_removal(task.ds.y_train, proxy_class, f, seed=seed + 1), proxy_class)
+        curves = _curves(rem, inverses, grids, seed=seed, progress=progress)
+        floor = rem.evaluate(model)["accuracy"]["D-S"] - max_accuracy_drop
+        chosen[setting] = {name: grids[name][select(grids[name], c["rows"], "delta",
+                                                    _guarded(c["rows"], floor))]
                            for name, c in curves.items()}
         proxies[setting] = {"k": rem.k, "class": proxy_class, "accuracy_floor": floor,
                             "delta": {name: [r["delta"] for r in c["rows"]]
@@ -159,26 +150,26 @@ def run(*, quick: bool = False, seed: int = 0, out: Path = Path("results/nonconv
                                              for name, c in curves.items()}}
 
     settings = {}
-    for setting, f in fractions.items():
+    for setting, f in _FRACTIONS.items():
         runs = []
         for c in classes:
-            removed = class_removal(task.ds.y_train, c, f, seed=seed + c)
-            rem = _removal(task, model, removed, c, seed=seed, progress=progress)
-            curves = _curves(task, rem, inverses, grids, seed=seed, progress=progress)
-            original, retrained = evaluate(model, rem, task), evaluate(rem.retrained, rem, task)
+            rem = removal(class_removal(task.ds.y_train, c, f, seed=seed + c), c)
+            curves = _curves(rem, inverses, grids, seed=seed, progress=progress)
+            original, retrained = rem.evaluate(model), rem.evaluate(rem.retrained)
             floor = original["accuracy"]["D-S"] - max_accuracy_drop
             methods = {}
             for name, cv in curves.items():
-                rows = cv["rows"]
-                at = rows[_nearest(grids[name], chosen[setting][name])]
-                best, free = _argmin(rows, floor), _argmin(rows)
+                rows, grid = cv["rows"], grids[name]
+                at = rows[nearest(grid, chosen[setting][name])]
+                best = select(grid, rows, "delta", _guarded(rows, floor))
+                free = select(grid, rows, "delta")
                 methods[name] = {
                     "delta": [r["delta"] for r in rows],
                     "accuracy": {s: [r["accuracy"][s] for r in rows] for s in SPLITS},
                     "param_distance": [r["param_distance"] for r in rows],
                     "chosen": at, "chosen_gap": _gap(at, retrained),
-                    "best": rows[best], "best_value": grids[name][best],
-                    "best_unguarded": rows[free], "best_unguarded_value": grids[name][free],
+                    "best": rows[best], "best_value": grid[best],
+                    "best_unguarded": rows[free], "best_unguarded_value": grid[free],
                     "erase_seconds": cv["seconds"]}
             runs.append({"class": c, "k": rem.k, "removed": rem.removed.tolist(),
                          "accuracy_floor": floor,
@@ -186,76 +177,82 @@ def run(*, quick: bool = False, seed: int = 0, out: Path = Path("results/nonconv
                          "retrain_seconds": rem.retrain_seconds, "methods": methods})
         settings[setting] = {"runs": runs}
 
-    summary = _summary(settings)
-    out = Path(out)
-    pngs = _plots(out, data, grids, settings, chosen)
-    table = _table(task, data, settings, summary, chosen, classes, proxy_class, layout,
-                   damping, max_accuracy_drop, t_train, t_fisher)
     config = {"data": data, "quick": quick, "seed": seed, "n": task.n, "d": layout.dim,
               "spec": task.spec, "recipe": task.recipe, "weight_decay": task.weight_decay,
               "damping": damping, "block_size": block_size, "layout": "per_parameter",
               "max_accuracy_drop": max_accuracy_drop,
-              "num_blocks": layout.num_blocks, "minibatch": MINIBATCH, "classes": classes,
-              "proxy_class": proxy_class, "fractions": fractions, "grids": grids,
+              "num_blocks": layout.num_blocks, "max_block_size": layout.max_block_size,
+              "minibatch": MINIBATCH, "classes": classes,
+              "proxy_class": proxy_class, "fractions": _FRACTIONS, "grids": grids,
               "hyperparameters": {name: h for name, (h, _) in METHODS.items()},
               "train_limit": cfg["train_limit"], "test_limit": cfg["test_limit"],
               "n_test": int(task.ds.y_test.numel())}
     results = {"chosen": chosen, "train_seconds": t_train,
-               "fisher_seconds": t_fisher, "proxies": proxies, "summary": summary,
+               "fisher_seconds": t_fisher, "proxies": proxies, "summary": _summary(settings),
                "settings": settings}
-    write_results(out, NAME, config, results, table, pngs)
-    return table
+    return {"config": config, "results": results}
+
+
+def run(*, quick: bool = False, seed: int = 0, out: Path = Path("results/nonconvex"),
+        device="cpu", dtype=torch.float32, progress: bool = True, data: str | None = None,
+        data_dir=None, repeats: int | None = None, damping: float = 1e-3,
+        block_size: int = 256, max_accuracy_drop: float = 0.05) -> str:
+    r = compute(quick=quick, seed=seed, device=device, dtype=dtype, progress=progress,
+                data=data, data_dir=data_dir, repeats=repeats, damping=damping,
+                block_size=block_size, max_accuracy_drop=max_accuracy_drop)
+    text = table(r)
+    write_results(Path(out), NAME, r["config"], r["results"], text, figures(r, Path(out)))
+    return text
 
 
 def _summary(settings: dict) -> dict:
     """Mean ± std over the removed classes, per setting and method, at the chosen value."""
-    summary = {}
-    for setting, s in settings.items():
-        runs = s["runs"]
+    out = {}
+    for setting, st in settings.items():
+        runs = st["runs"]
         entry = {"k_mean": float(np.mean([r["k"] for r in runs])),
-                 "retrain_seconds": _ms([r["retrain_seconds"] for r in runs])}
+                 "retrain_seconds": summary([r["retrain_seconds"] for r in runs])}
         for ref in ("original", "retrained"):
-            entry[ref] = {"delta": _ms([r[ref]["delta"] for r in runs]),
-                          **{f"acc_{sp}": _ms([r[ref]["accuracy"][sp] for r in runs])
+            entry[ref] = {"delta": summary([r[ref]["delta"] for r in runs]),
+                          **{f"acc_{sp}": summary([r[ref]["accuracy"][sp] for r in runs])
                              for sp in SPLITS}}
         for name in runs[0]["methods"]:
             ms = [r["methods"][name] for r in runs]
             entry[name] = {
-                "delta_chosen": _ms([m["chosen"]["delta"] for m in ms]),
-                "delta_best": _ms([m["best"]["delta"] for m in ms]),
-                "delta_best_unguarded": _ms([m["best_unguarded"]["delta"] for m in ms]),
-                "acc_D-S_best_unguarded": _ms([m["best_unguarded"]["accuracy"]["D-S"]
-                                               for m in ms]),
-                "best_value_geomean": float(np.exp(np.mean(np.log([m["best_value"]
-                                                                   for m in ms])))),
-                "param_distance_chosen": _ms([m["chosen"]["param_distance"] for m in ms]),
-                "erase_seconds": _ms([m["erase_seconds"] for m in ms]),
-                **{f"acc_{sp}": _ms([m["chosen"]["accuracy"][sp] for m in ms]) for sp in SPLITS},
-                **{f"gap_{sp}": _ms([m["chosen_gap"][sp] for m in ms]) for sp in SPLITS}}
-        summary[setting] = entry
-    return summary
+                "delta_chosen": summary([m["chosen"]["delta"] for m in ms]),
+                "delta_best": summary([m["best"]["delta"] for m in ms]),
+                "delta_best_unguarded": summary([m["best_unguarded"]["delta"] for m in ms]),
+                "acc_D-S_best_unguarded": summary([m["best_unguarded"]["accuracy"]["D-S"]
+                                                   for m in ms]),
+                "best_value_geomean": geomean([m["best_value"] for m in ms]),
+                "param_distance_chosen": summary([m["chosen"]["param_distance"] for m in ms]),
+                "erase_seconds": summary([m["erase_seconds"] for m in ms]),
+                **{f"acc_{sp}": summary([m["chosen"]["accuracy"][sp] for m in ms])
+                   for sp in SPLITS},
+                **{f"gap_{sp}": summary([m["chosen_gap"][sp] for m in ms]) for sp in SPLITS}}
+        out[setting] = entry
+    return out
 
 
-def _ms(values) -> dict:
-    m, s = mean_std(values)
-    return {"mean": m, "std": s}
+def figures(r: dict, out: Path) -> list[Path]:
+    c, res = r["config"], r["results"]
+    data, grids, settings, chosen = c["data"], c["grids"], res["settings"], res["chosen"]
 
-
-def _plots(out: Path, data: str, grids: dict, settings: dict, chosen: dict) -> list[Path]:
     def curves(name, key="delta", split=None):
-        return {setting: [(r["methods"][name][key] if split is None
-                           else r["methods"][name][key][split]) for r in s["runs"]]
-                for setting, s in settings.items()}
+        return {setting: [(run["methods"][name][key] if split is None
+                           else run["methods"][name][key][split]) for run in st["runs"]]
+                for setting, st in settings.items()}
 
     ssse_names = list(_SSSE)
     eps = grids[ssse_names[0]]
     fig5 = plots.eps_panels(
         out / f"{data}_ssse_delta.png", eps,
         {f"remove {setting} of a class": {name.removeprefix("SSSE "): [
-            r["methods"][name]["delta"] for r in s["runs"]] for name in ssse_names}
-         for setting, s in settings.items()},
+            run["methods"][name]["delta"] for run in st["runs"]] for name in ssse_names}
+         for setting, st in settings.items()},
         ylabel="δ on S (< 0.5: closer to retrained)", ncols=2,
         title=f"{data}: SSSE, per-sample vs mini-batch-10 Fisher (Fig. 5)")
+
     def with_accuracy(name):
         # δ alone hides a broken model (δ ≈ 0.5): show what each value costs on D∖S
         return {**{f"δ {k}": v for k, v in curves(name).items()},
@@ -272,24 +269,25 @@ def _plots(out: Path, data: str, grids: dict, settings: dict, chosen: dict) -> l
     main = "SSSE per-sample ∇S"
     acc = plots.eps_panels(
         out / f"{data}_ssse_accuracy.png", eps,
-        {sp: {**{f"{setting}": [r["methods"][main]["accuracy"][sp] for r in s["runs"]]
-                 for setting, s in settings.items()},
-              **{f"{setting} retrained": [[r["retrained"]["accuracy"][sp]] * len(eps)
-                                          for r in s["runs"]]
-                 for setting, s in settings.items()}} for sp in SPLITS},
+        {sp: {**{f"{setting}": [run["methods"][main]["accuracy"][sp] for run in st["runs"]]
+                 for setting, st in settings.items()},
+              **{f"{setting} retrained": [[run["retrained"]["accuracy"][sp]] * len(eps)
+                                          for run in st["runs"]]
+                 for setting, st in settings.items()}} for sp in SPLITS},
         ylabel="accuracy", vline=chosen["100%"][main],
         title=f"{data}: accuracy of {main} on the four splits (dashed: ε chosen for 100 %)")
     return [fig5, fig6, fig7, acc]
 
 
-def _table(task, data, settings, summary, chosen, classes, proxy_class, layout, damping,
-           max_drop, t_train, t_fisher) -> str:
+def table(r: dict) -> str:
+    c, res = r["config"], r["results"]
+    summ, chosen = res["summary"], res["chosen"]
     pm = lambda d: f"{d['mean']:.3f} ± {d['std']:.3f}"  # noqa: E731
     header = ["removed", "method", "value (proxy)", "δ at value", "min δ (at)",
               "min δ unguarded (acc D-S)"] + \
         [f"acc {sp}" for sp in SPLITS] + ["erase s"]
     rows = []
-    for setting, e in summary.items():
+    for setting, e in summ.items():
         for ref in ("original", "retrained"):
             rows.append([setting, ref, "-", pm(e[ref]["delta"]), "-", "-"]
                         + [pm(e[ref][f"acc_{sp}"]) for sp in SPLITS]
@@ -304,16 +302,17 @@ def _table(task, data, settings, summary, chosen, classes, proxy_class, layout, 
                          f"({m['acc_D-S_best_unguarded']['mean']:.2f})"]
                         + [pm(m[f"acc_{sp}"]) for sp in SPLITS]
                         + [f"{m['erase_seconds']['mean']:.3f}"])
-    k = ", ".join(f"{s}: k = {e['k_mean']:.0f}" for s, e in summary.items())
-    return (f"{data}, n={task.n}, n_test={task.ds.y_test.numel()}, SmallResNet "
-            f"{task.spec} (d={layout.dim}), SGD {task.recipe}, weight decay "
-            f"{task.weight_decay:g}; Fisher λ={damping:g}, per_parameter blocks of ≤ "
-            f"{layout.max_block_size} ({layout.num_blocks} blocks), per-sample and mini-batch "
-            f"{MINIBATCH} gradients; removed classes {classes} ({k}); each method's value "
-            f"chosen by argmin δ on a proxy removal of the same kind (class {proxy_class}) "
-            f"among the values that keep the accuracy on D∖S within {max_drop:g} of the "
-            f"original's (min δ: the same on the removal itself; unguarded: over the whole "
-            f"grid); accuracies at the chosen value; mean ± std over classes. Training "
-            f"{t_train:.2f} s, "
+    k = ", ".join(f"{s}: k = {e['k_mean']:.0f}" for s, e in summ.items())
+    t_fisher = res["fisher_seconds"]
+    return (f"{c['data']}, n={c['n']}, n_test={c['n_test']}, SmallResNet "
+            f"{c['spec']} (d={c['d']}), SGD {c['recipe']}, weight decay "
+            f"{c['weight_decay']:g}; Fisher λ={c['damping']:g}, per_parameter blocks of ≤ "
+            f"{c['max_block_size']} ({c['num_blocks']} blocks), per-sample and mini-batch "
+            f"{c['minibatch']} gradients; removed classes {c['classes']} ({k}); each method's "
+            f"value chosen by argmin δ on a proxy removal of the same kind (class "
+            f"{c['proxy_class']}) among the values that keep the accuracy on D∖S within "
+            f"{c['max_accuracy_drop']:g} of the original's (min δ: the same on the removal "
+            f"itself; unguarded: over the whole grid); accuracies at the chosen value; mean ± "
+            f"std over classes. Training {res['train_seconds']:.2f} s, "
             f"Fisher fit {t_fisher['per-sample']:.2f} s (per-sample), "
             f"{t_fisher['mini-batch']:.2f} s (mini-batch).\n\n" + markdown_table(header, rows))

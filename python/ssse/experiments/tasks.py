@@ -1,17 +1,18 @@
-"""The task of each data set (model, loss, L2 coefficient, training recipe), and the inverse
-of :meth:`Task.metadata` used to rebuild a task from a model file."""
+"""The first stage of every experiment: a task (a data set with its model, loss, L2
+coefficient and training recipe), built for a data set or rebuilt from a model file."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-import ssse_ext
-from ssse.data import load_dataset
+from ssse import retrain, training
+from ssse.data import Dataset, load_dataset
+from ssse.models import build_model, loss_function
 
-from .common import Task
-
-__all__ = ["DEFAULTS", "make_task", "row_layout", "task_from_metadata"]
+__all__ = ["DEFAULTS", "Task", "make_task", "task_from_metadata"]
 
 #: Per data set: the L2 coefficient of the convex model and the Fisher damping of the demo.
 DEFAULTS = {
@@ -22,15 +23,67 @@ DEFAULTS = {
 _RESNET = {"epochs": 4, "lr": 0.05, "batch_size": 64, "momentum": 0.9, "weight_decay": 5e-4}
 
 
-def row_layout(model: nn.Module) -> ssse_ext.BlockLayout:
-    """One block per output row of a linear model (plus one for its bias): the paper's
-    multi-attribute layout, where attribute ``i``'s parameters form block ``i``."""
-    if not isinstance(model, nn.Linear):
-        raise ValueError("the rows layout needs a linear model")
-    out_f, in_f = model.weight.shape
-    cuts = [in_f * (r + 1) for r in range(out_f)]
-    dim = out_f * in_f + (out_f if model.bias is not None else 0)
-    return ssse_ext.BlockLayout.from_boundaries(cuts, dim)
+@dataclass
+class Task:
+    """A data set with the model, loss, L2 coefficient and training recipe used on it.
+
+    ``recipe`` is plain JSON (it travels in model files): ``{"optimizer": "lbfgs", "max_iter"}``
+    for the convex models, ``{"optimizer": "sgd", "epochs", "lr", "batch_size", "momentum"}``
+    for the CNN.
+    """
+
+    ds: Dataset
+    spec: dict
+    loss: str
+    weight_decay: float
+    recipe: dict
+    dtype: torch.dtype = torch.float64
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    data_info: dict = field(default_factory=dict)
+
+    @property
+    def loss_fn(self):
+        return loss_function(self.loss)
+
+    @property
+    def n(self) -> int:
+        return self.ds.n_train
+
+    def data(self, idx: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The training samples ``idx`` (all by default) as one ``(x, y)`` batch in a list."""
+        x, y = self.ds.train()
+        if idx is not None:
+            x, y = x[idx], y[idx]
+        # A one-batch iterable rather than a bare pair: the library then never re-slices it.
+        return [(x.to(self.device, self.dtype), y.to(self.device))]
+
+    def retained(self, removed: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The training samples not in ``removed``, as :meth:`data`."""
+        keep = torch.ones(self.n, dtype=torch.bool)
+        keep[removed] = False
+        return self.data(torch.nonzero(keep).flatten())
+
+    def new_model(self) -> nn.Module:
+        return build_model(self.spec).to(device=self.device, dtype=self.dtype)
+
+    def make_recipe(self, progress: bool = False):
+        """The training recipe; ``progress`` shows a bar over the SGD steps (L-BFGS has none)."""
+        r = dict(self.recipe)
+        kind = r.pop("optimizer")
+        if kind == "sgd":
+            r["progress"] = progress
+        factory = {"lbfgs": training.lbfgs_recipe, "sgd": training.sgd_recipe}[kind]
+        return factory(self.new_model, self.loss_fn, weight_decay=self.weight_decay,
+                       device=self.device, dtype=self.dtype, **r)
+
+    def train(self, data, *, seed: int, progress: bool = False) -> nn.Module:
+        """A model trained from scratch on ``data`` with this task's recipe (eval mode)."""
+        return retrain(self.make_recipe(progress), data, seed=seed).eval()
+
+    def metadata(self, **extra) -> dict:
+        """What a model file needs to rebuild, retrain and erase from this model."""
+        return {"loss": self.loss, "weight_decay": self.weight_decay, "recipe": self.recipe,
+                "data": self.data_info, "n_train": self.n, **extra}
 
 
 def make_task(data: str = "digits", *, model: str = "linear", data_dir=None, seed: int = 0,

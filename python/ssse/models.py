@@ -1,4 +1,5 @@
-"""The small models of the experiments, rebuilt from a JSON spec (what model files store)."""
+"""The model registry: architectures rebuilt from a JSON spec (what model files store) and the
+per-sample losses by name."""
 
 from __future__ import annotations
 
