@@ -109,7 +109,7 @@ def _raise_if_failed(info: torch.Tensor, what: str, layout: BlockLayout, rows: s
 # ---- the inverse ----------------------------------------------------------------------------
 
 class BlockInverseFisher:
-    r"""The inverse of a block-diagonal damped empirical Fisher (DESIGN §1).
+    r"""The inverse of a block-diagonal damped empirical Fisher (docs/maths.md).
 
     Block ``b`` holds :math:`F_b^{-1} = (\lambda I + \frac{1}{N}\sum_i g_{i,b} g_{i,b}^\top)^{-1}`,
     full and symmetric, in the packed storage ``packed`` (see :class:`BlockLayout`).

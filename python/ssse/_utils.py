@@ -102,7 +102,7 @@ class FlatModel:
     r"""A model seen as a function of its flat trainable parameter vector :math:`\theta`.
 
     :math:`\theta` concatenates the trainable parameters (``requires_grad``) in
-    ``named_parameters()`` order (DESIGN §1); frozen parameters and buffers are held fixed.
+    ``named_parameters()`` order (docs/maths.md); frozen parameters and buffers are held fixed.
     """
 
     def __init__(self, model: nn.Module):
