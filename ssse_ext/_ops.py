@@ -126,10 +126,11 @@ def _(inv, layout, layout_dev, grads, normalizer, sign, chunked):
 
 
 def _apply_inverse_impl(inv: torch.Tensor, layout: torch.Tensor, layout_dev: torch.Tensor,
-                  v: torch.Tensor, base: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """``base + scale * blockdiag(F^{-1}) v`` for ``v`` of shape ``(d, r)``."""
+                        v: torch.Tensor, base: torch.Tensor | None, scale: float,
+                        out: torch.Tensor) -> None:
+    """``out = base + scale * blockdiag(F^{-1}) v`` for ``v`` of shape ``(d, r)``, on the rows
+    of the blocks in ``layout`` (other rows of ``out`` are left as they are)."""
     d, r = v.shape
-    out = torch.empty_like(v)
     if v.is_cuda:
         _need_cuda("apply_inverse_cuda")(
             _code(v), inv.data_ptr(), layout.data_ptr(), layout_dev.data_ptr(), layout.shape[0],
@@ -137,15 +138,15 @@ def _apply_inverse_impl(inv: torch.Tensor, layout: torch.Tensor, layout_dev: tor
     else:
         _C.apply_inverse(_code(v), inv.data_ptr(), layout.data_ptr(), layout.shape[0],
                          v.data_ptr(), d, r, _ptr(base), scale, out.data_ptr(), _threads())
-    return out
 
 
-apply_inverse = torch.library.custom_op("ssse_ext::apply_inverse", mutates_args=())(_apply_inverse_impl)
+apply_inverse = torch.library.custom_op("ssse_ext::apply_inverse",
+                                        mutates_args=("out",))(_apply_inverse_impl)
 
 
 @apply_inverse.register_fake
-def _(inv, layout, layout_dev, v, base, scale):
-    return torch.empty_like(v)
+def _(inv, layout, layout_dev, v, base, scale, out):
+    return None
 
 
 _EAGER = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -33,6 +34,21 @@ UPDATE_METHODS = ("woodbury", "sherman_morrison")
 
 #: Largest block size ``B`` when neither ``block_size`` nor a layout is given.
 DEFAULT_BLOCK_SIZE = 1024
+# Elements of float64 scratch per batch of blocks when the Woodbury form is checked or applied
+# on the fly with torch (256 MiB).
+_WOODBURY_ELEMENTS = 1 << 25
+#: Smallest Cholesky pivot of the normalised Woodbury matrix accepted by an update, a downdate
+#: or a leave-k-out apply: far above the rounding of its float64 computation (~1e-15), so the
+#: kernels that then write the blocks cannot disagree with the check.
+_PD_MARGIN = 1e-10
+# The stable build keeps its float64 accumulators in about this many groups of blocks (and
+# inverts them one group at a time); groups smaller than _MIN_GROUP_NUMEL are not split further.
+_GROUPS = 8
+_MIN_GROUP_NUMEL = 1 << 22
+# Rows gathered per Gram call from a stream of smaller chunks, memory allowing: the row buffer
+# takes at most an eighth of the result, or _MIN_GATHER_BYTES.
+_GATHER_ROWS = 256
+_MIN_GATHER_BYTES = 64 << 20
 # Rows per kernel call of the Woodbury form; both kernels split a call into rank-64 steps (the
 # CUDA one fusing consecutive steps into one pass over F^{-1}), so larger calls only save
 # conversions and passes.
@@ -112,25 +128,48 @@ class BlockInverseFisher:
     r"""The inverse of a block-diagonal damped empirical Fisher (docs/maths.md).
 
     Block ``b`` holds :math:`F_b^{-1} = (\lambda I + \frac{1}{N}\sum_i g_{i,b} g_{i,b}^\top)^{-1}`,
-    full and symmetric, in the packed storage ``packed`` (see :class:`BlockLayout`).
+    full and symmetric, in packed storage (see :class:`BlockLayout`) held as one or more
+    *segments*: 1-D tensors covering consecutive ranges of blocks, so that a build never needs
+    one allocation of the whole inverse next to its accumulators.
 
     ``inv @ v`` multiplies a ``(d,)`` or ``(d, r)`` tensor; :meth:`update` and :meth:`downdate`
-    add or remove gradients in place (atomically: on error the inverse is unchanged);
-    :meth:`apply_update` is the SSSE step of paper eq. 8.
+    add or remove gradients in place, atomically and without a copy of the inverse (the
+    result's positive definiteness is checked for every block before any block is written);
+    :meth:`apply_update` is the SSSE step of paper eq. 8, optionally with the Fisher downdated
+    on the fly.
     """
 
-    def __init__(self, packed: torch.Tensor, config: FisherConfig, num_samples: int):
-        if not isinstance(packed, torch.Tensor) or packed.dim() != 1:
-            raise TypeError("packed must be a 1-D tensor")
-        if packed.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"packed must be float32 or float64, got {packed.dtype}")
-        if packed.numel() != config.layout.numel:
-            raise ValueError(f"packed has {packed.numel()} elements, the layout needs "
-                             f"{config.layout.numel}")
-        self.packed = packed.contiguous()
+    def __init__(self, packed, config: FisherConfig, num_samples: int):
+        segments = [packed] if isinstance(packed, torch.Tensor) else list(packed)
+        if not segments or not all(isinstance(t, torch.Tensor) for t in segments):
+            raise TypeError("packed must be a 1-D tensor or a non-empty sequence of them")
+        if not isinstance(config, FisherConfig):
+            raise TypeError(f"config must be a FisherConfig, got {type(config).__name__}")
+        first = segments[0]
+        bounds, b = [0], 0
+        for j, t in enumerate(segments):
+            if t.dim() != 1 or t.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"packed[{j}] must be a 1-D float32 or float64 tensor, got "
+                                f"{t.dtype} of shape {tuple(t.shape)}")
+            if t.dtype != first.dtype or t.device != first.device:
+                raise ValueError(f"packed[{j}] is {t.dtype} on {t.device}, packed[0] is "
+                                 f"{first.dtype} on {first.device}")
+            numel = 0
+            while b < config.layout.num_blocks and numel < t.numel():
+                numel += config.layout.sizes[b] ** 2
+                b += 1
+            if numel != t.numel():
+                raise ValueError(f"packed[{j}] has {t.numel()} elements, which do not end on a "
+                                 f"block boundary of the layout")
+            bounds.append(b)
+        if b != config.layout.num_blocks:
+            raise ValueError(f"packed has {sum(t.numel() for t in segments)} elements, the "
+                             f"layout needs {config.layout.numel}")
+        self._segments = [t.contiguous() for t in segments]
+        self._bounds = bounds
         self.config = config
         self.num_samples = int(num_samples)
-        self._tables: dict[torch.device, torch.Tensor] = {}
+        self._tables: dict = {}
 
     # ---- properties ----
     @property
@@ -151,17 +190,40 @@ class BlockInverseFisher:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.packed.dtype
+        return self._segments[0].dtype
 
     @property
     def device(self) -> torch.device:
-        return self.packed.device
+        return self._segments[0].device
+
+    @property
+    def segments(self) -> tuple[torch.Tensor, ...]:
+        """The packed storage, one 1-D tensor per range of consecutive blocks."""
+        return tuple(self._segments)
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """The whole packed storage as one 1-D tensor (a copy when held in several segments)."""
+        return self._segments[0] if len(self._segments) == 1 else torch.cat(self._segments)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored inverse."""
+        return sum(t.numel() * t.element_size() for t in self._segments)
+
+    def _locate(self, b: int) -> tuple[int, int]:
+        """(segment, offset of block ``b`` inside it)."""
+        j = bisect.bisect_right(self._bounds, b) - 1
+        return j, self.layout.offsets[b] - self.layout.offsets[self._bounds[j]]
 
     @property
     def blocks(self) -> list[torch.Tensor]:
         """Views of the ``(s_b, s_b)`` blocks (writing to them changes the inverse)."""
-        return [self.packed[o:o + s * s].view(s, s)
-                for o, s in zip(self.layout.offsets, self.layout.sizes)]
+        out = []
+        for b, s in enumerate(self.layout.sizes):
+            j, o = self._locate(b)
+            out.append(self._segments[j][o:o + s * s].view(s, s))
+        return out
 
     def dense_block(self, i: int) -> torch.Tensor:
         """A copy of block ``i`` as an ``(s_i, s_i)`` tensor."""
@@ -174,18 +236,17 @@ class BlockInverseFisher:
         return torch.block_diag(*self.blocks) if self.layout.num_blocks else \
             torch.zeros(0, 0, dtype=self.dtype, device=self.device)
 
-    def _layout_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        host = self._tables.get(torch.device("cpu"))
-        if host is None:
-            host = self.layout.table()
-            self._tables[torch.device("cpu")] = host
-        if self.device.type == "cpu":
-            return host, host
-        dev = self._tables.get(self.device)
-        if dev is None:
-            dev = host.to(self.device)
-            self._tables[self.device] = dev
-        return host, dev
+    def _segment_tables(self):
+        """Per segment: (storage, host table, device table), offsets within the segment."""
+        key = self.device
+        tables = self._tables.get(key)
+        if tables is None:
+            tables = []
+            for j in range(len(self._segments)):
+                host = self.layout.table(first=self._bounds[j], last=self._bounds[j + 1])
+                tables.append((host, host if key.type == "cpu" else host.to(key)))
+            self._tables = {key: tables}
+        return [(seg, host, dev) for seg, (host, dev) in zip(self._segments, tables)]
 
     # ---- products ----
     def _vector(self, v, name: str) -> tuple[torch.Tensor, bool]:
@@ -204,11 +265,31 @@ class BlockInverseFisher:
         vec = v.dim() == 1
         return (v.reshape(-1, 1) if vec else v).contiguous(), vec
 
-    def apply_update(self, theta: torch.Tensor, v: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    def _rows(self, grads, name: str = "grads") -> torch.Tensor:
+        """All rows of ``grads`` (a tensor or an iterable of chunks) as one validated tensor."""
+        chunks = [c for c in _chunks(grads, None, name, dim=self.dim, dtype=self.dtype,
+                                     device=self.device) if c.shape[0]]
+        if not chunks:
+            return torch.zeros(0, self.dim, dtype=self.dtype, device=self.device)
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+    def apply_update(self, theta: torch.Tensor, v: torch.Tensor, scale: float = 1.0, *,
+                     without=None) -> torch.Tensor:
         r"""``theta + scale * F^{-1} v`` in one pass: paper eq. 8 with
         ``scale = epsilon / (n - k)`` and ``v`` the summed gradient of the removed samples.
 
-        Returns a new tensor; ``theta`` is not modified.
+        Args:
+            theta, v: ``(d,)`` or ``(d, r)``, the inverse's dtype and device.
+            scale: a finite number.
+            without: optional ``(k, d)`` rows :math:`R` (or an iterable of chunks) to remove
+                from the Fisher on the fly: then ``F`` is the leave-k-out
+                :math:`F - R^\top R / N`, applied by the Woodbury identity in float64 with
+                :math:`O(k\,d)` extra memory; the inverse is not modified.
+
+        Returns a new tensor; ``theta`` and the inverse are not modified.
+
+        Raises:
+            NotPositiveDefiniteError: ``without`` would leave a block not positive definite.
         """
         scale = check_finite_float(scale, "scale")
         vv, vec = self._vector(v, "v")
@@ -216,41 +297,121 @@ class BlockInverseFisher:
         if base.shape != vv.shape:
             raise ValueError(f"theta and v must have the same shape, got {tuple(theta.shape)} "
                              f"and {tuple(v.shape)}")
-        host, dev = self._layout_tables()
-        out = _ops.call(_ops.apply_inverse, self.packed, host, dev, vv, base, float(scale))
+        if without is not None:
+            rows = self._rows(without, "without")
+            if rows.shape[0]:
+                solved = self._woodbury(rows, -1, "leave-k-out apply", vv)
+                out = (base.to(torch.float64) + scale * solved).to(self.dtype)
+                return out.view(-1) if vec else out
+        out = torch.empty_like(vv)
+        for seg, host, dev in self._segment_tables():
+            _ops.call(_ops.apply_inverse, seg, host, dev, vv, base, float(scale), out)
         return out.view(-1) if vec else out
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``F^{-1} v`` for ``v`` of shape ``(d,)`` or ``(d, r)``."""
         vv, vec = self._vector(v, "v")
-        host, dev = self._layout_tables()
-        out = _ops.call(_ops.apply_inverse, self.packed, host, dev, vv, None, 1.0)
+        out = torch.empty_like(vv)
+        for seg, host, dev in self._segment_tables():
+            _ops.call(_ops.apply_inverse, seg, host, dev, vv, None, 1.0, out)
         return out.view(-1) if vec else out
 
     def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
         return self.matvec(v)
 
     # ---- updates ----
+    def _woodbury(self, rows: torch.Tensor, sign: int, what: str,
+                  v: torch.Tensor | None = None) -> torch.Tensor | None:
+        r"""Checks, for every block, that :math:`F_b + \mathrm{sign}\,R_b^\top R_b / N` stays
+        positive definite with a margin, and with ``v`` returns its inverse times ``v`` (float64,
+        ``(d, r)``); writes nothing. Works through runs of equal-size blocks with batched
+        float64 torch operations, a bounded amount of memory at a time:
+
+        - :math:`k \le s`: :math:`U = F_b^{-1} R_b^\top`, :math:`C = N I_k + \mathrm{sign}\,R_b U`;
+        - :math:`k > s`: :math:`F_b^{-1} = L L^\top`,
+          :math:`A = I_s + \mathrm{sign}\,(R_b L)^\top (R_b L) / N`.
+
+        Both matrices have the same spectrum (up to eigenvalues 1, scaled by N for C), so the
+        margin means the same in both: every Cholesky pivot of ``C / N`` (or ``A``) at least
+        :data:`_PD_MARGIN`, a factor far above the rounding of either computation.
+        """
+        k, N = rows.shape[0], self.normalizer
+        out = None if v is None else torch.empty(v.shape, dtype=torch.float64, device=v.device)
+        for j, (seg, _, _) in enumerate(self._segment_tables()):
+            first, last = self._bounds[j], self._bounds[j + 1]
+            base = self.layout.offsets[first]
+            budget = lambda s: _WOODBURY_ELEMENTS // (s * (s + 2 * k))  # noqa: E731
+            for b0, n, s in self.layout.runs(budget, first=first, last=last):
+                o = self.layout.offsets[b0] - base
+                st = self.layout.starts[b0]
+                f = seg[o:o + n * s * s].view(n, s, s).to(torch.float64)
+                r = rows[:, st:st + n * s].reshape(k, n, s).transpose(0, 1).to(torch.float64)
+                vb = None if v is None else \
+                    v[st:st + n * s].reshape(n, s, -1).to(torch.float64)
+                if k <= s:
+                    u = f @ r.transpose(1, 2)                                   # (n, s, k)
+                    c = sign * (r @ u)
+                    c = 0.5 * (c + c.transpose(1, 2))
+                    c.diagonal(dim1=1, dim2=2).add_(N)
+                    chol, info = torch.linalg.cholesky_ex(c)
+                    pivots = chol.diagonal(dim1=1, dim2=2) ** 2 / N
+                    if vb is not None:
+                        w = torch.cholesky_solve(u.transpose(1, 2) @ vb, chol)
+                        res = f @ vb - sign * (u @ w)
+                else:
+                    lf, info_f = torch.linalg.cholesky_ex(f)
+                    rl = r @ lf                                                 # (n, k, s)
+                    a = sign * (rl.transpose(1, 2) @ rl) / N
+                    a = 0.5 * (a + a.transpose(1, 2))
+                    a.diagonal(dim1=1, dim2=2).add_(1.0)
+                    chol, info = torch.linalg.cholesky_ex(a)
+                    info = torch.where(info_f != 0, info_f, info)
+                    pivots = chol.diagonal(dim1=1, dim2=2) ** 2
+                    if vb is not None:
+                        res = lf @ torch.cholesky_solve(lf.transpose(1, 2) @ vb, chol)
+                bad = (info != 0) | ~(pivots.min(dim=1).values >= _PD_MARGIN)
+                if bool(bad.any()):
+                    i = int(torch.nonzero(bad)[0])
+                    b = b0 + i
+                    worst = float(pivots[i].min()) if int(info[i]) == 0 else float("-inf")
+                    raise NotPositiveDefiniteError(
+                        f"{what}: block {b} (parameters {self.layout.starts[b]}.."
+                        f"{self.layout.starts[b] + s}) would not stay positive definite "
+                        f"(smallest relative pivot {worst:.2e}, needed >= {_PD_MARGIN:g}): "
+                        "were these rows ever added? Nothing was changed")
+                if out is not None:
+                    out[st:st + n * s] = res.reshape(n * s, -1)
+        return out
+
     def _change(self, grads, sign: int, method: str, chunk_size: int | None) -> "BlockInverseFisher":
         check_choice(method, "method", UPDATE_METHODS)
         chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
         if method == "woodbury" and chunk_size is None:
             chunk_size = _DEFAULT_WOODBURY_CHUNK
-        work = self.packed.clone()  # swapped in only on success: an error leaves self unchanged
-        host, dev = self._layout_tables()
-        rows = 0
-        for chunk in _chunks(grads, chunk_size, dim=self.dim, dtype=self.dtype,
-                             device=self.device):
-            if chunk.shape[0] == 0:
-                continue
-            info = _ops.call(_ops.sherman_morrison_, work, host, dev, chunk, self.normalizer,
-                             sign, method == "woodbury")
-            _raise_if_failed(info, "update" if sign > 0 else "downdate", self.layout, "row")
-            rows += chunk.shape[0]
-        self.packed = work
-        self.num_samples += sign * rows
+        what = "update" if sign > 0 else "downdate"
+        rows = self._rows(grads)
+        if rows.shape[0] == 0:
+            return self
+        tables = self._segment_tables()
+        if method == "woodbury":
+            # Every block is checked first: the writes below cannot then fail, so no copy of the
+            # inverse is needed for atomicity (the extra memory is O(k d)).
+            self._woodbury(rows, sign, what)
+            work = [seg for seg, _, _ in tables]
+        else:
+            # The literal recurrence can fail part-way in float32 where the result is still
+            # positive definite (its intermediate inverses are worse conditioned): it works on
+            # copies, swapped in on success.
+            work = [seg.clone() for seg, _, _ in tables]
+        for seg, (_, host, dev) in zip(work, tables):
+            for i in range(0, rows.shape[0], chunk_size or rows.shape[0]):
+                chunk = rows[i:i + (chunk_size or rows.shape[0])]
+                info = _ops.call(_ops.sherman_morrison_, seg, host, dev, chunk, self.normalizer,
+                                 sign, method == "woodbury")
+                _raise_if_failed(info, what, self.layout, "row")
+        self._segments = work
+        self.num_samples += sign * rows.shape[0]
         return self
-
     def update(self, grads, *, method: str = "woodbury",
                chunk_size: int | None = None) -> "BlockInverseFisher":
         r"""Adds gradients: every block becomes :math:`(F_b + \frac{1}{N}\sum_j g_j g_j^\top)^{-1}`.
@@ -281,30 +442,38 @@ class BlockInverseFisher:
 
     # ---- copies and moves ----
     def clone(self) -> "BlockInverseFisher":
-        return BlockInverseFisher(self.packed.clone(), self.config, self.num_samples)
+        return BlockInverseFisher([t.clone() for t in self._segments], self.config,
+                                  self.num_samples)
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "BlockInverseFisher":
         """A copy on ``device`` and/or in ``dtype`` (float32 or float64)."""
         check_dtype(dtype)
-        packed = self.packed.to(device=device, dtype=dtype)
-        if packed.data_ptr() == self.packed.data_ptr():
-            packed = packed.clone()
-        return BlockInverseFisher(packed, self.config, self.num_samples)
+        moved = []
+        for t in self._segments:
+            m = t.to(device=device, dtype=dtype)
+            moved.append(m.clone() if m.data_ptr() == t.data_ptr() else m)
+        return BlockInverseFisher(moved, self.config, self.num_samples)
 
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Tensors and plain metadata describing this inverse (for safetensors files)."""
+        """Tensors (``packed.0``, ``packed.1``, ...: the segments) and plain metadata
+        describing this inverse (for safetensors files)."""
         meta = {"damping": self.damping, "normalizer": self.normalizer,
                 "num_samples": self.num_samples, "layout": self.layout.to_dict(),
-                "dtype": str(self.dtype).removeprefix("torch.")}
-        return {"packed": self.packed}, meta
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "segments": len(self._segments)}
+        return {f"packed.{j}": t for j, t in enumerate(self._segments)}, meta
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "BlockInverseFisher":
-        """Inverse of :meth:`to_state`; validates the metadata."""
+        """Inverse of :meth:`to_state` (also reads a single ``packed`` tensor); validates the
+        metadata."""
         try:
             layout = BlockLayout.from_dict(meta["layout"])
             config = FisherConfig(float(meta["damping"]), float(meta["normalizer"]), layout)
-            packed = tensors["packed"]
+            if "packed" in tensors:
+                packed = tensors["packed"]
+            else:
+                packed = [tensors[f"packed.{j}"] for j in range(int(meta["segments"]))]
             num_samples = int(meta["num_samples"])
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a valid inverse-Fisher state: missing or bad {exc}") from None
@@ -408,19 +577,78 @@ def _build_by_recurrence(chunks, layout: BlockLayout, damping: float, normalizer
     return BlockInverseFisher(packed, FisherConfig(damping, normalizer, layout), rows)
 
 
+def _groups(layout: BlockLayout, max_numel: int) -> list[tuple[int, int]]:
+    """Consecutive block ranges ``(first, last)`` of at most ``max_numel`` packed elements
+    (a larger block gets a range of its own)."""
+    out, first, numel = [], 0, 0
+    for b, s in enumerate(layout.sizes):
+        if numel and numel + s * s > max_numel:
+            out.append((first, b))
+            first, numel = b, 0
+        numel += s * s
+    if first < layout.num_blocks or not out:
+        out.append((first, layout.num_blocks))
+    return out
+
+
+def _gathered(chunks: Iterable[torch.Tensor], rows: int) -> Iterator[torch.Tensor]:
+    """The rows of ``chunks`` in order, chunks of fewer than ``rows`` rows gathered in one
+    reused buffer (a kernel call on few rows is inefficient); larger chunks pass through."""
+    buf, filled = None, 0
+    for chunk in chunks:
+        m = chunk.shape[0]
+        if m == 0:
+            continue
+        if m >= rows:
+            if filled:
+                yield buf[:filled]
+                filled = 0
+            yield chunk
+            continue
+        if buf is None:
+            buf = torch.empty(rows, chunk.shape[1], dtype=chunk.dtype, device=chunk.device)
+        if filled + m > rows:
+            yield buf[:filled]
+            filled = 0
+        buf[filled:filled + m] = chunk
+        filled += m
+    if filled:
+        yield buf[:filled]
+
+
 def _build_by_gram(chunks, layout: BlockLayout, damping: float, normalizer: float | None,
                    dtype: torch.dtype, device: torch.device) -> BlockInverseFisher:
-    """The stable build: float64 Gram accumulation, then a Cholesky-based inverse."""
-    host = layout.table()
-    dev = host if device.type == "cpu" else host.to(device)
-    gram = torch.zeros(layout.numel, dtype=torch.float64, device=device)
+    """The stable build: float64 Gram accumulation, then a Cholesky-based inverse.
+
+    The accumulators are held in groups of consecutive blocks, and at the end each group is
+    inverted into a segment of the result and freed before the next, so the float64
+    accumulators and the whole result never coexist: the peak is the accumulators plus one
+    group's result plus the row buffer (for a float32 result, about 2.25 times its size).
+    """
+    elem = torch.finfo(dtype).bits // 8
+    groups = _groups(layout, max(layout.numel // _GROUPS, _MIN_GROUP_NUMEL))
+    tables = []
+    for first, last in groups:
+        host = layout.table(first=first, last=last)
+        tables.append((host, host if device.type == "cpu" else host.to(device)))
+    grams = [torch.zeros(layout.numel_of(first, last), dtype=torch.float64, device=device)
+             for first, last in groups]
+    row_bytes = max(layout.dim * elem, 1)
+    gather = min(_GATHER_ROWS, max(1, layout.numel * elem // _GROUPS // row_bytes,
+                                   _MIN_GATHER_BYTES // row_bytes))
     rows = 0
-    for chunk in chunks:
-        if chunk.shape[0] == 0:
-            continue
-        _ops.call(_ops.gram_accumulate_, chunk, host, dev, gram)
+    for chunk in _gathered(chunks, gather):
+        for gram, (host, dev) in zip(grams, tables):
+            _ops.call(_ops.gram_accumulate_, chunk, host, dev, gram)
         rows += chunk.shape[0]
     normalizer = normalizer if normalizer is not None else float(max(rows, 1))
-    packed, info = _ops.call(_ops.inverse_from_gram, gram, host, dev, damping, normalizer, dtype)
-    _raise_if_failed(info, "build", layout, "pivot")
-    return BlockInverseFisher(packed, FisherConfig(damping, normalizer, layout), rows)
+    segments = []
+    for g, ((first, _), (host, dev)) in enumerate(zip(groups, tables)):
+        packed, info = _ops.call(_ops.inverse_from_gram, grams[g], host, dev, damping,
+                                 normalizer, dtype)
+        grams[g] = None  # freed before the next group's result is allocated
+        if bool(info.any()):
+            info = torch.cat([torch.zeros(first, dtype=info.dtype, device=info.device), info])
+            _raise_if_failed(info, "build", layout, "pivot")
+        segments.append(packed)
+    return BlockInverseFisher(segments, FisherConfig(damping, normalizer, layout), rows)

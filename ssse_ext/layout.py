@@ -122,10 +122,42 @@ class BlockLayout:
         """Elements of the packed block storage: the sum of ``size_b ** 2``."""
         return sum(s * s for s in self.sizes)
 
-    def table(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """The ``[num_blocks, 3]`` int64 table (start, size, offset) passed to the kernels."""
-        rows = list(zip(self.starts, self.sizes, self.offsets))
+    def table(self, device: torch.device | str | None = None, *, first: int = 0,
+              last: int | None = None) -> torch.Tensor:
+        """The ``[num_blocks, 3]`` int64 table (start, size, offset) passed to the kernels, for
+        blocks ``first .. last - 1`` (all by default), offsets counted from block ``first``'s
+        (the packed storage of that range of blocks)."""
+        last = self.num_blocks if last is None else last
+        offsets = self.offsets
+        base = offsets[first] if first < last else 0
+        rows = [(self.starts[b], self.sizes[b], offsets[b] - base) for b in range(first, last)]
         return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 3)
+
+    def numel_of(self, first: int, last: int) -> int:
+        """Elements of the packed storage of blocks ``first .. last - 1``."""
+        return sum(s * s for s in self.sizes[first:last])
+
+    def runs(self, max_count=None, *, first: int = 0,
+             last: int | None = None) -> list[tuple[int, int, int]]:
+        """Runs of consecutive blocks of equal size among blocks ``first .. last - 1``, as
+        ``(first block, count, size)``: their packed storage is a ``(count, size, size)``
+        tensor and their parameters a ``(count, size)`` slice, so batched torch operations
+        cover a run without a copy. ``max_count`` (an int, or a function of the size) splits
+        longer runs."""
+        last = self.num_blocks if last is None else last
+        out: list[tuple[int, int, int]] = []
+        b = first
+        while b < last:
+            s = self.sizes[b]
+            e = b + 1
+            while e < last and self.sizes[e] == s:
+                e += 1
+            cap = max_count(s) if callable(max_count) else max_count
+            step = e - b if cap is None else max(1, int(cap))
+            for start in range(b, e, step):
+                out.append((start, min(step, e - start), s))
+            b = e
+        return out
 
     def slice(self, b: int) -> slice:
         """The parameters covered by block ``b``."""

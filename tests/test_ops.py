@@ -33,8 +33,10 @@ def test_opcheck_all_ops(dtype, device):
         torch.library.opcheck(_ops.sherman_morrison_,
                               (inv.packed.clone(), host, dev, g[:3].contiguous(), 11.0, 1, chunked))
     v = torch.randn(10, 2, dtype=dtype, device=device)
-    torch.library.opcheck(_ops.apply_inverse, (inv.packed, host, dev, v, None, 1.0))
-    torch.library.opcheck(_ops.apply_inverse, (inv.packed, host, dev, v, v.clone(), -2.0))
+    torch.library.opcheck(_ops.apply_inverse, (inv.packed, host, dev, v, None, 1.0,
+                                               torch.empty_like(v)))
+    torch.library.opcheck(_ops.apply_inverse, (inv.packed, host, dev, v, v.clone(), -2.0,
+                                               torch.empty_like(v)))
 
 
 def test_apply_under_torch_compile():
@@ -42,7 +44,9 @@ def test_apply_under_torch_compile():
 
     @torch.compile(backend="eager", fullgraph=True)
     def step(theta, v):
-        return _ops.apply_inverse(inv.packed, host, dev, v, theta, 0.25)
+        out = torch.empty_like(v)
+        _ops.apply_inverse(inv.packed, host, dev, v, theta, 0.25, out)
+        return out
 
     theta, v = torch.randn(10, 1, dtype=torch.float64), torch.randn(10, 1, dtype=torch.float64)
     expect = theta + 0.25 * inv.dense() @ v

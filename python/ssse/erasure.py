@@ -66,8 +66,7 @@ def ssse_update(model: nn.Module, loss_fn, removed, *,
         epsilon: :math:`\varepsilon > 0`.
         n_total: :math:`n = |D|`, the number of training *samples* (``n_total > k``).
         weight_decay: the L2 coefficient folded into every :math:`\ell_i`.
-        fisher: ``"full"`` uses :math:`F_D^{-1}`; ``"leave_k_out"`` downdates a copy by the
-            gradients of :math:`S` first (:math:`F_{D \setminus S}^{-1}`, see docs/maths.md).
+        fisher: ``"full"`` uses :math:`F_D^{-1}`; ``"leave_k_out"`` removes the gradients of :math:`S` first (:math:`F_{D \setminus S}^{-1}`, see docs/maths.md).
         gradient: ``"removed"`` (paper): :math:`v = \sum_{S} \nabla\ell_i`; ``"retained"``
             (paper §5.3): :math:`v = -\sum_{D \setminus S} \nabla\ell_i`, the same direction at an
             optimum since :math:`\sum_D \nabla\ell_i = 0` there. Needs ``retained``.
@@ -116,10 +115,10 @@ def ssse_update(model: nn.Module, loss_fn, removed, *,
         v_ret, _ = gradient_sum(model, loss_fn, retained, weight_decay=weight_decay,
                                 dtype=dtype, name="retained")
         v = -v_ret
-    if rows is not None:
-        inv = inv.clone().downdate(_group_means(rows, minibatch).to(device))
+    # the leave-k-out Fisher is applied on the fly (Woodbury): the stored inverse is not copied
+    without = None if rows is None else _group_means(rows, minibatch).to(device)
     theta = fm.flat(dtype=dtype, device=device)
-    theta_hat = inv.apply_update(theta, v.to(device), epsilon / (n_total - k))
+    theta_hat = inv.apply_update(theta, v.to(device), epsilon / (n_total - k), without=without)
     return finish_update(fm, theta_hat, inplace=inplace, what="the SSSE update")
 
 
@@ -144,8 +143,8 @@ class Eraser:
 
     Args:
         model: the trained model (:math:`\theta^*`); written only by ``erase(..., inplace=True)``.
-        loss_fn, damping, block_size, layout, weight_decay, minibatch: as in
-            :func:`ssse.fit_inverse_fisher`.
+        loss_fn, damping, block_size, layout, weight_decay, minibatch, chunk_size,
+            max_memory: as in :func:`ssse.fit_inverse_fisher`.
         dtype, device: of the inverse (default: the model's).
 
     Attributes:
@@ -158,7 +157,8 @@ class Eraser:
     def __init__(self, model: nn.Module, loss_fn, *, damping: float,
                  block_size: int | None = None, layout="per_parameter",
                  weight_decay: float = 0.0, minibatch: int = 1,
-                 dtype: torch.dtype | None = None, device=None):
+                 dtype: torch.dtype | None = None, device=None, chunk_size: int | None = None,
+                 max_memory: int | None = None):
         check_module(model)
         check_callable(loss_fn, "loss_fn")
         self.model = model
@@ -170,6 +170,8 @@ class Eraser:
         self.layout = resolve_layout(layout, block_size, self._fm)
         self.dtype = check_dtype(dtype) or self._fm.dtype
         self.device = check_device(device) or self._fm.device
+        self.chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
+        self.max_memory = check_positive_int(max_memory, "max_memory", allow_none=True)
         self.inv_fisher: ssse_ext.BlockInverseFisher | None = None
         self.n: int | None = None
         self.theta: torch.Tensor | None = None
@@ -189,6 +191,7 @@ class Eraser:
         inv = fit_inverse_fisher(self.model, self.loss_fn, train_data, damping=self.damping,
                                  layout=self.layout, weight_decay=self.weight_decay,
                                  minibatch=self.minibatch, dtype=self.dtype, device=self.device,
+                                 chunk_size=self.chunk_size, max_memory=self.max_memory,
                                  progress=progress)
         if n_total is not None:
             n = check_positive_int(n_total, "n_total")
@@ -232,11 +235,17 @@ class Eraser:
         if k >= self.n:
             raise ValueError(f"removed has {k} samples, but only {self.n} remain")
         v = rows.sum(0)
-        downdated = self.inv_fisher.clone().downdate(_group_means(rows, self.minibatch))
-        inv = downdated if fisher == "leave_k_out" else self.inv_fisher
-        theta = inv.apply_update(self.theta, v, epsilon / (self.n - k))
+        means = _group_means(rows, self.minibatch)
+        # No copy of the inverse: the step is computed first (the leave-k-out Fisher applied on
+        # the fly), then the downdate, which checks every block before it writes any, so an
+        # error at either point leaves everything unchanged. Extra memory: O(k d).
+        theta = self.inv_fisher.apply_update(self.theta, v, epsilon / (self.n - k),
+                                             without=means if fisher == "leave_k_out" else None)
+        if not bool(torch.isfinite(theta).all()):
+            raise FloatingPointError("the SSSE update produced NaN or Inf; nothing was changed")
+        self.inv_fisher.downdate(means)
         state = finish_update(self._fm, theta, inplace=inplace, what="the SSSE update")
-        self.inv_fisher, self.theta, self.n = downdated, theta, self.n - k
+        self.theta, self.n = theta, self.n - k
         self.history.append((k, epsilon))
         return state
 

@@ -25,8 +25,8 @@ from ssse_ext.validation import (check_callable, check_choice, check_data, check
                                  check_dtype, check_module, check_nonneg_float,
                                  check_positive_float, check_positive_int)
 
-from ._utils import (BATCH_SIZE, FlatModel, data_size, iter_batches, per_sample_losses, rebatch,
-                     warn_if_training)
+from ._utils import (BATCH_SIZE, FlatModel, available_memory, data_size, iter_batches,
+                     per_sample_losses, rebatch, warn_if_training)
 
 __all__ = ["per_sample_grads", "fit_inverse_fisher", "gradient_sum", "hessian_vector_products",
            "resolve_layout", "LAYOUTS"]
@@ -37,18 +37,53 @@ __all__ = ["per_sample_grads", "fit_inverse_fisher", "gradient_sum", "hessian_ve
 #: the paper's multi-attribute layout).
 LAYOUTS = ("per_parameter", "fixed", "rows")
 
-#: Rows per chunk of per-sample gradients when the data is a single ``(X, y)`` pair.
-DEFAULT_CHUNK_SIZE = 128
-# Per-sample gradient chunks are capped at this many elements (256 MiB in float32).
-_MAX_CHUNK_ELEMENTS = 1 << 26
+#: Most rows per chunk of per-sample gradients when the chunk is sized by memory.
+MAX_CHUNK_ROWS = 1024
+# Copies of a gradient row alive at once while a chunk is made: vmap's per-parameter output,
+# the flattened row, the row with the weight-decay term.
+_ROW_COPIES = 3
+# Activation memory of one sample's forward pass, times this, covers what vmap(grad) keeps for
+# the backward pass and its temporaries.
+_ACTIVATION_COPIES = 4
+# Share of the memory available now that a fit plans to use when max_memory is not given.
+_MEMORY_SHARE = 0.8
 
 # What torch.func.vmap raises for a module it cannot batch (data-dependent control flow,
 # .item(), in-place writes to unbatched tensors): only these switch to the per-sample loop.
 _VMAP_UNSUPPORTED = ("vmap", "batching rule", "batched tensor", "functorch")
 
 
-def _default_chunk(d: int) -> int:
-    return max(1, min(DEFAULT_CHUNK_SIZE, _MAX_CHUNK_ELEMENTS // max(d, 1)))
+def _activation_elements(fm: FlatModel, params: dict, frozen: dict, x: torch.Tensor) -> int:
+    """Elements of every module output in one sample's forward pass."""
+    total = 0
+
+    def hook(_module, _inputs, output):
+        nonlocal total
+        outs = output if isinstance(output, (tuple, list)) else (output,)
+        total += sum(o.numel() for o in outs if isinstance(o, torch.Tensor))
+
+    handles = [m.register_forward_hook(hook) for m in fm.model.modules()]
+    try:
+        with torch.no_grad():
+            fm(params, x[:1], frozen)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def _row_bytes(fm: FlatModel, params: dict, frozen: dict, x: torch.Tensor, minibatch: int,
+              dtype: torch.dtype) -> int:
+    """Estimated bytes one row of per-sample (or per-group) gradients costs while it is made:
+    copies of the ``d``-vector and the activations that ``vmap(grad)`` keeps."""
+    elem = torch.finfo(dtype).bits // 8
+    acts = _activation_elements(fm, params, frozen, x) if x.shape[0] else 0
+    return elem * (_ROW_COPIES * fm.dim + _ACTIVATION_COPIES * minibatch * acts)
+
+
+def _plan_chunk_rows(per_row: int, budget: int) -> int:
+    """Rows per chunk for a memory budget: as many as fit, between 1 and MAX_CHUNK_ROWS."""
+    return max(1, min(MAX_CHUNK_ROWS, int(budget // max(per_row, 1))))
 
 
 def _group_grads(fm: FlatModel, loss_fn, params: dict, frozen: dict, x: torch.Tensor,
@@ -107,15 +142,25 @@ def _loop_grads(fm: FlatModel, group_loss, params: dict, xg: torch.Tensor,
 
 def _grad_stream(fm: FlatModel, loss_fn, data, name: str, *, weight_decay: float,
                  chunk_size: int | None, minibatch: int, dtype: torch.dtype,
-                 params: dict | None = None) -> Iterator[torch.Tensor]:
-    """The validated per-sample (or per-group) gradient chunks of ``data`` at ``params``."""
+                 params: dict | None = None,
+                 max_memory: int | None = None) -> Iterator[torch.Tensor]:
+    """The validated per-sample (or per-group) gradient chunks of ``data`` at ``params``:
+    ``chunk_size`` rows each, or as many as ``max_memory`` bytes allow (default: the memory
+    available now)."""
     params = fm.param_dict(dtype) if params is None else params
     frozen = fm.frozen_dict(dtype)
     theta = torch.cat([params[k].reshape(-1) for k in fm.names])
-    chunk = chunk_size or _default_chunk(fm.dim)
     batches = iter_batches(data, name, device=fm.device, dtype=dtype)
+    first = next(batches, None)
+    if first is None:
+        return
+    if chunk_size is None:
+        if max_memory is None:
+            max_memory = int(_MEMORY_SHARE * available_memory(fm.device))
+        per_row = _row_bytes(fm, params, frozen, first[0], minibatch, dtype)
+        chunk_size = _plan_chunk_rows(per_row, max_memory)
     state: dict = {}
-    for x, y in rebatch(batches, chunk * minibatch):
+    for x, y in rebatch(itertools.chain([first], batches), chunk_size * minibatch):
         rows = _group_grads(fm, loss_fn, params, frozen, x, y, minibatch, state)
         if weight_decay:
             rows = rows + weight_decay * theta
@@ -123,7 +168,8 @@ def _grad_stream(fm: FlatModel, loss_fn, data, name: str, *, weight_decay: float
 
 
 def per_sample_grads(model: nn.Module, loss_fn, data, *, weight_decay: float = 0.0,
-                     chunk_size: int | None = None, minibatch: int = 1) -> Iterator[torch.Tensor]:
+                     chunk_size: int | None = None, minibatch: int = 1,
+                     max_memory: int | None = None) -> Iterator[torch.Tensor]:
     r"""Streams the per-sample gradients :math:`g_i = \nabla_\theta \ell_i(\theta)` (paper §3).
 
     Built on ``torch.func`` (``functional_call`` + ``vmap(grad)``); a module that ``vmap``
@@ -140,10 +186,14 @@ def per_sample_grads(model: nn.Module, loss_fn, data, *, weight_decay: float = 0
         data: an ``(X, y)`` pair of tensors or an iterable of ``(x, y)`` batches.
         weight_decay: :math:`w \ge 0`; adds :math:`w\,\theta` to every gradient (the gradient
             of :math:`\frac{w}{2}\lVert\theta\rVert^2`).
-        chunk_size: rows per yielded chunk (default: up to 128, fewer for large models).
+        chunk_size: rows per yielded chunk (default: as many as ``max_memory`` allows, up to
+            :data:`MAX_CHUNK_ROWS`).
         minibatch: ``b``; with ``b > 1`` each row is the mean gradient of ``b`` consecutive
             samples (the paper's mini-batch Fisher, b = 10 on CIFAR-10); a last group of fewer
             than ``b`` samples gives the mean of those.
+        max_memory: bytes for one chunk (its rows and the activations ``vmap`` keeps), which
+            decides the rows per chunk when ``chunk_size`` is not given (default: 80 % of the
+            memory available now on the model's device).
 
     Yields:
         ``(m, d)`` tensors in the model's dtype and on its device.
@@ -154,10 +204,12 @@ def per_sample_grads(model: nn.Module, loss_fn, data, *, weight_decay: float = 0
     weight_decay = check_nonneg_float(weight_decay, "weight_decay")
     chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
     minibatch = check_positive_int(minibatch, "minibatch")
+    max_memory = check_positive_int(max_memory, "max_memory", allow_none=True)
     warn_if_training(model, "per_sample_grads")
     fm = FlatModel(model)
     return _grad_stream(fm, loss_fn, data, "data", weight_decay=weight_decay,
-                        chunk_size=chunk_size, minibatch=minibatch, dtype=fm.dtype)
+                        chunk_size=chunk_size, minibatch=minibatch, dtype=fm.dtype,
+                        max_memory=max_memory)
 
 
 def resolve_layout(layout, block_size: int | None, model_or_shapes) -> ssse_ext.BlockLayout:
@@ -207,6 +259,7 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
                        block_size: int | None = None, layout="per_parameter",
                        weight_decay: float = 0.0, minibatch: int = 1,
                        dtype: torch.dtype | None = None, device=None,
+                       chunk_size: int | None = None, max_memory: int | None = None,
                        progress: bool = True) -> ssse_ext.BlockInverseFisher:
     r"""Fits the block inverse of the damped empirical Fisher at the model's parameters.
 
@@ -228,6 +281,14 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
         dtype: dtype of the gradients and the inverse (default: the model's).
         device: device of the inverse (default: the model's); gradients are computed on the
             model's device.
+        chunk_size: rows of per-sample gradients computed (and accumulated) per call; by
+            default as many as ``max_memory`` allows, up to :data:`MAX_CHUNK_ROWS`.
+        max_memory: bytes for one chunk of per-sample gradients: its rows (a few copies of
+            each ``d``-vector) and the activations ``vmap`` keeps per sample (estimated from
+            one forward pass). It decides the rows per chunk. The float64 accumulators (8 bytes
+            per stored entry) and the result come on top; they are fixed by the layout. Default:
+            80 % of the memory available now on the model's device (``mem_get_info`` on CUDA,
+            available RAM on the CPU) after those.
         progress: show a progress bar.
 
     Returns:
@@ -247,13 +308,19 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"the model's dtype is {dtype}; pass dtype=torch.float32 or float64")
     device = check_device(device) or fm.device
+    chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    max_memory = check_positive_int(max_memory, "max_memory", allow_none=True)
+    if chunk_size is None and max_memory is None:
+        fixed = lay.numel * (8 + torch.finfo(dtype).bits // 8) if device == fm.device else 0
+        max_memory = max(1, int(_MEMORY_SHARE * (available_memory(fm.device) - fixed)))
     n = data_size(data)
     total = None if n is None else math.ceil(n / minibatch)
     bar = tqdm(total=total, unit="grad", desc="inverse Fisher", disable=not progress,
                leave=False)
 
-    stream = _grad_stream(fm, loss_fn, data, "data", weight_decay=weight_decay, chunk_size=None,
-                          minibatch=minibatch, dtype=dtype)
+    stream = _grad_stream(fm, loss_fn, data, "data", weight_decay=weight_decay,
+                          chunk_size=chunk_size, minibatch=minibatch, dtype=dtype,
+                          max_memory=max_memory)
     first = next(stream, None)  # an error of the model or the loss surfaces here, unchanged
     if first is None:
         bar.close()
