@@ -18,7 +18,8 @@ import torch as _torch  # noqa: F401
 
 from . import _C, reference, validation
 from .fisher import (BUILD_METHODS, DEFAULT_BLOCK_SIZE, UPDATE_METHODS, BlockInverseFisher,
-                     FisherConfig, NotPositiveDefiniteError, build_inverse_fisher)
+                     FisherConfig, LowRankChange, NotPositiveDefiniteError,
+                     build_inverse_fisher)
 from .layout import BlockLayout
 
 try:
@@ -33,6 +34,7 @@ __all__ = [
     "BlockInverseFisher",
     "BlockLayout",
     "FisherConfig",
+    "LowRankChange",
     "NotPositiveDefiniteError",
     "build_info",
     "build_inverse_fisher",

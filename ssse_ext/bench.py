@@ -87,18 +87,27 @@ class _PeakRSS:
         self.peak = max(self.peak, self._rss())
 
 
-def _peak_memory(fn, device: torch.device) -> int:
-    """Peak extra bytes while fn() runs."""
+def measure(fn, device: torch.device):
+    """``(fn(), seconds, peak extra bytes)`` of one call: the allocator's peak above what was
+    allocated before on CUDA, the peak rise of the resident set on the CPU."""
     if device.type == "cuda":
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        fn()
+        t0 = time.perf_counter()
+        out = fn()
         _sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
+        return out, time.perf_counter() - t0, torch.cuda.max_memory_allocated(device) - before
     with _PeakRSS() as rss:
-        fn()
-    return rss.peak - rss.start
+        t0 = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - t0
+    return out, seconds, rss.peak - rss.start
+
+
+def _peak_memory(fn, device: torch.device) -> int:
+    """Peak extra bytes while fn() runs."""
+    return measure(fn, device)[2]
 
 
 # ---- the competitors ------------------------------------------------------------------------
@@ -205,7 +214,7 @@ def run_case(n: int, num_blocks: int, block: int, dtype, device, *, repeats: int
     if not err_a <= TOLERANCE[dtype]:
         print(f"    apply error {err_a:.2e} above tolerance: not timed", flush=True)
         return row
-    nbytes = inv.packed.numel() * inv.packed.element_size()
+    nbytes = inv.nbytes
     t_apply = _time(lambda: inv.apply_update(theta, v, 0.5), device, repeats * 3)
     t_copy = _time(lambda: inv.packed.clone(), device, repeats * 3)
     row.update(apply_s=t_apply, apply_gbs=nbytes / t_apply / 1e9,

@@ -18,6 +18,7 @@ from .validation import (FLOAT_DTYPES, all_finite, check_choice, check_dtype,
 __all__ = [
     "BlockInverseFisher",
     "FisherConfig",
+    "LowRankChange",
     "NotPositiveDefiniteError",
     "build_inverse_fisher",
     "BUILD_METHODS",
@@ -283,26 +284,21 @@ class BlockInverseFisher:
             scale: a finite number.
             without: optional ``(k, d)`` rows :math:`R` (or an iterable of chunks) to remove
                 from the Fisher on the fly: then ``F`` is the leave-k-out
-                :math:`F - R^\top R / N`, applied by the Woodbury identity in float64 with
-                :math:`O(k\,d)` extra memory; the inverse is not modified.
+                :math:`F - R^\top R / N` (see :meth:`without`); the inverse is not modified.
 
         Returns a new tensor; ``theta`` and the inverse are not modified.
 
         Raises:
             NotPositiveDefiniteError: ``without`` would leave a block not positive definite.
         """
+        if without is not None:
+            return self.without(without).apply_update(theta, v, scale)
         scale = check_finite_float(scale, "scale")
         vv, vec = self._vector(v, "v")
         base, _ = self._vector(theta, "theta")
         if base.shape != vv.shape:
             raise ValueError(f"theta and v must have the same shape, got {tuple(theta.shape)} "
                              f"and {tuple(v.shape)}")
-        if without is not None:
-            rows = self._rows(without, "without")
-            if rows.shape[0]:
-                solved = self._woodbury(rows, -1, "leave-k-out apply", vv)
-                out = (base.to(torch.float64) + scale * solved).to(self.dtype)
-                return out.view(-1) if vec else out
         out = torch.empty_like(vv)
         for seg, host, dev in self._segment_tables():
             _ops.call(_ops.apply_inverse, seg, host, dev, vv, base, float(scale), out)
@@ -319,24 +315,41 @@ class BlockInverseFisher:
     def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
         return self.matvec(v)
 
-    # ---- updates ----
-    def _woodbury(self, rows: torch.Tensor, sign: int, what: str,
-                  v: torch.Tensor | None = None) -> torch.Tensor | None:
-        r"""Checks, for every block, that :math:`F_b + \mathrm{sign}\,R_b^\top R_b / N` stays
-        positive definite with a margin, and with ``v`` returns its inverse times ``v`` (float64,
-        ``(d, r)``); writes nothing. Works through runs of equal-size blocks with batched
-        float64 torch operations, a bounded amount of memory at a time:
+    def without(self, rows, *, sign: int = -1) -> "LowRankChange":
+        r"""This inverse with the rows :math:`R` removed from the Fisher (``sign=-1``, the
+        leave-k-out Fisher :math:`F - R^\top R / N`) or added (``sign=+1``), applied on the
+        fly by the Woodbury identity in float64: the inverse is not modified and nothing of
+        its size is copied (the extra memory is :math:`O(k\,d)`; for blocks smaller than
+        ``k`` it is their size in float64).
 
-        - :math:`k \le s`: :math:`U = F_b^{-1} R_b^\top`, :math:`C = N I_k + \mathrm{sign}\,R_b U`;
+        Raises:
+            NotPositiveDefiniteError: a block would not stay positive definite (the rows were
+                never added, say).
+        """
+        if sign not in (1, -1):
+            raise ValueError(f"sign must be +1 or -1, got {sign!r}")
+        return LowRankChange(self, self._rows(rows, "rows"), sign)
+
+    # ---- updates ----
+    def _woodbury(self, rows: torch.Tensor, sign: int, what: str, *,
+                  keep: bool = False) -> list:
+        r"""Checks, for every block, that :math:`F_b + \mathrm{sign}\,R_b^\top R_b / N` stays
+        positive definite with a margin; writes nothing. With ``keep``, returns the factors
+        of every batch of blocks for :class:`LowRankChange`. Works through runs of equal-size
+        blocks with batched float64 torch operations, a bounded amount of memory at a time:
+
+        - :math:`k \le s`: :math:`U = F_b^{-1} R_b^\top`, :math:`C = N I_k + \mathrm{sign}\,R_b U`
+          (kept: :math:`U` and the Cholesky factor of :math:`C`);
         - :math:`k > s`: :math:`F_b^{-1} = L L^\top`,
-          :math:`A = I_s + \mathrm{sign}\,(R_b L)^\top (R_b L) / N`.
+          :math:`A = I_s + \mathrm{sign}\,(R_b L)^\top (R_b L) / N` (kept: :math:`L` and the
+          Cholesky factor of :math:`A`).
 
         Both matrices have the same spectrum (up to eigenvalues 1, scaled by N for C), so the
         margin means the same in both: every Cholesky pivot of ``C / N`` (or ``A``) at least
         :data:`_PD_MARGIN`, a factor far above the rounding of either computation.
         """
         k, N = rows.shape[0], self.normalizer
-        out = None if v is None else torch.empty(v.shape, dtype=torch.float64, device=v.device)
+        factors = []
         for j, (seg, _, _) in enumerate(self._segment_tables()):
             first, last = self._bounds[j], self._bounds[j + 1]
             base = self.layout.offsets[first]
@@ -346,8 +359,6 @@ class BlockInverseFisher:
                 st = self.layout.starts[b0]
                 f = seg[o:o + n * s * s].view(n, s, s).to(torch.float64)
                 r = rows[:, st:st + n * s].reshape(k, n, s).transpose(0, 1).to(torch.float64)
-                vb = None if v is None else \
-                    v[st:st + n * s].reshape(n, s, -1).to(torch.float64)
                 if k <= s:
                     u = f @ r.transpose(1, 2)                                   # (n, s, k)
                     c = sign * (r @ u)
@@ -355,9 +366,7 @@ class BlockInverseFisher:
                     c.diagonal(dim1=1, dim2=2).add_(N)
                     chol, info = torch.linalg.cholesky_ex(c)
                     pivots = chol.diagonal(dim1=1, dim2=2) ** 2 / N
-                    if vb is not None:
-                        w = torch.cholesky_solve(u.transpose(1, 2) @ vb, chol)
-                        res = f @ vb - sign * (u @ w)
+                    kept = (st, n, s, "correction", u, chol)
                 else:
                     lf, info_f = torch.linalg.cholesky_ex(f)
                     rl = r @ lf                                                 # (n, k, s)
@@ -367,8 +376,7 @@ class BlockInverseFisher:
                     chol, info = torch.linalg.cholesky_ex(a)
                     info = torch.where(info_f != 0, info_f, info)
                     pivots = chol.diagonal(dim1=1, dim2=2) ** 2
-                    if vb is not None:
-                        res = lf @ torch.cholesky_solve(lf.transpose(1, 2) @ vb, chol)
+                    kept = (st, n, s, "factor", lf, chol)
                 bad = (info != 0) | ~(pivots.min(dim=1).values >= _PD_MARGIN)
                 if bool(bad.any()):
                     i = int(torch.nonzero(bad)[0])
@@ -379,9 +387,9 @@ class BlockInverseFisher:
                         f"{self.layout.starts[b] + s}) would not stay positive definite "
                         f"(smallest relative pivot {worst:.2e}, needed >= {_PD_MARGIN:g}): "
                         "were these rows ever added? Nothing was changed")
-                if out is not None:
-                    out[st:st + n * s] = res.reshape(n * s, -1)
-        return out
+                if keep:
+                    factors.append(kept)
+        return factors
 
     def _change(self, grads, sign: int, method: str, chunk_size: int | None) -> "BlockInverseFisher":
         check_choice(method, "method", UPDATE_METHODS)
@@ -486,11 +494,60 @@ class BlockInverseFisher:
                 f"dtype={self.dtype}, device={self.device})")
 
 
+class LowRankChange:
+    r"""A :class:`BlockInverseFisher` with rows removed from (or added to) its Fisher, applied
+    on the fly: ``change @ v`` is :math:`(F + \mathrm{sign}\,R^\top R / N)^{-1} v`. Made by
+    :meth:`BlockInverseFisher.without`; the factors are computed (and every block checked)
+    once, so repeated products cost one pass over the inverse plus :math:`O(k\,d)` each."""
+
+    def __init__(self, inv: BlockInverseFisher, rows: torch.Tensor, sign: int):
+        self.inverse, self.sign, self.k = inv, sign, rows.shape[0]
+        what = "leave-k-out apply" if sign < 0 else "low-rank update"
+        self._factors = inv._woodbury(rows, sign, what, keep=True) if self.k else []
+
+    def solve(self, v: torch.Tensor) -> torch.Tensor:
+        """The product with ``v`` (``(d,)`` or ``(d, r)``), in float64."""
+        inv = self.inverse
+        vv, vec = inv._vector(v.to(inv.dtype), "v")
+        v64 = v.to(torch.float64).reshape(vv.shape)
+        out = inv.matvec(vv).to(torch.float64)
+        for st, n, s, kind, left, chol in self._factors:
+            vb = v64[st:st + n * s].reshape(n, s, -1)
+            if kind == "correction":
+                res = out[st:st + n * s].reshape(n, s, -1) - self.sign * (
+                    left @ torch.cholesky_solve(left.transpose(1, 2) @ vb, chol))
+            else:
+                res = left @ torch.cholesky_solve(left.transpose(1, 2) @ vb, chol)
+            out[st:st + n * s] = res.reshape(n * s, -1)
+        return out.view(-1) if vec else out
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """The product with ``v``, in the inverse's dtype."""
+        return self.solve(v).to(self.inverse.dtype)
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matvec(v)
+
+    def apply_update(self, theta: torch.Tensor, v: torch.Tensor, scale: float = 1.0
+                     ) -> torch.Tensor:
+        """``theta + scale * (this inverse) v``, in the inverse's dtype."""
+        scale = check_finite_float(scale, "scale")
+        inv = self.inverse
+        base, vec = inv._vector(theta, "theta")
+        vv, _ = inv._vector(v, "v")
+        if base.shape != vv.shape:
+            raise ValueError(f"theta and v must have the same shape, got {tuple(theta.shape)} "
+                             f"and {tuple(v.shape)}")
+        out = (base.to(torch.float64) + scale * self.solve(vv)).to(inv.dtype)
+        return out.view(-1) if vec else out
+
+
 # ---- build ----------------------------------------------------------------------------------
 
 def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None,
                          layout: BlockLayout | None = None, normalizer: float | None = None,
-                         chunk_size: int | None = None, method: str = "auto") -> BlockInverseFisher:
+                         chunk_size: int | None = None, method: str = "auto",
+                         rows_per_sample: int = 1) -> BlockInverseFisher:
     r"""Builds the block inverse of the damped empirical Fisher from a stream of gradients.
 
     .. math:: F_b^{-1} = \Big(\lambda I + \frac{1}{N} \sum_{i=1}^{n} g_{i,b}\, g_{i,b}^\top\Big)^{-1}
@@ -503,12 +560,15 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
         block_size: ``B`` for ``BlockLayout.fixed(d, B)`` when ``layout`` is not given
             (default ``min(d, 1024)``).
         layout: an explicit :class:`BlockLayout` (its ``dim`` must equal ``d``).
-        normalizer: :math:`N`; default the number of rows consumed. The ``auto``/``cholesky``
+        normalizer: :math:`N`; default the number of rows consumed divided by
+            ``rows_per_sample``. The ``auto``/``cholesky``
             build needs it only at the end, so a single pass over an iterable suffices; the
             recurrences use :math:`N` at every step, so they need it up front when ``grads`` is
             an iterable (a ``ValueError`` otherwise — no second pass is made).
         chunk_size: rows per kernel call (``woodbury``: default 1024, worked through in rank-64
             steps by the kernels).
+        rows_per_sample: rows each sample contributes (e.g. ``c`` Gauss–Newton rows), for the
+            default normaliser.
         method: ``"auto"``/``"cholesky"`` (default): float64 Gram accumulation then a
             Cholesky-based inverse — accurate whatever :math:`\lambda` and the gradient scale
             (float32 result within ~1e-7 relative error of the exact inverse, limited by the
@@ -525,6 +585,7 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
     """
     damping = check_positive_float(damping, "damping")
     check_choice(method, "method", BUILD_METHODS)
+    rows_per_sample = check_positive_int(rows_per_sample, "rows_per_sample")
     chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
     block_size = check_positive_int(block_size, "block_size", allow_none=True)
     if normalizer is not None:
@@ -552,10 +613,11 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
     stream = itertools.chain([first], chunks)
     if recurrence:
         if normalizer is None:
-            normalizer = float(max(grads.shape[0], 1))
+            normalizer = max(grads.shape[0], 1) / rows_per_sample
         return _build_by_recurrence(stream, layout, damping, normalizer, first.dtype,
                                     first.device, chunked=method == "woodbury")
-    return _build_by_gram(stream, layout, damping, normalizer, first.dtype, first.device)
+    return _build_by_gram(stream, layout, damping, normalizer, first.dtype, first.device,
+                          rows_per_sample)
 
 
 def _build_by_recurrence(chunks, layout: BlockLayout, damping: float, normalizer: float,
@@ -617,7 +679,8 @@ def _gathered(chunks: Iterable[torch.Tensor], rows: int) -> Iterator[torch.Tenso
 
 
 def _build_by_gram(chunks, layout: BlockLayout, damping: float, normalizer: float | None,
-                   dtype: torch.dtype, device: torch.device) -> BlockInverseFisher:
+                   dtype: torch.dtype, device: torch.device,
+                   rows_per_sample: int = 1) -> BlockInverseFisher:
     """The stable build: float64 Gram accumulation, then a Cholesky-based inverse.
 
     The accumulators are held in groups of consecutive blocks, and at the end each group is
@@ -641,7 +704,8 @@ def _build_by_gram(chunks, layout: BlockLayout, damping: float, normalizer: floa
         for gram, (host, dev) in zip(grams, tables):
             _ops.call(_ops.gram_accumulate_, chunk, host, dev, gram)
         rows += chunk.shape[0]
-    normalizer = normalizer if normalizer is not None else float(max(rows, 1))
+    if normalizer is None:
+        normalizer = max(rows, 1) / rows_per_sample
     segments = []
     for g, ((first, _), (host, dev)) in enumerate(zip(groups, tables)):
         packed, info = _ops.call(_ops.inverse_from_gram, grams[g], host, dev, damping,

@@ -128,11 +128,12 @@ def check_device(device, name: str = "device") -> torch.device | None:
 
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every entry of ``t`` is finite."""
-    # A float64 sum is NaN/Inf iff an entry is, barring overflow of huge values, which the exact
-    # elementwise test (slower: it allocates a mask) then settles.
+    # The sum is NaN/Inf iff an entry is, barring overflow of huge values, which the exact
+    # elementwise test (slower: it allocates a mask) then settles. The sum is taken in the
+    # tensor's own dtype: sum(dtype=float64) would first make a float64 copy of the tensor.
     if t.numel() == 0:
         return True
-    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
+    if bool(torch.isfinite(t.sum())):
         return True
     return bool(torch.isfinite(t).all())
 

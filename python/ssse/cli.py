@@ -240,8 +240,8 @@ def _add_experiment(sub) -> None:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="the kernel benchmark (options: ssse bench --help)",
-                       add_help=False)
+    p = sub.add_parser("bench", help="the kernel benchmark (ssse bench --help), or with --model "
+                       "the real-model benchmark (ssse bench --model --help)", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
 
 
@@ -602,6 +602,9 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # forwarded untouched, --help included
+        if "--model" in argv[1:]:
+            from .experiments import model_bench
+            return int(model_bench.main([a for a in argv[1:] if a != "--model"]) or 0)
         from ssse_ext import bench
         return int(bench.main(argv[1:]) or 0)
     parser = build_parser()

@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 
 import ssse_ext
 from ssse_ext.validation import (check_callable, check_choice, check_data, check_device,
-                                 check_dtype, check_module, check_nonneg_float,
+                                 check_dtype, check_int, check_module, check_nonneg_float,
                                  check_positive_float, check_positive_int)
 
 from ._utils import (BATCH_SIZE, FlatModel, available_memory, data_size, iter_batches,
                      per_sample_losses, rebatch, warn_if_training)
+from .curvature import CURVATURES, LIKELIHOODS, ggn_rows, outputs_2d, sample_labels
 
 __all__ = ["per_sample_grads", "fit_inverse_fisher", "gradient_sum", "hessian_vector_products",
            "resolve_layout", "LAYOUTS"]
@@ -142,11 +143,15 @@ def _loop_grads(fm: FlatModel, group_loss, params: dict, xg: torch.Tensor,
 
 def _grad_stream(fm: FlatModel, loss_fn, data, name: str, *, weight_decay: float,
                  chunk_size: int | None, minibatch: int, dtype: torch.dtype,
-                 params: dict | None = None,
-                 max_memory: int | None = None) -> Iterator[torch.Tensor]:
-    """The validated per-sample (or per-group) gradient chunks of ``data`` at ``params``:
-    ``chunk_size`` rows each, or as many as ``max_memory`` bytes allow (default: the memory
-    available now)."""
+                 params: dict | None = None, max_memory: int | None = None,
+                 curvature: str = "empirical", likelihood: str = "categorical",
+                 mc_samples: int = 1, seed: int = 0,
+                 info: dict | None = None) -> Iterator[torch.Tensor]:
+    """The validated rows of ``curvature`` (:mod:`ssse.curvature`) for the samples of
+    ``data`` at ``params``: per-sample (or per-group) gradients for ``"empirical"``; ``c``
+    Gauss–Newton rows, or ``mc_samples`` sampled-label gradients, per sample otherwise. Each
+    chunk covers ``chunk_size`` samples, or as many as ``max_memory`` bytes allow (default:
+    the memory available now). ``info["rows_per_sample"]`` receives the rows per sample."""
     params = fm.param_dict(dtype) if params is None else params
     frozen = fm.frozen_dict(dtype)
     theta = torch.cat([params[k].reshape(-1) for k in fm.names])
@@ -154,15 +159,30 @@ def _grad_stream(fm: FlatModel, loss_fn, data, name: str, *, weight_decay: float
     first = next(batches, None)
     if first is None:
         return
+    per_sample = 1
+    if curvature == "mc":
+        per_sample = mc_samples
+    elif curvature == "ggn" and first[0].shape[0]:
+        per_sample = outputs_2d(fm, params, frozen, first[0][:1]).shape[1]
+    if info is not None:
+        info["rows_per_sample"] = per_sample
     if chunk_size is None:
         if max_memory is None:
             max_memory = int(_MEMORY_SHARE * available_memory(fm.device))
         per_row = _row_bytes(fm, params, frozen, first[0], minibatch, dtype)
-        chunk_size = _plan_chunk_rows(per_row, max_memory)
+        chunk_size = _plan_chunk_rows(per_row * per_sample, max_memory)
+    generator = None
+    if curvature == "mc":
+        generator = torch.Generator(device=fm.device).manual_seed(seed)
     state: dict = {}
     for x, y in rebatch(itertools.chain([first], batches), chunk_size * minibatch):
+        if curvature == "ggn":
+            yield ggn_rows(fm, params, frozen, x, likelihood)
+            continue
+        if curvature == "mc":
+            x, y = sample_labels(fm, params, frozen, x, y, likelihood, mc_samples, generator)
         rows = _group_grads(fm, loss_fn, params, frozen, x, y, minibatch, state)
-        if weight_decay:
+        if weight_decay and curvature == "empirical":
             rows = rows + weight_decay * theta
         yield rows.detach()
 
@@ -260,19 +280,28 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
                        weight_decay: float = 0.0, minibatch: int = 1,
                        dtype: torch.dtype | None = None, device=None,
                        chunk_size: int | None = None, max_memory: int | None = None,
+                       curvature: str = "empirical", likelihood: str = "categorical",
+                       mc_samples: int = 1, seed: int = 0,
                        progress: bool = True) -> ssse_ext.BlockInverseFisher:
-    r"""Fits the block inverse of the damped empirical Fisher at the model's parameters.
+    r"""Fits the block inverse of a damped curvature at the model's parameters.
 
-    .. math:: F_b^{-1} = \Big(\lambda I + \frac{1}{N}\sum_{i=1}^{N} g_{i,b}\, g_{i,b}^\top\Big)^{-1}
+    .. math:: F_b^{-1} = \Big(\lambda I + \frac{1}{N}\sum_{r} u_{r,b}\, u_{r,b}^\top\Big)^{-1}
 
-    (the matrix of paper eq. 7's recurrence, computed stably by
-    :func:`ssse_ext.build_inverse_fisher`; see docs/maths.md), with
-    :math:`g_i` the per-sample gradients of :func:`per_sample_grads` streamed chunk by chunk
-    (the ``n x d`` matrix never exists) and :math:`N` the number of rows: samples, or
-    mini-batches when ``minibatch > 1``.
+    (computed stably by :func:`ssse_ext.build_inverse_fisher`; see docs/maths.md), with the
+    rows :math:`u_r` of :mod:`ssse.curvature` streamed chunk by chunk (the rows matrix never
+    exists). ``"empirical"`` (the paper's): :math:`u_i = g_i`, the per-sample gradients of
+    :func:`per_sample_grads` (weight decay included) and :math:`N` the number of samples, or
+    of mini-batches when ``minibatch > 1``. ``"ggn"``: the Gauss–Newton matrix of the loss
+    (the true Fisher for softmax or sigmoid outputs), ``c`` rows per sample and :math:`N = n`;
+    with ``damping`` equal to the training's weight decay :math:`w` the stored matrix is the
+    curvature of the training objective :math:`wI + \frac1n\sum_i G_i` (the regulariser's
+    curvature is the damping, so its gradient term is not in the rows). ``"mc"``: the true
+    Fisher by ``mc_samples`` sampled labels per sample, :math:`N = n \cdot` ``mc_samples``.
+    The ``"ggn"`` and ``"mc"`` rows need the inputs only, not the labels.
 
     Args:
-        model, loss_fn, data, weight_decay, minibatch: as in :func:`per_sample_grads`.
+        model, loss_fn, data, weight_decay, minibatch: as in :func:`per_sample_grads`
+            (``minibatch > 1`` with ``"empirical"`` only).
         damping: :math:`\lambda > 0`.
         block_size: the largest block ``B`` (default 1024, or ``d`` if smaller for ``"fixed"``).
         layout: ``"per_parameter"`` (no block crosses a parameter tensor), ``"fixed"``
@@ -289,10 +318,14 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
             per stored entry) and the result come on top; they are fixed by the layout. Default:
             80 % of the memory available now on the model's device (``mem_get_info`` on CUDA,
             available RAM on the CPU) after those.
+        curvature: ``"empirical"``, ``"ggn"`` or ``"mc"`` (see above).
+        likelihood: the output distribution for ``"ggn"`` and ``"mc"``: ``"categorical"``
+            (softmax logits) or ``"bernoulli"`` (independent sigmoid logits).
+        mc_samples, seed: draws per sample and their seed for ``"mc"``.
         progress: show a progress bar.
 
     Returns:
-        A :class:`ssse_ext.BlockInverseFisher` with ``num_samples`` = :math:`N`.
+        A :class:`ssse_ext.BlockInverseFisher` with ``num_samples`` the number of rows.
     """
     check_module(model)
     check_callable(loss_fn, "loss_fn")
@@ -301,6 +334,12 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     weight_decay = check_nonneg_float(weight_decay, "weight_decay")
     minibatch = check_positive_int(minibatch, "minibatch")
     dtype = check_dtype(dtype)
+    check_choice(curvature, "curvature", CURVATURES)
+    check_choice(likelihood, "likelihood", LIKELIHOODS)
+    mc_samples = check_positive_int(mc_samples, "mc_samples")
+    seed = check_int(seed, "seed")
+    if minibatch > 1 and curvature != "empirical":
+        raise ValueError(f"minibatch > 1 needs curvature=\"empirical\", got {curvature!r}")
     warn_if_training(model, "fit_inverse_fisher")
     fm = FlatModel(model)
     lay = resolve_layout(layout, block_size, fm)
@@ -318,21 +357,28 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     bar = tqdm(total=total, unit="grad", desc="inverse Fisher", disable=not progress,
                leave=False)
 
+    info: dict = {}
     stream = _grad_stream(fm, loss_fn, data, "data", weight_decay=weight_decay,
                           chunk_size=chunk_size, minibatch=minibatch, dtype=dtype,
-                          max_memory=max_memory)
+                          max_memory=max_memory, curvature=curvature, likelihood=likelihood,
+                          mc_samples=mc_samples, seed=seed, info=info)
     first = next(stream, None)  # an error of the model or the loss surfaces here, unchanged
     if first is None:
         bar.close()
         raise ValueError("data is empty: the Fisher needs at least one sample")
+    per_sample = info["rows_per_sample"]
 
     def chunks():
         for rows in itertools.chain([first], stream):
-            bar.update(rows.shape[0])
+            bar.update(rows.shape[0] // per_sample)
             yield rows.to(device)
 
     try:
-        return ssse_ext.build_inverse_fisher(chunks(), damping=damping, layout=lay)
+        # the GGN's c rows of a sample add up to its curvature (N = n); each Monte-Carlo draw
+        # is one estimate of it (N = n * mc_samples, the number of rows)
+        return ssse_ext.build_inverse_fisher(
+            chunks(), damping=damping, layout=lay,
+            rows_per_sample=per_sample if curvature == "ggn" else 1)
     finally:
         bar.close()
 

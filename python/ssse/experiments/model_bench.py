@@ -1,0 +1,209 @@
+"""Real-model benchmark: fit the inverse Fisher of a ResNet-size CNN and serve one deletion
+request, measured stage by stage against the cost a user weighs them against (one training
+epoch over the same samples), with peak memory as a multiple of the inverse's size.
+
+Stages, all on the same random images and labels (seeded): one SGD epoch; the per-sample
+gradients alone; the fit (:meth:`ssse.Eraser.fit`: gradients and build); the build alone from
+a stream of gradient rows (its rate on the ``2 n Σ s²`` basis against this machine's matmul
+rate, and against the same build on a 16 × 1024 fixed layout: the cost of many small blocks);
+one erase of ``k`` samples. Every result is checked before it is timed: the fit against a
+float64 closed form on a few blocks, the erase against the same step computed with a float64
+copy of those blocks.
+
+Run ``python benchmarks/bench_model.py --help`` or ``ssse bench --model --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+
+import torch
+from torch import nn
+
+import ssse
+import ssse_ext
+from ssse.models import build_model, loss_function
+from ssse_ext import BlockLayout, bench
+
+__all__ = ["main", "run"]
+
+ARCHS = {
+    "resnet18": lambda width: {"arch": "resnet", "depth": 18, "in_channels": 3,
+                               "num_classes": 10, "width": width or 64, "image_size": 32},
+    "small_resnet": lambda width: {"arch": "small_resnet", "in_channels": 3,
+                                   "num_classes": 10, "width": width or 96, "image_size": 32},
+}
+# Blocks whose inverse is checked against a float64 closed form after the fit.
+_CHECKED_BLOCKS = 4
+
+
+def _epoch(model: nn.Module, loss_fn, x, y, batch: int) -> None:
+    model = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for i in range(0, x.shape[0], batch):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x[i:i + batch]), y[i:i + batch]).mean().backward()
+        opt.step()
+
+
+def _check_fit(model, loss_fn, x, y, inv: ssse_ext.BlockInverseFisher, damping: float) -> float:
+    """Relative error of a few blocks (the largest ones) against a float64 closed form from
+    the same per-sample gradients."""
+    lay = inv.layout
+    order = sorted(range(lay.num_blocks), key=lambda b: -lay.sizes[b])[:_CHECKED_BLOCKS]
+    cols = torch.cat([torch.arange(lay.starts[b], lay.starts[b] + lay.sizes[b]) for b in order])
+    cols = cols.to(x.device)
+    rows = torch.cat([g[:, cols].double().cpu() for g in ssse.per_sample_grads(model, loss_fn,
+                                                                                (x, y))])
+    err, pos = 0.0, 0
+    for b in order:
+        s = lay.sizes[b]
+        ref = ssse_ext.reference.closed_form_inverse(rows[:, pos:pos + s], damping,
+                                                     inv.normalizer)
+        got = inv.dense_block(b).double().cpu()
+        err = max(err, float((got - ref).norm() / ref.norm()))
+        pos += s
+    return err
+
+
+def _build_rate(layout: BlockLayout, n: int, rows: int, dtype, device, repeats: int) -> float:
+    """GFLOP/s of the build alone (2 n Σ s² flops) from a stream of ``n`` random rows."""
+    chunk = torch.randn(rows, layout.dim, dtype=dtype, device=device)
+
+    def stream():
+        for i in range(0, n, rows):
+            yield chunk[:min(rows, n - i)]
+
+    build = lambda: ssse_ext.build_inverse_fisher(stream(), damping=1e-3, layout=layout)  # noqa
+    seconds = bench._time(build, device, repeats)
+    return 2.0 * n * layout.numel / seconds / 1e9
+
+
+def run(*, arch: str = "small_resnet", width: int | None = None, n: int = 256,
+        block_size: int = 256, k: int = 16, device="cpu", dtype=torch.float32,
+        damping: float = 1e-4, repeats: int = 1, seed: int = 0) -> dict:
+    """Measures every stage; returns the numbers (see the module docstring)."""
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    spec = ARCHS[arch](width)
+    model = build_model(spec).to(device=device, dtype=dtype).eval()
+    loss_fn = loss_function("cross_entropy")
+    x = torch.randn(n, 3, 32, 32, dtype=dtype, device=device)
+    y = torch.randint(0, 10, (n,), device=device)
+    d = sum(p.numel() for p in model.parameters())
+    out = {"arch": arch, "spec": spec, "d": d, "n": n, "block_size": block_size, "k": k,
+           "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+           "machine": bench.machine()}
+
+    _epoch(model, loss_fn, x[:2], y[:2], 128)  # warm-up (kernels, allocator)
+    _, out["epoch_s"], _ = bench.measure(lambda: _epoch(model, loss_fn, x, y, 128), device)
+
+    def grads():
+        return sum(g.shape[0] for g in ssse.per_sample_grads(model, loss_fn, (x, y)))
+
+    _, out["grads_s"], _ = bench.measure(grads, device)
+
+    eraser = ssse.Eraser(model, loss_fn, damping=damping, block_size=block_size)
+    _, out["fit_s"], out["fit_peak_bytes"] = bench.measure(lambda: eraser.fit((x, y)), device)
+    inv = eraser.inv_fisher
+    out.update(inverse_bytes=inv.nbytes, blocks=inv.layout.num_blocks,
+               segments=len(inv.segments), fit_rel_err=_check_fit(model, loss_fn, x, y, inv,
+                                                                   damping))
+
+    # One request: its step checked against a float64 computation on a copy of a few blocks.
+    theta, before = eraser.theta.clone(), inv.dense_block(0).double()
+    removed = (x[:k], y[:k])
+    _, out["erase_s"], out["erase_peak_bytes"] = bench.measure(
+        lambda: eraser.erase(removed, epsilon=1.0), device)
+    g0 = torch.cat(list(ssse.per_sample_grads(model, loss_fn, removed)))
+    s0 = inv.layout.sizes[0]
+    step = (before @ g0[:, :s0].double().sum(0).cpu()) / (n - k)
+    got = (eraser.theta[:s0] - theta[:s0]).double().cpu()
+    out["erase_rel_err"] = float((got - step).norm() / step.norm())
+
+    rows = max(1, min(256, n))
+    out["matmul_gflops"] = bench.matmul_gflops(dtype, device, 2048 if device.type == "cpu"
+                                               else 8192, max(1, repeats))
+    out["build_gflops"] = _build_rate(inv.layout, n, rows, dtype, device, repeats)
+    out["fixed_build_gflops"] = _build_rate(BlockLayout.fixed(16 * 1024, 1024), n, rows, dtype,
+                                            device, repeats)
+    return out
+
+
+def format_table(r: dict) -> str:
+    inv = r["inverse_bytes"]
+    lines = [
+        f"{r['arch']} (d={r['d']:,}, {r['blocks']:,} blocks of <= {r['block_size']}, inverse "
+        f"{inv / 2**30:.2f} GiB {r['dtype']} in {r['segments']} segments), n={r['n']}, "
+        f"k={r['k']}, on {r['device']}",
+        "",
+        "| stage | s | ratio |",
+        "|---|---|---|",
+        f"| one training epoch (SGD, batch 128) | {r['epoch_s']:.3f} | 1 epoch |",
+        f"| per-sample gradients | {r['grads_s']:.3f} | {r['grads_s'] / r['epoch_s']:.1f} epochs |",
+        f"| fit (gradients + build) | {r['fit_s']:.3f} | fit / epoch = "
+        f"{r['fit_s'] / r['epoch_s']:.1f} |",
+        f"| fit peak memory | - | {r['fit_peak_bytes'] / inv:.2f} x inverse |",
+        f"| erase {r['k']} samples | {r['erase_s']:.3f} | peak extra memory "
+        f"{r['erase_peak_bytes'] / inv:.3f} x inverse |",
+        f"| build rate (2 n Σs² basis) | - | {r['build_gflops']:.1f} GFLOP/s = "
+        f"{r['build_gflops'] / r['matmul_gflops']:.2f} x matmul "
+        f"({r['matmul_gflops']:.1f} GFLOP/s) |",
+        f"| same build on 16 x 1024 fixed blocks | - | {r['fixed_build_gflops']:.1f} GFLOP/s: "
+        f"these blocks run at {r['build_gflops'] / r['fixed_build_gflops']:.2f} x that |",
+        "",
+        f"checks: fit {r['fit_rel_err']:.1e} (largest blocks vs float64 closed form), erase step "
+        f"{r['erase_rel_err']:.1e} (first block vs float64)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ssse bench --model",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", choices=sorted(ARCHS), default=None,
+                   help="model (default: resnet18 on CUDA, small_resnet on the CPU)")
+    p.add_argument("--width", type=int, default=None,
+                   help="base width (default: 64 for resnet18, 96 for small_resnet)")
+    p.add_argument("--n", type=int, default=None, help="training samples (default: 2048 on "
+                   "CUDA, 256 on the CPU)")
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--k", type=int, default=None, help="samples erased (default: 64 on CUDA, "
+                   "16 on the CPU)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    args = p.parse_args(argv)
+    try:
+        device = ssse_ext.validation.check_device(args.device, "--device")
+    except ValueError as exc:
+        p.error(str(exc))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            p.error("--device cuda asked for but torch sees no CUDA device")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    gpu = device.type == "cuda"
+    for name in ("width", "n", "k", "repeats", "block_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    t0 = time.perf_counter()
+    r = run(arch=args.arch or ("resnet18" if gpu else "small_resnet"), width=args.width,
+            n=args.n or (2048 if gpu else 256), block_size=args.block_size,
+            k=args.k or (64 if gpu else 16), device=device,
+            dtype=getattr(torch, args.dtype), repeats=args.repeats)
+    print(format_table(r))
+    print(f"(benchmark wall time {time.perf_counter() - t0:.0f} s)")
+    if args.json:
+        from ssse.io import write_json
+        write_json(args.json, r)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
