@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -22,6 +23,7 @@ __all__ = [
     "NotPositiveDefiniteError",
     "build_inverse_fisher",
     "BUILD_METHODS",
+    "CURVATURES",
     "DEFAULT_BLOCK_SIZE",
     "UPDATE_METHODS",
 ]
@@ -30,14 +32,16 @@ __all__ = [
 #: ``sherman_morrison``: the literal rank-1 recurrence of paper eq. 7 in the input dtype;
 #: ``woodbury``: the same recurrence in rank-64 steps in float64 arithmetic.
 BUILD_METHODS = ("auto", "cholesky", "sherman_morrison", "woodbury")
+#: What the rows of the stored Fisher are (recorded in :class:`FisherConfig`).
+CURVATURES = ("empirical", "ggn", "mc")
 #: Methods of :meth:`BlockInverseFisher.update` and :meth:`BlockInverseFisher.downdate`.
 UPDATE_METHODS = ("woodbury", "sherman_morrison")
 
 #: Largest block size ``B`` when neither ``block_size`` nor a layout is given.
 DEFAULT_BLOCK_SIZE = 1024
 # Elements of float64 scratch per batch of blocks when the Woodbury form is checked or applied
-# on the fly with torch (256 MiB).
-_WOODBURY_ELEMENTS = 1 << 25
+# on the fly with torch (64 MiB): a request's extra memory stays small next to the inverse.
+_WOODBURY_ELEMENTS = 1 << 23
 #: Smallest Cholesky pivot of the normalised Woodbury matrix accepted by an update, a downdate
 #: or a leave-k-out apply: far above the rounding of its float64 computation (~1e-15), so the
 #: kernels that then write the blocks cannot disagree with the check.
@@ -69,11 +73,14 @@ class FisherConfig:
         normalizer: :math:`N > 0` (the number of samples or mini-batches by default); fixed for
             the life of the inverse, so later updates and downdates use the same :math:`N`.
         layout: the block layout of the flat parameter vector.
+        curvature: what the rows were: ``"empirical"`` (gradients), ``"ggn"`` (Gauss–Newton
+            rows) or ``"mc"`` (sampled-label gradients); see :mod:`ssse.curvature`.
     """
 
     damping: float
     normalizer: float
     layout: BlockLayout
+    curvature: str = "empirical"
 
     def __post_init__(self):
         object.__setattr__(self, "damping", check_positive_float(self.damping, "damping"))
@@ -81,6 +88,7 @@ class FisherConfig:
                            check_positive_float(self.normalizer, "normalizer"))
         if not isinstance(self.layout, BlockLayout):
             raise TypeError(f"layout must be a BlockLayout, got {type(self.layout).__name__}")
+        check_choice(self.curvature, "curvature", CURVATURES)
 
 
 # ---- validation ---------------------------------------------------------------------------
@@ -184,6 +192,10 @@ class BlockInverseFisher:
     @property
     def normalizer(self) -> float:
         return self.config.normalizer
+
+    @property
+    def curvature(self) -> str:
+        return self.config.curvature
 
     @property
     def dim(self) -> int:
@@ -468,7 +480,7 @@ class BlockInverseFisher:
         meta = {"damping": self.damping, "normalizer": self.normalizer,
                 "num_samples": self.num_samples, "layout": self.layout.to_dict(),
                 "dtype": str(self.dtype).removeprefix("torch."),
-                "segments": len(self._segments)}
+                "segments": len(self._segments), "curvature": self.curvature}
         return {f"packed.{j}": t for j, t in enumerate(self._segments)}, meta
 
     @classmethod
@@ -477,7 +489,8 @@ class BlockInverseFisher:
         metadata."""
         try:
             layout = BlockLayout.from_dict(meta["layout"])
-            config = FisherConfig(float(meta["damping"]), float(meta["normalizer"]), layout)
+            config = FisherConfig(float(meta["damping"]), float(meta["normalizer"]), layout,
+                                  str(meta.get("curvature", "empirical")))
             if "packed" in tensors:
                 packed = tensors["packed"]
             else:
@@ -547,7 +560,8 @@ class LowRankChange:
 def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None,
                          layout: BlockLayout | None = None, normalizer: float | None = None,
                          chunk_size: int | None = None, method: str = "auto",
-                         rows_per_sample: int = 1) -> BlockInverseFisher:
+                         rows_per_sample: int = 1,
+                         curvature: str = "empirical") -> BlockInverseFisher:
     r"""Builds the block inverse of the damped empirical Fisher from a stream of gradients.
 
     .. math:: F_b^{-1} = \Big(\lambda I + \frac{1}{N} \sum_{i=1}^{n} g_{i,b}\, g_{i,b}^\top\Big)^{-1}
@@ -569,6 +583,7 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
             steps by the kernels).
         rows_per_sample: rows each sample contributes (e.g. ``c`` Gauss–Newton rows), for the
             default normaliser.
+        curvature: what the rows are, recorded in the result's :class:`FisherConfig`.
         method: ``"auto"``/``"cholesky"`` (default): float64 Gram accumulation then a
             Cholesky-based inverse — accurate whatever :math:`\lambda` and the gradient scale
             (float32 result within ~1e-7 relative error of the exact inverse, limited by the
@@ -586,6 +601,7 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
     damping = check_positive_float(damping, "damping")
     check_choice(method, "method", BUILD_METHODS)
     rows_per_sample = check_positive_int(rows_per_sample, "rows_per_sample")
+    check_choice(curvature, "curvature", CURVATURES)
     chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
     block_size = check_positive_int(block_size, "block_size", allow_none=True)
     if normalizer is not None:
@@ -614,10 +630,14 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
     if recurrence:
         if normalizer is None:
             normalizer = max(grads.shape[0], 1) / rows_per_sample
-        return _build_by_recurrence(stream, layout, damping, normalizer, first.dtype,
-                                    first.device, chunked=method == "woodbury")
-    return _build_by_gram(stream, layout, damping, normalizer, first.dtype, first.device,
-                          rows_per_sample)
+        inv = _build_by_recurrence(stream, layout, damping, normalizer, first.dtype,
+                                   first.device, chunked=method == "woodbury")
+    else:
+        inv = _build_by_gram(stream, layout, damping, normalizer, first.dtype, first.device,
+                             rows_per_sample)
+    if curvature != "empirical":
+        inv.config = dataclasses.replace(inv.config, curvature=curvature)
+    return inv
 
 
 def _build_by_recurrence(chunks, layout: BlockLayout, damping: float, normalizer: float,

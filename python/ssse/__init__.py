@@ -6,7 +6,9 @@ paper eq. 8 (:func:`ssse_update`, or :class:`Eraser` for a sequence of requests)
 
 Every erasure method shares one calling convention,
 ``method(model, loss_fn, removed, *, ...) -> state_dict``: :func:`ssse_update` and the
-baselines :func:`influence_update`, :func:`fisher_forgetting` and :func:`gradient_ascent`;
+tuning-free :func:`newton_erase` (the leave-k-out Newton step with a stored Gauss–Newton
+inverse, no ε to choose) and the baselines :func:`influence_update`, :func:`fisher_forgetting`
+and :func:`gradient_ascent`;
 :func:`retrain` reruns a training recipe (the gold standard). :mod:`ssse.metrics` holds the
 paper's evaluation metrics, :mod:`ssse.training` seeded training recipes and
 :mod:`ssse.models` the model registry of the saved-model files.
@@ -15,15 +17,17 @@ Layers: this core (gradients, erasure, baselines, metrics, io, models, training)
 nothing from :mod:`ssse.experiments` or :mod:`ssse.cli`, which use its public API only.
 """
 
-from . import metrics, models, training
+from . import curvature, metrics, models, newton, training
 from .baselines import fisher_forgetting, gradient_ascent, influence_update, retrain
 from .erasure import Eraser, ssse_update
 from .gradients import (LAYOUTS, fit_inverse_fisher, gradient_sum, hessian_vector_products,
                         per_sample_grads, resolve_layout)
+from .newton import newton_erase
 
 __all__ = [
     "Eraser",
     "LAYOUTS",
+    "curvature",
     "fisher_forgetting",
     "fit_inverse_fisher",
     "gradient_ascent",
@@ -32,6 +36,8 @@ __all__ = [
     "influence_update",
     "metrics",
     "models",
+    "newton",
+    "newton_erase",
     "per_sample_grads",
     "resolve_layout",
     "retrain",

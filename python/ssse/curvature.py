@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 from torch.func import jacrev, vmap
 
+from ssse_ext.fisher import CURVATURES
+
 __all__ = ["CURVATURES", "LIKELIHOODS"]
 
-#: Curvatures the inverse Fisher can store.
-CURVATURES = ("empirical", "ggn", "mc")
 #: The model's output distribution, for the ``"ggn"`` and ``"mc"`` curvatures: softmax over
 #: ``(m, c)`` logits, or independent Bernoulli outputs (sigmoid logits, one per attribute).
 LIKELIHOODS = ("categorical", "bernoulli")

@@ -11,17 +11,20 @@ with :math:`F_D` the block-diagonal damped empirical Fisher of the training set 
 
 from __future__ import annotations
 
+import math
 
 import torch
 from torch import nn
 
 import ssse_ext
 from ssse_ext.validation import (check_callable, check_choice, check_data, check_device,
-                                 check_dtype, check_module, check_nonneg_float,
+                                 check_dtype, check_module, check_nonneg_float, check_nonneg_int,
                                  check_positive_float, check_positive_int, is_pair)
 
-from ._utils import FlatModel, check_inverse, finish_update, warn_if_training
+from ._utils import FlatModel, check_inverse, finish_update, iter_batches, warn_if_training
+from .curvature import CURVATURES, LIKELIHOODS
 from .gradients import _grad_stream, fit_inverse_fisher, gradient_sum, resolve_layout
+from .newton import ggn_rows_of, newton_refined
 
 __all__ = ["ssse_update", "Eraser", "FISHER_VARIANTS", "GRADIENT_VARIANTS"]
 
@@ -123,42 +126,55 @@ def ssse_update(model: nn.Module, loss_fn, removed, *,
 
 
 class Eraser:
-    r"""Serves a sequence of deletion requests with SSSE (paper eq. 8).
+    r"""Serves a sequence of deletion requests.
 
-    :meth:`fit` computes :math:`F_D^{-1}` at the trained parameters :math:`\theta^*`. Request
-    :math:`t` (samples :math:`S_t`, :math:`k_t` of them) then moves the current parameters
+    :meth:`fit` computes the inverse curvature :math:`F_D^{-1}` at the trained parameters
+    :math:`\theta^*`. With the paper's empirical Fisher (``curvature="empirical"``), request
+    :math:`t` (samples :math:`S_t`, :math:`k_t` of them) moves the current parameters by SSSE
+    (paper eq. 8),
 
     .. math:: \theta_t = \theta_{t-1} + \frac{\varepsilon}{n_{t-1}-k_t}\,F_{D_{t-1}}^{-1}
               \sum_{i\in S_t}\nabla\ell_i(\theta^*),\qquad D_t = D_{t-1}\setminus S_t,\;
               n_t = n_{t-1} - k_t
 
-    and downdates the inverse by the gradients of :math:`S_t`, so later requests see the Fisher
-    of the remaining data. Gradients are always taken at :math:`\theta^*`, where the Fisher was
-    fitted, so a downdate removes exactly the rows that were added (with ``minibatch=1``).
+    and downdates the inverse by the rows of :math:`S_t`, so later requests see the curvature
+    of the remaining data. With ``curvature="ggn"`` (and ``damping`` = ``weight_decay``) a
+    request without ``epsilon`` takes the leave-k-out Newton step instead, optionally refined
+    (:func:`ssse.newton_erase`): nothing to tune. Gradients and curvature rows are always
+    taken at :math:`\theta^*`, where the inverse was fitted, so a downdate removes exactly the
+    rows that were added (with ``minibatch=1``; with ``curvature="mc"`` the draws of the fit
+    cannot be replayed, and a downdate removes the removed samples' expected rows, their
+    Gauss–Newton rows).
 
     Two requests :math:`S_1, S_2` versus one for :math:`S_1 \cup S_2`: the only differences are
     the normalisation of the first step (:math:`n-k_1` instead of :math:`n-k_1-k_2`) and the
     Fisher of the second (:math:`F_{D\setminus S_1}` instead of :math:`F_D`), both relative
     changes of order :math:`k/(n-k)` of the step.
 
+    A request copies nothing of the inverse's size: the step is computed first (a leave-k-out
+    Fisher applied on the fly), then the inverse is downdated in place after every block has
+    been checked, so any error leaves everything unchanged. Extra memory: :math:`O(k\,d)`.
+
     Args:
         model: the trained model (:math:`\theta^*`); written only by ``erase(..., inplace=True)``.
-        loss_fn, damping, block_size, layout, weight_decay, minibatch, chunk_size,
-            max_memory: as in :func:`ssse.fit_inverse_fisher`.
+        loss_fn, damping, block_size, layout, weight_decay, minibatch, chunk_size, max_memory,
+            curvature, likelihood, mc_samples: as in :func:`ssse.fit_inverse_fisher`.
         dtype, device: of the inverse (default: the model's).
 
     Attributes:
-        inv_fisher: the current inverse (of the Fisher of the remaining data).
+        inv_fisher: the current inverse (of the curvature of the remaining data).
         n: the number of remaining training samples.
         theta: the current flat parameters.
-        history: one ``(k, epsilon)`` per request served.
+        history: one ``(k, epsilon)`` per request served (``epsilon`` is ``None`` for a Newton
+            step).
     """
 
     def __init__(self, model: nn.Module, loss_fn, *, damping: float,
                  block_size: int | None = None, layout="per_parameter",
                  weight_decay: float = 0.0, minibatch: int = 1,
                  dtype: torch.dtype | None = None, device=None, chunk_size: int | None = None,
-                 max_memory: int | None = None):
+                 max_memory: int | None = None, curvature: str = "empirical",
+                 likelihood: str = "categorical", mc_samples: int = 1):
         check_module(model)
         check_callable(loss_fn, "loss_fn")
         self.model = model
@@ -172,11 +188,16 @@ class Eraser:
         self.device = check_device(device) or self._fm.device
         self.chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
         self.max_memory = check_positive_int(max_memory, "max_memory", allow_none=True)
+        self.curvature = check_choice(curvature, "curvature", CURVATURES)
+        self.likelihood = check_choice(likelihood, "likelihood", LIKELIHOODS)
+        self.mc_samples = check_positive_int(mc_samples, "mc_samples")
+        if self.minibatch > 1 and curvature != "empirical":
+            raise ValueError(f"minibatch > 1 needs curvature=\"empirical\", got {curvature!r}")
         self.inv_fisher: ssse_ext.BlockInverseFisher | None = None
         self.n: int | None = None
         self.theta: torch.Tensor | None = None
         self._star: dict | None = None
-        self.history: list[tuple[int, float]] = []
+        self.history: list[tuple[int, float | None]] = []
 
     def fit(self, train_data, *, n_total: int | None = None, progress: bool = False) -> "Eraser":
         """Fits :math:`F_D^{-1}` at the model's current parameters (:math:`\\theta^*`).
@@ -192,11 +213,12 @@ class Eraser:
                                  layout=self.layout, weight_decay=self.weight_decay,
                                  minibatch=self.minibatch, dtype=self.dtype, device=self.device,
                                  chunk_size=self.chunk_size, max_memory=self.max_memory,
-                                 progress=progress)
+                                 curvature=self.curvature, likelihood=self.likelihood,
+                                 mc_samples=self.mc_samples, progress=progress)
         if n_total is not None:
             n = check_positive_int(n_total, "n_total")
         elif self.minibatch == 1:
-            n = inv.num_samples
+            n = round(inv.normalizer / (self.mc_samples if self.curvature == "mc" else 1))
         elif is_pair(train_data):
             n = int(train_data[0].shape[0])
         else:
@@ -209,15 +231,34 @@ class Eraser:
         self.history = []
         return self
 
-    def erase(self, removed, *, epsilon: float, fisher: str = "full",
-              inplace: bool = False) -> dict[str, torch.Tensor]:
+    def _rows_and_gradient(self, removed) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows the fit added for ``removed`` and the summed gradient, both at theta*."""
+        if self.curvature == "empirical":
+            grads = _removed_rows(self._fm, self.loss_fn, removed,
+                                  weight_decay=self.weight_decay, dtype=self.dtype,
+                                  params=self._star).to(self.device)
+            return _group_means(grads, self.minibatch), grads.sum(0)
+        rows = ggn_rows_of(self._fm, self.loss_fn, removed, dtype=self.dtype,
+                           likelihood=self.likelihood, params=self._star).to(self.device)
+        if self.curvature == "mc":
+            # a Monte-Carlo fit weighs each draw by 1 / (n S): the expected rows carry sqrt(S)
+            rows = rows * math.sqrt(self.mc_samples)
+        v = gradient_sum(self.model, self.loss_fn, removed, weight_decay=self.weight_decay,
+                         dtype=self.dtype, params=self._star, name="removed")[0]
+        return rows, v.to(self.device)
+
+    def erase(self, removed, *, epsilon: float | None = None, fisher: str = "full",
+              refine_steps: int = 0, inplace: bool = False) -> dict[str, torch.Tensor]:
         r"""Serves one deletion request (see the class docstring).
 
         Args:
             removed: :math:`S_t`, samples of the remaining training set.
-            epsilon: :math:`\varepsilon > 0`.
-            fisher: ``"full"`` (the Fisher of the data before this request, as in eq. 8) or
-                ``"leave_k_out"`` (downdate first, then apply).
+            epsilon: :math:`\varepsilon > 0` of SSSE; ``None`` (only with
+                ``curvature="ggn"``): the leave-k-out Newton step, nothing to tune.
+            fisher: for SSSE, ``"full"`` (the Fisher of the data before this request, as in
+                eq. 8) or ``"leave_k_out"`` (without :math:`S_t`); the Newton step always
+                uses the leave-k-out curvature.
+            refine_steps: Newton refinement steps after the first (Newton step only).
             inplace: also write the new parameters into the model.
 
         Returns:
@@ -227,24 +268,36 @@ class Eraser:
         if self.inv_fisher is None:
             raise RuntimeError("call fit(train_data) before erase()")
         check_data(removed, "removed")
-        epsilon = check_positive_float(epsilon, "epsilon")
         check_choice(fisher, "fisher", FISHER_VARIANTS)
-        rows = _removed_rows(self._fm, self.loss_fn, removed, weight_decay=self.weight_decay,
-                             dtype=self.dtype, params=self._star).to(self.device)
-        k = rows.shape[0]
+        refine_steps = check_nonneg_int(refine_steps, "refine_steps")
+        if epsilon is None and self.curvature != "ggn":
+            raise ValueError('epsilon must be given unless the Eraser was made with '
+                             'curvature="ggn" (the Newton step needs the Gauss-Newton inverse)')
+        if epsilon is not None:
+            epsilon = check_positive_float(epsilon, "epsilon")
+        batches = list(iter_batches(removed, "removed", device=self._fm.device))
+        k = sum(x.shape[0] for x, _ in batches)
+        if k == 0:
+            raise ValueError("removed is empty: nothing to erase")
         if k >= self.n:
             raise ValueError(f"removed has {k} samples, but only {self.n} remain")
-        v = rows.sum(0)
-        means = _group_means(rows, self.minibatch)
-        # No copy of the inverse: the step is computed first (the leave-k-out Fisher applied on
-        # the fly), then the downdate, which checks every block before it writes any, so an
+        rows, v = self._rows_and_gradient(batches)
+        # No copy of the inverse: the step is computed first (the leave-k-out curvature applied
+        # on the fly), then the downdate, which checks every block before it writes any, so an
         # error at either point leaves everything unchanged. Extra memory: O(k d).
-        theta = self.inv_fisher.apply_update(self.theta, v, epsilon / (self.n - k),
-                                             without=means if fisher == "leave_k_out" else None)
+        if epsilon is None:
+            step = newton_refined(self._fm, self.loss_fn, batches, self.inv_fisher, n=self.n,
+                                  weight_decay=self.weight_decay, likelihood=self.likelihood,
+                                  steps=refine_steps, tol=1e-10, star=self._star)
+            theta = (self.theta.to(torch.float64) + step).to(self.dtype)
+        else:
+            theta = self.inv_fisher.apply_update(
+                self.theta, v, epsilon / (self.n - k),
+                without=rows if fisher == "leave_k_out" else None)
         if not bool(torch.isfinite(theta).all()):
-            raise FloatingPointError("the SSSE update produced NaN or Inf; nothing was changed")
-        self.inv_fisher.downdate(means)
-        state = finish_update(self._fm, theta, inplace=inplace, what="the SSSE update")
+            raise FloatingPointError("the erasure produced NaN or Inf; nothing was changed")
+        self.inv_fisher.downdate(rows)
+        state = finish_update(self._fm, theta, inplace=inplace, what="the erasure")
         self.theta, self.n = theta, self.n - k
         self.history.append((k, epsilon))
         return state
@@ -257,4 +310,5 @@ class Eraser:
 
     def __repr__(self) -> str:
         return (f"Eraser(n={self.n}, requests={len(self.history)}, layout={self.layout}, "
-                f"damping={self.damping:g}, minibatch={self.minibatch})")
+                f"damping={self.damping:g}, curvature={self.curvature!r}, "
+                f"minibatch={self.minibatch})")

@@ -40,14 +40,19 @@ LAYOUTS = ("per_parameter", "fixed", "rows")
 
 #: Most rows per chunk of per-sample gradients when the chunk is sized by memory.
 MAX_CHUNK_ROWS = 1024
-# Copies of a gradient row alive at once while a chunk is made: vmap's per-parameter output,
-# the flattened row, the row with the weight-decay term.
-_ROW_COPIES = 3
+# Copies of a gradient row alive at once while a chunk is made: vmap's per-parameter output
+# and the flattened row (the weight-decay term is added in place).
+_ROW_COPIES = 2
 # Activation memory of one sample's forward pass, times this, covers what vmap(grad) keeps for
 # the backward pass and its temporaries.
 _ACTIVATION_COPIES = 4
 # Share of the memory available now that a fit plans to use when max_memory is not given.
 _MEMORY_SHARE = 0.8
+# By default a fit's gradient chunks take at most this share of the inverse's size (and at
+# least _MIN_CHUNK_BYTES): with the float64 accumulators (twice a float32 inverse) and one
+# group of the result, the fit's peak stays within 2.5 times the inverse.
+_CHUNK_SHARE_OF_INVERSE = 0.35
+_MIN_CHUNK_BYTES = 64 << 20
 
 # What torch.func.vmap raises for a module it cannot batch (data-dependent control flow,
 # .item(), in-place writes to unbatched tensors): only these switch to the per-sample loop.
@@ -107,6 +112,7 @@ def _group_grads(fm: FlatModel, loss_fn, params: dict, frozen: dict, x: torch.Te
                 g = vmap(grad(group_loss), in_dims=(None, 0, 0), randomness="different")(
                     params, xg, yg)
                 rows.append(fm.flatten_rows(g, full))
+                del g  # the per-parameter copy, before the next
             except RuntimeError as exc:
                 if not _vmap_cannot_batch(exc):
                     raise  # out of memory, shape errors, the loss's own errors: not vmap's
@@ -181,10 +187,10 @@ def _grad_stream(fm: FlatModel, loss_fn, data, name: str, *, weight_decay: float
             continue
         if curvature == "mc":
             x, y = sample_labels(fm, params, frozen, x, y, likelihood, mc_samples, generator)
-        rows = _group_grads(fm, loss_fn, params, frozen, x, y, minibatch, state)
+        rows = _group_grads(fm, loss_fn, params, frozen, x, y, minibatch, state).detach()
         if weight_decay and curvature == "empirical":
-            rows = rows + weight_decay * theta
-        yield rows.detach()
+            rows.add_(theta, alpha=weight_decay)  # in place: no second copy of the chunk
+        yield rows
 
 
 def per_sample_grads(model: nn.Module, loss_fn, data, *, weight_decay: float = 0.0,
@@ -316,8 +322,10 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
             each ``d``-vector) and the activations ``vmap`` keeps per sample (estimated from
             one forward pass). It decides the rows per chunk. The float64 accumulators (8 bytes
             per stored entry) and the result come on top; they are fixed by the layout. Default:
-            80 % of the memory available now on the model's device (``mem_get_info`` on CUDA,
-            available RAM on the CPU) after those.
+            0.35 times the inverse's size (at least 64 MiB), so that the fit's peak stays within
+            2.5 times the inverse, and at most 80 % of the memory available now on the model's
+            device (``mem_get_info`` on CUDA, available RAM on the CPU) after those. A larger
+            budget gives larger chunks, which run faster.
         curvature: ``"empirical"``, ``"ggn"`` or ``"mc"`` (see above).
         likelihood: the output distribution for ``"ggn"`` and ``"mc"``: ``"categorical"``
             (softmax logits) or ``"bernoulli"`` (independent sigmoid logits).
@@ -350,8 +358,11 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
     max_memory = check_positive_int(max_memory, "max_memory", allow_none=True)
     if chunk_size is None and max_memory is None:
-        fixed = lay.numel * (8 + torch.finfo(dtype).bits // 8) if device == fm.device else 0
-        max_memory = max(1, int(_MEMORY_SHARE * (available_memory(fm.device) - fixed)))
+        elem = torch.finfo(dtype).bits // 8
+        fixed = lay.numel * (8 + elem) if device == fm.device else 0
+        free = int(_MEMORY_SHARE * (available_memory(fm.device) - fixed))
+        max_memory = max(1, min(free, max(int(_CHUNK_SHARE_OF_INVERSE * lay.numel * elem),
+                                          _MIN_CHUNK_BYTES)))
     n = data_size(data)
     total = None if n is None else math.ceil(n / minibatch)
     bar = tqdm(total=total, unit="grad", desc="inverse Fisher", disable=not progress,
@@ -378,7 +389,7 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
         # is one estimate of it (N = n * mc_samples, the number of rows)
         return ssse_ext.build_inverse_fisher(
             chunks(), damping=damping, layout=lay,
-            rows_per_sample=per_sample if curvature == "ggn" else 1)
+            rows_per_sample=per_sample if curvature == "ggn" else 1, curvature=curvature)
     finally:
         bar.close()
 

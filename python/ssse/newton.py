@@ -1,0 +1,226 @@
+r"""Tuning-free erasure: the leave-k-out Newton step with a stored Gauss–Newton inverse, and its
+refinement for large removals from the removed samples alone (docs/maths.md).
+
+The retained objective after removing :math:`S` (:math:`k` samples) from :math:`D` is
+
+.. math:: L_{D\setminus S}(\theta) = \frac{1}{n-k}\sum_{i\in D\setminus S} \mathrm{loss}_i(\theta)
+          + \frac{w}{2}\lVert\theta\rVert^2 ,
+
+with curvature :math:`H_R = wI + \frac{1}{n-k}\sum_{D\setminus S} G_i` (:math:`G_i` the
+Gauss–Newton matrix of sample :math:`i`). At the trained :math:`\theta^*` (a stationary point of
+:math:`L_D`) its gradient is :math:`-\frac{1}{n-k}\sum_S \nabla\ell_i(\theta^*)`, with
+:math:`\ell_i = \mathrm{loss}_i + \frac w2\lVert\theta\rVert^2`, so one Newton step is
+
+.. math:: \hat\theta = \theta^* + \frac{1}{n-k} H_R^{-1} \sum_{i\in S}\nabla\ell_i(\theta^*)
+          = \theta^* + \frac1n \big(F' - \delta I\big)^{-1} \sum_{i\in S}\nabla\ell_i(\theta^*),
+
+where :math:`F' = \lambda I + \frac1n\sum_{D\setminus S} G_i` is the stored inverse's matrix
+(``curvature="ggn"``, normaliser :math:`N = n`) downdated by the Gauss–Newton rows of :math:`S`
+at :math:`\theta^*`, and :math:`\delta = \lambda - \frac{n-k}{n} w`: the :math:`n` versus
+:math:`n-k` normaliser and the damping meet in that one shift. :math:`(F' - \delta I)^{-1}` is
+applied without approximation by the fixed-point iteration
+:math:`x_{t+1} = F'^{-1}(b + \delta x_t)`, which contracts by :math:`|\delta|\,\lVert
+F'^{-1}\rVert \le |\delta| / \lambda` per step: with :math:`\lambda = w` (the damping that makes
+the stored matrix the training objective's curvature) the rate is :math:`k/n`. Its error bound
+after the stopping rule is ``tol`` relative. For an L2 logistic regression whose blocks are its
+output rows the Gauss–Newton matrix is the Hessian, and the step equals the influence update
+with the retained Hessian (paper eq. 4) restricted to those blocks.
+
+Large removals: the data of :math:`D` is gone but its quadratic model around :math:`\theta^*`
+is not, :math:`Q_D(\theta) = \frac12 (\theta-\theta^*)^\top H_D (\theta-\theta^*)` with
+:math:`H_D = F + (w - \lambda)I` (:math:`F` the stored matrix). Refinement minimises
+:math:`M(\theta) = Q_D(\theta) - \frac1n\sum_{i\in S}\ell_i(\theta)` (proportional to the
+retained objective, up to :math:`Q_D`'s second-order model of :math:`L_D`) by Newton steps that
+need :math:`S` only: its gradients and Gauss–Newton rows at the current :math:`\theta_t`, a
+Woodbury downdate of the stored inverse on the fly (not modified), and a backtracking line search
+on :math:`M`. The first step from :math:`\theta^*` is the Newton step above.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import ssse_ext
+from ssse_ext.validation import (check_callable, check_choice, check_data, check_module,
+                                 check_nonneg_float, check_nonneg_int, check_positive_float,
+                                 check_positive_int)
+
+from ._utils import (FlatModel, check_inverse, finish_update, iter_batches, per_sample_losses,
+                     warn_if_training)
+from .curvature import LIKELIHOODS
+from .gradients import _grad_stream, gradient_sum
+
+__all__ = ["newton_erase", "newton_refined", "shifted_solve"]
+
+# Most fixed-point iterations of the shifted solve before it is declared divergent.
+_MAX_SHIFT_ITERATIONS = 500
+# Halvings of the step in the refinement's line search.
+_MAX_HALVINGS = 12
+# Armijo constant of the line search.
+_ARMIJO = 1e-4
+
+
+
+def shifted_solve(solve, b: torch.Tensor, delta: float, *, tol: float) -> torch.Tensor:
+    r""":math:`(F - \delta I)^{-1} b` from ``solve`` (:math:`F^{-1}` times a vector, float64) by
+    :math:`x_{t+1} = F^{-1}(b + \delta x_t)`, until the relative change is below ``tol``."""
+    x = solve(b)
+    if delta == 0:
+        return x
+    for _ in range(_MAX_SHIFT_ITERATIONS):
+        nxt = solve(b + delta * x)
+        change = float((nxt - x).norm())
+        x = nxt
+        if change <= tol * float(x.norm()):
+            return x
+    raise FloatingPointError(f"the shifted solve did not converge in {_MAX_SHIFT_ITERATIONS} "
+                             f"iterations (shift {delta:.3g}): use damping = weight_decay")
+
+
+def ggn_rows_of(fm: FlatModel, loss_fn, data, *, dtype, likelihood: str,
+                params: dict | None = None) -> torch.Tensor:
+    """All Gauss–Newton rows (``c`` per sample) of ``data`` at ``params``, as one tensor."""
+    chunks = list(_grad_stream(fm, loss_fn, data, "removed", weight_decay=0.0, chunk_size=None,
+                               minibatch=1, dtype=dtype, params=params, curvature="ggn",
+                               likelihood=likelihood))
+    if not chunks:
+        raise ValueError("removed is empty: nothing to erase")
+    return torch.cat(chunks)
+
+
+def _shift(inv: ssse_ext.BlockInverseFisher, n: int, k: int, w: float) -> float:
+    """:math:`\\delta = \\lambda - (n - k) w / N`, refused where the fixed-point iteration of
+    :func:`shifted_solve` would not contract."""
+    delta = inv.damping - (n - k) * w / inv.normalizer
+    if not abs(delta) < inv.damping:
+        raise ValueError(f"the leave-k-out Newton step needs |damping - (n-k)/N * weight_decay| "
+                         f"< damping, got damping={inv.damping:g}, weight_decay={w:g}, n={n}, "
+                         f"k={k}, N={inv.normalizer:g}: fit the Gauss-Newton inverse with "
+                         "damping=weight_decay")
+    return delta
+
+
+def newton_erase(model: nn.Module, loss_fn, removed, *, inv_fisher: ssse_ext.BlockInverseFisher,
+                 n_total: int, weight_decay: float = 0.0, likelihood: str = "categorical",
+                 refine_steps: int = 0, tol: float = 1e-10,
+                 inplace: bool = False) -> dict[str, torch.Tensor]:
+    r"""Erases ``removed`` with no :math:`\varepsilon` to choose: the leave-k-out Newton step on
+    the retained objective, then ``refine_steps`` Newton steps on :math:`M(\theta)` that use the
+    removed samples only (see the module docstring).
+
+    Args:
+        model: the trained model (:math:`\theta^*`).
+        loss_fn: per-sample loss, as in :func:`ssse.per_sample_grads`.
+        removed: :math:`S`, an ``(X, y)`` pair or an iterable of batches.
+        inv_fisher: the inverse of the Gauss–Newton matrix at :math:`\theta^*`
+            (``ssse.fit_inverse_fisher(..., curvature="ggn", damping=weight_decay)``), not
+            modified.
+        n_total: :math:`n = |D|`, the samples the model was trained on.
+        weight_decay: :math:`w`, the L2 coefficient of training.
+        likelihood: the model's output distribution (as for the fit).
+        refine_steps: Newton steps on :math:`M` after the first (0: the plain Newton step).
+        tol: relative tolerance of the shifted solves.
+        inplace: also write the result into the model.
+
+    Returns:
+        A new ``state_dict``. On any error nothing is changed.
+    """
+    check_module(model)
+    check_callable(loss_fn, "loss_fn")
+    check_data(removed, "removed")
+    fm = FlatModel(model)
+    inv = check_inverse(inv_fisher, fm)
+    n = check_positive_int(n_total, "n_total")
+    w = check_nonneg_float(weight_decay, "weight_decay")
+    check_choice(likelihood, "likelihood", LIKELIHOODS)
+    refine_steps = check_nonneg_int(refine_steps, "refine_steps")
+    tol = check_positive_float(tol, "tol")
+    if inv.curvature != "ggn":
+        raise ValueError(f'inv_fisher must hold the Gauss-Newton matrix (fit with '
+                         f'curvature="ggn"), got curvature={inv.curvature!r}')
+    warn_if_training(model, "newton_erase")
+    batches = list(iter_batches(removed, "removed"))
+    k = sum(x.shape[0] for x, _ in batches)
+    if k == 0:
+        raise ValueError("removed is empty: nothing to erase")
+    if n <= k:
+        raise ValueError(f"n_total must be larger than the number of removed samples k={k}, "
+                         f"got {n}")
+    star = fm.flat(dtype=torch.float64, device=inv.device)
+    step = newton_refined(fm, loss_fn, batches, inv, n=n, weight_decay=w,
+                          likelihood=likelihood, steps=refine_steps, tol=tol)
+    return finish_update(fm, (star + step).to(fm.device, fm.dtype), inplace=inplace,
+                         what="the Newton erasure")
+
+
+def _objective(fm: FlatModel, loss_fn, batches, theta: torch.Tensor, x: torch.Tensor,
+               hx: torch.Tensor, n: int, w: float) -> float:
+    """:math:`M(\\theta)` up to a constant, with ``x = theta - theta*`` and ``hx = H x``."""
+    params = fm.unflatten(theta.to(fm.device, fm.dtype))
+    frozen = fm.frozen_dict()
+    total, k = 0.0, 0
+    with torch.no_grad():
+        for xb, yb in batches:
+            out = fm(params, xb.to(fm.device, fm.dtype), frozen)
+            total += float(per_sample_losses(loss_fn, out, yb.to(fm.device)).double().sum())
+            k += xb.shape[0]
+    reg = 0.5 * w * float((theta * theta).sum()) * k
+    return 0.5 * float(x @ hx) - (total + reg) / n
+
+
+def newton_refined(fm: FlatModel, loss_fn, batches, inv: ssse_ext.BlockInverseFisher, *, n: int,
+                   weight_decay: float, likelihood: str, steps: int, tol: float,
+                   star: dict | None = None) -> torch.Tensor:
+    r"""The leave-k-out Newton step from :math:`\theta^*` (``star``, default the model's
+    parameters), then
+    ``steps`` Newton steps with a line search on :math:`M(\theta) = Q(\theta) -
+    \frac1n\sum_S \ell_i(\theta)`; returns :math:`\hat\theta - \theta^*` (float64).
+
+    The inverse holds :math:`F = \lambda I + \frac1N\sum_r u_r u_r^\top` for the ``n``
+    samples left (``N`` its fixed normaliser), so :math:`Q`'s Hessian is
+    :math:`H = \frac Nn (F - \lambda I) + wI` and :math:`\nabla^2 M = \frac Nn (F' - \delta I)`
+    with :math:`F' = F - R^\top R / N` (:math:`R` the Gauss–Newton rows of :math:`S` at the
+    current point) and :math:`\delta = \lambda - (n-k) w / N`. :math:`H x` is tracked exactly
+    from the solves, since :math:`F` itself is known only through its inverse.
+    """
+    w, dtype, device, N = weight_decay, inv.dtype, inv.device, inv.normalizer
+    k = sum(x.shape[0] for x, _ in batches)
+    ratio = n / N
+    delta = _shift(inv, n, k, w)
+    base = fm.param_dict(dtype) if star is None else star
+    star = torch.cat([base[name].reshape(-1) for name in fm.names]).to(device, torch.float64)
+    x = torch.zeros_like(star)   # theta - theta*
+    fx = torch.zeros_like(star)  # F x
+    for step in range(steps + 1):
+        theta = star + x
+        params = base if step == 0 else {name: t.to(dtype) for name, t in
+                                         fm.unflatten(theta.to(fm.device)).items()}
+        rows = ggn_rows_of(fm, loss_fn, batches, dtype=dtype, likelihood=likelihood,
+                           params=params).to(device)
+        g_s, _ = gradient_sum(fm.model, loss_fn, batches, weight_decay=w, dtype=dtype,
+                              params=params, name="removed")
+        hx = (fx - inv.damping * x) / ratio + w * x
+        rhs = (g_s.to(device, torch.float64) / n - hx) * ratio  # -grad M, times n / N
+        d = shifted_solve(inv.without(rows).solve, rhs, delta, tol=tol)
+        r64 = rows.to(torch.float64)
+        fd = rhs + delta * d + r64.T @ (r64 @ d) / N                # F d
+        if step == 0:
+            x, fx = x + d, fx + fd
+            continue
+        hd = (fd - inv.damping * d) / ratio + w * d
+        m0 = _objective(fm, loss_fn, batches, theta, x, hx, n, w)
+        slope = -float(rhs @ d) / ratio  # M's derivative along d (negative: d descends)
+        alpha = 1.0
+        for _ in range(_MAX_HALVINGS):
+            m1 = _objective(fm, loss_fn, batches, theta + alpha * d, x + alpha * d,
+                            hx + alpha * hd, n, w)
+            if m1 <= m0 + _ARMIJO * alpha * slope:
+                break
+            alpha *= 0.5
+        else:
+            break  # no decrease along the Newton direction: stop at the current point
+        x, fx = x + alpha * d, fx + alpha * fd
+        if alpha * float(d.norm()) <= tol * float(x.norm()):
+            break
+    return x
