@@ -42,12 +42,15 @@ def test_influence_update_solves_the_block_hessian(hessian, block_size):
     H = torch.autograd.functional.hessian(total_loss_fn(model, X[C], y[C], wd), theta,
                                          vectorize=True)
     g = torch.autograd.functional.jacobian(total_loss_fn(model, X[:k], y[:k], wd), theta)
-    d = theta.numel()
+    d, n = theta.numel(), X.shape[0]
     B = block_size or d
+    # H sums the Hessians over C: eq. 4's (1/(n-k)) H_C^{-1} g, H_C the mean over C, is
+    # (|C| / (n-k)) H^{-1} g (the paper keeps 1/(n-k) with the full Hessian too)
+    scale = X[C].shape[0] / (n - k)
     expected = theta.clone()
     for s in range(0, d, B):
         sl = slice(s, min(s + B, d))
-        expected[sl] += torch.linalg.solve(H[sl, sl], g[sl])
+        expected[sl] += scale * torch.linalg.solve(H[sl, sl], g[sl])
     state = ssse.influence_update(model, CE, (X[:k], y[:k]), retained=(X[k:], y[k:]), weight_decay=wd,
                                   hessian=hessian, block_size=block_size)
     assert rel_err(flat_state(state, model), expected) < 1e-11

@@ -56,10 +56,10 @@ def _check_hessian_memory(layout: ssse_ext.BlockLayout, device: torch.device,
 
 
 def block_hessians(model: nn.Module, loss_fn, datasets, layout: ssse_ext.BlockLayout, *,
-                   weight_decay: float = 0.0, chunk_size: int = 64) -> list[torch.Tensor]:
+                   weight_decay: float = 0.0, chunk_size: int = 64, with_count: bool = False):
     r"""The diagonal blocks of :math:`\sum_i \nabla^2_\theta \ell_i(\theta)` over the samples of
     every data set in ``datasets``, in float64 (``torch.func``: ``jacrev`` of ``grad``, in
-    chunks of ``chunk_size`` columns)."""
+    chunks of ``chunk_size`` columns); with ``with_count`` also the number of samples."""
     fm = FlatModel(model)
     theta = fm.flat(dtype=torch.float64)
     frozen = fm.frozen_dict(torch.float64)
@@ -82,7 +82,7 @@ def block_hessians(model: nn.Module, loss_fn, datasets, layout: ssse_ext.BlockLa
     if weight_decay:
         for blk in blocks:
             blk.diagonal().add_(weight_decay * count)
-    return blocks
+    return (blocks, count) if with_count else blocks
 
 
 def influence_update(model: nn.Module, loss_fn, removed, *, retained,
@@ -91,13 +91,14 @@ def influence_update(model: nn.Module, loss_fn, removed, *, retained,
                      inplace: bool = False) -> dict:
     r"""The influence-function update of paper eq. 4 with the true Hessian:
 
-    .. math:: \hat\theta = \theta^* + \frac{1}{|C|}\,H_C^{-1} \sum_{i\in S}\nabla\ell_i(\theta^*),
+    .. math:: \hat\theta = \theta^* + \frac{1}{n-k}\,H_C^{-1} \sum_{i\in S}\nabla\ell_i(\theta^*),
               \qquad H_C = \frac{1}{|C|}\sum_{i \in C} \nabla^2 \ell_i(\theta^*)
 
     with :math:`C = D \setminus S` (``hessian="retained"``: one Newton step on the retained
-    objective, exact for a quadratic loss) or :math:`C = D` (``"full"``: the classical
-    influence function). Replacing :math:`H_C^{-1}` by :math:`\varepsilon F_D^{-1}` gives SSSE
-    (eq. 8). The Hessian is formed exactly per block (``torch.func``) and solved in float64.
+    objective, exact for a quadratic loss) or :math:`C = D` (``"full"``: eq. 4 with the Hessian
+    of the training set, as the paper writes it, keeping the factor :math:`1/(n-k)`).
+    Replacing :math:`H_C^{-1}` by :math:`\varepsilon F_D^{-1}` gives SSSE (eq. 8). The Hessian
+    is formed exactly per block (``torch.func``) and solved in float64.
 
     Args:
         model: the trained model (:math:`\theta^*`).
@@ -136,7 +137,14 @@ def influence_update(model: nn.Module, loss_fn, removed, *, retained,
     if k == 0:
         raise ValueError("removed is empty: nothing to erase")
     sets = [("retained", retained)] + ([("removed", removed)] if hessian == "full" else [])
-    blocks = block_hessians(model, loss_fn, sets, layout, weight_decay=weight_decay)
+    blocks, count = block_hessians(model, loss_fn, sets, layout, weight_decay=weight_decay,
+                                   with_count=True)
+    n = count + k if hessian == "retained" else count
+    if n <= k:
+        raise ValueError(f"retained is empty: the update needs n > k={k} samples in all")
+    # the blocks hold sum_C H_i = |C| H_C: the step (1/(n-k)) H_C^{-1} v is their solve times
+    # |C| / (n - k), which is 1 for the retained Hessian
+    v = v * (count / (n - k))
     step = torch.empty_like(v)
     for b, blk in enumerate(blocks):
         sl = layout.slice(b)

@@ -33,7 +33,10 @@ is not, :math:`Q_D(\theta) = \frac12 (\theta-\theta^*)^\top H_D (\theta-\theta^*
 retained objective, up to :math:`Q_D`'s second-order model of :math:`L_D`) by Newton steps that
 need :math:`S` only: its gradients and Gauss–Newton rows at the current :math:`\theta_t`, a
 Woodbury downdate of the stored inverse on the fly (not modified), and a backtracking line search
-on :math:`M`. The first step from :math:`\theta^*` is the Newton step above.
+on :math:`M`. The first step from :math:`\theta^*` is the Newton step above. :math:`M` need not
+be convex (the removed samples' curvature at :math:`\theta_t` can exceed their share of
+:math:`H_D`); where the downdate at :math:`\theta_t` is not positive definite, the step keeps
+the curvature of :math:`\theta^*`.
 """
 
 from __future__ import annotations
@@ -202,7 +205,17 @@ def newton_refined(fm: FlatModel, loss_fn, batches, inv: ssse_ext.BlockInverseFi
                               params=params, name="removed")
         hx = (fx - inv.damping * x) / ratio + w * x
         rhs = (g_s.to(device, torch.float64) / n - hx) * ratio  # -grad M, times n / N
-        d = shifted_solve(inv.without(rows).solve, rhs, delta, tol=tol)
+        try:
+            change = inv.without(rows)
+        except ssse_ext.NotPositiveDefiniteError:
+            # M is not convex: where S's curvature at theta_t exceeds its share of the stored
+            # curvature, keep the curvature of theta* (a chord step: still a descent direction)
+            if step == 0:
+                raise
+            rows, change = rows_star, change_star
+        if step == 0:
+            rows_star, change_star = rows, change
+        d = shifted_solve(change.solve, rhs, delta, tol=tol)
         r64 = rows.to(torch.float64)
         fd = rhs + delta * d + r64.T @ (r64 @ d) / N                # F d
         if step == 0:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ssse
 
 from .common import timed
-from .methods import select, ssse_curve
+from .methods import newton_rows, select, ssse_curve
 from .removal import SPLITS, make_removal, score_name
 from .tasks import Task
 
@@ -14,9 +14,10 @@ __all__ = ["run_setting"]
 
 
 def run_setting(task: Task, model, inv, removals: list[dict], grid, eps_star: float, *,
-                seed: int, progress: bool = False) -> dict:
+                seed: int, ggn=None, progress: bool = False) -> dict:
     """One setting (e.g. 50 % of a class) over several removals (``{"removed", "classes" or
-    "attribute"}``): curves over ε per removal and the numbers at the chosen ``eps_star``."""
+    "attribute"}``): curves over ε per removal, the numbers at the chosen ``eps_star``, and
+    with ``ggn`` (a Gauss–Newton inverse) the tuning-free Newton rows."""
     crit = score_name(task)
     runs = []
     for r in removals:
@@ -51,5 +52,7 @@ def run_setting(task: Task, model, inv, removals: list[dict], grid, eps_star: fl
             "best_eps": grid[best], "best_eps_leave_k_out": grid[best_lko],
             "best_leave_k_out": lko["rows"][best_lko], "best": full["rows"][best],
             "erase_seconds": t_erase, "retrain_seconds": rem.retrain_seconds,
+            "classes": r.get("classes"), "attribute": r.get("attribute"),
+            **({"newton": newton_rows(rem, ggn)} if ggn is not None else {}),
         })
     return {"criterion": crit, "runs": runs}

@@ -21,15 +21,21 @@ _STYLES = {"original": dict(color="black", lw=2), "retrained": dict(color="green
            "SSSE, F of D": dict(color="red", ls="--"),
            "SSSE, F of D∖S": dict(color="purple", ls=":"),
            "influence, H of D": dict(color="tab:blue", ls="-."),
-           "influence, H of D∖S": dict(color="tab:cyan", ls=(0, (1, 3)))}
+           "influence, H of D∖S": dict(color="tab:cyan", ls=(0, (1, 3))),
+           "GGN Newton (no tuning)": dict(color="tab:olive", ls=(0, (5, 5)))}
+NEWTON = "GGN Newton (no tuning)"
 
 
 def _line(model) -> tuple[list[float], float]:
     return model.weight.detach()[0].tolist(), float(model.bias.detach()[0])
 
 
+#: The L2 coefficient of the 2-D logistic regression.
+WEIGHT_DECAY = 1e-2
+
+
 def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.float64,
-            epsilon: float = 1.0, damping: float = 1e-3) -> dict:
+            epsilon: float = 1.0, damping: float = WEIGHT_DECAY) -> dict:
     """Train on the blobs, then per request the retrained model, SSSE and the influence update
     with the curvature of D and of D∖S: their lines and parameter distances."""
     blobs = two_blobs_2d(24 if quick else 40, seed=seed, dtype=dtype)
@@ -37,12 +43,16 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
     ds = Dataset("blobs-2d", x, y.to(dtype).unsqueeze(1), x[:0], y[:0].to(dtype).unsqueeze(1),
                  "multilabel", 1)
     task = Task(ds, {"arch": "linear", "in_features": 2, "out_features": 1, "bias": True},
-                "bce", 1e-2, {"optimizer": "lbfgs", "max_iter": 500, "tolerance": 1e-10}, dtype,
+                "bce", WEIGHT_DECAY, {"optimizer": "lbfgs", "max_iter": 500, "tolerance": 1e-10},
+                dtype,
                 torch.device(device), {"name": "blobs-2d", "seed": seed})
     model = task.train(task.data(), seed=seed)
     inv = ssse.fit_inverse_fisher(model, task.loss_fn, task.data(), damping=damping,
                                   layout="fixed", block_size=3, weight_decay=task.weight_decay,
                                   progress=False)
+    ggn = ssse.fit_inverse_fisher(model, task.loss_fn, task.data(), damping=task.weight_decay,
+                                  layout="fixed", block_size=3, curvature="ggn",
+                                  likelihood="bernoulli", progress=False)
     # The most influential points: the misclassified or least confident ones of class 1.
     with torch.no_grad():
         margin = model(x).squeeze(1) * (2 * y.to(dtype) - 1)
@@ -63,6 +73,10 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
                                                        hessian="full", weight_decay=wd),
             "influence, H of D∖S": ssse.influence_update(model, task.loss_fn, S, retained=rest,
                                                          hessian="retained", weight_decay=wd),
+            # needs S and the stored inverse only; for a linear model with one block it is the
+            # influence update with the Hessian of D∖S
+            NEWTON: ssse.newton_erase(model, task.loss_fn, S, inv_fisher=ggn, n_total=task.n,
+                                      weight_decay=wd, likelihood="bernoulli"),
         }
         states = {"original": model.state_dict(), "retrained": retrained.state_dict(), **variants}
         results[title] = {"removed": removed.tolist(), "retrain_seconds": t_retrain}
@@ -78,9 +92,10 @@ def table(r: dict) -> str:
     c = r["config"]
     rows = [[title, k, v["param_distance"]] for title, req in r["results"].items()
             for k, v in req.items() if isinstance(v, dict)]
-    return (f"n={c['n']}, L2 logistic regression, λ={c['damping']:g}, ε={c['epsilon']:g}; "
-            "normalised parameter distance to the retrained model (0 = retrained, 1 = "
-            "original).\n\n" + markdown_table(["request", "model", "param dist"], rows))
+    return (f"n={c['n']}, L2 logistic regression with weight decay w={WEIGHT_DECAY:g}, Fisher "
+            f"damping λ={c['damping']:g}, ε={c['epsilon']:g}; normalised parameter distance to "
+            "the retrained model (0 = retrained, 1 = original).\n\n"
+            + markdown_table(["request", "model", "param dist"], rows))
 
 
 def figures(r: dict, out: Path) -> list[Path]:
@@ -94,7 +109,7 @@ def figures(r: dict, out: Path) -> list[Path]:
 
 def run(*, quick: bool = False, seed: int = 0, out: Path = Path("results/illustration"),
         device="cpu", dtype=torch.float64, progress: bool = True, data=None, data_dir=None,
-        repeats=None, epsilon: float = 1.0, damping: float = 1e-3) -> str:
+        repeats=None, epsilon: float = 1.0, damping: float = WEIGHT_DECAY) -> str:
     r = compute(quick=quick, seed=seed, device=device, dtype=dtype, epsilon=epsilon,
                 damping=damping)
     text = table(r)

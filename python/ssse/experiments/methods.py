@@ -21,7 +21,14 @@ from ssse import metrics
 from .common import timed
 from .removal import Removal
 
-__all__ = ["CRITERIA", "curve", "scaled_states", "select", "ssse_curve"]
+__all__ = ["CRITERIA", "REFINE_STEPS", "curve", "fit_ggn", "newton_rows", "scaled_states",
+           "select", "ssse_curve"]
+
+#: Refinement steps of the "+ refinement" rows of the experiments' tables.
+REFINE_STEPS = 2
+#: Names of the tuning-free rows.
+NEWTON = "GGN Newton (no tuning)"
+REFINED = f"GGN Newton + {REFINE_STEPS} refinement steps"
 
 #: The criterion of :func:`ssse.metrics.select_epsilon` for each score.
 CRITERIA = {"delta": "confusion", "gamma": "similarity_ratio"}
@@ -64,3 +71,25 @@ def select(grid: Sequence[float], rows: Sequence[dict], score: str,
     best, _ = metrics.select_epsilon(list(index), lambda e: rows[index[e]][score],
                                      criterion=CRITERIA[score])
     return index[best]
+
+
+def fit_ggn(task, model, *, layout="rows", block_size: int | None = None,
+            progress: bool = False):
+    """The Gauss–Newton inverse of the tuning-free rows: damping = the task's weight decay, so
+    the stored matrix is the curvature of the training objective; returns (inverse, seconds)."""
+    return timed(ssse.fit_inverse_fisher, model, task.loss_fn, task.data(),
+                 damping=task.weight_decay, layout=layout, block_size=block_size,
+                 curvature="ggn", likelihood=task.likelihood, progress=progress)
+
+
+def newton_rows(rem: Removal, inv: ssse_ext.BlockInverseFisher) -> dict:
+    """The tuning-free rows: the leave-k-out Newton step and its refinement, evaluated, with the
+    wall time of each erasure."""
+    task, out = rem.task, {}
+    for name, steps in ((NEWTON, 0), (REFINED, REFINE_STEPS)):
+        state, seconds = timed(ssse.newton_erase, rem.original, task.loss_fn,
+                               task.data(rem.removed), inv_fisher=inv, n_total=task.n,
+                               weight_decay=task.weight_decay, likelihood=task.likelihood,
+                               refine_steps=steps)
+        out[name] = {**rem.evaluate(state), "erase_seconds": seconds}
+    return out

@@ -16,7 +16,7 @@ from ssse.data import attribute_removal
 from .common import (EPS_GRID, QUICK_GRID_POINTS, eps_grid, markdown_table, summary, timed,
                      write_results)
 from .convex import run_setting
-from .methods import select, ssse_curve
+from .methods import NEWTON, REFINED, fit_ggn, select, ssse_curve
 from .removal import SPLITS, make_removal
 from .tasks import DEFAULTS, make_task
 
@@ -43,6 +43,7 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
     inv, t_fisher = timed(ssse.fit_inverse_fisher, model, task.loss_fn, task.data(),
                           damping=damping, layout="rows", weight_decay=task.weight_decay,
                           progress=progress)
+    ggn, t_ggn = fit_ggn(task, model, progress=progress)
     proxy = make_removal(task, model, attribute_removal(task.ds.y_train, proxy_attr, 0.5,
                                                         seed=seed + 1),
                          attribute=proxy_attr, seed=seed)
@@ -57,7 +58,7 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
         removals = [{"removed": attribute_removal(task.ds.y_train, attribute, f, seed=seed + r),
                      "attribute": attribute} for r in range(n_rep)]
         settings[f"{int(f * 100)}%"] = run_setting(task, model, inv, removals, grid, eps_star,
-                                                   seed=seed, progress=progress)
+                                                   seed=seed, ggn=ggn, progress=progress)
 
     # Table 1: loss, gradient norm, accuracy on the four splits, first removal of each setting.
     table1, summ = [], {}
@@ -80,6 +81,9 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
             "gamma_best": [r["best"]["gamma"] for r in runs],
             "gamma_best_lko": [r["best_leave_k_out"]["gamma"] for r in runs],
             "gamma_influence": [r["influence"]["gamma"] for r in runs],
+            "gamma_newton": [r["newton"][NEWTON]["gamma"] for r in runs],
+            "gamma_refined": [r["newton"][REFINED]["gamma"] for r in runs],
+            "newton_seconds": [r["newton"][NEWTON]["erase_seconds"] for r in runs],
             "param_distance_chosen": [r["chosen"]["param_distance"] for r in runs],
             "erase_seconds": [r["erase_seconds"] for r in runs],
             "retrain_seconds": [r["retrain_seconds"] for r in runs]}.items()}
@@ -92,7 +96,8 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
               "fractions": fractions, "repeats": reps, "eps": grid}
     results = {"eps_chosen": eps_star, "eps_estimated": eps_hat,
                "eps_estimate_seconds": t_eps_hat, "fisher_seconds": t_fisher,
-               "train_seconds": t_train, "summary": summ, "table1": table1,
+               "ggn_fisher_seconds": t_ggn, "train_seconds": t_train, "summary": summ,
+               "table1": table1,
                "settings": settings}
     return {"config": config, "results": results}
 

@@ -16,7 +16,7 @@ from ssse.data import class_removal
 from .common import (EPS_GRID, QUICK_GRID_POINTS, eps_grid, geomean, markdown_table, summary,
                      timed, write_results)
 from .convex import run_setting
-from .methods import select, ssse_curve
+from .methods import NEWTON, REFINED, fit_ggn, select, ssse_curve
 from .removal import SPLITS, make_removal
 from .tasks import DEFAULTS, make_task
 
@@ -44,6 +44,7 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
     inv, t_fisher = timed(ssse.fit_inverse_fisher, model, task.loss_fn, task.data(),
                           damping=damping, layout="rows", weight_decay=task.weight_decay,
                           progress=progress)
+    ggn, t_ggn = fit_ggn(task, model, progress=progress)
     proxy_class = task.ds.num_classes - 1
     proxy = make_removal(task, model, class_removal(task.ds.y_train, proxy_class, 0.5,
                                                     seed=seed + 1),
@@ -58,7 +59,7 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
         removals = [{"removed": class_removal(task.ds.y_train, c, f, seed=seed + c),
                      "classes": [c]} for c in classes]
         settings[f"{int(f * 100)}%"] = run_setting(task, model, inv, removals, grid, eps_star,
-                                                   seed=seed, progress=progress)
+                                                   seed=seed, ggn=ggn, progress=progress)
 
     summ = {}
     for name, s in settings.items():
@@ -71,7 +72,13 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
             "erase_seconds": [r["erase_seconds"] for r in runs],
             "retrain_seconds": [r["retrain_seconds"] for r in runs],
             **{f"gap_{sp}": [abs(r["chosen"]["accuracy"][sp] - r["retrained"]["accuracy"][sp])
-                             for r in runs] for sp in SPLITS}}.items()},
+                             for r in runs] for sp in SPLITS},
+            **{f"{key}_{name}": [r["newton"][name][field] if field != "gap_S" else
+                                 abs(r["newton"][name]["accuracy"]["S"]
+                                     - r["retrained"]["accuracy"]["S"]) for r in runs]
+               for name in (NEWTON, REFINED)
+               for key, field in (("delta", "delta"), ("gap_S", "gap_S"),
+                                  ("erase_seconds", "erase_seconds"))}}.items()},
             "best_eps_geomean": geomean([r["best_eps"] for r in runs]),
             "best_eps_leave_k_out_geomean": geomean([r["best_eps_leave_k_out"] for r in runs]),
             "k_mean": float(np.mean([r["k"] for r in runs]))}
@@ -80,7 +87,8 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
               "classes": classes, "eps": grid, "proxy_class": proxy_class, **limits}
     results = {"eps_chosen": eps_star, "eps_estimated": eps_hat,
                "eps_estimate_seconds": t_eps_hat, "fisher_seconds": t_fisher,
-               "train_seconds": t_train, "summary": summ, "settings": settings}
+               "ggn_fisher_seconds": t_ggn, "train_seconds": t_train, "summary": summ,
+               "settings": settings}
     return {"config": config, "results": results}
 
 
@@ -102,7 +110,34 @@ def table(r: dict) -> str:
             f"a proxy removal (50 % of class {c['proxy_class']}; without retraining, "
             f"estimate_epsilon gives ε̂={res['eps_estimated']:.3g}); mean ± std over classes. "
             f"Fisher fit {res['fisher_seconds']:.2f} s, training {res['train_seconds']:.2f} s."
-            "\n\n" + markdown_table(header, rows))
+            "\n\n" + markdown_table(header, rows) + "\n" + per_class_table(r))
+
+
+def per_class_table(r: dict) -> str:
+    """δ on S and accuracy on S per removed class: SSSE at the proxy-chosen ε and at the best
+    ε of that removal (an oracle), the tuning-free Newton rows, influence, retrained."""
+    res = r["results"]
+    header = ["removed", "class", "k", "δ SSSE @ε*", "δ SSSE oracle (ε)", f"δ {NEWTON}",
+              f"δ {REFINED}", "δ influence", "acc S retrained", "acc S SSSE @ε*",
+              f"acc S {NEWTON}", f"acc S {REFINED}", "degenerate"]
+    rows = []
+    for setting, s in res["settings"].items():
+        for run in s["runs"]:
+            nw = run["newton"]
+            rows.append([setting, run["classes"][0], run["k"], run["chosen"]["delta"],
+                         f"{run['best']['delta']:.3f} ({run['best_eps']:.2g})",
+                         nw[NEWTON]["delta"], nw[REFINED]["delta"], run["influence"]["delta"],
+                         run["retrained"]["accuracy"]["S"], run["chosen"]["accuracy"]["S"],
+                         nw[NEWTON]["accuracy"]["S"], nw[REFINED]["accuracy"]["S"],
+                         "yes" if degenerate(run) else "no"])
+    return ("Per removed class (degenerate: the original and the retrained model make the same "
+            "predictions on S, so δ is 0.5 for every model and says nothing):\n\n"
+            + markdown_table(header, rows))
+
+
+def degenerate(run: dict) -> bool:
+    """Whether δ cannot tell the original from the retrained model on this removal."""
+    return run["original"]["delta"] == run["retrained"]["delta"] == 0.5
 
 
 def figures(r: dict, out: Path) -> list[Path]:

@@ -49,6 +49,11 @@ class Task:
     def n(self) -> int:
         return self.ds.n_train
 
+    @property
+    def likelihood(self) -> str:
+        """The output distribution of the task's loss (for the Gauss–Newton curvature)."""
+        return "bernoulli" if self.loss == "bce" else "categorical"
+
     def data(self, idx: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The training samples ``idx`` (all by default) as one ``(x, y)`` batch in a list."""
         x, y = self.ds.train()
