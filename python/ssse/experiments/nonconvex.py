@@ -26,7 +26,7 @@ from ssse import plots
 from ssse.data import class_removal
 
 from .common import eps_grid, geomean, markdown_table, nearest, summary, timed, write_results
-from .methods import curve, select
+from .methods import NEWTON, REFINED, curve, fit_ggn, newton_rows, select
 from .removal import SPLITS, Removal, make_removal
 from .tasks import Task, make_task
 
@@ -130,6 +130,8 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
             layout="per_parameter", block_size=block_size, weight_decay=task.weight_decay,
             minibatch=b, progress=progress)
     layout = inverses["per-sample"].layout
+    ggn, t_fisher["ggn"] = fit_ggn(task, model, layout="per_parameter", block_size=block_size,
+                                   progress=progress)
 
     def removal(removed, cls):
         return make_removal(task, model, removed, classes=[cls], seed=seed, progress=progress)
@@ -171,10 +173,14 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
                     "best": rows[best], "best_value": grid[best],
                     "best_unguarded": rows[free], "best_unguarded_value": grid[free],
                     "erase_seconds": cv["seconds"]}
+            tuning_free = newton_rows(rem, ggn)
+            for row in tuning_free.values():
+                row["gap"] = _gap(row, retrained)
             runs.append({"class": c, "k": rem.k, "removed": rem.removed.tolist(),
                          "accuracy_floor": floor,
                          "original": original, "retrained": retrained,
-                         "retrain_seconds": rem.retrain_seconds, "methods": methods})
+                         "retrain_seconds": rem.retrain_seconds, "methods": methods,
+                         "newton": tuning_free})
         settings[setting] = {"runs": runs}
 
     config = {"data": data, "quick": quick, "seed": seed, "n": task.n, "d": layout.dim,
@@ -230,6 +236,15 @@ def _summary(settings: dict) -> dict:
                 **{f"acc_{sp}": summary([m["chosen"]["accuracy"][sp] for m in ms])
                    for sp in SPLITS},
                 **{f"gap_{sp}": summary([m["chosen_gap"][sp] for m in ms]) for sp in SPLITS}}
+        for name in (NEWTON, REFINED):
+            rs = [r["newton"][name] for r in runs]
+            entry[name] = {"delta": summary([m["delta"] for m in rs]),
+                           "param_distance": summary([m["param_distance"] for m in rs]),
+                           "erase_seconds": summary([m["erase_seconds"] for m in rs]),
+                           **{f"acc_{sp}": summary([m["accuracy"][sp] for m in rs])
+                              for sp in SPLITS},
+                           **{f"gap_{sp}": summary([m["gap"][sp] for m in rs])
+                              for sp in SPLITS}}
         out[setting] = entry
     return out
 
@@ -302,6 +317,11 @@ def table(r: dict) -> str:
                          f"({m['acc_D-S_best_unguarded']['mean']:.2f})"]
                         + [pm(m[f"acc_{sp}"]) for sp in SPLITS]
                         + [f"{m['erase_seconds']['mean']:.3f}"])
+        for name in (NEWTON, REFINED):
+            m = e[name]
+            rows.append([setting, name, "none", pm(m["delta"]), "-", "-"]
+                        + [pm(m[f"acc_{sp}"]) for sp in SPLITS]
+                        + [f"{m['erase_seconds']['mean']:.3f}"])
     k = ", ".join(f"{s}: k = {e['k_mean']:.0f}" for s, e in summ.items())
     t_fisher = res["fisher_seconds"]
     return (f"{c['data']}, n={c['n']}, n_test={c['n_test']}, SmallResNet "
@@ -315,4 +335,27 @@ def table(r: dict) -> str:
             f"itself; unguarded: over the whole grid); accuracies at the chosen value; mean ± "
             f"std over classes. Training {res['train_seconds']:.2f} s, "
             f"Fisher fit {t_fisher['per-sample']:.2f} s (per-sample), "
-            f"{t_fisher['mini-batch']:.2f} s (mini-batch).\n\n" + markdown_table(header, rows))
+            f"{t_fisher['mini-batch']:.2f} s (mini-batch), {t_fisher['ggn']:.2f} s "
+            f"(Gauss-Newton, damping = weight decay, for the rows without tuning).\n\n"
+            + markdown_table(header, rows) + "\n" + per_class_table(r))
+
+
+def per_class_table(r: dict) -> str:
+    """δ and accuracy on S and D∖S per removed class: the chosen value of each method with a
+    hyperparameter, the rows without tuning, the retrained model."""
+    res = r["results"]
+    names = list(METHODS)
+    header = ["removed", "class", "k", "acc S / D∖S retrained"] + \
+        [f"δ {n} (acc S / D∖S)" for n in names + [NEWTON, REFINED]]
+    rows = []
+    for setting, st in res["settings"].items():
+        for run in st["runs"]:
+            cells = [f"{run['methods'][n]['chosen']['delta']:.3f} "
+                     f"({run['methods'][n]['chosen']['accuracy']['S']:.2f} / "
+                     f"{run['methods'][n]['chosen']['accuracy']['D-S']:.2f})" for n in names]
+            cells += [f"{run['newton'][n]['delta']:.3f} ({run['newton'][n]['accuracy']['S']:.2f}"
+                      f" / {run['newton'][n]['accuracy']['D-S']:.2f})" for n in (NEWTON, REFINED)]
+            rows.append([setting, run["class"], run["k"],
+                         f"{run['retrained']['accuracy']['S']:.2f} / "
+                         f"{run['retrained']['accuracy']['D-S']:.2f}"] + cells)
+    return "Per removed class, at the proxy-chosen values:\n\n" + markdown_table(header, rows)
