@@ -343,22 +343,46 @@ class BlockInverseFisher:
         return LowRankChange(self, self._rows(rows, "rows"), sign)
 
     # ---- updates ----
-    def _woodbury(self, rows: torch.Tensor, sign: int, what: str, *,
-                  keep: bool = False) -> list:
-        r"""Checks, for every block, that :math:`F_b + \mathrm{sign}\,R_b^\top R_b / N` stays
-        positive definite with a margin; writes nothing. With ``keep``, returns the factors
-        of every batch of blocks for :class:`LowRankChange`. Works through runs of equal-size
-        blocks with batched float64 torch operations, a bounded amount of memory at a time:
+    def solve_changed(self, rows, rhs: torch.Tensor, *, sign: int = -1,
+                      shift: float = 0.0) -> torch.Tensor:
+        r""":math:`(F + \mathrm{sign}\,R^\top R / N - \mathrm{shift}\cdot I)^{-1}\,\mathrm{rhs}`
+        in float64, for the ``(k, d)`` rows :math:`R` (or an iterable of chunks) and ``rhs`` of
+        shape ``(d,)`` or ``(d, r)``, computed batch of blocks by batch of blocks without
+        modifying the inverse (extra memory bounded, independent of its size). Every block is
+        checked first (:class:`NotPositiveDefiniteError`: nothing is returned).
+        """
+        if sign not in (1, -1):
+            raise ValueError(f"sign must be +1 or -1, got {sign!r}")
+        shift = check_finite_float(shift, "shift")
+        rhs_, vec = self._vector(rhs.to(self.dtype), "rhs")
+        out = torch.empty(rhs_.shape, dtype=torch.float64, device=self.device)
+        rhs64 = rhs.to(torch.float64).reshape(rhs_.shape)
+        self._woodbury(self._rows(rows, "rows"), sign, "solve with changed rows", shift=shift,
+                       rhs=rhs64, out=out)
+        return out.view(-1) if vec else out
 
-        - :math:`k \le s`: :math:`U = F_b^{-1} R_b^\top`, :math:`C = N I_k + \mathrm{sign}\,R_b U`
-          (kept: :math:`U` and the Cholesky factor of :math:`C`);
-        - :math:`k > s`: :math:`F_b^{-1} = L L^\top`,
-          :math:`A = I_s + \mathrm{sign}\,(R_b L)^\top (R_b L) / N` (kept: :math:`L` and the
-          Cholesky factor of :math:`A`).
+    def _woodbury(self, rows: torch.Tensor, sign: int, what: str, *, keep: bool = False,
+                  shift: float = 0.0, rhs: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> list:
+        r"""Checks, for every block, that :math:`M_b = F_b + \mathrm{sign}\,R_b^\top R_b / N
+        - \mathrm{shift}\,I` stays positive definite with a margin; writes nothing to the
+        inverse. With ``keep``, returns the factors of every batch of blocks for
+        :class:`LowRankChange`; with ``rhs``, writes :math:`M^{-1}\,\mathrm{rhs}` into ``out``.
+        Works through runs of equal-size blocks with batched float64 torch operations, a
+        bounded amount of memory at a time:
 
-        Both matrices have the same spectrum (up to eigenvalues 1, scaled by N for C), so the
-        margin means the same in both: every Cholesky pivot of ``C / N`` (or ``A``) at least
-        :data:`_PD_MARGIN`, a factor far above the rounding of either computation.
+        - :math:`k \le s` and no shift: :math:`U = F_b^{-1} R_b^\top`,
+          :math:`C = N I_k + \mathrm{sign}\,R_b U`, :math:`M^{-1} = F_b^{-1} - \mathrm{sign}\,U
+          C^{-1} U^\top` (kept: :math:`U` and the Cholesky factor of :math:`C`);
+        - otherwise: :math:`F_b^{-1} = L L^\top`,
+          :math:`A = I_s + \mathrm{sign}\,(R_b L)^\top (R_b L) / N - \mathrm{shift}\,L^\top L`,
+          :math:`M^{-1} = L A^{-1} L^\top` (kept: :math:`L` and the Cholesky factor of
+          :math:`A`).
+
+        :math:`C / N` and :math:`A` have the same spectrum up to eigenvalues 1 (without a
+        shift), so the margin means the same in both: every Cholesky pivot of ``C / N`` (or
+        ``A``) at least :data:`_PD_MARGIN`, a factor far above the rounding of either
+        computation.
         """
         k, N = rows.shape[0], self.normalizer
         factors = []
@@ -371,7 +395,8 @@ class BlockInverseFisher:
                 st = self.layout.starts[b0]
                 f = seg[o:o + n * s * s].view(n, s, s).to(torch.float64)
                 r = rows[:, st:st + n * s].reshape(k, n, s).transpose(0, 1).to(torch.float64)
-                if k <= s:
+                vb = None if rhs is None else rhs[st:st + n * s].reshape(n, s, -1)
+                if k <= s and shift == 0:
                     u = f @ r.transpose(1, 2)                                   # (n, s, k)
                     c = sign * (r @ u)
                     c = 0.5 * (c + c.transpose(1, 2))
@@ -379,16 +404,23 @@ class BlockInverseFisher:
                     chol, info = torch.linalg.cholesky_ex(c)
                     pivots = chol.diagonal(dim1=1, dim2=2) ** 2 / N
                     kept = (st, n, s, "correction", u, chol)
+                    if vb is not None and int(info.abs().sum()) == 0:
+                        res = f @ vb - sign * (u @ torch.cholesky_solve(u.transpose(1, 2) @ vb,
+                                                                        chol))
                 else:
                     lf, info_f = torch.linalg.cholesky_ex(f)
                     rl = r @ lf                                                 # (n, k, s)
                     a = sign * (rl.transpose(1, 2) @ rl) / N
+                    if shift:
+                        a = a - shift * (lf.transpose(1, 2) @ lf)
                     a = 0.5 * (a + a.transpose(1, 2))
                     a.diagonal(dim1=1, dim2=2).add_(1.0)
                     chol, info = torch.linalg.cholesky_ex(a)
                     info = torch.where(info_f != 0, info_f, info)
                     pivots = chol.diagonal(dim1=1, dim2=2) ** 2
                     kept = (st, n, s, "factor", lf, chol)
+                    if vb is not None and int(info.abs().sum()) == 0:
+                        res = lf @ torch.cholesky_solve(lf.transpose(1, 2) @ vb, chol)
                 bad = (info != 0) | ~(pivots.min(dim=1).values >= _PD_MARGIN)
                 if bool(bad.any()):
                     i = int(torch.nonzero(bad)[0])
@@ -401,6 +433,8 @@ class BlockInverseFisher:
                         "were these rows ever added? Nothing was changed")
                 if keep:
                     factors.append(kept)
+                if vb is not None:
+                    out[st:st + n * s] = res.reshape(n * s, -1)
         return factors
 
     def _change(self, grads, sign: int, method: str, chunk_size: int | None) -> "BlockInverseFisher":

@@ -49,6 +49,7 @@ def _checked(convert, check, what: str):
 _positive_float = _checked(float, validation.check_positive_float, "a number > 0")
 _nonneg_float = _checked(float, validation.check_nonneg_float, "a number >= 0")
 _positive_int = _checked(int, validation.check_positive_int, "an integer > 0")
+_nonneg_int = _checked(int, validation.check_nonneg_int, "an integer >= 0")
 
 
 def _fraction(text: str) -> float:
@@ -172,11 +173,20 @@ def _add_train(sub) -> None:
 
 def _add_fisher(sub) -> None:
     p = sub.add_parser("fisher", help="fit and save the inverse Fisher of a model",
-                       description="Fit the block inverse of the damped empirical Fisher of a "
-                       "model on its training set and save it (safetensors).")
+                       description="Fit the block inverse of the damped empirical Fisher (or "
+                       "of the Gauss-Newton matrix, or a Monte-Carlo true Fisher) of a model on "
+                       "its training set and save it (safetensors).")
     p.add_argument("--model", required=True, metavar="FILE", help="model file (ssse train)")
     _data_args(p, default=None)
-    p.add_argument("--damping", type=_positive_float, default=1e-3, help="λ (default: 1e-3)")
+    p.add_argument("--damping", type=_positive_float, default=None,
+                   help="λ (default: 1e-3 for the empirical Fisher; the model's weight decay "
+                   "for ggn and mc, which makes the stored matrix the training objective's "
+                   "curvature)")
+    p.add_argument("--curvature", choices=list(ssse.curvature.CURVATURES), default="empirical",
+                   help="empirical (the paper's), ggn (Gauss-Newton: erase without ε) or mc "
+                   "(sampled labels) (default: empirical)")
+    p.add_argument("--mc-samples", type=_positive_int, default=1,
+                   help="label draws per sample for --curvature mc (default: 1)")
     p.add_argument("--block-size", type=_positive_int, default=None, metavar="B",
                    help="largest block (default: 1024)")
     p.add_argument("--layout", choices=["per_parameter", "fixed", "rows"],
@@ -198,7 +208,11 @@ def _add_erase(sub) -> None:
     p.add_argument("--fisher", required=True, metavar="FILE", help="inverse-Fisher file")
     _data_args(p, default=None)
     _removal_args(p)
-    p.add_argument("--epsilon", type=_positive_float, required=True, help="ε of eq. 8")
+    p.add_argument("--epsilon", type=_positive_float, default=None,
+                   help="ε of eq. 8; omit it with a Gauss-Newton inverse (ssse fisher "
+                   "--curvature ggn) for the leave-k-out Newton step, nothing to tune")
+    p.add_argument("--refine-steps", type=_nonneg_int, default=0,
+                   help="refinement steps of the Newton erasure (default: 0)")
     p.add_argument("--variant", choices=["full", "leave_k_out"], default="full",
                    help="Fisher of D (paper) or of D∖S (default: full)")
     p.add_argument("--output", default=None, metavar="FILE",
@@ -474,11 +488,17 @@ def _cmd_fisher(args) -> int:
 
     model, meta = _load_model_file(args)
     task = _task_from_meta(args, model, meta)
+    damping = args.damping or (1e-3 if args.curvature == "empirical" else task.weight_decay)
+    if not damping > 0:
+        raise UsageError(f"--curvature {args.curvature}: the model was trained without weight "
+                         "decay; give --damping")
     t0 = time.perf_counter()
     try:
-        inv = ssse.fit_inverse_fisher(model, task.loss_fn, task.data(), damping=args.damping,
+        inv = ssse.fit_inverse_fisher(model, task.loss_fn, task.data(), damping=damping,
                                       block_size=args.block_size, layout=args.layout,
                                       weight_decay=task.weight_decay, minibatch=args.minibatch,
+                                      curvature=args.curvature, likelihood=task.likelihood,
+                                      mc_samples=args.mc_samples, seed=args.seed,
                                       progress=not args.quiet)
     except ValueError as exc:
         if "layout" not in str(exc):
@@ -488,8 +508,8 @@ def _cmd_fisher(args) -> int:
     path = save_inverse_fisher(_out_path(args, "inverse_fisher.safetensors"), inv,
                                model=str(Path(args.model).name), minibatch=args.minibatch,
                                n_train=task.n, seconds=seconds)
-    print(f"inverse Fisher: d={inv.dim}, {inv.layout.num_blocks} blocks (largest "
-          f"{inv.layout.max_block_size}), λ={inv.damping:g}, N={inv.normalizer:g}, "
+    print(f"inverse Fisher ({inv.curvature}): d={inv.dim}, {inv.layout.num_blocks} blocks "
+          f"(largest {inv.layout.max_block_size}), λ={inv.damping:g}, N={inv.normalizer:g}, "
           f"{inv.dtype}, fitted in {seconds:.2f} s")
     print(path)
     return 0
@@ -521,18 +541,32 @@ def _cmd_erase(args) -> int:
     removed = _removal(args, task, before)
     # samples erased by earlier requests are no longer part of D: n counts what remains
     t0 = time.perf_counter()
-    state = ssse.ssse_update(model, task.loss_fn, task.data(removed), inv_fisher=inv,
-                             epsilon=args.epsilon, n_total=task.n - len(before),
-                             weight_decay=task.weight_decay, fisher=args.variant,
-                             minibatch=int(fmeta.get("minibatch", 1)))
+    if args.epsilon is None:
+        if inv.curvature != "ggn":
+            raise UsageError("--epsilon is needed unless --fisher holds the Gauss-Newton matrix "
+                             "(ssse fisher --curvature ggn)")
+        if before:
+            raise UsageError("the Newton erasure needs the inverse of the data left; this model "
+                             "already had samples erased with an inverse of the whole training "
+                             "set: erase them in one request, or refit the inverse")
+        state = ssse.newton_erase(model, task.loss_fn, task.data(removed), inv_fisher=inv,
+                                  n_total=task.n, weight_decay=task.weight_decay,
+                                  likelihood=task.likelihood, refine_steps=args.refine_steps)
+        how = f"the leave-k-out Newton step ({args.refine_steps} refinement steps)"
+    else:
+        state = ssse.ssse_update(model, task.loss_fn, task.data(removed), inv_fisher=inv,
+                                 epsilon=args.epsilon, n_total=task.n - len(before),
+                                 weight_decay=task.weight_decay, fisher=args.variant,
+                                 minibatch=int(fmeta.get("minibatch", 1)))
+        how = f"ε={args.epsilon:g} ({args.variant} Fisher)"
     seconds = time.perf_counter() - t0
     model.load_state_dict(state)
     erased = sorted(set(before) | set(removed.tolist()))
     path = save_model(_out_path(args, "erased.safetensors"), model, spec=meta["spec"],
                       **{**{k: v for k, v in meta.items() if k not in ("spec", "dtype")},
                          "erased": erased, "epsilon": args.epsilon, "variant": args.variant})
-    print(f"erased {removed.numel()} of {task.n - len(before)} samples with ε={args.epsilon:g} "
-          f"({args.variant} Fisher) in {seconds:.3f} s")
+    print(f"erased {removed.numel()} of {task.n - len(before)} samples with {how} in "
+          f"{seconds:.3f} s")
     print(path)
     return 0
 

@@ -17,14 +17,15 @@ Gauss–Newton matrix of sample :math:`i`). At the trained :math:`\theta^*` (a s
 where :math:`F' = \lambda I + \frac1n\sum_{D\setminus S} G_i` is the stored inverse's matrix
 (``curvature="ggn"``, normaliser :math:`N = n`) downdated by the Gauss–Newton rows of :math:`S`
 at :math:`\theta^*`, and :math:`\delta = \lambda - \frac{n-k}{n} w`: the :math:`n` versus
-:math:`n-k` normaliser and the damping meet in that one shift. :math:`(F' - \delta I)^{-1}` is
-applied without approximation by the fixed-point iteration
-:math:`x_{t+1} = F'^{-1}(b + \delta x_t)`, which contracts by :math:`|\delta|\,\lVert
-F'^{-1}\rVert \le |\delta| / \lambda` per step: with :math:`\lambda = w` (the damping that makes
-the stored matrix the training objective's curvature) the rate is :math:`k/n`. Its error bound
-after the stopping rule is ``tol`` relative. For an L2 logistic regression whose blocks are its
-output rows the Gauss–Newton matrix is the Hessian, and the step equals the influence update
-with the retained Hessian (paper eq. 4) restricted to those blocks.
+:math:`n-k` normaliser and the damping meet in that one shift, applied without approximation:
+per block, with :math:`F_b^{-1} = LL^\top` from the stored inverse,
+:math:`(F'_b - \delta I)^{-1} = L A^{-1} L^\top` with :math:`A = I - (R_bL)^\top(R_bL)/N - \delta
+L^\top L` (:meth:`ssse_ext.BlockInverseFisher.solve_changed`). It is positive definite whenever
+:math:`\delta < \lambda`, i.e. whenever the model was trained with weight decay; with
+:math:`\lambda = w` (the damping that makes the stored matrix the training objective's
+curvature) :math:`\delta = wk/n`. For an L2 logistic regression whose blocks are its output rows
+the Gauss–Newton matrix is the Hessian, and the step equals the influence update with the
+retained Hessian (paper eq. 4) restricted to those blocks.
 
 Large removals: the data of :math:`D` is gone but its quadratic model around :math:`\theta^*`
 is not, :math:`Q_D(\theta) = \frac12 (\theta-\theta^*)^\top H_D (\theta-\theta^*)` with
@@ -54,31 +55,13 @@ from ._utils import (FlatModel, check_inverse, finish_update, iter_batches, per_
 from .curvature import LIKELIHOODS
 from .gradients import _grad_stream, gradient_sum
 
-__all__ = ["newton_erase", "newton_refined", "shifted_solve"]
+__all__ = ["newton_erase", "newton_refined"]
 
-# Most fixed-point iterations of the shifted solve before it is declared divergent.
-_MAX_SHIFT_ITERATIONS = 500
 # Halvings of the step in the refinement's line search.
 _MAX_HALVINGS = 12
 # Armijo constant of the line search.
 _ARMIJO = 1e-4
 
-
-
-def shifted_solve(solve, b: torch.Tensor, delta: float, *, tol: float) -> torch.Tensor:
-    r""":math:`(F - \delta I)^{-1} b` from ``solve`` (:math:`F^{-1}` times a vector, float64) by
-    :math:`x_{t+1} = F^{-1}(b + \delta x_t)`, until the relative change is below ``tol``."""
-    x = solve(b)
-    if delta == 0:
-        return x
-    for _ in range(_MAX_SHIFT_ITERATIONS):
-        nxt = solve(b + delta * x)
-        change = float((nxt - x).norm())
-        x = nxt
-        if change <= tol * float(x.norm()):
-            return x
-    raise FloatingPointError(f"the shifted solve did not converge in {_MAX_SHIFT_ITERATIONS} "
-                             f"iterations (shift {delta:.3g}): use damping = weight_decay")
 
 
 def ggn_rows_of(fm: FlatModel, loss_fn, data, *, dtype, likelihood: str,
@@ -93,14 +76,14 @@ def ggn_rows_of(fm: FlatModel, loss_fn, data, *, dtype, likelihood: str,
 
 
 def _shift(inv: ssse_ext.BlockInverseFisher, n: int, k: int, w: float) -> float:
-    """:math:`\\delta = \\lambda - (n - k) w / N`, refused where the fixed-point iteration of
-    :func:`shifted_solve` would not contract."""
+    """:math:`\\delta = \\lambda - (n - k) w / N`; :math:`F' - \\delta I \\succeq (\\lambda -
+    \\delta) I` is positive definite for any removal only when :math:`\\delta < \\lambda`."""
     delta = inv.damping - (n - k) * w / inv.normalizer
-    if not abs(delta) < inv.damping:
-        raise ValueError(f"the leave-k-out Newton step needs |damping - (n-k)/N * weight_decay| "
-                         f"< damping, got damping={inv.damping:g}, weight_decay={w:g}, n={n}, "
-                         f"k={k}, N={inv.normalizer:g}: fit the Gauss-Newton inverse with "
-                         "damping=weight_decay")
+    if not delta < inv.damping:
+        raise ValueError(f"the leave-k-out Newton step needs damping - (n-k)/N * weight_decay "
+                         f"< damping, i.e. weight_decay > 0, got damping={inv.damping:g}, "
+                         f"weight_decay={w:g}, n={n}, k={k}, N={inv.normalizer:g}: fit the "
+                         "Gauss-Newton inverse with damping=weight_decay")
     return delta
 
 
@@ -123,7 +106,7 @@ def newton_erase(model: nn.Module, loss_fn, removed, *, inv_fisher: ssse_ext.Blo
         weight_decay: :math:`w`, the L2 coefficient of training.
         likelihood: the model's output distribution (as for the fit).
         refine_steps: Newton steps on :math:`M` after the first (0: the plain Newton step).
-        tol: relative tolerance of the shifted solves.
+        tol: the refinement stops once a step is smaller than this, relative to the total.
         inplace: also write the result into the model.
 
     Returns:
@@ -206,16 +189,16 @@ def newton_refined(fm: FlatModel, loss_fn, batches, inv: ssse_ext.BlockInverseFi
         hx = (fx - inv.damping * x) / ratio + w * x
         rhs = (g_s.to(device, torch.float64) / n - hx) * ratio  # -grad M, times n / N
         try:
-            change = inv.without(rows)
+            d = inv.solve_changed(rows, rhs, sign=-1, shift=delta)
         except ssse_ext.NotPositiveDefiniteError:
             # M is not convex: where S's curvature at theta_t exceeds its share of the stored
             # curvature, keep the curvature of theta* (a chord step: still a descent direction)
             if step == 0:
                 raise
-            rows, change = rows_star, change_star
+            rows = rows_star
+            d = inv.solve_changed(rows, rhs, sign=-1, shift=delta)
         if step == 0:
-            rows_star, change_star = rows, change
-        d = shifted_solve(change.solve, rhs, delta, tol=tol)
+            rows_star = rows
         r64 = rows.to(torch.float64)
         fd = rhs + delta * d + r64.T @ (r64 @ d) / N                # F d
         if step == 0:
