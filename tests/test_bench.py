@@ -4,12 +4,17 @@ import torch
 
 from ssse_ext import bench
 
+from .testing import CHAIN, SOLVE, STABLE
+
+F64 = torch.float64
+
 
 def test_small_case_is_checked_then_timed():
     row = bench.run_case(64, 2, 16, torch.float64, torch.device("cpu"), repeats=1, loop_rows=4,
                          damping=1e-3, matmul_rate=1.0, seed=0)
-    assert row["build_rel_err"] < 1e-10 and row["update_rel_err"] < 1e-10
-    assert row["apply_rel_err"] < 1e-10
+    # the update is a chain of Woodbury steps on an inverse built from half the rows
+    assert row["build_rel_err"] < STABLE[F64] and row["update_rel_err"] < CHAIN[F64]
+    assert row["apply_rel_err"] < SOLVE[F64]
     assert row["build_s"] > 0 and row["speedup_vs_loop"] > 0 and row["apply_vs_copy"] > 0
     assert "refused" not in bench.format_table([row])
 

@@ -1,6 +1,8 @@
 """L2-regularised logistic regression: the optimum is unique, so erasure methods can be compared
 with the retrained optimum itself."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ from torch import nn
 import ssse
 import ssse_ext
 
-from .testing import rel_err
+from .testing import SAME, SOLVE, rel_err
 
 WD = 1e-2
 K = 8
@@ -27,9 +29,10 @@ def flat_state(state):
     return torch.cat([state["weight"].reshape(-1), state["bias"].reshape(-1)])
 
 
-@pytest.fixture(scope="module")
-def problem():
-    g = torch.Generator().manual_seed(0)
+@functools.lru_cache(maxsize=None)
+def make_problem(seed):
+    """Data, the trained model and the model retrained without the first K samples."""
+    g = torch.Generator().manual_seed(seed)
     n, p = 400, 8
     X = torch.randn(n, p, generator=g, dtype=torch.float64)
     w = torch.randn(p, generator=g, dtype=torch.float64)
@@ -39,6 +42,11 @@ def problem():
     model = ssse.retrain(recipe, (X, y), seed=0)
     retrained = ssse.retrain(recipe, (X[K:], y[K:]), seed=0)
     return X, y, model, retrained
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return make_problem(0)
 
 
 def test_optima_are_tight(problem):
@@ -54,11 +62,12 @@ def test_influence_update_lands_near_the_retrained_optimum(problem):
     X, y, model, retrained = problem
     star, target = flat(model), flat(retrained)
     base = (star - target).norm()
-    state = ssse.influence_update(model, bce, (X[:K], y[:K]), retained=(X[K:], y[K:]), weight_decay=WD)
+    state = ssse.influence_update(model, bce, (X[:K], y[:K]), retained=(X[K:], y[K:]),
+                                  weight_decay=WD)
     ratio = (flat_state(state) - target).norm() / base
     assert ratio < 0.05  # measured 0.0198: one Newton step on the retained objective
-    state = ssse.influence_update(model, bce, (X[:K], y[:K]), retained=(X[K:], y[K:]), weight_decay=WD,
-                                  hessian="full")
+    state = ssse.influence_update(model, bce, (X[:K], y[:K]), retained=(X[K:], y[K:]),
+                                  weight_decay=WD, hessian="full")
     assert (flat_state(state) - target).norm() / base < 0.25  # measured 0.117 with H_D
 
 
@@ -81,7 +90,7 @@ def test_ssse_with_the_inverse_hessian_is_the_influence_update(problem):
                              weight_decay=WD)
     expected = ssse.influence_update(model, bce, (X[:K], y[:K]), retained=(X[K:], y[K:]),
                                      weight_decay=WD)
-    assert rel_err(flat_state(state), flat_state(expected)) < 1e-10
+    assert rel_err(flat_state(state), flat_state(expected)) < SOLVE[torch.float64]
 
 
 def test_influence_block_hessian_is_exact(problem):
@@ -92,11 +101,12 @@ def test_influence_block_hessian_is_exact(problem):
     H = closed_form_hessian(model, X) * X.shape[0]
     for b, blk in enumerate(blocks):
         sl = layout.slice(b)
-        assert rel_err(blk, H[sl, sl]) < 1e-12
+        assert rel_err(blk, H[sl, sl]) < SAME[torch.float64]
 
 
-def test_estimated_epsilon_is_close_to_the_best_one(problem):
-    X, y, model, retrained = problem
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_estimated_epsilon_is_close_to_the_best_one(seed):
+    X, y, model, retrained = make_problem(seed)
     n = X.shape[0]
     star, target = flat(model), flat(retrained)
     inv = ssse.fit_inverse_fisher(model, bce, (X, y), damping=1e-4, layout="fixed",
@@ -104,15 +114,21 @@ def test_estimated_epsilon_is_close_to_the_best_one(problem):
     v, _ = ssse.gradient_sum(model, bce, (X[:K], y[:K]), weight_decay=WD)
     step = inv.matvec(v) / (n - K)
     best = float(step @ (target - star) / (step @ step))  # oracle: closest to the retrained
-    eps = ssse.metrics.estimate_epsilon(model, bce, (X, y), inv_fisher=inv, weight_decay=WD, probes=32)
-    assert 0.5 * best < eps < 2 * best  # measured 0.442 against 0.404
+    eps = ssse.metrics.estimate_epsilon(model, bce, (X, y), inv_fisher=inv, weight_decay=WD,
+                                        probes=32)
+    # eps / best measured 1.09, 1.00, 1.73 on seeds 0, 1, 2 (probe seeds 0..2: 0.94 to 1.86);
+    # the window leaves 15 % below the lowest and 13 % above the highest. A property of these
+    # seeds, not a guarantee: data seed 4 sits at 2.73.
+    assert 0.85 < eps / best < 2.0
     state = ssse.ssse_update(model, bce, (X[:K], y[:K]), inv_fisher=inv, epsilon=eps, n_total=n,
                              weight_decay=WD)
-    # measured 0.382 (the oracle epsilon reaches 0.371): SSSE with the estimate erases
-    assert (flat_state(state) - target).norm() / (star - target).norm() < 0.5
+    # SSSE with the estimate moves towards the retrained optimum: measured 0.38, 0.23, 0.83
+    # (the oracle epsilon reaches 0.37, 0.23, 0.57); epsilon = 0 stays at 1
+    assert (flat_state(state) - target).norm() / (star - target).norm() < 0.9
 
 
 def test_influence_update_refuses_blocks_that_do_not_fit(problem):
     X, y, model, _ = problem
     with pytest.raises(MemoryError, match="block_size"):
-        ssse.influence_update(model, bce, (X[:K], y[:K]), retained=(X[K:], y[K:]), max_memory=1000)
+        ssse.influence_update(model, bce, (X[:K], y[:K]), retained=(X[K:], y[K:]),
+                              max_memory=1000)

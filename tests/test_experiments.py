@@ -45,24 +45,43 @@ def test_illustration_is_reproducible(tmp_path):
     assert _numbers(a["results"]) == _numbers(b["results"])
 
 
-def test_multinomial_quick(tmp_path):
+def _ssse_model(models: dict) -> dict:
+    (name,) = [k for k in models if k.startswith("SSSE")]
+    return models[name]
+
+
+def test_multinomial_quick_erases_at_the_chosen_epsilon(tmp_path):
     multinomial.run(quick=True, seed=0, out=tmp_path, progress=False)
-    res = _check_schema(tmp_path)
-    summary = res["results"]["summary"]
-    assert set(summary) == {"50%", "100%"}
-    for s in summary.values():
-        assert 0.0 <= s["delta_chosen"]["mean"] <= 1.0
+    res = _check_schema(tmp_path)["results"]
+    assert set(res["summary"]) == set(res["settings"]) == {"50%", "100%"}
+    for setting in res["settings"].values():
+        (run,) = setting["runs"]
+        # the retrained model differs from the original on S (else every delta is 0.5)
+        assert run["original"]["delta"] == 1.0
+        # SSSE at the epsilon chosen on the proxy removal is closer to the retrained model:
+        # measured 0.47 (50 %) and 0.09 (100 %); an update that does not move (epsilon = 0)
+        # or moves the wrong way stays at 1
+        assert run["chosen"]["delta"] < 0.5
+        # the influence update (Newton step on D minus S, exact for this convex model):
+        # measured 0.0 and 0.07
+        assert run["influence"]["delta"] < 0.5
+    for s in res["summary"].values():
         assert s["erase_seconds"]["mean"] < s["retrain_seconds"]["mean"]
 
 
-def test_demo_verdict(tmp_path):
+def test_demo_passes(tmp_path):
     out = run_demo(train_limit=500, eps=(0.05, 5.0, 5), out=tmp_path, progress=False)
-    assert "VERDICT" in out["text"]
+    assert "VERDICT: PASS" in out["text"]
     assert (tmp_path / "demo_delta.png").stat().st_size > 1000
-    assert 0.0 <= out["results"]["models"]["retrained"]["delta"] <= 0.5
+    models = out["results"]["models"]
+    ours, original = _ssse_model(models), models["original"]
+    # measured delta 0.44 at the chosen epsilon 0.5; the original is at 1
+    assert original["delta"] == 1.0 and ours["delta"] < 0.5
+    # it erases without breaking the model: accuracy on D minus S measured 0.987 against 1.0
+    assert ours["accuracy"]["D-S"] > original["accuracy"]["D-S"] - 0.05
 
 
-def test_nonconvex_quick_is_reproducible(tmp_path):
+def test_nonconvex_quick_is_reproducible_and_erases(tmp_path):
     nonconvex.run(quick=True, seed=0, out=tmp_path / "a", progress=False)
     nonconvex.run(quick=True, seed=0, out=tmp_path / "b", progress=False)
     a, b = _check_schema(tmp_path / "a"), _check_schema(tmp_path / "b")
@@ -74,13 +93,17 @@ def test_nonconvex_quick_is_reproducible(tmp_path):
         assert set(res["chosen"][setting]) == methods
         for run in s["runs"]:
             assert set(run["methods"]) == methods
-            assert run["retrained"]["delta"] <= 0.5 <= run["original"]["delta"]
             for name, m in run["methods"].items():
-                grid = a["config"]["grids"][name]
-                assert len(m["delta"]) == len(grid)
-                assert all(0.0 <= d <= 1.0 for d in m["delta"])
+                assert len(m["delta"]) == len(a["config"]["grids"][name])
                 assert set(m["accuracy"]) == {"D-S", "S", "T-Ta", "Ta"}
-                assert m["best_unguarded"]["delta"] == min(m["delta"]) <= m["best"]["delta"]
                 # the smallest value of every grid barely moves the model: some value passes
                 assert m["best"]["accuracy"]["D-S"] >= run["accuracy_floor"]
         assert set(res["summary"][setting]) >= methods | {"original", "retrained"}
+    # The quick CNN (2 epochs on 160 samples) never predicts class 0, so on the full-class
+    # removal the original and the retrained model agree on S and every delta is 0.5: only the
+    # 50 % removal can show erasure. There the original sits at 1, and the best SSSE variant
+    # (guarded by the accuracy floor) reaches 0.0 (per-sample gradients of S).
+    (run,) = res["settings"]["50%"]["runs"]
+    assert run["original"]["delta"] == 1.0
+    assert min(m["best"]["delta"] for name, m in run["methods"].items()
+               if name.startswith("SSSE")) < 0.5

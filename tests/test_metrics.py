@@ -7,8 +7,12 @@ import pytest
 import torch
 from torch import nn
 
+import ssse
 from ssse import metrics
 
+from .testing import SAME, SOLVE
+
+F64 = torch.float64
 LABELS = np.array([[0, 0], [0, 0], [1, 0], [1, 0]])  # attribute 1 is absent
 PERFECT = np.array([[0.1, 0.5], [0.2, 0.1], [0.3, 0.9], [0.4, 0.3]])  # AUC 1
 INVERTED = np.array([[0.4, 0.2], [0.3, 0.8], [0.2, 0.3], [0.1, 0.1]])  # AUC 0
@@ -103,8 +107,8 @@ def test_split_report_against_manual_values():
     gnorm = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()
     acc = (model(X).argmax(1) == y).double().mean()
     got = rep["D\\S"]
-    assert got["n"] == 10 and got["loss"] == pytest.approx(loss.item(), rel=1e-12)
-    assert got["grad_norm"] == pytest.approx(float(gnorm), rel=1e-12)
+    assert got["n"] == 10 and got["loss"] == pytest.approx(loss.item(), rel=SAME[F64])
+    assert got["grad_norm"] == pytest.approx(float(gnorm), rel=SAME[F64])
     assert got["accuracy"] == pytest.approx(float(acc))
     assert rep["T_a"]["n"] == 0 and math.isnan(rep["T_a"]["accuracy"])
 
@@ -114,7 +118,7 @@ def test_split_report_against_manual_values():
     out = model(X).detach()
     assert rep["accuracy"] == pytest.approx(float(((out > 0).double() == Y).double().mean()))
     bce = nn.functional.binary_cross_entropy_with_logits(out, Y, reduction="sum") / 10
-    assert rep["loss"] == pytest.approx(float(bce), rel=1e-12)
+    assert rep["loss"] == pytest.approx(float(bce), rel=SAME[F64])
 
 
 def test_membership_inference_separates_memorised_samples():
@@ -146,25 +150,50 @@ def test_select_epsilon():
         metrics.select_epsilon([1.0], lambda e: float("nan"))
 
 
-def test_estimate_epsilon_refuses_a_generator_and_matches_a_list():
-    import ssse
+def exact_scale_problem(r, weight_decay=0.5, n=30, p=5):
+    """Least squares at theta = 0 with labels +-r: every residual has size r, so the gradients
+    g_i = -y_i x_i give sum g g^T = r^2 X^T X, while the Hessian of the loss with weight decay w
+    is X^T X / n + w I. With damping lambda = w r^2 the stored Fisher is exactly r^2 H:
+    H F^{-1} = I / r^2, and eq. 8 reproduces the Newton step at epsilon = r^2."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, p, generator=g, dtype=torch.float64)
+    y = r * (2.0 * (torch.rand(n, generator=g) < 0.5).double() - 1.0)
+    model = nn.Linear(p, 1, bias=False).double()
+    nn.init.zeros_(model.weight)
+    return model, (X, y), weight_decay * r * r
 
-    torch.manual_seed(0)
-    model = nn.Linear(4, 3).double()
-    X, y = torch.randn(40, 4, dtype=torch.float64), torch.randint(0, 3, (40,))
-    ce = nn.CrossEntropyLoss(reduction="none")
-    inv = ssse.fit_inverse_fisher(model, ce, (X, y), damping=0.1, progress=False)
-    batches = [(X[i:i + 10], y[i:i + 10]) for i in range(0, 40, 10)]
+
+def squared_error(out, y):
+    return 0.5 * (out.squeeze(-1) - y) ** 2
+
+
+@pytest.mark.parametrize("r", [0.5, 3.0])
+@pytest.mark.parametrize("probe", ["gradients", "gaussian"])
+def test_estimate_epsilon_is_exact_when_the_hessian_is_a_multiple_of_the_fisher(r, probe):
+    model, (X, y), damping = exact_scale_problem(r)
+    inv = ssse.fit_inverse_fisher(model, squared_error, (X, y), damping=damping, block_size=5,
+                                  weight_decay=0.5, progress=False)
+    assert inv.layout.num_blocks == 1  # a block-diagonal F^{-1} is not (r^2 H)^{-1}
+    eps, residual = metrics.estimate_epsilon(model, squared_error, (X, y), inv_fisher=inv,
+                                             weight_decay=0.5, probes=4, probe=probe,
+                                             details=True)
+    assert eps == pytest.approx(r * r, rel=SOLVE[torch.float64])
+    assert residual < SOLVE[torch.float64]
+    # the first probes of an iterable, and the same answer whatever they are
+    batches = [(X[i:i + 7], y[i:i + 7]) for i in range(0, 30, 7)]
+    eps = metrics.estimate_epsilon(model, squared_error, batches, inv_fisher=inv,
+                                   weight_decay=0.5, probes=9, probe=probe, seed=3)
+    assert eps == pytest.approx(r * r, rel=SOLVE[torch.float64])
+
+
+def test_estimate_epsilon_refuses_a_generator_and_a_bad_seed():
+    model, (X, y), damping = exact_scale_problem(1.0)
+    inv = ssse.fit_inverse_fisher(model, squared_error, (X, y), damping=damping, progress=False)
+    batches = [(X[i:i + 10], y[i:i + 10]) for i in range(0, 30, 10)]
     with pytest.raises(TypeError, match="data is read more than once"):
-        metrics.estimate_epsilon(model, ce, iter(batches), inv_fisher=inv, probes=4)
-    # the first 4 rows as probes, the Hessian of all 40 samples
-    eps = metrics.estimate_epsilon(model, ce, batches, inv_fisher=inv, probes=4)
-    U = torch.cat(list(ssse.per_sample_grads(model, ce, (X[:4], y[:4])))).T
-    HW, n = ssse.hessian_vector_products(model, ce, (X, y), inv @ U)
-    HW = HW / n
-    assert eps == pytest.approx(float((HW * U).sum() / (HW * HW).sum()), rel=1e-10)
+        metrics.estimate_epsilon(model, squared_error, iter(batches), inv_fisher=inv, probes=4)
     with pytest.raises(TypeError, match="seed"):
-        metrics.estimate_epsilon(model, ce, batches, inv_fisher=inv, seed=None)
+        metrics.estimate_epsilon(model, squared_error, batches, inv_fisher=inv, seed=None)
 
 
 def test_confusion_distance_refuses_classes_out_of_range():
