@@ -99,11 +99,7 @@ def test_the_core_imports_no_experiment_cli_or_benchmark(path):
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.xfail(
-        strict=True, reason="cli.py imports ssse.data._yeast_file (issue 12: the CLI uses only "
-                            "the public API); remove this mark once it is public"))
-    if p.name == "cli.py" else p for p in CLIENTS], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CLIENTS, ids=lambda p: p.name)
 def test_experiments_and_cli_import_no_private_name(path):
     bad = private_violations(path)
     assert not bad, "\n".join(bad)

@@ -215,7 +215,8 @@ def fisher_forgetting(model: nn.Module, loss_fn, removed, *, retained, alpha: fl
     for the classifier's tensors (first dimension = the number of outputs); for tensors with
     ``ndim > 1`` the variance is averaged over dimension 1; the classifier's tensors and 1-D
     tensors (biases, BatchNorm) get 10x the variance. With ``forget_class`` the classifier's
-    row of that class is zeroed with variance 1e-4, as in their class-removal experiments.
+    row of that class is zeroed with variance 1e-4 before the classifier's 10x (1e-3 in all), as in
+    their class-removal code.
 
     Args:
         model: the trained model; loss_fn: per-sample loss (used by ``fisher="empirical"``).

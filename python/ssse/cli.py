@@ -426,7 +426,7 @@ def _cmd_info(args) -> int:
 
     import ssse_ext
 
-    from .data import DataUnavailableError, FASHION_MNIST_DIR, _yeast_file
+    from .data import DataUnavailableError, FASHION_MNIST_DIR, yeast_file
 
     info = {"ssse": ssse_ext.__version__, "torch": torch.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(),
@@ -440,7 +440,7 @@ def _cmd_info(args) -> int:
                              "not installed (apt-get install dataset-fashion-mnist, "
                              "or --data-dir)")
     try:
-        data["yeast"] = str(_yeast_file(None))
+        data["yeast"] = str(yeast_file(None))
     except DataUnavailableError:
         data["yeast"] = "not found (pip install river, or --data-dir with yeast.csv)"
     info["data"] = data

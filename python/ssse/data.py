@@ -31,6 +31,7 @@ __all__ = [
     "read_idx",
     "two_blobs_2d",
     "write_idx",
+    "yeast_file",
 ]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -183,7 +184,8 @@ def load_fashion_mnist(data_dir: str | Path | None = None, *, seed: int = 0,
 
 # ---- Yeast --------------------------------------------------------------------------------
 
-def _yeast_file(data_dir: str | Path | None) -> Path:
+def yeast_file(data_dir: str | Path | None = None) -> Path:
+    """The Yeast csv(.gz): in ``data_dir``, or shipped with the ``river`` package."""
     candidates = []
     if data_dir is not None:
         candidates += [Path(data_dir) / "yeast.csv.gz", Path(data_dir) / "yeast.csv"]
@@ -206,7 +208,7 @@ def load_yeast(data_dir: str | Path | None = None, *, seed: int = 0, n_train: in
     """Yeast multi-label data (2417 genes x 103 features, 14 functional classes; MULAN's
     version), standardised, with a constant 104th feature, split at random (by ``seed``) into ``n_train`` training and the
     remaining test samples (MULAN's own split is 1500/917)."""
-    path = _yeast_file(data_dir)
+    path = yeast_file(data_dir)
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
         raw = gzip.decompress(raw)
