@@ -18,7 +18,7 @@ import torch as _torch  # noqa: F401
 
 from . import _C, reference, validation
 from .fisher import (BUILD_METHODS, DEFAULT_BLOCK_SIZE, UPDATE_METHODS, BlockInverseFisher,
-                     FisherConfig, LowRankChange, NotPositiveDefiniteError,
+                     FisherConfig, GramAccumulator, LowRankChange, NotPositiveDefiniteError,
                      build_inverse_fisher)
 from .layout import BlockLayout
 
@@ -34,6 +34,7 @@ __all__ = [
     "BlockInverseFisher",
     "BlockLayout",
     "FisherConfig",
+    "GramAccumulator",
     "LowRankChange",
     "NotPositiveDefiniteError",
     "build_info",

@@ -19,6 +19,7 @@ from .validation import (FLOAT_DTYPES, all_finite, check_choice, check_dtype,
 __all__ = [
     "BlockInverseFisher",
     "FisherConfig",
+    "GramAccumulator",
     "LowRankChange",
     "NotPositiveDefiniteError",
     "build_inverse_fisher",
@@ -732,41 +733,127 @@ def _gathered(chunks: Iterable[torch.Tensor], rows: int) -> Iterator[torch.Tenso
         yield buf[:filled]
 
 
+class GramAccumulator:
+    r"""The stable build's state: the float64 Gram accumulators
+    :math:`\sum_r u_{r,b} u_{r,b}^\top` of blocks ``first .. last - 1`` of a layout (all by
+    default), fed row chunks with :meth:`add` and turned into the inverse by :meth:`finish`.
+
+    The accumulators are held in groups of consecutive blocks; :meth:`finish` inverts each group
+    into a segment of the result and frees it before the next, so the float64 accumulators and
+    the whole result never coexist: the peak is the accumulators plus one group's result (for a
+    float32 result, about 2.1 times its size). :meth:`state` and :meth:`load_state` save and
+    restore the accumulators (a resumable fit); several accumulators of the same blocks over
+    different rows add up exactly (``gram`` tensors, e.g. reduced across processes).
+
+    Args:
+        layout: the block layout; its ``dim`` is the rows' width.
+        dtype: float32 or float64, the result's dtype (the rows' too).
+        device: where the accumulators live.
+        first, last: the range of blocks accumulated (a shard of the layout).
+    """
+
+    def __init__(self, layout: BlockLayout, dtype: torch.dtype, device, *, first: int = 0,
+                 last: int | None = None):
+        if not isinstance(layout, BlockLayout):
+            raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+        check_dtype(dtype)
+        last = layout.num_blocks if last is None else last
+        if not 0 <= first <= last <= layout.num_blocks:
+            raise ValueError(f"first and last must satisfy 0 <= first <= last <= "
+                             f"{layout.num_blocks}, got {first} and {last}")
+        self.layout, self.dtype, self.device = layout, dtype, torch.device(device)
+        self.first, self.last = first, last
+        numel = layout.numel_of(first, last)
+        cap = max(numel // _GROUPS, _MIN_GROUP_NUMEL)
+        self.groups = [(first + a, first + b) for a, b in
+                       _groups(_sub_layout(layout, first, last), cap)] if last > first else []
+        self._tables = []
+        for g0, g1 in self.groups:
+            host = layout.table(first=g0, last=g1)
+            self._tables.append((host, host if self.device.type == "cpu"
+                                 else host.to(self.device)))
+        self.grams = [torch.zeros(layout.numel_of(g0, g1), dtype=torch.float64,
+                                  device=self.device) for g0, g1 in self.groups]
+        self.rows = 0
+
+    @property
+    def gather_rows(self) -> int:
+        """Rows worth gathering before a call: up to 256, the row buffer within an eighth of
+        the result (or 64 MiB)."""
+        elem = torch.finfo(self.dtype).bits // 8
+        row_bytes = max(self.layout.dim * elem, 1)
+        numel = self.layout.numel_of(self.first, self.last)
+        return min(_GATHER_ROWS, max(1, numel * elem // _GROUPS // row_bytes,
+                                     _MIN_GATHER_BYTES // row_bytes))
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Accumulates a validated ``(m, dim)`` chunk of rows (the accumulators' device, the
+        result's dtype)."""
+        if rows.shape[0] == 0:
+            return
+        for gram, (host, dev) in zip(self.grams, self._tables):
+            _ops.call(_ops.gram_accumulate_, rows, host, dev, gram)
+        self.rows += rows.shape[0]
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors (``gram.0``, ...) and metadata of the accumulation so far."""
+        meta = {"rows": self.rows, "first": self.first, "last": self.last,
+                "groups": [list(g) for g in self.groups],
+                "dtype": str(self.dtype).removeprefix("torch.")}
+        return {f"gram.{j}": g for j, g in enumerate(self.grams)}, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> "GramAccumulator":
+        """Restores :meth:`state` (of an accumulator of the same layout and blocks)."""
+        if [list(g) for g in self.groups] != meta.get("groups") or \
+                (self.first, self.last) != (meta.get("first"), meta.get("last")):
+            raise ValueError("the saved accumulators are for other blocks of the layout")
+        for j, g in enumerate(self.grams):
+            saved = tensors[f"gram.{j}"]
+            if saved.shape != g.shape:
+                raise ValueError(f"gram.{j} has shape {tuple(saved.shape)}, expected "
+                                 f"{tuple(g.shape)}")
+            g.copy_(saved)
+        self.rows = int(meta["rows"])
+        return self
+
+    def finish(self, damping: float, normalizer: float, *,
+               curvature: str = "empirical") -> BlockInverseFisher | list[torch.Tensor]:
+        """Inverts every group (freeing it) into the segments of the result: a
+        :class:`BlockInverseFisher` when all blocks were accumulated, else the list of
+        segments of blocks ``first .. last - 1``. The accumulator is spent."""
+        damping = check_positive_float(damping, "damping")
+        normalizer = check_positive_float(normalizer, "normalizer")
+        segments = []
+        for g, ((g0, _), (host, dev)) in enumerate(zip(self.groups, self._tables)):
+            packed, info = _ops.call(_ops.inverse_from_gram, self.grams[g], host, dev, damping,
+                                     normalizer, self.dtype)
+            self.grams[g] = None  # freed before the next group's result is allocated
+            if bool(info.any()):
+                info = torch.cat([torch.zeros(g0, dtype=info.dtype, device=info.device), info])
+                _raise_if_failed(info, "build", self.layout, "pivot")
+            segments.append(packed)
+        if (self.first, self.last) != (0, self.layout.num_blocks):
+            return segments
+        if not segments:  # a layout without blocks
+            segments = [torch.zeros(0, dtype=self.dtype, device=self.device)]
+        return BlockInverseFisher(segments, FisherConfig(damping, normalizer, self.layout,
+                                                         curvature), self.rows)
+
+
+def _sub_layout(layout: BlockLayout, first: int, last: int) -> BlockLayout:
+    """Blocks ``first .. last - 1`` as a layout of their own (for grouping by size)."""
+    return BlockLayout.from_dict({"dim": sum(layout.sizes[first:last]),
+                                  "sizes": list(layout.sizes[first:last])})
+
+
 def _build_by_gram(chunks, layout: BlockLayout, damping: float, normalizer: float | None,
                    dtype: torch.dtype, device: torch.device,
                    rows_per_sample: int = 1) -> BlockInverseFisher:
-    """The stable build: float64 Gram accumulation, then a Cholesky-based inverse.
-
-    The accumulators are held in groups of consecutive blocks, and at the end each group is
-    inverted into a segment of the result and freed before the next, so the float64
-    accumulators and the whole result never coexist: the peak is the accumulators plus one
-    group's result plus the row buffer (for a float32 result, about 2.25 times its size).
-    """
-    elem = torch.finfo(dtype).bits // 8
-    groups = _groups(layout, max(layout.numel // _GROUPS, _MIN_GROUP_NUMEL))
-    tables = []
-    for first, last in groups:
-        host = layout.table(first=first, last=last)
-        tables.append((host, host if device.type == "cpu" else host.to(device)))
-    grams = [torch.zeros(layout.numel_of(first, last), dtype=torch.float64, device=device)
-             for first, last in groups]
-    row_bytes = max(layout.dim * elem, 1)
-    gather = min(_GATHER_ROWS, max(1, layout.numel * elem // _GROUPS // row_bytes,
-                                   _MIN_GATHER_BYTES // row_bytes))
-    rows = 0
-    for chunk in _gathered(chunks, gather):
-        for gram, (host, dev) in zip(grams, tables):
-            _ops.call(_ops.gram_accumulate_, chunk, host, dev, gram)
-        rows += chunk.shape[0]
+    """The stable build (see :class:`GramAccumulator`): float64 Gram accumulation, then a
+    Cholesky-based inverse, group of blocks by group."""
+    acc = GramAccumulator(layout, dtype, device)
+    for chunk in _gathered(chunks, acc.gather_rows):
+        acc.add(chunk)
     if normalizer is None:
-        normalizer = max(rows, 1) / rows_per_sample
-    segments = []
-    for g, ((first, _), (host, dev)) in enumerate(zip(groups, tables)):
-        packed, info = _ops.call(_ops.inverse_from_gram, grams[g], host, dev, damping,
-                                 normalizer, dtype)
-        grams[g] = None  # freed before the next group's result is allocated
-        if bool(info.any()):
-            info = torch.cat([torch.zeros(first, dtype=info.dtype, device=info.device), info])
-            _raise_if_failed(info, "build", layout, "pivot")
-        segments.append(packed)
-    return BlockInverseFisher(segments, FisherConfig(damping, normalizer, layout), rows)
+        normalizer = max(acc.rows, 1) / rows_per_sample
+    return acc.finish(damping, normalizer)
