@@ -182,25 +182,11 @@ class BlockInverseFisher:
         self._tables: dict = {}
 
     # ---- properties ----
-    @property
-    def layout(self) -> BlockLayout:
-        return self.config.layout
-
-    @property
-    def damping(self) -> float:
-        return self.config.damping
-
-    @property
-    def normalizer(self) -> float:
-        return self.config.normalizer
-
-    @property
-    def curvature(self) -> str:
-        return self.config.curvature
-
-    @property
-    def dim(self) -> int:
-        return self.layout.dim
+    layout = property(lambda self: self.config.layout, doc="The block layout.")
+    damping = property(lambda self: self.config.damping, doc=r"The damping :math:`\lambda`.")
+    normalizer = property(lambda self: self.config.normalizer, doc="The normaliser :math:`N`.")
+    curvature = property(lambda self: self.config.curvature, doc="What the rows were.")
+    dim = property(lambda self: self.config.layout.dim, doc="The parameters covered, d.")
 
     @property
     def dtype(self) -> torch.dtype:

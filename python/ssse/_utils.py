@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call
 
 import ssse_ext
-from ssse_ext.validation import check_data, is_pair
+from ssse_ext.validation import check_callable, check_data, check_module, is_pair
 
 #: Rows per batch when the library cuts an ``(X, y)`` pair for a full-batch pass (gradient
 #: sums, Hessian-vector products, evaluation).
@@ -198,6 +198,17 @@ def check_inverse(inv, fm: FlatModel, name: str = "inv_fisher") -> ssse_ext.Bloc
         raise ValueError(f"{name} has dim={inv.dim}, the model has d={fm.dim} trainable "
                          "parameters")
     return inv
+
+
+def check_request(model, loss_fn, removed,
+                  inv_fisher) -> tuple[FlatModel, ssse_ext.BlockInverseFisher]:
+    """The checks every erasure with a stored inverse starts with; returns the flat model and
+    the inverse."""
+    check_module(model)
+    check_callable(loss_fn, "loss_fn")
+    check_data(removed, "removed")
+    fm = FlatModel(model)
+    return fm, check_inverse(inv_fisher, fm)
 
 
 def finish_update(fm: FlatModel, theta_hat: torch.Tensor, *, inplace: bool,

@@ -98,8 +98,15 @@ def _eps_range(text: str) -> tuple[float, float, int]:
 
 # ---- parser -------------------------------------------------------------------------------
 
-def _common(p: argparse.ArgumentParser, *, out_default: str | None = "ssse-out",
-            dtype_default: str | None = None, out_help: str | None = None) -> None:
+def _common(p: argparse.ArgumentParser, *, func, out_default: str | None = "ssse-out",
+            dtype_default: str | None = None, out_help: str | None = None,
+            output: tuple[str, str] | None = None) -> None:
+    """The options every command shares, and the command's function; ``output`` = (what,
+    default file name) adds ``--output FILE``."""
+    p.set_defaults(func=func)
+    if output is not None:
+        p.add_argument("--output", default=None, metavar="FILE",
+                       help=f"{output[0]} file (default: DIR/{output[1]})")
     g = p.add_argument_group("common options")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     g.add_argument("--dtype", choices=sorted(_DTYPES), default=dtype_default,
@@ -138,11 +145,44 @@ def _removal_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of the class/attribute to erase (default: 0.5)")
 
 
+#: Each command's one-line help and its description.
+_COMMANDS = {
+    "demo": ("train, erase part of a class, retrain, compare (< 1 min)",
+             "End to end on a small data set: train an L2 logistic regression, fit the inverse "
+             "Fisher, erase part of a class with SSSE, retrain from scratch without it, sweep ε "
+             "and print a verdict table."),
+    "train": ("train a model on a data set and save it",
+              "Train the experiments' model for a data set (linear for digits/yeast, or --model "
+              "resnet) and save it as a safetensors file."),
+    "fisher": ("fit and save the inverse Fisher of a model",
+               "Fit the block inverse of the damped empirical Fisher (or of the Gauss-Newton "
+               "matrix, or a Monte-Carlo true Fisher) of a model on its training set and save "
+               "it (safetensors)."),
+    "erase": ("serve a deletion request: model + inverse + indices",
+              "Erase training samples (SSSE, paper eq. 8, or without ε the leave-k-out Newton "
+              "step with a Gauss-Newton inverse) and save the new model."),
+    "sweep": ("ε grid against a retrained reference: metrics + plots",
+              "Sweep ε of the SSSE update for one removal, compare every model with the "
+              "original and a model retrained without the samples, and write sweep.json, "
+              "sweep.md and PNG plots."),
+    "experiment": ("run one of the paper's experiments",
+                   "Run an experiment of the paper and write results.json, results.md and PNG "
+                   "plots to --out."),
+    "bench": ("the kernel benchmark (ssse bench --help), or with --model the real-model "
+              "benchmark (ssse bench --model --help)", None),
+    "info": ("build information and devices",
+             "Print how the kernels were built, the devices torch sees and which data sets are "
+             "available offline."),
+}
+
+
+def _parser(sub, name: str, **kwargs) -> argparse.ArgumentParser:
+    help_, description = _COMMANDS[name]
+    return sub.add_parser(name, help=help_, description=description, **kwargs)
+
+
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="train, erase part of a class, retrain, compare (< 1 min)",
-                       description="End to end on a small data set: train an L2 logistic "
-                       "regression, fit the inverse Fisher, erase part of a class with SSSE, "
-                       "retrain from scratch without it, sweep ε and print a verdict table.")
+    p = _parser(sub, "demo")
     _data_args(p)
     p.add_argument("--remove-class", type=int, default=3, metavar="C",
                    help="class to erase part of (default: 3)")
@@ -152,30 +192,21 @@ def _add_demo(sub) -> None:
                    help="Fisher damping λ (default: per data set)")
     p.add_argument("--eps", type=_eps_range, default=None, metavar="LO:HI:NUM",
                    help=f"ε grid (default: {_GRID_TEXT})")
-    _common(p, out_default=None, out_help="nothing is written")
-    p.set_defaults(func=_cmd_demo)
+    _common(p, out_default=None, out_help="nothing is written", func=_cmd_demo)
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model on a data set and save it",
-                       description="Train the experiments' model for a data set (linear for "
-                       "digits/yeast, or --model resnet) and save it as a safetensors file.")
+    p = _parser(sub, "train")
     _data_args(p)
     p.add_argument("--model", choices=["linear", "resnet"], default="linear")
     p.add_argument("--weight-decay", type=_nonneg_float, default=None,
                    help="L2 coefficient (default: per data set)")
     p.add_argument("--epochs", type=_positive_int, default=None, help="SGD epochs (resnet)")
-    p.add_argument("--output", default=None, metavar="FILE",
-                   help="model file (default: DIR/model.safetensors)")
-    _common(p)
-    p.set_defaults(func=_cmd_train)
+    _common(p, output=("model", "model.safetensors"), func=_cmd_train)
 
 
 def _add_fisher(sub) -> None:
-    p = sub.add_parser("fisher", help="fit and save the inverse Fisher of a model",
-                       description="Fit the block inverse of the damped empirical Fisher (or "
-                       "of the Gauss-Newton matrix, or a Monte-Carlo true Fisher) of a model on "
-                       "its training set and save it (safetensors).")
+    p = _parser(sub, "fisher")
     p.add_argument("--model", required=True, metavar="FILE", help="model file (ssse train)")
     _data_args(p, default=None)
     p.add_argument("--damping", type=_positive_float, default=None,
@@ -194,16 +225,11 @@ def _add_fisher(sub) -> None:
                    "row of a linear model (default: per_parameter)")
     p.add_argument("--minibatch", type=_positive_int, default=1,
                    help="mean gradients of mini-batches of this size (default: 1)")
-    p.add_argument("--output", default=None, metavar="FILE",
-                   help="inverse-Fisher file (default: DIR/inverse_fisher.safetensors)")
-    _common(p)
-    p.set_defaults(func=_cmd_fisher)
+    _common(p, output=("inverse-Fisher", "inverse_fisher.safetensors"), func=_cmd_fisher)
 
 
 def _add_erase(sub) -> None:
-    p = sub.add_parser("erase", help="serve a deletion request: model + inverse + indices",
-                       description="Apply the SSSE update (paper eq. 8) to erase training "
-                       "samples and save the new model.")
+    p = _parser(sub, "erase")
     p.add_argument("--model", required=True, metavar="FILE")
     p.add_argument("--fisher", required=True, metavar="FILE", help="inverse-Fisher file")
     _data_args(p, default=None)
@@ -215,17 +241,11 @@ def _add_erase(sub) -> None:
                    help="refinement steps of the Newton erasure (default: 0)")
     p.add_argument("--variant", choices=["full", "leave_k_out"], default="full",
                    help="Fisher of D (paper) or of D∖S (default: full)")
-    p.add_argument("--output", default=None, metavar="FILE",
-                   help="erased model file (default: DIR/erased.safetensors)")
-    _common(p)
-    p.set_defaults(func=_cmd_erase)
+    _common(p, output=("erased model", "erased.safetensors"), func=_cmd_erase)
 
 
 def _add_sweep(sub) -> None:
-    p = sub.add_parser("sweep", help="ε grid against a retrained reference: metrics + plots",
-                       description="Sweep ε of the SSSE update for one removal, compare every "
-                       "model with the original and a model retrained without the samples, "
-                       "and write sweep.json and PNG plots.")
+    p = _parser(sub, "sweep")
     p.add_argument("--model", required=True, metavar="FILE")
     p.add_argument("--fisher", required=True, metavar="FILE")
     p.add_argument("--reference", default=None, metavar="FILE",
@@ -234,14 +254,11 @@ def _add_sweep(sub) -> None:
     _removal_args(p)
     p.add_argument("--eps", type=_eps_range, default=EPS_GRID, metavar="LO:HI:NUM",
                    help=f"ε grid (default: {_GRID_TEXT})")
-    _common(p)
-    p.set_defaults(func=_cmd_sweep)
+    _common(p, func=_cmd_sweep)
 
 
 def _add_experiment(sub) -> None:
-    p = sub.add_parser("experiment", help="run one of the paper's experiments",
-                       description="Run an experiment of the paper and write results.json, "
-                       "results.md and PNG plots to --out.")
+    p = _parser(sub, "experiment")
     p.add_argument("name", choices=EXPERIMENTS)
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds), for tests")
     p.add_argument("--data", default=None, help="data set (multinomial: digits or "
@@ -249,20 +266,16 @@ def _add_experiment(sub) -> None:
     p.add_argument("--data-dir", default=None, metavar="DIR")
     p.add_argument("--repeats", type=_positive_int, default=None,
                    help="removals per setting for mean ± std")
-    _common(p, out_default=None, out_help="results/NAME")
-    p.set_defaults(func=_cmd_experiment)
+    _common(p, out_default=None, out_help="results/NAME", func=_cmd_experiment)
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="the kernel benchmark (ssse bench --help), or with --model "
-                       "the real-model benchmark (ssse bench --model --help)", add_help=False)
+    p = _parser(sub, "bench", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
 
 
 def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="build information and devices",
-                       description="Print how the kernels were built, the devices torch sees "
-                       "and which data sets are available offline.")
+    p = _parser(sub, "info")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
 

@@ -21,7 +21,7 @@ from ssse_ext.validation import (check_callable, check_choice, check_data, check
                                  check_dtype, check_module, check_nonneg_float, check_nonneg_int,
                                  check_positive_float, check_positive_int, is_pair)
 
-from ._utils import FlatModel, check_inverse, finish_update, iter_batches, warn_if_training
+from ._utils import FlatModel, check_request, finish_update, iter_batches, warn_if_training
 from .curvature import CURVATURES, LIKELIHOODS
 from .gradients import _grad_stream, fit_inverse_fisher, gradient_sum, resolve_layout
 from .newton import ggn_rows_of, newton_refined
@@ -83,11 +83,7 @@ def ssse_update(model: nn.Module, loss_fn, removed, *,
         A new ``state_dict`` with :math:`\hat\theta_\varepsilon`. On any error nothing is
         changed.
     """
-    check_module(model)
-    check_callable(loss_fn, "loss_fn")
-    check_data(removed, "removed")
-    fm = FlatModel(model)
-    inv = check_inverse(inv_fisher, fm)
+    fm, inv = check_request(model, loss_fn, removed, inv_fisher)
     epsilon = check_positive_float(epsilon, "epsilon")
     n_total = check_positive_int(n_total, "n_total")
     weight_decay = check_nonneg_float(weight_decay, "weight_decay")

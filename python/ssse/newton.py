@@ -46,11 +46,10 @@ import torch
 from torch import nn
 
 import ssse_ext
-from ssse_ext.validation import (check_callable, check_choice, check_data, check_module,
-                                 check_nonneg_float, check_nonneg_int, check_positive_float,
-                                 check_positive_int)
+from ssse_ext.validation import (check_choice, check_nonneg_float, check_nonneg_int,
+                                 check_positive_float, check_positive_int)
 
-from ._utils import (FlatModel, check_inverse, finish_update, iter_batches, per_sample_losses,
+from ._utils import (FlatModel, check_request, finish_update, iter_batches, per_sample_losses,
                      warn_if_training)
 from .curvature import LIKELIHOODS
 from .gradients import _grad_stream, gradient_sum
@@ -112,11 +111,7 @@ def newton_erase(model: nn.Module, loss_fn, removed, *, inv_fisher: ssse_ext.Blo
     Returns:
         A new ``state_dict``. On any error nothing is changed.
     """
-    check_module(model)
-    check_callable(loss_fn, "loss_fn")
-    check_data(removed, "removed")
-    fm = FlatModel(model)
-    inv = check_inverse(inv_fisher, fm)
+    fm, inv = check_request(model, loss_fn, removed, inv_fisher)
     n = check_positive_int(n_total, "n_total")
     w = check_nonneg_float(weight_decay, "weight_decay")
     check_choice(likelihood, "likelihood", LIKELIHOODS)
@@ -178,6 +173,7 @@ def newton_refined(fm: FlatModel, loss_fn, batches, inv: ssse_ext.BlockInverseFi
     star = torch.cat([base[name].reshape(-1) for name in fm.names]).to(device, torch.float64)
     x = torch.zeros_like(star)   # theta - theta*
     fx = torch.zeros_like(star)  # F x
+    rows_star = None             # the Gauss-Newton rows of S at theta*
     for step in range(steps + 1):
         theta = star + x
         params = base if step == 0 else {name: t.to(dtype) for name, t in

@@ -107,11 +107,19 @@ def train_lbfgs(model: nn.Module, loss_fn, data, *, weight_decay: float = 0.0,
     return model
 
 
-def _fresh(model_fn, device, dtype) -> nn.Module:
-    model = model_fn()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model_fn must return a torch.nn.Module, got {type(model).__name__}")
-    return model.to(device=device, dtype=dtype)
+def _recipe(model_fn, device, dtype, train):
+    """``recipe(data, *, seed)``: ``model_fn()`` initialised under ``torch.manual_seed(seed)``
+    on ``device`` in ``dtype``, then ``train(model, data, seed)``."""
+    def recipe(data, *, seed: int) -> nn.Module:
+        check_data(data, "data")
+        torch.manual_seed(seed)
+        model = model_fn()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model_fn must return a torch.nn.Module, got "
+                            f"{type(model).__name__}")
+        return train(model.to(device=device, dtype=dtype), data, seed)
+
+    return recipe
 
 
 def sgd_recipe(model_fn: Callable[[], nn.Module], loss_fn, *, epochs: int, lr: float,
@@ -132,15 +140,9 @@ def sgd_recipe(model_fn: Callable[[], nn.Module], loss_fn, *, epochs: int, lr: f
     check_nonneg_float(momentum, "momentum")
     check_dtype(dtype)
 
-    def recipe(data, *, seed: int) -> nn.Module:
-        check_data(data, "data")
-        torch.manual_seed(seed)
-        model = _fresh(model_fn, device, dtype)
-        return train_sgd(model, loss_fn, data, epochs=epochs, lr=lr, batch_size=batch_size,
-                         weight_decay=weight_decay, momentum=momentum, seed=seed,
-                         progress=progress)
-
-    return recipe
+    return _recipe(model_fn, device, dtype, lambda model, data, seed: train_sgd(
+        model, loss_fn, data, epochs=epochs, lr=lr, batch_size=batch_size,
+        weight_decay=weight_decay, momentum=momentum, seed=seed, progress=progress))
 
 
 def lbfgs_recipe(model_fn: Callable[[], nn.Module], loss_fn, *, weight_decay: float = 0.0,
@@ -159,11 +161,6 @@ def lbfgs_recipe(model_fn: Callable[[], nn.Module], loss_fn, *, weight_decay: fl
     check_positive_float(tolerance, "tolerance")
     check_dtype(dtype)
 
-    def recipe(data, *, seed: int) -> nn.Module:
-        check_data(data, "data")
-        torch.manual_seed(seed)
-        model = _fresh(model_fn, device, dtype)
-        return train_lbfgs(model, loss_fn, data, weight_decay=weight_decay, max_iter=max_iter,
-                           tolerance=tolerance)
-
-    return recipe
+    return _recipe(model_fn, device, dtype, lambda model, data, seed: train_lbfgs(
+        model, loss_fn, data, weight_decay=weight_decay, max_iter=max_iter,
+        tolerance=tolerance))

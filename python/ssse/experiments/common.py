@@ -24,6 +24,7 @@ __all__ = [
     "nearest",
     "summary",
     "timed",
+    "write_report",
     "write_results",
 ]
 
@@ -96,3 +97,12 @@ def write_results(out: Path, name: str, config: dict, results: dict, tables: str
                                                   for p in plots)
     write_text(out / "results.md", md)
     return out / "results.json"
+
+
+def write_report(name: str, result: dict, table: Callable, figures: Callable, out) -> str:
+    """An experiment's last stage: its table and figures from ``result`` (``{"config",
+    "results", ...}``), written with the results to ``out``; returns the table."""
+    out = Path(out)
+    text = table(result)
+    write_results(out, name, result["config"], result["results"], text, figures(result, out))
+    return text

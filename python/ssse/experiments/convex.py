@@ -5,12 +5,31 @@ from __future__ import annotations
 
 import ssse
 
-from .common import timed
-from .methods import newton_rows, select, ssse_curve
+from .common import EPS_GRID, QUICK_GRID_POINTS, eps_grid, timed
+from .methods import fit_ggn, newton_rows, select, ssse_curve
 from .removal import SPLITS, make_removal, score_name
 from .tasks import Task
 
-__all__ = ["run_setting"]
+__all__ = ["fit_all", "run_setting", "settings_of"]
+
+
+def settings_of(quick: bool) -> tuple[list[float], list[float]]:
+    """The removal fractions and the ε grid of the convex experiments."""
+    lo, hi, num = EPS_GRID
+    return ([0.5, 1.0] if quick else [0.25, 0.5, 1.0],
+            eps_grid(lo, hi, QUICK_GRID_POINTS if quick else num))
+
+
+def fit_all(task: Task, damping: float, *, seed: int, progress: bool) -> dict:
+    """The trained model, its inverse Fisher (one block per output row) and its Gauss–Newton
+    inverse for the tuning-free rows, with their wall times."""
+    model, t_train = timed(task.train, task.data(), seed=seed)
+    inv, t_fisher = timed(ssse.fit_inverse_fisher, model, task.loss_fn, task.data(),
+                          damping=damping, layout="rows", weight_decay=task.weight_decay,
+                          progress=progress)
+    ggn, t_ggn = fit_ggn(task, model, progress=progress)
+    return {"model": model, "inv": inv, "ggn": ggn, "seconds": {
+        "train": t_train, "fisher": t_fisher, "ggn_fisher": t_ggn}}
 
 
 def run_setting(task: Task, model, inv, removals: list[dict], grid, eps_star: float, *,

@@ -13,7 +13,7 @@ import ssse
 from ssse import metrics, plots
 from ssse.data import Dataset, two_blobs_2d
 
-from .common import markdown_table, timed, write_results
+from .common import markdown_table, timed, write_report
 from .tasks import Task
 
 NAME = "illustration"
@@ -35,9 +35,14 @@ WEIGHT_DECAY = 1e-2
 
 
 def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.float64,
-            epsilon: float = 1.0, damping: float = WEIGHT_DECAY) -> dict:
+            epsilon: float = 1.0, damping: float = WEIGHT_DECAY, progress: bool = False,
+            data=None, data_dir=None, repeats=None) -> dict:
     """Train on the blobs, then per request the retrained model, SSSE and the influence update
-    with the curvature of D and of D∖S: their lines and parameter distances."""
+    with the curvature of D and of D∖S: their lines and parameter distances. The data set is
+    generated (``data``, ``data_dir`` and ``repeats`` do not apply)."""
+    if data is not None or data_dir is not None or repeats is not None:
+        raise ValueError("the illustration generates its 2-D data: --data, --data-dir and "
+                         "--repeats do not apply")
     blobs = two_blobs_2d(24 if quick else 40, seed=seed, dtype=dtype)
     x, y = blobs.x_train, blobs.y_train
     ds = Dataset("blobs-2d", x, y.to(dtype).unsqueeze(1), x[:0], y[:0].to(dtype).unsqueeze(1),
@@ -107,11 +112,7 @@ def figures(r: dict, out: Path) -> list[Path]:
                                             f"samples (SSSE with ε={r['config']['epsilon']:g})")]
 
 
-def run(*, quick: bool = False, seed: int = 0, out: Path = Path("results/illustration"),
-        device="cpu", dtype=torch.float64, progress: bool = True, data=None, data_dir=None,
-        repeats=None, epsilon: float = 1.0, damping: float = WEIGHT_DECAY) -> str:
-    r = compute(quick=quick, seed=seed, device=device, dtype=dtype, epsilon=epsilon,
-                damping=damping)
-    text = table(r)
-    write_results(Path(out), NAME, r["config"], r["results"], text, figures(r, Path(out)))
-    return text
+def run(*, out: Path = Path(f"results/{NAME}"), **kwargs) -> str:
+    """Runs the experiment (the options of :func:`compute`) and writes its results, table and
+    figures to ``out``; returns the table."""
+    return write_report(NAME, compute(**kwargs), table, figures, out)

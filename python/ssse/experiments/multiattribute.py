@@ -13,10 +13,9 @@ import ssse
 from ssse import metrics, plots
 from ssse.data import attribute_removal
 
-from .common import (EPS_GRID, QUICK_GRID_POINTS, eps_grid, markdown_table, summary, timed,
-                     write_results)
-from .convex import run_setting
-from .methods import NEWTON, REFINED, fit_ggn, select, ssse_curve
+from .common import markdown_table, summary, timed, write_report
+from .convex import fit_all, run_setting, settings_of
+from .methods import NEWTON, REFINED, select, ssse_curve
 from .removal import SPLITS, make_removal
 from .tasks import DEFAULTS, make_task
 
@@ -34,16 +33,12 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
     counts = task.ds.y_train.sum(0)
     attribute = int(torch.argmin(counts))             # the rarest label
     proxy_attr = int(torch.argsort(counts)[1])        # the next rarest: ε is chosen there
-    fractions = [0.5, 1.0] if quick else [0.25, 0.5, 1.0]
+    fractions, grid = settings_of(quick)
     reps = repeats or (1 if quick else 3)
-    lo, hi, num = EPS_GRID
-    grid = eps_grid(lo, hi, QUICK_GRID_POINTS if quick else num)
 
-    model, t_train = timed(task.train, task.data(), seed=seed)
-    inv, t_fisher = timed(ssse.fit_inverse_fisher, model, task.loss_fn, task.data(),
-                          damping=damping, layout="rows", weight_decay=task.weight_decay,
-                          progress=progress)
-    ggn, t_ggn = fit_ggn(task, model, progress=progress)
+    fitted = fit_all(task, damping, seed=seed, progress=progress)
+    model, inv, ggn = fitted["model"], fitted["inv"], fitted["ggn"]
+    t_train, t_fisher, t_ggn = (fitted["seconds"][k] for k in ("train", "fisher", "ggn_fisher"))
     proxy = make_removal(task, model, attribute_removal(task.ds.y_train, proxy_attr, 0.5,
                                                         seed=seed + 1),
                          attribute=proxy_attr, seed=seed)
@@ -143,11 +138,7 @@ def figures(r: dict, out: Path) -> list[Path]:
     return [p1, p2]
 
 
-def run(*, quick: bool = False, seed: int = 0, out: Path = Path("results/multiattribute"),
-        device="cpu", dtype=torch.float64, progress: bool = True, data: str | None = None,
-        data_dir=None, repeats: int | None = None) -> str:
-    r = compute(quick=quick, seed=seed, device=device, dtype=dtype, progress=progress,
-                data=data, data_dir=data_dir, repeats=repeats)
-    text = table(r)
-    write_results(Path(out), NAME, r["config"], r["results"], text, figures(r, Path(out)))
-    return text
+def run(*, out: Path = Path(f"results/{NAME}"), **kwargs) -> str:
+    """Runs the experiment (the options of :func:`compute`) and writes its results, table and
+    figures to ``out``; returns the table."""
+    return write_report(NAME, compute(**kwargs), table, figures, out)

@@ -25,10 +25,10 @@ import ssse
 from ssse import plots
 from ssse.data import class_removal
 
-from .common import eps_grid, geomean, markdown_table, nearest, summary, timed, write_results
+from .common import eps_grid, geomean, markdown_table, nearest, summary, timed, write_report
 from .methods import NEWTON, REFINED, curve, fit_ggn, newton_rows, select
 from .removal import SPLITS, Removal, make_removal
-from .tasks import Task, make_task
+from .tasks import make_task
 
 NAME = "nonconvex"
 
@@ -199,17 +199,10 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
     return {"config": config, "results": results}
 
 
-def run(*, quick: bool = False, seed: int = 0, out: Path = Path("results/nonconvex"),
-        device="cpu", dtype=torch.float32, progress: bool = True, data: str | None = None,
-        data_dir=None, repeats: int | None = None, damping: float = 1e-3,
-        block_size: int = 256, max_accuracy_drop: float = 0.05) -> str:
-    r = compute(quick=quick, seed=seed, device=device, dtype=dtype, progress=progress,
-                data=data, data_dir=data_dir, repeats=repeats, damping=damping,
-                block_size=block_size, max_accuracy_drop=max_accuracy_drop)
-    text = table(r)
-    write_results(Path(out), NAME, r["config"], r["results"], text, figures(r, Path(out)))
-    return text
-
+def run(*, out: Path = Path(f"results/{NAME}"), **kwargs) -> str:
+    """Runs the experiment (the options of :func:`compute`) and writes its results, table and
+    figures to ``out``; returns the table."""
+    return write_report(NAME, compute(**kwargs), table, figures, out)
 
 def _summary(settings: dict) -> dict:
     """Mean ± std over the removed classes, per setting and method, at the chosen value."""
