@@ -5,15 +5,19 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import itertools
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
 
 from . import _ops
+from .health import (DEFAULT_COLUMNS, FisherProbe, Health, HealthWarning, ill_conditioned_blocks,
+                     warn_ill_conditioned)
 from .layout import BlockLayout
 from .validation import (FLOAT_DTYPES, all_finite, check_choice, check_dtype,
-                         check_finite_float, check_matrix, check_positive_float,
+                         check_finite_float, check_matrix, check_nonneg_int, check_positive_float,
                          check_positive_int)
 
 __all__ = [
@@ -132,6 +136,19 @@ def _raise_if_failed(info: torch.Tensor, what: str, layout: BlockLayout, rows: s
             + (f" (and {len(bad) - 1} other blocks)" if len(bad) > 1 else ""))
 
 
+def _check_overflow(m: torch.Tensor, what: str, layout: BlockLayout, b0: int):
+    """Non-finite entries in the ``(n, k, k)`` Woodbury matrices of blocks ``b0 ..`` mean that
+    the rows' products overflowed float64 (finite rows: the inputs are checked)."""
+    if bool(torch.isfinite(m).all()):
+        return
+    b = b0 + int(torch.nonzero(~torch.isfinite(m).flatten(1).all(1))[0])
+    raise FloatingPointError(
+        f"{what}: the products of the rows with block {b} (parameters {layout.starts[b]}.."
+        f"{layout.starts[b] + layout.sizes[b]}) overflowed float64 (1.8e308): the rows are too "
+        f"large (norm about 1e154 or more); scale the loss or the inputs down. Nothing was "
+        f"changed")
+
+
 # ---- the inverse ----------------------------------------------------------------------------
 
 class BlockInverseFisher:
@@ -149,7 +166,8 @@ class BlockInverseFisher:
     on the fly.
     """
 
-    def __init__(self, packed, config: FisherConfig, num_samples: int):
+    def __init__(self, packed, config: FisherConfig, num_samples: int, *,
+                 probe: FisherProbe | None = None):
         segments = [packed] if isinstance(packed, torch.Tensor) else list(packed)
         if not segments or not all(isinstance(t, torch.Tensor) for t in segments):
             raise TypeError("packed must be a 1-D tensor or a non-empty sequence of them")
@@ -180,6 +198,12 @@ class BlockInverseFisher:
         self.config = config
         self.num_samples = int(num_samples)
         self._tables: dict = {}
+        if probe is not None and (not isinstance(probe, FisherProbe) or
+                                  probe.layout != config.layout):
+            raise ValueError("probe must be a FisherProbe of the same layout")
+        #: The :class:`~ssse_ext.health.FisherProbe` that follows every update and downdate
+        #: (``None`` when the inverse was made without one); see :meth:`health`.
+        self.probe = probe
 
     # ---- properties ----
     layout = property(lambda self: self.config.layout, doc="The block layout.")
@@ -388,6 +412,7 @@ class BlockInverseFisher:
                     c = sign * (r @ u)
                     c = 0.5 * (c + c.transpose(1, 2))
                     c.diagonal(dim1=1, dim2=2).add_(N)
+                    _check_overflow(c, what, self.layout, b0)
                     chol, info = torch.linalg.cholesky_ex(c)
                     pivots = chol.diagonal(dim1=1, dim2=2) ** 2 / N
                     kept = (st, n, s, "correction", u, chol)
@@ -402,6 +427,7 @@ class BlockInverseFisher:
                         a = a - shift * (lf.transpose(1, 2) @ lf)
                     a = 0.5 * (a + a.transpose(1, 2))
                     a.diagonal(dim1=1, dim2=2).add_(1.0)
+                    _check_overflow(a, what, self.layout, b0)
                     chol, info = torch.linalg.cholesky_ex(a)
                     info = torch.where(info_f != 0, info_f, info)
                     pivots = chol.diagonal(dim1=1, dim2=2) ** 2
@@ -452,6 +478,8 @@ class BlockInverseFisher:
                 _raise_if_failed(info, what, self.layout, "row")
         self._segments = work
         self.num_samples += sign * rows.shape[0]
+        if self.probe is not None:
+            self.probe.add(rows, sign)
         return self
     def update(self, grads, *, method: str = "woodbury",
                chunk_size: int | None = None) -> "BlockInverseFisher":
@@ -481,10 +509,22 @@ class BlockInverseFisher:
         """
         return self._change(grads, -1, method, chunk_size)
 
+    def health(self, *, what: str = "", warn: bool = True) -> Health | None:
+        r"""How far this inverse is from the exact inverse of its Fisher:
+        :math:`\max_b \lVert F^{-1}_{\mathrm{stored}} (F X_b) - X_b\rVert / \lVert X_b\rVert` on
+        the probe's random vectors (:class:`~ssse_ext.health.FisherProbe`, kept exact in float64
+        through every update and downdate); ``None`` without a probe. With ``warn``, a
+        :class:`~ssse_ext.health.HealthWarning` above the tolerance of the dtype (3.5e-4 for
+        float32, 1.5e-8 for float64). Costs two products with the inverse."""
+        if self.probe is None:
+            return None
+        return self.probe.check(self, what=what, warn=warn)
+
     # ---- copies and moves ----
     def clone(self) -> "BlockInverseFisher":
         return BlockInverseFisher([t.clone() for t in self._segments], self.config,
-                                  self.num_samples)
+                                  self.num_samples,
+                                  probe=None if self.probe is None else self.probe.clone())
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "BlockInverseFisher":
         """A copy on ``device`` and/or in ``dtype`` (float32 or float64)."""
@@ -493,7 +533,8 @@ class BlockInverseFisher:
         for t in self._segments:
             m = t.to(device=device, dtype=dtype)
             moved.append(m.clone() if m.data_ptr() == t.data_ptr() else m)
-        return BlockInverseFisher(moved, self.config, self.num_samples)
+        probe = None if self.probe is None else self.probe.to(device or self.device)
+        return BlockInverseFisher(moved, self.config, self.num_samples, probe=probe)
 
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Tensors (``packed.0``, ``packed.1``, ...: the segments) and plain metadata
@@ -502,7 +543,11 @@ class BlockInverseFisher:
                 "num_samples": self.num_samples, "layout": self.layout.to_dict(),
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "segments": len(self._segments), "curvature": self.curvature}
-        return {f"packed.{j}": t for j, t in enumerate(self._segments)}, meta
+        tensors = {f"packed.{j}": t for j, t in enumerate(self._segments)}
+        if self.probe is not None:  # the probe's sketch travels with the inverse it checks
+            probe_tensors, meta["probe"] = self.probe.state()
+            tensors.update(probe_tensors)
+        return tensors, meta
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "BlockInverseFisher":
@@ -519,7 +564,11 @@ class BlockInverseFisher:
             num_samples = int(meta["num_samples"])
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a valid inverse-Fisher state: missing or bad {exc}") from None
-        return cls(packed, config, num_samples)
+        probe = None
+        if "probe" in meta:
+            first = packed if isinstance(packed, torch.Tensor) else packed[0]
+            probe = FisherProbe.from_state(layout, tensors, meta["probe"]).to(first.device)
+        return cls(packed, config, num_samples, probe=probe)
 
     def __repr__(self) -> str:
         return (f"BlockInverseFisher(dim={self.dim}, blocks={self.layout.num_blocks}, "
@@ -581,8 +630,8 @@ class LowRankChange:
 def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None,
                          layout: BlockLayout | None = None, normalizer: float | None = None,
                          chunk_size: int | None = None, method: str = "auto",
-                         rows_per_sample: int = 1,
-                         curvature: str = "empirical") -> BlockInverseFisher:
+                         rows_per_sample: int = 1, curvature: str = "empirical",
+                         probe_vectors: int = DEFAULT_COLUMNS) -> BlockInverseFisher:
     r"""Builds the block inverse of the damped empirical Fisher from a stream of gradients.
 
     .. math:: F_b^{-1} = \Big(\lambda I + \frac{1}{N} \sum_{i=1}^{n} g_{i,b}\, g_{i,b}^\top\Big)^{-1}
@@ -605,10 +654,16 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
         rows_per_sample: rows each sample contributes (e.g. ``c`` Gauss–Newton rows), for the
             default normaliser.
         curvature: what the rows are, recorded in the result's :class:`FisherConfig`.
+        probe_vectors: random vectors per block of the result's health probe
+            (:meth:`BlockInverseFisher.health`; 0: none). The recurrences always check their
+            result with one and warn when it fails (:class:`~ssse_ext.health.HealthWarning`).
         method: ``"auto"``/``"cholesky"`` (default): float64 Gram accumulation then a
-            Cholesky-based inverse — accurate whatever :math:`\lambda` and the gradient scale
-            (float32 result within ~1e-7 relative error of the exact inverse, limited by the
-            final rounding). ``"sherman_morrison"``: the paper's literal recurrence (eq. 7) from
+            Cholesky-based inverse in float64, whatever the result's dtype: relative error about
+            :math:`\kappa(F_b)\,u_{64}` (:math:`u_{64} = 1.1\cdot10^{-16}`) plus the final
+            rounding (float32: ~3e-8 up to :math:`\kappa \approx 10^8`), so it stays
+            accurate for any gradient scale as long as :math:`\lambda` keeps :math:`\kappa`
+            moderate; a :class:`~ssse_ext.health.ConditionWarning` names the blocks where
+            :math:`\kappa\,u_{64}` exceeds :math:`\sqrt{\epsilon}` of the dtype. ``"sherman_morrison"``: the paper's literal recurrence (eq. 7) from
             :math:`F_0^{-1} = I/\lambda`, one row at a time in the input dtype. It passes
             through inverses far worse conditioned than the result: in float32 with
             :math:`\lambda = 10^{-4}` its error is 4e-4 for unit-scale gradients and 4e-3 for
@@ -623,6 +678,7 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
     check_choice(method, "method", BUILD_METHODS)
     rows_per_sample = check_positive_int(rows_per_sample, "rows_per_sample")
     check_choice(curvature, "curvature", CURVATURES)
+    probe_vectors = check_nonneg_int(probe_vectors, "probe_vectors")
     chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
     block_size = check_positive_int(block_size, "block_size", allow_none=True)
     if normalizer is not None:
@@ -652,10 +708,11 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
         if normalizer is None:
             normalizer = max(grads.shape[0], 1) / rows_per_sample
         inv = _build_by_recurrence(stream, layout, damping, normalizer, first.dtype,
-                                   first.device, chunked=method == "woodbury")
+                                   first.device, chunked=method == "woodbury",
+                                   probe_columns=probe_vectors)
     else:
         inv = _build_by_gram(stream, layout, damping, normalizer, first.dtype, first.device,
-                             rows_per_sample)
+                             rows_per_sample, probe_vectors)
     if curvature != "empirical":
         inv.config = dataclasses.replace(inv.config, curvature=curvature)
     return inv
@@ -663,21 +720,54 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
 
 def _build_by_recurrence(chunks, layout: BlockLayout, damping: float, normalizer: float,
                          dtype: torch.dtype, device: torch.device, *,
-                         chunked: bool) -> BlockInverseFisher:
-    r"""Paper eq. 7 from :math:`F_0^{-1} = I/\lambda`: rank-1 steps, or Woodbury steps."""
+                         chunked: bool, probe_columns: int = 0) -> BlockInverseFisher:
+    r"""Paper eq. 7 from :math:`F_0^{-1} = I/\lambda`: rank-1 steps, or Woodbury steps.
+
+    The rows also feed a :class:`~ssse_ext.health.FisherProbe`, which checks the result's
+    accuracy at the end (a :class:`~ssse_ext.health.HealthWarning` when it fails): the
+    recurrence passes through inverses far worse conditioned than the result."""
+    method = "woodbury" if chunked else "sherman_morrison"
     host = layout.table()
     dev = host if device.type == "cpu" else host.to(device)
     packed = torch.zeros(layout.numel, dtype=dtype, device=device)
     for o, s in zip(layout.offsets, layout.sizes):
         packed[o:o + s * s].view(s, s).diagonal().fill_(1.0 / damping)
-    rows = 0
+    probe = FisherProbe(layout, columns=max(probe_columns, 1), device=device)
+    rows, largest = 0, 0.0
     for chunk in chunks:
         if chunk.shape[0] == 0:
             continue
+        norms = chunk.to(torch.float64).pow(2).sum(1)
+        largest = max(largest, float(norms.max()))
+        if not math.isfinite(largest):
+            raise FloatingPointError(
+                f"build: the squared norm of a row overflowed float64 (1.8e308, rows of norm "
+                f"about 1e154 or more); scale the loss or the inputs down")
         info = _ops.call(_ops.sherman_morrison_, packed, host, dev, chunk, normalizer, 1, chunked)
-        _raise_if_failed(info, "build", layout, "row")
+        try:
+            _raise_if_failed(info, "build", layout, "row")
+        except NotPositiveDefiniteError as exc:
+            raise NotPositiveDefiniteError(
+                f"{exc}: the recurrence (method={method!r}) is unstable at this damping "
+                f"({damping:g}) and gradient scale (rows of norm up to {math.sqrt(largest):.1e})"
+                f": its intermediate inverses are far worse conditioned than the result. Use the"
+                f" default build (method=\"auto\"), which computes the same matrix stably") from None
+        probe.add(chunk)
         rows += chunk.shape[0]
-    return BlockInverseFisher(packed, FisherConfig(damping, normalizer, layout), rows)
+    inv = BlockInverseFisher(packed, FisherConfig(damping, normalizer, layout), rows,
+                             probe=probe)
+    health = probe.check(inv, warn=False)
+    if not health.ok:
+        warnings.warn(
+            f"build (method={method!r}): the accuracy check failed: |F(F^-1 x) - x|/|x| = "
+            f"{health.residual:.1e} in block {health.block} (tolerance {health.tolerance:.1e} "
+            f"for {str(dtype).removeprefix('torch.')}): the recurrence is unstable at this "
+            f"damping ({damping:g}) and gradient scale (rows of norm up to "
+            f"{math.sqrt(largest):.1e}); the default build (method=\"auto\") computes the same "
+            f"matrix stably", HealthWarning, stacklevel=3)
+    if not probe_columns:
+        inv.probe = None
+    return inv
 
 
 def _groups(layout: BlockLayout, max_numel: int) -> list[tuple[int, int]]:
@@ -802,13 +892,34 @@ class GramAccumulator:
         self.rows = int(meta["rows"])
         return self
 
-    def finish(self, damping: float, normalizer: float, *,
-               curvature: str = "empirical") -> BlockInverseFisher | list[torch.Tensor]:
+    def finish(self, damping: float, normalizer: float, *, curvature: str = "empirical",
+               probe: FisherProbe | None = None) -> BlockInverseFisher | list[torch.Tensor]:
         """Inverts every group (freeing it) into the segments of the result: a
         :class:`BlockInverseFisher` when all blocks were accumulated, else the list of
-        segments of blocks ``first .. last - 1``. The accumulator is spent."""
+        segments of blocks ``first .. last - 1``. The accumulator is spent.
+
+        Before anything is inverted, every group is checked: accumulators that overflowed
+        float64 raise ``FloatingPointError``; blocks so ill-conditioned that their inverse
+        loses more than half the digits of the result's dtype get a
+        :class:`~ssse_ext.health.ConditionWarning` (:func:`~ssse_ext.health.ill_conditioned_blocks`);
+        ``probe`` (a :class:`~ssse_ext.health.FisherProbe` of the layout) receives the
+        accumulated Fisher of these blocks and travels with the result.
+        """
         damping = check_positive_float(damping, "damping")
         normalizer = check_positive_float(normalizer, "normalizer")
+        if probe is not None and (not isinstance(probe, FisherProbe) or
+                                  probe.layout != self.layout):
+            raise ValueError("probe must be a FisherProbe of the accumulator's layout")
+        bad: list[tuple[int, float]] = []
+        for gram, (g0, g1) in zip(self.grams, self.groups):
+            if not all_finite(gram):
+                self._raise_overflow(gram, g0, g1)
+            bad += ill_conditioned_blocks(gram, self.layout, g0, g1, damping=damping,
+                                          normalizer=normalizer, dtype=self.dtype)
+            if probe is not None:
+                probe.add_gram(gram, g0, g1)
+        warn_ill_conditioned(bad, self.layout, damping=damping, rows=self.rows,
+                             dtype=self.dtype)
         segments = []
         for g, ((g0, _), (host, dev)) in enumerate(zip(self.groups, self._tables)):
             packed, info = _ops.call(_ops.inverse_from_gram, self.grams[g], host, dev, damping,
@@ -823,7 +934,19 @@ class GramAccumulator:
         if not segments:  # a layout without blocks
             segments = [torch.zeros(0, dtype=self.dtype, device=self.device)]
         return BlockInverseFisher(segments, FisherConfig(damping, normalizer, self.layout,
-                                                         curvature), self.rows)
+                                                         curvature), self.rows, probe=probe)
+
+    def _raise_overflow(self, gram: torch.Tensor, g0: int, g1: int):
+        base = self.layout.offsets[g0]
+        for b in range(g0, g1):
+            o, s = self.layout.offsets[b] - base, self.layout.sizes[b]
+            if not all_finite(gram[o:o + s * s]):
+                break
+        raise FloatingPointError(
+            f"build: the float64 Gram matrix of block {b} (parameters {self.layout.starts[b]}.."
+            f"{self.layout.starts[b] + self.layout.sizes[b]}) overflowed: the squares of the "
+            f"rows exceed the float64 range (1.8e308, rows of norm about 1e154 or more); scale "
+            f"the loss or the inputs down")
 
 
 def _sub_layout(layout: BlockLayout, first: int, last: int) -> BlockLayout:
@@ -834,7 +957,7 @@ def _sub_layout(layout: BlockLayout, first: int, last: int) -> BlockLayout:
 
 def _build_by_gram(chunks, layout: BlockLayout, damping: float, normalizer: float | None,
                    dtype: torch.dtype, device: torch.device,
-                   rows_per_sample: int = 1) -> BlockInverseFisher:
+                   rows_per_sample: int = 1, probe_columns: int = 0) -> BlockInverseFisher:
     """The stable build (see :class:`GramAccumulator`): float64 Gram accumulation, then a
     Cholesky-based inverse, group of blocks by group."""
     acc = GramAccumulator(layout, dtype, device)
@@ -842,4 +965,5 @@ def _build_by_gram(chunks, layout: BlockLayout, damping: float, normalizer: floa
         acc.add(chunk)
     if normalizer is None:
         normalizer = max(acc.rows, 1) / rows_per_sample
-    return acc.finish(damping, normalizer)
+    probe = FisherProbe(layout, columns=probe_columns, device=device) if probe_columns else None
+    return acc.finish(damping, normalizer, probe=probe)

@@ -1,0 +1,307 @@
+r"""Numerical health of a stored inverse (docs/maths.md, "Numerical health").
+
+Two checks, both cheap next to the work they watch:
+
+- **Condition estimate at the build.** The stable build inverts
+  :math:`F_b = \lambda I + G_b / N` in float64, so its relative error is about
+  :math:`\kappa(F_b)\,u_{64}` (:math:`u_{64} = 1.1\cdot10^{-16}`) whatever the result's dtype.
+  From the float64 Gram accumulators, :func:`ill_conditioned_blocks` bounds
+  :math:`\kappa(F_b) \le 1 + \mathrm{tr}(G_b)/(N\lambda)` for free and, only for blocks where that
+  bound is too large, computes the Cholesky factor :math:`F_b = LL^\top`, whose pivots give
+  :math:`\kappa(F_b) \ge \max_i l_{ii}^2 / \min_i l_{ii}^2`.
+- **Probe.** :class:`FisherProbe` keeps :math:`F`'s action on a few fixed random vectors per
+  block, exactly in float64 (:math:`S_b = \sum_r u_{r,b} u_{r,b}^\top X_b`, updated with every
+  row added or removed), so that :math:`\lVert F^{-1}_{\mathrm{stored}} (F X) - X\rVert /
+  \lVert X \rVert` measures how far the stored inverse is from the exact inverse of the Fisher
+  it stands for: the rounding of its dtype, the error of the build and the drift of many
+  updates and downdates. (Inverting the stored block to get :math:`F` would measure only the
+  rounding of that inversion: the probe must know :math:`F` independently.)
+
+The tolerance of both is :math:`\sqrt{\epsilon}` of the inverse's dtype (half its digits):
+3.5e-4 for float32, 1.5e-8 for float64.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .layout import BlockLayout
+from .validation import check_dtype, check_int, check_positive_int
+
+__all__ = [
+    "ConditionWarning",
+    "FisherProbe",
+    "Health",
+    "HealthWarning",
+    "ill_conditioned_blocks",
+    "tolerance",
+]
+
+#: Unit roundoff of float64: the float64 inversion's relative error is about kappa times this.
+U64 = torch.finfo(torch.float64).eps / 2
+#: Random vectors per block of a probe.
+DEFAULT_COLUMNS = 3
+# Elements of float64 scratch per batch of blocks (64 MiB): the checks' extra memory is bounded.
+_ELEMENTS = 1 << 23
+
+
+class ConditionWarning(RuntimeWarning):
+    """A block of the build is so ill-conditioned that its inverse loses more than half the
+    digits of its dtype."""
+
+
+class HealthWarning(RuntimeWarning):
+    """The probe finds the stored inverse further from the exact inverse than the tolerance."""
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    r""":math:`\sqrt{\epsilon}` of ``dtype`` (float32: 3.5e-4, float64: 1.5e-8)."""
+    check_dtype(dtype)
+    return math.sqrt(torch.finfo(dtype).eps)
+
+
+# ---- condition estimate ---------------------------------------------------------------------
+
+def ill_conditioned_blocks(gram: torch.Tensor, layout: BlockLayout, first: int, last: int, *,
+                           damping: float, normalizer: float,
+                           dtype: torch.dtype) -> list[tuple[int, float]]:
+    r"""``(block, condition estimate)`` of the blocks ``first .. last - 1`` whose expected
+    relative error :math:`\kappa\,u_{64}` exceeds :func:`tolerance` of ``dtype``.
+
+    Args:
+        gram: the packed float64 Gram accumulators :math:`G_b` of those blocks (lower
+            triangles, as :class:`~ssse_ext.GramAccumulator` holds them); not modified.
+        layout, first, last: the blocks.
+        damping, normalizer: :math:`\lambda` and :math:`N` of :math:`F_b = \lambda I + G_b/N`.
+        dtype: the result's dtype (its tolerance).
+
+    The estimate is a lower bound from the Cholesky pivots (a factor of a few to ten below
+    the true :math:`\kappa` on rank-deficient blocks), computed only for blocks whose free upper
+    bound :math:`1 + \mathrm{tr}(G_b)/(N\lambda)` is above the threshold, a batch of equal-size
+    blocks at a time in bounded memory. A block whose float64 Cholesky fails is left to the
+    build, which reports it.
+    """
+    limit = tolerance(dtype) / U64
+    out: list[tuple[int, float]] = []
+    base = layout.offsets[first] if first < last else 0
+    for b0, n, s in layout.runs(lambda s: max(1, _ELEMENTS // (s * s)), first=first, last=last):
+        o = layout.offsets[b0] - base
+        g = gram[o:o + n * s * s].view(n, s, s)
+        trace = g.diagonal(dim1=1, dim2=2).sum(1)
+        bound = 1 + trace / (normalizer * damping)
+        suspects = torch.nonzero(~(bound <= limit)).flatten()  # NaN counts as a suspect
+        if suspects.numel() == 0:
+            continue
+        f = torch.tril(g[suspects]) / normalizer
+        f.diagonal(dim1=1, dim2=2).add_(damping)
+        chol, info = torch.linalg.cholesky_ex(f)
+        pivots = chol.diagonal(dim1=1, dim2=2) ** 2
+        cond = pivots.max(1).values / pivots.min(1).values
+        for j, i in enumerate(suspects.tolist()):
+            if int(info[j]) == 0 and not float(cond[j]) <= limit:
+                out.append((b0 + i, float(cond[j])))
+    return out
+
+
+def warn_ill_conditioned(blocks: list[tuple[int, float]], layout: BlockLayout, *,
+                         damping: float, rows: int, dtype: torch.dtype) -> None:
+    """One :class:`ConditionWarning` for the worst of ``blocks`` (see
+    :func:`ill_conditioned_blocks`), with the advice that applies."""
+    if not blocks:
+        return
+    b, cond = max(blocks, key=lambda t: t[1])
+    s = layout.sizes[b]
+    advice = f"increase the damping (now {damping:g}; the error scales like 1/damping)"
+    if rows < s:
+        advice += (f", or use the low-rank (dual) form for blocks with fewer rows ({rows}) "
+                   f"than parameters ({s}) (docs/maths.md), exact there")
+    more = f" (and {len(blocks) - 1} other blocks)" if len(blocks) > 1 else ""
+    warnings.warn(
+        f"build: block {b} (parameters {layout.starts[b]}..{layout.starts[b] + s}) is "
+        f"ill-conditioned{more}: condition number >= {cond:.1e}, so its inverse has a relative "
+        f"error of about {cond * U64:.0e} or more (tolerance {tolerance(dtype):.1e} for "
+        f"{str(dtype).removeprefix('torch.')}); {advice}. A float64 result does not help: the "
+        f"inverse is already computed in float64", ConditionWarning, stacklevel=4)
+
+
+# ---- probe ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Health:
+    r"""A probe's verdict: ``residual`` = the largest over blocks of
+    :math:`\lVert F^{-1}_{\mathrm{stored}} (F X_b) - X_b\rVert / \lVert X_b\rVert`, found in
+    ``block``; ``ok`` when it is at most ``tolerance``."""
+
+    residual: float
+    block: int
+    tolerance: float
+    columns: int
+
+    @property
+    def ok(self) -> bool:
+        return self.residual <= self.tolerance
+
+    def as_dict(self) -> dict:
+        return {"residual": self.residual, "block": self.block, "tolerance": self.tolerance,
+                "vectors": self.columns}
+
+    def __str__(self) -> str:
+        return (f"|F(F^-1 x) - x|/|x| = {self.residual:.1e} (block {self.block}, "
+                f"{self.columns} random x per block, tolerance {self.tolerance:.1e})")
+
+
+class FisherProbe:
+    r"""The Fisher's action on ``columns`` fixed random vectors per block, exact in float64.
+
+    Holds :math:`S = \sum_r u_r u_r^\top X` block by block (``(d, columns)``, unnormalised:
+    :math:`F X = \lambda X + S / N`), with :math:`X` drawn from ``seed`` (regenerated, never
+    stored). :meth:`add` follows every row added or removed; :meth:`check` compares with a
+    stored inverse. Memory: ``8 * columns * d`` bytes, plus as much again while checking.
+
+    Args:
+        layout: the inverse's block layout.
+        columns: random vectors per block.
+        seed: the seed of :math:`X` (drawn on the CPU, so the same on every device).
+        device: where :math:`S` lives.
+    """
+
+    def __init__(self, layout: BlockLayout, *, columns: int = DEFAULT_COLUMNS, seed: int = 0,
+                 device=None, sketch: torch.Tensor | None = None):
+        if not isinstance(layout, BlockLayout):
+            raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+        self.layout = layout
+        self.columns = check_positive_int(columns, "columns")
+        self.seed = check_int(seed, "seed")
+        if sketch is None:
+            sketch = torch.zeros(layout.dim, self.columns, dtype=torch.float64, device=device)
+        elif not isinstance(sketch, torch.Tensor) or sketch.dtype != torch.float64 or \
+                tuple(sketch.shape) != (layout.dim, self.columns):
+            raise ValueError(f"sketch must be a float64 tensor of shape ({layout.dim}, "
+                             f"{self.columns}), got {getattr(sketch, 'dtype', type(sketch))} "
+                             f"{tuple(getattr(sketch, 'shape', ()))}")
+        self.sketch = sketch
+        self._x: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.sketch.device
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The ``(d, columns)`` float64 random vectors."""
+        if self._x is None or self._x.device != self.device:
+            gen = torch.Generator().manual_seed(self.seed)
+            self._x = torch.randn(self.layout.dim, self.columns, dtype=torch.float64,
+                                  generator=gen).to(self.device)
+        return self._x
+
+    def _runs(self, width: int):
+        return self.layout.runs(lambda s: max(1, _ELEMENTS // (s * max(width, 1))))
+
+    def add(self, rows: torch.Tensor, sign: int = 1) -> "FisherProbe":
+        r""":math:`S_b \mathrel{+}= \mathrm{sign}\; R_b^\top (R_b X_b)` for the ``(m, d)`` rows
+        :math:`R` (validated by the caller), in float64."""
+        if rows.shape[0] == 0:
+            return self
+        x = self.x
+        m = rows.shape[0]
+        for b0, n, s in self._runs(m):
+            st = self.layout.starts[b0]
+            r = rows[:, st:st + n * s].to(device=self.device,
+                                          dtype=torch.float64).reshape(m, n, s)
+            xb = x[st:st + n * s].reshape(n, s, -1)
+            rx = torch.einsum("mns,nsc->nmc", r, xb)
+            self.sketch[st:st + n * s] += sign * torch.einsum("mns,nmc->nsc", r, rx).reshape(
+                n * s, -1)
+        return self
+
+    def add_gram(self, gram: torch.Tensor, first: int, last: int) -> "FisherProbe":
+        r""":math:`S_b \mathrel{+}= G_b X_b` for blocks ``first .. last - 1`` from their packed
+        float64 Gram accumulators (lower triangles)."""
+        x = self.x
+        base = self.layout.offsets[first] if first < last else 0
+        for b0, n, s in self.layout.runs(lambda s: max(1, _ELEMENTS // (s * s)), first=first,
+                                         last=last):
+            o = self.layout.offsets[b0] - base
+            st = self.layout.starts[b0]
+            g = torch.tril(gram[o:o + n * s * s].view(n, s, s).to(self.device))
+            xb = x[st:st + n * s].reshape(n, s, -1)
+            sb = g @ xb + torch.tril(g, -1).transpose(1, 2) @ xb
+            self.sketch[st:st + n * s] += sb.reshape(n * s, -1)
+        return self
+
+    def fisher_x(self, damping: float, normalizer: float) -> torch.Tensor:
+        r""":math:`F X = \lambda X + S / N`, ``(d, columns)`` float64."""
+        return damping * self.x + self.sketch / normalizer
+
+    def residuals(self, inv) -> torch.Tensor:
+        r"""Per block, :math:`\lVert A_b (F X)_b - X_b\rVert_F / \lVert X_b\rVert_F` with
+        :math:`A` = ``inv`` (anything with ``layout``, ``damping``, ``normalizer``, ``dtype``
+        and ``matvec``), as a CPU float64 tensor. :math:`F X` is passed in two parts rounded
+        to the inverse's dtype (high and low), so a float32 inverse is not charged for the
+        rounding of its input; the product is accumulated in float64."""
+        if inv.layout != self.layout:
+            raise ValueError("the probe was made for another block layout")
+        fx = self.fisher_x(inv.damping, inv.normalizer).to(inv.device)
+        hi = fx.to(inv.dtype)
+        lo = (fx - hi.to(torch.float64)).to(inv.dtype)
+        y = inv.matvec(hi).to(torch.float64) + inv.matvec(lo).to(torch.float64)
+        diff = (y - self.x.to(inv.device)).pow(2).sum(1)
+        xx = self.x.to(inv.device).pow(2).sum(1)
+        out = torch.empty(self.layout.num_blocks, dtype=torch.float64)
+        for b0, n, s in self.layout.runs():
+            st = self.layout.starts[b0]
+            num = diff[st:st + n * s].reshape(n, s).sum(1)
+            den = xx[st:st + n * s].reshape(n, s).sum(1)
+            out[b0:b0 + n] = (num / den).sqrt().cpu()
+        return out
+
+    def check(self, inv, *, what: str = "", warn: bool = True) -> Health:
+        """The :class:`Health` of ``inv``; with ``warn``, a :class:`HealthWarning` with advice
+        when it is above the tolerance of the inverse's dtype."""
+        res = self.residuals(inv)
+        if res.numel() == 0:
+            return Health(0.0, 0, tolerance(inv.dtype), self.columns)
+        finite = torch.nan_to_num(res, nan=math.inf)
+        b = int(finite.argmax())
+        health = Health(float(res[b]), b, tolerance(inv.dtype), self.columns)
+        if warn and not health.ok:
+            fix = ("rebuild it (fit the inverse again on the remaining data)"
+                   if inv.dtype == torch.float64 else
+                   "rebuild it (fit the inverse again on the remaining data), in float64 "
+                   "(dtype=torch.float64) if it has to serve many more requests")
+            warnings.warn(f"health probe{' after ' + what if what else ''}: the stored inverse "
+                          f"is off by {health.residual:.1e} in block {b} (|F(F^-1 x) - x|/|x|, "
+                          f"tolerance {health.tolerance:.1e} for "
+                          f"{str(inv.dtype).removeprefix('torch.')}); {fix}",
+                          HealthWarning, stacklevel=3)
+        return health
+
+    # ---- copies and files ----
+    def clone(self) -> "FisherProbe":
+        return FisherProbe(self.layout, columns=self.columns, seed=self.seed,
+                           sketch=self.sketch.clone())
+
+    def to(self, device) -> "FisherProbe":
+        moved = self.sketch.to(device)
+        return FisherProbe(self.layout, columns=self.columns, seed=self.seed,
+                           sketch=moved.clone() if moved.data_ptr() == self.sketch.data_ptr()
+                           else moved)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors (``probe.sketch``) and metadata (``columns``, ``seed``)."""
+        return {"probe.sketch": self.sketch}, {"columns": self.columns, "seed": self.seed}
+
+    @classmethod
+    def from_state(cls, layout: BlockLayout, tensors: dict, meta: dict) -> "FisherProbe":
+        try:
+            sketch = tensors["probe.sketch"]
+            columns, seed = int(meta["columns"]), int(meta["seed"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a valid probe state: missing or bad {exc}") from None
+        return cls(layout, columns=columns, seed=seed, sketch=sketch.to(torch.float64))
+
