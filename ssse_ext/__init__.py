@@ -16,10 +16,11 @@ from importlib import metadata as _metadata
 # copy lacks OpenMP 5.1 symbols; loading a second libgomp first would make two thread pools).
 import torch as _torch  # noqa: F401
 
-from . import _C, reference, validation
+from . import _C, health, reference, validation
 from .fisher import (BUILD_METHODS, DEFAULT_BLOCK_SIZE, UPDATE_METHODS, BlockInverseFisher,
                      FisherConfig, GramAccumulator, LowRankChange, NotPositiveDefiniteError,
                      build_inverse_fisher)
+from .health import ConditionWarning, FisherProbe, HealthWarning
 from .layout import BlockLayout
 
 try:
@@ -33,12 +34,16 @@ __all__ = [
     "UPDATE_METHODS",
     "BlockInverseFisher",
     "BlockLayout",
+    "ConditionWarning",
     "FisherConfig",
+    "FisherProbe",
     "GramAccumulator",
+    "HealthWarning",
     "LowRankChange",
     "NotPositiveDefiniteError",
     "build_info",
     "build_inverse_fisher",
+    "health",
     "reference",
     "validation",
 ]

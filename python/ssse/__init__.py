@@ -17,7 +17,7 @@ Layers: this core (gradients, erasure, baselines, metrics, io, models, training)
 nothing from :mod:`ssse.experiments` or :mod:`ssse.cli`, which use its public API only.
 """
 
-from . import curvature, metrics, models, newton, training
+from . import curvature, ledger, metrics, models, newton, training
 from .baselines import fisher_forgetting, gradient_ascent, influence_update, retrain
 from .erasure import Eraser, ssse_update
 from .gradients import (LAYOUTS, fit_inverse_fisher, gradient_sum, hessian_vector_products,
@@ -34,6 +34,7 @@ __all__ = [
     "gradient_sum",
     "hessian_vector_products",
     "influence_update",
+    "ledger",
     "metrics",
     "models",
     "newton",

@@ -116,7 +116,9 @@ class FlatModel:
         self.dtype = named[0][1].dtype
         self.device = named[0][1].device
         self.frozen = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
-        self.frozen.update({k: b for k, b in model.named_buffers()})
+        # copies: a BatchNorm in training mode updates its running statistics in place during
+        # a forward pass, and nothing the caller owns may change (erasure methods, fits)
+        self.frozen.update({k: b.detach().clone() for k, b in model.named_buffers()})
 
     def flat(self, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
         """The current :math:`\\theta` as a new ``(d,)`` tensor."""

@@ -12,6 +12,8 @@ with :math:`F_D` the block-diagonal damped empirical Fisher of the training set 
 from __future__ import annotations
 
 import math
+import os
+import uuid
 
 import torch
 from torch import nn
@@ -24,6 +26,8 @@ from ssse_ext.validation import (check_callable, check_choice, check_data, check
 from ._utils import FlatModel, check_request, finish_update, iter_batches, warn_if_training
 from .curvature import CURVATURES, LIKELIHOODS
 from .gradients import _grad_stream, fit_inverse_fisher, gradient_sum, resolve_layout
+from .io import fingerprint
+from .ledger import Ledger, check_ids, record
 from .newton import ggn_rows_of, newton_refined
 
 __all__ = ["ssse_update", "Eraser", "FISHER_VARIANTS", "GRADIENT_VARIANTS"]
@@ -151,11 +155,24 @@ class Eraser:
     Fisher applied on the fly), then the inverse is downdated in place after every block has
     been checked, so any error leaves everything unchanged. Extra memory: :math:`O(k\,d)`.
 
+    **Sample ids.** Gradients cannot tell whether a sample was trained on, or already erased:
+    requests name their samples with ``ids`` (:meth:`erase`), checked against the training
+    set's ids (:meth:`fit`; by default the positions ``0 .. n-1`` in ``train_data``) and the
+    ids erased before, and refused before anything changes. With a ``ledger``
+    (:class:`ssse.ledger.Ledger` or a path), ids are required and every request is appended
+    to it (:func:`ssse.ledger.record`: ids hash, method, fingerprints of the model and the
+    inverse before and after, health probe); request ids and sample ids already in the
+    ledger are refused. After every downdate the health probe of the inverse
+    (:meth:`ssse_ext.BlockInverseFisher.health`) is computed, recorded, and warned about when
+    above the dtype's tolerance.
+
     Args:
         model: the trained model (:math:`\theta^*`); written only by ``erase(..., inplace=True)``.
         loss_fn, damping, block_size, layout, weight_decay, minibatch, chunk_size, max_memory,
             curvature, likelihood, mc_samples: as in :func:`ssse.fit_inverse_fisher`.
         dtype, device: of the inverse (default: the model's).
+        ledger: an append-only record of the requests (a :class:`ssse.ledger.Ledger` or a
+            file path), or ``None``.
 
     Attributes:
         inv_fisher: the current inverse (of the curvature of the remaining data).
@@ -163,6 +180,9 @@ class Eraser:
         theta: the current flat parameters.
         history: one ``(k, epsilon)`` per request served (``epsilon`` is ``None`` for a Newton
             step).
+        erased_ids: the ids erased so far (by requests that gave ids).
+        last_request: the record of the last request that gave ids
+            (:func:`ssse.ledger.record`; the fingerprints only with a ledger).
     """
 
     def __init__(self, model: nn.Module, loss_fn, *, damping: float,
@@ -170,9 +190,15 @@ class Eraser:
                  weight_decay: float = 0.0, minibatch: int = 1,
                  dtype: torch.dtype | None = None, device=None, chunk_size: int | None = None,
                  max_memory: int | None = None, curvature: str = "empirical",
-                 likelihood: str = "categorical", mc_samples: int = 1):
+                 likelihood: str = "categorical", mc_samples: int = 1, ledger=None):
         check_module(model)
         check_callable(loss_fn, "loss_fn")
+        if ledger is not None and not isinstance(ledger, Ledger):
+            if not isinstance(ledger, (str, os.PathLike)):
+                raise TypeError(f"ledger must be a ssse.ledger.Ledger or a file path, got "
+                                f"{type(ledger).__name__}")
+            ledger = Ledger(ledger)
+        self.ledger: Ledger | None = ledger
         self.model = model
         self.loss_fn = loss_fn
         self.damping = check_positive_float(damping, "damping")
@@ -194,23 +220,34 @@ class Eraser:
         self.theta: torch.Tensor | None = None
         self._star: dict | None = None
         self.history: list[tuple[int, float | None]] = []
+        self.erased_ids: set = set()
+        self.last_request: dict | None = None
+        self._train_ids = None
+        self._inverse_fp: str | None = None
 
-    def fit(self, train_data, *, n_total: int | None = None, progress: bool = False) -> "Eraser":
+    def fit(self, train_data, *, n_total: int | None = None, ids=None, progress: bool = False,
+            checkpoint=None, every: int | None = None) -> "Eraser":
         """Fits :math:`F_D^{-1}` at the model's current parameters (:math:`\\theta^*`).
 
         Args:
             train_data: :math:`D`, an ``(X, y)`` pair or an iterable of batches.
             n_total: :math:`n`; default the number of samples seen (needed only with
                 ``minibatch > 1`` and an iterable, where the fit counts mini-batches).
+            ids: the ids of the training samples, one per sample (ints or strings); default
+                their positions ``0 .. n-1`` in ``train_data``.
             progress: show a progress bar.
+            checkpoint, every: a resumable fit (see :func:`ssse.fit_inverse_fisher`).
         """
         check_data(train_data, "train_data")
+        if ids is not None:
+            ids = check_ids(ids)
         inv = fit_inverse_fisher(self.model, self.loss_fn, train_data, damping=self.damping,
                                  layout=self.layout, weight_decay=self.weight_decay,
                                  minibatch=self.minibatch, dtype=self.dtype, device=self.device,
                                  chunk_size=self.chunk_size, max_memory=self.max_memory,
                                  curvature=self.curvature, likelihood=self.likelihood,
-                                 mc_samples=self.mc_samples, progress=progress)
+                                 mc_samples=self.mc_samples, progress=progress,
+                                 checkpoint=checkpoint, every=every)
         if n_total is not None:
             n = check_positive_int(n_total, "n_total")
         elif self.minibatch == 1:
@@ -220,6 +257,10 @@ class Eraser:
         else:
             raise ValueError("n_total must be given with minibatch > 1 and an iterable "
                              "train_data (the fit counts mini-batches, not samples)")
+        if ids is not None and len(ids) != n:
+            raise ValueError(f"ids must hold one id per training sample ({n}), got {len(ids)}")
+        self._train_ids = range(n) if ids is None else set(ids)
+        self.erased_ids, self.last_request, self._inverse_fp = set(), None, None
         self.inv_fisher, self.n = inv, n
         self.theta = self._fm.flat(dtype=self.dtype, device=self.device)
         # a copy: param_dict() shares storage with the model, which erase(inplace=True) writes
@@ -243,12 +284,94 @@ class Eraser:
                          dtype=self.dtype, params=self._star, name="removed")[0]
         return rows, v.to(self.device)
 
-    def erase(self, removed, *, epsilon: float | None = None, fisher: str = "full",
-              refine_steps: int = 0, inplace: bool = False) -> dict[str, torch.Tensor]:
+    @classmethod
+    def restore(cls, model: nn.Module, loss_fn, inv_fisher: ssse_ext.BlockInverseFisher, *,
+                n: int, theta_star: torch.Tensor | None = None, train_ids=None, erased=(),
+                weight_decay: float = 0.0, minibatch: int = 1, likelihood: str = "categorical",
+                mc_samples: int = 1, ledger=None) -> "Eraser":
+        r"""An Eraser that carries on from a saved state instead of fitting.
+
+        Args:
+            model: holds the current parameters :math:`\theta_t`.
+            loss_fn, weight_decay, minibatch, likelihood, mc_samples, ledger: as for the
+                constructor.
+            inv_fisher: the current inverse; its damping, layout, curvature, dtype and device
+                are the Eraser's.
+            n: the number of training samples left.
+            theta_star: the ``(d,)`` flat parameters the inverse was fitted at (default: the
+                model's, i.e. no request was served yet).
+            train_ids: the training set's ids (anything supporting ``in``; default
+                ``range(n + len(erased))``).
+            erased: the ids erased before.
+        """
+        check_module(model)
+        fm = FlatModel(model)
+        if not isinstance(inv_fisher, ssse_ext.BlockInverseFisher):
+            raise TypeError(f"inv_fisher must be a ssse_ext.BlockInverseFisher, got "
+                            f"{type(inv_fisher).__name__}")
+        if inv_fisher.dim != fm.dim:
+            raise ValueError(f"inv_fisher has dim={inv_fisher.dim}, the model has d={fm.dim} "
+                             "trainable parameters")
+        n = check_positive_int(n, "n")
+        erased = set(check_ids(list(erased), "erased")) if len(erased) else set()
+        self = cls(model, loss_fn, damping=inv_fisher.damping, layout=inv_fisher.layout,
+                   weight_decay=weight_decay, minibatch=minibatch, dtype=inv_fisher.dtype,
+                   device=inv_fisher.device, curvature=inv_fisher.curvature,
+                   likelihood=likelihood, mc_samples=mc_samples, ledger=ledger)
+        if theta_star is None:
+            star = fm.flat(dtype=self.dtype)
+        elif not isinstance(theta_star, torch.Tensor) or tuple(theta_star.shape) != (fm.dim,) \
+                or not theta_star.is_floating_point() or not bool(torch.isfinite(theta_star).all()):
+            raise ValueError(f"theta_star must be a finite ({fm.dim},) float tensor")
+        else:
+            star = theta_star.to(dtype=self.dtype, device=fm.device)
+        self._star = {k: v.clone() for k, v in fm.unflatten(star).items()}
+        self.inv_fisher, self.n = inv_fisher, n
+        self.theta = fm.flat(dtype=self.dtype, device=self.device)
+        self._train_ids = range(n + len(erased)) if train_ids is None else train_ids
+        self.erased_ids = erased
+        return self
+
+    def _check_ids(self, ids, k: int, request_id) -> tuple[list | None, str | None]:
+        """The request's sample ids and request id, checked before anything changes."""
+        if ids is None:
+            if self.ledger is not None:
+                raise ValueError("ids must be given: the Eraser records its requests in a "
+                                 "ledger, by sample id")
+            if request_id is not None:
+                raise ValueError("request_id needs ids")
+            return None, None
+        ids = check_ids(ids)
+        if len(ids) != k:
+            raise ValueError(f"ids must hold one id per removed sample ({k}), got {len(ids)}")
+        if request_id is None:
+            request_id = uuid.uuid4().hex
+        elif not isinstance(request_id, str) or not request_id.strip():
+            raise TypeError(f"request_id must be a non-empty string, got {request_id!r}")
+        strangers = [i for i in ids if i not in self._train_ids]
+        if strangers:
+            raise ValueError(f"{len(strangers)} of the ids were never part of the training set "
+                             f"(e.g. {strangers[:5]}): refused, nothing was changed")
+        again = sorted(set(ids) & self.erased_ids)
+        if again:
+            raise ValueError(f"{len(again)} of the ids were already erased (e.g. {again[:5]}): "
+                             "refused, nothing was changed")
+        if self.ledger is not None:
+            self.ledger.check(request_id, ids)
+        return ids, request_id
+
+    def erase(self, removed, *, ids=None, request_id: str | None = None,
+              epsilon: float | None = None, fisher: str = "full", refine_steps: int = 0,
+              inplace: bool = False) -> dict[str, torch.Tensor]:
         r"""Serves one deletion request (see the class docstring).
 
         Args:
             removed: :math:`S_t`, samples of the remaining training set.
+            ids: the ids of the samples of ``removed``, in order (ints or strings): refused
+                (``ValueError``, nothing changed) when one was never trained on or was erased
+                before. Required with a ledger.
+            request_id: the request's id (default: a random one); refused when the ledger
+                already holds it.
             epsilon: :math:`\varepsilon > 0` of SSSE; ``None`` (only with
                 ``curvature="ggn"``): the leave-k-out Newton step, nothing to tune.
             fisher: for SSSE, ``"full"`` (the Fisher of the data before this request, as in
@@ -277,6 +400,7 @@ class Eraser:
             raise ValueError("removed is empty: nothing to erase")
         if k >= self.n:
             raise ValueError(f"removed has {k} samples, but only {self.n} remain")
+        ids, request_id = self._check_ids(ids, k, request_id)
         rows, v = self._rows_and_gradient(batches)
         # No copy of the inverse: the step is computed first (the leave-k-out curvature applied
         # on the fly), then the downdate, which checks every block before it writes any, so an
@@ -292,11 +416,44 @@ class Eraser:
                 without=rows if fisher == "leave_k_out" else None)
         if not bool(torch.isfinite(theta).all()):
             raise FloatingPointError("the erasure produced NaN or Inf; nothing was changed")
+        keep = self.ledger is not None
+        model_before = fingerprint(self._fm.state_dict_with(self.theta)) if keep else None
+        if keep and self._inverse_fp is None:
+            self._inverse_fp = fingerprint(self.inv_fisher.to_state()[0])
         self.inv_fisher.downdate(rows)
+        old_theta, old_n = self.theta, self.n
         state = finish_update(self._fm, theta, inplace=inplace, what="the erasure")
         self.theta, self.n = theta, self.n - k
+        health = self.inv_fisher.health(what=f"request {request_id or len(self.history) + 1}")
+        if ids is not None:
+            entry = record(request_id, ids, method="newton" if epsilon is None else "ssse",
+                           epsilon=epsilon, fisher=None if epsilon is None else fisher,
+                           curvature=self.curvature, refine_steps=refine_steps,
+                           n_before=old_n, n_after=self.n,
+                           health=None if health is None else health.as_dict())
+            if keep:
+                inverse_after = fingerprint(self.inv_fisher.to_state()[0])
+                entry.update(model_before=model_before, model_after=fingerprint(state),
+                             inverse_before=self._inverse_fp, inverse_after=inverse_after)
+                try:
+                    self.ledger.append(entry)
+                except OSError as exc:
+                    self._undo(rows, old_theta, old_n, inplace)
+                    raise OSError(f"the ledger {self.ledger.path} could not be written ({exc}); "
+                                  "the request was undone (the inverse updated back with its "
+                                  "rows, equal up to rounding)") from exc
+                self._inverse_fp = inverse_after
+            self.erased_ids.update(ids)
+            self.last_request = entry
         self.history.append((k, epsilon))
         return state
+
+    def _undo(self, rows: torch.Tensor, theta: torch.Tensor, n: int, inplace: bool) -> None:
+        """Reverts a request whose record could not be written."""
+        self.inv_fisher.update(rows)
+        self.theta, self.n = theta, n
+        if inplace:
+            self._fm.write(theta)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The model's ``state_dict`` with the current parameters."""

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import time
 import warnings
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -23,8 +26,10 @@ from tqdm.auto import tqdm
 import ssse_ext
 from ssse_ext.validation import (check_callable, check_choice, check_data, check_device,
                                  check_dtype, check_int, check_module, check_nonneg_float,
-                                 check_positive_float, check_positive_int)
+                                 check_nonneg_int, check_positive_float, check_positive_int,
+                                 check_reiterable, is_pair)
 
+from ._faults import crash_point
 from ._utils import (BATCH_SIZE, FlatModel, available_memory, data_size, iter_batches,
                      per_sample_losses, rebatch, warn_if_training)
 from .curvature import CURVATURES, LIKELIHOODS, ggn_rows, outputs_2d, sample_labels
@@ -151,13 +156,15 @@ def _grad_stream(fm: FlatModel, loss_fn, data, name: str, *, weight_decay: float
                  chunk_size: int | None, minibatch: int, dtype: torch.dtype,
                  params: dict | None = None, max_memory: int | None = None,
                  curvature: str = "empirical", likelihood: str = "categorical",
-                 mc_samples: int = 1, seed: int = 0,
-                 info: dict | None = None) -> Iterator[torch.Tensor]:
+                 mc_samples: int = 1, seed: int = 0, info: dict | None = None,
+                 generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
     """The validated rows of ``curvature`` (:mod:`ssse.curvature`) for the samples of
     ``data`` at ``params``: per-sample (or per-group) gradients for ``"empirical"``; ``c``
     Gauss–Newton rows, or ``mc_samples`` sampled-label gradients, per sample otherwise. Each
     chunk covers ``chunk_size`` samples, or as many as ``max_memory`` bytes allow (default:
-    the memory available now). ``info["rows_per_sample"]`` receives the rows per sample."""
+    the memory available now). ``info["rows_per_sample"]`` receives the rows per sample and
+    ``info["chunk_size"]`` the samples per chunk (groups with ``minibatch > 1``);
+    ``generator`` draws the Monte-Carlo labels (default: a new one seeded with ``seed``)."""
     params = fm.param_dict(dtype) if params is None else params
     frozen = fm.frozen_dict(dtype)
     theta = torch.cat([params[k].reshape(-1) for k in fm.names])
@@ -177,8 +184,9 @@ def _grad_stream(fm: FlatModel, loss_fn, data, name: str, *, weight_decay: float
             max_memory = int(_MEMORY_SHARE * available_memory(fm.device))
         per_row = _row_bytes(fm, params, frozen, first[0], minibatch, dtype)
         chunk_size = _plan_chunk_rows(per_row * per_sample, max_memory)
-    generator = None
-    if curvature == "mc":
+    if info is not None:
+        info["chunk_size"] = chunk_size
+    if curvature == "mc" and generator is None:
         generator = torch.Generator(device=fm.device).manual_seed(seed)
     state: dict = {}
     for x, y in rebatch(itertools.chain([first], batches), chunk_size * minibatch):
@@ -287,8 +295,9 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
                        dtype: torch.dtype | None = None, device=None,
                        chunk_size: int | None = None, max_memory: int | None = None,
                        curvature: str = "empirical", likelihood: str = "categorical",
-                       mc_samples: int = 1, seed: int = 0,
-                       progress: bool = True) -> ssse_ext.BlockInverseFisher:
+                       mc_samples: int = 1, seed: int = 0, progress: bool = True,
+                       checkpoint: str | os.PathLike | None = None, every: int | None = None,
+                       probe_vectors: int = 3) -> ssse_ext.BlockInverseFisher:
     r"""Fits the block inverse of a damped curvature at the model's parameters.
 
     .. math:: F_b^{-1} = \Big(\lambda I + \frac{1}{N}\sum_{r} u_{r,b}\, u_{r,b}^\top\Big)^{-1}
@@ -331,6 +340,22 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
             (softmax logits) or ``"bernoulli"`` (independent sigmoid logits).
         mc_samples, seed: draws per sample and their seed for ``"mc"``.
         progress: show a progress bar.
+        checkpoint: a file path: makes the fit resumable. The float64 Gram accumulators, the
+            number of samples consumed and (``"mc"``) the random state are saved there
+            atomically every ``every`` samples, and once more when the data is exhausted; a
+            fit started again with the same model, data and settings resumes from it and
+            finishes bit-identically (same device, dtype and threads) to an uninterrupted one.
+            A checkpoint of another fit (other parameters or settings) is refused. ``data``
+            must be an ``(X, y)`` pair or re-iterable, and is read in the same order. The file
+            is left in place (delete it once the result is saved); its chunks are added as
+            they come, so the result may differ in the last bits from a fit without a
+            checkpoint when chunks are small.
+        every: samples between checkpoints (rounded up to whole chunks); default: whenever 5
+            minutes have passed since the last one.
+        probe_vectors: random vectors per block of the health probe
+            (:meth:`ssse_ext.BlockInverseFisher.health`, 0: none). The fit checks the result
+            with it and warns (:class:`ssse_ext.health.HealthWarning`) above the dtype's
+            tolerance.
 
     Returns:
         A :class:`ssse_ext.BlockInverseFisher` with ``num_samples`` the number of rows.
@@ -346,6 +371,14 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     check_choice(likelihood, "likelihood", LIKELIHOODS)
     mc_samples = check_positive_int(mc_samples, "mc_samples")
     seed = check_int(seed, "seed")
+    probe_vectors = check_nonneg_int(probe_vectors, "probe_vectors")
+    every = check_positive_int(every, "every", allow_none=True)
+    if checkpoint is not None:
+        if not isinstance(checkpoint, (str, os.PathLike)):
+            raise TypeError(f"checkpoint must be a file path, got {type(checkpoint).__name__}")
+        check_reiterable(data, "data")
+    elif every is not None:
+        raise ValueError("every needs a checkpoint path")
     if minibatch > 1 and curvature != "empirical":
         raise ValueError(f"minibatch > 1 needs curvature=\"empirical\", got {curvature!r}")
     warn_if_training(model, "fit_inverse_fisher")
@@ -368,30 +401,145 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     bar = tqdm(total=total, unit="grad", desc="inverse Fisher", disable=not progress,
                leave=False)
 
-    info: dict = {}
-    stream = _grad_stream(fm, loss_fn, data, "data", weight_decay=weight_decay,
-                          chunk_size=chunk_size, minibatch=minibatch, dtype=dtype,
-                          max_memory=max_memory, curvature=curvature, likelihood=likelihood,
-                          mc_samples=mc_samples, seed=seed, info=info)
-    first = next(stream, None)  # an error of the model or the loss surfaces here, unchanged
-    if first is None:
-        bar.close()
-        raise ValueError("data is empty: the Fisher needs at least one sample")
-    per_sample = info["rows_per_sample"]
-
-    def chunks():
-        for rows in itertools.chain([first], stream):
-            bar.update(rows.shape[0] // per_sample)
-            yield rows.to(device)
-
+    stream_args = dict(weight_decay=weight_decay, minibatch=minibatch, dtype=dtype,
+                       max_memory=max_memory, curvature=curvature, likelihood=likelihood,
+                       mc_samples=mc_samples, seed=seed)
     try:
-        # the GGN's c rows of a sample add up to its curvature (N = n); each Monte-Carlo draw
-        # is one estimate of it (N = n * mc_samples, the number of rows)
-        return ssse_ext.build_inverse_fisher(
-            chunks(), damping=damping, layout=lay,
-            rows_per_sample=per_sample if curvature == "ggn" else 1, curvature=curvature)
+        if checkpoint is not None:
+            settings = {"damping": damping, "layout": lay.to_dict(), "samples": n,
+                        "device": device.type, "probe_vectors": probe_vectors, **stream_args}
+            settings["dtype"] = str(dtype).removeprefix("torch.")
+            del settings["max_memory"]
+            inv = _fit_resumable(fm, loss_fn, data, lay, device=device, chunk_size=chunk_size,
+                                 stream_args=stream_args, settings=settings,
+                                 path=Path(checkpoint), every=every, bar=bar,
+                                 probe_vectors=probe_vectors)
+        else:
+            info: dict = {}
+            stream = _grad_stream(fm, loss_fn, data, "data", chunk_size=chunk_size, info=info,
+                                  **stream_args)
+            first = next(stream, None)  # the model's or the loss's error surfaces unchanged
+            if first is None:
+                raise ValueError("data is empty: the Fisher needs at least one sample")
+            per_sample = info["rows_per_sample"]
+
+            def chunks():
+                for rows in itertools.chain([first], stream):
+                    bar.update(rows.shape[0] // per_sample)
+                    yield rows.to(device)
+
+            # the GGN's c rows of a sample add up to its curvature (N = n); each Monte-Carlo
+            # draw is one estimate of it (N = n * mc_samples, the number of rows)
+            inv = ssse_ext.build_inverse_fisher(
+                chunks(), damping=damping, layout=lay,
+                rows_per_sample=per_sample if curvature == "ggn" else 1, curvature=curvature,
+                probe_vectors=probe_vectors)
     finally:
         bar.close()
+    inv.health(what="the fit")
+    return inv
+
+
+#: Seconds between checkpoints of a resumable fit when ``every`` is not given.
+CHECKPOINT_SECONDS = 300.0
+
+
+def _skip_samples(data, count: int):
+    """``data`` without its first ``count`` samples (an ``(X, y)`` pair, or a generator over
+    the remaining batches of a re-iterable)."""
+    if count == 0:
+        return data
+    if is_pair(data):
+        return data[0][count:], data[1][count:]
+
+    def rest():
+        left = count
+        for batch in data:
+            if left and is_pair(batch):
+                m = batch[0].shape[0]
+                if m <= left:
+                    left -= m
+                    continue
+                batch, left = (batch[0][left:], batch[1][left:]), 0
+            yield batch
+    return rest()
+
+
+def _fit_resumable(fm: FlatModel, loss_fn, data, lay: ssse_ext.BlockLayout, *, device,
+                   chunk_size: int | None, stream_args: dict, settings: dict, path: Path,
+                   every: int | None, bar, probe_vectors: int) -> ssse_ext.BlockInverseFisher:
+    """The stable build driven chunk by chunk, checkpointed to ``path`` (see
+    :func:`fit_inverse_fisher`). Chunks are added as they come (no gathering), so that the
+    accumulation is the same sequence of kernel calls whatever the checkpoints."""
+    from .io import FileFormatError, fingerprint, load_checkpoint, save_checkpoint
+
+    ident = {"model": fingerprint(fm.model.state_dict()), **settings}
+    minibatch = stream_args["minibatch"]
+    acc = ssse_ext.GramAccumulator(lay, stream_args["dtype"], device)
+    generator = None
+    if stream_args["curvature"] == "mc":
+        generator = torch.Generator(device=fm.device).manual_seed(stream_args["seed"])
+    cursor, per_sample, complete = 0, None, False
+    if path.exists():
+        try:
+            tensors, meta = load_checkpoint(path)
+            saved = meta["fit"]
+            if not isinstance(saved, dict):
+                raise KeyError("fit")
+        except (FileFormatError, KeyError, TypeError) as exc:
+            raise ValueError(f"checkpoint {path} is not a checkpoint of a fit ({exc}); delete "
+                             "it or choose another path") from None
+        for key in sorted(set(ident) | set(saved)):
+            if saved.get(key) != ident.get(key):
+                what = "the model's parameters or buffers" if key == "model" else \
+                    f"{key} ({saved.get(key)!r} there, {ident.get(key)!r} here)"
+                raise ValueError(f"checkpoint {path} belongs to another fit: {what} differ; "
+                                 "delete it or choose another path")
+        if chunk_size is not None and chunk_size != meta["chunk_size"]:
+            raise ValueError(f"checkpoint {path} was made with chunk_size={meta['chunk_size']}, "
+                             f"got {chunk_size}: resuming needs the same chunks")
+        acc.load_state({k: v.to(device) for k, v in tensors.items() if k.startswith("gram.")},
+                       meta["accumulator"])
+        if generator is not None:
+            generator.set_state(tensors["rng"])
+        chunk_size, per_sample = int(meta["chunk_size"]), int(meta["rows_per_sample"])
+        cursor, complete = int(meta["cursor"]), bool(meta["complete"])
+        bar.update(math.ceil(cursor / minibatch))
+
+    def save(done: bool):
+        state, acc_meta = acc.state()
+        tensors = {k: v.to("cpu") for k, v in state.items()}
+        if generator is not None:
+            tensors["rng"] = generator.get_state()
+        save_checkpoint(path, tensors, {"fit": ident, "cursor": cursor,
+                                        "chunk_size": chunk_size, "rows_per_sample": per_sample,
+                                        "accumulator": acc_meta, "complete": done})
+        crash_point("fit-checkpoint")
+
+    if not complete:
+        info: dict = {}
+        stream = _grad_stream(fm, loss_fn, _skip_samples(data, cursor), "data",
+                              chunk_size=chunk_size, info=info, generator=generator,
+                              **stream_args)
+        saved_at, saved_time = cursor, time.monotonic()
+        for rows in stream:
+            acc.add(rows.to(device))
+            chunk_size, per_sample = info["chunk_size"], info["rows_per_sample"]
+            cursor += chunk_size * minibatch  # past the data only for the last chunk
+            bar.update(rows.shape[0] // per_sample)
+            due = cursor - saved_at >= every if every is not None else \
+                time.monotonic() - saved_time >= CHECKPOINT_SECONDS
+            if due:
+                save(False)
+                saved_at, saved_time = cursor, time.monotonic()
+        if acc.rows == 0:
+            raise ValueError("data is empty: the Fisher needs at least one sample")
+        save(True)
+    rows_per_sample = per_sample if stream_args["curvature"] == "ggn" else 1
+    probe = ssse_ext.FisherProbe(lay, columns=probe_vectors, device=device) \
+        if probe_vectors else None
+    return acc.finish(settings["damping"], max(acc.rows, 1) / rows_per_sample,
+                      curvature=stream_args["curvature"], probe=probe)
 
 
 def gradient_sum(model: nn.Module, loss_fn, data, *, weight_decay: float = 0.0,

@@ -3,13 +3,19 @@
 No pickle is used anywhere: a file holds raw tensors and a JSON header, so loading one can
 never run code. Every write goes to a temporary file in the target directory that is then
 renamed into place, so an interrupted command leaves either the old file or the new one.
+
+Temporary files are named ``.NAME.ssse-tmp-PID-XXXXXXXX.SUFFIX`` (``PID`` the writing process).
+A process killed during a write (``kill -9``, a power cut) leaves its temporary file behind:
+the next write to the same folder removes every such file whose process is no longer running.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,6 +26,7 @@ from safetensors.torch import save as _save_bytes
 
 import ssse_ext
 
+from ._faults import crash_point
 from .models import build_model
 
 __all__ = [
@@ -27,6 +34,11 @@ __all__ = [
     "FileFormatError",
     "atomic_path",
     "atomic_write_bytes",
+    "clean_stale_temporaries",
+    "fingerprint",
+    "load_checkpoint",
+    "load_extra_tensors",
+    "save_checkpoint",
     "load_inverse_fisher",
     "load_model",
     "read_metadata",
@@ -40,6 +52,12 @@ __all__ = [
 FORMAT_VERSION = 1
 MODEL_FORMAT = "ssse-model"
 FISHER_FORMAT = "ssse-inverse-fisher"
+CHECKPOINT_FORMAT = "ssse-fit-checkpoint"
+_FORMATS = (MODEL_FORMAT, FISHER_FORMAT, CHECKPOINT_FORMAT)
+# Prefix of the extra tensors of an inverse-Fisher file (see save_inverse_fisher).
+_EXTRA = "extra."
+_TMP_TAG = ".ssse-tmp-"
+_TMP_NAME = re.compile(r"^\..+\.ssse-tmp-(\d+)-[a-z0-9_]+(\.[^/]*)?$")
 
 
 class FileFormatError(ValueError):
@@ -48,16 +66,68 @@ class FileFormatError(ValueError):
 
 # ---- atomic writes ----------------------------------------------------------------------------
 
+def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Removes the temporary files of our naming in ``folder`` whose writing process is no
+    longer running (left by a ``kill -9`` during a save); returns what was removed. Files of
+    running processes (this one included) are kept."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        match = _TMP_NAME.match(name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or _running(pid):
+            continue
+        path = Path(folder) / name
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:  # removed by another process meanwhile, or not ours to remove
+            pass
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (or not a pid we can ask about): keep its file
+    return True
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Makes a rename in ``folder`` durable (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path next to ``path``; on success it is renamed onto ``path``.
 
     On an exception (or an interrupt) the temporary file is removed and ``path`` is untouched.
+    Stale temporary files of killed writers in the folder are removed first
+    (:func:`clean_stale_temporaries`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix,
-                               dir=path.parent)
+    clean_stale_temporaries(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_TMP_TAG}{os.getpid()}-",
+                               suffix=path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -67,7 +137,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
+        crash_point("atomic-write")
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -97,6 +169,19 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
+def fingerprint(tensors) -> str:
+    """``"sha256:..."`` of named tensors (a ``state_dict``, an inverse's state): their names,
+    dtypes, shapes and bytes, in name order. Equal for equal contents, wherever they live."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach()
+        h.update(f"{key}\0{str(t.dtype).removeprefix('torch.')}\0{tuple(t.shape)}\0".encode())
+        flat = t.to("cpu").contiguous().reshape(-1)
+        if flat.numel():
+            h.update(flat.view(torch.uint8).numpy())
+    return "sha256:" + h.hexdigest()
+
+
 # ---- generic safetensors with metadata ------------------------------------------------------
 
 def _save(path, tensors: dict[str, torch.Tensor], fmt: str, meta: dict) -> Path:
@@ -118,7 +203,7 @@ def read_metadata(path: str | os.PathLike) -> tuple[str, dict]:
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise FileFormatError(f"{path} is not a safetensors file ({exc})") from None
     fmt = header.get("format")
-    if fmt not in (MODEL_FORMAT, FISHER_FORMAT):
+    if fmt not in _FORMATS:
         raise FileFormatError(f"{path} is not an ssse file (format={fmt!r})")
     try:
         version = int(header.get("format_version", "0"))
@@ -130,7 +215,41 @@ def read_metadata(path: str | os.PathLike) -> tuple[str, dict]:
     if not 1 <= version <= FORMAT_VERSION:
         raise FileFormatError(f"{path} has format version {version}; this ssse reads up to "
                               f"{FORMAT_VERSION}")
+    _check_header(path, meta)
     return fmt, meta
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and \
+        abs(v) != float("inf")
+
+
+#: Header fields that ssse reads back, with what they must hold (an edited header is refused
+#: with the file's name rather than failing later, far from it).
+_HEADER_FIELDS = {
+    "weight_decay": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
+    "n_train": ("an integer > 0", lambda v: _is_int(v) and v > 0),
+    "n_remaining": ("an integer > 0", lambda v: _is_int(v) and v > 0),
+    "minibatch": ("an integer > 0", lambda v: _is_int(v) and v > 0),
+    "seed": ("an integer", _is_int),
+    "loss": ("a string", lambda v: isinstance(v, str)),
+    "epsilon": ("a number > 0 or null", lambda v: v is None or (_is_number(v) and v > 0)),
+    "erased": ("a list of integers >= 0", lambda v: isinstance(v, list) and
+               all(_is_int(i) and i >= 0 for i in v)),
+    "data": ("an object", lambda v: isinstance(v, dict)),
+    "recipe": ("an object", lambda v: isinstance(v, dict)),
+}
+
+
+def _check_header(path, meta: dict) -> None:
+    for key, (what, ok) in _HEADER_FIELDS.items():
+        if key in meta and not ok(meta[key]):
+            raise FileFormatError(f"{path}: header field {key!r} must be {what}, got "
+                                  f"{meta[key]!r}")
 
 
 def _load(path, expected: str, device=None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -196,12 +315,48 @@ def load_model(path: str | os.PathLike, *, device=None,
 
 # ---- inverse Fisher -------------------------------------------------------------------------
 
-def save_inverse_fisher(path: str | os.PathLike, inv: ssse_ext.BlockInverseFisher,
-                        **meta: Any) -> Path:
-    """Saves a :class:`ssse_ext.BlockInverseFisher` (packed blocks; layout, damping,
-    normaliser, number of samples and dtype in the metadata) plus free-form ``meta``."""
+def save_inverse_fisher(path: str | os.PathLike, inv: ssse_ext.BlockInverseFisher, *,
+                        extra: dict[str, torch.Tensor] | None = None, **meta: Any) -> Path:
+    """Saves a :class:`ssse_ext.BlockInverseFisher` (packed blocks and health probe; layout,
+    damping, normaliser, number of samples and dtype in the metadata) plus free-form ``meta``
+    and ``extra`` tensors (e.g. the parameters the inverse was fitted at; read them back with
+    :func:`load_extra_tensors`)."""
     tensors, state = inv.to_state()
+    tensors = dict(tensors)
+    for name, t in (extra or {}).items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"extra[{name!r}] must be a torch.Tensor, got {type(t).__name__}")
+        tensors[_EXTRA + name] = t
     return _save(path, tensors, FISHER_FORMAT, {**meta, "state": state})
+
+
+def load_extra_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The ``extra`` tensors saved with an inverse-Fisher file (none: an empty dict)."""
+    fmt, _ = read_metadata(path)
+    if fmt != FISHER_FORMAT:
+        raise FileFormatError(f"{path} is an {fmt} file, expected an {FISHER_FORMAT} file")
+    out = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            if key.startswith(_EXTRA):
+                out[key[len(_EXTRA):]] = f.get_tensor(key)
+    for key, t in out.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise FileFormatError(f"{path}: tensor {key!r} holds NaN or Inf (a corrupt file)")
+    return out
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                    meta: dict) -> Path:
+    """Writes a checkpoint of a fit (tensors and JSON metadata) atomically."""
+    return _save(path, tensors, CHECKPOINT_FORMAT, meta)
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Reads a checkpoint written by :func:`save_checkpoint`."""
+    return _load(path, CHECKPOINT_FORMAT)
 
 
 def load_inverse_fisher(path: str | os.PathLike, *, device=None,
