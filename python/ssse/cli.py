@@ -4,9 +4,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import re
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -23,6 +31,12 @@ __all__ = ["main"]
 EXPERIMENTS = ("illustration", "multiattribute", "multinomial", "nonconvex")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _GRID_TEXT = ":".join(f"{v:g}" for v in EPS_GRID)
+#: Most points of an ε grid (each point is an erasure and an evaluation of the model).
+MAX_GRID_POINTS = 1000
+# Options whose value may start with a minus sign that argparse would take for an option
+# ("--eps -1:1:3", "--epsilon -1e-3"): rewritten as "--eps=-1:1:3" so that their own check
+# reports the value.
+_SIGNED_OPTIONS = ("--eps", "--epsilon", "--damping", "--fraction", "--weight-decay", "--seed")
 
 
 class UsageError(Exception):
@@ -91,8 +105,12 @@ def _eps_range(text: str) -> tuple[float, float, int]:
         lo, hi, num = float(lo), float(hi), int(num)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LO:HI:NUM, got {text!r}") from None
-    if not (0 < lo <= hi) or num < 1:
-        raise argparse.ArgumentTypeError(f"expected 0 < LO <= HI and NUM >= 1, got {text!r}")
+    if not (0 < lo <= hi < float("inf")) or num < 1:
+        raise argparse.ArgumentTypeError(f"expected 0 < LO <= HI (finite) and NUM >= 1, got "
+                                         f"{text!r}")
+    if num > MAX_GRID_POINTS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_GRID_POINTS} grid points (NUM),"
+                                         f" got {num}")
     return lo, hi, num
 
 
@@ -225,6 +243,12 @@ def _add_fisher(sub) -> None:
                    "row of a linear model (default: per_parameter)")
     p.add_argument("--minibatch", type=_positive_int, default=1,
                    help="mean gradients of mini-batches of this size (default: 1)")
+    p.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="make the fit resumable: save its state to FILE every --every samples; "
+                   "run the same command again after a crash to resume (FILE is removed once "
+                   "the inverse is saved)")
+    p.add_argument("--every", type=_positive_int, default=None, metavar="N",
+                   help="samples between checkpoints (default: every 5 minutes)")
     _common(p, output=("inverse-Fisher", "inverse_fisher.safetensors"), func=_cmd_fisher)
 
 
@@ -241,6 +265,14 @@ def _add_erase(sub) -> None:
                    help="refinement steps of the Newton erasure (default: 0)")
     p.add_argument("--variant", choices=["full", "leave_k_out"], default="full",
                    help="Fisher of D (paper) or of D∖S (default: full)")
+    g = p.add_argument_group("serving requests (a ledger)")
+    g.add_argument("--ledger", default=None, metavar="FILE",
+                   help="serve the request in place: --model and --fisher are replaced by the "
+                   "erased model and the downdated inverse, and the request is appended to "
+                   "this JSON-lines ledger; a crash at any point is settled by the next run")
+    g.add_argument("--request-id", default=None, metavar="ID",
+                   help="the request's id in the ledger (default: a random one); an id "
+                   "already in the ledger is refused")
     _common(p, output=("erased model", "erased.safetensors"), func=_cmd_erase)
 
 
@@ -329,6 +361,89 @@ def _check_file(path: str, what: str) -> Path:
     return p
 
 
+def _check_folder(folder: Path, what: str) -> None:
+    """Refuses, before any work, a destination folder that is a file or that cannot be created
+    or written (tried, so that a read-only file system counts even for root)."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{what}: {folder} is a file, not a folder")
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"{what}: {probe} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{what}: cannot write in {probe} ({exc.strerror or exc})") from None
+
+
+def _check_destinations(args) -> None:
+    """Every file or folder the command will write, checked before the work."""
+    cmd = args.command
+    if cmd == "erase" and getattr(args, "ledger", None):
+        if args.output:
+            raise UsageError("--output: with --ledger the request replaces --model and --fisher "
+                             "in place")
+        for opt in ("model", "fisher", "ledger"):
+            path = Path(getattr(args, opt))
+            if path.is_dir():
+                raise UsageError(f"--{opt}: {path} is a folder, expected a file")
+            _check_folder(path.parent, f"--{opt}")
+        return
+    if getattr(args, "checkpoint", None):
+        path = Path(args.checkpoint)
+        if path.is_dir():
+            raise UsageError(f"--checkpoint: {path} is a folder, expected a file")
+        _check_folder(path.parent, "--checkpoint")
+    if getattr(args, "output", None):
+        path = Path(args.output)
+        if path.is_dir():
+            raise UsageError(f"--output: {path} is a folder, expected a file")
+        _check_folder(path.parent, "--output")
+    elif cmd in ("train", "fisher", "erase", "sweep") or \
+            (cmd in ("experiment", "demo") and getattr(args, "out", None)):
+        _check_folder(Path(args.out or f"results/{args.name}"), "--out")
+    elif cmd == "experiment":
+        _check_folder(Path(f"results/{args.name}"), "--out")
+
+
+@contextlib.contextmanager
+def _no_interrupt():
+    """Defers Ctrl-C (SIGINT) until the block is done: a set of files is swapped in, or a
+    ledger request committed, whole or not at all."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pending.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _staged(out: Path):
+    """Yields a temporary folder next to ``out`` for a command's outputs; on success every
+    file written there is moved into ``out`` at once (Ctrl-C deferred meanwhile), so an
+    interrupted command leaves ``out`` as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.ssse-stage-", dir=out.parent))
+    try:
+        yield stage
+        with _no_interrupt():
+            out.mkdir(parents=True, exist_ok=True)
+            for src in sorted(p for p in stage.rglob("*") if p.is_file()):
+                dst = out / src.relative_to(stage)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dst)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def _load_model_file(args):
     from .io import FileFormatError, load_model
 
@@ -398,14 +513,7 @@ def _choose_removal(args, task) -> torch.Tensor:
         if args.indices is not None:
             idx = args.indices
         else:
-            text = _check_file(args.indices_file, "--indices-file").read_text()
-            try:
-                idx = json.loads(text) if text.lstrip().startswith("[") else \
-                    [int(t) for t in text.replace(",", " ").split()]
-                idx = [int(i) for i in idx]
-            except ValueError:
-                raise UsageError(f"--indices-file: {args.indices_file} does not hold a list "
-                                 "of integers") from None
+            idx = _read_indices(_check_file(args.indices_file, "--indices-file"))
         bad = [i for i in idx if not 0 <= i < n]
         if bad:
             raise UsageError(f"indices out of range [0, {n}): {bad[:5]}")
@@ -424,6 +532,29 @@ def _choose_removal(args, task) -> torch.Tensor:
         if not 0 <= c < task.ds.num_classes:
             raise UsageError(f"--remove-class {c}: classes are 0..{task.ds.num_classes - 1}")
     return class_removal(y, args.remove_class, args.fraction, seed=args.seed)
+
+
+def _read_indices(path: Path) -> list[int]:
+    """A JSON list of integers, or integers separated by whitespace or commas: nothing else
+    (no 1.9, no true)."""
+    text = path.read_text()
+    bad = None
+    if text.lstrip().startswith("["):
+        try:
+            idx = json.loads(text)
+        except ValueError:
+            idx = None
+        if not isinstance(idx, list):
+            raise UsageError(f"--indices-file: {path} is not a JSON list of integers")
+        bad = next((i for i in idx if type(i) is not int), None)  # bool is not an index
+        if bad is None:
+            return idx
+    else:
+        tokens = text.replace(",", " ").split()
+        bad = next((t for t in tokens if not re.fullmatch(r"[+-]?\d+", t)), None)
+        if bad is None:
+            return [int(t) for t in tokens]
+    raise UsageError(f"--indices-file: {path} must hold integers only, got {bad!r}")
 
 
 def _out_path(args, name: str) -> Path:
@@ -505,6 +636,10 @@ def _cmd_fisher(args) -> int:
     if not damping > 0:
         raise UsageError(f"--curvature {args.curvature}: the model was trained without weight "
                          "decay; give --damping")
+    if args.every is not None and args.checkpoint is None:
+        raise UsageError("--every needs --checkpoint")
+    if args.checkpoint and Path(args.checkpoint).exists():
+        _say(args, f"resuming the fit from {args.checkpoint}")
     t0 = time.perf_counter()
     try:
         inv = ssse.fit_inverse_fisher(model, task.loss_fn, task.data(), damping=damping,
@@ -512,18 +647,26 @@ def _cmd_fisher(args) -> int:
                                       weight_decay=task.weight_decay, minibatch=args.minibatch,
                                       curvature=args.curvature, likelihood=task.likelihood,
                                       mc_samples=args.mc_samples, seed=args.seed,
-                                      progress=not args.quiet)
+                                      progress=not args.quiet, checkpoint=args.checkpoint,
+                                      every=args.every)
     except ValueError as exc:
         if "layout" not in str(exc):
             raise
         raise UsageError(f"--layout {args.layout}: {exc}") from None
     seconds = time.perf_counter() - t0
+    health = inv.health(warn=False)
+    theta_star = torch.cat([p.detach().reshape(-1) for p in model.parameters()
+                            if p.requires_grad])
     path = save_inverse_fisher(_out_path(args, "inverse_fisher.safetensors"), inv,
+                               extra={"theta_star": theta_star},
                                model=str(Path(args.model).name), minibatch=args.minibatch,
-                               n_train=task.n, seconds=seconds)
+                               mc_samples=args.mc_samples, n_train=task.n, seconds=seconds)
+    if args.checkpoint:
+        Path(args.checkpoint).unlink(missing_ok=True)
     print(f"inverse Fisher ({inv.curvature}): d={inv.dim}, {inv.layout.num_blocks} blocks "
           f"(largest {inv.layout.max_block_size}), λ={inv.damping:g}, N={inv.normalizer:g}, "
-          f"{inv.dtype}, fitted in {seconds:.2f} s")
+          f"{inv.dtype}, fitted in {seconds:.2f} s; health {health.residual:.1e} "
+          f"(tolerance {health.tolerance:.1e})")
     print(path)
     return 0
 
@@ -546,6 +689,10 @@ def _load_fisher(args, model):
 def _cmd_erase(args) -> int:
     from .io import save_model
 
+    if args.ledger:
+        return _serve(args)
+    if args.request_id is not None:
+        raise UsageError("--request-id needs --ledger")
     model, meta = _load_model_file(args)
     inv, fmeta = _load_fisher(args, model)
     task = _task_from_meta(args, model, meta)
@@ -576,11 +723,101 @@ def _cmd_erase(args) -> int:
     model.load_state_dict(state)
     erased = sorted(set(before) | set(removed.tolist()))
     path = save_model(_out_path(args, "erased.safetensors"), model, spec=meta["spec"],
-                      **{**{k: v for k, v in meta.items() if k not in ("spec", "dtype")},
+                      **{**{k: v for k, v in meta.items() if k not in _NOT_COPIED},
                          "erased": erased, "epsilon": args.epsilon, "variant": args.variant})
     print(f"erased {removed.numel()} of {task.n - len(before)} samples with {how} in "
           f"{seconds:.3f} s")
     print(path)
+    return 0
+
+
+#: Model-file header fields that a new erased model does not inherit from its input.
+_NOT_COPIED = ("spec", "dtype", "fingerprint", "ledger_request")
+
+
+def _serve(args) -> int:
+    """``ssse erase --ledger``: one request served in place, by the crash rule of
+    :mod:`ssse.ledger` (recovery of an interrupted request first)."""
+    from .io import fingerprint, load_extra_tensors, save_inverse_fisher, save_model
+    from .ledger import Ledger, commit, recover
+
+    model_path = _check_file(args.model, "--model")
+    fisher_path = _check_file(args.fisher, "--fisher")
+    ledger = Ledger(args.ledger)
+    with ledger.lock():
+        for line in recover(ledger, {"model": model_path, "inverse": fisher_path}):
+            print(f"ssse erase: {line}", file=sys.stderr)
+        entries = ledger.entries()
+        model, meta = _load_model_file(args)
+        inv, fmeta = _load_fisher(args, model)
+        model_fp, inverse_fp = fingerprint(model.state_dict()), fingerprint(inv.to_state()[0])
+        if entries:
+            last = entries[-1]
+            for what, path, fp in (("model", model_path, model_fp),
+                                   ("inverse", fisher_path, inverse_fp)):
+                if fp != last.get(f"{what}_after"):
+                    raise UsageError(f"{path} is not the {what} the ledger's last request "
+                                     f"({last['request']!r}) left: it was changed outside "
+                                     f"`ssse erase --ledger {args.ledger}`; nothing was done")
+        task = _task_from_meta(args, model, meta)
+        _check_fisher_matches(fmeta, task)
+        before = [int(i) for i in meta.get("erased", [])]
+        if before and "n_remaining" not in fmeta:
+            raise UsageError("--model already had samples erased without a ledger, and --fisher "
+                             "is the inverse of the whole training set: start a ledger from the "
+                             "trained model and its inverse")
+        removed = _removal(args, task, before)
+        ids = removed.tolist()
+        request_id = args.request_id or uuid.uuid4().hex
+        try:
+            ledger.check(request_id, ids)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if args.epsilon is None and inv.curvature != "ggn":
+            raise UsageError("--epsilon is needed unless --fisher holds the Gauss-Newton matrix "
+                             "(ssse fisher --curvature ggn)")
+        star = load_extra_tensors(fisher_path).get("theta_star")
+        if star is None:
+            if before:
+                raise UsageError("--fisher does not record the parameters it was fitted at "
+                                 "(fit it again with ssse fisher)")
+            star = torch.cat([p.detach().reshape(-1) for p in model.parameters()
+                              if p.requires_grad])
+        eraser = ssse.Eraser.restore(
+            model, task.loss_fn, inv, n=int(fmeta.get("n_remaining", task.n - len(before))),
+            theta_star=star, train_ids=range(task.n), erased=before,
+            weight_decay=task.weight_decay, minibatch=int(fmeta.get("minibatch", 1)),
+            likelihood=task.likelihood, mc_samples=int(fmeta.get("mc_samples", 1)))
+        n_before = eraser.n
+        t0 = time.perf_counter()
+        state = eraser.erase(task.data(removed), ids=ids, request_id=request_id,
+                             epsilon=args.epsilon, fisher=args.variant,
+                             refine_steps=args.refine_steps)
+        seconds = time.perf_counter() - t0
+        model.load_state_dict(state)
+        entry = {**eraser.last_request, "model_before": model_fp,
+                 "model_after": fingerprint(model.state_dict()), "inverse_before": inverse_fp,
+                 "inverse_after": fingerprint(eraser.inv_fisher.to_state()[0])}
+        model_meta = {**{k: v for k, v in meta.items() if k not in _NOT_COPIED},
+                      "erased": sorted(set(before) | set(ids)), "epsilon": args.epsilon,
+                      "variant": args.variant, "ledger_request": request_id,
+                      "fingerprint": entry["model_after"]}
+        fisher_meta = {**{k: v for k, v in fmeta.items() if k not in ("state", "fingerprint")},
+                       "n_remaining": eraser.n, "ledger_request": request_id,
+                       "fingerprint": entry["inverse_after"]}
+        with _no_interrupt():
+            commit(ledger, entry, {
+                "inverse": (fisher_path, lambda p: save_inverse_fisher(
+                    p, eraser.inv_fisher, extra={"theta_star": star}, **fisher_meta)),
+                "model": (model_path, lambda p: save_model(p, model, spec=meta["spec"],
+                                                           **model_meta))})
+    how = (f"ε={args.epsilon:g} ({args.variant} Fisher)" if args.epsilon is not None else
+           f"the leave-k-out Newton step ({args.refine_steps} refinement steps)")
+    health = entry["health"]
+    print(f"erased {len(ids)} of {n_before} samples with {how} in {seconds:.3f} s; request "
+          f"{request_id} recorded in {args.ledger}"
+          + (f" (health {health['residual']:.1e})" if health else ""))
+    print(model_path)
     return 0
 
 
@@ -604,10 +841,11 @@ def _cmd_sweep(args) -> int:
         except FileFormatError as exc:
             raise UsageError(str(exc)) from None
     classes = args.remove_class
-    report = run_sweep(task, model, inv, removed, out=Path(args.out), eps=args.eps,
-                       reference=reference, classes=classes, attribute=args.remove_attribute,
-                       seed=int(meta.get("seed", args.seed)), minibatch=int(fmeta.get("minibatch", 1)),
-                       progress=not args.quiet)
+    with _staged(Path(args.out)) as stage:
+        report = run_sweep(task, model, inv, removed, out=stage, eps=args.eps,
+                           reference=reference, classes=classes,
+                           attribute=args.remove_attribute, seed=int(meta.get("seed", args.seed)),
+                           minibatch=int(fmeta.get("minibatch", 1)), progress=not args.quiet)
     print(report["table"], end="")
     print(Path(args.out) / "sweep.json")
     return 0
@@ -616,11 +854,14 @@ def _cmd_sweep(args) -> int:
 def _cmd_demo(args) -> int:
     from .experiments.demo import run_demo
 
-    out = run_demo(data=args.data, data_dir=args.data_dir, train_limit=args.train_limit,
-                   remove_class=args.remove_class, fraction=args.fraction, damping=args.damping,
-                   eps=args.eps, seed=args.seed, device=args.device,
-                   dtype=_dtype(args, torch.float64), out=args.out, progress=not args.quiet)
-    print(out["text"], end="")
+    with contextlib.ExitStack() as stack:
+        where = stack.enter_context(_staged(Path(args.out))) if args.out else None
+        out = run_demo(data=args.data, data_dir=args.data_dir, train_limit=args.train_limit,
+                       remove_class=args.remove_class, fraction=args.fraction,
+                       damping=args.damping, eps=args.eps, seed=args.seed, device=args.device,
+                       dtype=_dtype(args, torch.float64), out=where, progress=not args.quiet)
+    text = out["text"] if where is None else out["text"].replace(str(where), str(args.out))
+    print(text, end="")
     return 0
 
 
@@ -629,12 +870,13 @@ def _cmd_experiment(args) -> int:
 
     module = importlib.import_module(f".experiments.{args.name}", __package__)
     out = Path(args.out or f"results/{args.name}")
-    kwargs = {"quick": args.quick, "seed": args.seed, "out": out, "device": args.device,
+    kwargs = {"quick": args.quick, "seed": args.seed, "device": args.device,
               "progress": not args.quiet, "data": args.data, "data_dir": args.data_dir,
               "repeats": args.repeats}
     if args.dtype:
         kwargs["dtype"] = _DTYPES[args.dtype]
-    summary = module.run(**kwargs)
+    with _staged(out) as stage:
+        summary = module.run(out=stage, **kwargs)
     print(summary.rstrip("\n"))
     print(out / "results.json")
     return 0
@@ -646,8 +888,37 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def _rejoin_signed(argv: list[str]) -> list[str]:
+    """``--eps -1:1:3`` as ``--eps=-1:1:3`` (see _SIGNED_OPTIONS)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in _SIGNED_OPTIONS and i + 1 < len(argv) and \
+                re.match(r"-\.?\d", argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+#: OS errors that mean a bad path or permission (exit 2), not a failure of the machine.
+_PATH_ERRORS = (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
+                FileNotFoundError)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(f"ssse{' ' + command if command else ''}: interrupted (no partial files were "
+              "written)", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:  # forwarded untouched, --help included
         if "--model" in argv[1:]:
             from .experiments import model_bench
@@ -655,12 +926,14 @@ def main(argv: list[str] | None = None) -> int:
         from ssse_ext import bench
         return int(bench.main(argv[1:]) or 0)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_rejoin_signed(argv))
     from ssse_ext import NotPositiveDefiniteError
 
     from .data import DataUnavailableError
+    from .ledger import LedgerBusyError
     try:
         _setup(args)
+        _check_destinations(args)
         return args.func(args)
     except UsageError as exc:
         print(f"ssse {args.command}: error: {exc}", file=sys.stderr)
@@ -668,16 +941,17 @@ def main(argv: list[str] | None = None) -> int:
     except DataUnavailableError as exc:
         print(f"ssse {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except (FloatingPointError, NotPositiveDefiniteError) as exc:  # numerics, not arguments
-        print(f"ssse {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+    except (FloatingPointError, NotPositiveDefiniteError, LedgerBusyError) as exc:
+        print(f"ssse {args.command}: error: {_one_line(exc)}", file=sys.stderr)  # not arguments
         return 1
     except ValueError as exc:  # the library's and the data sets' checks of what was asked
         print(f"ssse {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"ssse {args.command}: interrupted (no partial files were written)",
+    except OSError as exc:  # a destination that changed under us, a full disk
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"ssse {args.command}: error: {exc.strerror or _one_line(exc)}{where}",
               file=sys.stderr)
-        return 130
+        return 2 if isinstance(exc, _PATH_ERRORS) else 1
 
 
 if __name__ == "__main__":  # pragma: no cover
