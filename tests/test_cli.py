@@ -113,3 +113,166 @@ def test_erase_refuses_other_data_and_counts_earlier_requests(capsys, trained, t
     code, _, err = run(capsys, "sweep", "--model", str(first), "--fisher", fisher, "--indices",
                        "9", "--out", str(tmp_path))
     assert code == 2 and "already had samples erased" in err
+
+
+# ---- issue 13: write failures, grid cap, interrupts, indices files, messages ----------------
+
+def one_line(err: str) -> bool:
+    return len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_unwritable_destinations_fail_before_the_work(capsys, tmp_path, monkeypatch):
+    from ssse.experiments.tasks import Task
+
+    def never(*args, **kwargs):
+        raise AssertionError("trained before the destination was checked")
+    monkeypatch.setattr(Task, "train", never)
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "a-folder").mkdir()
+    for argv, message in [
+        (["--out", "/proc/ssse-no-such-dir"], "--out: cannot write in /proc"),  # even as root
+        (["--out", str(tmp_path / "a-file")], "a-file is a file, not a folder"),
+        (["--output", str(tmp_path / "a-folder")], "a-folder is a folder, expected a file"),
+        (["--output", str(tmp_path / "a-file" / "m.safetensors")], "is a file, not a folder"),
+    ]:
+        code, _, err = run(capsys, "train", "--train-limit", "50", "--quiet", *argv)
+        assert code == 2 and one_line(err) and message in err, err
+    code, _, err = run(capsys, "sweep", "--model", "m", "--fisher", "f", "--indices", "1",
+                       "--out", str(tmp_path / "a-file"))
+    assert code == 2 and "a-file is a file, not a folder" in err
+
+
+def test_an_endless_eps_grid_is_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", "--model", "m", "--fisher", "f", "--indices", "1", "--eps",
+              "1:1:1000000000"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and one_line(err) and "at most 1000 grid points" in err
+
+
+def test_negative_epsilon_is_reported_as_needing_a_positive_number(capsys):
+    import torch
+    from torch import nn
+
+    import ssse
+    for argv in (["erase", "--model", "m", "--fisher", "f", "--indices", "1", "--epsilon", "-1"],
+                 ["erase", "--model", "m", "--fisher", "f", "--indices", "1", "--epsilon",
+                  "-1e-3"],
+                 ["demo", "--eps", "-1:1:3"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and one_line(err) and ("> 0" in err or "0 < LO" in err)
+        assert ">= 0" not in err and "≥" not in err
+    model = nn.Linear(3, 2).double()
+    X, y = torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 2, (10,))
+    loss = nn.CrossEntropyLoss(reduction="none")
+    inv = ssse.fit_inverse_fisher(model, loss, (X, y), damping=0.1, progress=False)
+    with pytest.raises(ValueError, match="epsilon must be a finite number > 0, got -1.0"):
+        ssse.ssse_update(model, loss, (X[:2], y[:2]), inv_fisher=inv, epsilon=-1, n_total=10)
+    with pytest.raises(ValueError, match="epsilon must be a finite number > 0, got -1.0"):
+        ssse.Eraser(model, loss, damping=0.1).fit((X, y)).erase((X[:2], y[:2]), epsilon=-1)
+
+
+def test_indices_files_hold_integers_only(capsys, trained, tmp_path):
+    common = ["erase", "--model", str(trained / "model.safetensors"), "--fisher",
+              str(trained / "inverse_fisher.safetensors"), "--epsilon", "1", "--output",
+              str(tmp_path / "e.safetensors"), "--quiet"]
+    for text, bad in [("[1.9]", "1.9"), ("[true, 3]", "True"), ('["1"]', "'1'"),
+                      ("1 2.5", "'2.5'"), ("{}", None)]:
+        f = tmp_path / "idx.txt"
+        f.write_text(text)
+        code, _, err = run(capsys, *common, "--indices-file", str(f))
+        assert code == 2 and one_line(err) and "--indices-file" in err, (text, err)
+        assert bad is None or f"integers only, got {bad}" in err
+    assert not (tmp_path / "e.safetensors").exists()
+    f.write_text("[4, 2]")
+    code, out, _ = run(capsys, *common, "--indices-file", str(f))
+    assert code == 0 and "erased 2 of 300" in out
+
+
+def test_an_edited_header_is_reported_with_the_file_name(capsys, trained, tmp_path):
+    from .test_io import _rewrite
+    from ssse.io import FileFormatError, load_model, read_metadata
+
+    src = trained / "model.safetensors"
+    _, meta = read_metadata(src)
+    edited = _rewrite(src, tmp_path / "edited.safetensors", meta={**meta, "weight_decay": "x"})
+    with pytest.raises(FileFormatError, match=r"edited.safetensors: header field 'weight_decay' "
+                                              r"must be a number >= 0, got 'x'"):
+        load_model(edited)
+    code, _, err = run(capsys, "fisher", "--model", str(edited), "--out", str(tmp_path))
+    assert code == 2 and one_line(err) and str(edited) in err and "weight_decay" in err
+
+
+def test_ctrl_c_during_sweep_leaves_the_output_folder_as_it_was(capsys, trained, tmp_path,
+                                                               monkeypatch):
+    from ssse import plots
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "sweep.json").write_text("old")
+    (out / "sweep_delta.png").write_bytes(b"old")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(plots, "eps_panels", interrupted)  # after sweep_delta.png was drawn
+    code, _, err = run(capsys, "sweep", "--model", str(trained / "model.safetensors"),
+                       "--fisher", str(trained / "inverse_fisher.safetensors"),
+                       "--remove-class", "2", "--eps", "0.1:10:2", "--out", str(out),
+                       "--quiet", "--reference", str(trained / "model.safetensors"))
+    assert code == 130 and err.strip() == "ssse sweep: interrupted (no partial files were " \
+        "written)"
+    assert sorted(p.name for p in out.iterdir()) == ["sweep.json", "sweep_delta.png"]
+    assert (out / "sweep.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep"]  # no staging folder left
+
+
+def test_ctrl_c_while_outputs_are_swapped_in_is_deferred(tmp_path):
+    import os
+    import signal
+
+    from ssse.cli import _staged
+
+    with pytest.raises(KeyboardInterrupt):
+        with _staged(tmp_path / "out") as stage:
+            for name in ("a", "b", "c"):
+                (stage / name).write_text(name)
+            os.kill(os.getpid(), signal.SIGINT)  # arrives before the swap: raised at once
+    assert not (tmp_path / "out").exists()
+    real_replace = os.replace
+
+    def replace_and_interrupt(src, dst):
+        real_replace(src, dst)
+        os.kill(os.getpid(), signal.SIGINT)  # in the middle of the swap: held until its end
+    try:
+        os.replace = replace_and_interrupt
+        with pytest.raises(KeyboardInterrupt):
+            with _staged(tmp_path / "out") as stage:
+                for name in ("a", "b", "c"):
+                    (stage / name).write_text(name)
+    finally:
+        os.replace = real_replace
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "b", "c"]
+
+
+def test_ctrl_c_during_the_imports_prints_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    # SIGINT delivered while torch is being imported by the console script's entry point
+    script = (
+        "import builtins, os, signal, sys\n"
+        "real = builtins.__import__\n"
+        "def hook(name, *a, **k):\n"
+        "    if name == 'torch':\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = hook\n"
+        "import ssse_entry\n"
+        "sys.exit(ssse_entry.main(['info']))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=600)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip() == "ssse: interrupted"

@@ -236,3 +236,56 @@ def test_eraser_inplace_keeps_gradients_at_theta_star():
     # computation, bit for bit
     assert torch.equal(flat_state(b, model), flat_state(a, model))
     assert torch.equal(flat(twin), flat_state(b, model))
+
+
+def test_nothing_the_caller_owns_moves_with_a_train_mode_batchnorm():
+    # issue 13: forward passes of a BatchNorm in training mode update its running statistics
+    # in place; every method and fit must leave the model's state_dict bit-identical, whether
+    # it succeeds or raises (per-sample passes of a train-mode BatchNorm cannot work)
+    import hashlib
+    import warnings
+
+    model, X, y = setup()
+    inv = fit(model, X, y)
+    ggn = ssse.fit_inverse_fisher(model, CE, (X, y), damping=WD, weight_decay=WD,
+                                  curvature="ggn", block_size=10, progress=False)
+    model.train()
+    S, R = (X[:4], y[:4]), (X[4:], y[4:])
+    calls = {
+        "ssse_update": lambda: ssse.ssse_update(model, CE, S, inv_fisher=inv, epsilon=1.0,
+                                                n_total=40, weight_decay=WD),
+        "ssse_update leave-k-out": lambda: ssse.ssse_update(
+            model, CE, S, inv_fisher=inv, epsilon=1.0, n_total=40, fisher="leave_k_out"),
+        "ssse_update retained": lambda: ssse.ssse_update(
+            model, CE, S, inv_fisher=inv, epsilon=1.0, n_total=40, gradient="retained",
+            retained=R),
+        "newton_erase": lambda: ssse.newton_erase(model, CE, S, inv_fisher=ggn, n_total=40,
+                                                  weight_decay=WD),
+        "influence_update": lambda: ssse.influence_update(model, CE, S, retained=R,
+                                                          weight_decay=WD),
+        "fisher_forgetting": lambda: ssse.fisher_forgetting(model, CE, S, retained=R,
+                                                            alpha=1e-3, seed=0),
+        "gradient_ascent": lambda: ssse.gradient_ascent(model, CE, S, lr=0.1),
+        "fit_inverse_fisher": lambda: fit(model, X, y),
+        "per_sample_grads": lambda: grads(model, X, y),
+        "Eraser": lambda: ssse.Eraser(model, CE, damping=0.1).fit((X, y)).erase(S, epsilon=1.0),
+        "estimate_epsilon": lambda: ssse.metrics.estimate_epsilon(model, CE, (X, y),
+                                                                   inv_fisher=inv),
+    }
+
+    def digest():
+        return {k: hashlib.sha256(v.detach().cpu().numpy().tobytes()).hexdigest()
+                for k, v in model.state_dict().items()}
+
+    before = digest()
+    outcome = {}
+    for name, call in calls.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                call()
+                outcome[name] = "ok"
+            except Exception as exc:  # noqa: BLE001 - the point is what they leave behind
+                outcome[name] = type(exc).__name__
+        assert digest() == before, f"{name} ({outcome[name]}) changed the model's state_dict"
+    assert outcome["ssse_update"] == "ok" and outcome["gradient_ascent"] == "ok"

@@ -99,3 +99,27 @@ def test_refuses_tampered_files(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(fpath.read_bytes()[:-9])
     with pytest.raises(FileFormatError, match="not a safetensors file"):
         load_inverse_fisher(tmp_path / "cut.safetensors")
+
+
+def test_stale_temporary_files_of_dead_writers_are_cleaned_on_the_next_write(tmp_path):
+    # issue 13: a kill -9 during a save leaves .NAME.ssse-tmp-PID-XXXX files behind (a real
+    # kill during a checkpoint's write is in tests/test_resume.py)
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+    names = {
+        "dead": f".model.safetensors.ssse-tmp-{dead_pid}-abc_12xy.safetensors",
+        "mine": f".other.json.ssse-tmp-{os.getpid()}-zz9_0000.json",
+        "alive": f".x.json.ssse-tmp-{os.getppid()}-q1w2e3r4.json",
+        "not ours": ".model.safetensors.tmp12345.safetensors",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"partial")
+    write_json(tmp_path / "out.json", {"a": 1})
+    left = {p.name for p in tmp_path.iterdir()}
+    assert names["dead"] not in left
+    assert {names["mine"], names["alive"], names["not ours"], "out.json"} <= left

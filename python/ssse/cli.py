@@ -638,8 +638,14 @@ def _cmd_fisher(args) -> int:
                          "decay; give --damping")
     if args.every is not None and args.checkpoint is None:
         raise UsageError("--every needs --checkpoint")
+    resumed = ""
     if args.checkpoint and Path(args.checkpoint).exists():
-        _say(args, f"resuming the fit from {args.checkpoint}")
+        from .io import FileFormatError, load_checkpoint
+        try:
+            cursor = load_checkpoint(args.checkpoint)[1].get("cursor")
+            resumed = f" (resumed from {args.checkpoint} at sample {cursor})"
+        except FileFormatError:
+            pass  # the fit refuses it with the reason
     t0 = time.perf_counter()
     try:
         inv = ssse.fit_inverse_fisher(model, task.loss_fn, task.data(), damping=damping,
@@ -665,7 +671,7 @@ def _cmd_fisher(args) -> int:
         Path(args.checkpoint).unlink(missing_ok=True)
     print(f"inverse Fisher ({inv.curvature}): d={inv.dim}, {inv.layout.num_blocks} blocks "
           f"(largest {inv.layout.max_block_size}), λ={inv.damping:g}, N={inv.normalizer:g}, "
-          f"{inv.dtype}, fitted in {seconds:.2f} s; health {health.residual:.1e} "
+          f"{inv.dtype}, fitted in {seconds:.2f} s{resumed}; health {health.residual:.1e} "
           f"(tolerance {health.tolerance:.1e})")
     print(path)
     return 0
@@ -766,10 +772,11 @@ def _serve(args) -> int:
             raise UsageError("--model already had samples erased without a ledger, and --fisher "
                              "is the inverse of the whole training set: start a ledger from the "
                              "trained model and its inverse")
-        removed = _removal(args, task, before)
-        ids = removed.tolist()
         request_id = args.request_id or uuid.uuid4().hex
-        try:
+        try:  # a retried request is told so first, before its samples are found erased
+            ledger.check(request_id, [])
+            removed = _removal(args, task, before)
+            ids = removed.tolist()
             ledger.check(request_id, ids)
         except ValueError as exc:
             raise UsageError(str(exc)) from None

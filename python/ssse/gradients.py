@@ -27,7 +27,7 @@ import ssse_ext
 from ssse_ext.validation import (check_callable, check_choice, check_data, check_device,
                                  check_dtype, check_int, check_module, check_nonneg_float,
                                  check_nonneg_int, check_positive_float, check_positive_int,
-                                 check_reiterable, is_pair)
+                                 is_pair)
 
 from ._faults import crash_point
 from ._utils import (BATCH_SIZE, FlatModel, available_memory, data_size, iter_batches,
@@ -376,7 +376,10 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     if checkpoint is not None:
         if not isinstance(checkpoint, (str, os.PathLike)):
             raise TypeError(f"checkpoint must be a file path, got {type(checkpoint).__name__}")
-        check_reiterable(data, "data")
+        if not is_pair(data) and isinstance(data, Iterator):
+            raise TypeError(f"data must be an (X, y) pair or a re-iterable collection of "
+                            f"batches to resume a fit from a checkpoint, got a one-shot "
+                            f"{type(data).__name__}")
     elif every is not None:
         raise ValueError("every needs a checkpoint path")
     if minibatch > 1 and curvature != "empirical":
@@ -490,6 +493,8 @@ def _fit_resumable(fm: FlatModel, loss_fn, data, lay: ssse_ext.BlockLayout, *, d
             raise ValueError(f"checkpoint {path} is not a checkpoint of a fit ({exc}); delete "
                              "it or choose another path") from None
         for key in sorted(set(ident) | set(saved)):
+            if key == "samples" and None in (saved.get(key), ident.get(key)):
+                continue  # an iterable of batches does not tell its size
             if saved.get(key) != ident.get(key):
                 what = "the model's parameters or buffers" if key == "model" else \
                     f"{key} ({saved.get(key)!r} there, {ident.get(key)!r} here)"
