@@ -226,6 +226,7 @@ def test_ctrl_c_during_sweep_leaves_the_output_folder_as_it_was(capsys, trained,
         "written)"
     assert sorted(p.name for p in out.iterdir()) == ["sweep.json", "sweep_delta.png"]
     assert (out / "sweep.json").read_text() == "old"
+    assert (out / "sweep_delta.png").read_bytes() == b"old"  # not a new plot next to old json
     assert [p.name for p in tmp_path.iterdir()] == ["sweep"]  # no staging folder left
 
 
