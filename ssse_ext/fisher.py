@@ -514,8 +514,9 @@ class BlockInverseFisher:
         :math:`\max_b \lVert F^{-1}_{\mathrm{stored}} (F X_b) - X_b\rVert / \lVert X_b\rVert` on
         the probe's random vectors (:class:`~ssse_ext.health.FisherProbe`, kept exact in float64
         through every update and downdate); ``None`` without a probe. With ``warn``, a
-        :class:`~ssse_ext.health.HealthWarning` above the tolerance of the dtype (3.5e-4 for
-        float32, 1.5e-8 for float64). Costs two products with the inverse."""
+        :class:`~ssse_ext.health.HealthWarning` when a block's residual is above
+        :math:`\max(\sqrt{\epsilon}, 10\times` what rounding it to its dtype explains)
+        (:meth:`~ssse_ext.health.FisherProbe.check`). Costs three products with the inverse."""
         if self.probe is None:
             return None
         return self.probe.check(self, what=what, warn=warn)
@@ -760,8 +761,9 @@ def _build_by_recurrence(chunks, layout: BlockLayout, damping: float, normalizer
     if not health.ok:
         warnings.warn(
             f"build (method={method!r}): the accuracy check failed: |F(F^-1 x) - x|/|x| = "
-            f"{health.residual:.1e} in block {health.block} (tolerance {health.tolerance:.1e} "
-            f"for {str(dtype).removeprefix('torch.')}): the recurrence is unstable at this "
+            f"{health.residual:.1e} in block {health.block} (threshold {health.tolerance:.1e}; "
+            f"rounding to {str(dtype).removeprefix('torch.')} explains {health.floor:.0e}): "
+            f"the recurrence is unstable at this "
             f"damping ({damping:g}) and gradient scale (rows of norm up to "
             f"{math.sqrt(largest):.1e}); the default build (method=\"auto\") computes the same "
             f"matrix stably", HealthWarning, stacklevel=3)

@@ -17,8 +17,12 @@ Two checks, both cheap next to the work they watch:
   updates and downdates. (Inverting the stored block to get :math:`F` would measure only the
   rounding of that inversion: the probe must know :math:`F` independently.)
 
-The tolerance of both is :math:`\sqrt{\epsilon}` of the inverse's dtype (half its digits):
-3.5e-4 for float32, 1.5e-8 for float64.
+The condition warning fires when :math:`\kappa\,u_{64}` exceeds :math:`\sqrt{\epsilon}` of the
+inverse's dtype (half its digits: 3.5e-4 for float32, 1.5e-8 for float64). The probe's residual
+of a block cannot go below what rounding the block to its dtype leaves, about
+:math:`c_b\,u` with :math:`c_b` between 1 and its condition number
+(:meth:`FisherProbe.residuals`); it warns above :math:`\max(\sqrt{\epsilon}, 10\,c_b\,u)`, so
+that it flags drift and unstable recurrences, not conditioning (the condition warning's job).
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ __all__ = [
 U64 = torch.finfo(torch.float64).eps / 2
 #: Random vectors per block of a probe.
 DEFAULT_COLUMNS = 3
+#: A residual up to this many times the rounding floor of its block is rounding, not drift.
+FLOOR_FACTOR = 10
 # Elements of float64 scratch per batch of blocks (64 MiB): the checks' extra memory is bounded.
 _ELEMENTS = 1 << 23
 
@@ -132,26 +138,29 @@ def warn_ill_conditioned(blocks: list[tuple[int, float]], layout: BlockLayout, *
 
 @dataclass(frozen=True)
 class Health:
-    r"""A probe's verdict: ``residual`` = the largest over blocks of
-    :math:`\lVert F^{-1}_{\mathrm{stored}} (F X_b) - X_b\rVert / \lVert X_b\rVert`, found in
-    ``block``; ``ok`` when it is at most ``tolerance``."""
+    r"""A probe's verdict on the block ``block`` whose residual
+    :math:`\lVert F^{-1}_{\mathrm{stored}} (F X_b) - X_b\rVert / \lVert X_b\rVert` is largest
+    against its threshold ``tolerance``; ``floor`` is the residual that rounding the block to
+    its dtype explains (:meth:`FisherProbe.residuals`); ``ok`` when ``residual <= tolerance``."""
 
     residual: float
     block: int
     tolerance: float
     columns: int
+    floor: float = 0.0
 
     @property
     def ok(self) -> bool:
         return self.residual <= self.tolerance
 
     def as_dict(self) -> dict:
-        return {"residual": self.residual, "block": self.block, "tolerance": self.tolerance,
-                "vectors": self.columns}
+        return {"residual": self.residual, "block": self.block, "floor": self.floor,
+                "tolerance": self.tolerance, "vectors": self.columns}
 
     def __str__(self) -> str:
         return (f"|F(F^-1 x) - x|/|x| = {self.residual:.1e} (block {self.block}, "
-                f"{self.columns} random x per block, tolerance {self.tolerance:.1e})")
+                f"{self.columns} random x per block; rounding floor {self.floor:.0e}, "
+                f"threshold {self.tolerance:.1e})")
 
 
 class FisherProbe:
@@ -238,46 +247,56 @@ class FisherProbe:
         r""":math:`F X = \lambda X + S / N`, ``(d, columns)`` float64."""
         return damping * self.x + self.sketch / normalizer
 
-    def residuals(self, inv) -> torch.Tensor:
-        r"""Per block, :math:`\lVert A_b (F X)_b - X_b\rVert_F / \lVert X_b\rVert_F` with
-        :math:`A` = ``inv`` (anything with ``layout``, ``damping``, ``normalizer``, ``dtype``
-        and ``matvec``), as a CPU float64 tensor. :math:`F X` is passed in two parts rounded
-        to the inverse's dtype (high and low), so a float32 inverse is not charged for the
-        rounding of its input; the product is accumulated in float64."""
+    def residuals(self, inv) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Per block, the residual :math:`\rho_b = \lVert A_b (F X)_b - X_b\rVert_F /
+        \lVert X_b\rVert_F` with :math:`A` = ``inv`` (anything with ``layout``, ``damping``,
+        ``normalizer``, ``dtype`` and ``matvec``), and the scale
+        :math:`c_b = \frac{\lVert (F X)_b\rVert}{\lVert X_b\rVert}
+        \frac{\lVert (A X)_b\rVert}{\lVert X_b\rVert}` (between 1 and the condition number:
+        :math:`c_b\,u` is the residual that rounding every entry of :math:`A` to the unit
+        roundoff :math:`u` leaves), as CPU float64 tensors. :math:`F X` is passed in two parts
+        rounded to the inverse's dtype (high and low), so a float32 inverse is not charged for
+        the rounding of its input; the products accumulate in float64."""
         if inv.layout != self.layout:
             raise ValueError("the probe was made for another block layout")
+        x = self.x.to(inv.device)
         fx = self.fisher_x(inv.damping, inv.normalizer).to(inv.device)
         hi = fx.to(inv.dtype)
         lo = (fx - hi.to(torch.float64)).to(inv.dtype)
         y = inv.matvec(hi).to(torch.float64) + inv.matvec(lo).to(torch.float64)
-        diff = (y - self.x.to(inv.device)).pow(2).sum(1)
-        xx = self.x.to(inv.device).pow(2).sum(1)
-        out = torch.empty(self.layout.num_blocks, dtype=torch.float64)
+        ax = inv.matvec(x.to(inv.dtype)).to(torch.float64)
+        sums = torch.stack([(y - x).pow(2).sum(1), x.pow(2).sum(1), fx.pow(2).sum(1),
+                            ax.pow(2).sum(1)])
+        res = torch.empty(self.layout.num_blocks, dtype=torch.float64)
+        scale = torch.empty_like(res)
         for b0, n, s in self.layout.runs():
             st = self.layout.starts[b0]
-            num = diff[st:st + n * s].reshape(n, s).sum(1)
-            den = xx[st:st + n * s].reshape(n, s).sum(1)
-            out[b0:b0 + n] = (num / den).sqrt().cpu()
-        return out
+            diff, xx, ff, aa = sums[:, st:st + n * s].reshape(4, n, s).sum(2).cpu()
+            res[b0:b0 + n] = (diff / xx).sqrt()
+            scale[b0:b0 + n] = (ff * aa).sqrt() / xx
+        return res, scale
 
     def check(self, inv, *, what: str = "", warn: bool = True) -> Health:
-        """The :class:`Health` of ``inv``; with ``warn``, a :class:`HealthWarning` with advice
-        when it is above the tolerance of the inverse's dtype."""
-        res = self.residuals(inv)
+        """The :class:`Health` of ``inv``: the block whose residual is largest against its
+        threshold, :math:`\max(\sqrt{\epsilon}, 10\,c_b\,u)` (:meth:`residuals`); with
+        ``warn``, a :class:`HealthWarning` with advice when it is above."""
+        res, scale = self.residuals(inv)
+        tol = tolerance(inv.dtype)
         if res.numel() == 0:
-            return Health(0.0, 0, tolerance(inv.dtype), self.columns)
-        finite = torch.nan_to_num(res, nan=math.inf)
-        b = int(finite.argmax())
-        health = Health(float(res[b]), b, tolerance(inv.dtype), self.columns)
+            return Health(0.0, 0, tol, self.columns)
+        u = torch.finfo(inv.dtype).eps / 2
+        limit = torch.clamp(FLOOR_FACTOR * u * scale, min=tol)
+        b = int(torch.nan_to_num(res / limit, nan=math.inf).argmax())
+        health = Health(float(res[b]), b, float(limit[b]), self.columns, float(u * scale[b]))
         if warn and not health.ok:
             fix = ("rebuild it (fit the inverse again on the remaining data)"
                    if inv.dtype == torch.float64 else
                    "rebuild it (fit the inverse again on the remaining data), in float64 "
                    "(dtype=torch.float64) if it has to serve many more requests")
             warnings.warn(f"health probe{' after ' + what if what else ''}: the stored inverse "
-                          f"is off by {health.residual:.1e} in block {b} (|F(F^-1 x) - x|/|x|, "
-                          f"tolerance {health.tolerance:.1e} for "
-                          f"{str(inv.dtype).removeprefix('torch.')}); {fix}",
+                          f"is off by {health.residual:.1e} in block {b} (|F(F^-1 x) - x|/|x|; "
+                          f"its rounding to {str(inv.dtype).removeprefix('torch.')} explains "
+                          f"{health.floor:.0e}, threshold {health.tolerance:.1e}); {fix}",
                           HealthWarning, stacklevel=3)
         return health
 
