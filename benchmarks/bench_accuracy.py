@@ -87,7 +87,8 @@ def main() -> None:
         if how == "mpmath":
             exact, cond = mp_inverse(g, damping)
         else:
-            f = damping * torch.eye(g.shape[1], dtype=F64) + g.double().T @ g.double() / g.shape[0]
+            g64 = g.double()
+            f = damping * torch.eye(g.shape[1], dtype=F64) + g64.T @ g64 / g.shape[0]
             exact = reference.closed_form_inverse(g.double(), damping)
             cond = float(torch.linalg.cond(f))
         ref_time = time.perf_counter() - t0
@@ -101,8 +102,8 @@ def main() -> None:
         rows.append(("reference.closed_form (torch Cholesky)", "float64",
                      f"{rel(closed, exact):.1e}", ""))
         if g.shape[0] < g.shape[1]:
-            rows.append(("low-rank (dual) form", "float64", f"{rel(dual_form(g, damping), exact):.1e}",
-                         ""))
+            rows.append(("low-rank (dual) form", "float64",
+                         f"{rel(dual_form(g, damping), exact):.1e}", ""))
         for method, dtype, err, warned in rows:
             print(f"| {name} | {cond:.1e} | {how} ({ref_time:.1f} s) | {method} | {dtype} | {err} "
                   f"| {cond * U64:.0e} | {warned} |")

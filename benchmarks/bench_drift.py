@@ -28,7 +28,7 @@ CHECKPOINTS = (0, 1, 10, 100, 300, 1000)
 
 
 def true_error(inv, rows64: torch.Tensor, keep: torch.Tensor) -> float:
-    """max over blocks of ‖A_b − F_b⁻¹‖_F / ‖F_b⁻¹‖_F, F of the rows still kept (float64)."""
+    """max over blocks of ‖A_b − F_b⁻¹‖_F / ‖F_b⁻¹‖_F, F of the rows kept (float64)."""
     exact = reference.block_closed_form(rows64[keep], inv.layout, inv.damping, inv.normalizer)
     return max(float((a.double() - b).norm() / b.norm()) for a, b in zip(inv.blocks, exact))
 

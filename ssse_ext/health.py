@@ -277,7 +277,7 @@ class FisherProbe:
         return res, scale
 
     def check(self, inv, *, what: str = "", warn: bool = True) -> Health:
-        """The :class:`Health` of ``inv``: the block whose residual is largest against its
+        r"""The :class:`Health` of ``inv``: the block whose residual is largest against its
         threshold, :math:`\max(\sqrt{\epsilon}, 10\,c_b\,u)` (:meth:`residuals`); with
         ``warn``, a :class:`HealthWarning` with advice when it is above."""
         res, scale = self.residuals(inv)

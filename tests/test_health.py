@@ -17,7 +17,7 @@ F64 = torch.float64
 
 
 def woodbury_inverse(g: torch.Tensor, damping: float) -> torch.Tensor:
-    """The low-rank (dual) form (1/λ)(I − Gᵀ(λN I + G Gᵀ)⁻¹ G) in float64: exact to rounding
+    """The low-rank (dual) form (1/λ)(I − Gᵀ(λN I + GGᵀ)⁻¹G) in float64: exact to rounding
     where the dense Fisher is rank-deficient (measured 7.7e-16 against a 60-digit mpmath
     inverse on the case below, benchmarks/bench_accuracy.py)."""
     g = g.to(F64)

@@ -672,7 +672,7 @@ def _cmd_fisher(args) -> int:
     print(f"inverse Fisher ({inv.curvature}): d={inv.dim}, {inv.layout.num_blocks} blocks "
           f"(largest {inv.layout.max_block_size}), λ={inv.damping:g}, N={inv.normalizer:g}, "
           f"{inv.dtype}, fitted in {seconds:.2f} s{resumed}; health {health.residual:.1e} "
-          f"(tolerance {health.tolerance:.1e})")
+          f"(threshold {health.tolerance:.1e})")
     print(path)
     return 0
 

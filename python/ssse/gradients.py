@@ -163,7 +163,8 @@ def _grad_stream(fm: FlatModel, loss_fn, data, name: str, *, weight_decay: float
     Gauss–Newton rows, or ``mc_samples`` sampled-label gradients, per sample otherwise. Each
     chunk covers ``chunk_size`` samples, or as many as ``max_memory`` bytes allow (default:
     the memory available now). ``info["rows_per_sample"]`` receives the rows per sample and
-    ``info["chunk_size"]`` the samples per chunk (groups with ``minibatch > 1``);
+    ``info["chunk_size"]`` the samples per chunk (groups with ``minibatch > 1``) and
+    ``info["samples"]`` the samples read so far;
     ``generator`` draws the Monte-Carlo labels (default: a new one seeded with ``seed``)."""
     params = fm.param_dict(dtype) if params is None else params
     frozen = fm.frozen_dict(dtype)
@@ -190,6 +191,8 @@ def _grad_stream(fm: FlatModel, loss_fn, data, name: str, *, weight_decay: float
         generator = torch.Generator(device=fm.device).manual_seed(seed)
     state: dict = {}
     for x, y in rebatch(itertools.chain([first], batches), chunk_size * minibatch):
+        if info is not None:
+            info["samples"] = info.get("samples", 0) + x.shape[0]
         if curvature == "ggn":
             yield ggn_rows(fm, params, frozen, x, likelihood)
             continue
@@ -526,11 +529,12 @@ def _fit_resumable(fm: FlatModel, loss_fn, data, lay: ssse_ext.BlockLayout, *, d
         stream = _grad_stream(fm, loss_fn, _skip_samples(data, cursor), "data",
                               chunk_size=chunk_size, info=info, generator=generator,
                               **stream_args)
-        saved_at, saved_time = cursor, time.monotonic()
+        start = saved_at = cursor
+        saved_time = time.monotonic()
         for rows in stream:
             acc.add(rows.to(device))
             chunk_size, per_sample = info["chunk_size"], info["rows_per_sample"]
-            cursor += chunk_size * minibatch  # past the data only for the last chunk
+            cursor = start + info["samples"]
             bar.update(rows.shape[0] // per_sample)
             due = cursor - saved_at >= every if every is not None else \
                 time.monotonic() - saved_time >= CHECKPOINT_SECONDS
