@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 import ssse
+import ssse_ext
 from ssse import metrics
 
 from ssse_ext import validation
@@ -219,7 +220,7 @@ def _add_fisher(sub) -> None:
     p.add_argument("--mc-samples", type=_positive_int, default=1,
                    help="label draws per sample for --curvature mc (default: 1)")
     p.add_argument("--block-size", type=_positive_int, default=None, metavar="B",
-                   help="largest block (default: 1024)")
+                   help=f"largest block (default: {ssse_ext.DEFAULT_BLOCK_SIZE})")
     p.add_argument("--layout", choices=["per_parameter", "fixed", "rows"],
                    default="per_parameter", help="block layout; rows = one block per output "
                    "row of a linear model (default: per_parameter)")
