@@ -1,0 +1,305 @@
+#include "dual.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../common.h"
+#include "dense.h"
+
+namespace ssse::cpu {
+
+namespace {
+// Width of the column panels of a kernel Gram strip handed to one thread.
+constexpr int64_t kGramPanel = 128;
+// Rows of G_b per task of the first product W = G_b v_b.
+constexpr int64_t kRowsPerTask = 32;
+// Columns of G_b per task of the second product G_b^T Z: long enough contiguous runs per row for
+// the prefetchers, short enough that the float64 accumulators stay in L1/L2.
+constexpr int64_t kColsPerTask = 1024;
+// From this many right-hand sides on, the packed GEMM beats dot products and row sweeps.
+constexpr int64_t kGemmColumns = 16;
+
+struct Task {
+  int64_t block;
+  int64_t lo;
+  int64_t hi;
+  int64_t cost;
+};
+
+void by_cost(std::vector<Task>& tasks) {
+  // Largest first, so that the dynamic schedule ends with small tasks.
+  std::stable_sort(tasks.begin(), tasks.end(),
+                   [](const Task& a, const Task& b) { return a.cost > b.cost; });
+}
+
+template <typename T>
+inline double dot(const T* __restrict a, const double* __restrict b, int64_t n) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int u = 0; u < 8; ++u) acc[u] += static_cast<double>(a[j + u]) * b[j + u];
+  double s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; j < n; ++j) s += static_cast<double>(a[j]) * b[j];
+  return s;
+}
+}  // namespace
+
+template <typename T>
+void dual_gram(const T* grads, int64_t m, int64_t d, const int64_t* table, int64_t num_blocks,
+               int64_t r0, T* g, double* l, int64_t ldl, int threads) {
+  if (m <= 0 || num_blocks <= 0) return;
+  const DualSpec* blocks = as_dual(table);
+  const int64_t r1 = r0 + m;
+  parallel_for(num_blocks, threads, [&](int64_t b) {
+    const DualSpec& blk = blocks[b];
+    T* gb = g + blk.g_offset;
+    for (int64_t i = 0; i < m; ++i)
+      std::copy(grads + i * d + blk.start, grads + i * d + blk.start + blk.size,
+                gb + (r0 + i) * blk.size);
+  });
+  // Column panels of the strip K[r0:r1, 0:r1]: those left of r0 are full rectangles (new rows x
+  // stored rows), those right of it lower trapezoids of the new rows' own Gram matrix.
+  std::vector<Task> tasks;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const int64_t s = blocks[b].size;
+    for (int64_t j0 = 0; j0 < r0; j0 += kGramPanel) {
+      const int64_t j1 = std::min(r0, j0 + kGramPanel);
+      tasks.push_back({b, j0, j1, m * (j1 - j0) * s});
+    }
+    for (int64_t j0 = r0; j0 < r1; j0 += kGramPanel) {
+      const int64_t j1 = std::min(r1, j0 + kGramPanel);
+      tasks.push_back({b, j0, j1, (r1 - j0) * (j1 - j0) * s});
+    }
+  }
+  by_cost(tasks);
+  parallel_for(static_cast<int64_t>(tasks.size()), threads, [&](int64_t t) {
+    const Task& task = tasks[static_cast<size_t>(t)];
+    const DualSpec& blk = blocks[task.block];
+    const int64_t s = blk.size;
+    const T* gb = g + blk.g_offset;
+    double* lb = l + blk.l_offset;
+    const int64_t j0 = task.lo, w = task.hi - task.lo;
+    if (task.hi <= r0) {
+      // K[r0:r1, j0:j1] = G[r0:r1] G[j0:j1]^T
+      gemm<T, T>(m, w, s, 1.0, gb + r0 * s, s, 1, gb + j0 * s, 1, s, 0.0, lb + r0 * ldl + j0,
+                 ldl);
+    } else {
+      // K[j0:r1, j0:j1] = G[j0:r1] G[j0:j1]^T, lower part only
+      gemm<T, T>(r1 - j0, w, s, 1.0, gb + j0 * s, s, 1, gb + j0 * s, 1, s, 0.0,
+                 lb + j0 * ldl + j0, ldl, /*lower_only=*/true);
+    }
+  });
+}
+
+void dual_cholesky(double* l, const int64_t* table, int64_t num_blocks, int64_t r0, int64_t r1,
+                   int64_t ldl, double shift, bool strip_solved, int64_t* info, int threads) {
+  if (num_blocks <= 0) return;
+  const DualSpec* blocks = as_dual(table);
+  const int64_t m = r1 - r0;
+  parallel_for(num_blocks, threads, [&](int64_t b) {
+    info[b] = 0;
+    if (m <= 0) return;
+    double* a = l + blocks[b].l_offset;
+    double* a21 = a + r0 * ldl;
+    double* a22 = a21 + r0;
+    for (int64_t i = 0; i < m; ++i) a22[i * ldl + i] += shift;
+    if (!strip_solved && r0 > 0) {
+      trsm_right_lower_trans(m, r0, a, ldl, a21, ldl);  // L21 = K21 L11^{-T}
+      gemm<double, double>(m, m, r0, -1.0, a21, ldl, 1, a21, 1, ldl, 1.0, a22, ldl,
+                           /*lower_only=*/true);        // S = K22 - L21 L21^T
+    }
+    if (const int64_t code = potrf_lower(m, a22, ldl)) info[b] = r0 + code;
+  });
+}
+
+template <typename T>
+void dual_apply(const T* g, const double* l, const int64_t* table, int64_t num_blocks,
+                int64_t rows, int64_t ldl, double damping, const T* v, int64_t d, int64_t r,
+                const T* base, double scale, T* out, int threads) {
+  (void)d;
+  if (r <= 0 || num_blocks <= 0) return;
+  const DualSpec* blocks = as_dual(table);
+  const double coef = scale / damping;
+  const bool use_gemm = r >= kGemmColumns;
+  // Per block: W_b = G_b v_b [rows, r] (then Z_b in place), and for few right-hand sides v_b^T
+  // in float64 [r, size_b], converted once and shared by the row tasks.
+  std::vector<int64_t> w_off(static_cast<size_t>(num_blocks)), vt_off(w_off.size());
+  int64_t w_total = 0, vt_total = 0;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    w_off[static_cast<size_t>(b)] = w_total;
+    vt_off[static_cast<size_t>(b)] = vt_total;
+    w_total += rows * r;
+    if (!use_gemm && rows > 0) vt_total += r * blocks[b].size;
+  }
+  std::vector<double> w(static_cast<size_t>(w_total));
+  std::vector<double> vt(static_cast<size_t>(vt_total));
+
+  if (rows > 0) {
+    if (!use_gemm) {
+      parallel_for(num_blocks, threads, [&](int64_t b) {
+        const DualSpec& blk = blocks[b];
+        double* vb = vt.data() + vt_off[static_cast<size_t>(b)];
+        for (int64_t j = 0; j < blk.size; ++j)
+          for (int64_t c = 0; c < r; ++c)
+            vb[c * blk.size + j] = static_cast<double>(v[(blk.start + j) * r + c]);
+      });
+    }
+    std::vector<Task> tasks;
+    for (int64_t b = 0; b < num_blocks; ++b)
+      for (int64_t i0 = 0; i0 < rows; i0 += kRowsPerTask) {
+        const int64_t i1 = std::min(rows, i0 + kRowsPerTask);
+        tasks.push_back({b, i0, i1, (i1 - i0) * blocks[b].size});
+      }
+    by_cost(tasks);
+    parallel_for(static_cast<int64_t>(tasks.size()), threads, [&](int64_t t) {
+      const Task& task = tasks[static_cast<size_t>(t)];
+      const DualSpec& blk = blocks[task.block];
+      const int64_t s = blk.size;
+      const T* gb = g + blk.g_offset;
+      double* wb = w.data() + w_off[static_cast<size_t>(task.block)];
+      if (use_gemm) {
+        gemm<T, T>(task.hi - task.lo, r, s, 1.0, gb + task.lo * s, s, 1, v + blk.start * r, r, 1,
+                   0.0, wb + task.lo * r, r);
+      } else {
+        const double* vb = vt.data() + vt_off[static_cast<size_t>(task.block)];
+        for (int64_t i = task.lo; i < task.hi; ++i)
+          for (int64_t c = 0; c < r; ++c) wb[i * r + c] = dot(gb + i * s, vb + c * s, s);
+      }
+    });
+    // Z_b = L_b^{-T} L_b^{-1} W_b = K_b^{-1} G_b v_b
+    parallel_for(num_blocks, threads, [&](int64_t b) {
+      const double* lb = l + blocks[b].l_offset;
+      double* wb = w.data() + w_off[static_cast<size_t>(b)];
+      trsm_left_lower(rows, r, lb, ldl, wb, r);
+      trsm_left_lower_trans(rows, r, lb, ldl, wb, r);
+    });
+  }
+
+  std::vector<Task> tasks;
+  for (int64_t b = 0; b < num_blocks; ++b)
+    for (int64_t j0 = 0; j0 < blocks[b].size; j0 += kColsPerTask) {
+      const int64_t j1 = std::min(blocks[b].size, j0 + kColsPerTask);
+      tasks.push_back({b, j0, j1, (j1 - j0) * std::max<int64_t>(rows, 1)});
+    }
+  by_cost(tasks);
+  parallel_for(static_cast<int64_t>(tasks.size()), threads, [&](int64_t t) {
+    const Task& task = tasks[static_cast<size_t>(t)];
+    const DualSpec& blk = blocks[task.block];
+    const int64_t s = blk.size, j0 = task.lo, width = task.hi - task.lo;
+    const T* gb = g + blk.g_offset + j0;
+    const double* z = w.data() + w_off[static_cast<size_t>(task.block)];
+    std::vector<double> acc(static_cast<size_t>(width * r), 0.0);  // [width, r] or [r, width]
+    if (rows > 0 && use_gemm) {
+      // acc[width, r] = G_b[:, j0:j1]^T Z_b
+      gemm<T, double>(width, r, rows, 1.0, gb, 1, s, z, r, 1, 0.0, acc.data(), r);
+    } else if (rows > 0) {
+      // acc[c, :] = sum_i z[i, c] G_b[i, j0:j1], four rows per sweep over the accumulators
+      for (int64_t c = 0; c < r; ++c) {
+        double* __restrict a = acc.data() + c * width;
+        int64_t i = 0;
+        for (; i + 4 <= rows; i += 4) {
+          const T* __restrict g0 = gb + i * s;
+          const T* __restrict g1 = g0 + s;
+          const T* __restrict g2 = g1 + s;
+          const T* __restrict g3 = g2 + s;
+          const double z0 = z[i * r + c], z1 = z[(i + 1) * r + c];
+          const double z2 = z[(i + 2) * r + c], z3 = z[(i + 3) * r + c];
+          for (int64_t j = 0; j < width; ++j)
+            a[j] += (z0 * static_cast<double>(g0[j]) + z1 * static_cast<double>(g1[j])) +
+                    (z2 * static_cast<double>(g2[j]) + z3 * static_cast<double>(g3[j]));
+        }
+        for (; i < rows; ++i) {
+          const T* __restrict g0 = gb + i * s;
+          const double z0 = z[i * r + c];
+          for (int64_t j = 0; j < width; ++j) a[j] += z0 * static_cast<double>(g0[j]);
+        }
+      }
+    }
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t row = blk.start + j0 + j;
+      for (int64_t c = 0; c < r; ++c) {
+        const double p = use_gemm ? acc[static_cast<size_t>(j * r + c)]
+                                  : acc[static_cast<size_t>(c * width + j)];
+        const double b0 = base != nullptr ? static_cast<double>(base[row * r + c]) : 0.0;
+        out[row * r + c] =
+            static_cast<T>(b0 + coef * (static_cast<double>(v[row * r + c]) - p));
+      }
+    }
+  });
+}
+
+template <typename T>
+void dual_remove_rows(T* g, double* l, const int64_t* table, int64_t num_blocks, int64_t rows,
+                      int64_t ldl, const int64_t* keep, const int64_t* removed, int64_t k,
+                      int64_t first, int64_t* info, int threads) {
+  (void)first;  // each block starts at its own first removed row
+  if (num_blocks <= 0) return;
+  const DualSpec* blocks = as_dual(table);
+  const int64_t kept = rows - k;
+  parallel_for(num_blocks, threads, [&](int64_t b) {
+    info[b] = 0;
+    if (k <= 0) return;
+    const DualSpec& blk = blocks[b];
+    const int64_t* kb = keep + b * kept;
+    const int64_t* rb = removed + b * k;
+    const int64_t p0 = rb[0];
+    // G: kept rows move up in order (a row only ever moves to a lower index).
+    T* gb = g + blk.g_offset;
+    for (int64_t p = p0; p < kept; ++p)
+      std::copy(gb + kb[p] * blk.size, gb + (kb[p] + 1) * blk.size, gb + p * blk.size);
+
+    // L: rank-1 update t adds x_t x_t^T with x_t = L[keep, removed_t] (original values), whose
+    // entries are non-zero from new row jt[t] = removed_t - t on. Row by row (contiguous
+    // reads): new row p is old row keep[p] restricted to the kept columns, then each update's
+    // rotations of the columns before p and its own rotation at p (LINPACK's dchud, lower).
+    double* a = l + blk.l_offset;
+    std::vector<double> cs(static_cast<size_t>(k * kept)), sn(cs.size());
+    std::vector<double> row(static_cast<size_t>(kept)), xs(static_cast<size_t>(k));
+    std::vector<int64_t> jt(static_cast<size_t>(k));
+    for (int64_t t = 0; t < k; ++t) jt[static_cast<size_t>(t)] = rb[t] - t;
+    for (int64_t p = p0; p < kept; ++p) {
+      const int64_t i = kb[p];
+      const double* old = a + i * ldl;  // read before row p (<= i) is written
+      for (int64_t q = 0; q <= p; ++q) row[static_cast<size_t>(q)] = old[kb[q]];
+      for (int64_t t = 0; t < k; ++t) xs[static_cast<size_t>(t)] = rb[t] < i ? old[rb[t]] : 0.0;
+      for (int64_t t = 0; t < k; ++t) {
+        const int64_t j0 = jt[static_cast<size_t>(t)];
+        if (p < j0) break;  // jt is increasing: later updates start later still
+        const double* ct = cs.data() + t * kept;
+        const double* st = sn.data() + t * kept;
+        double x = xs[static_cast<size_t>(t)];
+        for (int64_t j = j0; j < p; ++j) {
+          const double lij = (row[static_cast<size_t>(j)] + st[j] * x) / ct[j];
+          x = ct[j] * x - st[j] * lij;
+          row[static_cast<size_t>(j)] = lij;
+        }
+        const double dpp = row[static_cast<size_t>(p)];
+        const double rpp = std::hypot(dpp, x);
+        cs[static_cast<size_t>(t * kept + p)] = rpp / dpp;
+        sn[static_cast<size_t>(t * kept + p)] = x / dpp;
+        row[static_cast<size_t>(p)] = rpp;
+      }
+      std::copy(row.begin(), row.begin() + p + 1, a + p * ldl);
+    }
+  });
+}
+
+template void dual_gram<float>(const float*, int64_t, int64_t, const int64_t*, int64_t, int64_t,
+                               float*, double*, int64_t, int);
+template void dual_gram<double>(const double*, int64_t, int64_t, const int64_t*, int64_t,
+                                int64_t, double*, double*, int64_t, int);
+template void dual_apply<float>(const float*, const double*, const int64_t*, int64_t, int64_t,
+                                int64_t, double, const float*, int64_t, int64_t, const float*,
+                                double, float*, int);
+template void dual_apply<double>(const double*, const double*, const int64_t*, int64_t, int64_t,
+                                 int64_t, double, const double*, int64_t, int64_t, const double*,
+                                 double, double*, int);
+template void dual_remove_rows<float>(float*, double*, const int64_t*, int64_t, int64_t, int64_t,
+                                      const int64_t*, const int64_t*, int64_t, int64_t, int64_t*,
+                                      int);
+template void dual_remove_rows<double>(double*, double*, const int64_t*, int64_t, int64_t,
+                                       int64_t, const int64_t*, const int64_t*, int64_t, int64_t,
+                                       int64_t*, int);
+
+}  // namespace ssse::cpu
