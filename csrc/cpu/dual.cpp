@@ -33,6 +33,36 @@ void by_cost(std::vector<Task>& tasks) {
                    [](const Task& a, const Task& b) { return a.cost > b.cost; });
 }
 
+// out[q] = a_q . b for the four rows a_q = a + q * lda: b is read once for four rows of G.
+template <typename T>
+inline void dot4(const T* __restrict a, int64_t lda, const double* __restrict b, int64_t n,
+                 double* out) {
+  const T* __restrict a0 = a;
+  const T* __restrict a1 = a + lda;
+  const T* __restrict a2 = a + 2 * lda;
+  const T* __restrict a3 = a + 3 * lda;
+  double s0[4] = {0, 0, 0, 0}, s1[4] = {0, 0, 0, 0}, s2[4] = {0, 0, 0, 0}, s3[4] = {0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4)
+    for (int u = 0; u < 4; ++u) {
+      const double bj = b[j + u];
+      s0[u] += static_cast<double>(a0[j + u]) * bj;
+      s1[u] += static_cast<double>(a1[j + u]) * bj;
+      s2[u] += static_cast<double>(a2[j + u]) * bj;
+      s3[u] += static_cast<double>(a3[j + u]) * bj;
+    }
+  double t[4] = {(s0[0] + s0[1]) + (s0[2] + s0[3]), (s1[0] + s1[1]) + (s1[2] + s1[3]),
+                 (s2[0] + s2[1]) + (s2[2] + s2[3]), (s3[0] + s3[1]) + (s3[2] + s3[3])};
+  for (; j < n; ++j) {
+    const double bj = b[j];
+    t[0] += static_cast<double>(a0[j]) * bj;
+    t[1] += static_cast<double>(a1[j]) * bj;
+    t[2] += static_cast<double>(a2[j]) * bj;
+    t[3] += static_cast<double>(a3[j]) * bj;
+  }
+  for (int q = 0; q < 4; ++q) out[q] = t[q];
+}
+
 template <typename T>
 inline double dot(const T* __restrict a, const double* __restrict b, int64_t n) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -42,6 +72,25 @@ inline double dot(const T* __restrict a, const double* __restrict b, int64_t n) 
   double s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
   for (; j < n; ++j) s += static_cast<double>(a[j]) * b[j];
   return s;
+}
+
+// Z := K^{-1} W for few right-hand sides kept as columns zt[c] (contiguous, length n): forward
+// substitution by dot products with the rows of L, backward by axpys with them (every access to
+// L is a contiguous row; the LAPACK-shaped trsm loops are made for many columns).
+void solve_columns(int64_t n, int64_t r, const double* l, int64_t ldl, double* zt) {
+  for (int64_t c = 0; c < r; ++c) {
+    double* x = zt + c * n;
+    for (int64_t i = 0; i < n; ++i) {
+      const double* li = l + i * ldl;
+      x[i] = (x[i] - dot(li, x, i)) / li[i];
+    }
+    for (int64_t i = n - 1; i >= 0; --i) {
+      const double* li = l + i * ldl;
+      const double xi = x[i] / li[i];
+      x[i] = xi;
+      for (int64_t k = 0; k < i; ++k) x[k] -= li[k] * xi;
+    }
+  }
 }
 }  // namespace
 
@@ -122,8 +171,9 @@ void dual_apply(const T* g, const double* l, const int64_t* table, int64_t num_b
   const DualSpec* blocks = as_dual(table);
   const double coef = scale / damping;
   const bool use_gemm = r >= kGemmColumns;
-  // Per block: W_b = G_b v_b [rows, r] (then Z_b in place), and for few right-hand sides v_b^T
-  // in float64 [r, size_b], converted once and shared by the row tasks.
+  // Per block: W_b = G_b v_b (then Z_b in place), [rows, r] for the GEMM path and transposed,
+  // [r, rows], for few right-hand sides; for those also v_b^T in float64 [r, size_b], converted
+  // once and shared by the row tasks.
   std::vector<int64_t> w_off(static_cast<size_t>(num_blocks)), vt_off(w_off.size());
   int64_t w_total = 0, vt_total = 0;
   for (int64_t b = 0; b < num_blocks; ++b) {
@@ -162,17 +212,29 @@ void dual_apply(const T* g, const double* l, const int64_t* table, int64_t num_b
         gemm<T, T>(task.hi - task.lo, r, s, 1.0, gb + task.lo * s, s, 1, v + blk.start * r, r, 1,
                    0.0, wb + task.lo * r, r);
       } else {
+        // Transposed, W_b^T [r, rows]: the column solves below want contiguous columns.
         const double* vb = vt.data() + vt_off[static_cast<size_t>(task.block)];
-        for (int64_t i = task.lo; i < task.hi; ++i)
-          for (int64_t c = 0; c < r; ++c) wb[i * r + c] = dot(gb + i * s, vb + c * s, s);
+        for (int64_t c = 0; c < r; ++c) {
+          int64_t i = task.lo;
+          double q4[4];
+          for (; i + 4 <= task.hi; i += 4) {
+            dot4(gb + i * s, s, vb + c * s, s, q4);
+            for (int q = 0; q < 4; ++q) wb[c * rows + i + q] = q4[q];
+          }
+          for (; i < task.hi; ++i) wb[c * rows + i] = dot(gb + i * s, vb + c * s, s);
+        }
       }
     });
     // Z_b = L_b^{-T} L_b^{-1} W_b = K_b^{-1} G_b v_b
     parallel_for(num_blocks, threads, [&](int64_t b) {
       const double* lb = l + blocks[b].l_offset;
       double* wb = w.data() + w_off[static_cast<size_t>(b)];
-      trsm_left_lower(rows, r, lb, ldl, wb, r);
-      trsm_left_lower_trans(rows, r, lb, ldl, wb, r);
+      if (use_gemm) {
+        trsm_left_lower(rows, r, lb, ldl, wb, r);
+        trsm_left_lower_trans(rows, r, lb, ldl, wb, r);
+      } else {
+        solve_columns(rows, r, lb, ldl, wb);
+      }
     });
   }
 
@@ -203,15 +265,15 @@ void dual_apply(const T* g, const double* l, const int64_t* table, int64_t num_b
           const T* __restrict g1 = g0 + s;
           const T* __restrict g2 = g1 + s;
           const T* __restrict g3 = g2 + s;
-          const double z0 = z[i * r + c], z1 = z[(i + 1) * r + c];
-          const double z2 = z[(i + 2) * r + c], z3 = z[(i + 3) * r + c];
+          const double* zc = z + c * rows;  // Z_b^T [r, rows]
+          const double z0 = zc[i], z1 = zc[i + 1], z2 = zc[i + 2], z3 = zc[i + 3];
           for (int64_t j = 0; j < width; ++j)
             a[j] += (z0 * static_cast<double>(g0[j]) + z1 * static_cast<double>(g1[j])) +
                     (z2 * static_cast<double>(g2[j]) + z3 * static_cast<double>(g3[j]));
         }
         for (; i < rows; ++i) {
           const T* __restrict g0 = gb + i * s;
-          const double z0 = z[i * r + c];
+          const double z0 = z[c * rows + i];
           for (int64_t j = 0; j < width; ++j) a[j] += z0 * static_cast<double>(g0[j]);
         }
       }
