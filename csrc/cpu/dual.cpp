@@ -1,7 +1,9 @@
 #include "dual.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "../common.h"
@@ -34,8 +36,8 @@ void by_cost(std::vector<Task>& tasks) {
 }
 
 // out[q] = a_q . b for the four rows a_q = a + q * lda: b is read once for four rows of G.
-template <typename T>
-inline void dot4(const T* __restrict a, int64_t lda, const double* __restrict b, int64_t n,
+template <typename T, typename U>
+inline void dot4(const T* __restrict a, int64_t lda, const U* __restrict b, int64_t n,
                  double* out) {
   const T* __restrict a0 = a;
   const T* __restrict a1 = a + lda;
@@ -45,7 +47,7 @@ inline void dot4(const T* __restrict a, int64_t lda, const double* __restrict b,
   int64_t j = 0;
   for (; j + 4 <= n; j += 4)
     for (int u = 0; u < 4; ++u) {
-      const double bj = b[j + u];
+      const double bj = static_cast<double>(b[j + u]);
       s0[u] += static_cast<double>(a0[j + u]) * bj;
       s1[u] += static_cast<double>(a1[j + u]) * bj;
       s2[u] += static_cast<double>(a2[j + u]) * bj;
@@ -54,7 +56,7 @@ inline void dot4(const T* __restrict a, int64_t lda, const double* __restrict b,
   double t[4] = {(s0[0] + s0[1]) + (s0[2] + s0[3]), (s1[0] + s1[1]) + (s1[2] + s1[3]),
                  (s2[0] + s2[1]) + (s2[2] + s2[3]), (s3[0] + s3[1]) + (s3[2] + s3[3])};
   for (; j < n; ++j) {
-    const double bj = b[j];
+    const double bj = static_cast<double>(b[j]);
     t[0] += static_cast<double>(a0[j]) * bj;
     t[1] += static_cast<double>(a1[j]) * bj;
     t[2] += static_cast<double>(a2[j]) * bj;
@@ -63,16 +65,40 @@ inline void dot4(const T* __restrict a, int64_t lda, const double* __restrict b,
   for (int q = 0; q < 4; ++q) out[q] = t[q];
 }
 
-template <typename T>
-inline double dot(const T* __restrict a, const double* __restrict b, int64_t n) {
+template <typename T, typename U>
+inline double dot(const T* __restrict a, const U* __restrict b, int64_t n) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t j = 0;
   for (; j + 8 <= n; j += 8)
-    for (int u = 0; u < 8; ++u) acc[u] += static_cast<double>(a[j + u]) * b[j + u];
+    for (int u = 0; u < 8; ++u)
+      acc[u] += static_cast<double>(a[j + u]) * static_cast<double>(b[j + u]);
   double s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; j < n; ++j) s += static_cast<double>(a[j]) * b[j];
+  for (; j < n; ++j) s += static_cast<double>(a[j]) * static_cast<double>(b[j]);
   return s;
 }
+
+// Rows of W_b = G_b v_b for rows [lo, hi), transposed: wt[c * rows + i]. vb[c * ldv + j] is
+// column c of v_b (ldv = 1 for one right-hand side read in place, else a float64 copy).
+template <typename T, typename U>
+void gv_rows(const T* gb, int64_t s, int64_t lo, int64_t hi, const U* vb, int64_t ldv, int64_t r,
+             int64_t rows, double* wt) {
+  for (int64_t c = 0; c < r; ++c) {
+    const U* vc = vb + c * ldv;
+    int64_t i = lo;
+    double q4[4];
+    for (; i + 4 <= hi; i += 4) {
+      dot4(gb + i * s, s, vc, s, q4);
+      for (int q = 0; q < 4; ++q) wt[c * rows + i + q] = q4[q];
+    }
+    for (; i < hi; ++i) wt[c * rows + i] = dot(gb + i * s, vc, s);
+  }
+}
+
+// Below this much work (multiply-adds) a call runs on one thread: thread wake-ups and barriers
+// cost more than they save, and much more on a machine whose cores are shared.
+constexpr double kSerialWork = 1 << 20;
+
+int threads_for(double work, int threads) { return work < kSerialWork ? 1 : threads; }
 
 // Z := K^{-1} W for few right-hand sides kept as columns zt[c] (contiguous, length n): forward
 // substitution by dot products with the rows of L, backward by axpys with them (every access to
@@ -100,6 +126,9 @@ void dual_gram(const T* grads, int64_t m, int64_t d, const int64_t* table, int64
   if (m <= 0 || num_blocks <= 0) return;
   const DualSpec* blocks = as_dual(table);
   const int64_t r1 = r0 + m;
+  int64_t total = 0;
+  for (int64_t b = 0; b < num_blocks; ++b) total += blocks[b].size;
+  threads = threads_for(static_cast<double>(total) * m * r1, threads);
   parallel_for(num_blocks, threads, [&](int64_t b) {
     const DualSpec& blk = blocks[b];
     T* gb = g + blk.g_offset;
@@ -146,6 +175,7 @@ void dual_cholesky(double* l, const int64_t* table, int64_t num_blocks, int64_t 
   if (num_blocks <= 0) return;
   const DualSpec* blocks = as_dual(table);
   const int64_t m = r1 - r0;
+  threads = threads_for(static_cast<double>(num_blocks) * m * r1 * r1, threads);
   parallel_for(num_blocks, threads, [&](int64_t b) {
     info[b] = 0;
     if (m <= 0) return;
@@ -171,22 +201,26 @@ void dual_apply(const T* g, const double* l, const int64_t* table, int64_t num_b
   const DualSpec* blocks = as_dual(table);
   const double coef = scale / damping;
   const bool use_gemm = r >= kGemmColumns;
+  int64_t total = 0;
+  for (int64_t b = 0; b < num_blocks; ++b) total += blocks[b].size;
+  threads = threads_for(static_cast<double>(total) * r * (2 * rows + 1), threads);
   // Per block: W_b = G_b v_b (then Z_b in place), [rows, r] for the GEMM path and transposed,
-  // [r, rows], for few right-hand sides; for those also v_b^T in float64 [r, size_b], converted
-  // once and shared by the row tasks.
+  // [r, rows], for few right-hand sides; for 1 < r < kGemmColumns also v_b^T in float64
+  // [r, size_b] (converted once, shared by the row tasks; one right-hand side is read in place).
+  const bool transpose_v = !use_gemm && r > 1;
   std::vector<int64_t> w_off(static_cast<size_t>(num_blocks)), vt_off(w_off.size());
   int64_t w_total = 0, vt_total = 0;
   for (int64_t b = 0; b < num_blocks; ++b) {
     w_off[static_cast<size_t>(b)] = w_total;
     vt_off[static_cast<size_t>(b)] = vt_total;
     w_total += rows * r;
-    if (!use_gemm && rows > 0) vt_total += r * blocks[b].size;
+    if (transpose_v && rows > 0) vt_total += r * blocks[b].size;
   }
   std::vector<double> w(static_cast<size_t>(w_total));
   std::vector<double> vt(static_cast<size_t>(vt_total));
 
   if (rows > 0) {
-    if (!use_gemm) {
+    if (transpose_v) {
       parallel_for(num_blocks, threads, [&](int64_t b) {
         const DualSpec& blk = blocks[b];
         double* vb = vt.data() + vt_off[static_cast<size_t>(b)];
@@ -202,6 +236,11 @@ void dual_apply(const T* g, const double* l, const int64_t* table, int64_t num_b
         tasks.push_back({b, i0, i1, (i1 - i0) * blocks[b].size});
       }
     by_cost(tasks);
+    // The task that finishes a block's last rows solves that block, Z_b = L_b^{-T} L_b^{-1} W_b
+    // = K_b^{-1} G_b v_b, while other threads go on with other blocks' rows (no barrier).
+    std::unique_ptr<std::atomic<int64_t>[]> pending(new std::atomic<int64_t>[num_blocks]);
+    const int64_t tasks_per_block = (rows + kRowsPerTask - 1) / kRowsPerTask;
+    for (int64_t b = 0; b < num_blocks; ++b) pending[b].store(tasks_per_block);
     parallel_for(static_cast<int64_t>(tasks.size()), threads, [&](int64_t t) {
       const Task& task = tasks[static_cast<size_t>(t)];
       const DualSpec& blk = blocks[task.block];
@@ -211,24 +250,14 @@ void dual_apply(const T* g, const double* l, const int64_t* table, int64_t num_b
       if (use_gemm) {
         gemm<T, T>(task.hi - task.lo, r, s, 1.0, gb + task.lo * s, s, 1, v + blk.start * r, r, 1,
                    0.0, wb + task.lo * r, r);
+      } else if (transpose_v) {
+        gv_rows(gb, s, task.lo, task.hi, vt.data() + vt_off[static_cast<size_t>(task.block)], s,
+                r, rows, wb);
       } else {
-        // Transposed, W_b^T [r, rows]: the column solves below want contiguous columns.
-        const double* vb = vt.data() + vt_off[static_cast<size_t>(task.block)];
-        for (int64_t c = 0; c < r; ++c) {
-          int64_t i = task.lo;
-          double q4[4];
-          for (; i + 4 <= task.hi; i += 4) {
-            dot4(gb + i * s, s, vb + c * s, s, q4);
-            for (int q = 0; q < 4; ++q) wb[c * rows + i + q] = q4[q];
-          }
-          for (; i < task.hi; ++i) wb[c * rows + i] = dot(gb + i * s, vb + c * s, s);
-        }
+        gv_rows(gb, s, task.lo, task.hi, v + blk.start, 1, 1, rows, wb);
       }
-    });
-    // Z_b = L_b^{-T} L_b^{-1} W_b = K_b^{-1} G_b v_b
-    parallel_for(num_blocks, threads, [&](int64_t b) {
-      const double* lb = l + blocks[b].l_offset;
-      double* wb = w.data() + w_off[static_cast<size_t>(b)];
+      if (pending[task.block].fetch_sub(1) != 1) return;  // acq_rel: sees the other tasks' rows
+      const double* lb = l + blk.l_offset;
       if (use_gemm) {
         trsm_left_lower(rows, r, lb, ldl, wb, r);
         trsm_left_lower_trans(rows, r, lb, ldl, wb, r);
@@ -299,6 +328,7 @@ void dual_remove_rows(T* g, double* l, const int64_t* table, int64_t num_blocks,
   if (num_blocks <= 0) return;
   const DualSpec* blocks = as_dual(table);
   const int64_t kept = rows - k;
+  threads = threads_for(static_cast<double>(num_blocks) * (k + 1) * rows * rows, threads);
   parallel_for(num_blocks, threads, [&](int64_t b) {
     info[b] = 0;
     if (k <= 0) return;
