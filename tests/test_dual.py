@@ -482,3 +482,25 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="k must be in"):
         ssse_ext._C.dual_remove_rows(0, 0, 0, host.data_ptr(), 2, 4, 4, 0, 0, 5, 0, 0, 1)
     assert not isinstance(NotPositiveDefiniteError("x"), RowNotFoundError)
+
+
+# ---- the benchmark ------------------------------------------------------------------------------
+
+def test_benchmark_checks_then_times(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_dual.py"
+    spec = importlib.util.spec_from_file_location("bench_dual", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = bench.run_case(12, 2, 40, torch.float64, torch.device("cpu"), repeats=1, damping=1e-3,
+                         seed=0)
+    assert row["factor_rel_err"] < 1e-12 and row["apply_rel_err"] < 1e-12
+    assert row["build_s"] > 0 and row["apply_vs_copy"] > 0 and row["dual_chosen"]
+    paper = bench.paper_scale()
+    assert paper["dense_full_blocks_bytes"] > 78e9 and paper["dual_bytes"] < 6e9
+    assert all(paper["dual_chosen"])
+    assert bench.main(["--cases", "8:2:20", "--dtype", "float32", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| 2x20, R=8 | float32 |" in out and "refused" not in out
