@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
     p.add_argument("--damping", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch and the kernels (default: torch's)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     try:
@@ -197,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--device cuda asked for but torch sees no CUDA device")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     if args.cases:
         try:
             cases = [tuple(int(x) for x in c.split(":")) for c in args.cases.split(",")]

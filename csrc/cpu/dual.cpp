@@ -16,9 +16,11 @@ namespace {
 constexpr int64_t kGramPanel = 128;
 // Rows of G_b per task of the first product W = G_b v_b.
 constexpr int64_t kRowsPerTask = 32;
-// Columns of G_b per task of the second product G_b^T Z: long enough contiguous runs per row for
-// the prefetchers, short enough that the float64 accumulators stay in L1/L2.
-constexpr int64_t kColsPerTask = 1024;
+// Columns of G_b per task of the second product G_b^T Z: as wide as the thread count allows (a
+// task reads one contiguous run of each of the R rows, and long runs stream best), at least
+// kMinCols, and at most kMaxAcc float64 accumulators (width x r) so that they stay in L2.
+constexpr int64_t kMinCols = 1024;
+constexpr int64_t kMaxAcc = 32768;
 // From this many right-hand sides on, the packed GEMM beats dot products and row sweeps.
 constexpr int64_t kGemmColumns = 16;
 
@@ -267,10 +269,15 @@ void dual_apply(const T* g, const double* l, const int64_t* table, int64_t num_b
     });
   }
 
+  const int64_t pieces = std::max<int64_t>(1, (2 * threads + num_blocks - 1) / num_blocks);
+  int64_t max_size = 0;
+  for (int64_t b = 0; b < num_blocks; ++b) max_size = std::max(max_size, blocks[b].size);
+  const int64_t cols = std::min(std::max(kMinCols, (max_size + pieces - 1) / pieces),
+                                std::max<int64_t>(64, kMaxAcc / r));
   std::vector<Task> tasks;
   for (int64_t b = 0; b < num_blocks; ++b)
-    for (int64_t j0 = 0; j0 < blocks[b].size; j0 += kColsPerTask) {
-      const int64_t j1 = std::min(blocks[b].size, j0 + kColsPerTask);
+    for (int64_t j0 = 0; j0 < blocks[b].size; j0 += cols) {
+      const int64_t j1 = std::min(blocks[b].size, j0 + cols);
       tasks.push_back({b, j0, j1, (j1 - j0) * std::max<int64_t>(rows, 1)});
     }
   by_cost(tasks);
