@@ -580,55 +580,63 @@ def _match_rows(stored: torch.Tensor, rows: torch.Tensor, rtol: float, block: in
                 layout: BlockLayout) -> list[int]:
     """Indices of distinct stored rows matching ``rows`` (see :meth:`DualBlocks.downdate`).
 
-    Candidates come from the Euclidean distances through one GEMM in the stored dtype, each
-    confirmed by the exact float64 distance; when the nearest unclaimed candidate fails, every
-    unclaimed stored row is measured exactly before a row is declared missing.
+    Candidates come from the Euclidean distances through one GEMM in the stored dtype (each row
+    takes the nearest stored row not taken by an earlier one), and are confirmed by the exact
+    float64 distances in batches; a row whose candidate fails is looked up exactly among every
+    stored row not yet taken before it is declared missing.
     """
     R, k = stored.shape[0], rows.shape[0]
+    dev = stored.device
     snorm = torch.cat([torch.linalg.vector_norm(stored[i:i + _MATCH_CHUNK], dim=1,
                                                 dtype=torch.float64)
                        for i in range(0, R, _MATCH_CHUNK)]) if R else \
-        torch.zeros(0, dtype=torch.float64, device=stored.device)
+        torch.zeros(0, dtype=torch.float64, device=dev)
     unorm = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64)
     d2 = snorm.square()[None, :] + unorm.square()[:, None] - 2.0 * (rows @ stored.T).double()
-    order = torch.argsort(d2, dim=1).cpu()
-    snorm_h, unorm_h = snorm.cpu(), unorm.cpu()
-    claimed: set[int] = set()
-    out = []
-
-    def rel(j: int, t: int) -> float:
-        diff = torch.linalg.vector_norm(stored[j].double() - rows[t].double()).item()
-        scale = max(float(snorm_h[j]), float(unorm_h[t]))
-        return diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
-
+    # The nearest free row of row t is among its t + 1 nearest rows.
+    order = torch.topk(d2, min(R, k), dim=1, largest=False).indices.cpu().tolist()
+    taken: set[int] = set()
+    cand = []
     for t in range(k):
-        best = next((int(j) for j in order[t].tolist() if int(j) not in claimed), None)
-        if best is not None and rel(best, t) <= rtol:
-            claimed.add(best)
-            out.append(best)
-            continue
-        # Exact distances to every unclaimed stored row (rare: near-duplicates, or a miss).
+        j = next(j for j in order[t] if j not in taken)
+        taken.add(j)
+        cand.append(j)
+
+    def rel(diff: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return torch.where(scale > 0, diff / scale,
+                           torch.where(diff == 0, 0.0, math.inf))
+
+    ok = []
+    for t0 in range(0, k, _MATCH_CHUNK // 4):
+        idx = torch.tensor(cand[t0:t0 + _MATCH_CHUNK // 4], device=dev)
+        u = rows[t0:t0 + len(idx)]
+        diff = torch.linalg.vector_norm(stored[idx].double() - u.double(), dim=1)
+        ok += (rel(diff, torch.maximum(snorm[idx], unorm[t0:t0 + len(idx)])) <= rtol).tolist()
+    if all(ok):
+        return cand
+    # Rare (near-duplicates, or a row that is not there): exact distances, in row order, to the
+    # stored rows not confirmed for other rows.
+    taken = {j for j, good in zip(cand, ok) if good}
+    for t in (t for t, good in enumerate(ok) if not good):
         best, best_rel = None, math.inf
         u = rows[t].double()
         for i in range(0, R, _MATCH_CHUNK):
             diff = torch.linalg.vector_norm(stored[i:i + _MATCH_CHUNK].double() - u, dim=1)
-            scale = torch.maximum(snorm[i:i + _MATCH_CHUNK], unorm[t])
-            r = torch.where(scale > 0, diff / scale,
-                            torch.where(diff == 0, 0.0, math.inf)).cpu()
-            for j in range(r.shape[0]):
-                if i + j not in claimed and float(r[j]) < best_rel:
-                    best, best_rel = i + j, float(r[j])
+            r = rel(diff, torch.maximum(snorm[i:i + _MATCH_CHUNK], unorm[t])).cpu().tolist()
+            for j, value in enumerate(r):
+                if i + j not in taken and value < best_rel:
+                    best, best_rel = i + j, value
         if best is None or not best_rel <= rtol:
             start = layout.starts[block]
-            near = "" if best is None else (f"; the closest unclaimed stored row, {best}, "
-                                            f"differs by {best_rel:.2e} relative")
+            near = "" if best is None else (f"; the closest free stored row, {best}, differs by "
+                                            f"{best_rel:.2e} relative")
             raise RowNotFoundError(
                 f"downdate: row {t} of grads is not among the {R} stored rows of dual block "
                 f"{block} (parameters {start}..{start + layout.sizes[block]}) within rtol="
                 f"{rtol:.1e}{near}; nothing was changed")
-        claimed.add(best)
-        out.append(best)
-    return out
+        taken.add(best)
+        cand[t] = best
+    return cand
 
 
 # ---- build --------------------------------------------------------------------------------------
