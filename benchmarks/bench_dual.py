@@ -239,8 +239,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{paper['R']:,} rows, float32, blocks {paper['sizes']}: dense blocks "
           f"{paper['dense_bytes'] / 1e9:.1f} GB ({paper['dense_full_blocks_bytes'] / 1e9:.1f} GB "
           f"for four full blocks of {paper['B']:,}), dual blocks {paper['dual_bytes'] / 1e9:.2f} "
-          f"GB (R d 4 + blocks R^2 8 bytes), ratio {paper['dual_bytes'] / paper['dense_bytes']:.3f};"
-          f" chosen per block: {paper['dual_chosen']}")
+          f"GB (R d 4 + blocks R^2 8 bytes), ratio "
+          f"{paper['dual_bytes'] / paper['dense_bytes']:.3f}; chosen per block: "
+          f"{paper['dual_chosen']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "rows": rows, "paper_scale": paper}, f, indent=2)

@@ -174,7 +174,8 @@ __global__ void __launch_bounds__(TileMicro::kThreads)
   const int tx = threadIdx.x % TileMicro::kStride, ty = threadIdx.x / TileMicro::kStride;
   double acc[kTM][kTM] = {};
 #pragma unroll
-  for (int kk = 0; kk < kTile; kk += kSlice) tile_fma<kTM>(acc, xs + kk * kLd, ls + kk * kLd, tx, ty);
+  for (int kk = 0; kk < kTile; kk += kSlice)
+    tile_fma<kTM>(acc, xs + kk * kLd, ls + kk * kLd, tx, ty);
 #pragma unroll
   for (int q = 0; q < kTM; ++q) {
     const int i = ty + TileMicro::kStride * q;

@@ -17,7 +17,7 @@ namespace ssse::cuda {
 template <typename T>
 void dual_gram(const T* grads,              // device [m, d] row-major
                int64_t m, int64_t d,
-               const int64_t* table_host,   // host [num_blocks, 4] (start, size, g_offset, l_offset)
+               const int64_t* table_host,   // host [num_blocks, 4]: start, size, g/l offsets
                const int64_t* table_dev,    // the same table on the device
                int64_t num_blocks, int64_t r0,
                T* g,                        // device, packed G storage
