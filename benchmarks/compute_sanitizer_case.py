@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from ssse_ext import BlockLayout, NotPositiveDefiniteError, build_inverse_fisher
+from ssse_ext import BlockLayout, NotPositiveDefiniteError, build_dual_blocks, build_inverse_fisher
 
 
 def main() -> int:
@@ -33,6 +33,15 @@ def main() -> int:
         out = inv.apply_update(v, v, 0.25)
         torch.cuda.synchronize()
         assert torch.isfinite(out).all() and torch.isfinite(inv.packed).all()
+        # Dual blocks: a factor of 100 rows (two tiles, the second partial) extended by 50 rows,
+        # three rows removed from the middle (trailing refactor), the apply and one dense block.
+        dual = build_dual_blocks(g[:100], damping=0.5, layout=layout, normalizer=150.0)
+        dual.update(g[100:])
+        dual.downdate(g[[70, 3, 120]])
+        out = dual.apply(v, base=v, scale=0.25)
+        blk = dual.dense_block(3)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all() and torch.isfinite(blk).all() and dual.num_rows == 147
     print("compute-sanitizer case: ok")
     return 0
 

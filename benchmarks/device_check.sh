@@ -66,7 +66,8 @@ if step build 240 bash -c build; then
   # The tests run from a copy so that ssse_ext is the installed package, not the source tree
   # (which has no built _C).
   rm -rf /tmp/ssse-tests && mkdir -p /tmp/ssse-tests && cp -r tests /tmp/ssse-tests/
-  step tests 150 env -C /tmp/ssse-tests "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+  step tests 150 env -C /tmp/ssse-tests "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+    tests/test_dual.py
   SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   for tool in memcheck racecheck; do
     step "$tool" 90 env -C /tmp PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" \
@@ -78,10 +79,14 @@ if step build 240 bash -c build; then
   else
     ROWS+=("| bench | missing benchmarks/bench_fisher.py | 0 |")
   fi
+  if [[ -f benchmarks/bench_dual.py ]]; then
+    step bench_dual 120 env -C /tmp "$PY" "$ROOT/benchmarks/bench_dual.py" --device cuda \
+      --json "$LOGS/bench_dual.json"
+  fi
 fi
 
 echo
-grep -h '^|' "$LOGS/bench.log" 2>/dev/null
+grep -h '^|' "$LOGS/bench.log" "$LOGS/bench_dual.log" 2>/dev/null
 echo
 echo "| step | status | s |"
 echo "|---|---|---|"

@@ -4,11 +4,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <string>
 
 #include "common.h"
 #include "cpu/apply.h"
+#include "cpu/dual.h"
 #include "cpu/gram.h"
 #include "cpu/microkernel.h"
 #include "cpu/sherman_morrison.h"
@@ -17,6 +20,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/apply.cuh"
+#include "cuda/dual.cuh"
 #include "cuda/gram.cuh"
 #include "cuda/sherman_morrison.cuh"
 #endif
@@ -47,6 +51,58 @@ T* ptr(std::uintptr_t p) {
 void check_common(int64_t num_blocks, int threads) {
   ssse::check_arg(num_blocks >= 0, "num_blocks must be >= 0, got " + std::to_string(num_blocks));
   ssse::check_arg(threads >= 1, "threads must be >= 1, got " + std::to_string(threads));
+}
+
+// ---- the dual-block entry points: the same checks on the CPU and CUDA side ----------------
+
+std::string str(double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.17g", x);
+  return buf;
+}
+
+// rows stored rows of capacity ldl (the leading dimension of every factor).
+void check_dual_storage(int64_t num_blocks, int64_t rows, int64_t ldl) {
+  ssse::check_arg(num_blocks >= 0, "num_blocks must be >= 0, got " + std::to_string(num_blocks));
+  ssse::check_arg(rows >= 0, "rows must be >= 0, got " + std::to_string(rows));
+  ssse::check_arg(ldl >= rows, "ldl must be >= rows = " + std::to_string(rows) + ", got " +
+                                   std::to_string(ldl));
+}
+
+void check_dual_gram(int64_t num_blocks, int64_t m, int64_t d, int64_t r0, int64_t ldl) {
+  check_dual_storage(num_blocks, r0, ldl);
+  ssse::check_arg(m >= 0, "m must be >= 0, got " + std::to_string(m));
+  ssse::check_arg(d >= 0, "d must be >= 0, got " + std::to_string(d));
+  ssse::check_arg(r0 + m <= ldl, "r0 + m must be <= ldl = " + std::to_string(ldl) + ", got " +
+                                     std::to_string(r0) + " + " + std::to_string(m));
+}
+
+void check_dual_cholesky(int64_t num_blocks, int64_t r0, int64_t r1, int64_t ldl, double shift) {
+  check_dual_storage(num_blocks, r0, ldl);
+  ssse::check_arg(r1 >= r0 && r1 <= ldl, "r1 must be in [r0, ldl] = [" + std::to_string(r0) +
+                                             ", " + std::to_string(ldl) + "], got " +
+                                             std::to_string(r1));
+  ssse::check_arg(shift >= 0 && std::isfinite(shift),
+                  "shift must be a finite number >= 0, got " + str(shift));
+}
+
+void check_dual_apply(int64_t num_blocks, int64_t rows, int64_t ldl, double damping, int64_t d,
+                      int64_t r, double scale) {
+  check_dual_storage(num_blocks, rows, ldl);
+  ssse::check_arg(damping > 0 && std::isfinite(damping),
+                  "damping must be a finite number > 0, got " + str(damping));
+  ssse::check_arg(d >= 0 && r >= 0, "v must have a non-negative shape, got (" +
+                                        std::to_string(d) + ", " + std::to_string(r) + ")");
+  ssse::check_arg(std::isfinite(scale), "scale must be finite, got " + str(scale));
+}
+
+void check_dual_remove(int64_t num_blocks, int64_t rows, int64_t ldl, int64_t k, int64_t first) {
+  check_dual_storage(num_blocks, rows, ldl);
+  ssse::check_arg(k >= 0 && k <= rows, "k must be in [0, rows] = [0, " + std::to_string(rows) +
+                                           "], got " + std::to_string(k));
+  ssse::check_arg(first >= 0 && (k == 0 || first < rows),
+                  "first must be in [0, rows) = [0, " + std::to_string(rows) + "), got " +
+                      std::to_string(first));
 }
 
 int cuda_device_count() {
@@ -155,6 +211,78 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dtype"), py::arg("inv"), py::arg("layout"), py::arg("num_blocks"), py::arg("v"),
       py::arg("d"), py::arg("r"), py::arg("base"), py::arg("scale"), py::arg("out"),
       py::arg("threads"));
+
+  m.def(
+      "dual_gram",
+      [](int dtype, std::uintptr_t grads, int64_t m_rows, int64_t d, std::uintptr_t table,
+         int64_t num_blocks, int64_t r0, std::uintptr_t g, std::uintptr_t l, int64_t ldl,
+         int threads) {
+        check_common(num_blocks, threads);
+        check_dual_gram(num_blocks, m_rows, d, r0, ldl);
+        py::gil_scoped_release release;
+        dispatch(dtype, [&](auto tag) {
+          using T = decltype(tag);
+          ssse::cpu::dual_gram<T>(ptr<const T>(grads), m_rows, d, ptr<const int64_t>(table),
+                                  num_blocks, r0, ptr<T>(g), ptr<double>(l), ldl, threads);
+        });
+      },
+      py::arg("dtype"), py::arg("grads"), py::arg("m"), py::arg("d"), py::arg("table"),
+      py::arg("num_blocks"), py::arg("r0"), py::arg("g"), py::arg("l"), py::arg("ldl"),
+      py::arg("threads"));
+
+  m.def(
+      "dual_cholesky",
+      [](std::uintptr_t l, std::uintptr_t table, int64_t num_blocks, int64_t r0, int64_t r1,
+         int64_t ldl, double shift, bool strip_solved, std::uintptr_t info, int threads) {
+        check_common(num_blocks, threads);
+        check_dual_cholesky(num_blocks, r0, r1, ldl, shift);
+        py::gil_scoped_release release;
+        ssse::cpu::dual_cholesky(ptr<double>(l), ptr<const int64_t>(table), num_blocks, r0, r1,
+                                 ldl, shift, strip_solved, ptr<int64_t>(info), threads);
+      },
+      py::arg("l"), py::arg("table"), py::arg("num_blocks"), py::arg("r0"), py::arg("r1"),
+      py::arg("ldl"), py::arg("shift"), py::arg("strip_solved"), py::arg("info"),
+      py::arg("threads"));
+
+  m.def(
+      "dual_apply",
+      [](int dtype, std::uintptr_t g, std::uintptr_t l, std::uintptr_t table, int64_t num_blocks,
+         int64_t rows, int64_t ldl, double damping, std::uintptr_t v, int64_t d, int64_t r,
+         std::uintptr_t base, double scale, std::uintptr_t out, int threads) {
+        check_common(num_blocks, threads);
+        check_dual_apply(num_blocks, rows, ldl, damping, d, r, scale);
+        py::gil_scoped_release release;
+        dispatch(dtype, [&](auto tag) {
+          using T = decltype(tag);
+          ssse::cpu::dual_apply<T>(ptr<const T>(g), ptr<const double>(l),
+                                   ptr<const int64_t>(table), num_blocks, rows, ldl, damping,
+                                   ptr<const T>(v), d, r, ptr<const T>(base), scale, ptr<T>(out),
+                                   threads);
+        });
+      },
+      py::arg("dtype"), py::arg("g"), py::arg("l"), py::arg("table"), py::arg("num_blocks"),
+      py::arg("rows"), py::arg("ldl"), py::arg("damping"), py::arg("v"), py::arg("d"),
+      py::arg("r"), py::arg("base"), py::arg("scale"), py::arg("out"), py::arg("threads"));
+
+  m.def(
+      "dual_remove_rows",
+      [](int dtype, std::uintptr_t g, std::uintptr_t l, std::uintptr_t table, int64_t num_blocks,
+         int64_t rows, int64_t ldl, std::uintptr_t keep, std::uintptr_t removed, int64_t k,
+         int64_t first, std::uintptr_t info, int threads) {
+        check_common(num_blocks, threads);
+        check_dual_remove(num_blocks, rows, ldl, k, first);
+        py::gil_scoped_release release;
+        dispatch(dtype, [&](auto tag) {
+          using T = decltype(tag);
+          ssse::cpu::dual_remove_rows<T>(ptr<T>(g), ptr<double>(l), ptr<const int64_t>(table),
+                                         num_blocks, rows, ldl, ptr<const int64_t>(keep),
+                                         ptr<const int64_t>(removed), k, first,
+                                         ptr<int64_t>(info), threads);
+        });
+      },
+      py::arg("dtype"), py::arg("g"), py::arg("l"), py::arg("table"), py::arg("num_blocks"),
+      py::arg("rows"), py::arg("ldl"), py::arg("keep"), py::arg("removed"), py::arg("k"),
+      py::arg("first"), py::arg("info"), py::arg("threads"));
 
   // ---- CUDA entry points (same arguments plus the host copy of the layout and the stream) ----
 #ifdef SSSE_WITH_CUDA
@@ -274,5 +402,119 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dtype"), py::arg("inv"), py::arg("layout_host"), py::arg("layout_dev"),
       py::arg("num_blocks"), py::arg("v"), py::arg("d"), py::arg("r"), py::arg("base"),
       py::arg("scale"), py::arg("out"), py::arg("stream"));
+
+  m.def(
+      "dual_gram_cuda",
+      [=](int dtype, std::uintptr_t grads, int64_t m_rows, int64_t d, std::uintptr_t table_host,
+          std::uintptr_t table_dev, int64_t num_blocks, int64_t r0, std::uintptr_t g,
+          std::uintptr_t l, int64_t ldl, std::uintptr_t stream) {
+        check_cuda_args(num_blocks, table_host, table_dev);
+        check_dual_gram(num_blocks, m_rows, d, r0, ldl);
+        py::gil_scoped_release release;
+        dispatch(dtype, [&](auto tag) {
+          using T = decltype(tag);
+          ssse::cuda::dual_gram<T>(ptr<const T>(grads), m_rows, d, ptr<const int64_t>(table_host),
+                                   ptr<const int64_t>(table_dev), num_blocks, r0, ptr<T>(g),
+                                   ptr<double>(l), ldl, stream_of(stream));
+        });
+      },
+      py::arg("dtype"), py::arg("grads"), py::arg("m"), py::arg("d"), py::arg("table_host"),
+      py::arg("table_dev"), py::arg("num_blocks"), py::arg("r0"), py::arg("g"), py::arg("l"),
+      py::arg("ldl"), py::arg("stream"));
+
+  m.def(
+      "dual_cholesky_workspace_bytes",
+      [](int64_t num_blocks) {
+        ssse::check_arg(num_blocks >= 0, "num_blocks must be >= 0, got " +
+                                             std::to_string(num_blocks));
+        return ssse::cuda::dual_cholesky_workspace_bytes(num_blocks);
+      },
+      py::arg("num_blocks"));
+
+  m.def(
+      "dual_cholesky_cuda",
+      [=](std::uintptr_t l, std::uintptr_t table_host, std::uintptr_t table_dev,
+          int64_t num_blocks, int64_t r0, int64_t r1, int64_t ldl, double shift,
+          bool strip_solved, std::uintptr_t info, std::uintptr_t work, std::size_t work_bytes,
+          std::uintptr_t stream) {
+        check_cuda_args(num_blocks, table_host, table_dev);
+        check_dual_cholesky(num_blocks, r0, r1, ldl, shift);
+        py::gil_scoped_release release;
+        ssse::cuda::dual_cholesky(ptr<double>(l), ptr<const int64_t>(table_host),
+                                  ptr<const int64_t>(table_dev), num_blocks, r0, r1, ldl, shift,
+                                  strip_solved, ptr<int64_t>(info), ptr<void>(work), work_bytes,
+                                  stream_of(stream));
+      },
+      py::arg("l"), py::arg("table_host"), py::arg("table_dev"), py::arg("num_blocks"),
+      py::arg("r0"), py::arg("r1"), py::arg("ldl"), py::arg("shift"), py::arg("strip_solved"),
+      py::arg("info"), py::arg("work"), py::arg("work_bytes"), py::arg("stream"));
+
+  m.def(
+      "dual_apply_workspace_bytes",
+      [](int64_t num_blocks, int64_t rows, int64_t r) {
+        ssse::check_arg(num_blocks >= 0 && rows >= 0 && r >= 0,
+                        "num_blocks, rows and r must be >= 0, got " +
+                            std::to_string(num_blocks) + ", " + std::to_string(rows) + ", " +
+                            std::to_string(r));
+        return ssse::cuda::dual_apply_workspace_bytes(num_blocks, rows, r);
+      },
+      py::arg("num_blocks"), py::arg("rows"), py::arg("r"));
+
+  m.def(
+      "dual_apply_cuda",
+      [=](int dtype, std::uintptr_t g, std::uintptr_t l, std::uintptr_t table_host,
+          std::uintptr_t table_dev, int64_t num_blocks, int64_t rows, int64_t ldl,
+          double damping, std::uintptr_t v, int64_t d, int64_t r, std::uintptr_t base,
+          double scale, std::uintptr_t out, std::uintptr_t work, std::size_t work_bytes,
+          std::uintptr_t stream) {
+        check_cuda_args(num_blocks, table_host, table_dev);
+        check_dual_apply(num_blocks, rows, ldl, damping, d, r, scale);
+        py::gil_scoped_release release;
+        dispatch(dtype, [&](auto tag) {
+          using T = decltype(tag);
+          ssse::cuda::dual_apply<T>(ptr<const T>(g), ptr<const double>(l),
+                                    ptr<const int64_t>(table_host), ptr<const int64_t>(table_dev),
+                                    num_blocks, rows, ldl, damping, ptr<const T>(v), d, r,
+                                    ptr<const T>(base), scale, ptr<T>(out), ptr<void>(work),
+                                    work_bytes, stream_of(stream));
+        });
+      },
+      py::arg("dtype"), py::arg("g"), py::arg("l"), py::arg("table_host"), py::arg("table_dev"),
+      py::arg("num_blocks"), py::arg("rows"), py::arg("ldl"), py::arg("damping"), py::arg("v"),
+      py::arg("d"), py::arg("r"), py::arg("base"), py::arg("scale"), py::arg("out"),
+      py::arg("work"), py::arg("work_bytes"), py::arg("stream"));
+
+  m.def(
+      "dual_remove_rows_workspace_bytes",
+      [](int64_t num_blocks, int64_t rows, int64_t k, int64_t first) {
+        check_dual_remove(num_blocks, rows, rows, k, first);
+        return ssse::cuda::dual_remove_rows_workspace_bytes(num_blocks, rows, k, first);
+      },
+      py::arg("num_blocks"), py::arg("rows"), py::arg("k"), py::arg("first"));
+
+  m.def(
+      "dual_remove_rows_cuda",
+      [=](int dtype, std::uintptr_t g, std::uintptr_t l, std::uintptr_t table_host,
+          std::uintptr_t table_dev, int64_t num_blocks, int64_t rows, int64_t ldl,
+          std::uintptr_t keep, std::uintptr_t removed, int64_t k, int64_t first,
+          std::uintptr_t info, std::uintptr_t work, std::size_t work_bytes,
+          std::uintptr_t stream) {
+        check_cuda_args(num_blocks, table_host, table_dev);
+        check_dual_remove(num_blocks, rows, ldl, k, first);
+        py::gil_scoped_release release;
+        dispatch(dtype, [&](auto tag) {
+          using T = decltype(tag);
+          ssse::cuda::dual_remove_rows<T>(ptr<T>(g), ptr<double>(l),
+                                          ptr<const int64_t>(table_host),
+                                          ptr<const int64_t>(table_dev), num_blocks, rows, ldl,
+                                          ptr<const int64_t>(keep), ptr<const int64_t>(removed),
+                                          k, first, ptr<int64_t>(info), ptr<void>(work),
+                                          work_bytes, stream_of(stream));
+        });
+      },
+      py::arg("dtype"), py::arg("g"), py::arg("l"), py::arg("table_host"), py::arg("table_dev"),
+      py::arg("num_blocks"), py::arg("rows"), py::arg("ldl"), py::arg("keep"),
+      py::arg("removed"), py::arg("k"), py::arg("first"), py::arg("info"), py::arg("work"),
+      py::arg("work_bytes"), py::arg("stream"));
 #endif
 }

@@ -4,8 +4,9 @@ The kernel-level API of ssse (Single-Step Sample Erasure, Peste, Alistarh & Lamp
 :func:`build_inverse_fisher` streams per-sample gradients into a :class:`BlockInverseFisher`,
 which supports ``inv @ v``, :meth:`~BlockInverseFisher.update`,
 :meth:`~BlockInverseFisher.downdate` and the fused SSSE step
-:meth:`~BlockInverseFisher.apply_update`. :mod:`ssse_ext.reference` is the pure-PyTorch
-specification used by the tests.
+:meth:`~BlockInverseFisher.apply_update`. :func:`build_dual_blocks` builds
+:class:`DualBlocks`, the low-rank form of blocks larger than their number of gradient rows.
+:mod:`ssse_ext.reference` is the pure-PyTorch specification used by the tests.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from importlib import metadata as _metadata
 import torch as _torch  # noqa: F401
 
 from . import _C, reference, validation
+from .dual import DualBlocks, RowNotFoundError, build_dual_blocks, choose_representation
 from .fisher import (BUILD_METHODS, DEFAULT_BLOCK_SIZE, UPDATE_METHODS, BlockInverseFisher,
                      FisherConfig, GramAccumulator, LowRankChange, NotPositiveDefiniteError,
                      build_inverse_fisher)
@@ -33,12 +35,16 @@ __all__ = [
     "UPDATE_METHODS",
     "BlockInverseFisher",
     "BlockLayout",
+    "DualBlocks",
     "FisherConfig",
     "GramAccumulator",
     "LowRankChange",
     "NotPositiveDefiniteError",
+    "RowNotFoundError",
+    "build_dual_blocks",
     "build_info",
     "build_inverse_fisher",
+    "choose_representation",
     "reference",
     "validation",
 ]

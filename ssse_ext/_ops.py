@@ -13,6 +13,7 @@ import torch
 from . import _C
 
 __all__ = ["gram_accumulate_", "inverse_from_gram", "sherman_morrison_", "apply_inverse",
+           "dual_gram_", "dual_cholesky_", "dual_apply_", "dual_remove_rows_",
            "cuda_available", "call"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
@@ -149,11 +150,122 @@ def _(inv, layout, layout_dev, v, base, scale, out):
     return None
 
 
+# ---- dual (low-rank) blocks: table rows (start, size, g_offset, l_offset), see csrc/common.h ----
+
+def _dual_gram__impl(grads: torch.Tensor, table: torch.Tensor, table_dev: torch.Tensor, r0: int,
+                     g: torch.Tensor, l: torch.Tensor, ldl: int) -> None:
+    """Copies the rows of ``grads`` to rows ``[r0, r0 + m)`` of every ``G_b`` and writes the new
+    rows of the raw Gram matrix ``G_b G_b^T`` (float64, lower part) into the factor storage."""
+    m, d = grads.shape
+    if grads.is_cuda:
+        _need_cuda("dual_gram_cuda")(
+            _code(grads), grads.data_ptr(), m, d, table.data_ptr(), table_dev.data_ptr(),
+            table.shape[0], r0, g.data_ptr(), l.data_ptr(), ldl, _stream(grads.device))
+    else:
+        _C.dual_gram(_code(grads), grads.data_ptr(), m, d, table.data_ptr(), table.shape[0], r0,
+                     g.data_ptr(), l.data_ptr(), ldl, _threads())
+
+
+dual_gram_ = torch.library.custom_op("ssse_ext::dual_gram_", mutates_args=("g", "l"))(_dual_gram__impl)
+
+
+@dual_gram_.register_fake
+def _(grads, table, table_dev, r0, g, l, ldl):
+    return None
+
+
+def _dual_cholesky__impl(l: torch.Tensor, table: torch.Tensor, table_dev: torch.Tensor, r0: int,
+                         r1: int, ldl: int, shift: float, strip_solved: bool) -> torch.Tensor:
+    """Extends every factor from rows ``[0, r0)`` to ``[0, r1)``; returns the per-block info."""
+    nb = table.shape[0]
+    info = torch.zeros(nb, dtype=torch.int64, device=l.device)
+    if l.is_cuda:
+        fn = _need_cuda("dual_cholesky_cuda")
+        work = torch.empty(_C.dual_cholesky_workspace_bytes(nb), dtype=torch.uint8,
+                           device=l.device)
+        fn(l.data_ptr(), table.data_ptr(), table_dev.data_ptr(), nb, r0, r1, ldl, shift,
+           strip_solved, info.data_ptr(), work.data_ptr(), work.numel(), _stream(l.device))
+    else:
+        _C.dual_cholesky(l.data_ptr(), table.data_ptr(), nb, r0, r1, ldl, shift, strip_solved,
+                         info.data_ptr(), _threads())
+    return info
+
+
+dual_cholesky_ = torch.library.custom_op("ssse_ext::dual_cholesky_", mutates_args=("l",))(_dual_cholesky__impl)
+
+
+@dual_cholesky_.register_fake
+def _(l, table, table_dev, r0, r1, ldl, shift, strip_solved):
+    return torch.empty(table.shape[0], dtype=torch.int64, device=l.device)
+
+
+def _dual_apply__impl(g: torch.Tensor, l: torch.Tensor, table: torch.Tensor,
+                      table_dev: torch.Tensor, rows: int, ldl: int, damping: float,
+                      v: torch.Tensor, base: torch.Tensor | None, scale: float,
+                      out: torch.Tensor) -> None:
+    """``out_b = base_b + scale F_b^{-1} v_b`` on the rows of every dual block of the table
+    (``v``, ``base`` and ``out`` of shape ``(d, r)``); other rows of ``out`` are untouched."""
+    d, r = v.shape
+    nb = table.shape[0]
+    if v.is_cuda:
+        fn = _need_cuda("dual_apply_cuda")
+        work = torch.empty(_C.dual_apply_workspace_bytes(nb, rows, r), dtype=torch.uint8,
+                           device=v.device)
+        fn(_code(v), g.data_ptr(), l.data_ptr(), table.data_ptr(), table_dev.data_ptr(), nb,
+           rows, ldl, damping, v.data_ptr(), d, r, _ptr(base), scale, out.data_ptr(),
+           work.data_ptr(), work.numel(), _stream(v.device))
+    else:
+        _C.dual_apply(_code(v), g.data_ptr(), l.data_ptr(), table.data_ptr(), nb, rows, ldl,
+                      damping, v.data_ptr(), d, r, _ptr(base), scale, out.data_ptr(), _threads())
+
+
+dual_apply_ = torch.library.custom_op("ssse_ext::dual_apply_", mutates_args=("out",))(_dual_apply__impl)
+
+
+@dual_apply_.register_fake
+def _(g, l, table, table_dev, rows, ldl, damping, v, base, scale, out):
+    return None
+
+
+def _dual_remove_rows__impl(g: torch.Tensor, l: torch.Tensor, table: torch.Tensor,
+                            table_dev: torch.Tensor, rows: int, ldl: int, keep: torch.Tensor,
+                            removed: torch.Tensor, first: int) -> torch.Tensor:
+    """Deletes the stored rows ``removed`` (``(num_blocks, k)``, ascending) of every block, keeping
+    ``keep`` (``(num_blocks, rows - k)``, ascending); returns the per-block info."""
+    nb = table.shape[0]
+    k = removed.shape[1] if removed.dim() == 2 else 0
+    info = torch.zeros(nb, dtype=torch.int64, device=l.device)
+    if l.is_cuda:
+        fn = _need_cuda("dual_remove_rows_cuda")
+        work = torch.empty(_C.dual_remove_rows_workspace_bytes(nb, rows, k, first),
+                           dtype=torch.uint8, device=l.device)
+        fn(_code(g), g.data_ptr(), l.data_ptr(), table.data_ptr(), table_dev.data_ptr(), nb, rows,
+           ldl, keep.data_ptr(), removed.data_ptr(), k, first, info.data_ptr(), work.data_ptr(),
+           work.numel(), _stream(l.device))
+    else:
+        _C.dual_remove_rows(_code(g), g.data_ptr(), l.data_ptr(), table.data_ptr(), nb, rows, ldl,
+                            keep.data_ptr(), removed.data_ptr(), k, first, info.data_ptr(),
+                            _threads())
+    return info
+
+
+dual_remove_rows_ = torch.library.custom_op("ssse_ext::dual_remove_rows_", mutates_args=("g", "l"))(_dual_remove_rows__impl)
+
+
+@dual_remove_rows_.register_fake
+def _(g, l, table, table_dev, rows, ldl, keep, removed, first):
+    return torch.empty(table.shape[0], dtype=torch.int64, device=l.device)
+
+
 _EAGER = {
     gram_accumulate_: _gram_accumulate__impl,
     inverse_from_gram: _inverse_from_gram_impl,
     sherman_morrison_: _sherman_morrison__impl,
     apply_inverse: _apply_inverse_impl,
+    dual_gram_: _dual_gram__impl,
+    dual_cholesky_: _dual_cholesky__impl,
+    dual_apply_: _dual_apply__impl,
+    dual_remove_rows_: _dual_remove_rows__impl,
 }
 
 
