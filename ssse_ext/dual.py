@@ -1,4 +1,4 @@
-r"""Low-rank ("dual") blocks of the inverse Fisher (DESIGN §1, "Low-rank (dual) blocks").
+r"""Low-rank ("dual") blocks of the inverse Fisher (docs/maths.md, "Low-rank (dual) blocks").
 
 A block of size :math:`s` whose Fisher comes from :math:`R < s` gradient rows :math:`G_b`
 (``R x s``) has the exact inverse (the Woodbury identity)
@@ -28,7 +28,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from . import _ops
-from .fisher import NotPositiveDefiniteError
+from .errors import NotPositiveDefiniteError, RowNotFoundError
 from .layout import BlockLayout
 
 __all__ = [
@@ -53,10 +53,6 @@ MATCH_RTOL = {torch.float32: math.sqrt(torch.finfo(torch.float32).eps),
 # Rows of G handed to torch at once when the matching computes norms and exact distances (a
 # bounded float64 temporary, never a float64 copy of a whole block).
 _MATCH_CHUNK = 1024
-
-
-class RowNotFoundError(ValueError):
-    """A row to remove is not among the stored rows of a dual block (nothing was changed)."""
 
 
 # ---- sizes --------------------------------------------------------------------------------------

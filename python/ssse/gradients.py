@@ -287,7 +287,7 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
                        dtype: torch.dtype | None = None, device=None,
                        chunk_size: int | None = None, max_memory: int | None = None,
                        curvature: str = "empirical", likelihood: str = "categorical",
-                       mc_samples: int = 1, seed: int = 0,
+                       mc_samples: int = 1, seed: int = 0, representation: str = "auto",
                        progress: bool = True) -> ssse_ext.BlockInverseFisher:
     r"""Fits the block inverse of a damped curvature at the model's parameters.
 
@@ -330,6 +330,10 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
         likelihood: the output distribution for ``"ggn"`` and ``"mc"``: ``"categorical"``
             (softmax logits) or ``"bernoulli"`` (independent sigmoid logits).
         mc_samples, seed: draws per sample and their seed for ``"mc"``.
+        representation: how blocks are stored (:func:`ssse_ext.build_inverse_fisher`):
+            ``"auto"`` (default) picks per block the dense inverse or the exact low-rank form
+            of its rows, whichever is smaller (known when ``data`` is an ``(X, y)`` pair; all
+            dense for an iterable), ``"dense"`` or ``"dual"``.
         progress: show a progress bar.
 
     Returns:
@@ -344,6 +348,7 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     dtype = check_dtype(dtype)
     check_choice(curvature, "curvature", CURVATURES)
     check_choice(likelihood, "likelihood", LIKELIHOODS)
+    check_choice(representation, "representation", ssse_ext.fisher.REPRESENTATIONS)
     mc_samples = check_positive_int(mc_samples, "mc_samples")
     seed = check_int(seed, "seed")
     if minibatch > 1 and curvature != "empirical":
@@ -387,9 +392,11 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     try:
         # the GGN's c rows of a sample add up to its curvature (N = n); each Monte-Carlo draw
         # is one estimate of it (N = n * mc_samples, the number of rows)
+        rows = None if total is None else total * per_sample
         return ssse_ext.build_inverse_fisher(
             chunks(), damping=damping, layout=lay,
-            rows_per_sample=per_sample if curvature == "ggn" else 1, curvature=curvature)
+            rows_per_sample=per_sample if curvature == "ggn" else 1, curvature=curvature,
+            representation=representation, num_rows=rows)
     finally:
         bar.close()
 
