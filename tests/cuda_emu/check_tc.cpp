@@ -1,0 +1,236 @@
+// Checks the tensor-core ("tc") CUDA kernels of csrc/cuda under the emulator (emu.cpp) against
+// plain float64 loops: Gram accumulation, blocked inverse, Woodbury update, apply. Inputs are fresh
+// random values; layouts include partial tiles, a last block smaller than B, blocks of 1..5, groups
+// of small blocks, shuffled tables and sub-ranges of a table (offsets indexing the full buffers).
+// Device buffers are host buffers that end at a guard page, so that a read or write past the end
+// faults. Outputs are poisoned with NaN before each call.
+//
+//   tests/cuda_emu/run.sh [filter]      (builds with g++ and runs; see run.sh)
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda/apply.cuh"
+#include "cuda/gram.cuh"
+#include "cuda/sherman_morrison.cuh"
+#include "emu.h"
+
+namespace {
+
+int g_failures = 0;
+int g_checks = 0;
+std::mt19937_64 g_rng(12345);
+
+// ---- guarded device buffers -------------------------------------------------------------------
+template <typename T>
+class Buffer {
+ public:
+  explicit Buffer(size_t n) : n_(n) {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    const size_t bytes = std::max<size_t>(n * sizeof(T), 1);
+    mapped_ = (bytes + page - 1) / page * page + page;
+    void* p = mmap(nullptr, mapped_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) std::abort();
+    base_ = static_cast<unsigned char*>(p);
+    unsigned char* guard = base_ + mapped_ - page;
+    mprotect(guard, page, PROT_NONE);
+    // End at the guard page (to 16 bytes: the start stays 16-byte aligned).
+    data_ = reinterpret_cast<T*>(guard - (n * sizeof(T) + 15) / 16 * 16);
+  }
+  ~Buffer() { munmap(base_, mapped_); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+  size_t size() const { return n_; }
+  T& operator[](size_t i) { return data_[i]; }
+  const T& operator[](size_t i) const { return data_[i]; }
+  void fill(T v) { std::fill(data_, data_ + n_, v); }
+
+ private:
+  size_t n_, mapped_;
+  unsigned char* base_;
+  T* data_;
+};
+
+double randn() {
+  static std::normal_distribution<double> dist(0.0, 1.0);
+  return dist(g_rng);
+}
+
+// ---- layouts ----------------------------------------------------------------------------------
+struct Layout {
+  std::vector<int64_t> table;  // [nb, 3]
+  int64_t d = 0;
+  int64_t numel = 0;
+  int64_t nb() const { return static_cast<int64_t>(table.size() / 3); }
+  int64_t start(int64_t b) const { return table[3 * b]; }
+  int64_t size(int64_t b) const { return table[3 * b + 1]; }
+  int64_t offset(int64_t b) const { return table[3 * b + 2]; }
+};
+
+Layout from_sizes(const std::vector<int64_t>& sizes) {
+  Layout l;
+  for (int64_t s : sizes) {
+    l.table.push_back(l.d);
+    l.table.push_back(s);
+    l.table.push_back(l.numel);
+    l.d += s;
+    l.numel += s * s;
+  }
+  return l;
+}
+
+Layout fixed(int64_t d, int64_t block) {
+  std::vector<int64_t> sizes;
+  for (int64_t s = 0; s < d; s += block) sizes.push_back(std::min(block, d - s));
+  return from_sizes(sizes);
+}
+
+// The table rows [b0, b1) of l (their starts and offsets still index the full buffers).
+Layout sub_range(const Layout& l, int64_t b0, int64_t b1) {
+  Layout r = l;
+  r.table.assign(l.table.begin() + 3 * b0, l.table.begin() + 3 * b1);
+  return r;
+}
+
+Layout shuffled(const Layout& l) {
+  std::vector<int64_t> idx(static_cast<size_t>(l.nb()));
+  std::iota(idx.begin(), idx.end(), 0);
+  std::shuffle(idx.begin(), idx.end(), g_rng);
+  Layout r = l;
+  r.table.clear();
+  for (int64_t b : idx)
+    for (int k = 0; k < 3; ++k) r.table.push_back(l.table[static_cast<size_t>(3 * b + k)]);
+  return r;
+}
+
+struct Named {
+  std::string name;
+  Layout layout;
+};
+
+std::vector<Named> layouts() {
+  std::vector<Named> out;
+  out.push_back({"fixed-130-of-300", fixed(300, 130)});
+  out.push_back({"one-block-70", fixed(70, 70)});
+  out.push_back({"mixed", from_sizes({5, 64, 65, 129, 1})});
+  out.push_back({"one-block-300", fixed(300, 300)});
+  std::vector<int64_t> small;
+  for (int i = 0; i < 150; ++i) small.push_back(1 + i % 5);
+  out.push_back({"150-blocks-of-1..5", from_sizes(small)});
+  out.push_back({"small-big-small", from_sizes({3, 64, 40, 200, 64, 64, 7, 129})});
+  Layout m = from_sizes({5, 64, 65, 129, 1, 33, 260});
+  out.push_back({"sub-range-2..6", sub_range(m, 2, 6)});
+  out.push_back({"shuffled", shuffled(from_sizes({3, 64, 40, 200, 64, 64, 7, 129, 5, 5}))});
+  return out;
+}
+
+void check(bool ok, const std::string& what) {
+  ++g_checks;
+  if (!ok) {
+    ++g_failures;
+    std::printf("FAIL: %s\n", what.c_str());
+  }
+}
+
+double rel_err(const std::vector<double>& got, const std::vector<double>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double e = got[i] - ref[i];
+    num += e * e;
+    den += ref[i] * ref[i];
+    if (!std::isfinite(got[i])) return std::numeric_limits<double>::infinity();
+  }
+  return std::sqrt(num) / (den > 0 ? std::sqrt(den) : 1.0);
+}
+
+template <typename T>
+const char* type_name() {
+  return sizeof(T) == 4 ? "float32" : "float64";
+}
+
+// ---- Gram ---------------------------------------------------------------------------------------
+// misalign: shift the gradient base by one element (no 16-byte vector path).
+template <typename T>
+void check_gram(const Named& nl, int64_t m, bool misalign, int64_t d_pad) {
+  const Layout& l = nl.layout;
+  const int64_t d = l.d + d_pad;  // extra columns no block covers
+  Buffer<T> x(static_cast<size_t>(m * d + (misalign ? 1 : 0)));
+  T* xs = x.data() + (misalign ? 1 : 0);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<T>(randn());
+  int64_t numel = 0;
+  for (int64_t b = 0; b < l.nb(); ++b) numel = std::max(numel, l.offset(b) + l.size(b) * l.size(b));
+  numel = std::max(numel, l.numel);
+  Buffer<double> gram(static_cast<size_t>(numel));
+  for (size_t i = 0; i < gram.size(); ++i) gram[i] = randn();
+  std::vector<double> before(gram.data(), gram.data() + gram.size());
+  Buffer<int64_t> layout_dev(l.table.size());
+  std::copy(l.table.begin(), l.table.end(), layout_dev.data());
+  const size_t wb = ssse::cuda::tc::gram_accumulate_workspace_bytes(l.table.data(), l.nb());
+  Buffer<unsigned char> work(wb);
+  work.fill(0xAB);
+  ssse::cuda::tc::gram_accumulate<T>(xs, m, d, l.table.data(), layout_dev.data(), l.nb(),
+                                     gram.data(), work.data(), wb, true, nullptr);
+  // Expected: lower triangles += X_b^T X_b; everything else unchanged.
+  std::vector<double> expect = before;
+  for (int64_t b = 0; b < l.nb(); ++b) {
+    const int64_t s = l.size(b), st = l.start(b), off = l.offset(b);
+    for (int64_t i = 0; i < s; ++i)
+      for (int64_t j = 0; j <= i; ++j) {
+        long double acc = 0;
+        for (int64_t k = 0; k < m; ++k)
+          acc += static_cast<long double>(xs[k * d + st + i]) * xs[k * d + st + j];
+        expect[static_cast<size_t>(off + i * s + j)] += static_cast<double>(acc);
+      }
+  }
+  std::vector<double> got(gram.data(), gram.data() + gram.size());
+  const double err = rel_err(got, expect);
+  bool untouched = true;
+  for (size_t i = 0; i < got.size(); ++i)
+    if (expect[i] == before[i] && got[i] != before[i]) untouched = false;
+  char buf[256];
+  std::snprintf(buf, sizeof buf, "gram %s %s m=%ld misalign=%d pad=%ld: err %.2e", nl.name.c_str(),
+                type_name<T>(), static_cast<long>(m), misalign, static_cast<long>(d_pad), err);
+  check(err <= 1e-13, buf);
+  check(untouched, std::string(buf) + " (wrote outside the lower triangles)");
+}
+
+// ---- driver -------------------------------------------------------------------------------------
+bool selected(const std::string& name, const std::string& filter) {
+  return filter.empty() || name.find(filter) != std::string::npos;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string filter = argc > 1 ? argv[1] : "";
+  if (selected("gram", filter)) {
+    for (const Named& nl : layouts()) {
+      check_gram<float>(nl, 37, false, 0);
+      check_gram<double>(nl, 37, false, 0);
+    }
+    const std::vector<Named> ls = layouts();
+    check_gram<float>(ls[2], 1, true, 3);
+    check_gram<double>(ls[2], 50, true, 1);
+    check_gram<double>(ls[4], 16, false, 2);
+    check_gram<float>(ls[5], 33, true, 0);
+    check_gram<double>(ls[6], 5, false, 0);
+    std::printf("gram: done\n");
+  }
+  const emu::Stats st = emu::stats();
+  std::printf("%d checks, %d failures (%ld launches, %ld blocks emulated)\n", g_checks, g_failures,
+              st.launches, st.blocks);
+  return g_failures == 0 ? 0 : 1;
+}
