@@ -173,6 +173,45 @@ __device__ __forceinline__ unsigned warp_ballot(bool p) {
   return __ballot_sync(0xffffffffu, p);
 }
 
+// ---- warp tiles -------------------------------------------------------------------------------
+// acc[i][j] (16 x 8 tiles) += A(m0 + 16 i + .., k) B(k, n0 + 8 j + ..) for k < kdim (a multiple of 4),
+// one warp, operands in shared memory with element (m, k) of A at a[k * a_k + m * a_m] and (k, n)
+// of B at b[k * b_k + n * b_n]. With one of the two strides 1 and the other = 4 (mod 16) doubles,
+// the fragment loads of a warp touch every bank pair exactly twice (no conflicts).
+template <bool kNative, int MT, int NT>
+__device__ __forceinline__ void warp_mma(double (&acc)[MT][NT][4], const double* __restrict__ a,
+                                         int a_k, int a_m, const double* __restrict__ b, int b_k,
+                                         int b_n, int m0, int n0, int kdim) {
+  const int lane = static_cast<int>(threadIdx.x) & 31, g = lane >> 2, t = lane & 3;
+  const double* ap = a + t * a_k + (m0 + g) * a_m;
+  const double* bp = b + t * b_k + (n0 + g) * b_n;
+#pragma unroll 2
+  for (int k = 0; k < kdim; k += 4) {
+    double fa[MT][2], fb[NT];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+      fa[i][0] = ap[(16 * i) * a_m];
+      fa[i][1] = ap[(16 * i + 8) * a_m];
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) fb[j] = bp[(8 * j) * b_n];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j) dmma_16x8x4<kNative>(acc[i][j], fa[i][0], fa[i][1], fb[j]);
+    ap += 4 * a_k;
+    bp += 4 * b_k;
+  }
+}
+
+// Row and column, within the warp tile, of accumulator element e of tile (i, j).
+__device__ __forceinline__ int acc_row(int i, int e) {
+  return 16 * i + ((static_cast<int>(threadIdx.x) & 31) >> 2) + 8 * (e >> 1);
+}
+__device__ __forceinline__ int acc_col(int j, int e) {
+  return 8 * j + 2 * (static_cast<int>(threadIdx.x) & 3) + (e & 1);
+}
+
 // ---- host side ----------------------------------------------------------------------------------
 // Launches kernel<<<grid, block, smem, stream>>>(args...) and checks the launch; raises the dynamic
 // shared-memory limit first where smem exceeds the 48 KiB default.

@@ -207,6 +207,117 @@ void check_gram(const Named& nl, int64_t m, bool misalign, int64_t d_pad) {
   check(untouched, std::string(buf) + " (wrote outside the lower triangles)");
 }
 
+// ---- inverse -----------------------------------------------------------------------------------
+// Cholesky of the s x s matrix f (full, row-major) in place; returns 0 or potrf's 1-based pivot.
+int cholesky(std::vector<double>& f, int64_t s) {
+  for (int64_t j = 0; j < s; ++j) {
+    double djj = f[static_cast<size_t>(j * s + j)];
+    for (int64_t p = 0; p < j; ++p) djj -= f[static_cast<size_t>(j * s + p)] * f[static_cast<size_t>(j * s + p)];
+    if (!(djj > 0.0)) return static_cast<int>(j + 1);
+    djj = std::sqrt(djj);
+    f[static_cast<size_t>(j * s + j)] = djj;
+    for (int64_t i = j + 1; i < s; ++i) {
+      double v = f[static_cast<size_t>(i * s + j)];
+      for (int64_t p = 0; p < j; ++p) v -= f[static_cast<size_t>(i * s + p)] * f[static_cast<size_t>(j * s + p)];
+      f[static_cast<size_t>(i * s + j)] = v / djj;
+    }
+  }
+  return 0;
+}
+
+// (L L^T)^{-1} from the factor in the lower triangle of f.
+std::vector<double> chol_inverse(const std::vector<double>& f, int64_t s) {
+  std::vector<double> linv(static_cast<size_t>(s * s), 0.0), out(static_cast<size_t>(s * s), 0.0);
+  for (int64_t j = 0; j < s; ++j)
+    for (int64_t i = j; i < s; ++i) {
+      double acc = i == j ? 1.0 : 0.0;
+      for (int64_t p = j; p < i; ++p) acc -= f[static_cast<size_t>(i * s + p)] * linv[static_cast<size_t>(p * s + j)];
+      linv[static_cast<size_t>(i * s + j)] = acc / f[static_cast<size_t>(i * s + i)];
+    }
+  for (int64_t i = 0; i < s; ++i)
+    for (int64_t j = 0; j < s; ++j) {
+      double acc = 0.0;
+      for (int64_t q = std::max(i, j); q < s; ++q) acc += linv[static_cast<size_t>(q * s + i)] * linv[static_cast<size_t>(q * s + j)];
+      out[static_cast<size_t>(i * s + j)] = acc;
+    }
+  return out;
+}
+
+int64_t storage_numel(const Layout& l) {
+  int64_t numel = l.numel;
+  for (int64_t b = 0; b < l.nb(); ++b) numel = std::max(numel, l.offset(b) + l.size(b) * l.size(b));
+  return numel;
+}
+
+// Random SPD blocks (gram = X_b^T X_b from m rows), optionally one block made indefinite at
+// diagonal index `bad_index` of table row `bad_block`.
+template <typename T>
+void check_inverse(const Named& nl, int64_t m, int64_t bad_block, int64_t bad_index) {
+  const Layout& l = nl.layout;
+  const int64_t numel = storage_numel(l);
+  Buffer<double> gram(static_cast<size_t>(numel));
+  for (size_t i = 0; i < gram.size(); ++i) gram[i] = std::numeric_limits<double>::quiet_NaN();
+  const double damping = 0.3, normalizer = static_cast<double>(m);
+  std::vector<std::vector<double>> expect(static_cast<size_t>(l.nb()));
+  std::vector<int64_t> expect_info(static_cast<size_t>(l.nb()), 0);
+  for (int64_t b = 0; b < l.nb(); ++b) {
+    const int64_t s = l.size(b), off = l.offset(b);
+    std::vector<double> x(static_cast<size_t>(m * s));
+    for (double& v : x) v = randn();
+    std::vector<double> f(static_cast<size_t>(s * s));
+    for (int64_t i = 0; i < s; ++i)
+      for (int64_t j = 0; j < s; ++j) {
+        double acc = 0;
+        for (int64_t k = 0; k < m; ++k) acc += x[static_cast<size_t>(k * s + i)] * x[static_cast<size_t>(k * s + j)];
+        if (b == bad_block && i == j && i == bad_index) acc = -5.0 * normalizer;
+        if (j <= i) gram[static_cast<size_t>(off + i * s + j)] = acc;  // lower triangle only
+        f[static_cast<size_t>(i * s + j)] = acc / normalizer + (i == j ? damping : 0.0);
+      }
+    expect_info[static_cast<size_t>(b)] = cholesky(f, s);
+    if (expect_info[static_cast<size_t>(b)] == 0) expect[static_cast<size_t>(b)] = chol_inverse(f, s);
+  }
+  Buffer<T> out(static_cast<size_t>(numel));
+  out.fill(static_cast<T>(-7.0));  // poison: must stay on failed blocks and outside the table
+  Buffer<int64_t> info(static_cast<size_t>(l.nb()));
+  info.fill(-3);
+  Buffer<int64_t> layout_dev(l.table.size());
+  std::copy(l.table.begin(), l.table.end(), layout_dev.data());
+  const size_t wb = ssse::cuda::tc::inverse_from_gram_workspace_bytes(l.table.data(), l.nb());
+  Buffer<unsigned char> work(wb);
+  work.fill(0xCD);
+  ssse::cuda::tc::inverse_from_gram<T>(gram.data(), l.table.data(), layout_dev.data(), l.nb(),
+                                       damping, normalizer, out.data(), info.data(), work.data(),
+                                       wb, nullptr);
+  std::vector<double> got_all, ref_all;
+  bool info_ok = true, untouched = true;
+  std::vector<char> in_block(static_cast<size_t>(numel), 0);
+  for (int64_t b = 0; b < l.nb(); ++b) {
+    const int64_t s = l.size(b), off = l.offset(b);
+    if (info[static_cast<size_t>(b)] != expect_info[static_cast<size_t>(b)]) info_ok = false;
+    for (int64_t e = 0; e < s * s; ++e) {
+      in_block[static_cast<size_t>(off + e)] = 1;
+      const double v = static_cast<double>(out[static_cast<size_t>(off + e)]);
+      if (expect_info[static_cast<size_t>(b)] != 0) {
+        if (v != -7.0) untouched = false;
+      } else {
+        got_all.push_back(v);
+        ref_all.push_back(expect[static_cast<size_t>(b)][static_cast<size_t>(e)]);
+      }
+    }
+  }
+  for (int64_t e = 0; e < numel; ++e)
+    if (!in_block[static_cast<size_t>(e)] && static_cast<double>(out[static_cast<size_t>(e)]) != -7.0) untouched = false;
+  const double err = rel_err(got_all, ref_all);
+  const double tol = sizeof(T) == 4 ? 2e-7 : 1e-12;
+  char buf[256];
+  std::snprintf(buf, sizeof buf, "inverse %s %s m=%ld bad=%ld@%ld: err %.2e", nl.name.c_str(),
+                type_name<T>(), static_cast<long>(m), static_cast<long>(bad_block),
+                static_cast<long>(bad_index), err);
+  check(err <= tol, buf);
+  check(info_ok, std::string(buf) + " (info differs from potrf's)");
+  check(untouched, std::string(buf) + " (wrote a failed block or outside the table)");
+}
+
 // ---- driver -------------------------------------------------------------------------------------
 bool selected(const std::string& name, const std::string& filter) {
   return filter.empty() || name.find(filter) != std::string::npos;
@@ -228,6 +339,22 @@ int main(int argc, char** argv) {
     check_gram<float>(ls[5], 33, true, 0);
     check_gram<double>(ls[6], 5, false, 0);
     std::printf("gram: done\n");
+  }
+  if (selected("inverse", filter)) {
+    for (const Named& nl : layouts()) {
+      check_inverse<float>(nl, 97, -1, -1);
+      check_inverse<double>(nl, 97, -1, -1);
+    }
+    const std::vector<Named> ls = layouts();
+    // Indefinite blocks: second pivot tile (index 69 of 130), first tile, a small block.
+    check_inverse<double>(ls[0], 150, 1, 69);
+    check_inverse<float>(ls[0], 150, 0, 3);
+    check_inverse<double>(ls[2], 40, 3, 128);
+    check_inverse<double>(ls[4], 40, 7, 0);
+    check_inverse<double>(Named{"fixed-200-of-100", fixed(200, 100)}, 130, 1, 69);
+    // Fewer rows than the block size: rank-deficient gram, the damping keeps F positive definite.
+    check_inverse<double>(ls[3], 20, -1, -1);
+    std::printf("inverse: done\n");
   }
   const emu::Stats st = emu::stats();
   std::printf("%d checks, %d failures (%ld launches, %ld blocks emulated)\n", g_checks, g_failures,
