@@ -37,6 +37,9 @@ struct ClassTable {
   int64_t per_block[kMaxClasses];   // work items per block of class c
   int64_t rank0[kMaxClasses];       // position in order[] of the first block of class c
   int64_t item_end[kMaxClasses];    // items of classes 0..c of this launch (inclusive prefix)
+  int64_t first[kMaxClasses];       // number of the class's first item over all launches of
+                                    // the kernel (a unique slot per item across launches)
+  int64_t aux[kMaxClasses];         // a per-class value of the caller's (see Plan::tables)
 };
 
 constexpr int kRankSlots = 128;
@@ -73,6 +76,10 @@ struct WorkItem {
   int64_t block;  // index into the layout table
   int tiles;      // class key
   int64_t index;  // item within the block
+  int64_t rank;   // position of the block in order[]
+  int64_t slot;   // number of the item over all launches of the kernel
+  int64_t aux;    // the aux value of the block's class entry
+  int64_t nth;    // position of the block within its class entry
 };
 
 // The work item of CTA q of a launch.
@@ -88,7 +95,9 @@ __device__ __forceinline__ WorkItem find_work(const ClassTable& table, const int
   }
   const int64_t local = q - (lo > 0 ? table.item_end[lo - 1] : 0);
   const int64_t per = table.per_block[lo];
-  return WorkItem{order[table.rank0[lo] + local / per], table.tiles[lo], local % per};
+  const int64_t rank = table.rank0[lo] + local / per;
+  return WorkItem{order[rank], table.tiles[lo], local % per, rank, table.first[lo] + local,
+                  table.aux[lo], local / per};
 }
 
 // order[rank] = b for every block with a key in [key_lo, key_hi]; cursor [max key + 1] zeroed.
@@ -176,12 +185,18 @@ class Plan {
   }
 
   // Launch tables for a kernel with items(key) work items per block, over the classes whose key
-  // passes keep(key); each table holds at most kMaxClasses classes and 2^31 - 1 items.
+  // passes keep(key); each table holds at most kMaxClasses classes and 2^31 - 1 items. aux(class,
+  // blocks of the class placed before this entry) fills ClassTable::aux.
   template <typename Items, typename Keep>
   std::vector<std::pair<ClassTable, int64_t>> tables(Items items, Keep keep) const {
+    return tables(items, keep, [](const HostClass&, int64_t) -> int64_t { return 0; });
+  }
+
+  template <typename Items, typename Keep, typename Aux>
+  std::vector<std::pair<ClassTable, int64_t>> tables(Items items, Keep keep, Aux aux) const {
     std::vector<std::pair<ClassTable, int64_t>> out;
     ClassTable cur{};
-    int64_t total = 0;
+    int64_t total = 0, numbered = 0;
     auto flush = [&]() {
       if (cur.count > 0) out.emplace_back(cur, total);
       cur = ClassTable{};
@@ -199,7 +214,10 @@ class Plan {
         cur.tiles[cur.count] = c.key;
         cur.per_block[cur.count] = per;
         cur.rank0[cur.count] = c.rank0 + done;
+        cur.first[cur.count] = numbered;
+        cur.aux[cur.count] = aux(c, done);
         total += fit * per;
+        numbered += fit * per;
         cur.item_end[cur.count] = total;
         ++cur.count;
         done += fit;
@@ -207,6 +225,17 @@ class Plan {
     }
     flush();
     return out;
+  }
+
+  // Items of items(key) per block over the classes before class index ci (kept by keep).
+  template <typename Items, typename Keep>
+  int64_t items_before(const HostClass& target, Items items, Keep keep) const {
+    int64_t n = 0;
+    for (const HostClass& c : classes_) {
+      if (c.rank0 == target.rank0) break;
+      if (keep(c.key)) n += c.count * items(c.key);
+    }
+    return n;
   }
 
   // Number of blocks whose key passes keep(key): a prefix of order[] when keep is "key > K".

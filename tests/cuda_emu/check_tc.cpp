@@ -21,6 +21,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu/apply.h"
+#include "cpu/sherman_morrison.h"
 #include "cuda/apply.cuh"
 #include "cuda/gram.cuh"
 #include "cuda/sherman_morrison.cuh"
@@ -318,6 +320,97 @@ void check_inverse(const Named& nl, int64_t m, int64_t bad_block, int64_t bad_in
   check(untouched, std::string(buf) + " (wrote a failed block or outside the table)");
 }
 
+// ---- Woodbury update ------------------------------------------------------------------------------
+// Packed block inverses (lambda I + X_b^T X_b / N)^{-1} in double, X of `rows` fresh rows; with
+// `extra` (m x d, row-major), those rows are added to the Fisher too.
+std::vector<double> make_inverse(const Layout& l, int64_t rows, double damping, double normalizer,
+                                 const std::vector<double>* extra, int64_t m, int64_t numel) {
+  std::vector<double> inv(static_cast<size_t>(numel), 0.0);
+  for (int64_t b = 0; b < l.nb(); ++b) {
+    const int64_t s = l.size(b), st = l.start(b), off = l.offset(b);
+    std::vector<double> x(static_cast<size_t>(rows * s));
+    for (double& v : x) v = 0.5 * randn();
+    std::vector<double> f(static_cast<size_t>(s * s));
+    for (int64_t i = 0; i < s; ++i)
+      for (int64_t j = 0; j < s; ++j) {
+        double acc = 0;
+        for (int64_t k = 0; k < rows; ++k) acc += x[static_cast<size_t>(k * s + i)] * x[static_cast<size_t>(k * s + j)];
+        if (extra)
+          for (int64_t k = 0; k < m; ++k)
+            acc += (*extra)[static_cast<size_t>(k * l.d + st + i)] * (*extra)[static_cast<size_t>(k * l.d + st + j)];
+        f[static_cast<size_t>(i * s + j)] = acc / normalizer + (i == j ? damping : 0.0);
+      }
+    if (cholesky(f, s) != 0) std::abort();
+    const std::vector<double> fi = chol_inverse(f, s);
+    std::copy(fi.begin(), fi.end(), inv.begin() + off);
+  }
+  return inv;
+}
+
+template <typename T>
+void check_woodbury(const Named& nl, int64_t m, int sign, double grad_scale) {
+  const Layout& l = nl.layout;
+  const int64_t numel = storage_numel(l), d = l.d;
+  const double damping = 0.5, normalizer = 200.0;
+  std::vector<double> g(static_cast<size_t>(m * d));
+  for (double& v : g) v = grad_scale * 0.5 * randn();
+  // Downdates remove rows that the inverse contains (unless grad_scale makes them foreign).
+  std::vector<double> inv0 = make_inverse(l, 60, damping, normalizer,
+                                          sign < 0 && grad_scale <= 1.0 ? &g : nullptr, m, numel);
+  Buffer<T> inv(static_cast<size_t>(numel)), grads(static_cast<size_t>(m * d));
+  for (int64_t e = 0; e < numel; ++e) inv[static_cast<size_t>(e)] = static_cast<T>(inv0[static_cast<size_t>(e)]);
+  for (int64_t e = 0; e < m * d; ++e) grads[static_cast<size_t>(e)] = static_cast<T>(g[static_cast<size_t>(e)]);
+  // Entries outside the table's blocks must stay as they are.
+  std::vector<char> in_block(static_cast<size_t>(numel), 0);
+  for (int64_t b = 0; b < l.nb(); ++b)
+    for (int64_t e = 0; e < l.size(b) * l.size(b); ++e) in_block[static_cast<size_t>(l.offset(b) + e)] = 1;
+  for (int64_t e = 0; e < numel; ++e)
+    if (!in_block[static_cast<size_t>(e)]) inv[static_cast<size_t>(e)] = static_cast<T>(-9.0);
+  // Reference: the CPU kernel in double on the same (rounded) inputs.
+  std::vector<double> ref(static_cast<size_t>(numel)), gref(static_cast<size_t>(m * d));
+  for (int64_t e = 0; e < numel; ++e) ref[static_cast<size_t>(e)] = static_cast<double>(inv[static_cast<size_t>(e)]);
+  for (int64_t e = 0; e < m * d; ++e) gref[static_cast<size_t>(e)] = static_cast<double>(grads[static_cast<size_t>(e)]);
+  std::vector<int64_t> ref_info(static_cast<size_t>(l.nb()));
+  ssse::cpu::sherman_morrison_chunk<double>(ref.data(), l.table.data(), l.nb(), gref.data(), m, d,
+                                            normalizer, sign, ref_info.data(), 1);
+
+  Buffer<int64_t> layout_dev(l.table.size()), info(static_cast<size_t>(l.nb()));
+  std::copy(l.table.begin(), l.table.end(), layout_dev.data());
+  info.fill(-3);
+  const size_t wb = ssse::cuda::tc::sherman_morrison_chunk_workspace_bytes(l.table.data(), l.nb());
+  Buffer<unsigned char> work(wb);
+  work.fill(0xEE);
+  ssse::cuda::tc::sherman_morrison_chunk<T>(inv.data(), l.table.data(), layout_dev.data(), l.nb(),
+                                            grads.data(), m, d, normalizer, sign, info.data(),
+                                            work.data(), wb, nullptr);
+  bool info_ok = true, symmetric = true, untouched = true;
+  std::vector<double> got_all, ref_all;
+  for (int64_t b = 0; b < l.nb(); ++b) {
+    if (info[static_cast<size_t>(b)] != ref_info[static_cast<size_t>(b)]) info_ok = false;
+    if (ref_info[static_cast<size_t>(b)] != 0) continue;
+    const int64_t s = l.size(b), off = l.offset(b);
+    for (int64_t i = 0; i < s; ++i)
+      for (int64_t j = 0; j < s; ++j) {
+        const T v = inv[static_cast<size_t>(off + i * s + j)];
+        if (v != inv[static_cast<size_t>(off + j * s + i)]) symmetric = false;
+        got_all.push_back(static_cast<double>(v));
+        ref_all.push_back(ref[static_cast<size_t>(off + i * s + j)]);
+      }
+  }
+  for (int64_t e = 0; e < numel; ++e)
+    if (!in_block[static_cast<size_t>(e)] && static_cast<double>(inv[static_cast<size_t>(e)]) != -9.0) untouched = false;
+  const double err = rel_err(got_all, ref_all);
+  // float32: the blocks are rounded to float32 once per 64-row sub-chunk.
+  const double tol = sizeof(T) == 4 ? 2e-6 : 1e-12;
+  char buf[256];
+  std::snprintf(buf, sizeof buf, "woodbury %s %s m=%ld sign=%d scale=%g: err %.2e", nl.name.c_str(),
+                type_name<T>(), static_cast<long>(m), sign, grad_scale, err);
+  check(got_all.empty() || err <= tol, buf);
+  check(info_ok, std::string(buf) + " (info differs from the CPU kernel's)");
+  check(symmetric, std::string(buf) + " (not bitwise symmetric)");
+  check(untouched, std::string(buf) + " (wrote outside the table's blocks)");
+}
+
 // ---- driver -------------------------------------------------------------------------------------
 bool selected(const std::string& name, const std::string& filter) {
   return filter.empty() || name.find(filter) != std::string::npos;
@@ -355,6 +448,26 @@ int main(int argc, char** argv) {
     // Fewer rows than the block size: rank-deficient gram, the damping keeps F positive definite.
     check_inverse<double>(ls[3], 20, -1, -1);
     std::printf("inverse: done\n");
+  }
+  if (selected("woodbury", filter)) {
+    for (const Named& nl : layouts()) {
+      check_woodbury<float>(nl, 70, +1, 1.0);
+      check_woodbury<double>(nl, 70, +1, 1.0);
+    }
+    const std::vector<Named> ls = layouts();
+    check_woodbury<double>(ls[0], 150, +1, 1.0);   // three sub-chunks (64, 64, 22)
+    check_woodbury<float>(ls[2], 1, +1, 1.0);
+    check_woodbury<double>(ls[2], 64, -1, 1.0);    // downdate of rows that were added
+    check_woodbury<float>(ls[5], 100, -1, 1.0);
+    check_woodbury<double>(ls[2], 80, -1, 20.0);   // rows never added: info, blocks kept
+    check_woodbury<float>(ls[7], 30, -1, 20.0);
+    // Groups of blocks: a tiny workspace cap processes the table in several groups.
+    setenv("SSSE_CUDA_WOODBURY_WORKSPACE_CAP", "400000", 1);
+    check_woodbury<double>(ls[5], 70, +1, 1.0);
+    check_woodbury<float>(ls[4], 20, +1, 1.0);
+    check_woodbury<double>(ls[6], 90, -1, 20.0);
+    unsetenv("SSSE_CUDA_WOODBURY_WORKSPACE_CAP");
+    std::printf("woodbury: done\n");
   }
   const emu::Stats st = emu::stats();
   std::printf("%d checks, %d failures (%ld launches, %ld blocks emulated)\n", g_checks, g_failures,
