@@ -29,6 +29,8 @@ constexpr int kGramTile = 128;
 constexpr int kGroupMax = 64;
 // Pivot width of the blocked inverse and tile of the Woodbury pass.
 constexpr int kTile = 64;
+// Rows of a block per CTA of the apply.
+constexpr int kApplyRows = 16;
 
 constexpr int kMaxClasses = 32;
 struct ClassTable {
@@ -48,7 +50,7 @@ struct RankTable {
   int64_t rank0[kRankSlots];        // rank of the first block of key key_lo + i
 };
 
-enum class Keying : int { kGram = 0, kSweep = 1 };
+enum class Keying : int { kGram = 0, kSweep = 1, kApply = 2 };
 
 __host__ __device__ inline int64_t tiles_of(int64_t size, int64_t tile) {
   return (size + tile - 1) / tile;
@@ -68,6 +70,7 @@ __host__ __device__ inline int block_key(const int64_t* layout, int64_t b, Keyin
   const int64_t s = layout[3 * b + 1];
   if (s <= 0) return -1;
   if (keying == Keying::kSweep) return static_cast<int>(tiles_of(s, kTile));
+  if (keying == Keying::kApply) return static_cast<int>(tiles_of(s, kApplyRows));
   if (s > kGroupMax) return static_cast<int>(tiles_of(s, kGramTile));
   return (b > 0 && continues_group(layout, b - 1, b)) ? -1 : 0;
 }
