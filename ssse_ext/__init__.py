@@ -15,6 +15,7 @@ from importlib import metadata as _metadata
 import torch as _torch  # noqa: F401  (torch must be imported before the extension's ops register)
 
 from . import _C, reference
+from ._ops import CUDA_KERNEL_SETS, cuda_kernels, set_cuda_kernels, use_cuda_kernels
 from .fisher import (BUILD_METHODS, UPDATE_METHODS, BlockInverseFisher, FisherConfig,
                      NotPositiveDefiniteError, build_inverse_fisher)
 from .layout import BlockLayout
@@ -26,6 +27,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a sour
 
 __all__ = [
     "BUILD_METHODS",
+    "CUDA_KERNEL_SETS",
     "UPDATE_METHODS",
     "BlockInverseFisher",
     "BlockLayout",
@@ -33,7 +35,10 @@ __all__ = [
     "NotPositiveDefiniteError",
     "build_info",
     "build_inverse_fisher",
+    "cuda_kernels",
     "reference",
+    "set_cuda_kernels",
+    "use_cuda_kernels",
 ]
 
 
@@ -42,7 +47,8 @@ def build_info() -> dict:
 
     Returns a dict with ``version``, ``cuda_compiled`` (bool), ``cuda_architectures`` (e.g.
     ``"90"``), ``cuda_runtime_version``, ``cuda_device_count`` (0 without a driver or GPU) and
-    ``cpu_isa`` (the CPU micro-kernel chosen for this machine: avx512, avx2 or generic).
+    ``cpu_isa`` (the CPU micro-kernel chosen for this machine: avx512, avx2 or generic) and
+    ``cuda_kernels`` (the CUDA kernel set in use, see :func:`set_cuda_kernels`).
     """
     info = dict(_C.build_info())
     info["version"] = __version__

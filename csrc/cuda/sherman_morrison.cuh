@@ -13,8 +13,7 @@ namespace ssse::cuda {
 // Bytes of the device workspace for sherman_morrison_rank1 (chunked = false) or
 // sherman_morrison_chunk (chunked = true) on this layout, elements of element_size bytes.
 size_t sherman_morrison_workspace_bytes(size_t element_size, bool chunked,
-                                        const int64_t* layout_host, int64_t num_blocks,
-                                        int64_t m);
+                                        const int64_t* layout_host, int64_t num_blocks);
 
 // The literal per-sample recurrence in T arithmetic, rows in order:
 //   v = F^{-1} g;  den = N + sign g^T v;  F^{-1} <- F^{-1} - sign v v^T / den.
