@@ -470,8 +470,35 @@ bool selected(const std::string& name, const std::string& filter) {
 
 }  // namespace
 
+// A representative subset (a few seconds of emulation per kernel): the test suite's run.
+void quick() {
+  const std::vector<Named> ls = layouts();
+  check_gram<float>(ls[2], 37, false, 0);             // mixed: small-block group, partial tiles
+  check_gram<double>(ls[7], 20, true, 1);             // shuffled table, misaligned, 8-byte copies
+  check_gram<double>(ls[4], 16, false, 0);            // 150 blocks of 1..5
+  check_inverse<double>(ls[0], 97, 1, 69);            // 130-blocks, indefinite second pivot tile
+  check_inverse<float>(ls[6], 60, -1, -1);            // sub-range of a table
+  check_woodbury<double>(ls[0], 150, +1, 1.0);        // three sub-chunks
+  check_woodbury<float>(ls[2], 40, -1, 20.0);         // failing downdate: info like the CPU's
+  setenv("SSSE_CUDA_WOODBURY_WORKSPACE_CAP", "400000", 1);
+  check_woodbury<double>(ls[5], 30, -1, 1.0);         // groups of blocks
+  unsetenv("SSSE_CUDA_WOODBURY_WORKSPACE_CAP");
+  std::vector<int64_t> sizes = {300};
+  for (int i = 0; i < 40; ++i) sizes.push_back(1 + i % 7);
+  check_apply<float>(Named{"one-big-many-small", from_sizes(sizes)}, 1, 2, false);  // planned
+  check_apply<double>(Named{"fixed-256-of-1024", fixed(1024, 256)}, 1, 1, false);   // vectors
+  check_apply<float>(ls[2], 3, 1, true);
+}
+
 int main(int argc, char** argv) {
   const std::string filter = argc > 1 ? argv[1] : "";
+  if (filter == "quick") {
+    quick();
+    const emu::Stats st = emu::stats();
+    std::printf("%d passed, %d failed (%ld launches, %ld blocks emulated)\n",
+                g_checks - g_failures, g_failures, st.launches, st.blocks);
+    return g_failures == 0 ? 0 : 1;
+  }
   if (selected("gram", filter)) {
     for (const Named& nl : layouts()) {
       check_gram<float>(nl, 37, false, 0);
