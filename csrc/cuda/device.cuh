@@ -8,6 +8,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "common.cuh"
 
@@ -218,9 +220,19 @@ __device__ __forceinline__ int acc_col(int j, int e) {
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
             Args&&... args) {
-  if (smem > 48 * 1024)
+  if (smem > 48 * 1024) {
+    int device = 0, optin = 0;
+    SSSE_CUDA_CHECK(cudaGetDevice(&device));
+    SSSE_CUDA_CHECK(
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    if (smem > static_cast<size_t>(optin))
+      throw std::runtime_error(
+          "ssse_ext CUDA: a tc kernel needs " + std::to_string(smem) +
+          " bytes of shared memory per block, this device allows " + std::to_string(optin) +
+          " (the tc kernels are tuned for sm_90); use SSSE_CUDA_KERNELS=simt");
     SSSE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem)));
+  }
 #if defined(SSSE_CUDA_EMULATE)
   ::emu::launch(grid, block, smem, [&]() { kernel(static_cast<Params>(args)...); });
 #else
