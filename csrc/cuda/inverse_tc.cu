@@ -56,8 +56,9 @@ __global__ void __launch_bounds__(kThreads)
 // Step K, one CTA per active block (ranks [0, active) of order): Cholesky of P = A_KK (padded with
 // I to kTile) and A_KK <- -P^{-1}. A failed factorisation sets info[b] = k0 + pivot.
 __global__ void __launch_bounds__(kThreads)
-    sweep_pivot_kernel(double* __restrict__ gram, const int64_t* __restrict__ layout,
-                       const int64_t* __restrict__ order,  // [ranked]
+    sweep_pivot_kernel(double* __restrict__ gram,            // packed [sum size_b^2]
+                       const int64_t* __restrict__ layout,   // [num_blocks, 3]
+                       const int64_t* __restrict__ order,    // [ranked]
                        int step,
                        int64_t* __restrict__ info) {       // [num_blocks]
   const int64_t b = order[blockIdx.x];
@@ -112,10 +113,11 @@ __device__ __forceinline__ void stage_window(double* __restrict__ dst, const dou
 // With S = A_KK = -P^{-1} (lower stored): acc = Y_i S, V_i = -acc.
 template <bool kNative>
 __global__ void __launch_bounds__(kMmaThreads)
-    sweep_panel_kernel(double* __restrict__ gram, const int64_t* __restrict__ layout,
-                       const int64_t* __restrict__ order,
+    sweep_panel_kernel(double* __restrict__ gram,            // packed [sum size_b^2]
+                       const int64_t* __restrict__ layout,   // [num_blocks, 3]
+                       const int64_t* __restrict__ order,  // [ranked]
                        const __grid_constant__ ClassTable table, int step,
-                       const int64_t* __restrict__ info) {
+                       const int64_t* __restrict__ info) {    // [num_blocks]
   const WorkItem w = find_work(table, order, blockIdx.x);
   if (info[w.block] != 0) return;
   const Block blk = load_block(layout, w.block);
@@ -168,10 +170,11 @@ __global__ void __launch_bounds__(kMmaThreads)
 // computed as -((-A_ij) + Y_i V_j^T) so that the tensor-core accumulate needs no negated operand.
 template <bool kNative>
 __global__ void __launch_bounds__(kMmaThreads)
-    sweep_update_kernel(double* __restrict__ gram, const int64_t* __restrict__ layout,
-                        const int64_t* __restrict__ order,
+    sweep_update_kernel(double* __restrict__ gram,            // packed [sum size_b^2]
+                        const int64_t* __restrict__ layout,   // [num_blocks, 3]
+                        const int64_t* __restrict__ order,  // [ranked]
                         const __grid_constant__ ClassTable table, int step,
-                        const int64_t* __restrict__ info) {
+                        const int64_t* __restrict__ info) {   // [num_blocks]
   const WorkItem w = find_work(table, order, blockIdx.x);
   if (info[w.block] != 0) return;
   const Block blk = load_block(layout, w.block);
@@ -227,10 +230,11 @@ __global__ void __launch_bounds__(kMmaThreads)
 
 // Step K, CTA per (active block, row tile i != K): the stored cross tile <- its mirror (V_i).
 __global__ void __launch_bounds__(kThreads)
-    sweep_copyback_kernel(double* __restrict__ gram, const int64_t* __restrict__ layout,
-                          const int64_t* __restrict__ order,
+    sweep_copyback_kernel(double* __restrict__ gram,            // packed [sum size_b^2]
+                          const int64_t* __restrict__ layout,   // [num_blocks, 3]
+                          const int64_t* __restrict__ order,  // [ranked]
                           const __grid_constant__ ClassTable table, int step,
-                          const int64_t* __restrict__ info) {
+                          const int64_t* __restrict__ info) {   // [num_blocks]
   const WorkItem w = find_work(table, order, blockIdx.x);
   if (info[w.block] != 0) return;
   const Block blk = load_block(layout, w.block);
@@ -259,11 +263,12 @@ __global__ void __launch_bounds__(kThreads)
 // out_b = -A_b in T, both triangles from the lower one (CTA per (block, tile (ti, tj))).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    sweep_finalize_kernel(const double* __restrict__ gram, const int64_t* __restrict__ layout,
-                          const int64_t* __restrict__ order,
+    sweep_finalize_kernel(const double* __restrict__ gram,       // packed [sum size_b^2]
+                          const int64_t* __restrict__ layout,    // [num_blocks, 3]
+                          const int64_t* __restrict__ order,  // [ranked]
                           const __grid_constant__ ClassTable table,
                           T* __restrict__ out,                 // packed [sum size_b^2]
-                          const int64_t* __restrict__ info) {
+                          const int64_t* __restrict__ info) {  // [num_blocks]
   const WorkItem w = find_work(table, order, blockIdx.x);
   if (info[w.block] != 0) return;
   const Block blk = load_block(layout, w.block);

@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(kPassThreads, 1)
 // C = N I + sign (sum of the block's panel shares, in panel order), symmetrised; L^{-1} of its
 // Cholesky factor to linv[rank]. A C that is not positive definite sets info[b] = row0 + pivot.
 __global__ void __launch_bounds__(kFactorThreads)
-    woodbury_factor_kernel(const int64_t* __restrict__ order,
+    woodbury_factor_kernel(const int64_t* __restrict__ order,   // [ranked]
                            const __grid_constant__ ClassTable table,
                            const double* __restrict__ part,  // [slots, kTile, kTile]
                            double normalizer, double sign, int64_t row0,
@@ -304,12 +304,14 @@ __global__ void __launch_bounds__(kFactorThreads)
 
 // W_t^T(:, panel i) = L^{-1} U_t^T(:, panel i) (CTA per (block, panel); DMMA).
 __global__ void __launch_bounds__(kThreads)
-    woodbury_w_kernel(const int64_t* __restrict__ layout, const int64_t* __restrict__ order,
+    woodbury_w_kernel(const int64_t* __restrict__ layout,   // [num_blocks, 3]
+                      const int64_t* __restrict__ order,    // [ranked]
                       const __grid_constant__ ClassTable table, int64_t base,
                       const double* __restrict__ linv_all,  // [ranked, kTile, kTile]
                       const double* __restrict__ ut,        // [kTile, ldw]
                       double* __restrict__ wt,              // [kTile, ldw]
-                      int64_t ldw, const int64_t* __restrict__ info) {
+                      int64_t ldw,
+                      const int64_t* __restrict__ info) {   // [num_blocks]
   const WorkItem w = find_work(table, order, blockIdx.x);
   if (info[w.block] != 0) return;
   const Block blk = load_block(layout, w.block);
