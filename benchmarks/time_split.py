@@ -28,19 +28,44 @@ TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-12}  # of the build against 
 UPDATE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
 
 
+DEVICE = torch.device("cuda")
+
+
+class _Timer:
+    """CUDA events on a CUDA device; the host clock elsewhere (a dry run of the script's logic)."""
+
+    def __init__(self):
+        self.cuda = DEVICE.type == "cuda"
+        if self.cuda:
+            self.start, self.end = (torch.cuda.Event(enable_timing=True),
+                                    torch.cuda.Event(enable_timing=True))
+
+    def __enter__(self):
+        if self.cuda:
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            self.ms = self.start.elapsed_time(self.end)
+        else:
+            self.ms = (time.perf_counter() - self.t0) * 1e3
+
+
 def time_ms(fn, repeats: int, setup=None, warmup: int = 1) -> float:
     """Median milliseconds of fn() between CUDA events; setup() (untimed) runs before each."""
     times = []
     for i in range(warmup + repeats):
         if setup is not None:
             setup()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
+        with _Timer() as t:
+            fn()
         if i >= warmup:
-            times.append(start.elapsed_time(end))
+            times.append(t.ms)
     return statistics.median(times)
 
 
@@ -64,7 +89,7 @@ def packed_blocks(packed: torch.Tensor, nb: int, block: int) -> torch.Tensor:
 def split_case(n: int, nb: int, block: int, dtype, kernel_sets, repeats: int, update_rows: int,
                damping: float) -> dict:
     d = nb * block
-    dev = torch.device("cuda")
+    dev = DEVICE
     gen = torch.Generator(device=dev).manual_seed(1234)
     x64 = torch.randn(n, d, generator=gen, dtype=torch.float64, device=dev)
     oracle = closed_form(x64, nb, block, damping, float(n))[2]
@@ -85,8 +110,9 @@ def split_case(n: int, nb: int, block: int, dtype, kernel_sets, repeats: int, up
     out["torch_closed_form_ms"] = time_ms(
         lambda: closed_form(x, nb, block, damping, float(n)), repeats)
     del gram_t, chol_t, inv_t
-    a = torch.randn(8192, 8192, dtype=dtype, device=dev)
-    out["matmul_gflops"] = 2 * 8192**3 / time_ms(lambda: a @ a, repeats) / 1e6
+    size = 8192 if dev.type == "cuda" else 512
+    a = torch.randn(size, size, dtype=dtype, device=dev)
+    out["matmul_gflops"] = 2 * size**3 / time_ms(lambda: a @ a, repeats) / 1e6
     del a
 
     v = torch.randn(d, 1, dtype=dtype, device=dev)
@@ -146,7 +172,8 @@ def split_case(n: int, nb: int, block: int, dtype, kernel_sets, repeats: int, up
                 del packed
         except Exception as exc:  # report and go on with the next set
             res["error"] = f"{type(exc).__name__}: {exc}"
-        torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     return out
 
 
@@ -165,11 +192,12 @@ def resnet18_shapes():
     return shapes + [(10, 512), (10,)]
 
 
-def resnet18_case(kernel_sets, n: int, chunk: int, damping: float, dtype=torch.float32) -> dict:
+def resnet18_case(kernel_sets, n: int, chunk: int, damping: float, dtype=torch.float32,
+                  shapes=None) -> dict:
     """Build on the ResNet-18 per_parameter layout from n random rows in chunks (events around
     the kernel calls only); three blocks checked against a float64 closed form."""
-    layout = BlockLayout.per_parameter(resnet18_shapes(), 256)
-    dev = torch.device("cuda")
+    layout = BlockLayout.per_parameter(resnet18_shapes() if shapes is None else shapes, 256)
+    dev = DEVICE
     host = layout.table()
     tdev = host.to(dev)
     d, nb = layout.dim, layout.num_blocks
@@ -186,7 +214,8 @@ def resnet18_case(kernel_sets, n: int, chunk: int, damping: float, dtype=torch.f
                 gs = torch.zeros(small.numel, dtype=torch.float64, device=dev)
                 _ops.gram_accumulate_(xs, small_host, small_host.to(dev), gs)
                 _ops.inverse_from_gram(gs, small_host, small_host.to(dev), damping, 16.0, dtype)
-                torch.cuda.synchronize()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
                 gram = torch.zeros(layout.numel, dtype=torch.float64, device=dev)
                 cols = {b: [] for b in checked}
                 gram_ms = 0.0
@@ -195,20 +224,15 @@ def resnet18_case(kernel_sets, n: int, chunk: int, damping: float, dtype=torch.f
                     x = torch.randn(min(chunk, n - c), d, generator=gen, dtype=dtype, device=dev)
                     for b in checked:
                         cols[b].append(x[:, layout.slice(b)].double().cpu())
-                    start, end = torch.cuda.Event(True), torch.cuda.Event(True)
-                    start.record()
-                    _ops.gram_accumulate_(x, host, tdev, gram)
-                    end.record()
-                    end.synchronize()
-                    gram_ms += start.elapsed_time(end)
+                    with _Timer() as t:
+                        _ops.gram_accumulate_(x, host, tdev, gram)
+                    gram_ms += t.ms
                     del x
-                start, end = torch.cuda.Event(True), torch.cuda.Event(True)
-                start.record()
-                packed, info = _ops.inverse_from_gram(gram, host, tdev, damping, float(n), dtype)
-                end.record()
-                end.synchronize()
+                with _Timer() as t:
+                    packed, info = _ops.inverse_from_gram(gram, host, tdev, damping, float(n),
+                                                          dtype)
                 res["gram_ms"] = gram_ms
-                res["inverse_ms"] = start.elapsed_time(end)
+                res["inverse_ms"] = t.ms
                 res["info_nonzero"] = int(info.count_nonzero().item())
                 errs = []
                 for b in checked:
@@ -223,12 +247,17 @@ def resnet18_case(kernel_sets, n: int, chunk: int, damping: float, dtype=torch.f
                 del gram, packed
         except Exception as exc:
             res["error"] = f"{type(exc).__name__}: {exc}"
-        torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     return out
 
 
 def fmt(x, spec=".2f"):
     return "-" if x is None else format(x, spec)
+
+
+def times(x):
+    return "-" if x is None else f"{x:.2f}x"
 
 
 def print_split(case: dict):
@@ -278,7 +307,7 @@ def print_summary(report: dict):
         for k, r in c["sets"].items():
             print(f"| {case} | {c['dtype']} | {k} | {fmt(r.get('gram_ms'))} | "
                   f"{fmt(r.get('gram_tflops'), '.1f')} | {fmt(r.get('inverse_ms'))} | "
-                  f"{fmt(r.get('build_ms'))} | {fmt(r.get('build_vs_closed_form'))}x | "
+                  f"{fmt(r.get('build_ms'))} | {times(r.get('build_vs_closed_form'))} | "
                   f"{fmt(r.get('build_err'), '.1e')} | {fmt(r.get('update_vs_matmul'))} | "
                   f"{fmt(r.get('apply_vs_copy'))} |" + (f" {r['error']}" if "error" in r else ""))
     r18 = report.get("resnet18")
@@ -306,18 +335,25 @@ def main(argv=None) -> int:
     p.add_argument("--resnet18-rows", type=int, default=2048)
     p.add_argument("--resnet18-chunk", type=int, default=256)
     p.add_argument("--json", default=None)
+    p.add_argument("--dry-run-cpu", action="store_true",
+                   help="run the script's logic on the CPU kernels with tiny cases (no timing "
+                        "meaning): a check of the script itself")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    global DEVICE
+    if args.dry_run_cpu:
+        DEVICE = torch.device("cpu")
+    elif not torch.cuda.is_available():
         print("time_split: no CUDA device visible to torch; nothing to time", file=sys.stderr)
         return 2
-    if not ssse_ext.build_info()["cuda_compiled"]:
+    if DEVICE.type == "cuda" and not ssse_ext.build_info()["cuda_compiled"]:
         print("time_split: ssse_ext was built without CUDA kernels", file=sys.stderr)
         return 2
     kernel_sets = [k for k in args.kernels.split(",") if k]
     torch.backends.cuda.matmul.allow_tf32 = False
     dtypes = [torch.float32, torch.float64] if args.dtype == "both" else \
         [getattr(torch, args.dtype)]
-    report = {"machine": torch.cuda.get_device_name(), "cases": [], "resnet18": None}
+    report = {"machine": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu dry run",
+              "cases": [], "resnet18": None}
     t0 = time.time()
     if not args.resnet18_only:
         for case in args.cases.split(","):
@@ -330,7 +366,9 @@ def main(argv=None) -> int:
     if args.resnet18 or args.resnet18_only:
         sets = [k for k in kernel_sets if k != "tc-m8n8k4"]
         print(f"resnet18 layout, n={args.resnet18_rows} ...", flush=True)
-        r = resnet18_case(sets, args.resnet18_rows, args.resnet18_chunk, args.damping)
+        shapes = resnet18_shapes()[:12] if args.dry_run_cpu else None
+        r = resnet18_case(sets, args.resnet18_rows, args.resnet18_chunk, args.damping,
+                          shapes=shapes)
         report["resnet18"] = r
         print(f"\n### ResNet-18 per_parameter layout: {r['blocks']} blocks, d={r['d']}, "
               f"n={r['n']} in chunks of {r['chunk']}, float32")
