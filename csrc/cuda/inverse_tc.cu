@@ -78,18 +78,19 @@ __global__ void __launch_bounds__(kThreads)
     p[i * detail::kLdSmall + c] = v;
   }
   __syncthreads();
-  const int code = detail::cholesky_smem(p, status);
+  // Only the leading nk x nk is factorised (a small block costs (nk / 64)^2 of a full pivot).
+  const int code = detail::cholesky_smem(p, status, nk);
   if (code != 0) {
     if (threadIdx.x == 0) info[b] = k0 + code;
     return;
   }
-  detail::lower_inverse_smem(p, linv);
+  detail::lower_inverse_smem(p, linv, nk);
   // P^{-1} = L^{-T} L^{-1}, summed in the same order for (i, c) and (c, i).
   for (int e = static_cast<int>(threadIdx.x); e < kTile * kTile; e += kThreads) {
     const int i = e / kTile, c = e % kTile;
     if (i >= nk || c > i) continue;
     double acc = 0.0;
-    for (int q = i; q < kTile; ++q)
+    for (int q = i; q < nk; ++q)
       acc += linv[q * detail::kLdSmall + i] * linv[q * detail::kLdSmall + c];
     a[(k0 + i) * s + k0 + c] = -acc;
   }
