@@ -137,9 +137,9 @@ SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer
 for tool in memcheck racecheck; do
   if ready "$tool"; then
     if [[ ! -x $SAN ]]; then skip "$tool" "no compute-sanitizer"; continue; fi
-    cap=60; [[ $tool == racecheck ]] && cap=120
-    step "$tool" "$cap" env -C /tmp PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" \
-      --error-exitcode 1 "$PY" "$ROOT/benchmarks/compute_sanitizer_case.py"
+    cap=60; quick=; [[ $tool == racecheck ]] && cap=120 quick=1
+    step "$tool" "$cap" env -C /tmp PYTORCH_NO_CUDA_MEMORY_CACHING=1 SSSE_SANITIZER_QUICK=$quick \
+      "$SAN" --tool "$tool" --error-exitcode 1 "$PY" "$ROOT/benchmarks/compute_sanitizer_case.py"
   fi
 done
 

@@ -240,7 +240,9 @@ PYBIND11_MODULE(_C, m) {
   auto check_tables = [](int64_t num_blocks, std::uintptr_t layout_host, std::uintptr_t layout_dev) {
     check_blocks(num_blocks);
     ssse::check_arg(num_blocks == 0 || (layout_host != 0 && layout_dev != 0),
-                    "layout_host and layout_dev must be non-null when num_blocks > 0");
+                    "layout_host and layout_dev must be non-null when num_blocks > 0, got " +
+                        std::to_string(layout_host) + " and " + std::to_string(layout_dev) +
+                        " for " + std::to_string(num_blocks) + " blocks");
   };
 
   m.def(
