@@ -25,6 +25,7 @@
 #include "cpu/sherman_morrison.h"
 #include "cuda/apply.cuh"
 #include "cuda/gram.cuh"
+#include "cuda/plan.cuh"
 #include "cuda/sherman_morrison.cuh"
 #include "emu.h"
 
@@ -463,6 +464,69 @@ void check_apply(const Named& nl, int64_t r, int base_mode, bool misalign) {
   check(untouched, std::string(buf) + " (wrote rows outside the table)");
 }
 
+// ---- work plans ----------------------------------------------------------------------------------
+// The plan of a table with many distinct classes (more than one ClassTable and one RankTable per
+// launch): order[] holds every block with work, sorted by key descending; the launch tables cover
+// every (block, item) exactly once, with the global numbering and the prefix property.
+void check_plan(ssse::cuda::tc::Keying keying, const std::vector<int64_t>& sizes) {
+  using namespace ssse::cuda::tc;
+  const Layout l = from_sizes(sizes);  // only the table is used: no matrices
+  const Plan plan(l.table.data(), l.nb(), keying);
+  Buffer<int64_t> layout_dev(l.table.size());
+  std::copy(l.table.begin(), l.table.end(), layout_dev.data());
+  Buffer<unsigned char> work(plan.workspace_bytes());
+  work.fill(0x5A);
+  const int64_t* order = plan.build(layout_dev.data(), l.nb(), work.data(), work.size(), nullptr);
+  bool ok = true;
+  std::vector<int> seen(static_cast<size_t>(l.nb()), 0);
+  int prev = 1 << 30;
+  for (int64_t r = 0; r < plan.ranked(); ++r) {
+    const int64_t b = order[r];
+    if (b < 0 || b >= l.nb()) { ok = false; break; }
+    ++seen[static_cast<size_t>(b)];
+    const int key = block_key(l.table.data(), b, keying);
+    if (key < 0 || key > prev) ok = false;
+    prev = key;
+  }
+  for (int64_t b = 0; b < l.nb(); ++b)
+    if (seen[static_cast<size_t>(b)] != (block_key(l.table.data(), b, keying) >= 0 ? 1 : 0)) ok = false;
+  // Items: key + 1 per block, numbered across launches.
+  auto items = [](int key) -> int64_t { return key + 1; };
+  std::vector<std::vector<int>> hit(static_cast<size_t>(l.nb()));
+  std::vector<char> slot_hit;
+  int launches = 0;
+  for (const auto& [table, n] : plan.tables(items, [](int) { return true; })) {
+    ++launches;
+    for (int64_t q = 0; q < n; ++q) {
+      const WorkItem w = find_work(table, order, q);
+      auto& h = hit[static_cast<size_t>(w.block)];
+      if (h.empty()) h.assign(static_cast<size_t>(w.tiles + 1), 0);
+      if (w.index < 0 || w.index > w.tiles || w.tiles != block_key(l.table.data(), w.block, keying)) ok = false;
+      else ++h[static_cast<size_t>(w.index)];
+      if (static_cast<size_t>(w.slot) >= slot_hit.size()) slot_hit.resize(static_cast<size_t>(w.slot) + 1, 0);
+      ++slot_hit[static_cast<size_t>(w.slot)];
+    }
+  }
+  for (int64_t b = 0; b < l.nb(); ++b) {
+    const int key = block_key(l.table.data(), b, keying);
+    if (key < 0) continue;
+    const auto& h = hit[static_cast<size_t>(b)];
+    if (h.size() != static_cast<size_t>(key + 1)) { ok = false; continue; }
+    for (int c : h) if (c != 1) ok = false;
+  }
+  for (char c : slot_hit) if (c != 1) ok = false;
+  // Active blocks at step K are a prefix of order.
+  for (int K = 0; K < plan.max_key(); K += 7) {
+    const int64_t n = plan.count([K](int t) { return t > K; });
+    for (int64_t r = 0; r < plan.ranked(); ++r)
+      if ((block_key(l.table.data(), order[r], keying) > K) != (r < n)) ok = false;
+  }
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "plan keying=%d: %ld blocks, %zu classes, %d launches",
+                static_cast<int>(keying), static_cast<long>(l.nb()), plan.classes().size(), launches);
+  check(ok && launches > 1, buf);
+}
+
 // ---- driver -------------------------------------------------------------------------------------
 bool selected(const std::string& name, const std::string& filter) {
   return filter.empty() || name.find(filter) != std::string::npos;
@@ -473,6 +537,15 @@ bool selected(const std::string& name, const std::string& filter) {
 // A representative subset (a few seconds of emulation per kernel): the test suite's run.
 void quick() {
   const std::vector<Named> ls = layouts();
+  {
+    std::vector<int64_t> sizes;
+    for (int k = 1; k <= 150; ++k) {
+      sizes.push_back(64 * k - (k % 7));
+      sizes.push_back(1 + k % 5);
+    }
+    check_plan(ssse::cuda::tc::Keying::kSweep, sizes);
+    check_plan(ssse::cuda::tc::Keying::kGram, sizes);
+  }
   check_gram<float>(ls[2], 37, false, 0);             // mixed: small-block group, partial tiles
   check_gram<double>(ls[7], 20, true, 1);             // shuffled table, misaligned, 8-byte copies
   check_gram<double>(ls[4], 16, false, 0);            // 150 blocks of 1..5
@@ -498,6 +571,19 @@ int main(int argc, char** argv) {
     std::printf("%d passed, %d failed (%ld launches, %ld blocks emulated)\n",
                 g_checks - g_failures, g_failures, st.launches, st.blocks);
     return g_failures == 0 ? 0 : 1;
+  }
+  if (selected("plan", filter)) {
+    // Sizes with 300 distinct tile counts (keys beyond one RankTable) and small blocks between.
+    std::vector<int64_t> sizes;
+    for (int k = 1; k <= 300; ++k) {
+      sizes.push_back(64 * k - (k % 7));
+      sizes.push_back(1 + k % 5);
+      sizes.push_back(2 + k % 3);
+    }
+    check_plan(ssse::cuda::tc::Keying::kSweep, sizes);
+    check_plan(ssse::cuda::tc::Keying::kGram, sizes);
+    check_plan(ssse::cuda::tc::Keying::kApply, sizes);
+    std::printf("plan: done\n");
   }
   if (selected("gram", filter)) {
     for (const Named& nl : layouts()) {
@@ -554,6 +640,10 @@ int main(int argc, char** argv) {
     for (int i = 0; i < 40; ++i) sizes.push_back(1 + i % 7);
     ls.push_back({"one-big-many-small", from_sizes(sizes)});  // planned grid
     ls.push_back({"fixed-256-of-1024", fixed(1024, 256)});     // vector path
+    std::vector<int64_t> many;
+    for (int k = 1; k <= 40; ++k) many.push_back(16 * k - k % 3);
+    for (int k = 0; k < 100; ++k) many.push_back(1);
+    ls.push_back({"40-classes-planned", from_sizes(many)});     // two ClassTables
     for (const Named& nl : ls) {
       check_apply<float>(nl, 1, 1, false);
       check_apply<double>(nl, 1, 2, false);
