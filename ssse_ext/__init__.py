@@ -18,6 +18,7 @@ from importlib import metadata as _metadata
 import torch as _torch  # noqa: F401
 
 from . import _C, reference, validation
+from ._ops import CUDA_KERNEL_SETS, cuda_kernels, set_cuda_kernels, use_cuda_kernels
 from .dual import DualBlocks, RowNotFoundError, build_dual_blocks, choose_representation
 from .fisher import (BUILD_METHODS, DEFAULT_BLOCK_SIZE, UPDATE_METHODS, BlockInverseFisher,
                      FisherConfig, GramAccumulator, LowRankChange, NotPositiveDefiniteError,
@@ -31,6 +32,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a sour
 
 __all__ = [
     "BUILD_METHODS",
+    "CUDA_KERNEL_SETS",
     "DEFAULT_BLOCK_SIZE",
     "UPDATE_METHODS",
     "BlockInverseFisher",
@@ -45,7 +47,10 @@ __all__ = [
     "build_info",
     "build_inverse_fisher",
     "choose_representation",
+    "cuda_kernels",
     "reference",
+    "set_cuda_kernels",
+    "use_cuda_kernels",
     "validation",
 ]
 
@@ -55,7 +60,8 @@ def build_info() -> dict:
 
     Returns a dict with ``version``, ``cuda_compiled`` (bool), ``cuda_architectures`` (e.g.
     ``"90"``), ``cuda_runtime_version``, ``cuda_device_count`` (0 without a driver or GPU) and
-    ``cpu_isa`` (the CPU micro-kernel chosen for this machine: avx512, avx2 or generic).
+    ``cpu_isa`` (the CPU micro-kernel chosen for this machine: avx512, avx2 or generic) and
+    ``cuda_kernels`` (the CUDA kernel set in use, see :func:`set_cuda_kernels`).
     """
     info = dict(_C.build_info())
     info["version"] = __version__

@@ -8,20 +8,58 @@ memory; CUDA kernels run on the current stream.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
 from . import _C
 
 __all__ = ["gram_accumulate_", "inverse_from_gram", "sherman_morrison_", "apply_inverse",
            "dual_gram_", "dual_cholesky_", "dual_apply_", "dual_remove_rows_",
-           "cuda_available", "call"]
+           "cuda_available", "call", "CUDA_KERNEL_SETS", "cuda_kernels", "set_cuda_kernels",
+           "use_cuda_kernels"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
+
+#: CUDA kernel sets: ``simt`` (default: the kernels verified on an H200), ``tc`` (float64 tensor
+#: cores: Gram, blocked inverse, Woodbury update; vectorised apply) and ``tc-m8n8k4`` (``tc`` with
+#: the Gram's tensor-core instruction as m8n8k4 pairs, for measurements on sm_90).
+CUDA_KERNEL_SETS = ("simt", "tc", "tc-m8n8k4")
 
 
 def cuda_available() -> bool:
     """Whether the extension was compiled with CUDA kernels."""
     return bool(_C.build_info()["cuda_compiled"])
+
+
+def cuda_kernels() -> str:
+    """The CUDA kernel set that later calls use (see :data:`CUDA_KERNEL_SETS`)."""
+    return _C.cuda_kernels()
+
+
+def set_cuda_kernels(name: str) -> None:
+    """Selects the CUDA kernel set of later calls (process-wide); also set at import from the
+    environment variable ``SSSE_CUDA_KERNELS``."""
+    if name not in CUDA_KERNEL_SETS:
+        raise ValueError(f"CUDA kernel set must be one of {CUDA_KERNEL_SETS}, got {name!r}")
+    _C.set_cuda_kernels(name)
+
+
+@contextlib.contextmanager
+def use_cuda_kernels(name: str):
+    """Context manager: the CUDA kernel set ``name`` inside the block, the previous one after."""
+    previous = cuda_kernels()
+    set_cuda_kernels(name)
+    try:
+        yield
+    finally:
+        set_cuda_kernels(previous)
+
+
+# The default stays "simt" until a GPU run has verified "tc" (tests/test_cuda*.py under both).
+if os.environ.get("SSSE_CUDA_KERNELS"):
+    set_cuda_kernels(os.environ["SSSE_CUDA_KERNELS"])
 
 
 def _code(t: torch.Tensor) -> int:
@@ -47,14 +85,20 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
 def _gram_accumulate__impl(grads: torch.Tensor, layout: torch.Tensor, layout_dev: torch.Tensor,
                      gram: torch.Tensor) -> None:
     """``gram_b += X_b^T X_b`` (lower triangles, float64) for every block of the layout table."""
     m, d = grads.shape
     if grads.is_cuda:
-        _need_cuda("gram_accumulate_cuda")(
-            _code(grads), grads.data_ptr(), m, d, layout.data_ptr(), layout_dev.data_ptr(),
-            layout.shape[0], gram.data_ptr(), _stream(grads.device))
+        fn = _need_cuda("gram_accumulate_cuda")
+        work = _workspace(_C.gram_accumulate_workspace_bytes(layout.data_ptr(), layout.shape[0]),
+                          grads.device)
+        fn(_code(grads), grads.data_ptr(), m, d, layout.data_ptr(), layout_dev.data_ptr(),
+           layout.shape[0], gram.data_ptr(), work.data_ptr(), work.numel(), _stream(grads.device))
     else:
         _C.gram_accumulate(_code(grads), grads.data_ptr(), m, d, layout.data_ptr(),
                            layout.shape[0], gram.data_ptr(), _threads())
@@ -106,9 +150,9 @@ def _sherman_morrison__impl(inv: torch.Tensor, layout: torch.Tensor, layout_dev:
     info = torch.zeros(nb, dtype=torch.int64, device=inv.device)
     if inv.is_cuda:
         fn = _need_cuda("sherman_morrison_cuda")
-        work = torch.empty(_C.sherman_morrison_workspace_bytes(_code(inv), chunked,
-                                                               layout.data_ptr(), nb, m),
-                           dtype=torch.uint8, device=inv.device)
+        work = _workspace(_C.sherman_morrison_workspace_bytes(_code(inv), chunked,
+                                                              layout.data_ptr(), nb),
+                          inv.device)
         fn(_code(inv), chunked, inv.data_ptr(), layout.data_ptr(), layout_dev.data_ptr(), nb,
            grads.data_ptr(), m, d, normalizer, sign, info.data_ptr(), work.data_ptr(),
            work.numel(), _stream(inv.device))
@@ -133,9 +177,12 @@ def _apply_inverse_impl(inv: torch.Tensor, layout: torch.Tensor, layout_dev: tor
     of the blocks in ``layout`` (other rows of ``out`` are left as they are)."""
     d, r = v.shape
     if v.is_cuda:
-        _need_cuda("apply_inverse_cuda")(
-            _code(v), inv.data_ptr(), layout.data_ptr(), layout_dev.data_ptr(), layout.shape[0],
-            v.data_ptr(), d, r, _ptr(base), scale, out.data_ptr(), _stream(v.device))
+        fn = _need_cuda("apply_inverse_cuda")
+        work = _workspace(_C.apply_inverse_workspace_bytes(layout.data_ptr(), layout.shape[0]),
+                          v.device)
+        fn(_code(v), inv.data_ptr(), layout.data_ptr(), layout_dev.data_ptr(), layout.shape[0],
+           v.data_ptr(), d, r, _ptr(base), scale, out.data_ptr(), work.data_ptr(), work.numel(),
+           _stream(v.device))
     else:
         _C.apply_inverse(_code(v), inv.data_ptr(), layout.data_ptr(), layout.shape[0],
                          v.data_ptr(), d, r, _ptr(base), scale, out.data_ptr(), _threads())
