@@ -4,8 +4,9 @@ The kernel-level API of ssse (Single-Step Sample Erasure, Peste, Alistarh & Lamp
 :func:`build_inverse_fisher` streams per-sample gradients into a :class:`BlockInverseFisher`,
 which supports ``inv @ v``, :meth:`~BlockInverseFisher.update`,
 :meth:`~BlockInverseFisher.downdate` and the fused SSSE step
-:meth:`~BlockInverseFisher.apply_update`. :mod:`ssse_ext.reference` is the pure-PyTorch
-specification used by the tests.
+:meth:`~BlockInverseFisher.apply_update`. :func:`build_dual_blocks` builds
+:class:`DualBlocks`, the low-rank form of blocks larger than their number of gradient rows.
+:mod:`ssse_ext.reference` is the pure-PyTorch specification used by the tests.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from importlib import metadata as _metadata
 import torch as _torch  # noqa: F401
 
 from . import _C, health, reference, validation
+from ._ops import CUDA_KERNEL_SETS, cuda_kernels, set_cuda_kernels, use_cuda_kernels
+from .dual import DualBlocks, RowNotFoundError, build_dual_blocks, choose_representation
 from .fisher import (BUILD_METHODS, DEFAULT_BLOCK_SIZE, UPDATE_METHODS, BlockInverseFisher,
                      FisherConfig, GramAccumulator, LowRankChange, NotPositiveDefiniteError,
                      build_inverse_fisher)
@@ -30,21 +33,29 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a sour
 
 __all__ = [
     "BUILD_METHODS",
+    "CUDA_KERNEL_SETS",
     "DEFAULT_BLOCK_SIZE",
     "UPDATE_METHODS",
     "BlockInverseFisher",
     "BlockLayout",
     "ConditionWarning",
+    "DualBlocks",
     "FisherConfig",
     "FisherProbe",
     "GramAccumulator",
     "HealthWarning",
     "LowRankChange",
     "NotPositiveDefiniteError",
+    "RowNotFoundError",
+    "build_dual_blocks",
     "build_info",
     "build_inverse_fisher",
+    "choose_representation",
+    "cuda_kernels",
     "health",
     "reference",
+    "set_cuda_kernels",
+    "use_cuda_kernels",
     "validation",
 ]
 
@@ -54,7 +65,8 @@ def build_info() -> dict:
 
     Returns a dict with ``version``, ``cuda_compiled`` (bool), ``cuda_architectures`` (e.g.
     ``"90"``), ``cuda_runtime_version``, ``cuda_device_count`` (0 without a driver or GPU) and
-    ``cpu_isa`` (the CPU micro-kernel chosen for this machine: avx512, avx2 or generic).
+    ``cpu_isa`` (the CPU micro-kernel chosen for this machine: avx512, avx2 or generic) and
+    ``cuda_kernels`` (the CUDA kernel set in use, see :func:`set_cuda_kernels`).
     """
     info = dict(_C.build_info())
     info["version"] = __version__

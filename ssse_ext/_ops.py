@@ -8,19 +8,58 @@ memory; CUDA kernels run on the current stream.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
 from . import _C
 
 __all__ = ["gram_accumulate_", "inverse_from_gram", "sherman_morrison_", "apply_inverse",
-           "cuda_available", "call"]
+           "dual_gram_", "dual_cholesky_", "dual_apply_", "dual_remove_rows_",
+           "cuda_available", "call", "CUDA_KERNEL_SETS", "cuda_kernels", "set_cuda_kernels",
+           "use_cuda_kernels"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
+
+#: CUDA kernel sets: ``simt`` (default: the kernels verified on an H200), ``tc`` (float64 tensor
+#: cores: Gram, blocked inverse, Woodbury update; vectorised apply) and ``tc-m8n8k4`` (``tc`` with
+#: the Gram's tensor-core instruction as m8n8k4 pairs, for measurements on sm_90).
+CUDA_KERNEL_SETS = ("simt", "tc", "tc-m8n8k4")
 
 
 def cuda_available() -> bool:
     """Whether the extension was compiled with CUDA kernels."""
     return bool(_C.build_info()["cuda_compiled"])
+
+
+def cuda_kernels() -> str:
+    """The CUDA kernel set that later calls use (see :data:`CUDA_KERNEL_SETS`)."""
+    return _C.cuda_kernels()
+
+
+def set_cuda_kernels(name: str) -> None:
+    """Selects the CUDA kernel set of later calls (process-wide); also set at import from the
+    environment variable ``SSSE_CUDA_KERNELS``."""
+    if name not in CUDA_KERNEL_SETS:
+        raise ValueError(f"CUDA kernel set must be one of {CUDA_KERNEL_SETS}, got {name!r}")
+    _C.set_cuda_kernels(name)
+
+
+@contextlib.contextmanager
+def use_cuda_kernels(name: str):
+    """Context manager: the CUDA kernel set ``name`` inside the block, the previous one after."""
+    previous = cuda_kernels()
+    set_cuda_kernels(name)
+    try:
+        yield
+    finally:
+        set_cuda_kernels(previous)
+
+
+# The default stays "simt" until a GPU run has verified "tc" (tests/test_cuda*.py under both).
+if os.environ.get("SSSE_CUDA_KERNELS"):
+    set_cuda_kernels(os.environ["SSSE_CUDA_KERNELS"])
 
 
 def _code(t: torch.Tensor) -> int:
@@ -46,14 +85,20 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
 def _gram_accumulate__impl(grads: torch.Tensor, layout: torch.Tensor, layout_dev: torch.Tensor,
                      gram: torch.Tensor) -> None:
     """``gram_b += X_b^T X_b`` (lower triangles, float64) for every block of the layout table."""
     m, d = grads.shape
     if grads.is_cuda:
-        _need_cuda("gram_accumulate_cuda")(
-            _code(grads), grads.data_ptr(), m, d, layout.data_ptr(), layout_dev.data_ptr(),
-            layout.shape[0], gram.data_ptr(), _stream(grads.device))
+        fn = _need_cuda("gram_accumulate_cuda")
+        work = _workspace(_C.gram_accumulate_workspace_bytes(layout.data_ptr(), layout.shape[0]),
+                          grads.device)
+        fn(_code(grads), grads.data_ptr(), m, d, layout.data_ptr(), layout_dev.data_ptr(),
+           layout.shape[0], gram.data_ptr(), work.data_ptr(), work.numel(), _stream(grads.device))
     else:
         _C.gram_accumulate(_code(grads), grads.data_ptr(), m, d, layout.data_ptr(),
                            layout.shape[0], gram.data_ptr(), _threads())
@@ -105,9 +150,9 @@ def _sherman_morrison__impl(inv: torch.Tensor, layout: torch.Tensor, layout_dev:
     info = torch.zeros(nb, dtype=torch.int64, device=inv.device)
     if inv.is_cuda:
         fn = _need_cuda("sherman_morrison_cuda")
-        work = torch.empty(_C.sherman_morrison_workspace_bytes(_code(inv), chunked,
-                                                               layout.data_ptr(), nb, m),
-                           dtype=torch.uint8, device=inv.device)
+        work = _workspace(_C.sherman_morrison_workspace_bytes(_code(inv), chunked,
+                                                              layout.data_ptr(), nb),
+                          inv.device)
         fn(_code(inv), chunked, inv.data_ptr(), layout.data_ptr(), layout_dev.data_ptr(), nb,
            grads.data_ptr(), m, d, normalizer, sign, info.data_ptr(), work.data_ptr(),
            work.numel(), _stream(inv.device))
@@ -132,9 +177,12 @@ def _apply_inverse_impl(inv: torch.Tensor, layout: torch.Tensor, layout_dev: tor
     of the blocks in ``layout`` (other rows of ``out`` are left as they are)."""
     d, r = v.shape
     if v.is_cuda:
-        _need_cuda("apply_inverse_cuda")(
-            _code(v), inv.data_ptr(), layout.data_ptr(), layout_dev.data_ptr(), layout.shape[0],
-            v.data_ptr(), d, r, _ptr(base), scale, out.data_ptr(), _stream(v.device))
+        fn = _need_cuda("apply_inverse_cuda")
+        work = _workspace(_C.apply_inverse_workspace_bytes(layout.data_ptr(), layout.shape[0]),
+                          v.device)
+        fn(_code(v), inv.data_ptr(), layout.data_ptr(), layout_dev.data_ptr(), layout.shape[0],
+           v.data_ptr(), d, r, _ptr(base), scale, out.data_ptr(), work.data_ptr(), work.numel(),
+           _stream(v.device))
     else:
         _C.apply_inverse(_code(v), inv.data_ptr(), layout.data_ptr(), layout.shape[0],
                          v.data_ptr(), d, r, _ptr(base), scale, out.data_ptr(), _threads())
@@ -149,11 +197,122 @@ def _(inv, layout, layout_dev, v, base, scale, out):
     return None
 
 
+# ---- dual (low-rank) blocks: table rows (start, size, g_offset, l_offset), see csrc/common.h ----
+
+def _dual_gram__impl(grads: torch.Tensor, table: torch.Tensor, table_dev: torch.Tensor, r0: int,
+                     g: torch.Tensor, l: torch.Tensor, ldl: int) -> None:
+    """Copies the rows of ``grads`` to rows ``[r0, r0 + m)`` of every ``G_b`` and writes the new
+    rows of the raw Gram matrix ``G_b G_b^T`` (float64, lower part) into the factor storage."""
+    m, d = grads.shape
+    if grads.is_cuda:
+        _need_cuda("dual_gram_cuda")(
+            _code(grads), grads.data_ptr(), m, d, table.data_ptr(), table_dev.data_ptr(),
+            table.shape[0], r0, g.data_ptr(), l.data_ptr(), ldl, _stream(grads.device))
+    else:
+        _C.dual_gram(_code(grads), grads.data_ptr(), m, d, table.data_ptr(), table.shape[0], r0,
+                     g.data_ptr(), l.data_ptr(), ldl, _threads())
+
+
+dual_gram_ = torch.library.custom_op("ssse_ext::dual_gram_", mutates_args=("g", "l"))(_dual_gram__impl)
+
+
+@dual_gram_.register_fake
+def _(grads, table, table_dev, r0, g, l, ldl):
+    return None
+
+
+def _dual_cholesky__impl(l: torch.Tensor, table: torch.Tensor, table_dev: torch.Tensor, r0: int,
+                         r1: int, ldl: int, shift: float, strip_solved: bool) -> torch.Tensor:
+    """Extends every factor from rows ``[0, r0)`` to ``[0, r1)``; returns the per-block info."""
+    nb = table.shape[0]
+    info = torch.zeros(nb, dtype=torch.int64, device=l.device)
+    if l.is_cuda:
+        fn = _need_cuda("dual_cholesky_cuda")
+        work = torch.empty(_C.dual_cholesky_workspace_bytes(nb), dtype=torch.uint8,
+                           device=l.device)
+        fn(l.data_ptr(), table.data_ptr(), table_dev.data_ptr(), nb, r0, r1, ldl, shift,
+           strip_solved, info.data_ptr(), work.data_ptr(), work.numel(), _stream(l.device))
+    else:
+        _C.dual_cholesky(l.data_ptr(), table.data_ptr(), nb, r0, r1, ldl, shift, strip_solved,
+                         info.data_ptr(), _threads())
+    return info
+
+
+dual_cholesky_ = torch.library.custom_op("ssse_ext::dual_cholesky_", mutates_args=("l",))(_dual_cholesky__impl)
+
+
+@dual_cholesky_.register_fake
+def _(l, table, table_dev, r0, r1, ldl, shift, strip_solved):
+    return torch.empty(table.shape[0], dtype=torch.int64, device=l.device)
+
+
+def _dual_apply__impl(g: torch.Tensor, l: torch.Tensor, table: torch.Tensor,
+                      table_dev: torch.Tensor, rows: int, ldl: int, damping: float,
+                      v: torch.Tensor, base: torch.Tensor | None, scale: float,
+                      out: torch.Tensor) -> None:
+    """``out_b = base_b + scale F_b^{-1} v_b`` on the rows of every dual block of the table
+    (``v``, ``base`` and ``out`` of shape ``(d, r)``); other rows of ``out`` are untouched."""
+    d, r = v.shape
+    nb = table.shape[0]
+    if v.is_cuda:
+        fn = _need_cuda("dual_apply_cuda")
+        work = torch.empty(_C.dual_apply_workspace_bytes(nb, rows, r), dtype=torch.uint8,
+                           device=v.device)
+        fn(_code(v), g.data_ptr(), l.data_ptr(), table.data_ptr(), table_dev.data_ptr(), nb,
+           rows, ldl, damping, v.data_ptr(), d, r, _ptr(base), scale, out.data_ptr(),
+           work.data_ptr(), work.numel(), _stream(v.device))
+    else:
+        _C.dual_apply(_code(v), g.data_ptr(), l.data_ptr(), table.data_ptr(), nb, rows, ldl,
+                      damping, v.data_ptr(), d, r, _ptr(base), scale, out.data_ptr(), _threads())
+
+
+dual_apply_ = torch.library.custom_op("ssse_ext::dual_apply_", mutates_args=("out",))(_dual_apply__impl)
+
+
+@dual_apply_.register_fake
+def _(g, l, table, table_dev, rows, ldl, damping, v, base, scale, out):
+    return None
+
+
+def _dual_remove_rows__impl(g: torch.Tensor, l: torch.Tensor, table: torch.Tensor,
+                            table_dev: torch.Tensor, rows: int, ldl: int, keep: torch.Tensor,
+                            removed: torch.Tensor, first: int) -> torch.Tensor:
+    """Deletes the stored rows ``removed`` (``(num_blocks, k)``, ascending) of every block, keeping
+    ``keep`` (``(num_blocks, rows - k)``, ascending); returns the per-block info."""
+    nb = table.shape[0]
+    k = removed.shape[1] if removed.dim() == 2 else 0
+    info = torch.zeros(nb, dtype=torch.int64, device=l.device)
+    if l.is_cuda:
+        fn = _need_cuda("dual_remove_rows_cuda")
+        work = torch.empty(_C.dual_remove_rows_workspace_bytes(nb, rows, k, first),
+                           dtype=torch.uint8, device=l.device)
+        fn(_code(g), g.data_ptr(), l.data_ptr(), table.data_ptr(), table_dev.data_ptr(), nb, rows,
+           ldl, keep.data_ptr(), removed.data_ptr(), k, first, info.data_ptr(), work.data_ptr(),
+           work.numel(), _stream(l.device))
+    else:
+        _C.dual_remove_rows(_code(g), g.data_ptr(), l.data_ptr(), table.data_ptr(), nb, rows, ldl,
+                            keep.data_ptr(), removed.data_ptr(), k, first, info.data_ptr(),
+                            _threads())
+    return info
+
+
+dual_remove_rows_ = torch.library.custom_op("ssse_ext::dual_remove_rows_", mutates_args=("g", "l"))(_dual_remove_rows__impl)
+
+
+@dual_remove_rows_.register_fake
+def _(g, l, table, table_dev, rows, ldl, keep, removed, first):
+    return torch.empty(table.shape[0], dtype=torch.int64, device=l.device)
+
+
 _EAGER = {
     gram_accumulate_: _gram_accumulate__impl,
     inverse_from_gram: _inverse_from_gram_impl,
     sherman_morrison_: _sherman_morrison__impl,
     apply_inverse: _apply_inverse_impl,
+    dual_gram_: _dual_gram__impl,
+    dual_cholesky_: _dual_cholesky__impl,
+    dual_apply_: _dual_apply__impl,
+    dual_remove_rows_: _dual_remove_rows__impl,
 }
 
 

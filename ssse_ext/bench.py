@@ -13,6 +13,11 @@ measured in the same run (the performance method of docs/maths.md):
 * the apply ``theta + s F^{-1} v`` in GB/s against a copy of the inverse;
 * peak memory (CUDA: the allocator's peak; CPU: the peak rise of the resident set).
 
+On CUDA, ``--kernels simt,tc`` times each CUDA kernel set on the same inputs, with the baselines
+(torch's closed form, the per-sample loop) measured once per case; the closed form's own error
+against the float64 oracle is reported beside ours, and the apply is also timed at the op level
+(``apply kernel/copy``: no input validation, no host synchronisation).
+
 Run ``python benchmarks/bench_fisher.py --help`` or ``ssse bench --help``.
 """
 
@@ -30,7 +35,7 @@ import time
 import torch
 
 import ssse_ext
-from ssse_ext import BlockLayout, build_inverse_fisher
+from ssse_ext import BlockLayout, _ops, build_inverse_fisher
 
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -149,7 +154,16 @@ def _rel_err(inv: ssse_ext.BlockInverseFisher, ref: torch.Tensor) -> float:
 # ---- one case -------------------------------------------------------------------------------
 
 def run_case(n: int, num_blocks: int, block: int, dtype, device, *, repeats: int,
-             loop_rows: int, damping: float, matmul_rate: float, seed: int) -> dict:
+             loop_rows: int, damping: float, matmul_rate: float, seed: int,
+             kernels: str | None = None, baselines: dict | None = None) -> dict:
+    """One case, checked then timed. ``kernels``: the CUDA kernel set to time (default: the
+    current one); ``baselines``: the closed-form and loop fields of an earlier row of the same
+    case, reused instead of timing them again."""
+    if kernels is not None:
+        with ssse_ext.use_cuda_kernels(kernels):
+            return run_case(n, num_blocks, block, dtype, device, repeats=repeats,
+                            loop_rows=loop_rows, damping=damping, matmul_rate=matmul_rate,
+                            seed=seed, baselines=baselines)
     d = num_blocks * block
     gen = torch.Generator(device="cpu").manual_seed(seed)
     grads = torch.randn(n, d, generator=gen, dtype=torch.float64).to(device)
@@ -159,6 +173,8 @@ def run_case(n: int, num_blocks: int, block: int, dtype, device, *, repeats: int
     flops = 4.0 * n * d * block
     row = {"n": n, "blocks": num_blocks, "B": block, "d": d, "dtype": str(dtype)[6:],
            "device": str(device)}
+    if device.type == "cuda":
+        row["kernels"] = ssse_ext.cuda_kernels()
 
     # Build (default method): check, then time. A result above tolerance is reported, never timed.
     build = lambda: build_inverse_fisher(g, damping=damping, layout=layout)  # noqa: E731
@@ -175,16 +191,24 @@ def run_case(n: int, num_blocks: int, block: int, dtype, device, *, repeats: int
                build_vs_matmul=flops / t_build / 1e9 / matmul_rate,
                build_peak_mb=_peak_memory(build, device) / 2**20)
 
-    # Closed form with torch (Cholesky), same dtype.
-    t_closed = _time(lambda: closed_form_blocks(g, num_blocks, block, damping, float(n)), device,
-                     repeats)
-    row.update(closed_form_s=t_closed, speedup_vs_closed_form=t_closed / t_build)
-
-    # Per-sample PyTorch loop on a prefix, scaled to n rows (its cost per row is constant).
-    rows = min(n, loop_rows)
-    t_loop = _time(lambda: per_sample_loop(g[:rows], num_blocks, block, damping, float(n)),
-                   device, 1, warmup=1) * n / rows
-    row.update(loop_s_est=t_loop, loop_rows_timed=rows, speedup_vs_loop=t_loop / t_build)
+    if baselines is None:
+        baselines = {}
+        # Closed form with torch (Cholesky), same dtype: its error, then its time.
+        closed = closed_form_blocks(g, num_blocks, block, damping, float(n))
+        baselines["closed_form_rel_err"] = (
+            (closed.double() - ref).norm() / ref.norm()).item()
+        del closed
+        baselines["closed_form_s"] = _time(
+            lambda: closed_form_blocks(g, num_blocks, block, damping, float(n)), device, repeats)
+        # Per-sample PyTorch loop on a prefix, scaled to n rows (its cost per row is constant).
+        rows = min(n, loop_rows)
+        baselines["loop_s_est"] = _time(
+            lambda: per_sample_loop(g[:rows], num_blocks, block, damping, float(n)),
+            device, 1, warmup=1) * n / rows
+        baselines["loop_rows_timed"] = rows
+    row.update(baselines)
+    row.update(speedup_vs_closed_form=row["closed_form_s"] / t_build,
+               speedup_vs_loop=row["loop_s_est"] / t_build)
 
     # Chunked Sherman-Morrison update of an accurate inverse built on the first half.
     half = n // 2
@@ -217,9 +241,16 @@ def run_case(n: int, num_blocks: int, block: int, dtype, device, *, repeats: int
     nbytes = inv.nbytes
     t_apply = _time(lambda: inv.apply_update(theta, v, 0.5), device, repeats * 3)
     t_copy = _time(lambda: inv.packed.clone(), device, repeats * 3)
+    # The op alone (what a caller that already validated its inputs pays).
+    host, dev = inv._layout_tables()
+    vv, tt = v.reshape(-1, 1), theta.reshape(-1, 1)
+    t_kernel = _time(lambda: _ops.apply_inverse(inv.packed, host, dev, vv, tt, 0.5), device,
+                     repeats * 3)
     row.update(apply_s=t_apply, apply_gbs=nbytes / t_apply / 1e9,
                copy_gbs=2 * nbytes / t_copy / 1e9,
-               apply_vs_copy=(nbytes / t_apply) / (2 * nbytes / t_copy))
+               apply_vs_copy=(nbytes / t_apply) / (2 * nbytes / t_copy),
+               apply_kernel_s=t_kernel,
+               apply_kernel_vs_copy=(nbytes / t_kernel) / (2 * nbytes / t_copy))
     return row
 
 
@@ -247,21 +278,24 @@ def _describe(device: torch.device) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("| case | dtype | build s | build GFLOP/s | matmul GFLOP/s | ratio | vs loop | "
-            "vs closed form | update/matmul | apply/copy | peak MB | build err |")
+    head = ("| case | dtype | kernels | build s | build GFLOP/s | matmul GFLOP/s | ratio | vs loop | "
+            "vs closed form | update/matmul | apply/copy | apply kernel/copy | peak MB | "
+            "build err | closed-form err |")
     # "refused": the result was above tolerance against float64, so it was not timed.
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 15]
     def f(r, key, fmt):
         return "refused" if r.get(key) is None else format(r[key], fmt)
 
     for r in rows:
         lines.append(
-            f"| {r['blocks']}x{r['B']}, n={r['n']} | {r['dtype']} | {f(r, 'build_s', '.3f')} | "
+            f"| {r['blocks']}x{r['B']}, n={r['n']} | {r['dtype']} | {r.get('kernels', '-')} | "
+            f"{f(r, 'build_s', '.3f')} | "
             f"{f(r, 'build_gflops', '.1f')} | {r['matmul_gflops']:.1f} | "
             f"{f(r, 'build_vs_matmul', '.2f')} | {f(r, 'speedup_vs_loop', '.0f')}x | "
             f"{f(r, 'speedup_vs_closed_form', '.2f')}x | {f(r, 'update_vs_matmul', '.2f')} | "
-            f"{f(r, 'apply_vs_copy', '.2f')} | {f(r, 'build_peak_mb', '.0f')} | "
-            f"{r['build_rel_err']:.1e} |")
+            f"{f(r, 'apply_vs_copy', '.2f')} | {f(r, 'apply_kernel_vs_copy', '.2f')} | "
+            f"{f(r, 'build_peak_mb', '.0f')} | "
+            f"{r['build_rel_err']:.1e} | {f(r, 'closed_form_rel_err', '.1e')} |")
     return "\n".join(lines)
 
 
@@ -280,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--damping", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--kernels", default=None,
+                   help="CUDA only: comma-separated kernel sets to time on each case, e.g. "
+                        "simt,tc (default: the current set, see SSSE_CUDA_KERNELS)")
     args = p.parse_args(argv)
     try:
         device = torch.device(args.device)
@@ -289,6 +326,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--device cuda asked for but torch sees no CUDA device")
     if args.repeats < 1 or args.loop_rows < 1:
         p.error("--repeats and --loop-rows must be >= 1")
+    kernel_sets = [None]
+    if args.kernels:
+        if device.type != "cuda":
+            p.error("--kernels selects CUDA kernel sets; it needs --device cuda")
+        kernel_sets = [k.strip() for k in args.kernels.split(",") if k.strip()]
+        bad = [k for k in kernel_sets if k not in ssse_ext.CUDA_KERNEL_SETS]
+        if bad or not kernel_sets:
+            p.error(f"--kernels must name sets among {ssse_ext.CUDA_KERNEL_SETS}, got {args.kernels!r}")
     if args.cases:
         try:
             cases = [tuple(int(x) for x in c.split(":")) for c in args.cases.split(",")]
@@ -312,15 +357,24 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in dtypes:
         rate = matmul_gflops(dtype, device, 2048 if device.type == "cpu" else 8192, args.repeats)
         for n, nb, block in cases:
-            print(f"  {nb}x{block}, n={n}, {str(dtype)[6:]} ...", flush=True)
-            rows.append(run_case(n, nb, block, dtype, device, repeats=args.repeats,
-                                 loop_rows=args.loop_rows, damping=args.damping,
-                                 matmul_rate=rate, seed=args.seed))
+            baselines = None
+            for kernels in kernel_sets:
+                label = f", {kernels} kernels" if kernels else ""
+                print(f"  {nb}x{block}, n={n}, {str(dtype)[6:]}{label} ...", flush=True)
+                row = run_case(n, nb, block, dtype, device, repeats=args.repeats,
+                               loop_rows=args.loop_rows, damping=args.damping,
+                               matmul_rate=rate, seed=args.seed, kernels=kernels,
+                               baselines=baselines)
+                rows.append(row)
+                if "closed_form_s" in row:
+                    baselines = {k: row[k] for k in ("closed_form_s", "closed_form_rel_err",
+                                                     "loop_s_est", "loop_rows_timed")}
     print()
     print(format_table(rows))
     print("\nratio = build GFLOP/s (4 n d B basis) / torch.matmul GFLOP/s; vs loop / vs closed form"
           " = speed-ups of the build; update/matmul = chunked Sherman-Morrison update rate / matmul;"
-          " apply/copy = apply GB/s / copy GB/s.")
+          " apply/copy = apply GB/s (public API) / copy GB/s; apply kernel/copy = the same for the"
+          " op alone; closed-form err = torch's closed form in the same dtype against float64.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": _describe(device), "rows": rows}, f, indent=2)

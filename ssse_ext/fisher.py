@@ -13,6 +13,8 @@ from typing import Iterable, Iterator
 import torch
 
 from . import _ops
+from .dual import DualBlocks, choose_representation
+from .errors import NotPositiveDefiniteError
 from .health import (DEFAULT_COLUMNS, FisherProbe, Health, HealthWarning, ill_conditioned_blocks,
                      warn_ill_conditioned)
 from .layout import BlockLayout
@@ -30,6 +32,7 @@ __all__ = [
     "BUILD_METHODS",
     "CURVATURES",
     "DEFAULT_BLOCK_SIZE",
+    "REPRESENTATIONS",
     "UPDATE_METHODS",
 ]
 
@@ -39,6 +42,8 @@ __all__ = [
 BUILD_METHODS = ("auto", "cholesky", "sherman_morrison", "woodbury")
 #: What the rows of the stored Fisher are (recorded in :class:`FisherConfig`).
 CURVATURES = ("empirical", "ggn", "mc")
+#: How blocks are stored: dense inverses, the low-rank (dual) form, or the smaller per block.
+REPRESENTATIONS = ("dense", "dual", "auto")
 #: Methods of :meth:`BlockInverseFisher.update` and :meth:`BlockInverseFisher.downdate`.
 UPDATE_METHODS = ("woodbury", "sherman_morrison")
 
@@ -63,10 +68,6 @@ _MIN_GATHER_BYTES = 64 << 20
 # CUDA one fusing consecutive steps into one pass over F^{-1}), so larger calls only save
 # conversions and passes.
 _DEFAULT_WOODBURY_CHUNK = 1024
-
-
-class NotPositiveDefiniteError(ValueError):
-    """A block stopped being positive definite (e.g. removing rows that were never added)."""
 
 
 @dataclass(frozen=True)
@@ -152,12 +153,16 @@ def _check_overflow(m: torch.Tensor, what: str, layout: BlockLayout, b0: int):
 # ---- the inverse ----------------------------------------------------------------------------
 
 class BlockInverseFisher:
-    r"""The inverse of a block-diagonal damped empirical Fisher (docs/maths.md).
+    r"""The inverse of a block-diagonal damped Fisher (docs/maths.md).
 
-    Block ``b`` holds :math:`F_b^{-1} = (\lambda I + \frac{1}{N}\sum_i g_{i,b} g_{i,b}^\top)^{-1}`,
-    full and symmetric, in packed storage (see :class:`BlockLayout`) held as one or more
-    *segments*: 1-D tensors covering consecutive ranges of blocks, so that a build never needs
-    one allocation of the whole inverse next to its accumulators.
+    Block ``b`` holds :math:`F_b^{-1} = (\lambda I + \frac{1}{N}\sum_i g_{i,b} g_{i,b}^\top)^{-1}`
+    in one of two representations:
+
+    - *dense*: full and symmetric, in packed storage (see :class:`BlockLayout`) held as one or
+      more *segments*, 1-D tensors covering consecutive dense blocks, so that a build never
+      needs one allocation of the whole inverse next to its accumulators;
+    - *dual* (low-rank, for blocks larger than their number of rows): the rows :math:`G_b` and
+      the Cholesky factor of :math:`\lambda N I + G_b G_b^\top` (:class:`DualBlocks`), exact.
 
     ``inv @ v`` multiplies a ``(d,)`` or ``(d, r)`` tensor; :meth:`update` and :meth:`downdate`
     add or remove gradients in place, atomically and without a copy of the inverse (the
@@ -167,34 +172,55 @@ class BlockInverseFisher:
     """
 
     def __init__(self, packed, config: FisherConfig, num_samples: int, *,
-                 probe: FisherProbe | None = None):
+                 dual: DualBlocks | None = None, probe: FisherProbe | None = None):
         segments = [packed] if isinstance(packed, torch.Tensor) else list(packed)
-        if not segments or not all(isinstance(t, torch.Tensor) for t in segments):
-            raise TypeError("packed must be a 1-D tensor or a non-empty sequence of them")
+        if not all(isinstance(t, torch.Tensor) for t in segments):
+            raise TypeError("packed must be a 1-D tensor or a sequence of them")
         if not isinstance(config, FisherConfig):
             raise TypeError(f"config must be a FisherConfig, got {type(config).__name__}")
-        first = segments[0]
-        bounds, b = [0], 0
+        layout = config.layout
+        if dual is not None:
+            if not isinstance(dual, DualBlocks):
+                raise TypeError(f"dual must be DualBlocks, got {type(dual).__name__}")
+            if dual.layout != layout or dual.damping != config.damping or \
+                    dual.normalizer != config.normalizer:
+                raise ValueError("dual must have the inverse's layout, damping and normaliser")
+            if dual.num_blocks == 0:
+                dual = None
+        dual_ids = set(dual.block_ids) if dual is not None else set()
+        self._dense = tuple(b for b in range(layout.num_blocks) if b not in dual_ids)
+        if not segments:
+            if self._dense:
+                raise ValueError(f"packed is empty, the layout has {len(self._dense)} dense "
+                                 "blocks")
+            ref = dual.g
+            segments = [torch.zeros(0, dtype=ref.dtype, device=ref.device)]
+        first = segments[0] if dual is None else dual.g
+        self._bounds, self._where = [0], {}
+        pos = 0
         for j, t in enumerate(segments):
             if t.dim() != 1 or t.dtype not in FLOAT_DTYPES:
                 raise TypeError(f"packed[{j}] must be a 1-D float32 or float64 tensor, got "
                                 f"{t.dtype} of shape {tuple(t.shape)}")
             if t.dtype != first.dtype or t.device != first.device:
-                raise ValueError(f"packed[{j}] is {t.dtype} on {t.device}, packed[0] is "
+                raise ValueError(f"packed[{j}] is {t.dtype} on {t.device}, the inverse is "
                                  f"{first.dtype} on {first.device}")
             numel = 0
-            while b < config.layout.num_blocks and numel < t.numel():
-                numel += config.layout.sizes[b] ** 2
-                b += 1
+            while pos < len(self._dense) and numel < t.numel():
+                b = self._dense[pos]
+                self._where[b] = (j, numel)
+                numel += layout.sizes[b] ** 2
+                pos += 1
             if numel != t.numel():
                 raise ValueError(f"packed[{j}] has {t.numel()} elements, which do not end on a "
                                  f"block boundary of the layout")
-            bounds.append(b)
-        if b != config.layout.num_blocks:
+            self._bounds.append(pos)
+        if pos != len(self._dense):
             raise ValueError(f"packed has {sum(t.numel() for t in segments)} elements, the "
-                             f"layout needs {config.layout.numel}")
+                             f"dense blocks of the layout need "
+                             f"{sum(layout.sizes[b] ** 2 for b in self._dense)}")
         self._segments = [t.contiguous() for t in segments]
-        self._bounds = bounds
+        self._dual = dual
         self.config = config
         self.num_samples = int(num_samples)
         self._tables: dict = {}
@@ -222,43 +248,64 @@ class BlockInverseFisher:
 
     @property
     def segments(self) -> tuple[torch.Tensor, ...]:
-        """The packed storage, one 1-D tensor per range of consecutive blocks."""
+        """The packed storage of the dense blocks, one 1-D tensor per range of them."""
         return tuple(self._segments)
 
     @property
+    def dual(self) -> DualBlocks | None:
+        """The dual (low-rank) blocks, or ``None``."""
+        return self._dual
+
+    @property
+    def representation(self) -> tuple[str, ...]:
+        """Per block, ``"dense"`` or ``"dual"``."""
+        dense = set(self._dense)
+        return tuple("dense" if b in dense else "dual" for b in range(self.layout.num_blocks))
+
+    @property
     def packed(self) -> torch.Tensor:
-        """The whole packed storage as one 1-D tensor (a copy when held in several segments)."""
+        """The dense blocks' packed storage as one 1-D tensor (a copy when held in several
+        segments)."""
         return self._segments[0] if len(self._segments) == 1 else torch.cat(self._segments)
 
     @property
     def nbytes(self) -> int:
         """Bytes of the stored inverse."""
-        return sum(t.numel() * t.element_size() for t in self._segments)
-
-    def _locate(self, b: int) -> tuple[int, int]:
-        """(segment, offset of block ``b`` inside it)."""
-        j = bisect.bisect_right(self._bounds, b) - 1
-        return j, self.layout.offsets[b] - self.layout.offsets[self._bounds[j]]
+        return sum(t.numel() * t.element_size() for t in self._segments) + \
+            (self._dual.nbytes if self._dual is not None else 0)
 
     @property
     def blocks(self) -> list[torch.Tensor]:
-        """Views of the ``(s_b, s_b)`` blocks (writing to them changes the inverse)."""
+        """The ``(s_b, s_b)`` blocks: views for dense blocks (writing to them changes the
+        inverse), computed copies for dual ones."""
         out = []
         for b, s in enumerate(self.layout.sizes):
-            j, o = self._locate(b)
-            out.append(self._segments[j][o:o + s * s].view(s, s))
+            if b in self._where:
+                j, o = self._where[b]
+                out.append(self._segments[j][o:o + s * s].view(s, s))
+            else:
+                out.append(self._dual.dense_block(b))
         return out
 
     def dense_block(self, i: int) -> torch.Tensor:
         """A copy of block ``i`` as an ``(s_i, s_i)`` tensor."""
-        if not -self.layout.num_blocks <= i < self.layout.num_blocks:
-            raise IndexError(f"block index {i} out of range for {self.layout.num_blocks} blocks")
-        return self.blocks[i].clone()
+        nb = self.layout.num_blocks
+        if not -nb <= i < nb:
+            raise IndexError(f"block index {i} out of range for {nb} blocks")
+        i %= nb
+        if i not in self._where:
+            return self._dual.dense_block(i)
+        j, o = self._where[i]
+        s = self.layout.sizes[i]
+        return self._segments[j][o:o + s * s].view(s, s).clone()
 
     def dense(self) -> torch.Tensor:
         """The whole ``(d, d)`` block-diagonal matrix (for tests and small models)."""
         return torch.block_diag(*self.blocks) if self.layout.num_blocks else \
             torch.zeros(0, 0, dtype=self.dtype, device=self.device)
+
+    def _segment_ids(self, j: int) -> tuple[int, ...]:
+        return self._dense[self._bounds[j]:self._bounds[j + 1]]
 
     def _segment_tables(self):
         """Per segment: (storage, host table, device table), offsets within the segment."""
@@ -267,7 +314,7 @@ class BlockInverseFisher:
         if tables is None:
             tables = []
             for j in range(len(self._segments)):
-                host = self.layout.table(first=self._bounds[j], last=self._bounds[j + 1])
+                host = self.layout.table(blocks=self._segment_ids(j))
                 tables.append((host, host if key.type == "cpu" else host.to(key)))
             self._tables = {key: tables}
         return [(seg, host, dev) for seg, (host, dev) in zip(self._segments, tables)]
@@ -322,18 +369,23 @@ class BlockInverseFisher:
         if base.shape != vv.shape:
             raise ValueError(f"theta and v must have the same shape, got {tuple(theta.shape)} "
                              f"and {tuple(v.shape)}")
-        out = torch.empty_like(vv)
-        for seg, host, dev in self._segment_tables():
-            _ops.call(_ops.apply_inverse, seg, host, dev, vv, base, float(scale), out)
+        out = self._apply(vv, base, scale)
         return out.view(-1) if vec else out
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``F^{-1} v`` for ``v`` of shape ``(d,)`` or ``(d, r)``."""
         vv, vec = self._vector(v, "v")
+        out = self._apply(vv, None, 1.0)
+        return out.view(-1) if vec else out
+
+    def _apply(self, vv: torch.Tensor, base: torch.Tensor | None, scale: float) -> torch.Tensor:
         out = torch.empty_like(vv)
         for seg, host, dev in self._segment_tables():
-            _ops.call(_ops.apply_inverse, seg, host, dev, vv, None, 1.0, out)
-        return out.view(-1) if vec else out
+            if seg.numel():
+                _ops.call(_ops.apply_inverse, seg, host, dev, vv, base, float(scale), out)
+        if self._dual is not None:
+            self._dual.apply(vv, base=base, scale=scale, out=out)
+        return out
 
     def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
         return self.matvec(v)
@@ -398,11 +450,9 @@ class BlockInverseFisher:
         k, N = rows.shape[0], self.normalizer
         factors = []
         for j, (seg, _, _) in enumerate(self._segment_tables()):
-            first, last = self._bounds[j], self._bounds[j + 1]
-            base = self.layout.offsets[first]
             budget = lambda s: _WOODBURY_ELEMENTS // (s * (s + 2 * k))  # noqa: E731
-            for b0, n, s in self.layout.runs(budget, first=first, last=last):
-                o = self.layout.offsets[b0] - base
+            for b0, n, s in self.layout.runs(budget, blocks=self._segment_ids(j)):
+                o = self._where[b0][1]
                 st = self.layout.starts[b0]
                 f = seg[o:o + n * s * s].view(n, s, s).to(torch.float64)
                 r = rows[:, st:st + n * s].reshape(k, n, s).transpose(0, 1).to(torch.float64)
@@ -448,6 +498,60 @@ class BlockInverseFisher:
                     factors.append(kept)
                 if vb is not None:
                     out[st:st + n * s] = res.reshape(n * s, -1)
+        if self._dual is not None:
+            factors += self._woodbury_dual(rows, sign, what, shift=shift, rhs=rhs, out=out)
+        return factors
+
+    def _woodbury_dual(self, rows: torch.Tensor, sign: int, what: str, *, shift: float,
+                       rhs: torch.Tensor | None, out: torch.Tensor | None) -> list:
+        r""":meth:`_woodbury` on the dual blocks, one block at a time in float64 (the rows
+        :math:`G_b` read in column chunks, never copied whole): with
+        :math:`\lambda' = \lambda - \mathrm{shift}` and :math:`K' = \lambda' N I + G_b G_b^\top
+        = L' L'^\top` (:math:`L' = L_b` without a shift, else refactored),
+        :math:`F'^{-1} x = (x - G_b^\top K'^{-1} G_b x) / \lambda'`; then the rows :math:`R_b` by
+        the :math:`k \times k` form, :math:`U = F'^{-1} R_b^\top`,
+        :math:`C = N I_k + \mathrm{sign}\,R_b U`. Returns the kept factors."""
+        dual, k, N = self._dual, rows.shape[0], self.normalizer
+        lam = self.damping - shift
+        factors = []
+        for b in dual.block_ids:
+            st, s = self.layout.starts[b], self.layout.sizes[b]
+            if not lam > 0:
+                raise NotPositiveDefiniteError(
+                    f"{what}: dual block {b} (parameters {st}..{st + s}) would not stay "
+                    f"positive definite: the shift {shift:g} is not below the damping "
+                    f"{self.damping:g}. Nothing was changed")
+            g = dual.rows_of(b)
+            chol_k = dual.factor_of(b).tril()
+            if shift:
+                kk = chol_k @ chol_k.T - shift * N * torch.eye(g.shape[0], dtype=torch.float64,
+                                                               device=g.device)
+                chol_k, info_k = torch.linalg.cholesky_ex(kk)
+                if int(info_k):
+                    raise NotPositiveDefiniteError(
+                        f"{what}: the kernel of dual block {b} (parameters {st}..{st + s}) is "
+                        f"not positive definite after the shift {shift:g}. Nothing was changed")
+
+            def solve(x, g=g, chol_k=chol_k):  # F'^{-1} x for x of shape (s, r), float64
+                return (x - _gt_times(g, torch.cholesky_solve(_g_times(g, x), chol_k))) / lam
+
+            r = rows[:, st:st + s].T.to(torch.float64)                      # (s, k)
+            u = solve(r)
+            c = sign * (r.T @ u)
+            c = 0.5 * (c + c.T)
+            c.diagonal().add_(N)
+            chol, info = torch.linalg.cholesky_ex(c)
+            pivots = chol.diagonal() ** 2 / N
+            if int(info) or not float(pivots.min()) >= _PD_MARGIN:
+                worst = float(pivots.min()) if not int(info) else float("-inf")
+                raise NotPositiveDefiniteError(
+                    f"{what}: dual block {b} (parameters {st}..{st + s}) would not stay positive "
+                    f"definite (smallest relative pivot {worst:.2e}, needed >= "
+                    f"{_PD_MARGIN:g}): were these rows ever added? Nothing was changed")
+            factors.append((st, 1, s, "dual", (solve, u), chol))
+            if rhs is not None:
+                vb = rhs[st:st + s]
+                out[st:st + s] = solve(vb) - sign * (u @ torch.cholesky_solve(u.T @ vb, chol))
         return factors
 
     def _change(self, grads, sign: int, method: str, chunk_size: int | None) -> "BlockInverseFisher":
@@ -460,17 +564,27 @@ class BlockInverseFisher:
         if rows.shape[0] == 0:
             return self
         tables = self._segment_tables()
-        if method == "woodbury":
-            # Every block is checked first: the writes below cannot then fail, so no copy of the
-            # inverse is needed for atomicity (the extra memory is O(k d)).
-            self._woodbury(rows, sign, what)
-            work = [seg for seg, _, _ in tables]
-        else:
-            # The literal recurrence can fail part-way in float32 where the result is still
-            # positive definite (its intermediate inverses are worse conditioned): it works on
-            # copies, swapped in on success.
-            work = [seg.clone() for seg, _, _ in tables]
+        dual, self._dual = self._dual, None  # the dense blocks first: they are checked alone
+        try:
+            if method == "woodbury":
+                # Every block is checked first: the writes below cannot then fail, so no copy of
+                # the inverse is needed for atomicity (the extra memory is O(k d)).
+                self._woodbury(rows, sign, what)
+                work = [seg for seg, _, _ in tables]
+            else:
+                # The literal recurrence can fail part-way in float32 where the result is still
+                # positive definite (its intermediate inverses are worse conditioned): it works
+                # on copies, swapped in on success.
+                work = [seg.clone() for seg, _, _ in tables]
+            if dual is not None:
+                # atomic by itself (an append, or rows found then removed): done before the
+                # dense writes, which cannot fail
+                dual.update(rows) if sign > 0 else dual.downdate(rows)
+        finally:
+            self._dual = dual
         for seg, (_, host, dev) in zip(work, tables):
+            if not seg.numel():
+                continue
             for i in range(0, rows.shape[0], chunk_size or rows.shape[0]):
                 chunk = rows[i:i + (chunk_size or rows.shape[0])]
                 info = _ops.call(_ops.sherman_morrison_, seg, host, dev, chunk, self.normalizer,
@@ -525,6 +639,7 @@ class BlockInverseFisher:
     def clone(self) -> "BlockInverseFisher":
         return BlockInverseFisher([t.clone() for t in self._segments], self.config,
                                   self.num_samples,
+                                  dual=None if self._dual is None else self._dual.clone(),
                                   probe=None if self.probe is None else self.probe.clone())
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "BlockInverseFisher":
@@ -533,9 +648,10 @@ class BlockInverseFisher:
         moved = []
         for t in self._segments:
             m = t.to(device=device, dtype=dtype)
-            moved.append(m.clone() if m.data_ptr() == t.data_ptr() else m)
+            moved.append(m.clone() if m.data_ptr() == t.data_ptr() and m.numel() else m)
+        dual = None if self._dual is None else self._dual.to(device=device, dtype=dtype)
         probe = None if self.probe is None else self.probe.to(device or self.device)
-        return BlockInverseFisher(moved, self.config, self.num_samples, probe=probe)
+        return BlockInverseFisher(moved, self.config, self.num_samples, dual=dual, probe=probe)
 
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Tensors (``packed.0``, ``packed.1``, ...: the segments) and plain metadata
@@ -545,6 +661,9 @@ class BlockInverseFisher:
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "segments": len(self._segments), "curvature": self.curvature}
         tensors = {f"packed.{j}": t for j, t in enumerate(self._segments)}
+        if self._dual is not None:
+            dual_tensors, meta["dual"] = self._dual.to_state()
+            tensors.update({f"dual.{k}": v for k, v in dual_tensors.items()})
         if self.probe is not None:  # the probe's sketch travels with the inverse it checks
             probe_tensors, meta["probe"] = self.probe.state()
             tensors.update(probe_tensors)
@@ -563,19 +682,48 @@ class BlockInverseFisher:
             else:
                 packed = [tensors[f"packed.{j}"] for j in range(int(meta["segments"]))]
             num_samples = int(meta["num_samples"])
+            dual = None
+            if meta.get("dual") is not None:
+                dual = DualBlocks.from_state({k[5:]: v for k, v in tensors.items()
+                                              if k.startswith("dual.")}, meta["dual"])
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a valid inverse-Fisher state: missing or bad {exc}") from None
         probe = None
         if "probe" in meta:
-            first = packed if isinstance(packed, torch.Tensor) else packed[0]
-            probe = FisherProbe.from_state(layout, tensors, meta["probe"]).to(first.device)
-        return cls(packed, config, num_samples, probe=probe)
+            probe = FisherProbe.from_state(layout, tensors, meta["probe"])
+        inv = cls(packed, config, num_samples, dual=dual)
+        inv.probe = None if probe is None else probe.to(inv.device)
+        return inv
 
     def __repr__(self) -> str:
-        return (f"BlockInverseFisher(dim={self.dim}, blocks={self.layout.num_blocks}, "
+        dual = f", dual={self._dual.num_blocks}" if self._dual is not None else ""
+        return (f"BlockInverseFisher(dim={self.dim}, blocks={self.layout.num_blocks}{dual}, "
                 f"max_block={self.layout.max_block_size}, damping={self.damping:g}, "
                 f"normalizer={self.normalizer:g}, num_samples={self.num_samples}, "
                 f"dtype={self.dtype}, device={self.device})")
+
+
+def _column_chunks(s: int, r: int) -> int:
+    return max(1, _WOODBURY_ELEMENTS // max(r, 1)) if s else 1
+
+
+def _g_times(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``g @ x`` in float64 for ``g`` of shape ``(R, s)`` in any float dtype, ``x`` float64
+    ``(s, r)``, reading ``g`` in column chunks (no float64 copy of it)."""
+    out = torch.zeros(g.shape[0], x.shape[1], dtype=torch.float64, device=x.device)
+    step = _column_chunks(g.shape[1], g.shape[0])
+    for c in range(0, g.shape[1], step):
+        out += g[:, c:c + step].to(torch.float64) @ x[c:c + step]
+    return out
+
+
+def _gt_times(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``g.T @ z`` in float64, ``g`` read in column chunks."""
+    out = torch.empty(g.shape[1], z.shape[1], dtype=torch.float64, device=z.device)
+    step = _column_chunks(g.shape[1], g.shape[0])
+    for c in range(0, g.shape[1], step):
+        out[c:c + step] = g[:, c:c + step].to(torch.float64).T @ z
+    return out
 
 
 class LowRankChange:
@@ -600,6 +748,10 @@ class LowRankChange:
             if kind == "correction":
                 res = out[st:st + n * s].reshape(n, s, -1) - self.sign * (
                     left @ torch.cholesky_solve(left.transpose(1, 2) @ vb, chol))
+            elif kind == "dual":
+                solve, u = left
+                vb = vb[0]
+                res = solve(vb) - self.sign * (u @ torch.cholesky_solve(u.T @ vb, chol))
             else:
                 res = left @ torch.cholesky_solve(left.transpose(1, 2) @ vb, chol)
             out[st:st + n * s] = res.reshape(n * s, -1)
@@ -632,6 +784,7 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
                          layout: BlockLayout | None = None, normalizer: float | None = None,
                          chunk_size: int | None = None, method: str = "auto",
                          rows_per_sample: int = 1, curvature: str = "empirical",
+                         representation: str = "dense", num_rows: int | None = None,
                          probe_vectors: int = DEFAULT_COLUMNS) -> BlockInverseFisher:
     r"""Builds the block inverse of the damped empirical Fisher from a stream of gradients.
 
@@ -655,6 +808,13 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
         rows_per_sample: rows each sample contributes (e.g. ``c`` Gauss–Newton rows), for the
             default normaliser.
         curvature: what the rows are, recorded in the result's :class:`FisherConfig`.
+        representation: ``"dense"`` (default) stores every block as a dense inverse;
+            ``"dual"`` stores every block in the low-rank form (its rows and the Cholesky
+            factor of :math:`\lambda N I + G_b G_b^\top`, exact; :class:`DualBlocks`);
+            ``"auto"`` picks per block whichever takes fewer bytes for the number of rows
+            (:func:`choose_representation`): known for a tensor, from ``num_rows`` for an
+            iterable (all dense when not given). The dual form needs the stable build.
+        num_rows: the number of rows an iterable will yield, for ``representation="auto"``.
         probe_vectors: random vectors per block of the result's health probe
             (:meth:`BlockInverseFisher.health`; 0: none). The recurrences always check their
             result with one and warn when it fails (:class:`~ssse_ext.health.HealthWarning`).
@@ -681,6 +841,8 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
     check_choice(method, "method", BUILD_METHODS)
     rows_per_sample = check_positive_int(rows_per_sample, "rows_per_sample")
     check_choice(curvature, "curvature", CURVATURES)
+    check_choice(representation, "representation", REPRESENTATIONS)
+    num_rows = check_positive_int(num_rows, "num_rows", allow_none=True)
     probe_vectors = check_nonneg_int(probe_vectors, "probe_vectors")
     chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
     block_size = check_positive_int(block_size, "block_size", allow_none=True)
@@ -691,6 +853,9 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
     if block_size is not None and layout is not None:
         raise ValueError("give block_size or layout, not both")
     recurrence = method in ("sherman_morrison", "woodbury")
+    if recurrence and representation != "dense":
+        raise ValueError(f"representation={representation!r} needs the stable build "
+                         f"(method='auto' or 'cholesky'), got method={method!r}")
     if recurrence and not isinstance(grads, torch.Tensor) and normalizer is None:
         raise ValueError(f"normalizer must be given when grads is an iterable and "
                          f"method={method!r} (the recurrence uses N at every step)")
@@ -714,8 +879,16 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
                                    first.device, chunked=method == "woodbury",
                                    probe_columns=probe_vectors)
     else:
+        rows = grads.shape[0] if isinstance(grads, torch.Tensor) else num_rows
+        if representation == "dual":
+            dual = [True] * layout.num_blocks
+        elif representation == "auto" and rows is not None:
+            dual = choose_representation(layout.sizes, rows, first.dtype)
+        else:
+            dual = [False] * layout.num_blocks
         inv = _build_by_gram(stream, layout, damping, normalizer, first.dtype, first.device,
-                             rows_per_sample, probe_vectors)
+                             rows_per_sample, dual=dual, capacity=rows,
+                             probe_columns=probe_vectors)
     if curvature != "empirical":
         inv.config = dataclasses.replace(inv.config, curvature=curvature)
     return inv
@@ -775,17 +948,17 @@ def _build_by_recurrence(chunks, layout: BlockLayout, damping: float, normalizer
     return inv
 
 
-def _groups(layout: BlockLayout, max_numel: int) -> list[tuple[int, int]]:
-    """Consecutive block ranges ``(first, last)`` of at most ``max_numel`` packed elements
-    (a larger block gets a range of its own)."""
+def _groups(sizes, max_numel: int) -> list[tuple[int, int]]:
+    """Consecutive ranges ``(first, last)`` of positions in ``sizes`` holding at most
+    ``max_numel`` packed elements (a larger block gets a range of its own)."""
     out, first, numel = [], 0, 0
-    for b, s in enumerate(layout.sizes):
+    for b, s in enumerate(sizes):
         if numel and numel + s * s > max_numel:
             out.append((first, b))
             first, numel = b, 0
         numel += s * s
-    if first < layout.num_blocks or not out:
-        out.append((first, layout.num_blocks))
+    if first < len(sizes):
+        out.append((first, len(sizes)))
     return out
 
 
@@ -834,7 +1007,7 @@ class GramAccumulator:
     """
 
     def __init__(self, layout: BlockLayout, dtype: torch.dtype, device, *, first: int = 0,
-                 last: int | None = None):
+                 last: int | None = None, blocks=None):
         if not isinstance(layout, BlockLayout):
             raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
         check_dtype(dtype)
@@ -842,19 +1015,22 @@ class GramAccumulator:
         if not 0 <= first <= last <= layout.num_blocks:
             raise ValueError(f"first and last must satisfy 0 <= first <= last <= "
                              f"{layout.num_blocks}, got {first} and {last}")
+        ids = list(range(first, last)) if blocks is None else [int(b) for b in blocks]
+        if any(not 0 <= b < layout.num_blocks for b in ids) or ids != sorted(set(ids)):
+            raise ValueError(f"blocks must be increasing block indices of the layout, got "
+                             f"{list(blocks)[:5]}...")
         self.layout, self.dtype, self.device = layout, dtype, torch.device(device)
-        self.first, self.last = first, last
-        numel = layout.numel_of(first, last)
-        cap = max(numel // _GROUPS, _MIN_GROUP_NUMEL)
-        self.groups = [(first + a, first + b) for a, b in
-                       _groups(_sub_layout(layout, first, last), cap)] if last > first else []
+        self.first, self.last, self.blocks = first, last, tuple(ids)
+        cap = max(sum(layout.sizes[b] ** 2 for b in ids) // _GROUPS, _MIN_GROUP_NUMEL)
+        self.groups = _groups([layout.sizes[b] for b in ids], cap)
         self._tables = []
         for g0, g1 in self.groups:
-            host = layout.table(first=g0, last=g1)
+            host = layout.table(blocks=ids[g0:g1])
             self._tables.append((host, host if self.device.type == "cpu"
                                  else host.to(self.device)))
-        self.grams = [torch.zeros(layout.numel_of(g0, g1), dtype=torch.float64,
-                                  device=self.device) for g0, g1 in self.groups]
+        self.grams = [torch.zeros(sum(layout.sizes[b] ** 2 for b in ids[g0:g1]),
+                                  dtype=torch.float64, device=self.device)
+                      for g0, g1 in self.groups]
         self.rows = 0
 
     @property
@@ -863,7 +1039,7 @@ class GramAccumulator:
         the result (or 64 MiB)."""
         elem = torch.finfo(self.dtype).bits // 8
         row_bytes = max(self.layout.dim * elem, 1)
-        numel = self.layout.numel_of(self.first, self.last)
+        numel = sum(self.layout.sizes[b] ** 2 for b in self.blocks)
         return min(_GATHER_ROWS, max(1, numel * elem // _GROUPS // row_bytes,
                                      _MIN_GATHER_BYTES // row_bytes))
 
@@ -878,7 +1054,7 @@ class GramAccumulator:
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Tensors (``gram.0``, ...) and metadata of the accumulation so far."""
-        meta = {"rows": self.rows, "first": self.first, "last": self.last,
+        meta = {"rows": self.rows, "blocks": list(self.blocks),
                 "groups": [list(g) for g in self.groups],
                 "dtype": str(self.dtype).removeprefix("torch.")}
         return {f"gram.{j}": g for j, g in enumerate(self.grams)}, meta
@@ -886,7 +1062,7 @@ class GramAccumulator:
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> "GramAccumulator":
         """Restores :meth:`state` (of an accumulator of the same layout and blocks)."""
         if [list(g) for g in self.groups] != meta.get("groups") or \
-                (self.first, self.last) != (meta.get("first"), meta.get("last")):
+                list(self.blocks) != meta.get("blocks"):
             raise ValueError("the saved accumulators are for other blocks of the layout")
         for j, g in enumerate(self.grams):
             saved = tensors[f"gram.{j}"]
@@ -901,15 +1077,15 @@ class GramAccumulator:
                probe: FisherProbe | None = None) -> BlockInverseFisher | list[torch.Tensor]:
         """Inverts every group (freeing it) into the segments of the result: a
         :class:`BlockInverseFisher` when all blocks were accumulated, else the list of
-        segments of blocks ``first .. last - 1``. The accumulator is spent.
+        segments of the accumulated blocks. The accumulator is spent.
 
         Before anything is inverted, every group is checked: accumulators that overflowed
         float64 raise ``FloatingPointError``; blocks so ill-conditioned that their inverse
         loses more than half the digits of the result's dtype get a
         :class:`~ssse_ext.health.ConditionWarning`
-        (:func:`~ssse_ext.health.ill_conditioned_blocks`);
-        ``probe`` (a :class:`~ssse_ext.health.FisherProbe` of the layout) receives the
-        accumulated Fisher of these blocks and travels with the result.
+        (:func:`~ssse_ext.health.ill_conditioned_blocks`); ``probe`` (a
+        :class:`~ssse_ext.health.FisherProbe` of the layout) receives the accumulated Fisher
+        of these blocks (and travels with the result when it is a :class:`BlockInverseFisher`).
         """
         damping = check_positive_float(damping, "damping")
         normalizer = check_positive_float(normalizer, "normalizer")
@@ -918,36 +1094,39 @@ class GramAccumulator:
             raise ValueError("probe must be a FisherProbe of the accumulator's layout")
         bad: list[tuple[int, float]] = []
         for gram, (g0, g1) in zip(self.grams, self.groups):
+            ids = self.blocks[g0:g1]
             if not all_finite(gram):
-                self._raise_overflow(gram, g0, g1)
-            bad += ill_conditioned_blocks(gram, self.layout, g0, g1, damping=damping,
+                self._raise_overflow(gram, ids)
+            bad += ill_conditioned_blocks(gram, self.layout, ids, damping=damping,
                                           normalizer=normalizer, dtype=self.dtype)
             if probe is not None:
-                probe.add_gram(gram, g0, g1)
+                probe.add_gram(gram, ids)
         warn_ill_conditioned(bad, self.layout, damping=damping, rows=self.rows,
                              dtype=self.dtype)
         segments = []
-        for g, ((g0, _), (host, dev)) in enumerate(zip(self.groups, self._tables)):
+        for g, ((g0, g1), (host, dev)) in enumerate(zip(self.groups, self._tables)):
             packed, info = _ops.call(_ops.inverse_from_gram, self.grams[g], host, dev, damping,
                                      normalizer, self.dtype)
             self.grams[g] = None  # freed before the next group's result is allocated
             if bool(info.any()):
-                info = torch.cat([torch.zeros(g0, dtype=info.dtype, device=info.device), info])
-                _raise_if_failed(info, "build", self.layout, "pivot")
+                full = torch.zeros(self.layout.num_blocks, dtype=info.dtype, device=info.device)
+                full[list(self.blocks[g0:g1])] = info
+                _raise_if_failed(full, "build", self.layout, "pivot")
             segments.append(packed)
-        if (self.first, self.last) != (0, self.layout.num_blocks):
+        if len(self.blocks) != self.layout.num_blocks:
             return segments
         if not segments:  # a layout without blocks
             segments = [torch.zeros(0, dtype=self.dtype, device=self.device)]
         return BlockInverseFisher(segments, FisherConfig(damping, normalizer, self.layout,
                                                          curvature), self.rows, probe=probe)
 
-    def _raise_overflow(self, gram: torch.Tensor, g0: int, g1: int):
-        base = self.layout.offsets[g0]
-        for b in range(g0, g1):
-            o, s = self.layout.offsets[b] - base, self.layout.sizes[b]
+    def _raise_overflow(self, gram: torch.Tensor, ids) -> None:
+        o = 0
+        for b in ids:
+            s = self.layout.sizes[b]
             if not all_finite(gram[o:o + s * s]):
                 break
+            o += s * s
         raise FloatingPointError(
             f"build: the float64 Gram matrix of block {b} (parameters {self.layout.starts[b]}.."
             f"{self.layout.starts[b] + self.layout.sizes[b]}) overflowed: the squares of the "
@@ -955,21 +1134,51 @@ class GramAccumulator:
             f"the loss or the inputs down")
 
 
-def _sub_layout(layout: BlockLayout, first: int, last: int) -> BlockLayout:
-    """Blocks ``first .. last - 1`` as a layout of their own (for grouping by size)."""
-    return BlockLayout.from_dict({"dim": sum(layout.sizes[first:last]),
-                                  "sizes": list(layout.sizes[first:last])})
-
-
 def _build_by_gram(chunks, layout: BlockLayout, damping: float, normalizer: float | None,
-                   dtype: torch.dtype, device: torch.device,
-                   rows_per_sample: int = 1, probe_columns: int = 0) -> BlockInverseFisher:
-    """The stable build (see :class:`GramAccumulator`): float64 Gram accumulation, then a
-    Cholesky-based inverse, group of blocks by group."""
-    acc = GramAccumulator(layout, dtype, device)
-    for chunk in _gathered(chunks, acc.gather_rows):
-        acc.add(chunk)
-    if normalizer is None:
-        normalizer = max(acc.rows, 1) / rows_per_sample
+                   dtype: torch.dtype, device: torch.device, rows_per_sample: int = 1, *,
+                   dual: list[bool] | None = None, capacity: int | None = None,
+                   probe_columns: int = 0) -> BlockInverseFisher:
+    """The stable build: the dense blocks through a :class:`GramAccumulator` (float64 Gram
+    accumulation, then a Cholesky-based inverse, group of blocks by group); the blocks marked
+    ``dual`` through :class:`DualBlocks` (rows kept, kernel Gram accumulated, factorised at the
+    end), fed the same chunks."""
+    dual = dual or [False] * layout.num_blocks
+    acc = GramAccumulator(layout, dtype, device,
+                          blocks=[b for b, low in enumerate(dual) if not low])
+    ids = [b for b, low in enumerate(dual) if low]
+    low = None
+    if ids:
+        cap = capacity or 1
+        total = sum(layout.sizes[b] for b in ids)
+        low = DualBlocks(layout, ids, torch.zeros(cap * total, dtype=dtype, device=device),
+                         torch.zeros(len(ids) * cap * cap, dtype=torch.float64, device=device),
+                         num_rows=0, capacity=cap, damping=damping, normalizer=1.0)
+    rows = 0
     probe = FisherProbe(layout, columns=probe_columns, device=device) if probe_columns else None
-    return acc.finish(damping, normalizer, probe=probe)
+
+    def feed():  # every chunk into the dense accumulators, then on to the dual blocks
+        nonlocal rows
+        for chunk in _gathered(chunks, acc.gather_rows):
+            acc.add(chunk)
+            if probe is not None and ids:  # the dense blocks' probe is filled from the Grams
+                probe.add(chunk, blocks=ids)
+            rows += chunk.shape[0]
+            yield chunk
+
+    if low is not None:
+        low._append(feed(), capacity)
+    else:
+        for _ in feed():
+            pass
+    if normalizer is None:
+        normalizer = max(rows, 1) / rows_per_sample
+    segments = acc.finish(damping, normalizer, probe=probe)
+    if low is None:
+        return segments
+    low.normalizer = normalizer
+    low._factor(0, rows, "build")
+    low.num_rows = rows
+    if capacity is None:
+        low.compact()
+    return BlockInverseFisher(segments, FisherConfig(damping, normalizer, layout), rows,
+                              dual=low, probe=probe)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -70,18 +71,37 @@ def tolerance(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).eps)
 
 
+def _runs(layout: BlockLayout, blocks, width) -> Iterator[tuple[int, int, int, int]]:
+    """``(position, first block, count, size)`` of runs of ``blocks`` (increasing block ids,
+    packed one after the other) that are consecutive in the layout and of equal size: their
+    packed storage is a ``(count, size, size)`` view and their parameters a ``count * size``
+    slice; at most ``_ELEMENTS // (size * width(size))`` blocks per run."""
+    ids = list(blocks)
+    i = 0
+    while i < len(ids):
+        b0, s = ids[i], layout.sizes[ids[i]]
+        cap = max(1, _ELEMENTS // (s * max(width(s), 1)))
+        n = 1
+        while i + n < len(ids) and n < cap and ids[i + n] == b0 + n and \
+                layout.sizes[ids[i + n]] == s:
+            n += 1
+        yield i, b0, n, s
+        i += n
+
+
 # ---- condition estimate ---------------------------------------------------------------------
 
-def ill_conditioned_blocks(gram: torch.Tensor, layout: BlockLayout, first: int, last: int, *,
+def ill_conditioned_blocks(gram: torch.Tensor, layout: BlockLayout, blocks, *,
                            damping: float, normalizer: float,
                            dtype: torch.dtype) -> list[tuple[int, float]]:
-    r"""``(block, condition estimate)`` of the blocks ``first .. last - 1`` whose expected
-    relative error :math:`\kappa\,u_{64}` exceeds :func:`tolerance` of ``dtype``.
+    r"""``(block, condition estimate)`` of the ``blocks`` whose expected relative error
+    :math:`\kappa\,u_{64}` exceeds :func:`tolerance` of ``dtype``.
 
     Args:
-        gram: the packed float64 Gram accumulators :math:`G_b` of those blocks (lower
-            triangles, as :class:`~ssse_ext.GramAccumulator` holds them); not modified.
-        layout, first, last: the blocks.
+        gram: the packed float64 Gram accumulators :math:`G_b` of ``blocks``, one after the
+            other (lower triangles, as :class:`~ssse_ext.GramAccumulator` holds them); not
+            modified.
+        layout, blocks: the layout and the increasing ids of the accumulated blocks.
         damping, normalizer: :math:`\lambda` and :math:`N` of :math:`F_b = \lambda I + G_b/N`.
         dtype: the result's dtype (its tolerance).
 
@@ -93,10 +113,10 @@ def ill_conditioned_blocks(gram: torch.Tensor, layout: BlockLayout, first: int, 
     """
     limit = tolerance(dtype) / U64
     out: list[tuple[int, float]] = []
-    base = layout.offsets[first] if first < last else 0
-    for b0, n, s in layout.runs(lambda s: max(1, _ELEMENTS // (s * s)), first=first, last=last):
-        o = layout.offsets[b0] - base
+    o = 0
+    for _, b0, n, s in _runs(layout, blocks, lambda s: s):
         g = gram[o:o + n * s * s].view(n, s, s)
+        o += n * s * s
         trace = g.diagonal(dim1=1, dim2=2).sum(1)
         bound = 1 + trace / (normalizer * damping)
         suspects = torch.nonzero(~(bound <= limit)).flatten()  # NaN counts as a suspect
@@ -208,17 +228,16 @@ class FisherProbe:
                                   generator=gen).to(self.device)
         return self._x
 
-    def _runs(self, width: int):
-        return self.layout.runs(lambda s: max(1, _ELEMENTS // (s * max(width, 1))))
-
-    def add(self, rows: torch.Tensor, sign: int = 1) -> "FisherProbe":
+    def add(self, rows: torch.Tensor, sign: int = 1, *, blocks=None) -> "FisherProbe":
         r""":math:`S_b \mathrel{+}= \mathrm{sign}\; R_b^\top (R_b X_b)` for the ``(m, d)`` rows
-        :math:`R` (validated by the caller), in float64."""
+        :math:`R` (validated by the caller), in float64, for ``blocks`` (increasing ids; all by
+        default)."""
         if rows.shape[0] == 0:
             return self
         x = self.x
         m = rows.shape[0]
-        for b0, n, s in self._runs(m):
+        ids = range(self.layout.num_blocks) if blocks is None else blocks
+        for _, b0, n, s in _runs(self.layout, ids, lambda s: m):
             st = self.layout.starts[b0]
             r = rows[:, st:st + n * s].to(device=self.device,
                                           dtype=torch.float64).reshape(m, n, s)
@@ -228,16 +247,15 @@ class FisherProbe:
                 n * s, -1)
         return self
 
-    def add_gram(self, gram: torch.Tensor, first: int, last: int) -> "FisherProbe":
-        r""":math:`S_b \mathrel{+}= G_b X_b` for blocks ``first .. last - 1`` from their packed
-        float64 Gram accumulators (lower triangles)."""
+    def add_gram(self, gram: torch.Tensor, blocks) -> "FisherProbe":
+        r""":math:`S_b \mathrel{+}= G_b X_b` for ``blocks`` (increasing ids) from their packed
+        float64 Gram accumulators, one after the other (lower triangles)."""
         x = self.x
-        base = self.layout.offsets[first] if first < last else 0
-        for b0, n, s in self.layout.runs(lambda s: max(1, _ELEMENTS // (s * s)), first=first,
-                                         last=last):
-            o = self.layout.offsets[b0] - base
+        o = 0
+        for _, b0, n, s in _runs(self.layout, blocks, lambda s: s):
             st = self.layout.starts[b0]
             g = torch.tril(gram[o:o + n * s * s].view(n, s, s).to(self.device))
+            o += n * s * s
             xb = x[st:st + n * s].reshape(n, s, -1)
             sb = g @ xb + torch.tril(g, -1).transpose(1, 2) @ xb
             self.sketch[st:st + n * s] += sb.reshape(n * s, -1)

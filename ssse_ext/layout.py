@@ -123,40 +123,47 @@ class BlockLayout:
         return sum(s * s for s in self.sizes)
 
     def table(self, device: torch.device | str | None = None, *, first: int = 0,
-              last: int | None = None) -> torch.Tensor:
+              last: int | None = None, blocks: Sequence[int] | None = None) -> torch.Tensor:
         """The ``[num_blocks, 3]`` int64 table (start, size, offset) passed to the kernels, for
-        blocks ``first .. last - 1`` (all by default), offsets counted from block ``first``'s
-        (the packed storage of that range of blocks)."""
-        last = self.num_blocks if last is None else last
-        offsets = self.offsets
-        base = offsets[first] if first < last else 0
-        rows = [(self.starts[b], self.sizes[b], offsets[b] - base) for b in range(first, last)]
+        blocks ``first .. last - 1`` (all by default) or the given ``blocks``, offsets counted
+        in their packed storage (one ``s x s`` matrix after another, in that order)."""
+        ids = self._ids(first, last, blocks)
+        rows, pos = [], 0
+        for b in ids:
+            rows.append((self.starts[b], self.sizes[b], pos))
+            pos += self.sizes[b] ** 2
         return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 3)
+
+    def _ids(self, first: int, last: int | None, blocks: Sequence[int] | None) -> list[int]:
+        if blocks is not None:
+            return list(blocks)
+        return list(range(first, self.num_blocks if last is None else last))
 
     def numel_of(self, first: int, last: int) -> int:
         """Elements of the packed storage of blocks ``first .. last - 1``."""
         return sum(s * s for s in self.sizes[first:last])
 
-    def runs(self, max_count=None, *, first: int = 0,
-             last: int | None = None) -> list[tuple[int, int, int]]:
-        """Runs of consecutive blocks of equal size among blocks ``first .. last - 1``, as
-        ``(first block, count, size)``: their packed storage is a ``(count, size, size)``
-        tensor and their parameters a ``(count, size)`` slice, so batched torch operations
-        cover a run without a copy. ``max_count`` (an int, or a function of the size) splits
-        longer runs."""
-        last = self.num_blocks if last is None else last
+    def runs(self, max_count=None, *, first: int = 0, last: int | None = None,
+             blocks: Sequence[int] | None = None) -> list[tuple[int, int, int]]:
+        """Runs of consecutive blocks of equal size among blocks ``first .. last - 1`` (or the
+        increasing ``blocks``), as ``(first block, count, size)``: consecutive in the layout and
+        in a packed storage of those blocks, so a run's storage is a ``(count, size, size)``
+        tensor and its parameters a ``(count, size)`` slice, and batched torch operations cover
+        it without a copy. ``max_count`` (an int, or a function of the size) splits longer
+        runs."""
+        ids = self._ids(first, last, blocks)
         out: list[tuple[int, int, int]] = []
-        b = first
-        while b < last:
-            s = self.sizes[b]
-            e = b + 1
-            while e < last and self.sizes[e] == s:
-                e += 1
+        i = 0
+        while i < len(ids):
+            b, s = ids[i], self.sizes[ids[i]]
+            j = i + 1
+            while j < len(ids) and ids[j] == ids[j - 1] + 1 and self.sizes[ids[j]] == s:
+                j += 1
             cap = max_count(s) if callable(max_count) else max_count
-            step = e - b if cap is None else max(1, int(cap))
-            for start in range(b, e, step):
-                out.append((start, min(step, e - start), s))
-            b = e
+            step = j - i if cap is None else max(1, int(cap))
+            for start in range(i, j, step):
+                out.append((ids[start], min(step, j - start), s))
+            i = j
         return out
 
     def slice(self, b: int) -> slice:

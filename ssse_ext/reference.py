@@ -2,7 +2,8 @@
 
 Short and literal on purpose, never optimised. Run it in float64 to get reference values.
 Every function works on one dense ``(s, s)`` block; :func:`block_closed_form` and
-:func:`apply_inverse` loop over a :class:`~ssse_ext.BlockLayout`.
+:func:`apply_inverse` loop over a :class:`~ssse_ext.BlockLayout`. The ``dual_*`` functions are
+the low-rank form of one block, kept as its gradient rows and a Cholesky factor.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ __all__ = [
     "woodbury_step",
     "block_closed_form",
     "apply_inverse",
+    "dual_factor",
+    "dual_apply",
+    "dual_dense",
 ]
 
 
@@ -89,3 +93,47 @@ def apply_inverse(blocks: list[torch.Tensor], layout: BlockLayout, v: torch.Tens
         sl = layout.slice(b)
         out[sl] += scale * (blk @ v[sl])
     return out
+
+
+def dual_factor(grads: torch.Tensor, damping: float, normalizer: float | None = None):
+    r"""The dual (low-rank) form of one block's inverse Fisher: the rows and a Cholesky factor.
+
+    .. math:: F^{-1} = \left(\lambda I + \tfrac{1}{N} G^\top G\right)^{-1}
+              = \tfrac{1}{\lambda}\left[I - G^\top K^{-1} G\right],\quad
+              K = \lambda N I_R + G G^\top = L L^\top
+
+    (the Woodbury identity). Exact; it inverts only the ``R x R`` kernel ``K``, which stays well
+    conditioned when ``F`` is not (``R < s`` rows and a tiny :math:`\lambda`).
+
+    Args:
+        grads: ``(R, s)`` gradient rows ``G``.
+        damping: :math:`\lambda > 0`.
+        normalizer: :math:`N`, default ``R`` (fixed for the life of the inverse; any value > 0).
+
+    Returns:
+        ``(G, L)``: ``grads`` itself and the lower Cholesky factor of ``K``.
+    """
+    n = grads.shape[0]
+    normalizer = float(n if normalizer is None else normalizer) or 1.0
+    kernel = damping * normalizer * torch.eye(n, dtype=grads.dtype, device=grads.device)
+    kernel = kernel + grads @ grads.T
+    return grads, torch.linalg.cholesky(kernel)
+
+
+def dual_apply(G: torch.Tensor, L: torch.Tensor, damping: float, v: torch.Tensor,
+               base: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+    r"""``base + scale * F^{-1} v`` from the dual form, ``v`` of shape ``(s,)`` or ``(s, r)``.
+
+    .. math:: F^{-1} v = \tfrac{1}{\lambda}\left(v - G^\top L^{-\top} L^{-1} G v\right)
+    """
+    vv = v.reshape(v.shape[0], -1)
+    z = torch.cholesky_solve(G @ vv, L)
+    out = (scale / damping) * (vv - G.T @ z)
+    out = out.reshape(v.shape)
+    return out if base is None else base + out
+
+
+def dual_dense(G: torch.Tensor, L: torch.Tensor, damping: float) -> torch.Tensor:
+    r"""The ``(s, s)`` inverse :math:`\tfrac{1}{\lambda}[I - G^\top K^{-1} G]` (for tests)."""
+    eye = torch.eye(G.shape[1], dtype=G.dtype, device=G.device)
+    return (eye - G.T @ torch.cholesky_solve(G, L)) / damping

@@ -1,7 +1,8 @@
 """CUDA kernels against the float64 reference and the CPU kernels (skipped without a GPU).
 
 Block layouts are chosen so that sizes are not multiples of the 64-wide tiles, the last block is
-smaller than B, and one block is smaller than a tile; gradients are fresh random per case.
+smaller than B, and one block is smaller than a tile; gradients are fresh random per case. Every
+test runs under each CUDA kernel set (simt, tc).
 """
 
 import pytest
@@ -17,6 +18,12 @@ pytestmark = pytest.mark.skipif(
     reason="needs a CUDA device and an extension built with CUDA")
 
 CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True, params=["simt", "tc"])
+def kernels(request):
+    with ssse_ext.use_cuda_kernels(request.param):
+        yield request.param
 
 LAYOUTS = {
     "fixed-130-of-300": lambda: BlockLayout.fixed(300, 130),   # 130, 130, 40
@@ -153,7 +160,7 @@ def test_inverse_from_gram_reports_the_potrf_pivot_like_cpu(dtype):
     assert info_cpu.tolist() == [0, 70]
     assert info_gpu.cpu().tolist() == [0, 70]
     good = out[:100 * 100].view(100, 100).cpu().double()
-    assert rel_err(good, torch.eye(100) / 1.5) <= TOL[dtype]
+    assert rel_err(good, torch.eye(100, dtype=torch.float64) / 1.5) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -188,16 +195,31 @@ def test_noncontiguous_and_empty_inputs(dtype):
 
 
 def test_runs_on_the_current_stream():
+    # The side stream first spins for a while, then writes the gradients; every kernel is queued
+    # through the op layer (no validation, hence no host synchronisation) behind it. A kernel
+    # launched on any other stream runs at once and reads NaN gradients or a stale Gram.
     layout = BlockLayout.fixed(150, 64)
+    host = layout.table()
+    dev = host.to(CUDA)
     g = _grads(100, 150, torch.float64).to(CUDA)
-    expect = build_inverse_fisher(g, damping=0.3, layout=layout).dense()
+    ones = torch.ones(150, 1, dtype=torch.float64, device=CUDA)
+    expect = build_inverse_fisher(g, damping=0.3, layout=layout)
+    expect.update(g[:40]).downdate(g[:40])
+    late = torch.full_like(g, float("nan"))
+    torch.cuda.synchronize()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        inv = build_inverse_fisher(g, damping=0.3, layout=layout)
-        inv.update(g[:40])
-        inv.downdate(g[:40])
-        out = inv @ torch.ones(150, dtype=torch.float64, device=CUDA)
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time on the side stream
+        late.copy_(g)
+        gram = torch.zeros(layout.numel, dtype=torch.float64, device=CUDA)
+        _ops.gram_accumulate_(late, host, dev, gram)
+        packed, info = _ops.inverse_from_gram(gram, host, dev, 0.3, 100.0, torch.float64)
+        info_up = _ops.sherman_morrison_(packed, host, dev, late[:40], 100.0, 1, True)
+        info_down = _ops.sherman_morrison_(packed, host, dev, late[:40], 100.0, -1, True)
+        out = _ops.apply_inverse(packed, host, dev, ones, None, 1.0)
     torch.cuda.current_stream().wait_stream(side)
-    assert rel_err(inv.dense(), expect) <= 1e-10
-    assert rel_err(out, expect @ torch.ones(150, dtype=torch.float64, device=CUDA)) <= 1e-10
+    assert info.count_nonzero().item() == 0
+    assert info_up.count_nonzero().item() == 0 and info_down.count_nonzero().item() == 0
+    assert rel_err(packed, expect.packed) <= 1e-10
+    assert rel_err(out, expect.dense() @ ones) <= 1e-10

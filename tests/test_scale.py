@@ -99,7 +99,7 @@ def test_segments_must_end_on_block_boundaries():
     p = inv.packed
     with pytest.raises(ValueError, match="block boundary"):
         ssse_ext.BlockInverseFisher([p[:5], p[5:]], inv.config, 10)
-    with pytest.raises(ValueError, match="layout needs"):
+    with pytest.raises(ValueError, match="blocks of the layout need"):
         ssse_ext.BlockInverseFisher([p[:9]], inv.config, 10)
     with pytest.raises(ValueError, match=r"packed\[1\] is torch.float32"):
         ssse_ext.BlockInverseFisher([p[:9], p[9:].float()], inv.config, 10)

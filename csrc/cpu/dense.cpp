@@ -161,9 +161,29 @@ void trsm_left_lower(int64_t m, int64_t n, const double* l, int64_t ldl, double*
   }
 }
 
+void trsm_left_lower_trans(int64_t m, int64_t n, const double* l, int64_t ldl, double* x,
+                           int64_t ldx) {
+  // Backward substitution on L^T X = B, one row of L at a time (contiguous reads): once x_i is
+  // final, its contribution L(i, k) x_i leaves every earlier row k < i.
+  for (int64_t i = m - 1; i >= 0; --i) {
+    double* xi = x + i * ldx;
+    const double* li = l + i * ldl;
+    const double inv = 1.0 / li[i];
+    for (int64_t j = 0; j < n; ++j) xi[j] *= inv;
+    for (int64_t k = 0; k < i; ++k) {
+      const double f = li[k];
+      if (f == 0.0) continue;
+      double* xk = x + k * ldx;
+      for (int64_t j = 0; j < n; ++j) xk[j] -= f * xi[j];
+    }
+  }
+}
+
 namespace {
 
 constexpr int64_t kBase = 48;  // below this size the recursive routines run unblocked loops
+
+}  // namespace
 
 // X[m, n] := X L^{-T} with L lower [n, n]: solves X L^T = B column block by column block.
 void trsm_right_lower_trans(int64_t m, int64_t n, const double* l, int64_t ldl, double* x,
@@ -186,6 +206,8 @@ void trsm_right_lower_trans(int64_t m, int64_t n, const double* l, int64_t ldl, 
   gemm<double, double>(m, n2, n1, -1.0, x, ldx, 1, l + n1 * ldl, 1, ldl, 1.0, x + n1, ldx);
   trsm_right_lower_trans(m, n2, l + n1 * ldl + n1, ldl, x + n1, ldx);
 }
+
+namespace {
 
 // X[m, n] := X M with M lower triangular [n, n] (only its lower triangle is read).
 void trmm_right_lower(int64_t m, int64_t n, const double* mat, int64_t ldm, double* x,

@@ -29,6 +29,15 @@ int64_t spd_inverse(int64_t n, double* a, int64_t lda);
 // X[m, n] (ldx) := L^{-1} X, L lower triangular [m, m] (ldl), non-unit diagonal.
 void trsm_left_lower(int64_t m, int64_t n, const double* l, int64_t ldl, double* x, int64_t ldx);
 
+// X[m, n] (ldx) := L^{-T} X, L lower triangular [m, m] (ldl), non-unit diagonal.
+void trsm_left_lower_trans(int64_t m, int64_t n, const double* l, int64_t ldl, double* x,
+                           int64_t ldx);
+
+// X[m, n] (ldx) := X L^{-T}, L lower triangular [n, n] (ldl), non-unit diagonal (recursive,
+// GEMM-rich: the off-diagonal panel of a Cholesky factor).
+void trsm_right_lower_trans(int64_t m, int64_t n, const double* l, int64_t ldl, double* x,
+                            int64_t ldx);
+
 // Mirrors the lower triangle of a[n, n] onto the upper one.
 void symmetrize_from_lower(int64_t n, double* a, int64_t lda);
 

@@ -12,14 +12,14 @@ namespace ssse::cuda::detail {
 // touch distinct banks).
 constexpr int kLdSmall = kTile + 1;
 
-// In place: the lower triangle of a (shared, [kTile][kLdSmall]) becomes L with L L^T = a.
-// Returns 0, or the 1-based pivot at which a is not positive definite (then a is partly
+// In place: the leading n x n lower triangle of a (shared, [kTile][kLdSmall]) becomes L with
+// L L^T = a. Returns 0, or the 1-based pivot at which a is not positive definite (then a is partly
 // overwritten). Every thread of the block must call it and gets the same result.
-__device__ inline int cholesky_smem(double* a, int* status) {
+__device__ inline int cholesky_smem(double* a, int* status, int n = kTile) {
   const int tid = threadIdx.x, nt = blockDim.x;
   if (tid == 0) *status = 0;
   __syncthreads();
-  for (int j = 0; j < kTile; ++j) {
+  for (int j = 0; j < n; ++j) {
     if (tid == 0) {
       const double djj = a[j * kLdSmall + j];
       if (!(djj > 0.0) || !isfinite(djj))
@@ -31,9 +31,9 @@ __device__ inline int cholesky_smem(double* a, int* status) {
     const int code = *status;
     if (code != 0) return code;  // uniform: every thread read the same value after the barrier
     const double inv = 1.0 / a[j * kLdSmall + j];
-    for (int i = j + 1 + tid; i < kTile; i += nt) a[i * kLdSmall + j] *= inv;
+    for (int i = j + 1 + tid; i < n; i += nt) a[i * kLdSmall + j] *= inv;
     __syncthreads();
-    const int rem = kTile - 1 - j;
+    const int rem = n - 1 - j;
     for (int e = tid; e < rem * rem; e += nt) {
       const int i = j + 1 + e / rem, c = j + 1 + e % rem;
       if (c <= i) a[i * kLdSmall + c] -= a[i * kLdSmall + j] * a[c * kLdSmall + j];
@@ -43,12 +43,13 @@ __device__ inline int cholesky_smem(double* a, int* status) {
   return 0;
 }
 
-// linv (shared, [kTile][kLdSmall]) = L^{-1}, lower triangular with zeros above the diagonal,
-// from the factor in the lower triangle of l. One thread per column (forward substitution).
-__device__ inline void lower_inverse_smem(const double* l, double* linv) {
-  for (int j = threadIdx.x; j < kTile; j += blockDim.x) {
+// linv (shared, [kTile][kLdSmall]) = L^{-1} on the leading n x n, lower triangular with zeros
+// above the diagonal, from the factor in the lower triangle of l. One thread per column (forward
+// substitution).
+__device__ inline void lower_inverse_smem(const double* l, double* linv, int n = kTile) {
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
     for (int i = 0; i < j; ++i) linv[i * kLdSmall + j] = 0.0;
-    for (int i = j; i < kTile; ++i) {
+    for (int i = j; i < n; ++i) {
       double acc = (i == j) ? 1.0 : 0.0;
       for (int p = j; p < i; ++p) acc -= l[i * kLdSmall + p] * linv[p * kLdSmall + j];
       linv[i * kLdSmall + j] = acc / l[i * kLdSmall + i];

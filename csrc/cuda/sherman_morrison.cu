@@ -370,9 +370,7 @@ void launch_pass(dim3 grid, cudaStream_t stream, T* inv, const int64_t* layout, 
 }  // namespace
 
 size_t sherman_morrison_workspace_bytes(size_t element_size, bool chunked,
-                                        const int64_t* layout_host, int64_t num_blocks,
-                                        int64_t m) {
-  (void)m;  // the sub-chunk buffers do not grow with m
+                                        const int64_t* layout_host, int64_t num_blocks) {
   if (num_blocks <= 0) return 0;
   const int64_t ldw = layout_extent(layout_host, num_blocks);
   return chunked ? chunk_workspace(nullptr, element_size, num_blocks, ldw).bytes

@@ -13,8 +13,7 @@ namespace ssse::cuda {
 // Bytes of the device workspace for sherman_morrison_rank1 (chunked = false) or
 // sherman_morrison_chunk (chunked = true) on this layout, elements of element_size bytes.
 size_t sherman_morrison_workspace_bytes(size_t element_size, bool chunked,
-                                        const int64_t* layout_host, int64_t num_blocks,
-                                        int64_t m);
+                                        const int64_t* layout_host, int64_t num_blocks);
 
 // The literal per-sample recurrence in T arithmetic, rows in order:
 //   v = F^{-1} g;  den = N + sign g^T v;  F^{-1} <- F^{-1} - sign v v^T / den.
@@ -41,5 +40,26 @@ void sherman_morrison_chunk(T* inv, const int64_t* layout_host, const int64_t* l
                             int64_t num_blocks, const T* grads, int64_t m, int64_t d,
                             double normalizer, int sign, int64_t* info, void* work,
                             size_t work_bytes, cudaStream_t stream);
+
+// ---- tensor-core kernels (SSSE_CUDA_KERNELS=tc) -------------------------------------------------
+namespace tc {
+
+// Bytes of the device workspace of tc::sherman_morrison_chunk for this layout (bounded: blocks are
+// processed in groups whose workspace fits in 512 MiB, or one block at a time).
+size_t sherman_morrison_chunk_workspace_bytes(const int64_t* layout_host, int64_t num_blocks);
+
+// As ssse::cuda::sherman_morrison_chunk (same info convention), with float64 arithmetic on DMMA
+// for both storage types: the blocks are rounded to T once per rank-64 sub-chunk.
+template <typename T>
+void sherman_morrison_chunk(T* inv,                      // device, packed [sum size_b^2]
+                            const int64_t* layout_host,  // host [num_blocks, 3]
+                            const int64_t* layout_dev,   // device [num_blocks, 3]
+                            int64_t num_blocks,
+                            const T* grads,              // device [m, d] row-major
+                            int64_t m, int64_t d, double normalizer, int sign,
+                            int64_t* info,               // device [num_blocks]
+                            void* work, size_t work_bytes, cudaStream_t stream);
+
+}  // namespace tc
 
 }  // namespace ssse::cuda

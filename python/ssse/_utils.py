@@ -22,8 +22,13 @@ BATCH_SIZE = 1024
 # ---- data -----------------------------------------------------------------------------------
 
 def data_size(data) -> int | None:
-    """The number of samples of an ``(X, y)`` pair, or ``None`` for an iterable of batches."""
-    return int(data[0].shape[0]) if is_pair(data) else None
+    """The number of samples of an ``(X, y)`` pair or a list of such batches; ``None`` for
+    another iterable (its size is not known before it is read)."""
+    if is_pair(data):
+        return int(data[0].shape[0])
+    if isinstance(data, (list, tuple)) and all(is_pair(b) for b in data):
+        return sum(int(b[0].shape[0]) for b in data)
+    return None
 
 
 def iter_batches(data, name: str, *, batch_size: int | None = None,

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import ssse
+import ssse_ext
 from ssse import metrics
 
 from ssse_ext import validation
@@ -237,7 +238,7 @@ def _add_fisher(sub) -> None:
     p.add_argument("--mc-samples", type=_positive_int, default=1,
                    help="label draws per sample for --curvature mc (default: 1)")
     p.add_argument("--block-size", type=_positive_int, default=None, metavar="B",
-                   help="largest block (default: 1024)")
+                   help=f"largest block (default: {ssse_ext.DEFAULT_BLOCK_SIZE})")
     p.add_argument("--layout", choices=["per_parameter", "fixed", "rows"],
                    default="per_parameter", help="block layout; rows = one block per output "
                    "row of a linear model (default: per_parameter)")
@@ -298,6 +299,22 @@ def _add_experiment(sub) -> None:
     p.add_argument("--data-dir", default=None, metavar="DIR")
     p.add_argument("--repeats", type=_positive_int, default=None,
                    help="removals per setting for mean ± std")
+    g = p.add_argument_group("nonconvex only")
+    g.add_argument("--model", choices=["resnet", "resnet20"], default=None,
+                   help="the small ResNet (default) or paper §5.3's ResNet-20")
+    g.add_argument("--layout", choices=["per_parameter", "fixed"], default=None,
+                   help="block layout of the inverse Fishers (default: per_parameter)")
+    g.add_argument("--block-size", type=_positive_int, default=None, metavar="B",
+                   help="largest block (default: 256; the paper's ResNet-20: 70000)")
+    g.add_argument("--representation", choices=["dense", "dual", "auto"], default=None,
+                   help="dense blocks (default), the exact low-rank form, or the smaller per "
+                   "block")
+    g.add_argument("--methods", type=lambda t: [m.strip() for m in t.split(",") if m.strip()],
+                   default=None, metavar="LIST", help="comma-separated subset of the methods")
+    g.add_argument("--grid-points", type=_positive_int, default=None, metavar="K",
+                   help="points of every method's grid")
+    g.add_argument("--minibatch", type=_positive_int, default=None,
+                   help="the mini-batch Fisher's batch (only 10, the paper's, is supported)")
     _common(p, out_default=None, out_help="results/NAME", func=_cmd_experiment)
 
 
@@ -882,8 +899,17 @@ def _cmd_experiment(args) -> int:
               "repeats": args.repeats}
     if args.dtype:
         kwargs["dtype"] = _DTYPES[args.dtype]
+    extra = {k: getattr(args, k) for k in ("model", "layout", "block_size", "representation",
+                                           "methods", "grid_points")
+             if getattr(args, k) is not None}
+    if args.minibatch not in (None, module.MINIBATCH if hasattr(module, "MINIBATCH") else None):
+        raise UsageError(f"--minibatch: the non-convex experiment's mini-batch Fisher uses "
+                         f"batches of 10, got {args.minibatch}")
+    if extra and args.name != "nonconvex":
+        raise UsageError(f"--{next(iter(extra)).replace('_', '-')} applies to the nonconvex "
+                         "experiment only")
     with _staged(out) as stage:
-        summary = module.run(out=stage, **kwargs)
+        summary = module.run(out=stage, **kwargs, **extra)
     print(summary.rstrip("\n"))
     print(out / "results.json")
     return 0

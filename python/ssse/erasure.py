@@ -169,7 +169,9 @@ class Eraser:
     Args:
         model: the trained model (:math:`\theta^*`); written only by ``erase(..., inplace=True)``.
         loss_fn, damping, block_size, layout, weight_decay, minibatch, chunk_size, max_memory,
-            curvature, likelihood, mc_samples: as in :func:`ssse.fit_inverse_fisher`.
+            curvature, likelihood, mc_samples, representation: as in
+            :func:`ssse.fit_inverse_fisher` (``representation`` defaults to ``"auto"``, or
+            ``"dense"`` with ``minibatch > 1``: a dual block can remove only rows it stores).
         dtype, device: of the inverse (default: the model's).
         ledger: an append-only record of the requests (a :class:`ssse.ledger.Ledger` or a
             file path), or ``None``.
@@ -190,7 +192,8 @@ class Eraser:
                  weight_decay: float = 0.0, minibatch: int = 1,
                  dtype: torch.dtype | None = None, device=None, chunk_size: int | None = None,
                  max_memory: int | None = None, curvature: str = "empirical",
-                 likelihood: str = "categorical", mc_samples: int = 1, ledger=None):
+                 likelihood: str = "categorical", mc_samples: int = 1,
+                 representation: str | None = None, ledger=None):
         check_module(model)
         check_callable(loss_fn, "loss_fn")
         if ledger is not None and not isinstance(ledger, Ledger):
@@ -213,6 +216,11 @@ class Eraser:
         self.curvature = check_choice(curvature, "curvature", CURVATURES)
         self.likelihood = check_choice(likelihood, "likelihood", LIKELIHOODS)
         self.mc_samples = check_positive_int(mc_samples, "mc_samples")
+        # dual blocks remove only rows they store; a mini-batch Fisher's downdate removes the
+        # removed samples' group means, which it does not store: dense blocks then
+        self.representation = check_choice(
+            representation or ("auto" if self.minibatch == 1 else "dense"), "representation",
+            ssse_ext.fisher.REPRESENTATIONS)
         if self.minibatch > 1 and curvature != "empirical":
             raise ValueError(f"minibatch > 1 needs curvature=\"empirical\", got {curvature!r}")
         self.inv_fisher: ssse_ext.BlockInverseFisher | None = None
@@ -246,7 +254,8 @@ class Eraser:
                                  minibatch=self.minibatch, dtype=self.dtype, device=self.device,
                                  chunk_size=self.chunk_size, max_memory=self.max_memory,
                                  curvature=self.curvature, likelihood=self.likelihood,
-                                 mc_samples=self.mc_samples, progress=progress,
+                                 mc_samples=self.mc_samples,
+                                 representation=self.representation, progress=progress,
                                  checkpoint=checkpoint, every=every)
         if n_total is not None:
             n = check_positive_int(n_total, "n_total")

@@ -298,8 +298,9 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
                        dtype: torch.dtype | None = None, device=None,
                        chunk_size: int | None = None, max_memory: int | None = None,
                        curvature: str = "empirical", likelihood: str = "categorical",
-                       mc_samples: int = 1, seed: int = 0, progress: bool = True,
-                       checkpoint: str | os.PathLike | None = None, every: int | None = None,
+                       mc_samples: int = 1, seed: int = 0, representation: str = "auto",
+                       progress: bool = True, checkpoint: str | os.PathLike | None = None,
+                       every: int | None = None,
                        probe_vectors: int = 3) -> ssse_ext.BlockInverseFisher:
     r"""Fits the block inverse of a damped curvature at the model's parameters.
 
@@ -342,6 +343,10 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
         likelihood: the output distribution for ``"ggn"`` and ``"mc"``: ``"categorical"``
             (softmax logits) or ``"bernoulli"`` (independent sigmoid logits).
         mc_samples, seed: draws per sample and their seed for ``"mc"``.
+        representation: how blocks are stored (:func:`ssse_ext.build_inverse_fisher`):
+            ``"auto"`` (default) picks per block the dense inverse or the exact low-rank form
+            of its rows, whichever is smaller (known when ``data`` is an ``(X, y)`` pair; all
+            dense for an iterable), ``"dense"`` or ``"dual"``.
         progress: show a progress bar.
         checkpoint: a file path: makes the fit resumable. The float64 Gram accumulators, the
             number of samples consumed and (``"mc"``) the random state are saved there
@@ -352,7 +357,9 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
             must be an ``(X, y)`` pair or re-iterable, and is read in the same order. The file
             is left in place (delete it once the result is saved); its chunks are added as
             they come, so the result may differ in the last bits from a fit without a
-            checkpoint when chunks are small.
+            checkpoint when chunks are small. A resumable fit keeps dense blocks
+            (``representation="auto"`` means ``"dense"`` with a checkpoint; ``"dual"`` is
+            refused).
         every: samples between checkpoints (rounded up to whole chunks); default: whenever 5
             minutes have passed since the last one.
         probe_vectors: random vectors per block of the health probe
@@ -372,6 +379,7 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     dtype = check_dtype(dtype)
     check_choice(curvature, "curvature", CURVATURES)
     check_choice(likelihood, "likelihood", LIKELIHOODS)
+    check_choice(representation, "representation", ssse_ext.fisher.REPRESENTATIONS)
     mc_samples = check_positive_int(mc_samples, "mc_samples")
     seed = check_int(seed, "seed")
     probe_vectors = check_nonneg_int(probe_vectors, "probe_vectors")
@@ -379,6 +387,9 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     if checkpoint is not None:
         if not isinstance(checkpoint, (str, os.PathLike)):
             raise TypeError(f"checkpoint must be a file path, got {type(checkpoint).__name__}")
+        if representation == "dual":
+            raise ValueError('representation="dual" cannot be checkpointed (a resumable fit '
+                             'keeps dense blocks): pass "dense" or "auto"')
         if not is_pair(data) and isinstance(data, Iterator):
             raise TypeError(f"data must be an (X, y) pair or a re-iterable collection of "
                             f"batches to resume a fit from a checkpoint, got a one-shot "
@@ -436,10 +447,11 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
 
             # the GGN's c rows of a sample add up to its curvature (N = n); each Monte-Carlo
             # draw is one estimate of it (N = n * mc_samples, the number of rows)
+            rows = None if total is None else total * per_sample
             inv = ssse_ext.build_inverse_fisher(
                 chunks(), damping=damping, layout=lay,
                 rows_per_sample=per_sample if curvature == "ggn" else 1, curvature=curvature,
-                probe_vectors=probe_vectors)
+                representation=representation, num_rows=rows, probe_vectors=probe_vectors)
     finally:
         bar.close()
     inv.health(what="the fit")

@@ -19,7 +19,7 @@ from torch import nn
 
 from ssse_ext.validation import (check_callable, check_choice, check_data, check_int,
                                  check_module, check_nonneg_float, check_positive_int,
-                                 check_reiterable)
+                                 check_reiterable, is_pair)
 
 from ._utils import (BATCH_SIZE, FlatModel, check_inverse, data_size, iter_batches,
                      per_sample_losses)
@@ -427,9 +427,8 @@ def estimate_epsilon(model: nn.Module, loss_fn, data, *, inv_fisher,
     if probe == "gaussian":
         U = torch.randn(fm.dim, probes, generator=gen, dtype=torch.float64)
     else:
-        n = data_size(data)
-        if n is not None:
-            idx = torch.randperm(n, generator=gen)[:probes]
+        if is_pair(data):
+            idx = torch.randperm(data_size(data), generator=gen)[:probes]
             subset = (data[0][idx], data[1][idx])
             rows = list(_grad_stream(fm, loss_fn, subset, "data", weight_decay=weight_decay,
                                      chunk_size=None, minibatch=1, dtype=inv.dtype))

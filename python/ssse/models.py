@@ -70,18 +70,22 @@ class ResNet(nn.Module):
     ``depth=18``: four stages of two blocks, widths ``w, 2w, 4w, 8w`` (``w = 64``: the
     ResNet-18 of He et al. with a 3x3 stem for 32x32 inputs, 11.2 M parameters for 10
     classes). ``depth=20``: the CIFAR ResNet-20, three stages of three blocks, widths
-    ``w, 2w, 4w`` (``w = 16``: 0.27 M parameters), as in paper §5.3.
+    ``w, 2w, 4w`` (``w = 16``: 0.27 M parameters), as in paper §5.3. ``pool > 1``
+    average-pools the input images by that factor first.
     """
 
     _STAGES = {18: (2, 2, 2, 2), 20: (3, 3, 3)}
 
     def __init__(self, depth: int = 18, in_channels: int = 3, num_classes: int = 10,
-                 width: int | None = None, image_size: int = 32):
+                 width: int | None = None, image_size: int = 32, pool: int = 1):
         super().__init__()
         if depth not in self._STAGES:
             raise ValueError(f"depth must be one of {sorted(self._STAGES)}, got {depth}")
+        if pool < 1 or image_size % pool:
+            raise ValueError(f"pool must be a positive divisor of image_size={image_size}, "
+                             f"got {pool}")
         width = width or (64 if depth == 18 else 16)
-        self.in_channels, self.image_size = in_channels, image_size
+        self.in_channels, self.image_size, self.pool = in_channels, image_size, pool
         self.stem = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.norm = nn.GroupNorm(_groups(width), width)
         layers, c = [], width
@@ -96,6 +100,8 @@ class ResNet(nn.Module):
     def forward(self, x):
         if x.dim() == 2:  # flat features -> images
             x = x.view(x.shape[0], self.in_channels, self.image_size, self.image_size)
+        if self.pool > 1:
+            x = F.avg_pool2d(x, self.pool)
         x = F.relu(self.norm(self.stem(x)))
         return self.head(self.layers(x).mean(dim=(2, 3)))
 

@@ -38,6 +38,9 @@ SETTINGS = {
     "fashion-mnist": {"train_limit": 4000, "test_limit": 2000, "epochs": 20, "width": 8,
                       "pool": 2},
 }
+#: The CIFAR ResNet-20 of paper §5.3 (``model="resnet20"``), smaller subsets for a CPU budget.
+RESNET20 = {"digits": {"epochs": 20},
+            "fashion-mnist": {"train_limit": 2000, "test_limit": 1000, "epochs": 10, "pool": 2}}
 QUICK = {"train_limit": 160, "test_limit": 200, "epochs": 2, "width": 4}
 #: Grid points of every method in the ``--quick`` setting.
 QUICK_POINTS = 4
@@ -60,21 +63,25 @@ MINIBATCH = 10
 _FRACTIONS = {"100%": 1.0, "50%": 0.5}
 
 
-def _units(rem: Removal, inverses: dict, *, seed: int) -> dict:
+def _units(rem: Removal, inverses: dict, names, *, seed: int) -> dict:
     """Each method's model at hyperparameter 1 (the unit its grid scales), and its wall time."""
     task, model = rem.task, rem.original
     removed, retained = task.data(rem.removed), task.retained(rem.removed)
     wd = task.weight_decay
     units = {}
-    for name, (fisher, grad) in _SSSE.items():
-        units[name] = timed(ssse.ssse_update, model, task.loss_fn, removed,
-                            inv_fisher=inverses[fisher], epsilon=1.0, n_total=task.n,
-                            weight_decay=wd, gradient=grad,
-                            retained=retained if grad == "retained" else None)
-    units["gradient ascent"] = timed(ssse.gradient_ascent, model, task.loss_fn, removed, lr=1.0,
-                                     weight_decay=wd)
-    units["Fisher forgetting"] = timed(ssse.fisher_forgetting, model, task.loss_fn, removed,
-                                       retained=retained, alpha=1.0, seed=seed)
+    for name in names:
+        if name in _SSSE:
+            fisher, grad = _SSSE[name]
+            units[name] = timed(ssse.ssse_update, model, task.loss_fn, removed,
+                                inv_fisher=inverses[fisher], epsilon=1.0, n_total=task.n,
+                                weight_decay=wd, gradient=grad,
+                                retained=retained if grad == "retained" else None)
+        elif name == "gradient ascent":
+            units[name] = timed(ssse.gradient_ascent, model, task.loss_fn, removed, lr=1.0,
+                                weight_decay=wd)
+        else:
+            units[name] = timed(ssse.fisher_forgetting, model, task.loss_fn, removed,
+                                retained=retained, alpha=1.0, seed=seed)
     return units
 
 
@@ -86,7 +93,7 @@ def _scale(name: str, value: float) -> float:
 def _curves(rem: Removal, inverses: dict, grids: dict, *, seed: int, progress: bool) -> dict:
     """Per method: the evaluation (δ, accuracies, parameter distance) over its grid."""
     out = {}
-    units = _units(rem, inverses, seed=seed)
+    units = _units(rem, inverses, list(grids), seed=seed)
     for name, (unit, seconds) in tqdm(units.items(), desc=f"methods (k={rem.k})",
                                       disable=not progress, leave=False):
         out[name] = {"rows": curve(rem, unit, [_scale(name, v) for v in grids[name]]),
@@ -106,32 +113,60 @@ def _gap(row: dict, reference: dict) -> dict:
 
 def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.float32,
             progress: bool = True, data: str | None = None, data_dir=None,
-            repeats: int | None = None, damping: float = 1e-3, block_size: int = 256,
-            max_accuracy_drop: float = 0.05) -> dict:
+            repeats: int | None = None, damping: float = 1e-3, model: str = "resnet",
+            layout: str = "per_parameter", block_size: int = 256,
+            representation: str = "dense", methods=None, grid_points: int | None = None,
+            tuning_free: bool | None = None, max_accuracy_drop: float = 0.05) -> dict:
+    """The experiment's numbers. ``model``: ``"resnet"`` (the small ResNet) or ``"resnet20"``
+    (paper §5.3's); ``layout``, ``block_size``, ``representation``: the inverse Fishers'
+    blocks (``"fixed"`` with 70 000 and ``"auto"`` is the paper's configuration, whose blocks
+    are larger than their number of rows: stored in the exact low-rank form); ``methods``: a
+    subset of :data:`METHODS`; ``grid_points``: points of every grid; ``tuning_free``: the
+    Gauss–Newton Newton rows (default: with the small ResNet)."""
     data = data or "digits"
     if data not in SETTINGS:
         raise ValueError(f"the non-convex experiment runs on {' or '.join(SETTINGS)}, not {data}")
+    if model not in ("resnet", "resnet20"):
+        raise ValueError(f"model must be 'resnet' or 'resnet20', got {model!r}")
+    unknown = [m for m in (methods or []) if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}: expected some of {list(METHODS)}")
     cfg = dict(SETTINGS[data])
+    if model == "resnet20":
+        cfg.update(RESNET20[data])
     if quick:
         cfg.update(QUICK)
-    task = make_task(data, model="resnet", data_dir=data_dir, seed=seed, device=device,
+    tuning_free = model == "resnet" if tuning_free is None else tuning_free
+    task = make_task(data, model=model, data_dir=data_dir, seed=seed, device=device,
                      dtype=dtype, train_limit=cfg["train_limit"], test_limit=cfg["test_limit"],
                      epochs=cfg["epochs"], width=cfg["width"], pool=cfg["pool"])
     classes = list(range(repeats or (1 if quick else 3)))
     proxy_class = task.ds.num_classes - 1
-    grids = {name: eps_grid(lo, hi, QUICK_POINTS if quick else num)
-             for name, (_, (lo, hi, num)) in METHODS.items()}
+    points = QUICK_POINTS if quick else grid_points
+    grids = {name: eps_grid(lo, hi, points or num)
+             for name, (_, (lo, hi, num)) in METHODS.items() if name in (methods or METHODS)}
 
-    model, t_train = timed(task.train, task.data(), seed=seed, progress=progress)
+    arch, (model, t_train) = model, timed(task.train, task.data(), seed=seed,
+                                           progress=progress)
     inverses, t_fisher = {}, {}
     for fisher, b in (("per-sample", 1), ("mini-batch", MINIBATCH)):
+        if not any(_SSSE.get(name, ("",))[0] == fisher for name in grids):
+            continue
         inverses[fisher], t_fisher[fisher] = timed(
             ssse.fit_inverse_fisher, model, task.loss_fn, task.data(), damping=damping,
-            layout="per_parameter", block_size=block_size, weight_decay=task.weight_decay,
-            minibatch=b, progress=progress)
-    layout = inverses["per-sample"].layout
-    ggn, t_fisher["ggn"] = fit_ggn(task, model, layout="per_parameter", block_size=block_size,
-                                   progress=progress)
+            layout=layout, block_size=block_size, weight_decay=task.weight_decay,
+            minibatch=b, representation=representation, progress=progress)
+    any_inv = next(iter(inverses.values()), None)
+    lay = any_inv.layout if any_inv is not None else ssse.resolve_layout(layout, block_size,
+                                                                          model)
+    memory = {fisher: {"bytes": inv.nbytes,
+                       "dense_bytes": inv.layout.numel * torch.finfo(dtype).bits // 8,
+                       "dual_blocks": inv.representation.count("dual")}
+              for fisher, inv in inverses.items()}
+    ggn = None
+    if tuning_free:
+        ggn, t_fisher["ggn"] = fit_ggn(task, model, layout=layout, block_size=block_size,
+                                       progress=progress)
 
     def removal(removed, cls):
         return make_removal(task, model, removed, classes=[cls], seed=seed, progress=progress)
@@ -173,24 +208,27 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
                     "best": rows[best], "best_value": grid[best],
                     "best_unguarded": rows[free], "best_unguarded_value": grid[free],
                     "erase_seconds": cv["seconds"]}
-            tuning_free = newton_rows(rem, ggn)
-            for row in tuning_free.values():
-                row["gap"] = _gap(row, retrained)
             runs.append({"class": c, "k": rem.k, "removed": rem.removed.tolist(),
                          "accuracy_floor": floor,
                          "original": original, "retrained": retrained,
-                         "retrain_seconds": rem.retrain_seconds, "methods": methods,
-                         "newton": tuning_free})
+                         "retrain_seconds": rem.retrain_seconds, "methods": methods})
+            if ggn is not None:
+                runs[-1]["newton"] = newton_rows(rem, ggn)
+                for row in runs[-1]["newton"].values():
+                    row["gap"] = _gap(row, retrained)
         settings[setting] = {"runs": runs}
 
-    config = {"data": data, "quick": quick, "seed": seed, "n": task.n, "d": layout.dim,
+    config = {"data": data, "quick": quick, "seed": seed, "model": arch, "n": task.n,
+              "d": lay.dim,
               "spec": task.spec, "recipe": task.recipe, "weight_decay": task.weight_decay,
-              "damping": damping, "block_size": block_size, "layout": "per_parameter",
+              "damping": damping, "block_size": block_size, "layout": layout,
+              "representation": representation, "inverse_memory": memory,
               "max_accuracy_drop": max_accuracy_drop,
-              "num_blocks": layout.num_blocks, "max_block_size": layout.max_block_size,
+              "num_blocks": lay.num_blocks, "max_block_size": lay.max_block_size,
               "minibatch": MINIBATCH, "classes": classes,
               "proxy_class": proxy_class, "fractions": _FRACTIONS, "grids": grids,
-              "hyperparameters": {name: h for name, (h, _) in METHODS.items()},
+              "hyperparameters": {name: h for name, (h, _) in METHODS.items()
+                                  if name in grids},
               "train_limit": cfg["train_limit"], "test_limit": cfg["test_limit"],
               "n_test": int(task.ds.y_test.numel())}
     results = {"chosen": chosen, "train_seconds": t_train,
@@ -229,7 +267,7 @@ def _summary(settings: dict) -> dict:
                 **{f"acc_{sp}": summary([m["chosen"]["accuracy"][sp] for m in ms])
                    for sp in SPLITS},
                 **{f"gap_{sp}": summary([m["chosen_gap"][sp] for m in ms]) for sp in SPLITS}}
-        for name in (NEWTON, REFINED):
+        for name in (NEWTON, REFINED) if "newton" in runs[0] else ():
             rs = [r["newton"][name] for r in runs]
             entry[name] = {"delta": summary([m["delta"] for m in rs]),
                            "param_distance": summary([m["param_distance"] for m in rs]),
@@ -245,46 +283,49 @@ def _summary(settings: dict) -> dict:
 def figures(r: dict, out: Path) -> list[Path]:
     c, res = r["config"], r["results"]
     data, grids, settings, chosen = c["data"], c["grids"], res["settings"], res["chosen"]
+    tag = data if c.get("model", "resnet") == "resnet" else f"{data}_{c['model']}"
 
     def curves(name, key="delta", split=None):
         return {setting: [(run["methods"][name][key] if split is None
                            else run["methods"][name][key][split]) for run in st["runs"]]
                 for setting, st in settings.items()}
 
-    ssse_names = list(_SSSE)
-    eps = grids[ssse_names[0]]
-    fig5 = plots.eps_panels(
-        out / f"{data}_ssse_delta.png", eps,
-        {f"remove {setting} of a class": {name.removeprefix("SSSE "): [
-            run["methods"][name]["delta"] for run in st["runs"]] for name in ssse_names}
-         for setting, st in settings.items()},
-        ylabel="δ on S (< 0.5: closer to retrained)", ncols=2,
-        title=f"{data}: SSSE, per-sample vs mini-batch-10 Fisher (Fig. 5)")
-
     def with_accuracy(name):
         # δ alone hides a broken model (δ ≈ 0.5): show what each value costs on D∖S
         return {**{f"δ {k}": v for k, v in curves(name).items()},
                 **{f"acc D∖S {k}": v for k, v in curves(name, "accuracy", "D-S").items()}}
 
-    fig6 = plots.eps_curves(out / f"{data}_gradient_ascent_delta.png",
-                            grids["gradient ascent"], with_accuracy("gradient ascent"),
-                            hline=0.5, xlabel="step size", ylabel="δ on S, accuracy on D∖S",
-                            title=f"{data}: one gradient-ascent step (Fig. 6)")
-    fig7 = plots.eps_curves(out / f"{data}_fisher_forgetting_delta.png",
-                            grids["Fisher forgetting"], with_accuracy("Fisher forgetting"),
-                            hline=0.5, xlabel="α", ylabel="δ on S, accuracy on D∖S",
-                            title=f"{data}: Fisher forgetting (Fig. 7)")
-    main = "SSSE per-sample ∇S"
-    acc = plots.eps_panels(
-        out / f"{data}_ssse_accuracy.png", eps,
-        {sp: {**{f"{setting}": [run["methods"][main]["accuracy"][sp] for run in st["runs"]]
-                 for setting, st in settings.items()},
-              **{f"{setting} retrained": [[run["retrained"]["accuracy"][sp]] * len(eps)
-                                          for run in st["runs"]]
-                 for setting, st in settings.items()}} for sp in SPLITS},
-        ylabel="accuracy", vline=chosen["100%"][main],
-        title=f"{data}: accuracy of {main} on the four splits (dashed: ε chosen for 100 %)")
-    return [fig5, fig6, fig7, acc]
+    pngs = []
+    ssse_names = [name for name in grids if name in _SSSE]
+    if ssse_names:
+        eps = grids[ssse_names[0]]
+        pngs.append(plots.eps_panels(
+            out / f"{tag}_ssse_delta.png", eps,
+            {f"remove {setting} of a class": {name.removeprefix("SSSE "): [
+                run["methods"][name]["delta"] for run in st["runs"]] for name in ssse_names}
+             for setting, st in settings.items()},
+            ylabel="δ on S (< 0.5: closer to retrained)", ncols=2,
+            title=f"{data}: SSSE, per-sample vs mini-batch-10 Fisher (Fig. 5)"))
+    for name, xlabel, fig in (("gradient ascent", "step size", "Fig. 6"),
+                              ("Fisher forgetting", "α", "Fig. 7")):
+        if name in grids:
+            pngs.append(plots.eps_curves(
+                out / f"{tag}_{name.replace(' ', '_').lower()}_delta.png", grids[name],
+                with_accuracy(name), hline=0.5, xlabel=xlabel,
+                ylabel="δ on S, accuracy on D∖S", title=f"{data}: {name} ({fig})"))
+    if ssse_names:
+        main = "SSSE per-sample ∇S" if "SSSE per-sample ∇S" in ssse_names else ssse_names[0]
+        pngs.append(plots.eps_panels(
+            out / f"{tag}_ssse_accuracy.png", eps,
+            {sp: {**{f"{setting}": [run["methods"][main]["accuracy"][sp] for run in st["runs"]]
+                     for setting, st in settings.items()},
+                  **{f"{setting} retrained": [[run["retrained"]["accuracy"][sp]] * len(eps)
+                                              for run in st["runs"]]
+                     for setting, st in settings.items()}} for sp in SPLITS},
+            ylabel="accuracy", vline=chosen["100%"][main],
+            title=f"{data}: accuracy of {main} on the four splits (dashed: ε chosen for "
+                  f"100 %)"))
+    return pngs
 
 
 def table(r: dict) -> str:
@@ -301,7 +342,7 @@ def table(r: dict) -> str:
                         + [pm(e[ref][f"acc_{sp}"]) for sp in SPLITS]
                         + ([f"retrain {e['retrain_seconds']['mean']:.2f}"]
                            if ref == "retrained" else ["-"]))
-        for name, (h, _) in METHODS.items():
+        for name, h in c["hyperparameters"].items():
             m = e[name]
             rows.append([setting, name, f"{h} = {chosen[setting][name]:.3g}",
                          pm(m["delta_chosen"]),
@@ -310,26 +351,31 @@ def table(r: dict) -> str:
                          f"({m['acc_D-S_best_unguarded']['mean']:.2f})"]
                         + [pm(m[f"acc_{sp}"]) for sp in SPLITS]
                         + [f"{m['erase_seconds']['mean']:.3f}"])
-        for name in (NEWTON, REFINED):
+        for name in (NEWTON, REFINED) if NEWTON in e else ():
             m = e[name]
             rows.append([setting, name, "none", pm(m["delta"]), "-", "-"]
                         + [pm(m[f"acc_{sp}"]) for sp in SPLITS]
                         + [f"{m['erase_seconds']['mean']:.3f}"])
     k = ", ".join(f"{s}: k = {e['k_mean']:.0f}" for s, e in summ.items())
     t_fisher = res["fisher_seconds"]
-    return (f"{c['data']}, n={c['n']}, n_test={c['n_test']}, SmallResNet "
+    fits = ", ".join(f"{t:.2f} s ({name})" for name, t in t_fisher.items())
+    memory = "; ".join(f"{name} inverse {m['bytes'] / 2**20:.1f} MiB ({m['dual_blocks']} dual "
+                       f"blocks; dense blocks would take {m['dense_bytes'] / 2**20:.1f} MiB)"
+                       for name, m in c.get("inverse_memory", {}).items())
+    arch = "ResNet-20" if c.get("model") == "resnet20" else "SmallResNet"
+    return (f"{c['data']}, n={c['n']}, n_test={c['n_test']}, {arch} "
             f"{c['spec']} (d={c['d']}), SGD {c['recipe']}, weight decay "
-            f"{c['weight_decay']:g}; Fisher λ={c['damping']:g}, per_parameter blocks of ≤ "
-            f"{c['max_block_size']} ({c['num_blocks']} blocks), per-sample and mini-batch "
+            f"{c['weight_decay']:g}; Fisher λ={c['damping']:g}, {c.get('layout', 'per_parameter')}"
+            f" blocks of ≤ {c['max_block_size']} ({c['num_blocks']} blocks; {memory}), "
+            f"per-sample and mini-batch "
             f"{c['minibatch']} gradients; removed classes {c['classes']} ({k}); each method's "
             f"value chosen by argmin δ on a proxy removal of the same kind (class "
             f"{c['proxy_class']}) among the values that keep the accuracy on D∖S within "
             f"{c['max_accuracy_drop']:g} of the original's (min δ: the same on the removal "
             f"itself; unguarded: over the whole grid); accuracies at the chosen value; mean ± "
             f"std over classes. Training {res['train_seconds']:.2f} s, "
-            f"Fisher fit {t_fisher['per-sample']:.2f} s (per-sample), "
-            f"{t_fisher['mini-batch']:.2f} s (mini-batch), {t_fisher['ggn']:.2f} s "
-            f"(Gauss-Newton, damping = weight decay, for the rows without tuning).\n\n"
+            f"Fisher fits {fits} (ggn: the Gauss-Newton inverse, damping = weight decay, for "
+            f"the rows without tuning).\n\n"
             + markdown_table(header, rows) + "\n" + per_class_table(r))
 
 
@@ -337,9 +383,10 @@ def per_class_table(r: dict) -> str:
     """δ and accuracy on S and D∖S per removed class: the chosen value of each method with a
     hyperparameter, the rows without tuning, the retrained model."""
     res = r["results"]
-    names = list(METHODS)
+    names = list(r["config"]["hyperparameters"])
+    newton = [NEWTON, REFINED] if "newton" in res["settings"]["100%"]["runs"][0] else []
     header = ["removed", "class", "k", "acc S / D∖S retrained"] + \
-        [f"δ {n} (acc S / D∖S)" for n in names + [NEWTON, REFINED]]
+        [f"δ {n} (acc S / D∖S)" for n in names + newton]
     rows = []
     for setting, st in res["settings"].items():
         for run in st["runs"]:
@@ -347,7 +394,7 @@ def per_class_table(r: dict) -> str:
                      f"({run['methods'][n]['chosen']['accuracy']['S']:.2f} / "
                      f"{run['methods'][n]['chosen']['accuracy']['D-S']:.2f})" for n in names]
             cells += [f"{run['newton'][n]['delta']:.3f} ({run['newton'][n]['accuracy']['S']:.2f}"
-                      f" / {run['newton'][n]['accuracy']['D-S']:.2f})" for n in (NEWTON, REFINED)]
+                      f" / {run['newton'][n]['accuracy']['D-S']:.2f})" for n in newton]
             rows.append([setting, run["class"], run["k"],
                          f"{run['retrained']['accuracy']['S']:.2f} / "
                          f"{run['retrained']['accuracy']['D-S']:.2f}"] + cells)

@@ -96,8 +96,9 @@ def make_task(data: str = "digits", *, model: str = "linear", data_dir=None, see
               dtype: torch.dtype | None = None, weight_decay: float | None = None,
               epochs: int | None = None, bias: bool | None = None, width: int = 8,
               pool: int = 1) -> Task:
-    """The task of data set ``data`` with a linear model (L-BFGS to the optimum, float64) or
-    the small ResNet (SGD, float32; ``width`` channels, input average-pooled by ``pool``)."""
+    """The task of data set ``data`` with a linear model (L-BFGS to the optimum, float64), the
+    small ResNet (``"resnet"``: SGD, float32; ``width`` channels) or the CIFAR ResNet-20
+    (``"resnet20"``), the input average-pooled by ``pool``."""
     device = torch.device(device or "cpu")
     if model == "linear":
         dtype = dtype or torch.float64
@@ -116,21 +117,25 @@ def make_task(data: str = "digits", *, model: str = "linear", data_dir=None, see
         wd = DEFAULTS.get(data, {}).get("weight_decay", 1e-3) if weight_decay is None \
             else weight_decay
         recipe = {"optimizer": "lbfgs", "max_iter": 500, "tolerance": 1e-9}
-    elif model == "resnet":
+    elif model in ("resnet", "resnet20"):
         if ds.image_shape is None:
-            raise ValueError(f"the resnet model needs an image data set, not {data}")
+            raise ValueError(f"the {model} model needs an image data set, not {data}")
         if ds.task != "multiclass":
-            raise ValueError("the resnet model needs a multiclass data set")
+            raise ValueError(f"the {model} model needs a multiclass data set")
         c, h, _ = ds.image_shape
-        spec = {"arch": "small_resnet", "in_channels": c, "num_classes": ds.num_classes,
-                "width": width, "image_size": h}
+        if model == "resnet":
+            spec = {"arch": "small_resnet", "in_channels": c, "num_classes": ds.num_classes,
+                    "width": width, "image_size": h}
+        else:  # the CIFAR ResNet-20 of paper §5.3, widths 16/32/64
+            spec = {"arch": "resnet", "depth": 20, "in_channels": c,
+                    "num_classes": ds.num_classes, "width": 16, "image_size": h}
         if pool != 1:
             spec["pool"] = int(pool)
         wd = _RESNET["weight_decay"] if weight_decay is None else weight_decay
         recipe = {"optimizer": "sgd", "epochs": epochs or _RESNET["epochs"], "lr": _RESNET["lr"],
                   "batch_size": _RESNET["batch_size"], "momentum": _RESNET["momentum"]}
     else:
-        raise ValueError(f"unknown model {model!r} (expected linear or resnet)")
+        raise ValueError(f"unknown model {model!r} (expected linear, resnet or resnet20)")
     return Task(ds, spec, loss, float(wd), recipe, dtype, device, info)
 
 
