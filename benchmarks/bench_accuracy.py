@@ -52,12 +52,13 @@ def rel(a, b) -> float:
     return float((a.double() - b).norm() / b.norm())
 
 
-def build(g, damping, method, dtype):
+def build(g, damping, method, dtype, representation="dense"):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             inv = ssse_ext.build_inverse_fisher(g.to(dtype), damping=damping,
-                                                block_size=g.shape[1], method=method)
+                                                block_size=g.shape[1], method=method,
+                                                representation=representation)
         except ssse_ext.NotPositiveDefiniteError:
             return None, "fails"
     kinds = sorted({type(w.message).__name__ for w in caught})
@@ -102,7 +103,11 @@ def main() -> None:
         rows.append(("reference.closed_form (torch Cholesky)", "float64",
                      f"{rel(closed, exact):.1e}", ""))
         if g.shape[0] < g.shape[1]:
-            rows.append(("low-rank (dual) form", "float64",
+            for dtype in (torch.float32, torch.float64):
+                blk, warned = build(g, damping, "auto", dtype, representation="dual")
+                rows.append(('auto, representation="dual"', str(dtype).removeprefix("torch."),
+                             f"{rel(blk, exact):.1e}", warned))
+            rows.append(("low-rank (dual) form in torch", "float64",
                          f"{rel(dual_form(g, damping), exact):.1e}", ""))
         for method, dtype, err, warned in rows:
             print(f"| {name} | {cond:.1e} | {how} ({ref_time:.1f} s) | {method} | {dtype} | {err} "

@@ -7,7 +7,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <sstream>
 #include <string>
 
 #include "common.h"
@@ -51,9 +50,9 @@ T* ptr(std::uintptr_t p) {
 
 // ---- argument checks shared by the CPU and CUDA entry points (same conditions, same messages) ----
 std::string num(double x) {
-  std::ostringstream o;
-  o << x;
-  return o.str();
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.17g", x);
+  return buf;
 }
 
 void check_blocks(int64_t num_blocks) {
@@ -65,12 +64,6 @@ void check_threads(int threads) {
 }
 
 // ---- the dual-block entry points: the same checks on the CPU and CUDA side ----------------
-
-std::string str(double x) {
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), "%.17g", x);
-  return buf;
-}
 
 // rows stored rows of capacity ldl (the leading dimension of every factor).
 void check_dual_storage(int64_t num_blocks, int64_t rows, int64_t ldl) {
@@ -94,17 +87,17 @@ void check_dual_cholesky(int64_t num_blocks, int64_t r0, int64_t r1, int64_t ldl
                                              ", " + std::to_string(ldl) + "], got " +
                                              std::to_string(r1));
   ssse::check_arg(shift >= 0 && std::isfinite(shift),
-                  "shift must be a finite number >= 0, got " + str(shift));
+                  "shift must be a finite number >= 0, got " + num(shift));
 }
 
 void check_dual_apply(int64_t num_blocks, int64_t rows, int64_t ldl, double damping, int64_t d,
                       int64_t r, double scale) {
   check_dual_storage(num_blocks, rows, ldl);
   ssse::check_arg(damping > 0 && std::isfinite(damping),
-                  "damping must be a finite number > 0, got " + str(damping));
+                  "damping must be a finite number > 0, got " + num(damping));
   ssse::check_arg(d >= 0 && r >= 0, "v must have a non-negative shape, got (" +
                                         std::to_string(d) + ", " + std::to_string(r) + ")");
-  ssse::check_arg(std::isfinite(scale), "scale must be finite, got " + str(scale));
+  ssse::check_arg(std::isfinite(scale), "scale must be finite, got " + num(scale));
 }
 
 void check_dual_remove(int64_t num_blocks, int64_t rows, int64_t ldl, int64_t k, int64_t first) {
@@ -294,7 +287,8 @@ PYBIND11_MODULE(_C, m) {
       [](int dtype, std::uintptr_t grads, int64_t m_rows, int64_t d, std::uintptr_t table,
          int64_t num_blocks, int64_t r0, std::uintptr_t g, std::uintptr_t l, int64_t ldl,
          int threads) {
-        check_common(num_blocks, threads);
+        check_blocks(num_blocks);
+        check_threads(threads);
         check_dual_gram(num_blocks, m_rows, d, r0, ldl);
         py::gil_scoped_release release;
         dispatch(dtype, [&](auto tag) {
@@ -311,7 +305,8 @@ PYBIND11_MODULE(_C, m) {
       "dual_cholesky",
       [](std::uintptr_t l, std::uintptr_t table, int64_t num_blocks, int64_t r0, int64_t r1,
          int64_t ldl, double shift, bool strip_solved, std::uintptr_t info, int threads) {
-        check_common(num_blocks, threads);
+        check_blocks(num_blocks);
+        check_threads(threads);
         check_dual_cholesky(num_blocks, r0, r1, ldl, shift);
         py::gil_scoped_release release;
         ssse::cpu::dual_cholesky(ptr<double>(l), ptr<const int64_t>(table), num_blocks, r0, r1,
@@ -326,7 +321,8 @@ PYBIND11_MODULE(_C, m) {
       [](int dtype, std::uintptr_t g, std::uintptr_t l, std::uintptr_t table, int64_t num_blocks,
          int64_t rows, int64_t ldl, double damping, std::uintptr_t v, int64_t d, int64_t r,
          std::uintptr_t base, double scale, std::uintptr_t out, int threads) {
-        check_common(num_blocks, threads);
+        check_blocks(num_blocks);
+        check_threads(threads);
         check_dual_apply(num_blocks, rows, ldl, damping, d, r, scale);
         py::gil_scoped_release release;
         dispatch(dtype, [&](auto tag) {
@@ -346,7 +342,8 @@ PYBIND11_MODULE(_C, m) {
       [](int dtype, std::uintptr_t g, std::uintptr_t l, std::uintptr_t table, int64_t num_blocks,
          int64_t rows, int64_t ldl, std::uintptr_t keep, std::uintptr_t removed, int64_t k,
          int64_t first, std::uintptr_t info, int threads) {
-        check_common(num_blocks, threads);
+        check_blocks(num_blocks);
+        check_threads(threads);
         check_dual_remove(num_blocks, rows, ldl, k, first);
         py::gil_scoped_release release;
         dispatch(dtype, [&](auto tag) {
@@ -361,7 +358,6 @@ PYBIND11_MODULE(_C, m) {
       py::arg("rows"), py::arg("ldl"), py::arg("keep"), py::arg("removed"), py::arg("k"),
       py::arg("first"), py::arg("info"), py::arg("threads"));
 
-  // ---- CUDA entry points (same arguments plus the host copy of the layout and the stream) ----
   // ---- CUDA entry points (same arguments plus the host copy of the layout, a device workspace
   // where the kernel set needs one, and the stream); the kernel set is read at each call ----
 #ifdef SSSE_WITH_CUDA
@@ -523,14 +519,14 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("dtype"), py::arg("inv"), py::arg("layout_host"), py::arg("layout_dev"),
       py::arg("num_blocks"), py::arg("v"), py::arg("d"), py::arg("r"), py::arg("base"),
-      py::arg("scale"), py::arg("out"), py::arg("stream"));
+      py::arg("scale"), py::arg("out"), py::arg("work"), py::arg("work_bytes"), py::arg("stream"));
 
   m.def(
       "dual_gram_cuda",
       [=](int dtype, std::uintptr_t grads, int64_t m_rows, int64_t d, std::uintptr_t table_host,
           std::uintptr_t table_dev, int64_t num_blocks, int64_t r0, std::uintptr_t g,
           std::uintptr_t l, int64_t ldl, std::uintptr_t stream) {
-        check_cuda_args(num_blocks, table_host, table_dev);
+        check_tables(num_blocks, table_host, table_dev);
         check_dual_gram(num_blocks, m_rows, d, r0, ldl);
         py::gil_scoped_release release;
         dispatch(dtype, [&](auto tag) {
@@ -559,7 +555,7 @@ PYBIND11_MODULE(_C, m) {
           int64_t num_blocks, int64_t r0, int64_t r1, int64_t ldl, double shift,
           bool strip_solved, std::uintptr_t info, std::uintptr_t work, std::size_t work_bytes,
           std::uintptr_t stream) {
-        check_cuda_args(num_blocks, table_host, table_dev);
+        check_tables(num_blocks, table_host, table_dev);
         check_dual_cholesky(num_blocks, r0, r1, ldl, shift);
         py::gil_scoped_release release;
         ssse::cuda::dual_cholesky(ptr<double>(l), ptr<const int64_t>(table_host),
@@ -589,7 +585,7 @@ PYBIND11_MODULE(_C, m) {
           double damping, std::uintptr_t v, int64_t d, int64_t r, std::uintptr_t base,
           double scale, std::uintptr_t out, std::uintptr_t work, std::size_t work_bytes,
           std::uintptr_t stream) {
-        check_cuda_args(num_blocks, table_host, table_dev);
+        check_tables(num_blocks, table_host, table_dev);
         check_dual_apply(num_blocks, rows, ldl, damping, d, r, scale);
         py::gil_scoped_release release;
         dispatch(dtype, [&](auto tag) {
@@ -621,7 +617,7 @@ PYBIND11_MODULE(_C, m) {
           std::uintptr_t keep, std::uintptr_t removed, int64_t k, int64_t first,
           std::uintptr_t info, std::uintptr_t work, std::size_t work_bytes,
           std::uintptr_t stream) {
-        check_cuda_args(num_blocks, table_host, table_dev);
+        check_tables(num_blocks, table_host, table_dev);
         check_dual_remove(num_blocks, rows, ldl, k, first);
         py::gil_scoped_release release;
         dispatch(dtype, [&](auto tag) {
@@ -638,6 +634,5 @@ PYBIND11_MODULE(_C, m) {
       py::arg("num_blocks"), py::arg("rows"), py::arg("ldl"), py::arg("keep"),
       py::arg("removed"), py::arg("k"), py::arg("first"), py::arg("info"), py::arg("work"),
       py::arg("work_bytes"), py::arg("stream"));
-      py::arg("scale"), py::arg("out"), py::arg("work"), py::arg("work_bytes"), py::arg("stream"));
 #endif
 }

@@ -29,7 +29,9 @@ import torch
 
 from . import _ops
 from .errors import NotPositiveDefiniteError, RowNotFoundError
-from .layout import BlockLayout
+from .layout import BlockLayout, check_build_args
+from .validation import (FLOAT_DTYPES, check_finite_float, check_positive_float, check_vector,
+                         matrix_chunks)
 
 __all__ = [
     "DualBlocks",
@@ -40,7 +42,6 @@ __all__ = [
     "MATCH_RTOL",
 ]
 
-_FLOAT_DTYPES = (torch.float32, torch.float64)
 _ELEMENT_SIZE = {torch.float32: 4, torch.float64: 8}
 
 #: Default relative tolerance of the row matching in :meth:`DualBlocks.downdate`: the square
@@ -82,58 +83,13 @@ def choose_representation(sizes: Sequence[int], rows: int, dtype: torch.dtype) -
     return [dual_nbytes(int(s), rows, dtype) < int(s) * int(s) * e for s in sizes]
 
 
-# ---- validation (the same rules as ssse_ext.fisher) ----------------------------------------------
-
-def _positive_number(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not (value > 0) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return value
-
-
-def _check_matrix(t, name: str, *, dim=None, dtype=None, device=None) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (rows, d), got shape {tuple(t.shape)}")
-    if dim is not None and t.shape[1] != dim:
-        raise ValueError(f"{name} must have d={dim} columns, got shape {tuple(t.shape)}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{name} must be {dtype} like the dual blocks, got {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} must be on {device} like the dual blocks, got {t.device}")
-    if t.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{name} must be on a CPU or CUDA device, got {t.device}")
-    if t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
-    return t.contiguous()
-
+# ---- validation (the shared rules of ssse_ext.validation) ----------------------------------------
 
 def _chunks(grads, name: str, chunk_size: int | None = None, *, dim=None, dtype=None,
             device=None) -> Iterator[torch.Tensor]:
     """Validated ``(m, d)`` chunks of a tensor or an iterable of tensors (all like the first)."""
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    if isinstance(grads, torch.Tensor):
-        source: Iterable = [grads]
-    else:
-        try:
-            source = iter(grads)
-        except TypeError:
-            raise TypeError(f"{name} must be a (n, d) tensor or an iterable of (m, d) tensors, "
-                            f"got {type(grads).__name__}") from None
-    for k, chunk in enumerate(source):
-        label = name if isinstance(grads, torch.Tensor) else f"{name}[{k}]"
-        chunk = _check_matrix(chunk, label, dim=dim, dtype=dtype, device=device)
-        dim, dtype, device = chunk.shape[1], chunk.dtype, chunk.device
-        step = chunk_size or max(chunk.shape[0], 1)
-        for i in range(0, max(chunk.shape[0], 1), step):
-            yield chunk[i:i + step]
+    return matrix_chunks(grads, chunk_size, name, dim=dim, dtype=dtype, device=device,
+                         like="the dual blocks")
 
 
 def _block_ids(layout: BlockLayout, blocks) -> tuple[int, ...]:
@@ -178,12 +134,12 @@ class DualBlocks:
             raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
         self.layout = layout
         self.block_ids = _block_ids(layout, block_ids)
-        self.damping = _positive_number(damping, "damping")
-        self.normalizer = _positive_number(normalizer, "normalizer")
+        self.damping = check_positive_float(damping, "damping")
+        self.normalizer = check_positive_float(normalizer, "normalizer")
         if not 0 <= num_rows <= capacity:
             raise ValueError(f"num_rows must be in [0, capacity={capacity}], got {num_rows}")
         total = sum(self.sizes)
-        if not isinstance(g, torch.Tensor) or g.dim() != 1 or g.dtype not in _FLOAT_DTYPES:
+        if not isinstance(g, torch.Tensor) or g.dim() != 1 or g.dtype not in FLOAT_DTYPES:
             raise TypeError("g must be a 1-D float32 or float64 tensor")
         if g.numel() != capacity * total:
             raise ValueError(f"g must have capacity * sum(sizes) = {capacity * total} elements, "
@@ -314,18 +270,8 @@ class DualBlocks:
 
     # ---- products ----
     def _vector(self, v, name: str) -> tuple[torch.Tensor, bool]:
-        if not isinstance(v, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
-        if v.dim() not in (1, 2) or v.shape[0] != self.dim:
-            raise ValueError(f"{name} must have shape ({self.dim},) or ({self.dim}, r), got "
-                             f"{tuple(v.shape)}")
-        if v.dtype != self.dtype:
-            raise TypeError(f"{name} must be {self.dtype} like the dual blocks, got {v.dtype}")
-        if v.device != self.device:
-            raise ValueError(f"{name} must be on {self.device} like the dual blocks, got "
-                             f"{v.device}")
-        vec = v.dim() == 1
-        return (v.reshape(-1, 1) if vec else v).contiguous(), vec
+        return check_vector(v, name, dim=self.dim, dtype=self.dtype, device=self.device,
+                            like="the dual blocks")
 
     def apply(self, v: torch.Tensor, *, base: torch.Tensor | None = None, scale: float = 1.0,
               out: torch.Tensor | None = None) -> torch.Tensor:
@@ -348,12 +294,8 @@ class DualBlocks:
         Returns:
             ``out``.
         """
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or \
-                not math.isfinite(float(scale)):
-            raise ValueError(f"scale must be a finite number, got {scale!r}")
+        scale = check_finite_float(scale, "scale")
         vv, vec = self._vector(v, "v")
-        if vv.numel() and not bool(torch.isfinite(vv).all()):
-            raise ValueError("v contains NaN or Inf")
         bb = None
         if base is not None:
             bb, _ = self._vector(base, "base")
@@ -537,7 +479,7 @@ class DualBlocks:
     def to(self, device=None, dtype: torch.dtype | None = None) -> "DualBlocks":
         """A compact copy on ``device`` and/or with ``G`` in ``dtype`` (the factor stays
         float64)."""
-        if dtype is not None and dtype not in _FLOAT_DTYPES:
+        if dtype is not None and dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         g, l = self._packed(dtype, device)
         return DualBlocks(self.layout, self.block_ids, g, l, num_rows=self.num_rows,
@@ -666,13 +608,7 @@ def build_dual_blocks(grads, *, damping: float, layout: BlockLayout | None = Non
     Raises:
         NotPositiveDefiniteError: a kernel is not positive definite (overflow or NaN only).
     """
-    damping = _positive_number(damping, "damping")
-    if normalizer is not None:
-        normalizer = _positive_number(normalizer, "normalizer")
-    if layout is not None and not isinstance(layout, BlockLayout):
-        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
-    if block_size is not None and layout is not None:
-        raise ValueError("give block_size or layout, not both")
+    damping, normalizer, block_size = check_build_args(damping, normalizer, layout, block_size)
     if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
                                  or capacity < 0):
         raise ValueError(f"capacity must be a non-negative integer, got {capacity!r}")

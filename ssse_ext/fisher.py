@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import itertools
 import math
@@ -17,10 +16,10 @@ from .dual import DualBlocks, choose_representation
 from .errors import NotPositiveDefiniteError
 from .health import (DEFAULT_COLUMNS, FisherProbe, Health, HealthWarning, ill_conditioned_blocks,
                      warn_ill_conditioned)
-from .layout import BlockLayout
-from .validation import (FLOAT_DTYPES, all_finite, check_choice, check_dtype,
-                         check_finite_float, check_matrix, check_nonneg_int, check_positive_float,
-                         check_positive_int)
+from .layout import BlockLayout, check_build_args
+from .validation import (FLOAT_DTYPES, all_finite, check_choice, check_dtype, check_finite_float,
+                         check_nonneg_int, check_positive_float, check_positive_int, check_vector,
+                         matrix_chunks)
 
 __all__ = [
     "BlockInverseFisher",
@@ -101,30 +100,7 @@ class FisherConfig:
 
 def _chunks(grads, chunk_size: int | None, name: str = "grads", *, dim: int | None = None,
             dtype=None, device=None) -> Iterator[torch.Tensor]:
-    """Validated 2-D chunks of ``grads`` (a tensor, or an iterable of tensors), split into at
-    most ``chunk_size`` rows; all chunks share ``dim``, ``dtype`` and ``device`` (by default
-    the first chunk's)."""
-    if isinstance(grads, torch.Tensor):
-        source: Iterable = [grads]
-    else:
-        try:
-            source = iter(grads)
-        except TypeError:
-            raise TypeError(f"{name} must be a (n, d) tensor or an iterable of (m, d) tensors, "
-                            f"got {type(grads).__name__}") from None
-    first = None
-    for k, chunk in enumerate(source):
-        label = name if isinstance(grads, torch.Tensor) else f"{name}[{k}]"
-        chunk = check_matrix(chunk, label, dim=dim, dtype=dtype, device=device)
-        if first is None:
-            first = chunk
-            dim, dtype, device = chunk.shape[1], chunk.dtype, chunk.device
-        if chunk.shape[0] == 0:
-            yield chunk  # still tells d, dtype and device
-            continue
-        step = chunk_size or chunk.shape[0]
-        for i in range(0, chunk.shape[0], step):
-            yield chunk[i:i + step]
+    return matrix_chunks(grads, chunk_size, name, dim=dim, dtype=dtype, device=device)
 
 
 def _raise_if_failed(info: torch.Tensor, what: str, layout: BlockLayout, rows: str):
@@ -321,20 +297,7 @@ class BlockInverseFisher:
 
     # ---- products ----
     def _vector(self, v, name: str) -> tuple[torch.Tensor, bool]:
-        if not isinstance(v, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
-        if v.dim() not in (1, 2) or v.shape[0] != self.dim:
-            raise ValueError(f"{name} must have shape ({self.dim},) or ({self.dim}, r), got "
-                             f"{tuple(v.shape)}")
-        if v.dtype != self.dtype:
-            raise TypeError(f"{name} must be {self.dtype} like the inverse Fisher, got {v.dtype}")
-        if v.device != self.device:
-            raise ValueError(f"{name} must be on {self.device} like the inverse Fisher, got "
-                             f"{v.device}")
-        if not all_finite(v):
-            raise ValueError(f"{name} contains NaN or Inf")
-        vec = v.dim() == 1
-        return (v.reshape(-1, 1) if vec else v).contiguous(), vec
+        return check_vector(v, name, dim=self.dim, dtype=self.dtype, device=self.device)
 
     def _rows(self, grads, name: str = "grads") -> torch.Tensor:
         """All rows of ``grads`` (a tensor or an iterable of chunks) as one validated tensor."""
@@ -511,7 +474,7 @@ class BlockInverseFisher:
         :math:`F'^{-1} x = (x - G_b^\top K'^{-1} G_b x) / \lambda'`; then the rows :math:`R_b` by
         the :math:`k \times k` form, :math:`U = F'^{-1} R_b^\top`,
         :math:`C = N I_k + \mathrm{sign}\,R_b U`. Returns the kept factors."""
-        dual, k, N = self._dual, rows.shape[0], self.normalizer
+        dual, N = self._dual, self.normalizer
         lam = self.damping - shift
         factors = []
         for b in dual.block_ids:
@@ -837,7 +800,7 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
     Returns:
         The :class:`BlockInverseFisher`, with ``num_samples`` the number of rows consumed.
     """
-    damping = check_positive_float(damping, "damping")
+    damping, normalizer, block_size = check_build_args(damping, normalizer, layout, block_size)
     check_choice(method, "method", BUILD_METHODS)
     rows_per_sample = check_positive_int(rows_per_sample, "rows_per_sample")
     check_choice(curvature, "curvature", CURVATURES)
@@ -845,13 +808,6 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
     num_rows = check_positive_int(num_rows, "num_rows", allow_none=True)
     probe_vectors = check_nonneg_int(probe_vectors, "probe_vectors")
     chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
-    block_size = check_positive_int(block_size, "block_size", allow_none=True)
-    if normalizer is not None:
-        normalizer = check_positive_float(normalizer, "normalizer")
-    if layout is not None and not isinstance(layout, BlockLayout):
-        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
-    if block_size is not None and layout is not None:
-        raise ValueError("give block_size or layout, not both")
     recurrence = method in ("sherman_morrison", "woodbury")
     if recurrence and representation != "dense":
         raise ValueError(f"representation={representation!r} needs the stable build "
@@ -917,8 +873,8 @@ def _build_by_recurrence(chunks, layout: BlockLayout, damping: float, normalizer
         largest = max(largest, float(norms.max()))
         if not math.isfinite(largest):
             raise FloatingPointError(
-                f"build: the squared norm of a row overflowed float64 (1.8e308, rows of norm "
-                f"about 1e154 or more); scale the loss or the inputs down")
+                "build: the squared norm of a row overflowed float64 (1.8e308, rows of norm "
+                "about 1e154 or more); scale the loss or the inputs down")
         info = _ops.call(_ops.sherman_morrison_, packed, host, dev, chunk, normalizer, 1, chunked)
         try:
             _raise_if_failed(info, "build", layout, "row")

@@ -143,15 +143,16 @@ def warn_ill_conditioned(blocks: list[tuple[int, float]], layout: BlockLayout, *
     s = layout.sizes[b]
     advice = f"increase the damping (now {damping:g}; the error scales like 1/damping)"
     if rows < s:
-        advice += (f", or use the low-rank (dual) form for blocks with fewer rows ({rows}) "
-                   f"than parameters ({s}) (docs/maths.md), exact there")
+        advice += (f", or store it in the low-rank (dual) form, exact for blocks with fewer "
+                   f"rows ({rows}) than parameters ({s}): representation=\"dual\" or "
+                   f"\"auto\"")
     more = f" (and {len(blocks) - 1} other blocks)" if len(blocks) > 1 else ""
     warnings.warn(
         f"build: block {b} (parameters {layout.starts[b]}..{layout.starts[b] + s}) is "
         f"ill-conditioned{more}: condition number >= {cond:.1e}, so its inverse has a relative "
         f"error of about {cond * U64:.0e} or more (tolerance {tolerance(dtype):.1e} for "
         f"{str(dtype).removeprefix('torch.')}); {advice}. A float64 result does not help: the "
-        f"inverse is already computed in float64", ConditionWarning, stacklevel=4)
+        f"inverse is already computed in float64", ConditionWarning, stacklevel=5)
 
 
 # ---- probe ----------------------------------------------------------------------------------

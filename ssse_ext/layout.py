@@ -8,7 +8,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .validation import check_nonneg_int, check_positive_int
+from .validation import check_nonneg_int, check_positive_float, check_positive_int
 
 __all__ = ["BlockLayout"]
 
@@ -155,7 +155,7 @@ class BlockLayout:
         out: list[tuple[int, int, int]] = []
         i = 0
         while i < len(ids):
-            b, s = ids[i], self.sizes[ids[i]]
+            s = self.sizes[ids[i]]
             j = i + 1
             while j < len(ids) and ids[j] == ids[j - 1] + 1 and self.sizes[ids[j]] == s:
                 j += 1
@@ -185,3 +185,17 @@ class BlockLayout:
     def __repr__(self) -> str:
         return (f"BlockLayout(dim={self.dim}, num_blocks={self.num_blocks}, "
                 f"max_block_size={self.max_block_size})")
+
+
+def check_build_args(damping, normalizer, layout, block_size):
+    """The arguments every build shares: ``(damping, normalizer, block_size)`` validated, and
+    ``layout`` a :class:`BlockLayout` or ``None``, not given together with ``block_size``."""
+    damping = check_positive_float(damping, "damping")
+    if normalizer is not None:
+        normalizer = check_positive_float(normalizer, "normalizer")
+    block_size = check_positive_int(block_size, "block_size", allow_none=True)
+    if layout is not None and not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    if block_size is not None and layout is not None:
+        raise ValueError("give block_size or layout, not both")
+    return damping, normalizer, block_size

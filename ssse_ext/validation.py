@@ -26,12 +26,14 @@ __all__ = [
     "check_int",
     "check_matrix",
     "check_module",
+    "check_vector",
     "check_nonneg_float",
     "check_nonneg_int",
     "check_positive_float",
     "check_positive_int",
     "check_reiterable",
     "is_pair",
+    "matrix_chunks",
 ]
 
 #: The dtypes of gradients and inverses.
@@ -159,6 +161,50 @@ def check_matrix(t, name: str, *, dim: int | None = None, dtype=None, device=Non
     if not all_finite(t):
         raise ValueError(f"{name} contains NaN or Inf")
     return t.contiguous()
+
+
+def matrix_chunks(grads, chunk_size: int | None, name: str = "grads", *, dim: int | None = None,
+                  dtype=None, device=None, like: str = "the inverse Fisher"):
+    """Validated 2-D chunks of ``grads`` (a tensor, or an iterable of tensors), split into at
+    most ``chunk_size`` rows; all chunks share ``dim``, ``dtype`` and ``device`` (by default
+    the first chunk's). An empty chunk is yielded as it is (it still tells d, dtype, device)."""
+    chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    if isinstance(grads, torch.Tensor):
+        source = [grads]
+    else:
+        try:
+            source = iter(grads)
+        except TypeError:
+            raise TypeError(f"{name} must be a (n, d) tensor or an iterable of (m, d) tensors, "
+                            f"got {type(grads).__name__}") from None
+    for k, chunk in enumerate(source):
+        label = name if isinstance(grads, torch.Tensor) else f"{name}[{k}]"
+        chunk = check_matrix(chunk, label, dim=dim, dtype=dtype, device=device, like=like)
+        dim, dtype, device = chunk.shape[1], chunk.dtype, chunk.device
+        if chunk.shape[0] == 0:
+            yield chunk
+            continue
+        step = chunk_size or chunk.shape[0]
+        for i in range(0, chunk.shape[0], step):
+            yield chunk[i:i + step]
+
+
+def check_vector(v, name: str, *, dim: int, dtype, device,
+                 like: str = "the inverse Fisher") -> tuple[torch.Tensor, bool]:
+    """A finite ``(dim,)`` or ``(dim, r)`` tensor of the given dtype and device; returns it as
+    a contiguous ``(dim, r)`` tensor and whether it was a vector."""
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
+    if v.dim() not in (1, 2) or v.shape[0] != dim:
+        raise ValueError(f"{name} must have shape ({dim},) or ({dim}, r), got {tuple(v.shape)}")
+    if v.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype} like {like}, got {v.dtype}")
+    if v.device != device:
+        raise ValueError(f"{name} must be on {device} like {like}, got {v.device}")
+    if not all_finite(v):
+        raise ValueError(f"{name} contains NaN or Inf")
+    vec = v.dim() == 1
+    return (v.reshape(-1, 1) if vec else v).contiguous(), vec
 
 
 # ---- models, callables and data ------------------------------------------------------------

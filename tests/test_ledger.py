@@ -199,7 +199,7 @@ def test_a_request_killed_between_any_two_writes_is_settled_by_the_next_run(
         assert code == 0 and "rolled back a request interrupted before it was recorded" in err
     else:  # the ledger had the line: completed, and the repeated id refused
         assert code == 2 and "request 'r1' is already in the ledger" in err
-        assert (settled is None) or f"completed request 'r1' interrupted by a crash" in err
+        assert settled is None or "completed request 'r1' interrupted by a crash" in err
     entries = Ledger(tmp_path / "ledger.jsonl").entries()
     assert [e["request"] for e in entries] == ["r1"]
     got, want = tensors_of(tmp_path), tensors_of(served / "reference")

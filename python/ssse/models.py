@@ -9,6 +9,13 @@ from torch import nn
 __all__ = ["LOSSES", "ResNet", "SmallResNet", "build_model", "loss_function"]
 
 
+def _images(x, channels: int, size: int, pool: int):
+    """Flat features as ``(m, channels, size, size)`` images, average-pooled by ``pool``."""
+    if x.dim() == 2:
+        x = x.view(x.shape[0], channels, size, size)
+    return F.avg_pool2d(x, pool) if pool > 1 else x
+
+
 def _groups(channels: int) -> int:
     """GroupNorm groups: 32 where the channels allow, with at least 4 channels per group."""
     return max(1, min(32, channels // 4))
@@ -54,11 +61,8 @@ class SmallResNet(nn.Module):
         self.in_channels = in_channels
 
     def forward(self, x):
-        if x.dim() == 2:  # flat features -> images
-            x = x.view(x.shape[0], self.in_channels, self.image_size, self.image_size)
-        if self.pool > 1:
-            x = F.avg_pool2d(x, self.pool)
-        x = F.relu(self.norm(self.stem(x)))
+        x = F.relu(self.norm(self.stem(_images(x, self.in_channels, self.image_size,
+                                               self.pool))))
         x = self.layer2(self.layer1(x))
         return self.head(x.mean(dim=(2, 3)))
 
@@ -98,11 +102,8 @@ class ResNet(nn.Module):
         self.head = nn.Linear(c, num_classes)
 
     def forward(self, x):
-        if x.dim() == 2:  # flat features -> images
-            x = x.view(x.shape[0], self.in_channels, self.image_size, self.image_size)
-        if self.pool > 1:
-            x = F.avg_pool2d(x, self.pool)
-        x = F.relu(self.norm(self.stem(x)))
+        x = F.relu(self.norm(self.stem(_images(x, self.in_channels, self.image_size,
+                                               self.pool))))
         return self.head(self.layers(x).mean(dim=(2, 3)))
 
 
