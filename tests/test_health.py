@@ -134,3 +134,21 @@ def test_probe_arguments_are_checked():
         ssse_ext.build_inverse_fisher(torch.randn(5, 10), damping=1.0, probe_vectors=-1)
     assert ssse_ext.build_inverse_fisher(torch.randn(5, 10), damping=1.0,
                                          probe_vectors=0).health() is None
+
+
+@pytest.mark.parametrize("representation", ["dual", "auto"])
+def test_the_probe_covers_dual_blocks(representation):
+    torch.manual_seed(4)
+    g = torch.randn(20, 70, dtype=F64)
+    layout = ssse_ext.BlockLayout.from_boundaries([10, 70])  # 10 (dense for auto), 60 (dual)
+    inv = ssse_ext.build_inverse_fisher(g, damping=0.1, layout=layout,
+                                        representation=representation)
+    assert "dual" in inv.representation
+    inv.downdate(g[:5])
+    dense = torch.block_diag(*[0.1 * torch.eye(s, dtype=F64) + g[5:, layout.slice(b)].T
+                               @ g[5:, layout.slice(b)] / 20
+                               for b, s in enumerate(layout.sizes)])
+    assert rel_err(inv.probe.fisher_x(0.1, 20), dense @ inv.probe.x) < 1e-13
+    assert inv.health().residual < 1e-12
+    tensors, meta = inv.to_state()
+    assert ssse_ext.BlockInverseFisher.from_state(tensors, meta).health().residual < 1e-12
