@@ -92,6 +92,28 @@ def _row_bytes(fm: FlatModel, params: dict, frozen: dict, x: torch.Tensor, minib
     return elem * (_ROW_COPIES * fm.dim + _ACTIVATION_COPIES * minibatch * acts)
 
 
+def _fit_bytes(layout: ssse_ext.BlockLayout, dtype: torch.dtype, representation: str,
+               rows: int | None) -> tuple[int, int]:
+    """Estimated bytes of a fit's result and of its accumulators: dense blocks hold a float64
+    Gram matrix and then the inverse; dual blocks their rows and a float64 kernel factor (with
+    ``rows`` known, at least one per sample)."""
+    elem = torch.finfo(dtype).bits // 8
+    if representation == "dense" or rows is None:
+        dual = [False] * layout.num_blocks
+    elif representation == "dual":
+        dual = [True] * layout.num_blocks
+    else:
+        dual = ssse_ext.choose_representation(layout.sizes, rows, dtype)
+    result = work = 0
+    for s, low in zip(layout.sizes, dual):
+        if low:
+            result += ssse_ext.dual.dual_nbytes(s, rows, dtype)
+        else:
+            result += s * s * elem
+            work += s * s * 8
+    return result, work
+
+
 def _plan_chunk_rows(per_row: int, budget: int) -> int:
     """Rows per chunk for a memory budget: as many as fit, between 1 and MAX_CHUNK_ROWS."""
     return max(1, min(MAX_CHUNK_ROWS, int(budget // max(per_row, 1))))
@@ -407,14 +429,14 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     device = check_device(device) or fm.device
     chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
     max_memory = check_positive_int(max_memory, "max_memory", allow_none=True)
-    if chunk_size is None and max_memory is None:
-        elem = torch.finfo(dtype).bits // 8
-        fixed = lay.numel * (8 + elem) if device == fm.device else 0
-        free = int(_MEMORY_SHARE * (available_memory(fm.device) - fixed))
-        max_memory = max(1, min(free, max(int(_CHUNK_SHARE_OF_INVERSE * lay.numel * elem),
-                                          _MIN_CHUNK_BYTES)))
     n = data_size(data)
     total = None if n is None else math.ceil(n / minibatch)
+    if chunk_size is None and max_memory is None:
+        result, work = _fit_bytes(lay, dtype, representation, total)
+        fixed = result + work if device == fm.device else 0
+        free = int(_MEMORY_SHARE * (available_memory(fm.device) - fixed))
+        max_memory = max(1, min(free, max(int(_CHUNK_SHARE_OF_INVERSE * result),
+                                          _MIN_CHUNK_BYTES)))
     bar = tqdm(total=total, unit="grad", desc="inverse Fisher", disable=not progress,
                leave=False)
 
