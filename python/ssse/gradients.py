@@ -412,6 +412,7 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
         if representation == "dual":
             raise ValueError('representation="dual" cannot be checkpointed (a resumable fit '
                              'keeps dense blocks): pass "dense" or "auto"')
+        representation = "dense"  # what the resumable fit builds (and plans memory for)
         if not is_pair(data) and isinstance(data, Iterator):
             raise TypeError(f"data must be an (X, y) pair or a re-iterable collection of "
                             f"batches to resume a fit from a checkpoint, got a one-shot "
