@@ -27,10 +27,10 @@ from torch import nn
 
 import ssse
 import ssse.distributed as D
-import ssse_ext
+from ssse.io import load_inverse_fisher, load_model
 from ssse_ext import BlockLayout
 
-from .testing import SAME, SOLVE, STABLE, rel_err
+from .testing import SOLVE, STABLE, rel_err
 
 N, FEATURES, CLASSES = 36, 5, 3
 DAMPING, WD, EPS = 0.1, 1e-2, 0.5
@@ -573,3 +573,51 @@ def test_an_empty_removal_on_every_rank_is_refused():
     er = D.Eraser(model, LOSS, damping=DAMPING, **LAYOUT).fit([(X, y)])
     with pytest.raises(ValueError, match=f"removed has {N} samples .*, but only {N} remain"):
         er.erase([(X, y)], epsilon=1.0)
+
+
+# ---- the command under torchrun ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """A model trained and erased with ``ssse`` in one process, and with ``torchrun
+    --nproc-per-node=2 -m ssse`` (the Gauss-Newton inverse and the Newton erasure)."""
+    from ssse.cli import main
+
+    d = tmp_path_factory.mktemp("cli")
+    model = str(d / "model.safetensors")
+    fit = ["--layout", "fixed", "--block-size", "100", "--curvature", "ggn", "--quiet"]
+    erase = ["--indices", "0-9,42", "--quiet"]
+    assert main(["train", "--data", "digits", "--train-limit", "120", "--out", str(d),
+                 "--quiet"]) == 0
+    assert main(["fisher", "--model", model, *fit, "--out", str(d / "one")]) == 0
+    assert main(["erase", "--model", model, "--fisher",
+                 str(d / "one" / "inverse_fisher.safetensors"), *erase,
+                 "--out", str(d / "one")]) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node=2", "-m", "ssse"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.run(torchrun + argv, capture_output=True, text=True, env=env,
+                           timeout=JOIN_TIMEOUT) for argv in (
+        ["fisher", "--model", model, *fit, "--exchange", "all_to_all", "--out", str(d / "two")],
+        ["erase", "--model", model, "--fisher", str(d / "two" / "inverse_fisher.index.json"),
+         *erase, "--out", str(d / "two")])]
+    return d, runs
+
+
+def test_torchrun_fits_and_erases_like_one_process(cli_runs):
+    d, (fit, erase) = cli_runs
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert erase.returncode == 0, erase.stderr[-3000:]
+    assert "on 2 ranks" in fit.stdout and "erased 11 of 120 samples" in erase.stdout
+    index = json.loads((d / "two" / "inverse_fisher.index.json").read_text())
+    assert index["world_size"] == 2 and index["meta"]["n_train"] == 120
+    inv, _ = D.load_inverse_fisher(d / "two" / "inverse_fisher.index.json")
+    one, _ = load_inverse_fisher(d / "one" / "inverse_fisher.safetensors")
+    assert rel_err(inv.gather().dense(), one.dense()) <= STABLE[torch.float64]
+    original, _ = load_model(d / "model.safetensors")
+    single, _ = load_model(d / "one" / "erased.safetensors")
+    sharded, meta = load_model(d / "two" / "erased.safetensors")
+    assert meta["erased"] == list(range(10)) + [42]
+    flat_of = lambda m: torch.cat([p.detach().reshape(-1) for p in m.parameters()])  # noqa
+    assert rel_err(flat_of(sharded), flat_of(single)) <= SOLVE[torch.float64]
+    assert rel_err(flat_of(single), flat_of(original)) > 1e-4

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 import ssse
+import ssse.distributed
 from ssse import metrics
 
 from ssse_ext import validation
@@ -138,6 +139,22 @@ def _removal_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of the class/attribute to erase (default: 0.5)")
 
 
+def _distributed_args(p: argparse.ArgumentParser, *, fit: bool) -> None:
+    from ssse import distributed
+
+    g = p.add_argument_group("under torchrun (torchrun --nproc-per-node=K -m ssse ...): every "
+                             "rank holds its share of the blocks and of the samples")
+    if fit:
+        g.add_argument("--exchange", choices=list(distributed.EXCHANGES), default="auto",
+                       help="reduce_scatter: every rank accumulates all blocks for its rows "
+                       "(fewest bytes); all_to_all: gradient slices go to the blocks' owners "
+                       "(1/K of the memory); auto: reduce_scatter when it fits and sends "
+                       "fewer bytes (default: auto)")
+    g.add_argument("--timeout", type=_positive_float, default=distributed.DEFAULT_TIMEOUT,
+                   metavar="SECONDS", help="how long a rank waits for the others before it "
+                   f"gives up (default: {distributed.DEFAULT_TIMEOUT:g})")
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="train, erase part of a class, retrain, compare (< 1 min)",
                        description="End to end on a small data set: train an L2 logistic "
@@ -195,7 +212,9 @@ def _add_fisher(sub) -> None:
     p.add_argument("--minibatch", type=_positive_int, default=1,
                    help="mean gradients of mini-batches of this size (default: 1)")
     p.add_argument("--output", default=None, metavar="FILE",
-                   help="inverse-Fisher file (default: DIR/inverse_fisher.safetensors)")
+                   help="inverse-Fisher file (default: DIR/inverse_fisher.safetensors; under "
+                   "torchrun the index of one file per rank, DIR/inverse_fisher.index.json)")
+    _distributed_args(p, fit=True)
     _common(p)
     p.set_defaults(func=_cmd_fisher)
 
@@ -217,6 +236,7 @@ def _add_erase(sub) -> None:
                    help="Fisher of D (paper) or of D∖S (default: full)")
     p.add_argument("--output", default=None, metavar="FILE",
                    help="erased model file (default: DIR/erased.safetensors)")
+    _distributed_args(p, fit=False)
     _common(p)
     p.set_defaults(func=_cmd_erase)
 
@@ -297,6 +317,16 @@ def _setup(args) -> None:
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device is available")
         args.device = dev
+    if _distributed(args):
+        # torchrun: one process per device (NCCL between GPUs, gloo on CPUs)
+        ssse.distributed.init(device=args.device, timeout=args.timeout)
+        if args.device.type == "cuda":
+            args.device = torch.device("cuda", torch.cuda.current_device())
+
+
+def _distributed(args) -> bool:
+    """Whether this command runs sharded: ``fisher`` and ``erase`` under torchrun."""
+    return args.command in ("fisher", "erase") and ssse.distributed.launched()
 
 
 def _dtype(args, default: torch.dtype) -> torch.dtype:
@@ -492,6 +522,8 @@ def _cmd_fisher(args) -> int:
     if not damping > 0:
         raise UsageError(f"--curvature {args.curvature}: the model was trained without weight "
                          "decay; give --damping")
+    if _distributed(args):
+        return _fisher_distributed(args, model, task, damping)
     t0 = time.perf_counter()
     try:
         inv = ssse.fit_inverse_fisher(model, task.loss_fn, task.data(), damping=damping,
@@ -515,15 +547,74 @@ def _cmd_fisher(args) -> int:
     return 0
 
 
+def _fisher_distributed(args, model, task, damping) -> int:
+    """``ssse fisher`` under torchrun: every rank fits its blocks from its share of the
+    samples, and writes its file; rank 0 writes the index."""
+    from ssse import distributed
+
+    mine = torch.arange(task.n)[list(distributed.share(task.n))]
+    t0 = time.perf_counter()
+    try:
+        inv = distributed.fit_inverse_fisher(
+            model, task.loss_fn, task.data(mine) if mine.numel() else [], damping=damping,
+            block_size=args.block_size, layout=args.layout, weight_decay=task.weight_decay,
+            minibatch=args.minibatch, curvature=args.curvature, likelihood=task.likelihood,
+            mc_samples=args.mc_samples, seed=args.seed, exchange=args.exchange)
+    except ValueError as exc:
+        if "layout" not in str(exc):
+            raise
+        raise UsageError(f"--layout {args.layout}: {exc}") from None
+    seconds = time.perf_counter() - t0
+    path = distributed.save_inverse_fisher(
+        _out_path(args, "inverse_fisher.index.json"), inv, model=str(Path(args.model).name),
+        minibatch=args.minibatch, n_train=task.n, seconds=seconds)
+    if inv.rank == 0:
+        stats = inv.fit_stats
+        print(f"inverse Fisher ({inv.curvature}): d={inv.dim}, {inv.layout.num_blocks} blocks "
+              f"(largest {inv.layout.max_block_size}) on {inv.world_size} ranks, "
+              f"λ={inv.damping:g}, N={inv.normalizer:g}, {inv.dtype}, fitted in "
+              f"{seconds:.2f} s ({stats['exchange']}, rank 0 sent {stats['bytes_sent']} bytes)")
+        print(path)
+    return 0
+
+
 def _load_fisher(args, model):
     from .io import FileFormatError, load_inverse_fisher
 
     path = _check_file(args.fisher, "--fisher")
+    dtype = next(model.parameters()).dtype
+    if ssse.distributed.is_index(path) or _distributed(args):
+        return _load_sharded_fisher(args, path, model, dtype)
     try:
-        inv, meta = load_inverse_fisher(path, device=args.device,
-                                        dtype=next(model.parameters()).dtype)
+        inv, meta = load_inverse_fisher(path, device=args.device, dtype=dtype)
     except FileFormatError as exc:
         raise UsageError(str(exc)) from None
+    d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if inv.dim != d:
+        raise UsageError(f"--fisher has dim {inv.dim}, the model has {d} parameters")
+    return inv, meta
+
+
+def _load_sharded_fisher(args, path, model, dtype):
+    """Under torchrun: this rank's blocks (of an index, re-sharded to this world size, or of a
+    single file). Otherwise: the whole inverse of an index."""
+    from ssse import distributed
+
+    from .io import FileFormatError, load_inverse_fisher
+
+    if distributed.is_index(path):
+        try:
+            inv, meta = distributed.load_inverse_fisher(path, device=args.device, dtype=dtype)
+        except ValueError as exc:
+            raise UsageError(f"--fisher: {exc}") from None
+        if not _distributed(args):
+            inv = inv.gather()
+    else:
+        try:
+            full, meta = load_inverse_fisher(path, device=args.device, dtype=dtype)
+        except FileFormatError as exc:
+            raise UsageError(str(exc)) from None
+        inv = distributed.ShardedInverseFisher.from_full(full)
     d = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if inv.dim != d:
         raise UsageError(f"--fisher has dim {inv.dim}, the model has {d} parameters")
@@ -540,6 +631,15 @@ def _cmd_erase(args) -> int:
     before = [int(i) for i in meta.get("erased", [])]
     removed = _removal(args, task, before)
     # samples erased by earlier requests are no longer part of D: n counts what remains
+    sharded = isinstance(inv, ssse.distributed.ShardedInverseFisher)
+    if sharded:  # every rank computes the gradients of its share of the samples
+        mine = removed[list(ssse.distributed.share(removed.numel()))]
+        api, data = ssse.distributed, (task.data(mine) if mine.numel() else [])
+        if args.refine_steps:
+            raise UsageError("--refine-steps: the sharded Newton erasure takes the Newton step "
+                             "only")
+    else:
+        api, data = ssse, task.data(removed)
     t0 = time.perf_counter()
     if args.epsilon is None:
         if inv.curvature != "ggn":
@@ -549,17 +649,20 @@ def _cmd_erase(args) -> int:
             raise UsageError("the Newton erasure needs the inverse of the data left; this model "
                              "already had samples erased with an inverse of the whole training "
                              "set: erase them in one request, or refit the inverse")
-        state = ssse.newton_erase(model, task.loss_fn, task.data(removed), inv_fisher=inv,
-                                  n_total=task.n, weight_decay=task.weight_decay,
-                                  likelihood=task.likelihood, refine_steps=args.refine_steps)
+        refine = {} if sharded else {"refine_steps": args.refine_steps}
+        state = api.newton_erase(model, task.loss_fn, data, inv_fisher=inv,
+                                 n_total=task.n, weight_decay=task.weight_decay,
+                                 likelihood=task.likelihood, **refine)
         how = f"the leave-k-out Newton step ({args.refine_steps} refinement steps)"
     else:
-        state = ssse.ssse_update(model, task.loss_fn, task.data(removed), inv_fisher=inv,
-                                 epsilon=args.epsilon, n_total=task.n - len(before),
-                                 weight_decay=task.weight_decay, fisher=args.variant,
-                                 minibatch=int(fmeta.get("minibatch", 1)))
+        state = api.ssse_update(model, task.loss_fn, data, inv_fisher=inv,
+                                epsilon=args.epsilon, n_total=task.n - len(before),
+                                weight_decay=task.weight_decay, fisher=args.variant,
+                                minibatch=int(fmeta.get("minibatch", 1)))
         how = f"ε={args.epsilon:g} ({args.variant} Fisher)"
     seconds = time.perf_counter() - t0
+    if sharded and inv.rank != 0:
+        return 0  # every rank holds the same parameters: rank 0 writes them
     model.load_state_dict(state)
     erased = sorted(set(before) | set(removed.tolist()))
     path = save_model(_out_path(args, "erased.safetensors"), model, spec=meta["spec"],
@@ -646,9 +749,13 @@ def main(argv: list[str] | None = None) -> int:
     from ssse_ext import NotPositiveDefiniteError
 
     from .data import DataUnavailableError
+    from .distributed import DistributedError
     try:
         _setup(args)
         return args.func(args)
+    except DistributedError as exc:  # another rank failed or was lost: this one stops too
+        print(f"ssse {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     except UsageError as exc:
         print(f"ssse {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -665,6 +772,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ssse {args.command}: interrupted (no partial files were written)",
               file=sys.stderr)
         return 130
+    finally:
+        if _distributed(args) and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover
