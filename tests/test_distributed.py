@@ -167,6 +167,13 @@ def scenario(rank, world, out: Path, opts, res):
     res["newton_1"] = flat(eg.erase(local(REMOVED_1, data)), model)
     res["newton_2"] = flat(eg.erase(local(REMOVED_2, data), epsilon=EPS), model)
 
+    # more ranks than blocks (18 parameters in blocks of 10 and 8): a rank holds none
+    few = D.Eraser(model, LOSS, damping=DAMPING, weight_decay=WD, layout="fixed",
+                   block_size=10).fit(mine)
+    res["few_blocks"] = few.inv_fisher.blocks
+    few.erase(local(REMOVED_1, data), epsilon=EPS)
+    res["few_1"] = flat(few.erase(local(REMOVED_2, data), epsilon=EPS), model)
+
     index = out / f"save{world}" / "inverse_fisher.index.json"
     D.save_inverse_fisher(index, inv_b, note=world)
     again, meta = D.load_inverse_fisher(index)
@@ -213,6 +220,10 @@ def single_process():
     eg.fit(data)
     ref["newton_1"] = flat(eg.erase(rem(REMOVED_1)), model)
     ref["newton_2"] = flat(eg.erase(rem(REMOVED_2), epsilon=EPS), model)
+    few = ssse.Eraser(model, LOSS, damping=DAMPING, weight_decay=WD, layout="fixed",
+                      block_size=10).fit(data)
+    few.erase(rem(REMOVED_1), epsilon=EPS)
+    ref["few_1"] = flat(few.erase(rem(REMOVED_2), epsilon=EPS), model)
     ref["numel"] = [s * s for s in inv.layout.sizes]
     return ref
 
@@ -296,6 +307,14 @@ def test_the_erased_model_equals_the_single_process_one_with_the_same_bits_on_ev
         assert torch.equal(res[key], results[0][key])
     assert rel_err(results[0][key], runs["ref"][key]) <= SOLVE[torch.float64]
     assert not torch.equal(results[0][key], flat(problem()[2].state_dict(), problem()[2]))
+
+
+def test_sequential_requests_work_with_more_ranks_than_blocks(runs):
+    results, _ = runs[3]
+    assert [res["few_blocks"] for res in results] == [(0, 1), (1, 2), (2, 2)]
+    for res in results:
+        assert torch.equal(res["few_1"], results[0]["few_1"])
+    assert rel_err(results[0]["few_1"], runs["ref"]["few_1"]) <= SOLVE[torch.float64]
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -1240,6 +1240,8 @@ class Eraser:
         # every owner checked its downdate above: these writes cannot fail
         if inv.local.layout.num_blocks:
             inv.local.downdate(mine)
+        else:  # a rank without blocks keeps the same count of rows as the owners
+            inv.local.num_samples -= mine.shape[0]
         state = finish_update(self._fm, theta, inplace=inplace, what=what)
         self.theta, self.n = theta, self.n - k
         self.history.append((k, eps))
