@@ -139,6 +139,11 @@ def scenario(rank, world, out: Path, opts, res):
     res["ssse_lko"] = flat(D.ssse_update(model, LOSS, local(REMOVED_1, data), inv_fisher=inv_a,
                                          epsilon=EPS, n_total=N, weight_decay=WD,
                                          fisher="leave_k_out"), model)
+    kept = [i for i in range(N) if i not in REMOVED_1]
+    res["ssse_retained"] = flat(D.ssse_update(model, LOSS, local(REMOVED_1, data),
+                                              inv_fisher=inv_b, epsilon=EPS, n_total=N,
+                                              weight_decay=WD, gradient="retained",
+                                              retained=local(kept, data)), model)
     inv_g = D.fit_inverse_fisher(model, LOSS, mine, damping=WD, weight_decay=WD,
                                  curvature="ggn", **LAYOUT)
     res["newton"] = flat(D.newton_erase(model, LOSS, local(REMOVED_1, data), inv_fisher=inv_g,
@@ -208,6 +213,11 @@ def single_process():
     ref["ssse_lko"] = flat(ssse.ssse_update(model, LOSS, rem(REMOVED_1), inv_fisher=inv,
                                             epsilon=EPS, n_total=N, weight_decay=WD,
                                             fisher="leave_k_out"), model)
+    kept = [i for i in range(N) if i not in REMOVED_1]
+    ref["ssse_retained"] = flat(ssse.ssse_update(model, LOSS, rem(REMOVED_1), inv_fisher=inv,
+                                                 epsilon=EPS, n_total=N, weight_decay=WD,
+                                                 gradient="retained", retained=rem(kept)),
+                                model)
     inv_g = ssse.fit_inverse_fisher(model, LOSS, data, damping=WD, weight_decay=WD,
                                     curvature="ggn", progress=False, **LAYOUT)
     ref["newton"] = flat(ssse.newton_erase(model, LOSS, rem(REMOVED_1), inv_fisher=inv_g,
@@ -298,8 +308,8 @@ def _sizes(numel):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("key", ["ssse_full", "ssse_lko", "newton", "eraser_1", "eraser_2",
-                                 "newton_1", "newton_2"])
+@pytest.mark.parametrize("key", ["ssse_full", "ssse_lko", "ssse_retained", "newton",
+                                 "eraser_1", "eraser_2", "newton_1", "newton_2"])
 def test_the_erased_model_equals_the_single_process_one_with_the_same_bits_on_every_rank(
         runs, world, key):
     results, _ = runs[world]

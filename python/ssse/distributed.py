@@ -147,6 +147,9 @@ class Sharding:
             raise ValueError(f"bounds must rise from 0 to the layout's {nb} blocks with at least "
                              f"one rank, got {list(self.bounds)}")
         object.__setattr__(self, "bounds", bounds)
+        # the first parameter of every range (asked for per chunk of rows, so kept)
+        starts = [self.layout.starts[b] if b < nb else self.layout.dim for b in bounds]
+        object.__setattr__(self, "_starts", tuple(starts))
 
     @classmethod
     def balanced(cls, layout: ssse_ext.BlockLayout, world_size: int) -> "Sharding":
@@ -215,9 +218,8 @@ class Sharding:
 
     def columns(self, rank: int) -> slice:
         """The parameters covered by the blocks of rank ``rank``."""
-        first, last = self.blocks(rank)
-        start = self.layout.starts[first] if first < self.layout.num_blocks else self.layout.dim
-        return slice(start, start + sum(self.layout.sizes[first:last]))
+        rank = self._rank(rank)
+        return slice(self._starts[rank], self._starts[rank + 1])
 
     def width(self, rank: int) -> int:
         c = self.columns(rank)
@@ -462,10 +464,10 @@ class _Comm:
                         what: str, kind: str = "rows") -> torch.Tensor:
         """The owners' column slices of every rank's ``(m_q, d)`` rows (``counts[q] = m_q``,
         this rank's ``rows`` of ``counts[rank]`` rows): ``(sum_q m_q, width)`` on this rank, in
-        rank order, on the communication device."""
+        rank order, on the communication device (one rank: on ``rows``' device)."""
         width = sharding.width(self.rank)
         if self.size == 1:
-            return rows.to(self.device)[:, sharding.columns(0)].contiguous()
+            return rows[:, sharding.columns(0)].contiguous()
         m = counts[self.rank]
         rows = rows.to(self.device)
         send = torch.cat([rows[:, sharding.columns(r)].reshape(-1) for r in range(self.size)]) \
@@ -828,11 +830,36 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     return inv
 
 
+class _Gather:
+    """Feeds accumulators chunks of at least ``acc.gather_rows`` rows (a kernel call on few
+    rows is inefficient), concatenating smaller ones."""
+
+    def __init__(self, accs: list, rows: int):
+        self.accs, self.rows, self.held, self.count = accs, max(1, rows), [], 0
+
+    def add(self, chunk: torch.Tensor) -> None:
+        if chunk.shape[0] == 0:
+            return
+        self.held.append(chunk)
+        self.count += chunk.shape[0]
+        if self.count >= self.rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.held:
+            return
+        rows = self.held[0] if len(self.held) == 1 else torch.cat(self.held)
+        self.held, self.count = [], 0
+        for acc in self.accs:
+            acc.add(rows)
+
+
 def _fit_all_to_all(comm: _Comm, sharding: Sharding, stream, info: dict, dt, dev):
     """Design (b): every chunk's column slices go to their owners, which accumulate their
     blocks over all rows. Returns (the accumulator, rows of all ranks, rows per sample)."""
     width = sharding.width(comm.rank)
     acc = ssse_ext.GramAccumulator(sharding.sub_layout(comm.rank), dt, dev)
+    feed = _Gather([acc], acc.gather_rows)
     done, total, per_sample = False, 0, 0
     while True:
         chunk, error = (None, None) if done else _chunks_with_status(stream)
@@ -851,8 +878,9 @@ def _fit_all_to_all(comm: _Comm, sharding: Sharding, stream, info: dict, dt, dev
         part = comm.all_to_all_rows(chunk, sharding, counts,
                                     "fit_inverse_fisher (exchange of gradient slices)")
         if width:
-            acc.add(part.to(dev))
+            feed.add(part.to(dev))  # a new receive buffer every round: safe to hold
         total += sum(counts)
+    feed.flush()
     return acc, total, per_sample
 
 
@@ -862,16 +890,16 @@ def _fit_reduce_scatter(comm: _Comm, sharding: Sharding, stream, info: dict, dt,
     lay = sharding.layout
     accs = [ssse_ext.GramAccumulator(lay, dt, dev, first=f, last=l)
             for f, l in (sharding.blocks(r) for r in range(comm.size))]
+    feed = _Gather(accs, accs[comm.rank].gather_rows)
     rows_here, error = 0, None
     while True:
         chunk, error = _chunks_with_status(stream)
         if chunk is None:
             break
-        if chunk.shape[0]:
-            chunk = chunk.to(dev)
-            for acc in accs:
-                acc.add(chunk)
-            rows_here += chunk.shape[0]
+        feed.add(chunk.to(dev))
+        rows_here += chunk.shape[0]
+    if error is None:
+        feed.flush()
     rows = comm.status([rows_here, info.get("rows_per_sample", 0)], error,
                        "fit_inverse_fisher (the gradients)")
     total = sum(r[0] for r in rows)
