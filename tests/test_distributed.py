@@ -132,6 +132,7 @@ def scenario(rank, world, out: Path, opts, res):
     inv32 = D.fit_inverse_fisher(model32, LOSS, [(X32[list(D.share(N))], y32[list(D.share(N))])],
                                  damping=DAMPING, weight_decay=WD, chunk_size=4, **LAYOUT)
     res["fit_f32"] = inv32.gather().dense()
+    res["auto"] = inv32.fit_stats["exchange"]
 
     data = (X, y)
     res["ssse_full"] = flat(D.ssse_update(model, LOSS, local(REMOVED_1, data), inv_fisher=inv_b,
@@ -296,6 +297,26 @@ def test_the_exchanges_account_for_their_bytes_and_memory(runs, world):
         width = sum(sizes[bounds[r]:bounds[r + 1]])
         assert b["bytes_sent"] == 8 * (hi - lo) * (sum(sizes) - width)
         assert a["rows"] == b["rows"] == N
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_auto_takes_the_reduce_scatter_when_it_fits_and_sends_less(runs, world):
+    assert {res["auto"] for res in runs[world][0]} == {"reduce_scatter"}
+
+
+@pytest.mark.parametrize("requested, size, fits, rows, expected", [
+    ("auto", 2, True, None, "reduce_scatter"),     # a training set of unknown size: large
+    ("auto", 2, True, 10_000, "reduce_scatter"),   # 8 numel P < n d e
+    ("auto", 2, True, 100, "all_to_all"),          # few rows: their slices are fewer bytes
+    ("auto", 2, False, 10_000, "all_to_all"),      # the accumulators do not fit everywhere
+    ("auto", 1, True, 10_000, "all_to_all"),       # one rank: nothing to exchange
+    ("reduce_scatter", 2, False, 100, "reduce_scatter"),
+])
+def test_the_exchange_auto_stands_for(requested, size, fits, rows, expected):
+    # d = 1024 in blocks of 256 (numel = 1024 * 256), float32: the crossover is 8 B P / 4 rows
+    assert D._choose_exchange(requested, size, fits, rows, 1024 * 256, 1024, 4) == expected
+    if requested == "auto" and fits and size == 2 and rows:
+        assert (expected == "reduce_scatter") == (rows > 8 * 256 * size / 4)
 
 
 def _share(n, rank, world):
