@@ -109,7 +109,7 @@ def rank_main(rank: int, world: int, init: str, args, out: str) -> None:
     for design in DESIGNS:
         # checked before timing: the whole inverse against the single-process one
         inv = D.fit_inverse_fisher(model, loss, mine, exchange=design, **fit_kwargs(args))
-        first, last = inv.blocks
+        first, last = inv.block_range
         offsets = inv.layout.offsets
         lo = offsets[first] if first < last else 0
         want = ref[lo:lo + inv.local.packed.numel()].double()
@@ -130,7 +130,7 @@ def rank_main(rank: int, world: int, init: str, args, out: str) -> None:
                      "control_bytes": s["control_bytes"],
                      "accumulator_bytes": s["accumulator_bytes"],
                      "inverse_bytes": s["inverse_bytes"], "rel_error": error,
-                     "blocks": list(inv.blocks)})
+                     "blocks": list(inv.block_range)})
         del inv
     (Path(out) / f"rows-{world}-{rank}.json").write_text(json.dumps(rows))
     dist.barrier()

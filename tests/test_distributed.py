@@ -176,7 +176,7 @@ def scenario(rank, world, out: Path, opts, res):
     # more ranks than blocks (18 parameters in blocks of 10 and 8): a rank holds none
     few = D.Eraser(model, LOSS, damping=DAMPING, weight_decay=WD, layout="fixed",
                    block_size=10).fit(mine)
-    res["few_blocks"] = few.inv_fisher.blocks
+    res["few_blocks"] = few.inv_fisher.block_range
     few.erase(local(REMOVED_1, data), epsilon=EPS)
     res["few_1"] = flat(few.erase(local(REMOVED_2, data), epsilon=EPS), model)
 
@@ -507,7 +507,7 @@ def test_one_process_without_a_group_equals_the_single_process_fit():
     for exchange in ("reduce_scatter", "all_to_all", "auto"):
         inv = D.fit_inverse_fisher(model, LOSS, [(X, y)], damping=DAMPING, weight_decay=WD,
                                    chunk_size=7, exchange=exchange, **LAYOUT)
-        assert inv.world_size == 1 and inv.blocks == (0, 5)
+        assert inv.world_size == 1 and inv.block_range == (0, 5)
         assert rel_err(inv.gather().dense(), ref.dense()) <= STABLE[torch.float64]
         assert inv.fit_stats["bytes_sent"] == 0
 

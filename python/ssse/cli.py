@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -746,6 +747,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(bench.main(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if ssse.distributed.launched() and not _distributed(args) and \
+            os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun only fisher and erase are sharded: rank 0 runs the others
     from ssse_ext import NotPositiveDefiniteError
 
     from .data import DataUnavailableError

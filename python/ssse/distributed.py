@@ -619,8 +619,8 @@ class ShardedInverseFisher:
         return self.sharding.world_size
 
     @property
-    def blocks(self) -> tuple[int, int]:
-        """``(first, last)`` of the blocks held here."""
+    def block_range(self) -> tuple[int, int]:
+        """``(first, last)``: the blocks ``first .. last - 1`` of the layout held here."""
         return self.sharding.blocks(self.rank)
 
     @property
@@ -644,9 +644,11 @@ class ShardedInverseFisher:
             raise TypeError(f"inv must be a ssse_ext.BlockInverseFisher, got {type(inv).__name__}")
         rank, size = _rank_and_size(group)
         sharding = Sharding.balanced(inv.layout, size) if sharding is None else sharding
-        if not isinstance(sharding, Sharding) or sharding.layout != inv.layout or \
-                sharding.world_size != size:
-            raise ValueError(f"sharding must partition the inverse's layout over {size} ranks")
+        if not isinstance(sharding, Sharding):
+            raise TypeError(f"sharding must be a Sharding, got {type(sharding).__name__}")
+        if sharding.layout != inv.layout or sharding.world_size != size:
+            raise ValueError(f"sharding must partition the inverse's layout ({inv.layout!r}) "
+                             f"over the group's {size} ranks, got {sharding!r}")
         first, last = sharding.blocks(rank)
         offsets = inv.layout.offsets
         lo = offsets[first] if first < last else 0
@@ -669,7 +671,7 @@ class ShardedInverseFisher:
         return ssse_ext.BlockInverseFisher(segments, self.config, self.num_samples)
 
     def __repr__(self) -> str:
-        first, last = self.blocks
+        first, last = self.block_range
         return (f"ShardedInverseFisher(rank={self.rank} of {self.world_size}, blocks {first}.."
                 f"{last - 1} of {self.layout.num_blocks}, dim={self.dim}, "
                 f"damping={self.damping:g}, normalizer={self.normalizer:g}, "
@@ -1362,7 +1364,7 @@ def save_inverse_fisher(path: str | os.PathLike, inv: ShardedInverseFisher, *, g
     word = torch.tensor([secrets.randbits(62) if comm.rank == 0 else 0], dtype=torch.int64)
     token = f"{int(comm.broadcast(word, 0, 'save_inverse_fisher (token)')[0]):016x}"[-12:]
     shard = path.parent / _shard_name(path, token, comm.rank, comm.size)
-    first, last = inv.blocks
+    first, last = inv.block_range
     seg_bounds, b = [first], first
     for t in inv.local.segments:
         numel = 0
