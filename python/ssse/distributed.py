@@ -855,14 +855,26 @@ class _Gather:
 
 def _fit_all_to_all(comm: _Comm, sharding: Sharding, stream, info: dict, dt, dev):
     """Design (b): every chunk's column slices go to their owners, which accumulate their
-    blocks over all rows. Returns (the accumulator, rows of all ranks, rows per sample)."""
+    blocks over all rows. Returns (the accumulator, rows of all ranks, rows per sample).
+
+    Every round starts with the ranks' status (rows of their next chunk, or done, or failed),
+    so a rank whose gradients, accumulation or memory failed stops every rank at the next
+    round."""
     width = sharding.width(comm.rank)
-    acc = ssse_ext.GramAccumulator(sharding.sub_layout(comm.rank), dt, dev)
-    feed = _Gather([acc], acc.gather_rows)
+
+    def allocate():
+        acc = ssse_ext.GramAccumulator(sharding.sub_layout(comm.rank), dt, dev)
+        return acc, _Gather([acc], acc.gather_rows)
+
+    made, error = _local(allocate)
+    comm.agree(error, "fit_inverse_fisher (the accumulators)")
+    acc, feed = made
     done, total, per_sample = False, 0, 0
     while True:
-        chunk, error = (None, None) if done else _chunks_with_status(stream)
-        done = done or (chunk is None and error is None)
+        chunk = None
+        if not done and error is None:
+            chunk, error = _chunks_with_status(stream)
+            done = chunk is None and error is None
         m = 0 if chunk is None else chunk.shape[0]
         rows = comm.status([int(done), m, info.get("rows_per_sample", 0)], error,
                            "fit_inverse_fisher (the gradients of a chunk)")
@@ -876,10 +888,11 @@ def _fit_all_to_all(comm: _Comm, sharding: Sharding, stream, info: dict, dt, dev
             chunk = torch.zeros(0, sharding.layout.dim, dtype=dt)
         part = comm.all_to_all_rows(chunk, sharding, counts,
                                     "fit_inverse_fisher (exchange of gradient slices)")
-        if width:
-            feed.add(part.to(dev))  # a new receive buffer every round: safe to hold
+        if width:  # a new receive buffer every round: safe to hold
+            _, error = _local(lambda: feed.add(part.to(dev)))
         total += sum(counts)
-    feed.flush()
+    _, error = _local(feed.flush)
+    comm.agree(error, "fit_inverse_fisher (the accumulation)")
     return acc, total, per_sample
 
 
@@ -898,19 +911,20 @@ def _choose_exchange(requested: str, size: int, all_fit: bool, rows: int | None,
 def _fit_reduce_scatter(comm: _Comm, sharding: Sharding, stream, info: dict, dt, dev):
     """Design (a): every rank accumulates all blocks for its rows; each owner then receives the
     sum of its blocks, one in-place reduce per group of accumulators."""
-    lay = sharding.layout
-    accs = [ssse_ext.GramAccumulator(lay, dt, dev, first=f, last=l)
-            for f, l in (sharding.blocks(r) for r in range(comm.size))]
-    feed = _Gather(accs, accs[comm.rank].gather_rows)
-    rows_here, error = 0, None
-    while True:
-        chunk, error = _chunks_with_status(stream)
-        if chunk is None:
-            break
-        feed.add(chunk.to(dev))
-        rows_here += chunk.shape[0]
-    if error is None:
+    rows_here = 0
+
+    def accumulate():
+        nonlocal rows_here
+        accs = [ssse_ext.GramAccumulator(sharding.layout, dt, dev, first=f, last=l)
+                for f, l in (sharding.blocks(r) for r in range(comm.size))]
+        feed = _Gather(accs, accs[comm.rank].gather_rows)
+        for chunk in stream:
+            feed.add(chunk.to(dev))
+            rows_here += chunk.shape[0]
         feed.flush()
+        return accs
+
+    accs, error = _local(accumulate)
     rows = comm.status([rows_here, info.get("rows_per_sample", 0)], error,
                        "fit_inverse_fisher (the gradients)")
     total = sum(r[0] for r in rows)
