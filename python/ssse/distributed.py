@@ -952,15 +952,18 @@ def _rows_of(fm: FlatModel, loss_fn, batches, *, dtype, curvature: str, likeliho
     return torch.cat(chunks)
 
 
-def _removal_size(comm: _Comm, k_local: int | None, error, what: str, n: int | None) -> int:
-    """The removed samples of all ranks (agreed), checked against the ``n`` training samples."""
+def _removal_size(comm: _Comm, k_local: int | None, error, what: str) -> int:
+    """The removed samples of all ranks (agreed on)."""
     k = sum(r[0] for r in comm.status([k_local or 0], error, what))
     if k == 0:
         raise ValueError("removed is empty on every rank: nothing to erase")
-    if n is not None and n <= k:
+    return k
+
+
+def _check_remaining(n: int, k: int) -> None:
+    if n <= k:
         raise ValueError(f"n_total must be larger than the number of removed samples k={k} "
                          f"(all ranks), got {n}")
-    return k
 
 
 def _owner_step(comm: _Comm, inv: ShardedInverseFisher, step: Callable[[], torch.Tensor],
@@ -1042,13 +1045,10 @@ def ssse_update(model: nn.Module, loss_fn, removed, *, inv_fisher: ShardedInvers
         return fm, eps, n, v.to(dev), rows, k, digest
 
     prepared, error = _local(prepare)
-    k = _removal_size(comm, None if prepared is None else prepared[5], error, "ssse_update",
-                      None)
+    k = _removal_size(comm, None if prepared is None else prepared[5], error, "ssse_update")
     fm, eps, n, v, rows, _, digest = prepared
     comm.same(digest, "ssse_update: the model's parameters, the inverse or the arguments")
-    if n <= k:
-        raise ValueError(f"n_total must be larger than the number of removed samples k={k} "
-                         f"(all ranks), got {n}")
+    _check_remaining(n, k)
     inv, cols = inv_fisher, inv_fisher.columns
     v = comm.all_reduce_sum(v, "ssse_update (sum of the gradients)")
     if rows is not None:
@@ -1114,13 +1114,10 @@ def newton_erase(model: nn.Module, loss_fn, removed, *, inv_fisher: ShardedInver
         return fm, n, w, rows, g, k, digest
 
     prepared, error = _local(prepare)
-    k = _removal_size(comm, None if prepared is None else prepared[5], error, "newton_erase",
-                      None)
+    k = _removal_size(comm, None if prepared is None else prepared[5], error, "newton_erase")
     fm, n, w, rows, g, _, digest = prepared
     comm.same(digest, "newton_erase: the model's parameters, the inverse or the arguments")
-    if n <= k:
-        raise ValueError(f"n_total must be larger than the number of removed samples k={k} "
-                         f"(all ranks), got {n}")
+    _check_remaining(n, k)
     delta = _shift(inv_fisher, n, k, w)
     theta_hat = _newton_step(comm, inv_fisher, fm.flat(dtype=torch.float64), rows, g, n,
                              delta, fm.dtype, "the Newton erasure")
@@ -1261,7 +1258,7 @@ class Eraser:
 
         prepared, error = _local(prepare)
         k = _removal_size(comm, None if prepared is None else prepared[1], error,
-                          "Eraser.erase", None)
+                          "Eraser.erase")
         eps, _, rows, v, digest = prepared
         comm.same(digest, "Eraser.erase: the parameters, the inverse or the arguments")
         if k >= self.n:
