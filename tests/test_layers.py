@@ -10,9 +10,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL = sorted((ROOT / "ssse_ext").glob("*.py"))
-CORE = sorted(p for p in (ROOT / "python" / "ssse").glob("*.py") if p.name != "cli.py")
+ENTRY = ("cli.py", "__main__.py")  # the command and ``python -m ssse``
+CORE = sorted(p for p in (ROOT / "python" / "ssse").glob("*.py") if p.name not in ENTRY)
 CLIENTS = sorted((ROOT / "python" / "ssse" / "experiments").glob("*.py")) + \
-    [ROOT / "python" / "ssse" / "cli.py"]
+    [ROOT / "python" / "ssse" / name for name in ENTRY]
 
 #: What the core must not import (the modules and everything below them).
 NOT_IN_CORE = ("ssse.experiments", "ssse.cli", "ssse_ext.bench")

@@ -21,6 +21,7 @@ import torch
 
 import ssse
 import ssse_ext
+import ssse.distributed
 from ssse import metrics
 
 from ssse_ext import validation
@@ -200,6 +201,22 @@ def _parser(sub, name: str, **kwargs) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help_, description=description, **kwargs)
 
 
+def _distributed_args(p: argparse.ArgumentParser, *, fit: bool) -> None:
+    from ssse import distributed
+
+    g = p.add_argument_group("under torchrun (torchrun --nproc-per-node=K -m ssse ...): every "
+                             "rank holds its share of the blocks and of the samples")
+    if fit:
+        g.add_argument("--exchange", choices=list(distributed.EXCHANGES), default="auto",
+                       help="reduce_scatter: every rank accumulates all blocks for its rows "
+                       "(fewest bytes); all_to_all: gradient slices go to the blocks' owners "
+                       "(1/K of the memory); auto: reduce_scatter when it fits and sends "
+                       "fewer bytes (default: auto)")
+    g.add_argument("--timeout", type=_positive_float, default=distributed.DEFAULT_TIMEOUT,
+                   metavar="SECONDS", help="how long a rank waits for the others before it "
+                   f"gives up (default: {distributed.DEFAULT_TIMEOUT:g})")
+
+
 def _add_demo(sub) -> None:
     p = _parser(sub, "demo")
     _data_args(p)
@@ -250,7 +267,10 @@ def _add_fisher(sub) -> None:
                    "the inverse is saved)")
     p.add_argument("--every", type=_positive_int, default=None, metavar="N",
                    help="samples between checkpoints (default: every 5 minutes)")
-    _common(p, output=("inverse-Fisher", "inverse_fisher.safetensors"), func=_cmd_fisher)
+    _distributed_args(p, fit=True)
+    _common(p, output=("inverse-Fisher", "inverse_fisher.safetensors; under torchrun the "
+                       "index of one file per rank, DIR/inverse_fisher.index.json"),
+            func=_cmd_fisher)
 
 
 def _add_erase(sub) -> None:
@@ -274,6 +294,7 @@ def _add_erase(sub) -> None:
     g.add_argument("--request-id", default=None, metavar="ID",
                    help="the request's id in the ledger (default: a random one); an id "
                    "already in the ledger is refused")
+    _distributed_args(p, fit=False)
     _common(p, output=("erased model", "erased.safetensors"), func=_cmd_erase)
 
 
@@ -359,6 +380,16 @@ def _setup(args) -> None:
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device is available")
         args.device = dev
+    if _distributed(args):
+        # torchrun: one process per device (NCCL between GPUs, gloo on CPUs)
+        ssse.distributed.init(device=args.device, timeout=args.timeout)
+        if args.device.type == "cuda":
+            args.device = torch.device("cuda", torch.cuda.current_device())
+
+
+def _distributed(args) -> bool:
+    """Whether this command runs sharded: ``fisher`` and ``erase`` under torchrun."""
+    return args.command in ("fisher", "erase") and ssse.distributed.launched()
 
 
 def _dtype(args, default: torch.dtype) -> torch.dtype:
@@ -655,6 +686,11 @@ def _cmd_fisher(args) -> int:
                          "decay; give --damping")
     if args.every is not None and args.checkpoint is None:
         raise UsageError("--every needs --checkpoint")
+    if _distributed(args):
+        if args.checkpoint:
+            raise UsageError("--checkpoint: the sharded fit under torchrun is not resumable; "
+                             "run it without --checkpoint")
+        return _fisher_distributed(args, model, task, damping)
     resumed = ""
     if args.checkpoint and Path(args.checkpoint).exists():
         from .io import FileFormatError, load_checkpoint
@@ -694,15 +730,74 @@ def _cmd_fisher(args) -> int:
     return 0
 
 
+def _fisher_distributed(args, model, task, damping) -> int:
+    """``ssse fisher`` under torchrun: every rank fits its blocks from its share of the
+    samples, and writes its file; rank 0 writes the index."""
+    from ssse import distributed
+
+    mine = torch.arange(task.n)[list(distributed.share(task.n))]
+    t0 = time.perf_counter()
+    try:
+        inv = distributed.fit_inverse_fisher(
+            model, task.loss_fn, task.data(mine) if mine.numel() else [], damping=damping,
+            block_size=args.block_size, layout=args.layout, weight_decay=task.weight_decay,
+            minibatch=args.minibatch, curvature=args.curvature, likelihood=task.likelihood,
+            mc_samples=args.mc_samples, seed=args.seed, exchange=args.exchange)
+    except ValueError as exc:
+        if "layout" not in str(exc):
+            raise
+        raise UsageError(f"--layout {args.layout}: {exc}") from None
+    seconds = time.perf_counter() - t0
+    path = distributed.save_inverse_fisher(
+        _out_path(args, "inverse_fisher.index.json"), inv, model=str(Path(args.model).name),
+        minibatch=args.minibatch, n_train=task.n, seconds=seconds)
+    if inv.rank == 0:
+        stats = inv.fit_stats
+        print(f"inverse Fisher ({inv.curvature}): d={inv.dim}, {inv.layout.num_blocks} blocks "
+              f"(largest {inv.layout.max_block_size}) on {inv.world_size} ranks, "
+              f"λ={inv.damping:g}, N={inv.normalizer:g}, {inv.dtype}, fitted in "
+              f"{seconds:.2f} s ({stats['exchange']}, rank 0 sent {stats['bytes_sent']} bytes)")
+        print(path)
+    return 0
+
+
 def _load_fisher(args, model):
     from .io import FileFormatError, load_inverse_fisher
 
     path = _check_file(args.fisher, "--fisher")
+    dtype = next(model.parameters()).dtype
+    if ssse.distributed.is_index(path) or _distributed(args):
+        return _load_sharded_fisher(args, path, model, dtype)
     try:
-        inv, meta = load_inverse_fisher(path, device=args.device,
-                                        dtype=next(model.parameters()).dtype)
+        inv, meta = load_inverse_fisher(path, device=args.device, dtype=dtype)
     except FileFormatError as exc:
         raise UsageError(str(exc)) from None
+    d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if inv.dim != d:
+        raise UsageError(f"--fisher has dim {inv.dim}, the model has {d} parameters")
+    return inv, meta
+
+
+def _load_sharded_fisher(args, path, model, dtype):
+    """Under torchrun: this rank's blocks (of an index, re-sharded to this world size, or of a
+    single file). Otherwise: the whole inverse of an index."""
+    from ssse import distributed
+
+    from .io import FileFormatError, load_inverse_fisher
+
+    if distributed.is_index(path):
+        try:
+            inv, meta = distributed.load_inverse_fisher(path, device=args.device, dtype=dtype)
+        except ValueError as exc:
+            raise UsageError(f"--fisher: {exc}") from None
+        if not _distributed(args):
+            inv = inv.gather()
+    else:
+        try:
+            full, meta = load_inverse_fisher(path, device=args.device, dtype=dtype)
+        except FileFormatError as exc:
+            raise UsageError(str(exc)) from None
+        inv = distributed.ShardedInverseFisher.from_full(full)
     d = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if inv.dim != d:
         raise UsageError(f"--fisher has dim {inv.dim}, the model has {d} parameters")
@@ -713,6 +808,9 @@ def _cmd_erase(args) -> int:
     from .io import save_model
 
     if args.ledger:
+        if _distributed(args):
+            raise UsageError("--ledger: requests are served by one process; run it without "
+                             "torchrun")
         return _serve(args)
     if args.request_id is not None:
         raise UsageError("--request-id needs --ledger")
@@ -723,6 +821,15 @@ def _cmd_erase(args) -> int:
     before = [int(i) for i in meta.get("erased", [])]
     removed = _removal(args, task, before)
     # samples erased by earlier requests are no longer part of D: n counts what remains
+    sharded = isinstance(inv, ssse.distributed.ShardedInverseFisher)
+    if sharded:  # every rank computes the gradients of its share of the samples
+        mine = removed[list(ssse.distributed.share(removed.numel()))]
+        api, data = ssse.distributed, (task.data(mine) if mine.numel() else [])
+        if args.refine_steps:
+            raise UsageError("--refine-steps: the sharded Newton erasure takes the Newton step "
+                             "only")
+    else:
+        api, data = ssse, task.data(removed)
     t0 = time.perf_counter()
     if args.epsilon is None:
         if inv.curvature != "ggn":
@@ -732,17 +839,20 @@ def _cmd_erase(args) -> int:
             raise UsageError("the Newton erasure needs the inverse of the data left; this model "
                              "already had samples erased with an inverse of the whole training "
                              "set: erase them in one request, or refit the inverse")
-        state = ssse.newton_erase(model, task.loss_fn, task.data(removed), inv_fisher=inv,
-                                  n_total=task.n, weight_decay=task.weight_decay,
-                                  likelihood=task.likelihood, refine_steps=args.refine_steps)
+        refine = {} if sharded else {"refine_steps": args.refine_steps}
+        state = api.newton_erase(model, task.loss_fn, data, inv_fisher=inv,
+                                 n_total=task.n, weight_decay=task.weight_decay,
+                                 likelihood=task.likelihood, **refine)
         how = f"the leave-k-out Newton step ({args.refine_steps} refinement steps)"
     else:
-        state = ssse.ssse_update(model, task.loss_fn, task.data(removed), inv_fisher=inv,
-                                 epsilon=args.epsilon, n_total=task.n - len(before),
-                                 weight_decay=task.weight_decay, fisher=args.variant,
-                                 minibatch=int(fmeta.get("minibatch", 1)))
+        state = api.ssse_update(model, task.loss_fn, data, inv_fisher=inv,
+                                epsilon=args.epsilon, n_total=task.n - len(before),
+                                weight_decay=task.weight_decay, fisher=args.variant,
+                                minibatch=int(fmeta.get("minibatch", 1)))
         how = f"ε={args.epsilon:g} ({args.variant} Fisher)"
     seconds = time.perf_counter() - t0
+    if sharded and inv.rank != 0:
+        return 0  # every rank holds the same parameters: rank 0 writes them
     model.load_state_dict(state)
     erased = sorted(set(before) | set(removed.tolist()))
     path = save_model(_out_path(args, "erased.safetensors"), model, spec=meta["spec"],
@@ -960,14 +1070,21 @@ def _main(argv: list[str]) -> int:
         return int(bench.main(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(_rejoin_signed(argv))
+    if ssse.distributed.launched() and not _distributed(args) and \
+            os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun only fisher and erase are sharded: rank 0 runs the others
     from ssse_ext import NotPositiveDefiniteError
 
     from .data import DataUnavailableError
+    from .distributed import DistributedError
     from .ledger import LedgerBusyError
     try:
         _setup(args)
         _check_destinations(args)
         return args.func(args)
+    except DistributedError as exc:  # another rank failed or was lost: this one stops too
+        print(f"ssse {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     except UsageError as exc:
         print(f"ssse {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -985,6 +1102,9 @@ def _main(argv: list[str]) -> int:
         print(f"ssse {args.command}: error: {exc.strerror or _one_line(exc)}{where}",
               file=sys.stderr)
         return 2 if isinstance(exc, _PATH_ERRORS) else 1
+    finally:
+        if _distributed(args) and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover
