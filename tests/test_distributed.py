@@ -671,3 +671,36 @@ def test_torchrun_fits_and_erases_like_one_process(cli_runs):
     flat_of = lambda m: torch.cat([p.detach().reshape(-1) for p in m.parameters()])  # noqa
     assert rel_err(flat_of(sharded), flat_of(single)) <= SOLVE[torch.float64]
     assert rel_err(flat_of(single), flat_of(original)) > 1e-4
+
+
+@pytest.mark.parametrize("extra, text", [
+    (["erase", "--ledger", "LEDGER", "--indices", "1"], "--ledger: requests are served by one "
+     "process"),
+    (["fisher", "--checkpoint", "CKPT"], "--checkpoint: the sharded fit under torchrun is not "
+     "resumable"),
+])
+def test_the_command_refuses_what_it_cannot_shard(cli_runs, extra, text, monkeypatch, capsys):
+    import socket
+
+    from ssse.cli import main
+
+    d, _ = cli_runs
+    with socket.socket() as s:  # a world of one rank, in this process
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+        monkeypatch.setenv(key, value)
+    model = d / "model.safetensors"
+    before = model.read_bytes()
+    command, *rest = extra
+    rest = [str(d / "refused.jsonl") if a == "LEDGER" else str(d / "ckpt") if a == "CKPT"
+            else a for a in rest]
+    fisher = ["--fisher", str(d / "one" / "inverse_fisher.safetensors")] \
+        if command == "erase" else []
+    assert main([command, "--model", str(model), *fisher, *rest, "--quiet",
+                 "--out", str(d / "refused")]) == 2
+    assert text in capsys.readouterr().err
+    assert not dist.is_initialized()  # the process group is closed on the way out
+    assert model.read_bytes() == before and not (d / "refused.jsonl").exists()
+    assert not (d / "ckpt").exists()
