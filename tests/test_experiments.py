@@ -105,5 +105,10 @@ def test_nonconvex_quick_is_reproducible_and_erases(tmp_path):
     # (guarded by the accuracy floor) reaches 0.0 (per-sample gradients of S).
     (run,) = res["settings"]["50%"]["runs"]
     assert run["original"]["delta"] == 1.0
+    # The quick CNN's retrain on the proxy class 9 makes the original's predictions on S (every
+    # delta 0.5: nothing to choose by); the next class down serves as the proxy instead.
+    for p in res["proxies"].values():
+        assert p["degenerate_skipped"] == [9] and p["class"] == 8 and not p["degenerate"]
+        assert any(v != 0.5 for d in p["delta"].values() for v in d)
     assert min(m["best"]["delta"] for name, m in run["methods"].items()
                if name.startswith("SSSE")) < 0.5

@@ -101,10 +101,12 @@ def table(r: dict) -> str:
     c, res = r["config"], r["results"]
     pm = lambda d: f"{d['mean']:.3f} ± {d['std']:.3f}"  # noqa: E731
     header = ["removed", "k", "γ SSSE @ε*", "γ max", "γ max leave-k-out", "γ influence",
-              "param dist @ε*", "erase s", "retrain s"]
+              f"γ {NEWTON}", f"γ {REFINED}", "param dist @ε*", "erase s", "Newton s",
+              "retrain s"]
     rows = [[n, s["k"], pm(s["gamma_chosen"]), pm(s["gamma_best"]), pm(s["gamma_best_lko"]),
-             pm(s["gamma_influence"]), pm(s["param_distance_chosen"]),
-             f"{s['erase_seconds']['mean']:.3f}", f"{s['retrain_seconds']['mean']:.2f}"]
+             pm(s["gamma_influence"]), pm(s["gamma_newton"]), pm(s["gamma_refined"]),
+             pm(s["param_distance_chosen"]), f"{s['erase_seconds']['mean']:.3f}",
+             f"{s['newton_seconds']['mean']:.3f}", f"{s['retrain_seconds']['mean']:.2f}"]
             for n, s in res["summary"].items()]
     return (f"{c['data']}, n={c['n']}, linear model without bias (d={c['d']}, {c['blocks']}"
             f" blocks), λ={c['damping']:g}; removed label {c['attribute'] + 1} "

@@ -172,15 +172,27 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
         return make_removal(task, model, removed, classes=[cls], seed=seed, progress=progress)
 
     # The paper's criterion on a proxy removal of each kind: argmin δ over each method's grid.
+    # A proxy where the original and its retrain make the same predictions on S scores δ = 0.5
+    # for every model and chooses nothing: the next class down is taken instead.
     proxies, chosen = {}, {}
     for setting, f in _FRACTIONS.items():
-        rem = removal(class_removal(task.ds.y_train, proxy_class, f, seed=seed + 1), proxy_class)
+        skipped, first = [], None
+        for cls in [k for k in range(proxy_class, -1, -1) if k not in classes]:
+            rem = removal(class_removal(task.ds.y_train, cls, f, seed=seed + 1), cls)
+            first = first or (rem, cls)
+            if not _degenerate(rem):
+                break
+            skipped.append(cls)
+        else:  # all degenerate: the first, marked as such in the results and the table
+            (rem, cls), skipped = first, []
         curves = _curves(rem, inverses, grids, seed=seed, progress=progress)
         floor = rem.evaluate(model)["accuracy"]["D-S"] - max_accuracy_drop
         chosen[setting] = {name: grids[name][select(grids[name], c["rows"], "delta",
                                                     _guarded(c["rows"], floor))]
                            for name, c in curves.items()}
-        proxies[setting] = {"k": rem.k, "class": proxy_class, "accuracy_floor": floor,
+        proxies[setting] = {"k": rem.k, "class": cls, "degenerate_skipped": skipped,
+                            "degenerate": _degenerate(rem),
+                            "accuracy_floor": floor,
                             "delta": {name: [r["delta"] for r in c["rows"]]
                                       for name, c in curves.items()},
                             "accuracy_D-S": {name: [r["accuracy"]["D-S"] for r in c["rows"]]
@@ -328,6 +340,31 @@ def figures(r: dict, out: Path) -> list[Path]:
     return pngs
 
 
+def _degenerate(rem) -> bool:
+    """Whether δ cannot tell the original from the retrained model on this removal."""
+    return rem.evaluate(rem.original, params=False)["delta"] == 0.5 == \
+        rem.evaluate(rem.retrained, params=False)["delta"]
+
+
+def _proxy_text(res: dict) -> str:
+    """Which proxy each setting used, and the degenerate ones skipped (or, for results written
+    before the fallback existed, found degenerate: δ = 0.5 everywhere)."""
+    parts = []
+    for setting, p in res["proxies"].items():
+        flat = [v for d in p["delta"].values() for v in d]
+        if p.get("degenerate", flat and all(v == 0.5 for v in flat)):
+            parts.append(f"{setting}: class {p['class']} is DEGENERATE (δ = 0.5 for every value "
+                         "of every method: its retrain makes the original's predictions on S), "
+                         "so its 'chosen' values are the first of each grid and mean nothing")
+        elif p.get("degenerate_skipped"):
+            parts.append(f"{setting}: class {p['class']} (classes {p['degenerate_skipped']} "
+                         "skipped as degenerate: their retrain makes the original's predictions "
+                         "on S)")
+        else:
+            parts.append(f"{setting}: class {p['class']}")
+    return "; ".join(parts)
+
+
 def table(r: dict) -> str:
     c, res = r["config"], r["results"]
     summ, chosen = res["summary"], res["chosen"]
@@ -369,8 +406,8 @@ def table(r: dict) -> str:
             f" blocks of ≤ {c['max_block_size']} ({c['num_blocks']} blocks; {memory}), "
             f"per-sample and mini-batch "
             f"{c['minibatch']} gradients; removed classes {c['classes']} ({k}); each method's "
-            f"value chosen by argmin δ on a proxy removal of the same kind (class "
-            f"{c['proxy_class']}) among the values that keep the accuracy on D∖S within "
+            f"value chosen by argmin δ on a proxy removal of the same kind "
+            f"({_proxy_text(res)}) among the values that keep the accuracy on D∖S within "
             f"{c['max_accuracy_drop']:g} of the original's (min δ: the same on the removal "
             f"itself; unguarded: over the whole grid); accuracies at the chosen value; mean ± "
             f"std over classes. Training {res['train_seconds']:.2f} s, "
