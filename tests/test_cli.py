@@ -49,6 +49,33 @@ def test_erase_and_sweep(capsys, trained):
         assert (trained / "sweep" / png).stat().st_size > 1000
 
 
+def test_fisher_representations_erase_alike(capsys, trained, tmp_path):
+    """300 samples against a 640-wide weight block: --representation auto stores it in the
+    low-rank form (and the 10-wide bias block dense); erasing with it gives the dense result."""
+    import torch
+
+    from ssse.io import load_inverse_fisher, load_model
+
+    model = str(trained / "model.safetensors")
+    erased = {}
+    for rep in ("dense", "auto"):
+        code, out, _ = run(capsys, "fisher", "--model", model, "--representation", rep,
+                           "--output", str(tmp_path / f"{rep}.safetensors"), "--quiet")
+        assert code == 0 and ("in the low-rank form" in out) == (rep == "auto"), out
+        inv, _ = load_inverse_fisher(tmp_path / f"{rep}.safetensors")
+        assert inv.representation == (("dual", "dense") if rep == "auto" else ("dense",) * 2)
+        code, out, _ = run(capsys, "erase", "--model", model, "--fisher",
+                           str(tmp_path / f"{rep}.safetensors"), "--indices", "0-9",
+                           "--epsilon", "0.5", "--output", str(tmp_path / f"e-{rep}.safetensors"))
+        assert code == 0, out
+        m, _ = load_model(tmp_path / f"e-{rep}.safetensors")
+        erased[rep] = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+    assert ((erased["auto"] - erased["dense"]).norm() / erased["dense"].norm()) < 1e-12
+    code, _, err = run(capsys, "fisher", "--model", model, "--representation", "dual",
+                       "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path))
+    assert code == 2 and "cannot be checkpointed" in err and not (tmp_path / "ck").exists()
+
+
 @pytest.mark.parametrize("argv", [
     ["demo", "--fraction", "2"],
     ["demo", "--eps", "bad"],

@@ -678,6 +678,8 @@ def test_torchrun_fits_and_erases_like_one_process(cli_runs):
      "process"),
     (["fisher", "--checkpoint", "CKPT"], "--checkpoint: the sharded fit under torchrun is not "
      "resumable"),
+    (["fisher", "--representation", "dual"], "--representation dual: the sharded fit under "
+     "torchrun stores dense blocks"),
 ])
 def test_the_command_refuses_what_it_cannot_shard(cli_runs, extra, text, monkeypatch, capsys):
     import socket

@@ -261,6 +261,11 @@ def _add_fisher(sub) -> None:
                    "row of a linear model (default: per_parameter)")
     p.add_argument("--minibatch", type=_positive_int, default=1,
                    help="mean gradients of mini-batches of this size (default: 1)")
+    p.add_argument("--representation", choices=["dense", "dual", "auto"], default="auto",
+                   help="how blocks are stored: dense inverses, the exact low-rank form (the "
+                   "rows and a factor: smaller for blocks larger than the training set), or "
+                   "per block whichever is smaller (default: auto; dense with --checkpoint and under "
+                   "torchrun)")
     p.add_argument("--checkpoint", default=None, metavar="FILE",
                    help="make the fit resumable: save its state to FILE every --every samples; "
                    "run the same command again after a crash to resume (FILE is removed once "
@@ -690,6 +695,9 @@ def _cmd_fisher(args) -> int:
         if args.checkpoint:
             raise UsageError("--checkpoint: the sharded fit under torchrun is not resumable; "
                              "run it without --checkpoint")
+        if args.representation == "dual":
+            raise UsageError("--representation dual: the sharded fit under torchrun stores "
+                             "dense blocks; run it without torchrun, or with dense or auto")
         return _fisher_distributed(args, model, task, damping)
     resumed = ""
     if args.checkpoint and Path(args.checkpoint).exists():
@@ -707,7 +715,7 @@ def _cmd_fisher(args) -> int:
                                       curvature=args.curvature, likelihood=task.likelihood,
                                       mc_samples=args.mc_samples, seed=args.seed,
                                       progress=not args.quiet, checkpoint=args.checkpoint,
-                                      every=args.every)
+                                      every=args.every, representation=args.representation)
     except ValueError as exc:
         if "layout" not in str(exc):
             raise
@@ -722,9 +730,12 @@ def _cmd_fisher(args) -> int:
                                mc_samples=args.mc_samples, n_train=task.n, seconds=seconds)
     if args.checkpoint:
         Path(args.checkpoint).unlink(missing_ok=True)
+    dual = inv.representation.count("dual")
+    dual = f", {dual} in the low-rank form, {inv.nbytes / 2**20:.1f} MiB" if dual else ""
     print(f"inverse Fisher ({inv.curvature}): d={inv.dim}, {inv.layout.num_blocks} blocks "
-          f"(largest {inv.layout.max_block_size}), λ={inv.damping:g}, N={inv.normalizer:g}, "
-          f"{inv.dtype}, fitted in {seconds:.2f} s{resumed}; health {health.residual:.1e} "
+          f"(largest {inv.layout.max_block_size}{dual}), λ={inv.damping:g}, "
+          f"N={inv.normalizer:g}, {inv.dtype}, fitted in {seconds:.2f} s{resumed}; health "
+          f"{health.residual:.1e} "
           f"(threshold {health.tolerance:.1e})")
     print(path)
     return 0
