@@ -257,12 +257,15 @@ def test_ctrl_c_during_sweep_leaves_the_output_folder_as_it_was(capsys, trained,
     assert [p.name for p in tmp_path.iterdir()] == ["sweep"]  # no staging folder left
 
 
-def test_ctrl_c_while_outputs_are_swapped_in_is_deferred(tmp_path):
+def test_ctrl_c_while_outputs_are_swapped_in_is_deferred(tmp_path, request):
     import os
     import signal
 
     from ssse.cli import _staged
 
+    # as from a terminal: a shell that starts a job in the background ignores SIGINT in it
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     with pytest.raises(KeyboardInterrupt):
         with _staged(tmp_path / "out") as stage:
             for name in ("a", "b", "c"):
@@ -292,6 +295,7 @@ def test_ctrl_c_during_the_imports_prints_one_line(tmp_path):
     # SIGINT delivered while torch is being imported by the console script's entry point
     script = (
         "import builtins, os, signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # as from a terminal
         "real = builtins.__import__\n"
         "def hook(name, *a, **k):\n"
         "    if name == 'torch':\n"
