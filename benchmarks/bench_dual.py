@@ -27,38 +27,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 
 import ssse_ext
 from ssse_ext import BlockLayout, build_dual_blocks, choose_representation
+from ssse_ext.bench import DTYPES, median_seconds
 from ssse_ext.dual import dual_nbytes
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 PAPER = {"d": 270_000, "B": 70_000, "R": 4_500}
-
-
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in seconds, after warm-up."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 # ---- the same formula with torch ops, batched over blocks -------------------------------------
@@ -123,19 +102,19 @@ def run_case(rows: int, blocks: int, size: int, dtype, device, *, repeats: int, 
     del ref_l, expect
 
     # Build.
-    t_build = _time(lambda: build_dual_blocks(g, damping=damping, layout=layout), device,
+    t_build = median_seconds(lambda: build_dual_blocks(g, damping=damping, layout=layout), device,
                     repeats)
-    t_torch_build = _time(lambda: torch_build(g, blocks, shift), device, repeats)
+    t_torch_build = median_seconds(lambda: torch_build(g, blocks, shift), device, repeats)
     row.update(build_s=t_build, torch_build_s=t_torch_build,
                build_vs_torch=t_torch_build / t_build)
 
     # Apply against torch and against a copy of G.
     factors = torch_build(g, blocks, shift)
-    t_apply = _time(lambda: dual.apply(v, base=theta, scale=0.5, out=out), device, 3 * repeats)
-    t_torch_apply = _time(lambda: torch_apply(x, factors, damping, v, theta, 0.5), device,
+    t_apply = median_seconds(lambda: dual.apply(v, base=theta, scale=0.5, out=out), device, 3 * repeats)
+    t_torch_apply = median_seconds(lambda: torch_apply(x, factors, damping, v, theta, 0.5), device,
                           3 * repeats)
     buf = torch.empty_like(dual.g)
-    t_copy = _time(lambda: buf.copy_(dual.g), device, 3 * repeats)
+    t_copy = median_seconds(lambda: buf.copy_(dual.g), device, 3 * repeats)
     g_bytes = dual.g.numel() * e
     row.update(apply_s=t_apply, torch_apply_s=t_torch_apply,
                apply_vs_torch=t_torch_apply / t_apply, apply_gbs=2 * g_bytes / t_apply / 1e9,
@@ -213,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         cases = [(2048, 4, 70000), (4500, 4, 70000)]
     else:
         cases = [(256, 4, 8000), (512, 4, 16000)]
-    dtypes = [torch.float32, torch.float64] if args.dtype == "both" else [_DTYPES[args.dtype]]
+    dtypes = [torch.float32, torch.float64] if args.dtype == "both" else [DTYPES[args.dtype]]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
 

@@ -38,7 +38,7 @@ import ssse_ext
 from ssse_ext import BlockLayout, _ops, build_inverse_fisher
 
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 # ---- timing and memory ------------------------------------------------------------------------
@@ -48,7 +48,7 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def _time(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
     """Median wall time of fn() in seconds, after warm-up."""
     for _ in range(warmup):
         fn()
@@ -120,7 +120,7 @@ def _peak_memory(fn, device: torch.device) -> int:
 def matmul_gflops(dtype, device, size: int, repeats: int) -> float:
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
-    t = _time(lambda: a @ b, device, repeats)
+    t = median_seconds(lambda: a @ b, device, repeats)
     return 2 * size**3 / t / 1e9
 
 
@@ -186,7 +186,7 @@ def run_case(n: int, num_blocks: int, block: int, dtype, device, *, repeats: int
         print(f"    build error {err:.2e} above tolerance {TOLERANCE[dtype]:.0e}: not timed",
               flush=True)
         return row
-    t_build = _time(build, device, repeats)
+    t_build = median_seconds(build, device, repeats)
     row.update(build_s=t_build, build_gflops=flops / t_build / 1e9,
                build_vs_matmul=flops / t_build / 1e9 / matmul_rate,
                build_peak_mb=_peak_memory(build, device) / 2**20)
@@ -198,11 +198,11 @@ def run_case(n: int, num_blocks: int, block: int, dtype, device, *, repeats: int
         baselines["closed_form_rel_err"] = (
             (closed.double() - ref).norm() / ref.norm()).item()
         del closed
-        baselines["closed_form_s"] = _time(
+        baselines["closed_form_s"] = median_seconds(
             lambda: closed_form_blocks(g, num_blocks, block, damping, float(n)), device, repeats)
         # Per-sample PyTorch loop on a prefix, scaled to n rows (its cost per row is constant).
         rows = min(n, loop_rows)
-        baselines["loop_s_est"] = _time(
+        baselines["loop_s_est"] = median_seconds(
             lambda: per_sample_loop(g[:rows], num_blocks, block, damping, float(n)),
             device, 1, warmup=1) * n / rows
         baselines["loop_rows_timed"] = rows
@@ -217,8 +217,8 @@ def run_case(n: int, num_blocks: int, block: int, dtype, device, *, repeats: int
     err_u = _rel_err(upd, ref)
     row["update_rel_err"] = err_u
     if err_u <= TOLERANCE[dtype]:
-        t_upd = _time(lambda: base.clone().update(g[half:]), device, repeats)
-        t_clone = _time(lambda: base.clone(), device, repeats)
+        t_upd = median_seconds(lambda: base.clone().update(g[half:]), device, repeats)
+        t_clone = median_seconds(lambda: base.clone(), device, repeats)
         t_upd = max(t_upd - t_clone, 1e-9)
         upd_flops = 4.0 * (n - half) * d * block
         row.update(update_s=t_upd, update_gflops=upd_flops / t_upd / 1e9,
@@ -239,8 +239,8 @@ def run_case(n: int, num_blocks: int, block: int, dtype, device, *, repeats: int
         print(f"    apply error {err_a:.2e} above tolerance: not timed", flush=True)
         return row
     nbytes = inv.nbytes
-    t_apply = _time(lambda: inv.apply_update(theta, v, 0.5), device, repeats * 3)
-    t_copy = _time(lambda: inv.packed.clone(), device, repeats * 3)
+    t_apply = median_seconds(lambda: inv.apply_update(theta, v, 0.5), device, repeats * 3)
+    t_copy = median_seconds(lambda: inv.packed.clone(), device, repeats * 3)
     # The op alone (what a caller that already validated its inputs pays).
     vv, tt = v.reshape(-1, 1), theta.reshape(-1, 1)
     out = torch.empty_like(vv)
@@ -250,7 +250,7 @@ def run_case(n: int, num_blocks: int, block: int, dtype, device, *, repeats: int
         for seg, host, dev in tables:
             _ops.apply_inverse(seg, host, dev, vv, tt, 0.5, out)
 
-    t_kernel = _time(kernel_only, device, repeats * 3)
+    t_kernel = median_seconds(kernel_only, device, repeats * 3)
     row.update(apply_s=t_apply, apply_gbs=nbytes / t_apply / 1e9,
                copy_gbs=2 * nbytes / t_copy / 1e9,
                apply_vs_copy=(nbytes / t_apply) / (2 * nbytes / t_copy),
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         cases = [(1024, 4, 256), (4096, 16, 1024)]
     if args.small:
         cases = cases[:1]
-    dtypes = [torch.float32, torch.float64] if args.dtype == "both" else [_DTYPES[args.dtype]]
+    dtypes = [torch.float32, torch.float64] if args.dtype == "both" else [DTYPES[args.dtype]]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False

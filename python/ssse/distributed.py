@@ -70,7 +70,7 @@ from ssse_ext.validation import (check_callable, check_choice, check_data, check
 
 from ._utils import FlatModel, available_memory, data_size, finish_update, iter_batches
 from .curvature import CURVATURES, LIKELIHOODS
-from .erasure import FISHER_VARIANTS, GRADIENT_VARIANTS, _group_means
+from .erasure import FISHER_VARIANTS, GRADIENT_VARIANTS, _configure, _group_means
 from .gradients import _grad_stream, gradient_sum, resolve_layout
 from .io import atomic_path, write_json
 from .newton import _shift
@@ -1174,24 +1174,11 @@ class Eraser:
                  max_memory: int | None = None, curvature: str = "empirical",
                  likelihood: str = "categorical", mc_samples: int = 1,
                  exchange: str = "auto", group=None, timeout: float | None = None):
-        check_module(model)
-        check_callable(loss_fn, "loss_fn")
-        self.model, self.loss_fn = model, loss_fn
-        self.damping = check_positive_float(damping, "damping")
-        self.weight_decay = check_nonneg_float(weight_decay, "weight_decay")
-        self.minibatch = check_positive_int(minibatch, "minibatch")
-        self._fm = FlatModel(model)
-        self.layout = resolve_layout(layout, block_size, self._fm)
-        self.dtype = check_dtype(dtype) or self._fm.dtype
-        self.device = check_device(device) or self._fm.device
-        self.chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
-        self.max_memory = check_positive_int(max_memory, "max_memory", allow_none=True)
-        self.curvature = check_choice(curvature, "curvature", CURVATURES)
-        self.likelihood = check_choice(likelihood, "likelihood", LIKELIHOODS)
-        self.mc_samples = check_positive_int(mc_samples, "mc_samples")
+        _configure(self, model, loss_fn, damping=damping, block_size=block_size,
+                   layout=layout, weight_decay=weight_decay, minibatch=minibatch, dtype=dtype,
+                   device=device, chunk_size=chunk_size, max_memory=max_memory,
+                   curvature=curvature, likelihood=likelihood, mc_samples=mc_samples)
         self.exchange = check_choice(exchange, "exchange", EXCHANGES)
-        if self.minibatch > 1 and curvature != "empirical":
-            raise ValueError(f"minibatch > 1 needs curvature=\"empirical\", got {curvature!r}")
         self.group = group
         self.timeout = None if timeout is None else check_positive_float(timeout, "timeout")
         self.inv_fisher: ShardedInverseFisher | None = None

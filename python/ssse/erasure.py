@@ -125,6 +125,34 @@ def ssse_update(model: nn.Module, loss_fn, removed, *,
     return finish_update(fm, theta_hat, inplace=inplace, what="the SSSE update")
 
 
+def _configure(obj, model: nn.Module, loss_fn, *, damping: float, block_size: int | None,
+               layout, weight_decay: float, minibatch: int, dtype: torch.dtype | None, device,
+               chunk_size: int | None, max_memory: int | None, curvature: str,
+               likelihood: str, mc_samples: int) -> None:
+    """Checks the settings an :class:`Eraser` (or its distributed counterpart) shares and stores
+    them on ``obj``; raises before storing anything a later check would refuse."""
+    check_module(model)
+    check_callable(loss_fn, "loss_fn")
+    fm = FlatModel(model)
+    settings = dict(
+        model=model, loss_fn=loss_fn, _fm=fm,
+        damping=check_positive_float(damping, "damping"),
+        weight_decay=check_nonneg_float(weight_decay, "weight_decay"),
+        minibatch=check_positive_int(minibatch, "minibatch"),
+        layout=resolve_layout(layout, block_size, fm),
+        dtype=check_dtype(dtype) or fm.dtype,
+        device=check_device(device) or fm.device,
+        chunk_size=check_positive_int(chunk_size, "chunk_size", allow_none=True),
+        max_memory=check_positive_int(max_memory, "max_memory", allow_none=True),
+        curvature=check_choice(curvature, "curvature", CURVATURES),
+        likelihood=check_choice(likelihood, "likelihood", LIKELIHOODS),
+        mc_samples=check_positive_int(mc_samples, "mc_samples"))
+    if settings["minibatch"] > 1 and curvature != "empirical":
+        raise ValueError(f"minibatch > 1 needs curvature=\"empirical\", got {curvature!r}")
+    for name, value in settings.items():
+        setattr(obj, name, value)
+
+
 class Eraser:
     r"""Serves a sequence of deletion requests.
 
@@ -194,35 +222,21 @@ class Eraser:
                  max_memory: int | None = None, curvature: str = "empirical",
                  likelihood: str = "categorical", mc_samples: int = 1,
                  representation: str | None = None, ledger=None):
-        check_module(model)
-        check_callable(loss_fn, "loss_fn")
+        _configure(self, model, loss_fn, damping=damping, block_size=block_size,
+                   layout=layout, weight_decay=weight_decay, minibatch=minibatch, dtype=dtype,
+                   device=device, chunk_size=chunk_size, max_memory=max_memory,
+                   curvature=curvature, likelihood=likelihood, mc_samples=mc_samples)
         if ledger is not None and not isinstance(ledger, Ledger):
             if not isinstance(ledger, (str, os.PathLike)):
                 raise TypeError(f"ledger must be a ssse.ledger.Ledger or a file path, got "
                                 f"{type(ledger).__name__}")
             ledger = Ledger(ledger)
         self.ledger: Ledger | None = ledger
-        self.model = model
-        self.loss_fn = loss_fn
-        self.damping = check_positive_float(damping, "damping")
-        self.weight_decay = check_nonneg_float(weight_decay, "weight_decay")
-        self.minibatch = check_positive_int(minibatch, "minibatch")
-        self._fm = FlatModel(model)
-        self.layout = resolve_layout(layout, block_size, self._fm)
-        self.dtype = check_dtype(dtype) or self._fm.dtype
-        self.device = check_device(device) or self._fm.device
-        self.chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
-        self.max_memory = check_positive_int(max_memory, "max_memory", allow_none=True)
-        self.curvature = check_choice(curvature, "curvature", CURVATURES)
-        self.likelihood = check_choice(likelihood, "likelihood", LIKELIHOODS)
-        self.mc_samples = check_positive_int(mc_samples, "mc_samples")
         # dual blocks remove only rows they store; a mini-batch Fisher's downdate removes the
         # removed samples' group means, which it does not store: dense blocks then
         self.representation = check_choice(
             representation or ("auto" if self.minibatch == 1 else "dense"), "representation",
             ssse_ext.fisher.REPRESENTATIONS)
-        if self.minibatch > 1 and curvature != "empirical":
-            raise ValueError(f"minibatch > 1 needs curvature=\"empirical\", got {curvature!r}")
         self.inv_fisher: ssse_ext.BlockInverseFisher | None = None
         self.n: int | None = None
         self.theta: torch.Tensor | None = None

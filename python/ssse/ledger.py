@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from ._faults import crash_point
-from .io import FileFormatError, read_metadata
+from .io import FileFormatError, _fsync_dir, read_metadata
 
 __all__ = ["LEDGER_VERSION", "Ledger", "LedgerBusyError", "check_ids", "commit", "id_digests",
            "ids_sha256", "pending_path", "record", "recover"]
@@ -208,19 +208,6 @@ class Ledger:
 
     def __repr__(self) -> str:
         return f"Ledger({str(self.path)!r})"
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---- the crash rule -------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def _build_rate(layout: BlockLayout, n: int, rows: int, dtype, device, repeats: 
             yield chunk[:min(rows, n - i)]
 
     build = lambda: ssse_ext.build_inverse_fisher(stream(), damping=1e-3, layout=layout)  # noqa
-    seconds = bench._time(build, device, repeats)
+    seconds = bench.median_seconds(build, device, repeats)
     return 2.0 * n * layout.numel / seconds / 1e9
 
 
