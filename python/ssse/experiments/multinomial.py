@@ -55,9 +55,25 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
         settings[f"{int(f * 100)}%"] = run_setting(task, model, inv, removals, grid, eps_star,
                                                    seed=seed, ggn=ggn, progress=progress)
 
+    summ = summarize(settings)
+    config = {"data": data, "quick": quick, "seed": seed, "n": task.n, "d": inv.dim,
+              "damping": damping, "weight_decay": task.weight_decay, "fractions": fractions,
+              "classes": classes, "eps": grid, "proxy_class": proxy_class, **limits}
+    results = {"eps_chosen": eps_star, "eps_estimated": eps_hat,
+               "eps_estimate_seconds": t_eps_hat, "fisher_seconds": t_fisher,
+               "ggn_fisher_seconds": t_ggn, "train_seconds": t_train, "summary": summ,
+               "settings": settings}
+    return {"config": config, "results": results}
+
+
+def summarize(settings: dict) -> dict:
+    """Mean ± std over the removals of each setting, leaving out the degenerate ones (where δ is
+    0.5 for every model: see :func:`degenerate`) unless all are; ``degenerate_excluded`` lists
+    the classes left out."""
     summ = {}
     for name, s in settings.items():
-        runs = s["runs"]
+        kept = [r for r in s["runs"] if not degenerate(r)]
+        runs = kept or s["runs"]
         summ[name] = {**{key: summary(vals) for key, vals in {
             "delta_chosen": [r["chosen"]["delta"] for r in runs],
             "delta_best": [r["best"]["delta"] for r in runs],
@@ -75,36 +91,38 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
                                   ("erase_seconds", "erase_seconds"))}}.items()},
             "best_eps_geomean": geomean([r["best_eps"] for r in runs]),
             "best_eps_leave_k_out_geomean": geomean([r["best_eps_leave_k_out"] for r in runs]),
-            "k_mean": float(np.mean([r["k"] for r in runs]))}
-    config = {"data": data, "quick": quick, "seed": seed, "n": task.n, "d": inv.dim,
-              "damping": damping, "weight_decay": task.weight_decay, "fractions": fractions,
-              "classes": classes, "eps": grid, "proxy_class": proxy_class, **limits}
-    results = {"eps_chosen": eps_star, "eps_estimated": eps_hat,
-               "eps_estimate_seconds": t_eps_hat, "fisher_seconds": t_fisher,
-               "ggn_fisher_seconds": t_ggn, "train_seconds": t_train, "summary": summ,
-               "settings": settings}
-    return {"config": config, "results": results}
+            "k_mean": float(np.mean([r["k"] for r in runs])),
+            "degenerate_excluded": [r["classes"][0] for r in s["runs"]
+                                    if kept and degenerate(r)]}
+    return summ
 
 
 def table(r: dict) -> str:
     c, res = r["config"], r["results"]
     header = ["removed", "k", "δ SSSE @ε*", "δ min (ε)", "δ min leave-k-out (ε)",
-              "δ influence"] + [f"gap {s}" for s in SPLITS] + ["erase s", "retrain s"]
-    rows = []
-    for name, m in res["summary"].items():
+              "δ influence", f"δ {NEWTON}", f"gap S {NEWTON}"] + \
+        [f"gap {s}" for s in SPLITS] + ["erase s", "Newton s", "retrain s"]
+    rows, left_out = [], []
+    for name, m in summarize(res["settings"]).items():
         pm = lambda k: f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}"  # noqa: E731
         rows.append([name, f"{m['k_mean']:.0f}", pm("delta_chosen"),
                      f"{pm('delta_best')} ({m['best_eps_geomean']:.2g})",
                      f"{pm('delta_best_lko')} ({m['best_eps_leave_k_out_geomean']:.2g})",
-                     pm("delta_influence")] + [pm(f"gap_{sp}") for sp in SPLITS]
+                     pm("delta_influence"), pm(f"delta_{NEWTON}"), pm(f"gap_S_{NEWTON}")]
+                    + [pm(f"gap_{sp}") for sp in SPLITS]
                     + [f"{m['erase_seconds']['mean']:.3f}",
+                       f"{m[f'erase_seconds_{NEWTON}']['mean']:.3f}",
                        f"{m['retrain_seconds']['mean']:.2f}"])
+        left_out += [f"{name} of class {k}" for k in m["degenerate_excluded"]]
+    excluded = (f" Left out of the means as degenerate (δ = 0.5 for every model): "
+                f"{', '.join(left_out)}." if left_out else "")
     return (f"{c['data']}, n={c['n']}, L2 logistic regression (d={c['d']}), "
             f"λ={c['damping']:g}, classes {c['classes']}, ε*={res['eps_chosen']:.3g} chosen on "
             f"a proxy removal (50 % of class {c['proxy_class']}; without retraining, "
-            f"estimate_epsilon gives ε̂={res['eps_estimated']:.3g}); mean ± std over classes. "
-            f"Fisher fit {res['fisher_seconds']:.2f} s, training {res['train_seconds']:.2f} s."
-            "\n\n" + markdown_table(header, rows) + "\n" + per_class_table(r))
+            f"estimate_epsilon gives ε̂={res['eps_estimated']:.3g}); mean ± std over classes."
+            f"{excluded} Fisher fit {res['fisher_seconds']:.2f} s, training "
+            f"{res['train_seconds']:.2f} s.\n\n" + markdown_table(header, rows) + "\n"
+            + per_class_table(r))
 
 
 def per_class_table(r: dict) -> str:
