@@ -54,6 +54,8 @@ MATCH_RTOL = {torch.float32: math.sqrt(torch.finfo(torch.float32).eps),
 # Rows of G handed to torch at once when the matching computes norms and exact distances (a
 # bounded float64 temporary, never a float64 copy of a whole block).
 _MATCH_CHUNK = 1024
+# Bytes of float64 distances and rows a batched match of a run of blocks may take.
+_MATCH_BYTES = 16 << 20
 
 
 # ---- sizes --------------------------------------------------------------------------------------
@@ -134,6 +136,12 @@ class DualBlocks:
             raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
         self.layout = layout
         self.block_ids = _block_ids(layout, block_ids)
+        # per block (fixed for the object's life): size, rows-before offset, position
+        self._sizes = tuple(layout.sizes[b] for b in self.block_ids)
+        self._prefix = [0]
+        for size in self._sizes:
+            self._prefix.append(self._prefix[-1] + size)
+        self._index = {b: i for i, b in enumerate(self.block_ids)}
         self.damping = check_positive_float(damping, "damping")
         self.normalizer = check_positive_float(normalizer, "normalizer")
         if not 0 <= num_rows <= capacity:
@@ -161,7 +169,7 @@ class DualBlocks:
     # ---- properties ----
     @property
     def sizes(self) -> tuple[int, ...]:
-        return tuple(self.layout.sizes[b] for b in self.block_ids)
+        return self._sizes
 
     @property
     def num_blocks(self) -> int:
@@ -190,11 +198,11 @@ class DualBlocks:
         return self.damping * self.normalizer
 
     def _g_offsets(self, capacity: int) -> list[int]:
-        out, pos = [], 0
-        for s in self.sizes:
-            out.append(pos)
-            pos += capacity * s
-        return out
+        return [capacity * p for p in self._prefix[:-1]]
+
+    def _g_offset(self, i: int) -> int:
+        """Where the rows of the ``i``-th dual block start in ``g``."""
+        return self.capacity * self._prefix[i]
 
     def table(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The ``[num_blocks, 4]`` int64 table (start, size, g_offset, l_offset) of the kernels."""
@@ -222,15 +230,15 @@ class DualBlocks:
         if b < 0:
             b += self.layout.num_blocks
         try:
-            return self.block_ids.index(b)
-        except ValueError:
+            return self._index[b]
+        except KeyError:
             raise IndexError(f"block {b} is not one of the dual blocks {list(self.block_ids)}") \
                 from None
 
     def rows_of(self, b: int) -> torch.Tensor:
         """A view of the ``(num_rows, s_b)`` stored rows ``G_b`` of layout block ``b``."""
         i = self._position(b)
-        s, go = self.sizes[i], self._g_offsets(self.capacity)[i]
+        s, go = self._sizes[i], self._g_offset(i)
         return self.g[go:go + self.capacity * s].view(self.capacity, s)[:self.num_rows]
 
     def factor_of(self, b: int) -> torch.Tensor:
@@ -334,7 +342,7 @@ class DualBlocks:
         i = self._position(b)
         s = self.sizes[i]
         c = self.capacity
-        host = torch.tensor([[0, s, self._g_offsets(c)[i], i * c * c]], dtype=torch.int64)
+        host = torch.tensor([[0, s, self._g_offset(i), i * c * c]], dtype=torch.int64)
         dev = host.to(self.device)
         eye = torch.eye(s, dtype=self.dtype, device=self.device)
         out = torch.empty_like(eye)
@@ -403,6 +411,21 @@ class DualBlocks:
             self.num_rows = r0 + added
         return self
 
+    def _runs(self, k: int):
+        """``(first, count)`` runs of dual blocks of one size that are next to each other in
+        the layout, ``count`` bounded so that matching ``k`` rows takes about
+        :data:`_MATCH_BYTES`."""
+        i, nb_blocks = 0, self.num_blocks
+        while i < nb_blocks:
+            s = self._sizes[i]
+            most = max(1, _MATCH_BYTES // (8 * k * (self.num_rows + 2 * s) + 1))
+            j = i + 1
+            while j < nb_blocks and j - i < most and self._sizes[j] == s and \
+                    self.block_ids[j] == self.block_ids[j - 1] + 1:
+                j += 1
+            yield i, j - i
+            i = j
+
     def downdate(self, grads, *, rtol: float | None = None) -> "DualBlocks":
         r"""Removes stored rows: every block becomes the dual form built from the remaining rows
         (same :math:`N`), the leave-k-out Fisher's inverse.
@@ -442,10 +465,19 @@ class DualBlocks:
         if k > R:
             raise RowNotFoundError(f"cannot remove {k} rows: the dual blocks hold {R}")
         removed = torch.empty(self.num_blocks, k, dtype=torch.int64)
-        for i, b in enumerate(self.block_ids):
-            idx = _match_rows(self.rows_of(b), rows[:, self.layout.slice(b)], float(rtol), b,
-                              self.layout)
-            removed[i] = torch.tensor(sorted(idx), dtype=torch.int64)
+        for i0, nb in self._runs(k):
+            s, b0, c = self._sizes[i0], self.block_ids[i0], self.capacity
+            st = self.layout.starts[b0]
+            stored = self.g[c * self._prefix[i0]:c * self._prefix[i0 + nb]].view(nb, c, s)[:, :R]
+            found = _match_run(stored, rows[:, st:st + nb * s].reshape(k, nb, s).transpose(0, 1),
+                               float(rtol))
+            for j in range(nb):
+                idx = found[j]
+                if idx is None:  # not confirmed at once: the exact search, block by block
+                    b = self.block_ids[i0 + j]
+                    idx = _match_rows(self.rows_of(b), rows[:, self.layout.slice(b)],
+                                      float(rtol), b, self.layout)
+                removed[i0 + j] = torch.tensor(sorted(idx), dtype=torch.int64)
         mask = torch.ones(self.num_blocks, R, dtype=torch.bool)
         mask.scatter_(1, removed, False)
         keep = torch.arange(R).expand(self.num_blocks, R)[mask].view(self.num_blocks, R - k)
@@ -512,6 +544,36 @@ class DualBlocks:
                 f"num_rows={self.num_rows}, damping={self.damping:g}, "
                 f"normalizer={self.normalizer:g}, dtype={self.dtype}, device={self.device}, "
                 f"nbytes={self.nbytes})")
+
+
+def _match_run(stored: torch.Tensor, rows: torch.Tensor, rtol: float) -> list:
+    """:func:`_match_rows` for a run of ``nb`` blocks at once (``stored`` ``(nb, R, s)``,
+    ``rows`` ``(nb, k, s)``): per block, the indices of the nearest free stored rows when every
+    one is confirmed by its exact float64 distance, else ``None`` (that block is then searched
+    exactly)."""
+    nb, R, _ = stored.shape
+    k = rows.shape[1]
+    snorm = torch.linalg.vector_norm(stored, dim=2, dtype=torch.float64)      # (nb, R)
+    unorm = torch.linalg.vector_norm(rows, dim=2, dtype=torch.float64)        # (nb, k)
+    d2 = snorm.square()[:, None, :] + unorm.square()[:, :, None] \
+        - 2.0 * torch.bmm(rows, stored.transpose(1, 2)).double()
+    order = torch.topk(d2, min(R, k), dim=2, largest=False).indices.cpu().tolist()
+    cand = []
+    for per_block in order:
+        taken: set[int] = set()
+        picks = []
+        for near in per_block:  # the nearest free row of row t is among its t + 1 nearest
+            j = next(j for j in near if j not in taken)
+            taken.add(j)
+            picks.append(j)
+        cand.append(picks)
+    idx = torch.tensor(cand, dtype=torch.int64, device=stored.device)         # (nb, k)
+    picked = torch.gather(stored, 1, idx[:, :, None].expand(-1, -1, stored.shape[2]))
+    diff = torch.linalg.vector_norm(picked.double() - rows.double(), dim=2)
+    scale = torch.maximum(torch.gather(snorm, 1, idx), unorm)
+    rel = torch.where(scale > 0, diff / scale, torch.where(diff == 0, 0.0, math.inf))
+    good = (rel <= rtol).all(dim=1).tolist()
+    return [c if ok else None for c, ok in zip(cand, good)]
 
 
 def _match_rows(stored: torch.Tensor, rows: torch.Tensor, rtol: float, block: int,

@@ -182,6 +182,34 @@ def test_memory_budget_sets_the_rows_per_chunk():
     assert 1 < rows[0] < 40 and sum(rows) == 500 and len(set(rows[:-1])) == 1
 
 
+@pytest.mark.parametrize("curvature", ["empirical", "ggn"])
+def test_requests_under_a_tiny_budget_are_computed_in_one_row_chunks_and_agree(curvature,
+                                                                              monkeypatch):
+    from ssse import gradients
+    model, X, y = _setup()
+    kw = dict(damping=1e-2, weight_decay=1e-2, curvature=curvature)
+    default = ssse.Eraser(model, CE, **kw).fit((X, y))
+    tiny = ssse.Eraser(model, CE, max_memory=1, **kw).fit((X, y))
+    chunks = []
+    real = gradients._grad_stream
+
+    def spy(*args, **kwargs):
+        for c in real(*args, **kwargs):
+            chunks.append(c.shape[0])
+            yield c
+    monkeypatch.setattr(gradients, "_grad_stream", spy)
+    for mod in ("erasure", "newton"):
+        monkeypatch.setattr(f"ssse.{mod}._grad_stream", spy)
+    eps = None if curvature == "ggn" else 0.5
+    got = tiny.erase((X[:7], y[:7]), epsilon=eps)
+    rows_per_sample = 3 if curvature == "ggn" else 1
+    assert chunks[:7] == [rows_per_sample] * 7  # one sample per chunk, written into one tensor
+    expected = default.erase((X[:7], y[:7]), epsilon=eps)
+    for name in expected:
+        assert rel_err(got[name], expected[name]) < 1e-12
+    assert rel_err(tiny.inv_fisher.dense(), default.inv_fisher.dense()) < 1e-12
+
+
 def test_erase_refused_leaves_the_eraser_unchanged_without_a_copy(monkeypatch):
     model, X, y = _setup()
     eraser = ssse.Eraser(model, CE, damping=1e-3).fit((X, y))

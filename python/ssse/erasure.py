@@ -25,7 +25,8 @@ from ssse_ext.validation import (check_callable, check_choice, check_data, check
 
 from ._utils import FlatModel, check_request, finish_update, iter_batches, warn_if_training
 from .curvature import CURVATURES, LIKELIHOODS
-from .gradients import _grad_stream, fit_inverse_fisher, gradient_sum, resolve_layout
+from .gradients import (_grad_stream, fit_inverse_fisher, gradient_sum, request_budget,
+                        resolve_layout, stacked_rows)
 from .io import fingerprint
 from .ledger import Ledger, check_ids, record
 from .newton import ggn_rows_of, newton_refined
@@ -46,12 +47,15 @@ def _group_means(rows: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def _removed_rows(fm: FlatModel, loss_fn, removed, *, weight_decay: float, dtype,
-                  params: dict | None = None) -> torch.Tensor:
-    chunks = list(_grad_stream(fm, loss_fn, removed, "removed", weight_decay=weight_decay,
-                               chunk_size=None, minibatch=1, dtype=dtype, params=params))
-    if not chunks or sum(c.shape[0] for c in chunks) == 0:
+                  params: dict | None = None, max_memory: int | None = None) -> torch.Tensor:
+    """The ``(k, d)`` per-sample gradients of ``removed`` (a list of batches), computed in
+    chunks of at most ``max_memory`` bytes and written into one tensor."""
+    k = sum(x.shape[0] for x, _ in removed)
+    if k == 0:
         raise ValueError("removed is empty: nothing to erase")
-    return torch.cat(chunks)
+    return stacked_rows(_grad_stream(fm, loss_fn, removed, "removed", weight_decay=weight_decay,
+                                     chunk_size=None, minibatch=1, dtype=dtype, params=params,
+                                     max_memory=max_memory), k)
 
 
 def ssse_update(model: nn.Module, loss_fn, removed, *,
@@ -103,7 +107,9 @@ def ssse_update(model: nn.Module, loss_fn, removed, *,
     dtype, device = inv.dtype, inv.device
     rows = None
     if fisher == "leave_k_out":
-        rows = _removed_rows(fm, loss_fn, removed, weight_decay=weight_decay, dtype=dtype)
+        rows = _removed_rows(fm, loss_fn, list(iter_batches(removed, "removed")),
+                             weight_decay=weight_decay, dtype=dtype,
+                             max_memory=request_budget(inv.nbytes, fm.device))
         k = rows.shape[0]
         v = rows.sum(0)
     else:
@@ -293,13 +299,15 @@ class Eraser:
 
     def _rows_and_gradient(self, removed) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows the fit added for ``removed`` and the summed gradient, both at theta*."""
+        budget = request_budget(self.inv_fisher.nbytes, self._fm.device, self.max_memory)
         if self.curvature == "empirical":
             grads = _removed_rows(self._fm, self.loss_fn, removed,
                                   weight_decay=self.weight_decay, dtype=self.dtype,
-                                  params=self._star).to(self.device)
+                                  params=self._star, max_memory=budget).to(self.device)
             return _group_means(grads, self.minibatch), grads.sum(0)
         rows = ggn_rows_of(self._fm, self.loss_fn, removed, dtype=self.dtype,
-                           likelihood=self.likelihood, params=self._star).to(self.device)
+                           likelihood=self.likelihood, params=self._star,
+                           max_memory=budget).to(self.device)
         if self.curvature == "mc":
             # a Monte-Carlo fit weighs each draw by 1 / (n S): the expected rows carry sqrt(S)
             rows = rows * math.sqrt(self.mc_samples)
@@ -431,7 +439,10 @@ class Eraser:
         if epsilon is None:
             step = newton_refined(self._fm, self.loss_fn, batches, self.inv_fisher, n=self.n,
                                   weight_decay=self.weight_decay, likelihood=self.likelihood,
-                                  steps=refine_steps, tol=1e-10, star=self._star)
+                                  steps=refine_steps, tol=1e-10, star=self._star,
+                                  first=(rows, v), max_memory=request_budget(
+                                      self.inv_fisher.nbytes, self._fm.device,
+                                      self.max_memory))
             theta = (self.theta.to(torch.float64) + step).to(self.dtype)
         else:
             theta = self.inv_fisher.apply_update(

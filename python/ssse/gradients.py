@@ -58,6 +58,9 @@ _MEMORY_SHARE = 0.8
 # group of the result, the fit's peak stays within 2.5 times the inverse.
 _CHUNK_SHARE_OF_INVERSE = 0.35
 _MIN_CHUNK_BYTES = 64 << 20
+# An erasure request's rows are computed in chunks of at most this share of the inverse's size
+# (and at least _MIN_CHUNK_BYTES): its extra memory stays O(k d) plus a small share.
+_REQUEST_SHARE_OF_INVERSE = 0.1
 
 # What torch.func.vmap raises for a module it cannot batch (data-dependent control flow,
 # .item(), in-place writes to unbatched tensors): only these switch to the per-sample loop.
@@ -112,6 +115,35 @@ def _fit_bytes(layout: ssse_ext.BlockLayout, dtype: torch.dtype, representation:
             result += s * s * elem
             work += s * s * 8
     return result, work
+
+
+def request_budget(inverse_bytes: int, device, max_memory: int | None = None) -> int:
+    """Bytes the rows of an erasure request may take while they are computed: ``max_memory``
+    if given, else :data:`_REQUEST_SHARE_OF_INVERSE` of the inverse (at least
+    :data:`_MIN_CHUNK_BYTES`, at most the share of the memory available now)."""
+    if max_memory is not None:
+        return max_memory
+    free = int(_MEMORY_SHARE * available_memory(device))
+    return max(1, min(free, max(int(_REQUEST_SHARE_OF_INVERSE * inverse_bytes),
+                                _MIN_CHUNK_BYTES)))
+
+
+def stacked_rows(stream: Iterator[torch.Tensor], rows: int) -> torch.Tensor:
+    """The chunks of ``stream`` written into one ``(rows, d)`` tensor as they come (no second
+    copy of the whole); ``rows`` is their total, known beforehand."""
+    out, pos = None, 0
+    for chunk in stream:
+        if out is None:
+            if chunk.shape[0] == rows:
+                return chunk  # one chunk: it is the result
+            out = torch.empty((rows,) + tuple(chunk.shape[1:]), dtype=chunk.dtype,
+                              device=chunk.device)
+        out[pos:pos + chunk.shape[0]] = chunk
+        pos += chunk.shape[0]
+    if out is None or pos != rows:
+        raise ValueError("removed is empty: nothing to erase" if pos == 0 else
+                         f"the removed samples gave {pos} rows, expected {rows}")
+    return out
 
 
 def _plan_chunk_rows(per_row: int, budget: int) -> int:

@@ -42,6 +42,8 @@ the curvature of :math:`\theta^*`.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -52,7 +54,7 @@ from ssse_ext.validation import (check_choice, check_nonneg_float, check_nonneg_
 from ._utils import (FlatModel, check_request, finish_update, iter_batches, per_sample_losses,
                      warn_if_training)
 from .curvature import LIKELIHOODS
-from .gradients import _grad_stream, gradient_sum
+from .gradients import _grad_stream, gradient_sum, request_budget, stacked_rows
 
 __all__ = ["newton_erase", "newton_refined"]
 
@@ -64,14 +66,18 @@ _ARMIJO = 1e-4
 
 
 def ggn_rows_of(fm: FlatModel, loss_fn, data, *, dtype, likelihood: str,
-                params: dict | None = None) -> torch.Tensor:
-    """All Gauss–Newton rows (``c`` per sample) of ``data`` at ``params``, as one tensor."""
-    chunks = list(_grad_stream(fm, loss_fn, data, "removed", weight_decay=0.0, chunk_size=None,
-                               minibatch=1, dtype=dtype, params=params, curvature="ggn",
-                               likelihood=likelihood))
-    if not chunks:
+                params: dict | None = None, max_memory: int | None = None) -> torch.Tensor:
+    """All Gauss–Newton rows (``c`` per sample) of ``data`` (a list of batches) at ``params``,
+    as one tensor, computed in chunks of at most ``max_memory`` bytes."""
+    k = sum(x.shape[0] for x, _ in data)
+    if k == 0:
         raise ValueError("removed is empty: nothing to erase")
-    return torch.cat(chunks)
+    info: dict = {}
+    stream = _grad_stream(fm, loss_fn, data, "removed", weight_decay=0.0, chunk_size=None,
+                          minibatch=1, dtype=dtype, params=params, curvature="ggn",
+                          likelihood=likelihood, max_memory=max_memory, info=info)
+    first = next(stream)
+    return stacked_rows(itertools.chain([first], stream), k * info["rows_per_sample"])
 
 
 def _shift(inv: ssse_ext.BlockInverseFisher, n: int, k: int, w: float) -> float:
@@ -130,7 +136,8 @@ def newton_erase(model: nn.Module, loss_fn, removed, *, inv_fisher: ssse_ext.Blo
                          f"got {n}")
     star = fm.flat(dtype=torch.float64, device=inv.device)
     step = newton_refined(fm, loss_fn, batches, inv, n=n, weight_decay=w,
-                          likelihood=likelihood, steps=refine_steps, tol=tol)
+                          likelihood=likelihood, steps=refine_steps, tol=tol,
+                          max_memory=request_budget(inv.nbytes, fm.device))
     return finish_update(fm, (star + step).to(fm.device, fm.dtype), inplace=inplace,
                          what="the Newton erasure")
 
@@ -152,7 +159,8 @@ def _objective(fm: FlatModel, loss_fn, batches, theta: torch.Tensor, x: torch.Te
 
 def newton_refined(fm: FlatModel, loss_fn, batches, inv: ssse_ext.BlockInverseFisher, *, n: int,
                    weight_decay: float, likelihood: str, steps: int, tol: float,
-                   star: dict | None = None) -> torch.Tensor:
+                   star: dict | None = None, first: tuple | None = None,
+                   max_memory: int | None = None) -> torch.Tensor:
     r"""The leave-k-out Newton step from :math:`\theta^*` (``star``, default the model's
     parameters), then
     ``steps`` Newton steps with a line search on :math:`M(\theta) = Q(\theta) -
@@ -163,7 +171,9 @@ def newton_refined(fm: FlatModel, loss_fn, batches, inv: ssse_ext.BlockInverseFi
     :math:`H = \frac Nn (F - \lambda I) + wI` and :math:`\nabla^2 M = \frac Nn (F' - \delta I)`
     with :math:`F' = F - R^\top R / N` (:math:`R` the Gauss–Newton rows of :math:`S` at the
     current point) and :math:`\delta = \lambda - (n-k) w / N`. :math:`H x` is tracked exactly
-    from the solves, since :math:`F` itself is known only through its inverse.
+    from the solves, since :math:`F` itself is known only through its inverse. ``first``: the
+    rows and the summed gradient (weight decay included) of :math:`S` at :math:`\theta^*`,
+    when the caller has them; ``max_memory``: the bytes the rows may take while computed.
     """
     w, dtype, device, N = weight_decay, inv.dtype, inv.device, inv.normalizer
     k = sum(x.shape[0] for x, _ in batches)
@@ -178,10 +188,13 @@ def newton_refined(fm: FlatModel, loss_fn, batches, inv: ssse_ext.BlockInverseFi
         theta = star + x
         params = base if step == 0 else {name: t.to(dtype) for name, t in
                                          fm.unflatten(theta.to(fm.device)).items()}
-        rows = ggn_rows_of(fm, loss_fn, batches, dtype=dtype, likelihood=likelihood,
-                           params=params).to(device)
-        g_s, _ = gradient_sum(fm.model, loss_fn, batches, weight_decay=w, dtype=dtype,
-                              params=params, name="removed")
+        if step == 0 and first is not None:
+            rows, g_s = first
+        else:
+            rows = ggn_rows_of(fm, loss_fn, batches, dtype=dtype, likelihood=likelihood,
+                               params=params, max_memory=max_memory).to(device)
+            g_s, _ = gradient_sum(fm.model, loss_fn, batches, weight_decay=w, dtype=dtype,
+                                  params=params, name="removed")
         hx = (fx - inv.damping * x) / ratio + w * x
         rhs = (g_s.to(device, torch.float64) / n - hx) * ratio  # -grad M, times n / N
         try:
