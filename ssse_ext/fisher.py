@@ -49,8 +49,8 @@ UPDATE_METHODS = ("woodbury", "sherman_morrison")
 #: Largest block size ``B`` when neither ``block_size`` nor a layout is given.
 DEFAULT_BLOCK_SIZE = 1024
 # Elements of float64 scratch per batch of blocks when the Woodbury form is checked or applied
-# on the fly with torch (64 MiB): a request's extra memory stays small next to the inverse.
-_WOODBURY_ELEMENTS = 1 << 23
+# on the fly with torch (32 MiB): a request's extra memory stays small next to the inverse.
+_WOODBURY_ELEMENTS = 1 << 22
 #: Smallest Cholesky pivot of the normalised Woodbury matrix accepted by an update, a downdate
 #: or a leave-k-out apply: far above the rounding of its float64 computation (~1e-15), so the
 #: kernels that then write the blocks cannot disagree with the check.
