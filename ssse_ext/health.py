@@ -52,8 +52,8 @@ U64 = torch.finfo(torch.float64).eps / 2
 DEFAULT_COLUMNS = 3
 #: A residual up to this many times the rounding floor of its block is rounding, not drift.
 FLOOR_FACTOR = 10
-# Elements of float64 scratch per batch of blocks (64 MiB): the checks' extra memory is bounded.
-_ELEMENTS = 1 << 23
+# Elements of float64 scratch per batch of blocks (32 MiB): the checks' extra memory is bounded.
+_ELEMENTS = 1 << 22
 
 
 class ConditionWarning(RuntimeWarning):

@@ -32,3 +32,16 @@ def test_main_prints_the_table(capsys):
                        "--loop-rows", "2"]) == 0
     out = capsys.readouterr().out
     assert "| 2x8, n=32 | float64 |" in out
+
+
+def test_model_benchmark_checks_its_fit_and_erase_on_a_small_cnn():
+    from ssse.experiments import model_bench
+
+    r = model_bench.run(width=4, n=24, k=4, block_size=64, damping=1e-3)
+    # the fit against a float64 closed form and the erase step against a float64 product:
+    # measured 3e-8 and 1e-7 here, float32 rounding; a wrong block or step is off by O(1)
+    assert r["fit_rel_err"] < 1e-5 and r["erase_rel_err"] < 1e-5
+    assert r["erase_requests"] == 3 and r["erase_peak_bytes"] >= 0
+    assert r["fit_s"] > 0 and r["inverse_bytes"] > 0 and r["blocks"] > 1
+    table = model_bench.format_table(r)
+    assert "median of 3 requests" in table and "fit / epoch" in table

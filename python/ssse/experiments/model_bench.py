@@ -123,6 +123,18 @@ def run(*, arch: str = "small_resnet", width: int | None = None, n: int = 256,
     step = (before @ g0[:, :s0].double().sum(0).cpu()) / (n - k)
     got = (eraser.theta[:s0] - theta[:s0]).double().cpu()
     out["erase_rel_err"] = float((got - step).norm() / step.norm())
+    # Two more requests of k other samples: the resident set's peak depends on what the
+    # allocator kept from earlier work, so the largest of the three is reported
+    times, peaks = [out["erase_s"]], [out["erase_peak_bytes"]]
+    for i in (1, 2):
+        if (i + 1) * k < n:
+            _, t, p = bench.measure(lambda: eraser.erase((x[i * k:(i + 1) * k],
+                                                           y[i * k:(i + 1) * k]), epsilon=1.0),
+                                    device)
+            times.append(t)
+            peaks.append(p)
+    out["erase_s"], out["erase_peak_bytes"] = sorted(times)[len(times) // 2], max(peaks)
+    out["erase_requests"] = len(times)
 
     rows = max(1, min(256, n))
     out["matmul_gflops"] = bench.matmul_gflops(dtype, device, 2048 if device.type == "cpu"
@@ -147,8 +159,9 @@ def format_table(r: dict) -> str:
         f"| fit (gradients + build) | {r['fit_s']:.3f} | fit / epoch = "
         f"{r['fit_s'] / r['epoch_s']:.1f} |",
         f"| fit peak memory | - | {r['fit_peak_bytes'] / inv:.2f} x inverse |",
-        f"| erase {r['k']} samples | {r['erase_s']:.3f} | peak extra memory "
-        f"{r['erase_peak_bytes'] / inv:.3f} x inverse |",
+        f"| erase {r['k']} samples (median of {r.get('erase_requests', 1)} requests) | "
+        f"{r['erase_s']:.3f} | peak extra memory {r['erase_peak_bytes'] / inv:.3f} x inverse "
+        "(largest) |",
         f"| build rate (2 n Σs² basis) | - | {r['build_gflops']:.1f} GFLOP/s = "
         f"{r['build_gflops'] / r['matmul_gflops']:.2f} x matmul "
         f"({r['matmul_gflops']:.1f} GFLOP/s) |",
