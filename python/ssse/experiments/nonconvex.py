@@ -411,8 +411,9 @@ def table(r: dict) -> str:
             f"{c['max_accuracy_drop']:g} of the original's (min δ: the same on the removal "
             f"itself; unguarded: over the whole grid); accuracies at the chosen value; mean ± "
             f"std over classes. Training {res['train_seconds']:.2f} s, "
-            f"Fisher fits {fits} (ggn: the Gauss-Newton inverse, damping = weight decay, for "
-            f"the rows without tuning).\n\n"
+            f"Fisher fits {fits}"
+            + (" (ggn: the Gauss-Newton inverse, damping = weight decay, for the rows without "
+               "tuning)" if "ggn" in res["fisher_seconds"] else "") + ".\n\n"
             + markdown_table(header, rows) + "\n" + per_class_table(r))
 
 
