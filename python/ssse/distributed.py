@@ -70,7 +70,9 @@ from ssse_ext.validation import (check_callable, check_choice, check_data, check
 
 from ._utils import FlatModel, available_memory, data_size, finish_update, iter_batches
 from .curvature import CURVATURES, LIKELIHOODS
-from .erasure import FISHER_VARIANTS, GRADIENT_VARIANTS, _configure, _group_means
+from .erasure import Eraser as _LocalEraser
+from .erasure import (FISHER_VARIANTS, _configure, _group_means,
+                      check_ssse_settings)
 from .gradients import _grad_stream, gradient_sum, resolve_layout
 from .io import atomic_path, write_json
 from .newton import _shift
@@ -553,6 +555,11 @@ def init(*, backend: str | None = None, device=None,
 
 # ---- the sharded inverse ------------------------------------------------------------------------
 
+def _local_attribute(name: str, doc: str) -> property:
+    """A read-only property that reads ``name`` from the local shard."""
+    return property(lambda self: getattr(self.local, name), doc=doc)
+
+
 class ShardedInverseFisher:
     r"""This rank's share of a block-sharded inverse Fisher: the blocks ``sharding.blocks(rank)``
     as :attr:`local`, a :class:`ssse_ext.BlockInverseFisher` over their columns
@@ -586,33 +593,17 @@ class ShardedInverseFisher:
     def config(self) -> ssse_ext.FisherConfig:
         return ssse_ext.FisherConfig(self.damping, self.normalizer, self.layout, self.curvature)
 
-    @property
-    def damping(self) -> float:
-        return self.local.damping
-
-    @property
-    def normalizer(self) -> float:
-        return self.local.normalizer
-
-    @property
-    def curvature(self) -> str:
-        return self.local.curvature
-
-    @property
-    def num_samples(self) -> int:
-        return self.local.num_samples
+    # the local shard's (the same on every rank)
+    damping = _local_attribute("damping", "the damping λ")
+    normalizer = _local_attribute("normalizer", "the normaliser N")
+    curvature = _local_attribute("curvature", "the curvature stored")
+    num_samples = _local_attribute("num_samples", "the samples the inverse holds")
+    dtype = _local_attribute("dtype", "the blocks' dtype")
+    device = _local_attribute("device", "the blocks' device")
 
     @property
     def dim(self) -> int:
         return self.layout.dim
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.local.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.local.device
 
     @property
     def world_size(self) -> int:
@@ -981,6 +972,19 @@ def _owner_step(comm: _Comm, inv: ShardedInverseFisher, step: Callable[[], torch
     return comm.gather_columns(part, inv.sharding, f"{what} (all-gather of the parameters)")
 
 
+def _check_sharded_request(model, loss_fn, removed, inv_fisher, comm) -> FlatModel:
+    """The checks every sharded erasure starts with; returns the flat model."""
+    check_module(model)
+    check_callable(loss_fn, "loss_fn")
+    check_data(removed, "removed")
+    fm = FlatModel(model)
+    _check_group(inv_fisher, comm)
+    if inv_fisher.dim != fm.dim:
+        raise ValueError(f"inv_fisher has dim={inv_fisher.dim}, the model has d={fm.dim} "
+                         "trainable parameters")
+    return fm
+
+
 def ssse_update(model: nn.Module, loss_fn, removed, *, inv_fisher: ShardedInverseFisher,
                 epsilon: float, n_total: int, weight_decay: float = 0.0, fisher: str = "full",
                 gradient: str = "removed", retained=None, minibatch: int = 1,
@@ -1006,25 +1010,9 @@ def ssse_update(model: nn.Module, loss_fn, removed, *, inv_fisher: ShardedInvers
     comm = _Comm(group, timeout)
 
     def prepare():
-        check_module(model)
-        check_callable(loss_fn, "loss_fn")
-        check_data(removed, "removed")
-        fm = FlatModel(model)
-        _check_group(inv_fisher, comm)
-        if inv_fisher.dim != fm.dim:
-            raise ValueError(f"inv_fisher has dim={inv_fisher.dim}, the model has d={fm.dim} "
-                             "trainable parameters")
-        eps = check_positive_float(epsilon, "epsilon")
-        n = check_positive_int(n_total, "n_total")
-        w = check_nonneg_float(weight_decay, "weight_decay")
-        check_choice(fisher, "fisher", FISHER_VARIANTS)
-        check_choice(gradient, "gradient", GRADIENT_VARIANTS)
-        b = check_positive_int(minibatch, "minibatch")
-        if gradient == "retained":
-            if retained is None:
-                raise ValueError('retained must be given (this rank\'s share of D \\ S) when '
-                                 'gradient="retained"')
-            check_data(retained, "retained")
+        fm = _check_sharded_request(model, loss_fn, removed, inv_fisher, comm)
+        eps, n, w, b = check_ssse_settings(epsilon, n_total, weight_decay, fisher, gradient,
+                                           minibatch, retained, "this rank's share of D \\ S")
         dt, dev = inv_fisher.dtype, inv_fisher.device
         batches = list(iter_batches(removed, "removed", device=fm.device))
         k = sum(x.shape[0] for x, _ in batches)
@@ -1090,14 +1078,7 @@ def newton_erase(model: nn.Module, loss_fn, removed, *, inv_fisher: ShardedInver
     comm = _Comm(group, timeout)
 
     def prepare():
-        check_module(model)
-        check_callable(loss_fn, "loss_fn")
-        check_data(removed, "removed")
-        fm = FlatModel(model)
-        _check_group(inv_fisher, comm)
-        if inv_fisher.dim != fm.dim:
-            raise ValueError(f"inv_fisher has dim={inv_fisher.dim}, the model has d={fm.dim} "
-                             "trainable parameters")
+        fm = _check_sharded_request(model, loss_fn, removed, inv_fisher, comm)
         n = check_positive_int(n_total, "n_total")
         w = check_nonneg_float(weight_decay, "weight_decay")
         check_choice(likelihood, "likelihood", LIKELIHOODS)
@@ -1302,11 +1283,7 @@ class Eraser:
                             dtype=self.dtype, params=self._star, name="removed")
         return rows, v.to(self.device)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's ``state_dict`` with the current parameters."""
-        if self.theta is None:
-            raise RuntimeError("call fit(train_data) first")
-        return self._fm.state_dict_with(self.theta)
+    state_dict = _LocalEraser.state_dict
 
     def __repr__(self) -> str:
         return (f"distributed.Eraser(n={self.n}, requests={len(self.history)}, "

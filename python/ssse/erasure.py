@@ -58,6 +58,24 @@ def _removed_rows(fm: FlatModel, loss_fn, removed, *, weight_decay: float, dtype
                                      max_memory=max_memory), k)
 
 
+def check_ssse_settings(epsilon, n_total, weight_decay, fisher, gradient, minibatch, retained,
+                        retained_name: str) -> tuple[float, int, float, int]:
+    """The checks of an SSSE request's settings (local or sharded); returns ``(epsilon,
+    n_total, weight_decay, minibatch)``. ``retained_name`` says what ``retained`` must hold."""
+    epsilon = check_positive_float(epsilon, "epsilon")
+    n_total = check_positive_int(n_total, "n_total")
+    weight_decay = check_nonneg_float(weight_decay, "weight_decay")
+    check_choice(fisher, "fisher", FISHER_VARIANTS)
+    check_choice(gradient, "gradient", GRADIENT_VARIANTS)
+    minibatch = check_positive_int(minibatch, "minibatch")
+    if gradient == "retained":
+        if retained is None:
+            raise ValueError(f'retained must be given ({retained_name}) when '
+                             'gradient="retained"')
+        check_data(retained, "retained")
+    return epsilon, n_total, weight_decay, minibatch
+
+
 def ssse_update(model: nn.Module, loss_fn, removed, *,
                 inv_fisher: ssse_ext.BlockInverseFisher, epsilon: float, n_total: int,
                 weight_decay: float = 0.0, fisher: str = "full", gradient: str = "removed",
@@ -92,16 +110,8 @@ def ssse_update(model: nn.Module, loss_fn, removed, *,
         changed.
     """
     fm, inv = check_request(model, loss_fn, removed, inv_fisher)
-    epsilon = check_positive_float(epsilon, "epsilon")
-    n_total = check_positive_int(n_total, "n_total")
-    weight_decay = check_nonneg_float(weight_decay, "weight_decay")
-    check_choice(fisher, "fisher", FISHER_VARIANTS)
-    check_choice(gradient, "gradient", GRADIENT_VARIANTS)
-    minibatch = check_positive_int(minibatch, "minibatch")
-    if gradient == "retained":
-        if retained is None:
-            raise ValueError('retained must be given (D \\ S) when gradient="retained"')
-        check_data(retained, "retained")
+    epsilon, n_total, weight_decay, minibatch = check_ssse_settings(
+        epsilon, n_total, weight_decay, fisher, gradient, minibatch, retained, "D \\ S")
     warn_if_training(model, "ssse_update")
 
     dtype, device = inv.dtype, inv.device

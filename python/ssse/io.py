@@ -252,17 +252,22 @@ def _check_header(path, meta: dict) -> None:
                                   f"{meta[key]!r}")
 
 
-def _load(path, expected: str, device=None) -> tuple[dict[str, torch.Tensor], dict]:
+def _load(path, expected: str, device=None, prefix: str = "") -> tuple[dict[str, torch.Tensor],
+                                                                         dict]:
+    """The tensors of a file of format ``expected`` whose names start with ``prefix`` (named
+    without it), checked finite, and the file's metadata."""
     fmt, meta = read_metadata(path)
     if fmt != expected:
         raise FileFormatError(f"{path} is an {fmt} file, expected an {expected} file")
     tensors = {}
     with safe_open(str(path), framework="pt", device="cpu") as f:
         for key in f.keys():
-            tensors[key] = f.get_tensor(key)
+            if key.startswith(prefix):
+                tensors[key[len(prefix):]] = f.get_tensor(key)
     for key, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise FileFormatError(f"{path}: tensor {key!r} holds NaN or Inf (a corrupt file)")
+            raise FileFormatError(f"{path}: tensor {prefix + key!r} holds NaN or Inf (a corrupt "
+                                  "file)")
     if device is not None:
         tensors = {k: v.to(device) for k, v in tensors.items()}
     return tensors, meta
@@ -332,18 +337,7 @@ def save_inverse_fisher(path: str | os.PathLike, inv: ssse_ext.BlockInverseFishe
 
 def load_extra_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The ``extra`` tensors saved with an inverse-Fisher file (none: an empty dict)."""
-    fmt, _ = read_metadata(path)
-    if fmt != FISHER_FORMAT:
-        raise FileFormatError(f"{path} is an {fmt} file, expected an {FISHER_FORMAT} file")
-    out = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        for key in f.keys():
-            if key.startswith(_EXTRA):
-                out[key[len(_EXTRA):]] = f.get_tensor(key)
-    for key, t in out.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise FileFormatError(f"{path}: tensor {key!r} holds NaN or Inf (a corrupt file)")
-    return out
+    return _load(path, FISHER_FORMAT, prefix=_EXTRA)[0]
 
 
 # ---- checkpoints ----------------------------------------------------------------------------
