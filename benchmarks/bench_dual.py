@@ -33,7 +33,7 @@ import torch
 
 import ssse_ext
 from ssse_ext import BlockLayout, build_dual_blocks, choose_representation
-from ssse_ext.bench import DTYPES, median_seconds
+from ssse_ext.bench import DTYPES, median_seconds, parse_cases
 from ssse_ext.dual import dual_nbytes
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -183,11 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     if args.cases:
-        try:
-            cases = [tuple(int(x) for x in c.split(":")) for c in args.cases.split(",")]
-            assert all(len(c) == 3 and min(c) > 0 for c in cases)
-        except (ValueError, AssertionError):
-            p.error("--cases must look like 512:4:16000,256:4:8000")
+        cases = parse_cases(p, args.cases, "512:4:16000,256:4:8000")
     elif device.type == "cuda":
         cases = [(2048, 4, 70000), (4500, 4, 70000)]
     else:

@@ -117,6 +117,18 @@ def _peak_memory(fn, device: torch.device) -> int:
 
 # ---- the competitors ------------------------------------------------------------------------
 
+def parse_cases(parser, text: str, example: str) -> list[tuple[int, int, int]]:
+    """``--cases`` as triples of positive integers ``a:b:c,...``; a bad value is a usage error
+    that shows ``example``."""
+    try:
+        cases = [tuple(int(x) for x in c.split(":")) for c in text.split(",")]
+        if all(len(c) == 3 and min(c) > 0 for c in cases):
+            return cases
+    except ValueError:
+        pass
+    parser.error(f"--cases must look like {example}")
+
+
 def matmul_gflops(dtype, device, size: int, repeats: int) -> float:
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
@@ -340,11 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         if bad or not kernel_sets:
             p.error(f"--kernels must name sets among {ssse_ext.CUDA_KERNEL_SETS}, got {args.kernels!r}")
     if args.cases:
-        try:
-            cases = [tuple(int(x) for x in c.split(":")) for c in args.cases.split(",")]
-            assert all(len(c) == 3 and min(c) > 0 for c in cases)
-        except (ValueError, AssertionError):
-            p.error("--cases must look like 4096:16:1024,1024:4:256")
+        cases = parse_cases(p, args.cases, "4096:16:1024,1024:4:256")
     elif device.type == "cuda":
         cases = [(8192, 16, 1024), (8192, 16, 4096)]
     else:
