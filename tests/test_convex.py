@@ -50,12 +50,26 @@ def problem():
 
 
 def test_optima_are_tight(problem):
+    # After the Newton polish the gradient is its own rounding: each of the n terms
+    # (sigmoid(x.w) - y) x / n is computed to a few u (|x_j| <= 5 here), so the mean carries
+    # about n * u * max|x| / n = 6e-16 per entry, times sqrt(d) = 3 in norm. 1e-13 leaves a
+    # factor 50; L-BFGS alone stalls at 1e-10 to 3e-9 (where its line search stops resolving
+    # the objective), which this bound rejects.
     X, y, model, retrained = problem
+    bound = 1e-13
     report = ssse.metrics.split_report(model, {"D": (X, y)}, loss_fn=bce, weight_decay=WD)
-    assert report["D"]["grad_norm"] < 1e-9
+    assert report["D"]["grad_norm"] < bound
     report = ssse.metrics.split_report(retrained, {"D\\S": (X[K:], y[K:])}, loss_fn=bce,
                                        weight_decay=WD)
-    assert report["D\\S"]["grad_norm"] < 1e-9
+    assert report["D\\S"]["grad_norm"] < bound
+
+
+def test_lbfgs_alone_warns_when_it_stops_above_its_tolerance():
+    X, y, _, _ = make_problem(0)
+    recipe = ssse.training.lbfgs_recipe(lambda: nn.Linear(X.shape[1], 1), bce, weight_decay=WD,
+                                        tolerance=1e-15, newton_steps=0)
+    with pytest.warns(ssse.training.ConvergenceWarning, match="tolerance=1e-15"):
+        ssse.retrain(recipe, (X, y), seed=0)
 
 
 def test_influence_update_lands_near_the_retrained_optimum(problem):

@@ -215,3 +215,29 @@ def test_select_epsilon_validates_candidates():
         metrics.select_epsilon([1.0, -2.0], lambda e: 0.5)
     with pytest.raises(TypeError, match="candidates must be an iterable of numbers"):
         metrics.select_epsilon(["a"], lambda e: 0.5)
+
+
+def test_similarity_ratio_against_sklearn_on_random_scores():
+    # gamma computed here from sklearn's ROC-AUC and Def. 4.2 directly, on random scores where
+    # the erased model is a mix of the original and the retrained one: gamma grows with the
+    # share of the retrained model (a swapped orientation would make it fall)
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(7)
+    n, a = 200, 5
+    labels = rng.integers(0, 2, size=(n, a))
+    orig = rng.normal(size=(n, a)) + 1.5 * labels
+    retr = rng.normal(size=(n, a)) - 0.5 * labels
+
+    def d(s1, s2):
+        return sum(abs(roc_auc_score(labels[:, j], s1[:, j]) - roc_auc_score(labels[:, j], s2[:, j]))
+                   for j in range(a))
+
+    gammas = []
+    for share in (0.1, 0.5, 0.9):
+        hat = (1 - share) * orig + share * retr
+        expected = d(hat, orig) / (d(hat, orig) + d(hat, retr))
+        got = metrics.similarity_ratio(hat, orig, retr, labels)
+        assert got == pytest.approx(expected, abs=1e-12)
+        gammas.append(got)
+    assert gammas[0] < 0.5 < gammas[2] and gammas == sorted(gammas)

@@ -177,3 +177,34 @@ def test_eraser_newton_requests_match_newton_erase_and_are_atomic():
     assert rel_err(eraser.inv_fisher.dense(), expect) < 1e-10
     with pytest.raises(ValueError, match="epsilon must be given"):
         ssse.Eraser(model, loss, damping=w).fit((X, y)).erase((X[:2], y[:2]))
+
+
+@pytest.mark.parametrize("damping", [1e-2, 2e-3])
+def test_newton_erase_is_one_newton_step_of_the_retained_objective(damping):
+    # One block over all parameters of a linear softmax model: the stored Gauss-Newton matrix is
+    # the Hessian, so the leave-k-out step must be exactly theta* - H_R^-1 grad L_R(theta*), with
+    # L_R = (1/(n-k)) sum_{D\S} l_i + w/2 |theta|^2, both computed here by autograd. With
+    # damping != w only the shift turns the stored lambda I into the retained w I.
+    model, loss, X, y, _ = trained(n=90, seed=5)
+    w, k, n = 1e-2, 9, 90
+    d = sum(p.numel() for p in model.parameters())
+    inv = ssse.fit_inverse_fisher(model, loss, (X, y), damping=damping, curvature="ggn",
+                                  layout="fixed", block_size=d, progress=False)
+    got = flat_state(ssse.newton_erase(model, loss, (X[:k], y[:k]), inv_fisher=inv, n_total=n,
+                                       weight_decay=w))
+    star = flat_state(model.state_dict()).detach()
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+
+    def retained(t):
+        parts, pos = {}, 0
+        for name, s in zip(names, shapes):
+            parts[name] = t[pos:pos + s.numel()].reshape(s)
+            pos += s.numel()
+        out = torch.func.functional_call(model, parts, (X[k:],))
+        return loss(out, y[k:]).mean() + 0.5 * w * (t * t).sum()
+
+    g = torch.autograd.functional.jacobian(retained, star)
+    H = torch.autograd.functional.hessian(retained, star)
+    expected = star - torch.linalg.solve(H, g)
+    assert rel_err(got - star, expected - star) < 1e-10
