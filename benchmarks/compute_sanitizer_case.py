@@ -26,10 +26,12 @@ def run(dev) -> None:
         d = layout.dim
         for dtype in (torch.float32, torch.float64):
             g = (0.5 * torch.randn(150, d, dtype=torch.float64)).to(dtype).to(dev)
-            inv = build_inverse_fisher(g[:100], damping=0.5, layout=layout, normalizer=150.0)
+            inv = build_inverse_fisher(g[:100], damping=0.5, layout=layout, normalizer=150.0,
+                                       representation="dense")
             inv.update(g[100:], chunk_size=100)               # two fused sub-chunks in one call
             inv.downdate(g[:3], method="sherman_morrison")    # literal rank-1 kernels
-            build_inverse_fisher(g[:70], damping=1.0, layout=layout, method="woodbury")
+            build_inverse_fisher(g[:70], damping=1.0, layout=layout, method="woodbury",
+                                 representation="dense")
             try:
                 inv.clone().downdate(20.0 * g[:30])           # fails: every kernel's skip path
             except NotPositiveDefiniteError:

@@ -17,13 +17,14 @@ from importlib import metadata as _metadata
 # copy lacks OpenMP 5.1 symbols; loading a second libgomp first would make two thread pools).
 import torch as _torch  # noqa: F401
 
-from . import _C, health, reference, validation
+from . import _C, budget, health, reference, validation
 from ._ops import CUDA_KERNEL_SETS, cuda_kernels, set_cuda_kernels, use_cuda_kernels
 from .dual import DualBlocks, RowNotFoundError, build_dual_blocks, choose_representation
+from .errors import InsufficientMemoryError
 from .fisher import (BUILD_METHODS, DEFAULT_BLOCK_SIZE, UPDATE_METHODS, BlockInverseFisher,
                      FisherConfig, GramAccumulator, LowRankChange, NotPositiveDefiniteError,
-                     build_inverse_fisher)
-from .health import ConditionWarning, FisherProbe, HealthWarning
+                     build_inverse_fisher, build_peak_bytes)
+from .health import ConditionWarning, FisherProbe, HealthError, HealthWarning
 from .layout import BlockLayout
 
 try:
@@ -43,13 +44,17 @@ __all__ = [
     "FisherConfig",
     "FisherProbe",
     "GramAccumulator",
+    "HealthError",
     "HealthWarning",
+    "InsufficientMemoryError",
     "LowRankChange",
     "NotPositiveDefiniteError",
     "RowNotFoundError",
+    "budget",
     "build_dual_blocks",
     "build_info",
     "build_inverse_fisher",
+    "build_peak_bytes",
     "choose_representation",
     "cuda_kernels",
     "health",

@@ -29,13 +29,14 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import threading
 import time
 
 import torch
 
 import ssse_ext
-from ssse_ext import BlockLayout, _ops, build_inverse_fisher
+from ssse_ext import BlockLayout, _ops, build_inverse_fisher, validation
 
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -117,6 +118,41 @@ def _peak_memory(fn, device: torch.device) -> int:
 
 # ---- the competitors ------------------------------------------------------------------------
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line and exit 2, like ``ssse``'s."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def checked(convert, check, what: str):
+    """An argparse type: ``convert`` then ``check(value, "value")`` (a validation helper); a
+    value either refuses is reported as ``expected WHAT, got TEXT``."""
+    def parse(text: str):
+        try:
+            return check(convert(text), "value")
+        except (TypeError, ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    parse.__name__ = what
+    return parse
+
+
+#: Seeds of torch.Generator, numpy and scikit-learn alike.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(value, name: str) -> int:
+    out = validation.check_int(value, name)
+    if not 0 <= out <= MAX_SEED:
+        raise ValueError(f"{name} must be an integer in [0, {MAX_SEED}], got {out}")
+    return out
+
+
+positive_int = checked(int, validation.check_positive_int, "an integer > 0")
+positive_float = checked(float, validation.check_positive_float, "a finite number > 0")
+seed = checked(int, check_seed, f"an integer in [0, {MAX_SEED}]")
+
+
 def parse_cases(parser, text: str, example: str) -> list[tuple[int, int, int]]:
     """``--cases`` as triples of positive integers ``a:b:c,...``; a bad value is a usage error
     that shows ``example``."""
@@ -127,6 +163,72 @@ def parse_cases(parser, text: str, example: str) -> list[tuple[int, int, int]]:
     except ValueError:
         pass
     parser.error(f"--cases must look like {example}")
+
+
+def check_destination(parser, path: str | None, option: str = "--json") -> None:
+    """Refuses, before anything is measured, a results file that could not be written: a
+    folder, or a file in a folder that does not exist or cannot be written."""
+    if path is None:
+        return
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        parser.error(f"{option}: {path} is a folder, expected a file")
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        parser.error(f"{option}: the folder of {path} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        parser.error(f"{option}: cannot write in {folder} ({exc.strerror or exc})")
+
+
+def available_bytes(device: torch.device) -> tuple[int, str]:
+    """Bytes free now on ``device`` and where the figure comes from."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0]), f"free on {device}"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "MemAvailable of /proc/meminfo"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free pages"
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - exotic platforms
+        return 1 << 62, "unknown"
+
+
+def case_bytes(n: int, num_blocks: int, block: int, dtype) -> int:
+    """Estimated peak bytes of :func:`run_case`: the float64 gradients, their copy in ``dtype``
+    and the closed form's copy of them, and about a dozen block-diagonal matrices (the float64
+    oracle and its Gram and Cholesky factors, the build's float64 accumulator, the inverses of
+    the build, the update and the per-sample loop)."""
+    elem = torch.finfo(dtype).bits // 8
+    d = num_blocks * block
+    return n * d * (16 + elem) + d * block * (48 + 6 * elem)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**40:.1f} TiB" if n >= 2**40 else f"{n / 2**30:.1f} GiB"
+
+
+def check_case_memory(parser, cases, dtypes, device: torch.device) -> None:
+    """Refuses, before anything is allocated, a case whose estimated peak (:func:`case_bytes`)
+    exceeds the memory free now."""
+    free, source = available_bytes(device)
+    for n, nb, block in cases:
+        need = max(case_bytes(n, nb, block, dt) for dt in dtypes)
+        if need > free:
+            parser.error(f"--cases {n}:{nb}:{block} needs about {_gib(need)} on {device}, "
+                         f"{_gib(free)} are available ({source}); choose smaller n, blocks or B")
+        if device.type == "cuda":  # the gradients are drawn on the CPU, then copied
+            host, where = available_bytes(torch.device("cpu"))
+            if n * nb * block * 8 > host:
+                parser.error(f"--cases {n}:{nb}:{block} needs about "
+                             f"{_gib(n * nb * block * 8)} of CPU memory, {_gib(host)} are "
+                             f"available ({where})")
 
 
 def matmul_gflops(dtype, device, size: int, repeats: int) -> float:
@@ -189,7 +291,8 @@ def run_case(n: int, num_blocks: int, block: int, dtype, device, *, repeats: int
         row["kernels"] = ssse_ext.cuda_kernels()
 
     # Build (default method): check, then time. A result above tolerance is reported, never timed.
-    build = lambda: build_inverse_fisher(g, damping=damping, layout=layout)  # noqa: E731
+    build = lambda: build_inverse_fisher(g, damping=damping, layout=layout,  # noqa: E731
+                                         representation="dense")
     inv = build()
     err = _rel_err(inv, ref)
     row["build_rel_err"] = err
@@ -224,7 +327,8 @@ def run_case(n: int, num_blocks: int, block: int, dtype, device, *, repeats: int
 
     # Chunked Sherman-Morrison update of an accurate inverse built on the first half.
     half = n // 2
-    base = build_inverse_fisher(g[:half], damping=damping, layout=layout, normalizer=float(n))
+    base = build_inverse_fisher(g[:half], damping=damping, layout=layout, normalizer=float(n),
+                                representation="dense")
     upd = base.clone().update(g[half:])
     err_u = _rel_err(upd, ref)
     row["update_rel_err"] = err_u
@@ -317,32 +421,33 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ssse bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="ssse bench", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", choices=["float32", "float64", "both"], default="both")
     p.add_argument("--cases", default=None,
                    help="comma-separated n:blocks:B cases (default: 1024:4:256 and "
-                        "4096:16:1024 on CPU; 8192:16:1024 and 8192:16:4096 on CUDA)")
+                        "4096:16:1024 on CPU; 8192:16:1024 and 8192:16:4096 on CUDA); a case "
+                        "that would not fit in the memory free now is refused")
     p.add_argument("--small", action="store_true", help="only the small case (a quick check)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
-    p.add_argument("--loop-rows", type=int, default=64,
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed repeats (median)")
+    p.add_argument("--loop-rows", type=positive_int, default=64,
                    help="rows of the per-sample loop actually timed (then scaled to n)")
-    p.add_argument("--damping", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--damping", type=positive_float, default=1e-4)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--kernels", default=None,
                    help="CUDA only: comma-separated kernel sets to time on each case, e.g. "
                         "simt,tc (default: the current set, see SSSE_CUDA_KERNELS)")
     args = p.parse_args(argv)
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device must be cpu or cuda, got {args.device!r}")
+        device = validation.check_device(args.device, "--device")
+    except ValueError as exc:
+        p.error(str(exc))
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda asked for but torch sees no CUDA device")
-    if args.repeats < 1 or args.loop_rows < 1:
-        p.error("--repeats and --loop-rows must be >= 1")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        p.error(f"--device {args.device}: torch sees {torch.cuda.device_count()} CUDA devices")
     kernel_sets = [None]
     if args.kernels:
         if device.type != "cuda":
@@ -360,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.small:
         cases = cases[:1]
     dtypes = [torch.float32, torch.float64] if args.dtype == "both" else [DTYPES[args.dtype]]
+    check_case_memory(p, cases, dtypes, device)
+    check_destination(p, args.json)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False

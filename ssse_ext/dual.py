@@ -28,6 +28,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from . import _ops
+from .budget import check_memory, format_bytes
 from .errors import NotPositiveDefiniteError, RowNotFoundError
 from .layout import BlockLayout, check_build_args
 from .validation import (FLOAT_DTYPES, check_finite_float, check_positive_float, check_vector,
@@ -56,6 +57,9 @@ MATCH_RTOL = {torch.float32: math.sqrt(torch.finfo(torch.float32).eps),
 _MATCH_CHUNK = 1024
 # Bytes of float64 distances and rows a batched match of a run of blocks may take.
 _MATCH_BYTES = 16 << 20
+# What makes a copy fit.
+_COPY_REMEDIES = ("free memory on the device (e.g. drop other copies)",
+                  "pass max_memory=<bytes> if more memory may be used than is free now")
 
 
 # ---- sizes --------------------------------------------------------------------------------------
@@ -259,6 +263,12 @@ class DualBlocks:
 
     def _recapacitate(self, cap: int, valid: int):
         old_c = self.capacity
+        # the new storage is filled from the old one, so both are held at once
+        check_memory("DualBlocks: reserving rows", self._nbytes(cap, self.dtype), self.device,
+                     detail=f"{cap} rows of {self.num_blocks} dual blocks next to the "
+                            f"{format_bytes(self.nbytes)} held now",
+                     remedies=("give the number of rows up front (num_rows= or capacity=), "
+                               "so that they are reserved once, exactly",))
         g = torch.zeros(cap * sum(self.sizes), dtype=self.dtype, device=self.device)
         l = torch.zeros(self.num_blocks * cap * cap, dtype=torch.float64, device=self.device)
         for i, (s, go_old, go_new) in enumerate(zip(self.sizes, self._g_offsets(old_c),
@@ -492,27 +502,56 @@ class DualBlocks:
         return self
 
     # ---- copies and moves ----
-    def clone(self) -> "DualBlocks":
+    def _nbytes(self, capacity: int, dtype: torch.dtype) -> int:
+        return capacity * sum(self.sizes) * _ELEMENT_SIZE[dtype] + \
+            self.num_blocks * capacity * capacity * 8
+
+    def packed_nbytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of a compact copy (no spare capacity, ``G`` in ``dtype``, default its own):
+        what :meth:`to` and :meth:`to_state` allocate."""
+        return self._nbytes(self.num_rows, dtype or self.dtype)
+
+    def clone(self, *, max_memory: int | None = None) -> "DualBlocks":
+        """A copy (spare capacity included); refused with
+        :class:`~ssse_ext.errors.InsufficientMemoryError` when it does not fit in
+        ``max_memory`` bytes (default what the device has free, :mod:`ssse_ext.budget`)."""
+        check_memory("DualBlocks.clone", self.nbytes, self.device, max_memory=max_memory,
+                     detail=f"a copy of the {format_bytes(self.nbytes)} dual blocks",
+                     remedies=_COPY_REMEDIES)
         return DualBlocks(self.layout, self.block_ids, self.g.clone(), self.l.clone(),
                           num_rows=self.num_rows, capacity=self.capacity, damping=self.damping,
                           normalizer=self.normalizer)
 
-    def _packed(self, dtype=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """G and L without spare capacity (new tensors)."""
+    def _packed(self, dtype=None, device=None, *, rows: bool = True
+                ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """G (``None`` without ``rows``) and L without spare capacity (new tensors), each block
+        copied straight into place: a concatenation would hold a second copy of the whole."""
         R, c = self.num_rows, self.capacity
-        gs = [self.g[go:go + c * s].view(c, s)[:R].reshape(-1)
-              for s, go in zip(self.sizes, self._g_offsets(c))]
-        ls = [self.l[i * c * c:(i + 1) * c * c].view(c, c)[:R, :R].tril().reshape(-1)
-              for i in range(self.num_blocks)]
-        g = torch.cat(gs) if gs else self.g[:0]
-        l = torch.cat(ls) if ls else self.l[:0]
-        return g.to(device=device, dtype=dtype, copy=True), l.to(device=device, copy=True)
+        device = self.device if device is None else device
+        g = torch.empty(R * sum(self.sizes) if rows else 0, dtype=dtype or self.dtype,
+                        device=device)
+        l = torch.empty(self.num_blocks * R * R, dtype=torch.float64, device=device)
+        o = 0
+        for s, go in zip(self.sizes, self._g_offsets(c)) if rows else ():
+            g[o:o + R * s].view(R, s).copy_(self.g[go:go + c * s].view(c, s)[:R])
+            o += R * s
+        for i in range(self.num_blocks):
+            l[i * R * R:(i + 1) * R * R].view(R, R).copy_(
+                self.l[i * c * c:(i + 1) * c * c].view(c, c)[:R, :R].tril())
+        return (g if rows else None), l
 
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "DualBlocks":
+    def to(self, device=None, dtype: torch.dtype | None = None, *,
+           max_memory: int | None = None) -> "DualBlocks":
         """A compact copy on ``device`` and/or with ``G`` in ``dtype`` (the factor stays
-        float64)."""
+        float64); refused with :class:`~ssse_ext.errors.InsufficientMemoryError` when it does
+        not fit in ``max_memory`` bytes (default what ``device`` has free,
+        :mod:`ssse_ext.budget`)."""
         if dtype is not None and dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        check_memory("DualBlocks.to", self.packed_nbytes(dtype),
+                     self.device if device is None else device, max_memory=max_memory,
+                     detail=f"a compact copy of the {format_bytes(self.nbytes)} dual blocks",
+                     remedies=_COPY_REMEDIES)
         g, l = self._packed(dtype, device)
         return DualBlocks(self.layout, self.block_ids, g, l, num_rows=self.num_rows,
                           capacity=self.num_rows, damping=self.damping,
@@ -521,7 +560,10 @@ class DualBlocks:
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Plain tensors (``g``: the rows, ``l``: the factors, no spare capacity) and JSON-able
         metadata (for safetensors files)."""
-        g, l = self._packed()
+        if self.capacity == self.num_rows:  # G is compact already: no copy of the largest part
+            g, l = self.g, self._packed(rows=False)[1]
+        else:
+            g, l = self._packed()
         meta = {"damping": self.damping, "normalizer": self.normalizer,
                 "num_rows": self.num_rows, "layout": self.layout.to_dict(),
                 "blocks": list(self.block_ids), "dtype": str(self.dtype).removeprefix("torch.")}
@@ -687,6 +729,11 @@ def build_dual_blocks(grads, *, damping: float, layout: BlockLayout | None = Non
     is_tensor = isinstance(grads, torch.Tensor)
     cap = grads.shape[0] if is_tensor else (capacity if capacity is not None else first.shape[0])
     total = sum(layout.sizes[b] for b in ids)
+    need = cap * total * _ELEMENT_SIZE[dtype] + len(ids) * cap * cap * 8
+    check_memory("build_dual_blocks", need, device,
+                 detail=f"{cap} rows of {len(ids)} dual blocks ({total} parameters) and their "
+                        f"float64 factors",
+                 remedies=("store fewer blocks in the dual form (blocks=)",))
     out = DualBlocks(layout, ids, torch.zeros(cap * total, dtype=dtype, device=device),
                      torch.zeros(len(ids) * cap * cap, dtype=torch.float64, device=device),
                      num_rows=0, capacity=cap, damping=damping, normalizer=normalizer or 1.0)

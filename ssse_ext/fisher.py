@@ -11,9 +11,10 @@ from typing import Iterable, Iterator
 
 import torch
 
-from . import _ops
-from .dual import DualBlocks, choose_representation
-from .errors import NotPositiveDefiniteError
+from . import _C, _ops
+from .budget import AVAILABLE_MEMORY_ENV, check_memory, format_bytes, memory_limit
+from .dual import DualBlocks, choose_representation, dual_nbytes
+from .errors import InsufficientMemoryError, NotPositiveDefiniteError
 from .health import (DEFAULT_COLUMNS, FisherProbe, Health, HealthWarning, ill_conditioned_blocks,
                      warn_ill_conditioned)
 from .layout import BlockLayout, check_build_args
@@ -25,9 +26,11 @@ __all__ = [
     "BlockInverseFisher",
     "FisherConfig",
     "GramAccumulator",
+    "InsufficientMemoryError",
     "LowRankChange",
     "NotPositiveDefiniteError",
     "build_inverse_fisher",
+    "build_peak_bytes",
     "BUILD_METHODS",
     "CURVATURES",
     "DEFAULT_BLOCK_SIZE",
@@ -67,6 +70,23 @@ _MIN_GATHER_BYTES = 64 << 20
 # CUDA one fusing consecutive steps into one pass over F^{-1}), so larger calls only save
 # conversions and passes.
 _DEFAULT_WOODBURY_CHUNK = 1024
+_ELEMENT_SIZE = {torch.float32: 4, torch.float64: 8}
+# Before inverting, the stable build checks its float64 accumulators a run of blocks at a time
+# (the condition estimate, then the health probe), at most _RUN_ELEMENTS elements unless a
+# single block is larger (ssse_ext.health): measured, two float64 copies of the run at once in
+# a build and three for the condition estimate alone (the copy, its damped form, the factor).
+_CHECK_COPIES = 3
+_RUN_ELEMENTS = 1 << 22
+# float64 (d, columns) tensors of a health probe alive while it checks a result: the sketch,
+# the random vectors, F X in float64 and in two parts of the inverse's dtype, the products.
+_PROBE_COPIES = 10
+# float64 copies of a run of blocks that a Woodbury check holds at once when it factors the
+# blocks themselves (more rows than parameters, or a shift): the block, its Cholesky factor,
+# the inner matrix and its factor, and one temporary.
+_WOODBURY_COPIES = 5
+# What makes a copy of an existing inverse fit.
+_COPY_REMEDIES = ("free memory on the device (e.g. drop other copies of the inverse)",
+                  "pass max_memory=<bytes> if more memory may be used than is free now")
 
 
 @dataclass(frozen=True)
@@ -242,7 +262,12 @@ class BlockInverseFisher:
     def packed(self) -> torch.Tensor:
         """The dense blocks' packed storage as one 1-D tensor (a copy when held in several
         segments)."""
-        return self._segments[0] if len(self._segments) == 1 else torch.cat(self._segments)
+        if len(self._segments) == 1:
+            return self._segments[0]
+        check_memory("BlockInverseFisher.packed", self._dense_nbytes(), self.device,
+                     detail="one tensor of the dense blocks' segments",
+                     remedies=("read the segments (BlockInverseFisher.segments) instead",))
+        return torch.cat(self._segments)
 
     @property
     def nbytes(self) -> int:
@@ -277,6 +302,9 @@ class BlockInverseFisher:
 
     def dense(self) -> torch.Tensor:
         """The whole ``(d, d)`` block-diagonal matrix (for tests and small models)."""
+        check_memory("BlockInverseFisher.dense", self.dim ** 2 * _ELEMENT_SIZE[self.dtype],
+                     self.device, detail=f"a {self.dim} x {self.dim} matrix",
+                     remedies=("use dense_block(i) or blocks for one block at a time",))
         return torch.block_diag(*self.blocks) if self.layout.num_blocks else \
             torch.zeros(0, 0, dtype=self.dtype, device=self.device)
 
@@ -411,6 +439,11 @@ class BlockInverseFisher:
         computation.
         """
         k, N = rows.shape[0], self.normalizer
+        check_memory(what, self._woodbury_nbytes(k, keep, shift), self.device,
+                     detail=f"float64 work on {k} rows" + (", kept for every block" if keep
+                                                          else ""),
+                     remedies=(f"set {AVAILABLE_MEMORY_ENV}=<bytes> if more memory may be "
+                               f"used than is free now",))
         factors = []
         for j, (seg, _, _) in enumerate(self._segment_tables()):
             budget = lambda s: _WOODBURY_ELEMENTS // (s * (s + 2 * k))  # noqa: E731
@@ -464,6 +497,26 @@ class BlockInverseFisher:
         if self._dual is not None:
             factors += self._woodbury_dual(rows, sign, what, shift=shift, rhs=rhs, out=out)
         return factors
+
+    def _woodbury_nbytes(self, k: int, keep: bool, shift: float) -> int:
+        r"""Bytes :meth:`_woodbury` allocates for ``k`` rows: the float64 work of its largest
+        batch of blocks, and with ``keep`` the factors of every block (:math:`O(k\,s)` per
+        block for blocks larger than ``k``, two :math:`s \times s` factors for the others)."""
+        if not k:
+            return 0
+        converted = 0 if self.dtype == torch.float64 else 1  # float32 blocks are converted
+        work = kept = 0
+        for _, n, s in self.layout.runs(lambda s: _WOODBURY_ELEMENTS // (s * (s + 2 * k)),
+                                        blocks=self._dense):
+            if k <= s and shift == 0:
+                work = max(work, 8 * n * (converted * s * s + 3 * s * k + 3 * k * k))
+                kept += 8 * n * (s * k + k * k)
+            else:
+                work = max(work, 8 * n * (_WOODBURY_COPIES * s * s + 2 * k * s))
+                kept += 16 * n * s * s
+        if self._dual is not None:
+            kept += sum(8 * (s * k + k * k) for s in self._dual.sizes)
+        return work + (kept if keep else 0) + 8 * k * self.dim
 
     def _woodbury_dual(self, rows: torch.Tensor, sign: int, what: str, *, shift: float,
                        rhs: torch.Tensor | None, out: torch.Tensor | None) -> list:
@@ -538,6 +591,10 @@ class BlockInverseFisher:
                 # The literal recurrence can fail part-way in float32 where the result is still
                 # positive definite (its intermediate inverses are worse conditioned): it works
                 # on copies, swapped in on success.
+                check_memory(what, self._dense_nbytes(), self.device,
+                             detail=f'a copy of the dense blocks for method="{method}"',
+                             remedies=('use method="woodbury" (the default), which checks '
+                                       'every block first and then works in place',))
                 work = [seg.clone() for seg, _, _ in tables]
             if dual is not None:
                 # atomic by itself (an append, or rows found then removed): done before the
@@ -599,22 +656,98 @@ class BlockInverseFisher:
         return self.probe.check(self, what=what, warn=warn)
 
     # ---- copies and moves ----
-    def clone(self) -> "BlockInverseFisher":
+    def _probe_nbytes(self) -> int:
+        return 0 if self.probe is None else self.probe.sketch.numel() * 8
+
+    def _dense_nbytes(self, dtype: torch.dtype | None = None) -> int:
+        elem = _ELEMENT_SIZE[dtype or self.dtype]
+        return sum(t.numel() for t in self._segments) * elem
+
+    def clone(self, *, max_memory: int | None = None) -> "BlockInverseFisher":
+        """A copy on the same device. ``max_memory``: the bytes the copy may take (default
+        what the device has free, :mod:`ssse_ext.budget`); a copy that does not fit is refused
+        with :class:`~ssse_ext.errors.InsufficientMemoryError` before anything is copied."""
+        need = self.nbytes + self._probe_nbytes()
+        check_memory("BlockInverseFisher.clone", need, self.device, max_memory=max_memory,
+                     detail=f"a copy of the {format_bytes(self.nbytes)} inverse",
+                     remedies=_COPY_REMEDIES)
         return BlockInverseFisher([t.clone() for t in self._segments], self.config,
                                   self.num_samples,
                                   dual=None if self._dual is None else self._dual.clone(),
                                   probe=None if self.probe is None else self.probe.clone())
 
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "BlockInverseFisher":
-        """A copy on ``device`` and/or in ``dtype`` (float32 or float64)."""
+    def to(self, device=None, dtype: torch.dtype | None = None, *,
+           max_memory: int | None = None) -> "BlockInverseFisher":
+        """A copy on ``device`` and/or in ``dtype`` (float32 or float64); this inverse is
+        unchanged. ``max_memory``: the bytes the copy may take on ``device`` (default what that
+        device has free, :mod:`ssse_ext.budget`); a copy that does not fit is refused with
+        :class:`~ssse_ext.errors.InsufficientMemoryError` before anything is copied."""
         check_dtype(dtype)
+        target = self.device if device is None else torch.device(device)
+        dense = self._dense_nbytes(dtype)
+        dual = 0 if self._dual is None else self._dual.packed_nbytes(dtype)
+        check_memory("BlockInverseFisher.to", dense + dual + self._probe_nbytes(), target,
+                     max_memory=max_memory,
+                     detail=f"a {str(dtype or self.dtype).removeprefix('torch.')} copy of the "
+                            f"{format_bytes(self.nbytes)} inverse",
+                     remedies=_COPY_REMEDIES)
         moved = []
         for t in self._segments:
             m = t.to(device=device, dtype=dtype)
             moved.append(m.clone() if m.data_ptr() == t.data_ptr() and m.numel() else m)
-        dual = None if self._dual is None else self._dual.to(device=device, dtype=dtype)
+        # the dense copies are made: the dual blocks get what is left of the same budget
+        dual = None if self._dual is None else self._dual.to(
+            device=device, dtype=dtype, max_memory=None if max_memory is None else
+            max(max_memory - dense, 0))
         probe = None if self.probe is None else self.probe.to(device or self.device)
         return BlockInverseFisher(moved, self.config, self.num_samples, dual=dual, probe=probe)
+
+    @staticmethod
+    def state_nbytes(meta: dict, dtype: torch.dtype | None = None) -> int:
+        """Bytes of the inverse described by :meth:`to_state`'s metadata (in ``dtype``, default
+        its own), computed from the metadata alone, before any tensor is read; ``ValueError``
+        for metadata that does not describe an inverse."""
+        try:
+            layout = BlockLayout.from_dict(meta["layout"])
+            own = getattr(torch, str(meta["dtype"]), None)
+            if own not in FLOAT_DTYPES:
+                raise TypeError(f"dtype {meta['dtype']!r}")
+            elem = _ELEMENT_SIZE[dtype or own]
+            low = meta.get("dual")
+            ids = set() if low is None else {int(b) for b in low["blocks"]}
+            rows = 0 if low is None else int(low["num_rows"])
+            columns = int(meta["probe"]["columns"]) if meta.get("probe") else 0
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a valid inverse-Fisher state: missing or bad {exc}") from None
+        dense = sum(s * s for b, s in enumerate(layout.sizes) if b not in ids)
+        dual = sum(layout.sizes[b] for b in ids) * rows * elem + len(ids) * rows * rows * 8
+        return dense * elem + dual + columns * layout.dim * 8
+
+    @classmethod
+    def check_load_memory(cls, meta: dict, *, device=None, dtype: torch.dtype | None = None,
+                          max_memory: int | None = None) -> None:
+        """Refuses (:class:`~ssse_ext.errors.InsufficientMemoryError`) to load the inverse
+        that :meth:`to_state`'s metadata ``meta`` describes when it does not fit, before
+        anything is read: its tensors are read into CPU memory, then (when ``device`` or
+        ``dtype`` is given) copied by :meth:`to`, the read copy still held. ``max_memory``
+        caps the CPU bytes (default what is free, :mod:`ssse_ext.budget`); the copy on
+        another device is checked against what that device has free."""
+        check_dtype(dtype)
+        read = cls.state_nbytes(meta)
+        target = torch.device("cpu") if device is None else torch.device(device)
+        copy = 0 if device is None and dtype is None else cls.state_nbytes(meta, dtype)
+        remedies = ("load it on a machine or device with more memory",
+                    f"set {AVAILABLE_MEMORY_ENV}=<bytes> if more memory may be used than is "
+                    f"free now")
+        cpu = read + (copy if target.type == "cpu" else 0)
+        check_memory("loading the inverse Fisher", cpu, "cpu", max_memory=max_memory,
+                     detail=f"{format_bytes(read)} read" + (
+                         f" and a {format_bytes(copy)} copy" if cpu > read else ""),
+                     remedies=remedies)
+        if target.type != "cpu":
+            check_memory("loading the inverse Fisher", copy, target,
+                         detail=f"the {format_bytes(copy)} copy on {target}",
+                         remedies=remedies)
 
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Tensors (``packed.0``, ``packed.1``, ...: the segments) and plain metadata
@@ -747,8 +880,9 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
                          layout: BlockLayout | None = None, normalizer: float | None = None,
                          chunk_size: int | None = None, method: str = "auto",
                          rows_per_sample: int = 1, curvature: str = "empirical",
-                         representation: str = "dense", num_rows: int | None = None,
-                         probe_vectors: int = DEFAULT_COLUMNS) -> BlockInverseFisher:
+                         representation: str = "auto", num_rows: int | None = None,
+                         probe_vectors: int = DEFAULT_COLUMNS,
+                         max_memory: int | None = None) -> BlockInverseFisher:
     r"""Builds the block inverse of the damped empirical Fisher from a stream of gradients.
 
     .. math:: F_b^{-1} = \Big(\lambda I + \frac{1}{N} \sum_{i=1}^{n} g_{i,b}\, g_{i,b}^\top\Big)^{-1}
@@ -771,13 +905,25 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
         rows_per_sample: rows each sample contributes (e.g. ``c`` Gauss–Newton rows), for the
             default normaliser.
         curvature: what the rows are, recorded in the result's :class:`FisherConfig`.
-        representation: ``"dense"`` (default) stores every block as a dense inverse;
-            ``"dual"`` stores every block in the low-rank form (its rows and the Cholesky
-            factor of :math:`\lambda N I + G_b G_b^\top`, exact; :class:`DualBlocks`);
-            ``"auto"`` picks per block whichever takes fewer bytes for the number of rows
-            (:func:`choose_representation`): known for a tensor, from ``num_rows`` for an
-            iterable (all dense when not given). The dual form needs the stable build.
+        representation: ``"auto"`` (default) picks per block whichever of the two forms
+            below takes fewer bytes for the number of rows (:func:`choose_representation`):
+            known for a tensor, from ``num_rows`` for an iterable (all dense when not given).
+            Both are exact, so this changes only the memory: a block of ``s`` parameters from
+            ``R < s`` rows keeps ``R s`` numbers and a float64 ``R x R`` factor instead of
+            ``s^2`` numbers (1000 float32 rows of 120000 parameters in blocks of 40000: 0.5 GB
+            instead of 19 GB, plus 38 GB of float64 accumulators while it is built).
+            ``"dense"`` stores every block as a dense inverse; ``"dual"`` every block in the
+            low-rank form (its rows and the Cholesky factor of
+            :math:`\lambda N I + G_b G_b^\top`; :class:`DualBlocks`). The dual form
+            needs the stable build: the recurrences (``method="sherman_morrison"`` or
+            ``"woodbury"``) build dense blocks, and ``"auto"`` means ``"dense"`` for them.
         num_rows: the number of rows an iterable will yield, for ``representation="auto"``.
+        max_memory: the bytes the build may allocate (the blocks, the float64 accumulators,
+            the row buffer, the probe and scratch, as :func:`build_peak_bytes` estimates them;
+            the gradients are the caller's). Default: what the gradients' device has free
+            (:func:`ssse_ext.budget.available_memory`). A build that would need more is refused
+            with :class:`~ssse_ext.errors.InsufficientMemoryError` (a ``MemoryError``) before it
+            allocates anything of that size (of an iterable, only the first chunk is read).
         probe_vectors: random vectors per block of the result's health probe
             (:meth:`BlockInverseFisher.health`; 0: none). The recurrences always check their
             result with one and warn when it fails (:class:`~ssse_ext.health.HealthWarning`).
@@ -808,7 +954,11 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
     num_rows = check_positive_int(num_rows, "num_rows", allow_none=True)
     probe_vectors = check_nonneg_int(probe_vectors, "probe_vectors")
     chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    if max_memory is not None:
+        max_memory = check_nonneg_int(max_memory, "max_memory")
     recurrence = method in ("sherman_morrison", "woodbury")
+    if recurrence and representation == "auto":
+        representation = "dense"  # the recurrences update dense inverses
     if recurrence and representation != "dense":
         raise ValueError(f"representation={representation!r} needs the stable build "
                          f"(method='auto' or 'cholesky'), got method={method!r}")
@@ -828,6 +978,9 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
     elif layout.dim != d:
         raise ValueError(f"layout.dim={layout.dim} does not match the gradients' d={d}")
     stream = itertools.chain([first], chunks)
+    rows = grads.shape[0] if isinstance(grads, torch.Tensor) else num_rows
+    _check_build_memory(layout, first, rows, representation, method, probe_vectors,
+                        max_memory)
     if recurrence:
         if normalizer is None:
             normalizer = max(grads.shape[0], 1) / rows_per_sample
@@ -835,19 +988,167 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
                                    first.device, chunked=method == "woodbury",
                                    probe_columns=probe_vectors)
     else:
-        rows = grads.shape[0] if isinstance(grads, torch.Tensor) else num_rows
-        if representation == "dual":
-            dual = [True] * layout.num_blocks
-        elif representation == "auto" and rows is not None:
-            dual = choose_representation(layout.sizes, rows, first.dtype)
-        else:
-            dual = [False] * layout.num_blocks
+        dual = _dual_mask(layout, representation, rows, first.dtype)
         inv = _build_by_gram(stream, layout, damping, normalizer, first.dtype, first.device,
                              rows_per_sample, dual=dual, capacity=rows,
-                             probe_columns=probe_vectors)
+                             probe_columns=probe_vectors, max_memory=max_memory)
     if curvature != "empirical":
         inv.config = dataclasses.replace(inv.config, curvature=curvature)
     return inv
+
+
+def _check_build_memory(layout: BlockLayout, first: torch.Tensor, rows: int | None,
+                        representation: str, method: str, probe_vectors: int,
+                        max_memory: int | None) -> None:
+    """Refuses a build whose estimated peak exceeds what it may use, naming the changes that
+    would make it fit."""
+    dtype, device = first.dtype, first.device
+    # dual blocks fed by an iterable of unknown length hold at least its first chunk
+    plan_rows = first.shape[0] if rows is None and representation == "dual" else rows
+    peak, what = _build_plan(layout, dtype, plan_rows, representation, method, device,
+                             probe_vectors)
+    limit, _ = memory_limit(device, max_memory)
+    if peak <= limit:
+        return
+    remedies = []
+    if representation != "auto" and rows is not None:
+        auto = _build_plan(layout, dtype, rows, "auto", "auto", device, probe_vectors)[0]
+        if auto < peak:
+            prefix = 'method="auto", ' if method in ("sherman_morrison", "woodbury") else ""
+            remedies.append(f'pass {prefix}representation="auto" (exact as well: about '
+                            f'{format_bytes(auto)} here)')
+    elif representation == "auto" and rows is None:
+        remedies.append('pass num_rows= (the rows the iterable yields) so that '
+                        'representation="auto" can store blocks in the low-rank form')
+    if layout.num_blocks and representation != "dual":
+        remedies.append(f"pass a smaller block_size or layout (the largest block has "
+                        f"{layout.max_block_size} parameters)")
+    remedies.append("pass max_memory=<bytes> if more memory may be used than is free now")
+    check_memory("build_inverse_fisher", peak, device, max_memory=max_memory, detail=what,
+                 remedies=remedies)
+
+
+def _dual_mask(layout: BlockLayout, representation: str, rows: int | None,
+               dtype: torch.dtype) -> list[bool]:
+    """Per block, whether the build stores it in the dual form."""
+    if representation == "dual":
+        return [True] * layout.num_blocks
+    if representation == "auto" and rows is not None:
+        return choose_representation(layout.sizes, rows, dtype)
+    return [False] * layout.num_blocks
+
+
+def _gather_rows(dim: int, dense_numel: int, dtype: torch.dtype) -> int:
+    elem = _ELEMENT_SIZE[dtype]
+    row_bytes = max(dim * elem, 1)
+    return min(_GATHER_ROWS, max(1, dense_numel * elem // _GROUPS // row_bytes,
+                                 _MIN_GATHER_BYTES // row_bytes))
+
+
+def _check_run_numel(sizes: list[int], cap: int) -> int:
+    """Largest run of blocks (of one group) the health checks copy at once."""
+    return max((min(cap, max(_RUN_ELEMENTS, s * s)) for s in sizes), default=0)
+
+
+def _dense_build_nbytes(sizes: list[int], dtype: torch.dtype) -> int:
+    """Peak bytes of a :class:`GramAccumulator` of blocks of these sizes, from its float64
+    accumulators to the finished inverse (without the row buffer and CUDA workspace)."""
+    elem = _ELEMENT_SIZE[dtype]
+    numel = sum(s * s for s in sizes)
+    cap = max(numel // _GROUPS, _MIN_GROUP_NUMEL)
+    groups = [sum(s * s for s in sizes[g0:g1]) for g0, g1 in _groups(sizes, cap)]
+    # the checks before the inversion copy a run of blocks at a time, all accumulators held
+    check = 8 * numel + _CHECK_COPIES * 8 * _check_run_numel(sizes, max(groups, default=0))
+    # while a group is inverted, the results of the earlier groups and of this one sit next
+    # to the float64 accumulators of this group and the later ones
+    invert = max((8 * sum(groups[g:]) + elem * sum(groups[:g + 1])
+                  for g in range(len(groups))), default=0)
+    return max(check, invert)
+
+
+def _cuda_workspace(name: str, *args) -> int:
+    """The workspace a CUDA kernel asks for (0 when the extension was built without CUDA)."""
+    fn = getattr(_C, name, None)
+    return int(fn(*args)) if fn is not None else 0
+
+
+def build_peak_bytes(layout: BlockLayout, dtype: torch.dtype = torch.float32, *,
+                     rows: int | None = None, representation: str = "auto",
+                     method: str = "auto", device="cpu",
+                     probe_vectors: int = DEFAULT_COLUMNS) -> int:
+    """Estimated peak bytes :func:`build_inverse_fisher` allocates on ``device`` for this
+    layout and ``rows`` gradient rows (``None``: unknown, which makes ``"auto"`` all dense):
+    the stored blocks, the float64 Gram accumulators of the dense blocks (all of them while
+    rows stream in; then each group's inverse is made while the later groups' accumulators
+    are still held), the dual blocks' rows and float64 factors, the row buffer, the health
+    probe and the largest scratch. The gradients themselves are not counted."""
+    check_dtype(dtype)
+    check_choice(representation, "representation", REPRESENTATIONS)
+    check_choice(method, "method", BUILD_METHODS)
+    return _build_plan(layout, dtype, rows, representation, method, torch.device(device),
+                       probe_vectors)[0]
+
+
+def _build_plan(layout: BlockLayout, dtype: torch.dtype, rows: int | None, representation: str,
+                method: str, device: torch.device, probe_vectors: int) -> tuple[int, str]:
+    """The peak of :func:`build_peak_bytes` and what it is made of, in words."""
+    elem = _ELEMENT_SIZE[dtype]
+    d = layout.dim
+    cuda = device.type == "cuda"
+    if method in ("sherman_morrison", "woodbury"):
+        chunked = method == "woodbury"
+        numel = layout.numel
+        if cuda:
+            code = 0 if dtype == torch.float32 else 1  # the extension's dtype codes
+            host = layout.table()  # held: the extension reads it through a raw pointer
+            scratch = _cuda_workspace("sherman_morrison_workspace_bytes", code, chunked,
+                                      host.data_ptr(), layout.num_blocks)
+        elif chunked and dtype == torch.float32:
+            # every thread converts the block it works on to float64 for the whole call
+            largest = sorted(layout.sizes, reverse=True)[:max(1, torch.get_num_threads())]
+            scratch = sum(8 * s * s for s in largest)
+        else:
+            scratch = 0
+        scratch += _WOODBURY_ELEMENTS * 8
+        probe = _PROBE_COPIES * 8 * d * max(probe_vectors, 1)
+        peak = elem * numel + probe + scratch
+        return peak, (f"{layout.num_blocks} dense blocks of up to {layout.max_block_size}: "
+                      f"{format_bytes(elem * numel)} stored, {format_bytes(probe + scratch)} "
+                      f"probe and scratch")
+    mask = _dual_mask(layout, representation, rows, dtype)
+    dense = [s for s, low in zip(layout.sizes, mask) if not low]
+    dual = [s for s, low in zip(layout.sizes, mask) if low]
+    numel = sum(s * s for s in dense)
+    cap = max(numel // _GROUPS, _MIN_GROUP_NUMEL)
+    gather = _gather_rows(d, numel, dtype) * d * elem
+    workspace = 0
+    if cuda and dense:
+        for g0, g1 in _groups(dense, cap):
+            ids = [b for b, low in enumerate(mask) if not low][g0:g1]
+            host = layout.table(blocks=ids)
+            workspace = max(workspace, _cuda_workspace("inverse_from_gram_workspace_bytes",
+                                                       host.data_ptr(), len(ids)),
+                            _cuda_workspace("gram_accumulate_workspace_bytes",
+                                            host.data_ptr(), len(ids)))
+    r = rows or 0
+    low = sum(dual_nbytes(s, r, dtype) for s in dual)
+    probe = _PROBE_COPIES * 8 * d * probe_vectors
+    dense_peak = max(_dense_build_nbytes(dense, dtype), 8 * numel + gather) + workspace \
+        if dense else gather
+    peak = dense_peak + low + probe
+    what = []
+    if dense:
+        what.append(f"{len(dense)} dense blocks of up to {max(dense)}: "
+                    f"{format_bytes(elem * numel)} stored and {format_bytes(8 * numel)} of "
+                    f"float64 Gram accumulators")
+    if dual:
+        what.append(f"{len(dual)} dual blocks of {r} rows: {format_bytes(low)}")
+    largest_group = max((sum(s * s for s in dense[g0:g1]) for g0, g1 in _groups(dense, cap)),
+                        default=0)
+    scratch = gather + probe + workspace + \
+        _CHECK_COPIES * 8 * _check_run_numel(dense, largest_group)
+    what.append(f"scratch (row buffer, checks, probe) up to {format_bytes(scratch)}")
+    return peak, "; ".join(what)
 
 
 def _build_by_recurrence(chunks, layout: BlockLayout, damping: float, normalizer: float,
@@ -869,7 +1170,8 @@ def _build_by_recurrence(chunks, layout: BlockLayout, damping: float, normalizer
     for chunk in chunks:
         if chunk.shape[0] == 0:
             continue
-        norms = chunk.to(torch.float64).pow(2).sum(1)
+        step = max(1, _WOODBURY_ELEMENTS // max(chunk.shape[1], 1))  # no float64 copy of all
+        norms = torch.cat([c.to(torch.float64).pow(2).sum(1) for c in chunk.split(step)])
         largest = max(largest, float(norms.max()))
         if not math.isfinite(largest):
             raise FloatingPointError(
@@ -960,10 +1262,14 @@ class GramAccumulator:
         dtype: float32 or float64, the result's dtype (the rows' too).
         device: where the accumulators live.
         first, last: the range of blocks accumulated (a shard of the layout).
+        blocks: the increasing block ids accumulated, instead of ``first`` and ``last``.
+        max_memory: the bytes the accumulators and the result may take together (default
+            what ``device`` has free, :mod:`ssse_ext.budget`): more is refused with
+            :class:`~ssse_ext.errors.InsufficientMemoryError` before anything is allocated.
     """
 
     def __init__(self, layout: BlockLayout, dtype: torch.dtype, device, *, first: int = 0,
-                 last: int | None = None, blocks=None):
+                 last: int | None = None, blocks=None, max_memory: int | None = None):
         if not isinstance(layout, BlockLayout):
             raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
         check_dtype(dtype)
@@ -977,8 +1283,19 @@ class GramAccumulator:
                              f"{list(blocks)[:5]}...")
         self.layout, self.dtype, self.device = layout, dtype, torch.device(device)
         self.first, self.last, self.blocks = first, last, tuple(ids)
-        cap = max(sum(layout.sizes[b] ** 2 for b in ids) // _GROUPS, _MIN_GROUP_NUMEL)
-        self.groups = _groups([layout.sizes[b] for b in ids], cap)
+        sizes = [layout.sizes[b] for b in ids]
+        numel = sum(s * s for s in sizes)
+        cap = max(numel // _GROUPS, _MIN_GROUP_NUMEL)
+        self.groups = _groups(sizes, cap)
+        check_memory("GramAccumulator", _dense_build_nbytes(sizes, dtype), self.device,
+                     max_memory=max_memory,
+                     detail=f"{len(ids)} blocks of up to {max(sizes, default=0)}: "
+                            f"{format_bytes(8 * numel)} of float64 accumulators, then "
+                            f"{format_bytes(_ELEMENT_SIZE[dtype] * numel)} of inverses",
+                     remedies=("accumulate fewer or smaller blocks (a smaller block_size, or a "
+                               "shard of the layout)",
+                               "pass max_memory=<bytes> if more memory may be used than is "
+                               "free now"))
         self._tables = []
         for g0, g1 in self.groups:
             host = layout.table(blocks=ids[g0:g1])
@@ -993,11 +1310,8 @@ class GramAccumulator:
     def gather_rows(self) -> int:
         """Rows worth gathering before a call: up to 256, the row buffer within an eighth of
         the result (or 64 MiB)."""
-        elem = torch.finfo(self.dtype).bits // 8
-        row_bytes = max(self.layout.dim * elem, 1)
         numel = sum(self.layout.sizes[b] ** 2 for b in self.blocks)
-        return min(_GATHER_ROWS, max(1, numel * elem // _GROUPS // row_bytes,
-                                     _MIN_GATHER_BYTES // row_bytes))
+        return _gather_rows(self.layout.dim, numel, self.dtype)
 
     def add(self, rows: torch.Tensor) -> None:
         """Accumulates a validated ``(m, dim)`` chunk of rows (the accumulators' device, the
@@ -1093,13 +1407,14 @@ class GramAccumulator:
 def _build_by_gram(chunks, layout: BlockLayout, damping: float, normalizer: float | None,
                    dtype: torch.dtype, device: torch.device, rows_per_sample: int = 1, *,
                    dual: list[bool] | None = None, capacity: int | None = None,
-                   probe_columns: int = 0) -> BlockInverseFisher:
+                   probe_columns: int = 0, max_memory: int | None = None
+                   ) -> BlockInverseFisher:
     """The stable build: the dense blocks through a :class:`GramAccumulator` (float64 Gram
     accumulation, then a Cholesky-based inverse, group of blocks by group); the blocks marked
     ``dual`` through :class:`DualBlocks` (rows kept, kernel Gram accumulated, factorised at the
     end), fed the same chunks."""
     dual = dual or [False] * layout.num_blocks
-    acc = GramAccumulator(layout, dtype, device,
+    acc = GramAccumulator(layout, dtype, device, max_memory=max_memory,
                           blocks=[b for b, low in enumerate(dual) if not low])
     ids = [b for b, low in enumerate(dual) if low]
     low = None

@@ -41,6 +41,7 @@ __all__ = [
     "ConditionWarning",
     "FisherProbe",
     "Health",
+    "HealthError",
     "HealthWarning",
     "ill_conditioned_blocks",
     "tolerance",
@@ -63,6 +64,11 @@ class ConditionWarning(RuntimeWarning):
 
 class HealthWarning(RuntimeWarning):
     """The probe finds the stored inverse further from the exact inverse than the tolerance."""
+
+
+class HealthError(RuntimeError):
+    """A request whose inverse fails its health probe, refused where it would be recorded as
+    served (nothing was changed)."""
 
 
 def tolerance(dtype: torch.dtype) -> float:

@@ -52,11 +52,11 @@ def _closed_form(grads, layout, damping, normalizer):
 def test_build_matches_reference_and_cpu(dtype, layout_name):
     layout = LAYOUTS[layout_name]()
     g = _grads(157, layout.dim, dtype)
-    inv = build_inverse_fisher(g.to(CUDA), damping=0.3, layout=layout)
+    inv = build_inverse_fisher(g.to(CUDA), damping=0.3, layout=layout, representation="dense")
     assert inv.device.type == "cuda" and inv.dtype == dtype
     ref = _closed_form(g, layout, 0.3, 157.0)
     assert rel_err(inv.dense(), ref) <= TOL[dtype]
-    cpu = build_inverse_fisher(g, damping=0.3, layout=layout)
+    cpu = build_inverse_fisher(g, damping=0.3, layout=layout, representation="dense")
     assert rel_err(inv.dense(), cpu.dense()) <= TOL[dtype]
     for blk in inv.blocks:
         assert torch.equal(blk, blk.T)  # both triangles come from the same stored values
@@ -66,8 +66,9 @@ def test_build_matches_reference_and_cpu(dtype, layout_name):
 def test_build_streamed_chunks_equal_one_pass(dtype):
     layout = BlockLayout.fixed(200, 96)
     g = _grads(300, 200, dtype).to(CUDA)
-    whole = build_inverse_fisher(g, damping=0.1, layout=layout)
-    parts = build_inverse_fisher(iter([g[:17], g[17:200], g[200:]]), damping=0.1, layout=layout)
+    whole = build_inverse_fisher(g, damping=0.1, layout=layout, representation="dense")
+    parts = build_inverse_fisher(iter([g[:17], g[17:200], g[200:]]), damping=0.1, layout=layout,
+                                 representation="dense")
     assert rel_err(parts.dense(), whole.dense()) <= TOL[dtype]
 
 
@@ -82,7 +83,7 @@ def test_build_float32_small_damping_meets_contract():
     for st, s in zip(layout.starts, layout.sizes):
         eig = torch.linalg.eigvalsh(ref[st:st + s, st:st + s])
         assert 100 <= (eig.max() / eig.min()).item() <= 1e3
-    inv = build_inverse_fisher(g.to(CUDA), damping=damping, layout=layout)
+    inv = build_inverse_fisher(g.to(CUDA), damping=damping, layout=layout, representation="dense")
     assert rel_err(inv.dense(), ref) <= 1e-4
 
 
@@ -93,10 +94,11 @@ def test_recurrence_build_matches_reference_and_cpu(dtype, method, layout_name):
     layout = LAYOUTS[layout_name]()
     n = 150 if method == "woodbury" else 40
     g = _grads(n, layout.dim, dtype, scale=0.5)
-    inv = build_inverse_fisher(g.to(CUDA), damping=1.0, layout=layout, method=method)
+    inv = build_inverse_fisher(g.to(CUDA), damping=1.0, layout=layout, method=method,
+                               representation="dense")
     ref = _closed_form(g, layout, 1.0, float(n))
     assert rel_err(inv.dense(), ref) <= REC_TOL[dtype]
-    cpu = build_inverse_fisher(g, damping=1.0, layout=layout, method=method)
+    cpu = build_inverse_fisher(g, damping=1.0, layout=layout, method=method, representation="dense")
     assert rel_err(inv.dense(), cpu.dense()) <= REC_TOL[dtype]
 
 
@@ -108,7 +110,8 @@ def test_update_then_downdate(dtype, chunk_size):
     layout = LAYOUTS["mixed"]()
     n, k = 200, 37
     g = _grads(n, layout.dim, dtype, scale=0.5)
-    base = build_inverse_fisher(g[:120].to(CUDA), damping=0.5, layout=layout, normalizer=float(n))
+    base = build_inverse_fisher(g[:120].to(CUDA), damping=0.5, layout=layout, normalizer=float(n),
+                                representation="dense")
     inv = base.clone().update(g[120:].to(CUDA), chunk_size=chunk_size)
     assert inv.num_samples == n
     assert rel_err(inv.dense(), _closed_form(g, layout, 0.5, float(n))) <= REC_TOL[dtype]
@@ -116,7 +119,8 @@ def test_update_then_downdate(dtype, chunk_size):
         assert torch.equal(blk, blk.T)
     inv.downdate(g[:k].to(CUDA), chunk_size=chunk_size)
     assert rel_err(inv.dense(), _closed_form(g[k:], layout, 0.5, float(n))) <= REC_TOL[dtype]
-    cpu = build_inverse_fisher(g, damping=0.5, layout=layout).downdate(g[:k], chunk_size=chunk_size)
+    cpu = build_inverse_fisher(g, damping=0.5, layout=layout,
+                               representation="dense").downdate(g[:k], chunk_size=chunk_size)
     assert rel_err(inv.dense(), cpu.dense()) <= REC_TOL[dtype]
 
 
@@ -124,7 +128,8 @@ def test_update_then_downdate(dtype, chunk_size):
 def test_rank1_update_and_downdate_match_cpu(dtype):
     layout = LAYOUTS["fixed-130-of-300"]()
     g = _grads(50, layout.dim, dtype, scale=0.5)
-    base = build_inverse_fisher(g[:30], damping=0.5, layout=layout, normalizer=50.0)
+    base = build_inverse_fisher(g[:30], damping=0.5, layout=layout, normalizer=50.0,
+                                representation="dense")
     gpu = base.to(CUDA).update(g[30:].to(CUDA), method="sherman_morrison")
     cpu = base.clone().update(g[30:], method="sherman_morrison")
     assert rel_err(gpu.dense(), cpu.dense()) <= REC_TOL[dtype]
@@ -138,7 +143,7 @@ def test_rank1_update_and_downdate_match_cpu(dtype):
 def test_downdate_of_rows_never_added_raises_and_keeps_inverse(dtype, method):
     layout = BlockLayout.fixed(100, 64)
     g = _grads(20, 100, dtype).to(CUDA)
-    inv = build_inverse_fisher(g, damping=1e-3, layout=layout)
+    inv = build_inverse_fisher(g, damping=1e-3, layout=layout, representation="dense")
     before = inv.packed.clone()
     with pytest.raises(NotPositiveDefiniteError):
         inv.downdate(10.0 * _grads(80, 100, dtype).to(CUDA), method=method)
@@ -168,7 +173,7 @@ def test_inverse_from_gram_reports_the_potrf_pivot_like_cpu(dtype):
 def test_apply_matches_reference_and_cpu(dtype, r):
     layout = LAYOUTS["mixed"]()
     g = _grads(90, layout.dim, dtype)
-    inv = build_inverse_fisher(g, damping=0.2, layout=layout)
+    inv = build_inverse_fisher(g, damping=0.2, layout=layout, representation="dense")
     shape = (layout.dim,) if r is None else (layout.dim, r)
     v = torch.randn(shape, dtype=torch.float64).to(dtype)
     theta = torch.randn(shape, dtype=torch.float64).to(dtype)
@@ -186,7 +191,7 @@ def test_apply_matches_reference_and_cpu(dtype, r):
 def test_noncontiguous_and_empty_inputs(dtype):
     layout = BlockLayout.fixed(70, 33)
     gt = _grads(70, 50, dtype).to(CUDA).T  # (50, 70), not contiguous
-    inv = build_inverse_fisher(gt, damping=0.4, layout=layout)
+    inv = build_inverse_fisher(gt, damping=0.4, layout=layout, representation="dense")
     ref = _closed_form(gt.cpu(), layout, 0.4, 50.0)
     assert rel_err(inv.dense(), ref) <= TOL[dtype]
     before = inv.packed.clone()
@@ -203,7 +208,7 @@ def test_runs_on_the_current_stream():
     dev = host.to(CUDA)
     g = _grads(100, 150, torch.float64).to(CUDA)
     ones = torch.ones(150, 1, dtype=torch.float64, device=CUDA)
-    expect = build_inverse_fisher(g, damping=0.3, layout=layout)
+    expect = build_inverse_fisher(g, damping=0.3, layout=layout, representation="dense")
     expect.update(g[:40]).downdate(g[:40])
     late = torch.full_like(g, float("nan"))
     torch.cuda.synchronize()

@@ -207,7 +207,8 @@ def test_update_and_downdate_match_cpu_and_reference(kernels, dtype, layout_name
     layout = LAYOUTS[layout_name]()
     n = 120
     g = (0.5 * torch.randn(n + m, layout.dim, dtype=torch.float64)).to(dtype)
-    base = build_inverse_fisher(g[:n], damping=0.5, layout=layout, normalizer=float(n + m))
+    base = build_inverse_fisher(g[:n], damping=0.5, layout=layout, normalizer=float(n + m),
+                                representation="dense")
     gpu = base.to(CUDA).update(g[n:].to(CUDA), chunk_size=m)
     cpu = base.clone().update(g[n:], chunk_size=m)
     ref = torch.block_diag(*reference.block_closed_form(g.double(), layout, 0.5, float(n + m)))
@@ -223,7 +224,7 @@ def test_update_and_downdate_match_cpu_and_reference(kernels, dtype, layout_name
 def test_failed_downdate_reports_rows_like_cpu(kernels, dtype):
     layout = LAYOUTS["small-big-small"]()
     g = torch.randn(50, layout.dim, dtype=torch.float64).to(dtype)
-    inv = build_inverse_fisher(g, damping=1e-2, layout=layout)
+    inv = build_inverse_fisher(g, damping=1e-2, layout=layout, representation="dense")
     foreign = (10.0 * torch.randn(90, layout.dim, dtype=torch.float64)).to(dtype)
     host = layout.table()
     info_cpu = _ops.sherman_morrison_(inv.packed.clone(), host, host, foreign, inv.normalizer, -1,
@@ -240,7 +241,8 @@ def test_update_in_groups_of_blocks(kernels, dtype, monkeypatch):
     # A tiny workspace cap makes the tc update process the table in many groups of blocks.
     layout = LAYOUTS["resnet-like"]()
     g = (0.5 * torch.randn(100, layout.dim, dtype=torch.float64)).to(dtype)
-    base = build_inverse_fisher(g[:60], damping=0.5, layout=layout, normalizer=100.0).to(CUDA)
+    base = build_inverse_fisher(g[:60], damping=0.5, layout=layout, normalizer=100.0,
+                                representation="dense").to(CUDA)
     whole = base.clone().update(g[60:].to(CUDA))
     monkeypatch.setenv("SSSE_CUDA_WOODBURY_WORKSPACE_CAP", "300000")
     grouped = base.clone().update(g[60:].to(CUDA))
@@ -329,7 +331,8 @@ def test_kernel_sets_agree_on_many_small_blocks(dtype):
     results = {}
     for k in KERNELS:
         with ssse_ext.use_cuda_kernels(k):
-            inv = build_inverse_fisher(g[:60], damping=0.2, layout=layout, normalizer=90.0)
+            inv = build_inverse_fisher(g[:60], damping=0.2, layout=layout, normalizer=90.0,
+                                       representation="dense")
             inv.update(g[60:]).downdate(g[:10])
             results[k] = (inv.dense(), inv @ v)
     ref = torch.block_diag(*reference.block_closed_form(g[10:].double().cpu(), layout, 0.2, 90.0))

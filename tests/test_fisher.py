@@ -33,7 +33,7 @@ def max_block_err(inv, ref):
 def test_build_auto_matches_closed_form(dtype, device, n, d, B):
     g = grads_of(n, d, dtype, device)
     layout = BlockLayout.fixed(d, B)
-    inv = build_inverse_fisher(g, damping=0.05, block_size=B)
+    inv = build_inverse_fisher(g, damping=0.05, block_size=B, representation="dense")
     assert inv.dtype == dtype and inv.device == device and inv.num_samples == n
     assert inv.layout == layout and inv.normalizer == n
     assert max_block_err(inv, closed_form(g, layout, 0.05)) < STABLE[dtype]
@@ -189,7 +189,8 @@ def test_non_contiguous_inputs(dtype, device):
 @pytest.mark.parametrize("dtype,device", PRODUCT)
 def test_empty_inputs(dtype, device):
     empty = torch.zeros(0, 9, dtype=dtype, device=device)
-    inv = build_inverse_fisher(empty, damping=0.5, block_size=4)  # F = lambda I
+    inv = build_inverse_fisher(empty, damping=0.5, block_size=4,
+                               representation="dense")  # F = lambda I
     assert inv.num_samples == 0
     assert rel_err(inv.dense(), torch.eye(9, dtype=torch.float64) / 0.5) < STABLE[dtype]
     before = inv.packed.clone()

@@ -35,7 +35,8 @@ def test_an_ill_conditioned_block_is_named_with_its_expected_error(dtype):
     with pytest.warns(ConditionWarning, match=r"block 0 \(parameters 0\.\.60\) is ill-cond"
                                               r"itioned.*condition number >= .*relative error "
                                               r"of about .*low-rank \(dual\) form") as rec:
-        inv = ssse_ext.build_inverse_fisher(g, damping=1e-6, block_size=60)
+        inv = ssse_ext.build_inverse_fisher(g, damping=1e-6, block_size=60,
+                                            representation="dense")
     message = str(rec[0].message)
     expected = float(message.split("relative error of about ")[1].split()[0])
     actual = rel_err(inv.blocks[0], woodbury_inverse(g, 1e-6))

@@ -12,9 +12,9 @@ from torch import nn
 
 import ssse
 from ssse.cli import main
-from ssse.io import fingerprint, load_inverse_fisher, load_model
-from ssse.ledger import (Ledger, LedgerBusyError, check_ids, ids_sha256, pending_path,
-                         recover)
+from ssse.io import fingerprint, load_inverse_fisher, load_model, read_metadata, save_model
+from ssse.ledger import (Ledger, LedgerBusyError, LedgerError, check_ids, ids_sha256,
+                         pending_path, recover)
 
 from .test_resume import forked
 
@@ -120,6 +120,42 @@ def test_a_ledger_that_cannot_be_written_undoes_the_request(tmp_path, monkeypatc
     assert (eraser.inv_fisher.packed - before).abs().max() < 1e-12 * before.abs().max()
 
 
+def test_a_request_whose_inverse_fails_its_health_probe_is_never_recorded(tmp_path,
+                                                                           monkeypatch):
+    import ssse_ext
+
+    model, X, y = problem()
+    path = tmp_path / "l.jsonl"
+    eraser = ssse.Eraser(model, CE, damping=0.1, ledger=path).fit((X, y))
+    eraser.erase((X[:2], y[:2]), ids=[0, 1], request_id="r1", epsilon=1.0)
+    # an inverse broken before the request: refused before anything changes
+    snap = snapshot(eraser)
+    saved = eraser.inv_fisher.packed.clone()
+    eraser.inv_fisher.blocks[0].zero_()
+    broken = snapshot(eraser)
+    with pytest.raises(ssse_ext.HealthError, match="before request 'r2'.*nothing was changed"):
+        eraser.erase((X[2:4], y[2:4]), ids=[2, 3], request_id="r2", epsilon=1.0)
+    assert unchanged(eraser, broken) and len(path.read_text().splitlines()) == 1
+    eraser.inv_fisher.blocks[0].copy_(saved[:eraser.layout.sizes[0] ** 2].view(
+        eraser.layout.sizes[0], -1))
+    assert unchanged(eraser, snap)
+    # a probe that fails after the downdate: the request is undone and not recorded
+    real = type(eraser.inv_fisher).health
+    calls = []
+
+    def failing_after(inv, **kwargs):
+        health = real(inv, **kwargs)
+        calls.append(health)
+        if len(calls) == 2:
+            health = type(health)(1.0, health.block, health.tolerance, health.columns)
+        return health
+    monkeypatch.setattr(type(eraser.inv_fisher), "health", failing_after)
+    with pytest.raises(ssse_ext.HealthError, match="after request 'r2'.*undone and not recorded"):
+        eraser.erase((X[2:4], y[2:4]), ids=[2, 3], request_id="r2", epsilon=1.0, inplace=True)
+    assert len(path.read_text().splitlines()) == 1 and eraser.n == 58
+    assert torch.equal(eraser.theta, snap[1]) and 2 not in eraser.erased_ids
+
+
 def test_ledger_file_torn_line_corruption_and_lock(tmp_path):
     path = tmp_path / "l.jsonl"
     ledger = Ledger(path)
@@ -134,7 +170,7 @@ def test_ledger_file_torn_line_corruption_and_lock(tmp_path):
     assert [e["request"] for e in ledger.entries()] == ["a", "c"]
     with open(path, "ab") as f:
         f.write(b"garbage\n")
-    with pytest.raises(ValueError, match="corrupt at byte"):
+    with pytest.raises(LedgerError, match="broken at line 3: not a JSON line"):
         ledger.entries()
     with Ledger(tmp_path / "m.jsonl").lock():
         with pytest.raises(LedgerBusyError, match="in use by another process"):
@@ -215,11 +251,20 @@ def test_files_changed_outside_the_ledger_are_refused(served, tmp_path, capsys):
     for name in ("model.safetensors", "inverse_fisher.safetensors"):
         shutil.copy(served / name, tmp_path / name)
     assert request(tmp_path) == 0
-    model = str(tmp_path / "model.safetensors")
-    # a request served without the ledger, written over the served model
-    assert main(["erase", "--model", model, "--fisher", str(served / "inverse_fisher.safetensors"),
-                 "--indices", "20", "--epsilon", "1", "--output", model, "--quiet"]) == 0
+    model = tmp_path / "model.safetensors"
+    _, served_meta = read_metadata(model)
+    # a request served without the ledger, copied over the served model
+    assert main(["erase", "--model", str(model), "--fisher",
+                 str(tmp_path / "inverse_fisher.safetensors"), "--indices", "20", "--epsilon",
+                 "1", "--output", str(tmp_path / "outside.safetensors"), "--quiet"]) == 0
+    shutil.copy(tmp_path / "outside.safetensors", model)
     capsys.readouterr()
+    assert request(tmp_path, "r2", "30") == 2
+    err = capsys.readouterr().err
+    assert "records no request, but the ledger" in err and "the model is behind" in err
+    # the same tensors with the served header: only the fingerprint tells
+    outside, _ = load_model(tmp_path / "outside.safetensors")
+    save_model(model, outside, **served_meta)
     assert request(tmp_path, "r2", "30") == 2
     err = capsys.readouterr().err
     assert "is not the model the ledger's last request ('r1') left" in err

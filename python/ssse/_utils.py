@@ -3,7 +3,6 @@ end of every update (checks, ``state_dict``, ``inplace``)."""
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Iterable, Iterator
 
@@ -231,18 +230,7 @@ def finish_update(fm: FlatModel, theta_hat: torch.Tensor, *, inplace: bool,
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes that can be allocated now: free GPU memory (``torch.cuda.mem_get_info``) on CUDA,
-    available RAM (``MemAvailable``) on the CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - exotic platforms
-        return 1 << 62
+    """Bytes that can be allocated now (:func:`ssse_ext.budget.available_memory`: free GPU
+    memory on CUDA; on the CPU ``MemAvailable`` within any cgroup limit, or the
+    ``SSSE_AVAILABLE_MEMORY`` figure)."""
+    return ssse_ext.budget.available_memory(device)

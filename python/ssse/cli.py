@@ -1,5 +1,5 @@
-"""The ``ssse`` command: ``demo``, ``train``, ``fisher``, ``erase``, ``sweep``, ``experiment``,
-``bench`` and ``info``. Run ``ssse SUBCOMMAND --help``."""
+"""The ``ssse`` command: ``demo``, ``train``, ``fisher``, ``erase``, ``ledger``, ``sweep``,
+``experiment``, ``bench`` and ``info``. Run ``ssse SUBCOMMAND --help``."""
 
 from __future__ import annotations
 
@@ -75,9 +75,32 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _int_list(text: str) -> list[int]:
+class _Ranges(list):
+    """Inclusive ``(lo, hi)`` ranges. They are expanded only after :meth:`outside` has checked
+    them against the size they index: ``0-99999999999`` must be refused, not built."""
+
+    def outside(self, n: int) -> list[int]:
+        """The ends that fall outside ``[0, n)``."""
+        return [v for a, b in self for v in (a, b) if not 0 <= v < n]
+
+    def expand(self) -> list[int]:
+        """The integers of the ranges, sorted, each once."""
+        out, upto = [], None
+        for a, b in sorted(self):
+            start = a if upto is None else max(a, upto + 1)
+            out.extend(range(start, b + 1))
+            upto = b if upto is None else max(upto, b)
+        return out
+
+    def in_order(self) -> list[int]:
+        """The integers of the ranges as written (the order of classes decides which of their
+        samples a seed draws)."""
+        return [i for a, b in self for i in range(a, b + 1)]
+
+
+def _int_list(text: str) -> _Ranges:
     """``"3"``, ``"1,4,7"`` or ranges ``"0-9,12"``."""
-    out = []
+    out = _Ranges()
     for part in text.split(","):
         part = part.strip()
         if not part:
@@ -89,15 +112,44 @@ def _int_list(text: str) -> list[int]:
                 a, b = int(a), int(b)
                 if b < a:
                     raise ValueError
-                out.extend(range(a, b + 1))
+                out.append((a, b))
             else:
-                out.append(int(part))
+                out.append((int(part), int(part)))
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected integers or ranges like 0-9,12, got "
                                              f"{text!r}") from None
     if not out:
         raise argparse.ArgumentTypeError("expected at least one integer")
     return out
+
+
+#: Seeds reach torch, numpy and scikit-learn; the last takes [0, 2**32).
+MAX_SEED = 2**32 - 1
+
+
+def _check_seed(value, name: str) -> int:
+    value = validation.check_int(value, name)
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{name} must be an integer in [0, {MAX_SEED}], got {value}")
+    return value
+
+
+_seed = _checked(int, _check_seed, f"an integer in [0, {MAX_SEED}]")
+
+
+def _threads(text: str) -> int:
+    value = _positive_int(text)
+    cpus = os.cpu_count() or 1
+    if value > cpus:  # more threads than CPUs only contend, and thousands exhaust the process
+        raise argparse.ArgumentTypeError(f"expected at most {cpus} (os.cpu_count(), the CPUs "
+                                         f"of this machine), got {value}")
+    return value
+
+
+def _request_id(text: str) -> str:
+    if not text.strip() or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"expected a non-empty, printable id, got {text!r}")
+    return text
 
 
 def _eps_range(text: str) -> tuple[float, float, int]:
@@ -131,13 +183,14 @@ def _common(p: argparse.ArgumentParser, *, func, out_default: str | None = "ssse
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     g.add_argument("--dtype", choices=sorted(_DTYPES), default=dtype_default,
                    help="compute dtype (default: float64 for convex models, float32 for the CNN)")
-    g.add_argument("--seed", type=int, default=0, help="seed of data splits, removal sets and "
-                   "training (default: 0)")
+    g.add_argument("--seed", type=_seed, default=0, help="seed of data splits, removal sets "
+                   f"and training, 0..{MAX_SEED} (default: 0)")
     g.add_argument("--out", default=out_default, metavar="DIR",
                    help=f"output directory (default: {out_help or out_default})")
     g.add_argument("--quiet", action="store_true", help="no progress bars, print only results")
-    g.add_argument("--threads", type=_positive_int, default=None,
-                   help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=_threads, default=None,
+                   help="torch CPU threads, at most the machine's CPUs (default: torch's "
+                   "choice)")
 
 
 def _data_args(p: argparse.ArgumentParser, *, default: str | None = "digits") -> None:
@@ -148,7 +201,8 @@ def _data_args(p: argparse.ArgumentParser, *, default: str | None = "digits") ->
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="directory with the data files (Fashion-MNIST idx files, yeast.csv)")
     p.add_argument("--train-limit", type=_positive_int, default=None, metavar="N",
-                   help="use a random subset of N training samples")
+                   help="use a random subset of N training samples (at most the training "
+                   "set's size)")
 
 
 def _removal_args(p: argparse.ArgumentParser) -> None:
@@ -181,6 +235,11 @@ _COMMANDS = {
     "erase": ("serve a deletion request: model + inverse + indices",
               "Erase training samples (SSSE, paper eq. 8, or without ε the leave-k-out Newton "
               "step with a Gauss-Newton inverse) and save the new model."),
+    "ledger": ("check a deletion ledger and the files it serves, or recover an interrupted "
+               "request",
+               "check: verify a ledger's chain and that the model and inverse it serves are the "
+               "ones its last request left. recover: complete or roll back a request that a "
+               "crash interrupted (the next ssse erase --ledger does it too)."),
     "sweep": ("ε grid against a retrained reference: metrics + plots",
               "Sweep ε of the SSSE update for one removal, compare every model with the "
               "original and a model retrained without the samples, and write sweep.json, "
@@ -271,7 +330,8 @@ def _add_fisher(sub) -> None:
                    "run the same command again after a crash to resume (FILE is removed once "
                    "the inverse is saved)")
     p.add_argument("--every", type=_positive_int, default=None, metavar="N",
-                   help="samples between checkpoints (default: every 5 minutes)")
+                   help="samples between checkpoints, a multiple of --minibatch (default: "
+                   "every 5 minutes); resume with the same N and --threads")
     _distributed_args(p, fit=True)
     _common(p, output=("inverse-Fisher", "inverse_fisher.safetensors; under torchrun the "
                        "index of one file per rank, DIR/inverse_fisher.index.json"),
@@ -296,11 +356,29 @@ def _add_erase(sub) -> None:
                    help="serve the request in place: --model and --fisher are replaced by the "
                    "erased model and the downdated inverse, and the request is appended to "
                    "this JSON-lines ledger; a crash at any point is settled by the next run")
-    g.add_argument("--request-id", default=None, metavar="ID",
+    g.add_argument("--request-id", type=_request_id, default=None, metavar="ID",
                    help="the request's id in the ledger (default: a random one); an id "
                    "already in the ledger is refused")
     _distributed_args(p, fit=False)
     _common(p, output=("erased model", "erased.safetensors"), func=_cmd_erase)
+
+
+def _add_ledger(sub) -> None:
+    p = _parser(sub, "ledger")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    actions.required = True
+    for name, help_, files in (
+            ("check", "verify the ledger (and the files it serves): exit 0 when intact, 2 when "
+             "not", "optional"),
+            ("recover", "settle a request interrupted by a crash: complete it if the ledger "
+             "records it, roll it back otherwise", "required")):
+        a = actions.add_parser(name, help=help_, description=help_)
+        a.add_argument("--ledger", required=True, metavar="FILE", help="the JSON-lines ledger")
+        a.add_argument("--model", required=files == "required", default=None, metavar="FILE",
+                       help=f"the model it serves ({files})")
+        a.add_argument("--fisher", required=files == "required", default=None, metavar="FILE",
+                       help=f"the inverse-Fisher file it serves ({files})")
+        a.set_defaults(func=_cmd_ledger)
 
 
 def _add_sweep(sub) -> None:
@@ -366,8 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ssse {v}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for add in (_add_demo, _add_train, _add_fisher, _add_erase, _add_sweep, _add_experiment,
-                _add_bench, _add_info):
+    for add in (_add_demo, _add_train, _add_fisher, _add_erase, _add_ledger, _add_sweep,
+                _add_experiment, _add_bench, _add_info):
         add(sub)
     return parser
 
@@ -431,14 +509,72 @@ def _check_folder(folder: Path, what: str) -> None:
         raise UsageError(f"{what}: cannot write in {probe} ({exc.strerror or exc})") from None
 
 
+def _same_file(a, b) -> bool:
+    """Whether two paths name one file: equal once resolved (symbolic links followed, also for
+    files not created yet), or one inode (hard links)."""
+    try:
+        if Path(a).resolve() == Path(b).resolve():
+            return True
+        return os.path.samefile(a, b)
+    except (OSError, RuntimeError):  # a missing file, a symbolic link loop
+        return False
+
+
+#: Files a command writes into --out, besides its --output.
+_OUT_FILES = {"sweep": re.compile(r"sweep(\.json|\.md|_.+\.png)")}
+
+
+def _served_in_place(args) -> bool:
+    return args.command == "ledger" or args.command == "erase" and bool(args.ledger)
+
+
+def _check_overwrites(args) -> None:
+    """Refuses a destination that is also an input, or another destination, of the same
+    command: writing it would destroy what the command reads (a trained model replaced by its
+    inverse), or what it writes elsewhere (an inverse removed with the checkpoint)."""
+    cmd = args.command
+    inputs = [(f"--{o.replace('_', '-')}", getattr(args, o, None))
+              for o in ("model", "fisher", "reference", "indices_file")]
+    inputs = [(opt, path) for opt, path in inputs if path]
+    if _served_in_place(args):
+        outputs = [("--ledger", args.ledger)] + [(o, p) for o, p in inputs
+                                                 if o in ("--model", "--fisher")]
+        inputs = [(o, p) for o, p in inputs if o not in ("--model", "--fisher")]
+    elif cmd in ("train", "fisher", "erase"):
+        name = {"train": "model.safetensors", "erase": "erased.safetensors",
+                "fisher": "inverse_fisher.index.json" if _distributed(args) else
+                "inverse_fisher.safetensors"}[cmd]
+        outputs = [("--output" if args.output else "--out", _out_path(args, name))]
+        if getattr(args, "checkpoint", None):
+            outputs.append(("--checkpoint", args.checkpoint))
+    elif cmd in _OUT_FILES and getattr(args, "out", None):
+        for opt, path in inputs:
+            if _OUT_FILES[cmd].fullmatch(Path(path).name) and \
+                    _same_file(Path(path).parent, args.out):
+                raise UsageError(f"{opt}: {path} is in --out {args.out}, where this command "
+                                 "writes a file of that name: move it, or give another --out")
+        return
+    else:
+        return
+    for i, (opt, path) in enumerate(outputs):
+        for other, other_path in outputs[:i] + inputs:
+            if _same_file(path, other_path):
+                same = "" if str(path) == str(other_path) else f" ({other_path})"
+                raise UsageError(f"{opt}: {path} is also {other}{same}: the command would write "
+                                 f"over it; give another file")
+
+
 def _check_destinations(args) -> None:
     """Every file or folder the command will write, checked before the work."""
     cmd = args.command
-    if cmd == "erase" and getattr(args, "ledger", None):
-        if args.output:
+    _check_overwrites(args)
+    if _served_in_place(args):
+        if getattr(args, "output", None):
             raise UsageError("--output: with --ledger the request replaces --model and --fisher "
                              "in place")
         for opt in ("model", "fisher", "ledger"):
+            if getattr(args, opt) is None:
+                continue
             path = Path(getattr(args, opt))
             if path.is_dir():
                 raise UsageError(f"--{opt}: {path} is a folder, expected a file")
@@ -506,6 +642,11 @@ def _load_model_file(args):
                                  dtype=_DTYPES[args.dtype] if args.dtype else None)
     except FileFormatError as exc:
         raise UsageError(str(exc)) from None
+    dtypes = {p.dtype for p in model.parameters()}
+    if not dtypes <= set(_DTYPES.values()):
+        held = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        raise UsageError(f"--model: {path} holds {held} parameters; the computations run in "
+                         f"float32 or float64: give --dtype")
     return model.eval(), meta
 
 
@@ -564,10 +705,11 @@ def _choose_removal(args, task) -> torch.Tensor:
     n = task.n
     if args.indices is not None or args.indices_file is not None:
         if args.indices is not None:
-            idx = args.indices
+            bad = args.indices.outside(n)
+            idx = [] if bad else args.indices.expand()
         else:
             idx = _read_indices(_check_file(args.indices_file, "--indices-file"))
-        bad = [i for i in idx if not 0 <= i < n]
+            bad = [i for i in idx if not 0 <= i < n]
         if bad:
             raise UsageError(f"indices out of range [0, {n}): {bad[:5]}")
         if len(set(idx)) >= n:
@@ -581,10 +723,10 @@ def _choose_removal(args, task) -> torch.Tensor:
         return attribute_removal(y, args.remove_attribute, args.fraction, seed=args.seed)
     if task.ds.task == "multilabel":
         raise UsageError("--remove-class needs a multiclass data set; use --remove-attribute")
-    for c in args.remove_class:
-        if not 0 <= c < task.ds.num_classes:
-            raise UsageError(f"--remove-class {c}: classes are 0..{task.ds.num_classes - 1}")
-    return class_removal(y, args.remove_class, args.fraction, seed=args.seed)
+    bad = args.remove_class.outside(task.ds.num_classes)
+    if bad:
+        raise UsageError(f"--remove-class {bad[0]}: classes are 0..{task.ds.num_classes - 1}")
+    return class_removal(y, args.remove_class.in_order(), args.fraction, seed=args.seed)
 
 
 def _read_indices(path: Path) -> list[int]:
@@ -691,6 +833,11 @@ def _cmd_fisher(args) -> int:
                          "decay; give --damping")
     if args.every is not None and args.checkpoint is None:
         raise UsageError("--every needs --checkpoint")
+    if args.minibatch > task.n:
+        raise UsageError(f"--minibatch {args.minibatch}: the training set has {task.n} samples")
+    if args.every is not None and args.every % args.minibatch:
+        raise UsageError(f"--every {args.every}: a checkpoint cannot split a mini-batch; give a "
+                         f"multiple of --minibatch {args.minibatch}")
     if _distributed(args):
         if args.checkpoint:
             raise UsageError("--checkpoint: the sharded fit under torchrun is not resumable; "
@@ -829,6 +976,9 @@ def _cmd_erase(args) -> int:
     inv, fmeta = _load_fisher(args, model)
     task = _task_from_meta(args, model, meta)
     _check_fisher_matches(fmeta, task)
+    origin = _check_origin(model, meta, _theta_star(args.fisher))
+    if isinstance(inv, ssse_ext.BlockInverseFisher):
+        _check_health(inv.health(warn=False))
     before = [int(i) for i in meta.get("erased", [])]
     removed = _removal(args, task, before)
     # samples erased by earlier requests are no longer part of D: n counts what remains
@@ -868,7 +1018,8 @@ def _cmd_erase(args) -> int:
     erased = sorted(set(before) | set(removed.tolist()))
     path = save_model(_out_path(args, "erased.safetensors"), model, spec=meta["spec"],
                       **{**{k: v for k, v in meta.items() if k not in _NOT_COPIED},
-                         "erased": erased, "epsilon": args.epsilon, "variant": args.variant})
+                         "erased": erased, "epsilon": args.epsilon, "variant": args.variant,
+                         **({"origin": origin} if origin else {})})
     print(f"erased {removed.numel()} of {task.n - len(before)} samples with {how} in "
           f"{seconds:.3f} s")
     print(path)
@@ -876,33 +1027,126 @@ def _cmd_erase(args) -> int:
 
 
 #: Model-file header fields that a new erased model does not inherit from its input.
-_NOT_COPIED = ("spec", "dtype", "fingerprint", "ledger_request")
+_NOT_COPIED = ("spec", "dtype", "fingerprint", "ledger_request", "ledger_entry")
+
+
+def _theta_star(path):
+    """The parameters an inverse-Fisher file was fitted at (``None``: not recorded, as in the
+    index of a sharded fit)."""
+    from .io import FileFormatError, load_extra_tensors
+
+    if ssse.distributed.is_index(path):
+        return None
+    try:
+        return load_extra_tensors(path).get("theta_star")
+    except FileFormatError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _check_origin(model, meta: dict, star, first: dict | None = None) -> str | None:
+    """Refuses an inverse fitted at other parameters than the ones ``model`` descends from;
+    returns their fingerprint, which the erased model records as its ``origin`` (``None``: the
+    inverse does not record them, and nothing can be checked).
+
+    The invariant: an inverse is the curvature at the parameters θ* it was fitted at (its
+    ``theta_star``), and every request served with it takes its gradients there, so it belongs
+    to the models that descend from θ*: θ* itself (no request served yet), or a model moved
+    from θ* by requests, each of which records θ*'s fingerprint in the model's header. A model
+    erased before that header field existed descends from θ* when ``first`` (its ledger's
+    first line) started from θ*."""
+    from .io import fingerprint
+
+    if star is None:
+        return meta.get("origin")
+    star = star.detach().to("cpu")
+    origin = fingerprint({"theta_star": star})
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    ok = meta.get("origin") == origin
+    if not ok and star.numel() == sum(p.numel() for _, p in params):
+        flat = torch.cat([p.detach().reshape(-1) for _, p in params]).to("cpu", star.dtype)
+        ok = torch.equal(flat, star)
+        if not ok and first is not None and meta.get("origin") is None:
+            state, at = dict(model.state_dict()), 0
+            for name, p in params:
+                state[name] = star[at:at + p.numel()].view_as(p).to(p.dtype)
+                at += p.numel()
+            ok = fingerprint(state) == first.get("model_before")
+    if not ok:
+        raise UsageError("--fisher was fitted at other parameters than the ones --model "
+                         "descends from (its recorded theta_star): it is the inverse of another "
+                         "model, or of this one before it was trained again; fit one for this "
+                         "model with ssse fisher; nothing was changed")
+    return origin
+
+
+def _check_health(health, when: str = "", *, outcome: str = "; nothing was changed") -> None:
+    """Refuses an inverse whose health probe fails (a ``Health`` or its ``as_dict()``): a
+    request computed with it would be recorded as done while the model barely moves, or moves
+    the wrong way."""
+    if health is None:
+        return
+    if not isinstance(health, dict):
+        health = health.as_dict()
+    residual, tolerance = health["residual"], health["tolerance"]
+    if residual <= tolerance:
+        return
+    raise UsageError(f"--fisher: the inverse fails its health probe{when}: residual "
+                     f"{residual:.1e} > threshold {tolerance:.1e} (block {health.get('block')}), "
+                     "so it is not the inverse of its Fisher (damaged, or too ill-conditioned); "
+                     f"refit it with ssse fisher{outcome}")
+
+
+@contextlib.contextmanager
+def _served_files(args, ledger):
+    """Holds the locks of the ledger, the model and the inverse, in that order, for one
+    request or recovery; yields the model's and the inverse's paths (symbolic links resolved,
+    so that every path to a file takes the same lock) or ``None`` for those not given. One
+    ledger per model: a second ledger serving the same files is refused while the first
+    holds them, and by the files' headers afterwards."""
+    from .ledger import lock_file
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(ledger.lock())
+        paths = []
+        for opt, what in (("model", "the model"), ("fisher", "the inverse")):
+            given = getattr(args, opt)
+            paths.append(None if given is None else stack.enter_context(
+                lock_file(_check_file(given, f"--{opt}"), what)))
+        yield tuple(paths)
+
+
+def _verified_ledger(ledger, files: dict, *, outcome: str = "; nothing was changed"):
+    """The ledger's verified state, after checking that every ``files[what] = (path, header,
+    fingerprint)`` is what its last request left (:func:`ssse.ledger.check_served`)."""
+    from .ledger import LedgerError, check_served
+
+    try:
+        state = ledger.verify()
+        for what, (path, meta, fp) in files.items():
+            check_served(state, what, path, meta, fp)
+    except LedgerError as exc:
+        raise UsageError(f"{exc}{outcome}") from None
+    return state
 
 
 def _serve(args) -> int:
     """``ssse erase --ledger``: one request served in place, by the crash rule of
-    :mod:`ssse.ledger` (recovery of an interrupted request first)."""
-    from .io import fingerprint, load_extra_tensors, save_inverse_fisher, save_model
-    from .ledger import Ledger, commit, recover
+    :mod:`ssse.ledger` (recovery of an interrupted request first), under the locks of the
+    ledger and of the files it serves."""
+    import warnings
 
-    model_path = _check_file(args.model, "--model")
-    fisher_path = _check_file(args.fisher, "--fisher")
+    from .io import fingerprint, save_inverse_fisher, save_model
+    from .ledger import Ledger, commit, entry_digest, recover
+
     ledger = Ledger(args.ledger)
-    with ledger.lock():
+    with _served_files(args, ledger) as (model_path, fisher_path):
         for line in recover(ledger, {"model": model_path, "inverse": fisher_path}):
             print(f"ssse erase: {line}", file=sys.stderr)
-        entries = ledger.entries()
         model, meta = _load_model_file(args)
         inv, fmeta = _load_fisher(args, model)
         model_fp, inverse_fp = fingerprint(model.state_dict()), fingerprint(inv.to_state()[0])
-        if entries:
-            last = entries[-1]
-            for what, path, fp in (("model", model_path, model_fp),
-                                   ("inverse", fisher_path, inverse_fp)):
-                if fp != last.get(f"{what}_after"):
-                    raise UsageError(f"{path} is not the {what} the ledger's last request "
-                                     f"({last['request']!r}) left: it was changed outside "
-                                     f"`ssse erase --ledger {args.ledger}`; nothing was done")
+        state = _verified_ledger(ledger, {"model": (model_path, meta, model_fp),
+                                          "inverse": (fisher_path, fmeta, inverse_fp)})
         task = _task_from_meta(args, model, meta)
         _check_fisher_matches(fmeta, task)
         before = [int(i) for i in meta.get("erased", [])]
@@ -921,13 +1165,15 @@ def _serve(args) -> int:
         if args.epsilon is None and inv.curvature != "ggn":
             raise UsageError("--epsilon is needed unless --fisher holds the Gauss-Newton matrix "
                              "(ssse fisher --curvature ggn)")
-        star = load_extra_tensors(fisher_path).get("theta_star")
+        star = _theta_star(fisher_path)
         if star is None:
             if before:
                 raise UsageError("--fisher does not record the parameters it was fitted at "
                                  "(fit it again with ssse fisher)")
             star = torch.cat([p.detach().reshape(-1) for p in model.parameters()
                               if p.requires_grad])
+        origin = _check_origin(model, meta, star, state.entries[0] if state.entries else None)
+        _check_health(inv.health(warn=False))
         eraser = ssse.Eraser.restore(
             model, task.loss_fn, inv, n=int(fmeta.get("n_remaining", task.n - len(before))),
             theta_star=star, train_ids=range(task.n), erased=before,
@@ -935,21 +1181,28 @@ def _serve(args) -> int:
             likelihood=task.likelihood, mc_samples=int(fmeta.get("mc_samples", 1)))
         n_before = eraser.n
         t0 = time.perf_counter()
-        state = eraser.erase(task.data(removed), ids=ids, request_id=request_id,
-                             epsilon=args.epsilon, fisher=args.variant,
-                             refine_steps=args.refine_steps)
+        with warnings.catch_warnings():  # a failed probe is refused below, in one line
+            warnings.simplefilter("ignore", ssse_ext.HealthWarning)
+            new_state = eraser.erase(task.data(removed), ids=ids, request_id=request_id,
+                                     epsilon=args.epsilon, fisher=args.variant,
+                                     refine_steps=args.refine_steps)
         seconds = time.perf_counter() - t0
-        model.load_state_dict(state)
-        entry = {**eraser.last_request, "model_before": model_fp,
-                 "model_after": fingerprint(model.state_dict()), "inverse_before": inverse_fp,
-                 "inverse_after": fingerprint(eraser.inv_fisher.to_state()[0])}
+        entry = eraser.last_request
+        _check_health(entry["health"], " after this request's downdate")
+        model.load_state_dict(new_state)
+        entry = ledger.seal({**entry, "model_before": model_fp,
+                             "model_after": fingerprint(model.state_dict()),
+                             "inverse_before": inverse_fp,
+                             "inverse_after": fingerprint(eraser.inv_fisher.to_state()[0])})
+        digest = entry_digest(entry)
         model_meta = {**{k: v for k, v in meta.items() if k not in _NOT_COPIED},
                       "erased": sorted(set(before) | set(ids)), "epsilon": args.epsilon,
-                      "variant": args.variant, "ledger_request": request_id,
-                      "fingerprint": entry["model_after"]}
-        fisher_meta = {**{k: v for k, v in fmeta.items() if k not in ("state", "fingerprint")},
+                      "variant": args.variant, "origin": origin, "ledger_request": request_id,
+                      "ledger_entry": digest, "fingerprint": entry["model_after"]}
+        fisher_meta = {**{k: v for k, v in fmeta.items()
+                          if k not in ("state", "fingerprint", "ledger_request", "ledger_entry")},
                        "n_remaining": eraser.n, "ledger_request": request_id,
-                       "fingerprint": entry["inverse_after"]}
+                       "ledger_entry": digest, "fingerprint": entry["inverse_after"]}
         with _no_interrupt():
             commit(ledger, entry, {
                 "inverse": (fisher_path, lambda p: save_inverse_fisher(
@@ -962,7 +1215,64 @@ def _serve(args) -> int:
     print(f"erased {len(ids)} of {n_before} samples with {how} in {seconds:.3f} s; request "
           f"{request_id} recorded in {args.ledger}"
           + (f" (health {health['residual']:.1e})" if health else ""))
-    print(model_path)
+    print(args.model)
+    return 0
+
+
+def _cmd_ledger(args) -> int:
+    """``ssse ledger check`` and ``ssse ledger recover``."""
+    from .io import FileFormatError, fingerprint, load_inverse_fisher, load_model
+    from .ledger import Ledger, pending_path, recover
+
+    ledger = Ledger(args.ledger)
+    if args.action == "check" and not ledger.path.is_file():
+        raise UsageError(f"--ledger: no such file: {args.ledger}")
+    with _served_files(args, ledger) as (model_path, fisher_path):
+        files = {what: path for what, path in (("model", model_path), ("inverse", fisher_path))
+                 if path is not None}
+        if args.action == "recover":
+            done = recover(ledger, files)
+            for line in done:
+                print(line)
+        else:
+            done = None
+            try:
+                torn = ledger.verify().torn
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            waiting = [str(pending_path(p)) for p in files.values() if pending_path(p).exists()]
+            if torn or waiting:
+                what = f"pending file {waiting[0]}" if waiting else "a torn last line"
+                raise UsageError(f"a request interrupted by a crash awaits recovery ({what}): "
+                                 f"run ssse ledger recover --ledger {args.ledger} --model M "
+                                 "--fisher F")
+        loaded = {}
+        try:
+            if model_path is not None:
+                model, meta = load_model(model_path)
+                loaded["model"] = (model_path, meta, fingerprint(model.state_dict()))
+            if fisher_path is not None:
+                inv, fmeta = load_inverse_fisher(fisher_path)
+                loaded["inverse"] = (fisher_path, fmeta, fingerprint(inv.to_state()[0]))
+        except FileFormatError as exc:
+            raise UsageError(str(exc)) from None
+        state = _verified_ledger(ledger, loaded, outcome="")
+        if fisher_path is not None:
+            health = inv.health(warn=False)
+            _check_health(health, outcome="")
+    if done == []:
+        print("nothing to recover")
+    n, last = len(state.entries), state.last
+    old = f"; the first {state.unchained} of ledger version 1, unchained" if state.unchained \
+        else ""
+    print(f"{args.ledger}: {n} request{'s' * (n != 1)}, chain intact{old}" +
+          (f"; last {last['request']!r} served {last.get('time')}, {last.get('n_after')} "
+           "samples left" if last else ""))
+    for what, (path, _, fp) in loaded.items():
+        at = f"at request {last['request']!r}" if last else "before any request"
+        extra = f"; health {health.residual:.1e} (threshold {health.tolerance:.1e})" \
+            if what == "inverse" and health is not None else ""
+        print(f"{path}: the {what} {at} ({fp[:19]}...){extra}")
     return 0
 
 
@@ -981,11 +1291,20 @@ def _cmd_sweep(args) -> int:
     if args.reference:
         from .io import FileFormatError, load_model
         try:
-            reference, _ = load_model(_check_file(args.reference, "--reference"),
-                                      device=args.device, dtype=next(model.parameters()).dtype)
+            reference, ref_meta = load_model(_check_file(args.reference, "--reference"),
+                                             device=args.device,
+                                             dtype=next(model.parameters()).dtype)
         except FileFormatError as exc:
             raise UsageError(str(exc)) from None
-    classes = args.remove_class
+        # the metrics compare the two models' outputs on the same inputs
+        if ref_meta["spec"] != meta["spec"]:
+            raise UsageError(f"--reference: {args.reference} is another model ("
+                             f"{ref_meta['spec']}) than --model ({meta['spec']})")
+        ref_data = ref_meta.get("data", {}).get("name")
+        if ref_data is not None and ref_data != task.ds.name:
+            raise UsageError(f"--reference: {args.reference} was trained on {ref_data}, "
+                             f"--model on {task.ds.name}")
+    classes = None if args.remove_class is None else args.remove_class.in_order()
     with _staged(Path(args.out)) as stage:
         report = run_sweep(task, model, inv, removed, out=stage, eps=args.eps,
                            reference=reference, classes=classes,
@@ -1108,6 +1427,11 @@ def _main(argv: list[str]) -> int:
     except ValueError as exc:  # the library's and the data sets' checks of what was asked
         print(f"ssse {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except MemoryError as exc:
+        print(f"ssse {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        # a refusal before allocating (it carries the bytes it needed) answers what was
+        # asked; an allocation that failed midway is the machine's
+        return 2 if hasattr(exc, "needed") else 1
     except OSError as exc:  # a destination that changed under us, a full disk
         where = f": {exc.filename}" if exc.filename else ""
         print(f"ssse {args.command}: error: {exc.strerror or _one_line(exc)}{where}",

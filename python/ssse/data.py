@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ssse_ext.validation import check_positive_int
+
 __all__ = [
     "DATASETS",
     "DataUnavailableError",
@@ -90,6 +92,18 @@ def _subset(n: int, limit: int | None, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(n, size=limit, replace=False))
 
 
+def _check_train_limit(train_limit, n: int, name: str) -> int | None:
+    """``train_limit`` as given, refused when it asks for more samples than ``name`` has in
+    its training split (a model trained on fewer samples than asked is not what was asked)."""
+    if train_limit is None:
+        return None
+    train_limit = check_positive_int(train_limit, "train_limit")
+    if train_limit > n:
+        raise ValueError(f"train_limit (--train-limit) must be at most the {n} training "
+                         f"samples of {name}, got {train_limit}")
+    return train_limit
+
+
 # ---- digits -------------------------------------------------------------------------------
 
 def load_digits(*, seed: int = 0, test_fraction: float = 0.3, train_limit: int | None = None,
@@ -101,6 +115,7 @@ def load_digits(*, seed: int = 0, test_fraction: float = 0.3, train_limit: int |
     x, y = _sk_digits(return_X_y=True)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction,
                                               random_state=seed, stratify=y)
+    train_limit = _check_train_limit(train_limit, len(y_tr), "digits")
     keep = _subset(len(y_tr), train_limit, np.random.default_rng(seed))
     x_tr, y_tr = x_tr[keep], y_tr[keep]
     x_tr, x_te = _standardise(x_tr, x_te)
@@ -166,6 +181,7 @@ def load_fashion_mnist(data_dir: str | Path | None = None, *, seed: int = 0,
             f"with `apt-get install dataset-fashion-mnist` or pass --data-dir DIR holding the "
             f"idx files")
     arrays = {k: read_idx(p) for k, p in files.items()}
+    train_limit = _check_train_limit(train_limit, len(arrays["train_y"]), "fashion-mnist")
     rng = np.random.default_rng(seed)
     tr = _subset(len(arrays["train_y"]), train_limit, rng)
     te = _subset(len(arrays["test_y"]), test_limit, rng)
@@ -204,10 +220,11 @@ def yeast_file(data_dir: str | Path | None = None) -> Path:
 
 
 def load_yeast(data_dir: str | Path | None = None, *, seed: int = 0, n_train: int = 1500,
-               dtype: torch.dtype = torch.float64) -> Dataset:
+               train_limit: int | None = None, dtype: torch.dtype = torch.float64) -> Dataset:
     """Yeast multi-label data (2417 genes x 103 features, 14 functional classes; MULAN's
-    version), standardised, with a constant 104th feature, split at random (by ``seed``) into ``n_train`` training and the
-    remaining test samples (MULAN's own split is 1500/917)."""
+    version), standardised, with a constant 104th feature, split at random (by ``seed``) into
+    ``n_train`` training and the remaining test samples (MULAN's own split is 1500/917);
+    ``train_limit`` keeps a random subset of the training samples."""
     path = yeast_file(data_dir)
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
@@ -222,6 +239,8 @@ def load_yeast(data_dir: str | Path | None = None, *, seed: int = 0, n_train: in
     x, y = table[:, feats], table[:, labels]
     perm = np.random.default_rng(seed).permutation(len(x))
     tr, te = perm[:n_train], perm[n_train:]
+    train_limit = _check_train_limit(train_limit, len(tr), "yeast")
+    tr = tr[_subset(len(tr), train_limit, np.random.default_rng(seed))]
     x_tr, x_te = _standardise(x[tr], x[te])
     # A constant feature: the model has no bias parameter, so each attribute's row carries its
     # own intercept (and stays one Fisher block).
@@ -260,7 +279,8 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, seed: int = 0
         return load_fashion_mnist(data_dir, seed=seed, train_limit=train_limit,
                                   test_limit=test_limit, dtype=dtype or torch.float32)
     if name == "yeast":
-        return load_yeast(data_dir, seed=seed, dtype=dtype or torch.float64)
+        return load_yeast(data_dir, seed=seed, train_limit=train_limit,
+                          dtype=dtype or torch.float64)
     raise ValueError(f"unknown data set {name!r} (expected one of {', '.join(DATASETS)})")
 
 

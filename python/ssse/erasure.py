@@ -441,7 +441,22 @@ class Eraser:
             raise ValueError("removed is empty: nothing to erase")
         if k >= self.n:
             raise ValueError(f"removed has {k} samples, but only {self.n} remain")
+        if self.ledger is None:
+            return self._erase(batches, k, ids, request_id, epsilon, fisher, refine_steps,
+                               inplace)
+        # check and append under one lock: another process may serve the same ledger
+        with self.ledger.lock():
+            return self._erase(batches, k, ids, request_id, epsilon, fisher, refine_steps,
+                               inplace)
+
+    def _erase(self, batches, k, ids, request_id, epsilon, fisher, refine_steps, inplace):
         ids, request_id = self._check_ids(ids, k, request_id)
+        if self.ledger is not None:
+            before = self.inv_fisher.health(warn=False)
+            if before is not None and not before.ok:
+                raise ssse_ext.HealthError(
+                    f"inv_fisher fails its health probe before request {request_id!r} "
+                    f"({before}): nothing was changed; refit the inverse")
         rows, v = self._rows_and_gradient(batches)
         # No copy of the inverse: the step is computed first (the leave-k-out curvature applied
         # on the fly), then the downdate, which checks every block before it writes any, so an
@@ -468,7 +483,15 @@ class Eraser:
         old_theta, old_n = self.theta, self.n
         state = finish_update(self._fm, theta, inplace=inplace, what="the erasure")
         self.theta, self.n = theta, self.n - k
-        health = self.inv_fisher.health(what=f"request {request_id or len(self.history) + 1}")
+        health = self.inv_fisher.health(what=f"request {request_id or len(self.history) + 1}",
+                                        warn=not keep)
+        if keep and health is not None and not health.ok:
+            # a ledger line says the request was served by a sound inverse: never record one
+            # served by an inverse that fails its probe
+            self._undo(rows, old_theta, old_n, inplace)
+            raise ssse_ext.HealthError(
+                f"inv_fisher fails its health probe after request {request_id!r} ({health}): "
+                "the request was undone and not recorded; refit the inverse")
         if ids is not None:
             entry = record(request_id, ids, method="newton" if epsilon is None else "ssse",
                            epsilon=epsilon, fisher=None if epsilon is None else fisher,

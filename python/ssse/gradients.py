@@ -28,10 +28,13 @@ from ssse_ext.validation import (check_callable, check_choice, check_data, check
                                  check_dtype, check_int, check_module, check_nonneg_float,
                                  check_nonneg_int, check_positive_float, check_positive_int,
                                  is_pair)
+from ssse_ext.budget import AVAILABLE_MEMORY_ENV, available_memory, check_memory, format_bytes
+from ssse_ext.dual import dual_nbytes
+from ssse_ext.fisher import build_peak_bytes
 
 from ._faults import crash_point
-from ._utils import (BATCH_SIZE, FlatModel, available_memory, data_size, iter_batches,
-                     per_sample_losses, rebatch, warn_if_training)
+from ._utils import (BATCH_SIZE, FlatModel, data_size, iter_batches, per_sample_losses,
+                     rebatch, warn_if_training)
 from .curvature import CURVATURES, LIKELIHOODS, ggn_rows, outputs_2d, sample_labels
 
 __all__ = ["per_sample_grads", "fit_inverse_fisher", "gradient_sum", "hessian_vector_products",
@@ -95,11 +98,29 @@ def _row_bytes(fm: FlatModel, params: dict, frozen: dict, x: torch.Tensor, minib
     return elem * (_ROW_COPIES * fm.dim + _ACTIVATION_COPIES * minibatch * acts)
 
 
-def _fit_bytes(layout: ssse_ext.BlockLayout, dtype: torch.dtype, representation: str,
-               rows: int | None) -> tuple[int, int]:
-    """Estimated bytes of a fit's result and of its accumulators: dense blocks hold a float64
-    Gram matrix and then the inverse; dual blocks their rows and a float64 kernel factor (with
-    ``rows`` known, at least one per sample)."""
+def _rows_per_sample(fm: FlatModel, data, dtype: torch.dtype, curvature: str,
+                     mc_samples: int) -> int | None:
+    """Rows each sample gives the curvature, known before the data is read (``None`` for the
+    Gauss–Newton rows of a one-shot iterable: their number is the model's outputs)."""
+    if curvature == "mc":
+        return mc_samples
+    if curvature != "ggn":
+        return 1
+    first = data if is_pair(data) else (data[0] if isinstance(data, (list, tuple)) and data
+                                        else None)
+    if first is None or not is_pair(first):
+        return None
+    for x, _ in iter_batches((first[0][:1], first[1][:1]), "data", device=fm.device,
+                             dtype=dtype):
+        if x.shape[0]:
+            params = fm.param_dict(dtype)
+            return outputs_2d(fm, params, fm.frozen_dict(dtype), x).shape[1]
+    return None
+
+
+def _result_bytes(layout: ssse_ext.BlockLayout, dtype: torch.dtype, rows: int | None,
+                  representation: str) -> int:
+    """Bytes of a fit's result: dense blocks, and dual blocks' rows and float64 factors."""
     elem = torch.finfo(dtype).bits // 8
     if representation == "dense" or rows is None:
         dual = [False] * layout.num_blocks
@@ -107,14 +128,58 @@ def _fit_bytes(layout: ssse_ext.BlockLayout, dtype: torch.dtype, representation:
         dual = [True] * layout.num_blocks
     else:
         dual = ssse_ext.choose_representation(layout.sizes, rows, dtype)
-    result = work = 0
-    for s, low in zip(layout.sizes, dual):
-        if low:
-            result += ssse_ext.dual.dual_nbytes(s, rows, dtype)
-        else:
-            result += s * s * elem
-            work += s * s * 8
-    return result, work
+    return sum(dual_nbytes(s, rows, dtype) if low else s * s * elem
+               for s, low in zip(layout.sizes, dual))
+
+
+def _check_fit_memory(fm: FlatModel, lay: ssse_ext.BlockLayout, *, dtype: torch.dtype, device,
+                      rows: int | None, per_sample: int, representation: str,
+                      probe_vectors: int, chunk_size: int | None, max_memory: int | None,
+                      checkpoint: bool) -> int:
+    """Refuses a fit whose peak does not fit before anything is computed; returns the bytes
+    of the inverse's build (:func:`ssse_ext.fisher.build_peak_bytes`) on ``device``.
+
+    The gradient chunks come on top, on the model's device (and a copy on ``device``): one row
+    per sample at least, ``chunk_size`` samples when given, else up to ``max_memory``."""
+    elem = torch.finfo(dtype).bits // 8
+    build = build_peak_bytes(lay, dtype, rows=rows, representation=representation,
+                             device=device, probe_vectors=probe_vectors)
+    row = _ROW_COPIES * fm.dim * elem * per_sample
+    if chunk_size is not None:
+        chunk = chunk_size * row
+    elif max_memory is not None:
+        chunk = max(row, min(max_memory, MAX_CHUNK_ROWS * row))
+    else:
+        chunk = row  # the default plan sizes the chunks to what the build leaves
+    remedies = []
+    if representation == "dense" and rows is not None:
+        auto = build_peak_bytes(lay, dtype, rows=rows, representation="auto", device=device,
+                                probe_vectors=probe_vectors)
+        if auto < build:
+            where = "without checkpoint= (a resumable fit keeps dense blocks) and " \
+                if checkpoint else ""
+            remedies.append(f'fit {where}with representation="auto" (exact as well: about '
+                            f"{format_bytes(auto)} for the inverse here)")
+    elif representation == "auto" and rows is None:
+        remedies.append("pass the data as an (X, y) pair or a list of batches, whose size "
+                        'is known, so that representation="auto" can store blocks in the '
+                        "low-rank form")
+    remedies.append(f"pass a smaller block_size or layout (the largest block has "
+                    f"{lay.max_block_size} parameters)")
+    if chunk_size is not None or max_memory is not None:
+        remedies.append(f"pass a smaller chunk_size= or max_memory= (the gradient chunks take "
+                        f"about {format_bytes(chunk)})")
+    remedies.append(f"set {AVAILABLE_MEMORY_ENV}=<bytes> if more memory may be used than is "
+                    f"free now")
+    # the chunks are made on the model's device, then held (or copied) on the inverse's
+    check_memory("fit_inverse_fisher", build + chunk, device,
+                 detail=f"the inverse, its float64 accumulators and scratch "
+                        f"{format_bytes(build)}; gradient chunks {format_bytes(chunk)}",
+                 remedies=remedies)
+    if torch.device(device) != fm.device:
+        check_memory("fit_inverse_fisher", chunk, fm.device, detail="the gradient chunks",
+                     remedies=remedies)
+    return build
 
 
 def request_budget(inverse_bytes: int, device, max_memory: int | None = None) -> int:
@@ -186,6 +251,26 @@ def _group_grads(fm: FlatModel, loss_fn, params: dict, frozen: dict, x: torch.Te
     return torch.cat(rows) if len(rows) > 1 else rows[0]
 
 
+def _chunks(batches, size: int, cut_every: int | None, cut_start: int):
+    """:func:`~ssse._utils.rebatch` into ``size`` rows, also cut wherever ``cut_start`` plus the
+    samples so far is a multiple of ``cut_every``."""
+    if cut_every is None:
+        yield from rebatch(batches, size)
+        return
+
+    def pieces():
+        pos = cut_start
+        for x, y in batches:
+            i = 0
+            while i < x.shape[0]:
+                take = min(x.shape[0] - i, cut_every - pos % cut_every)
+                yield pos // cut_every, (x[i:i + take], y[i:i + take])
+                i, pos = i + take, pos + take
+
+    for _, segment in itertools.groupby(pieces(), key=lambda piece: piece[0]):
+        yield from rebatch((batch for _, batch in segment), size)
+
+
 def _vmap_cannot_batch(exc: RuntimeError) -> bool:
     text = str(exc).lower()
     if "out of memory" in text or "can't allocate memory" in text:
@@ -211,7 +296,8 @@ def _grad_stream(fm: FlatModel, loss_fn, data, name: str, *, weight_decay: float
                  params: dict | None = None, max_memory: int | None = None,
                  curvature: str = "empirical", likelihood: str = "categorical",
                  mc_samples: int = 1, seed: int = 0, info: dict | None = None,
-                 generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+                 generator: torch.Generator | None = None, cut_every: int | None = None,
+                 cut_start: int = 0) -> Iterator[torch.Tensor]:
     """The validated rows of ``curvature`` (:mod:`ssse.curvature`) for the samples of
     ``data`` at ``params``: per-sample (or per-group) gradients for ``"empirical"``; ``c``
     Gauss–Newton rows, or ``mc_samples`` sampled-label gradients, per sample otherwise. Each
@@ -219,7 +305,9 @@ def _grad_stream(fm: FlatModel, loss_fn, data, name: str, *, weight_decay: float
     the memory available now). ``info["rows_per_sample"]`` receives the rows per sample and
     ``info["chunk_size"]`` the samples per chunk (groups with ``minibatch > 1``) and
     ``info["samples"]`` the samples read so far;
-    ``generator`` draws the Monte-Carlo labels (default: a new one seeded with ``seed``)."""
+    ``generator`` draws the Monte-Carlo labels (default: a new one seeded with ``seed``). With
+    ``cut_every``, no chunk spans a multiple of ``cut_every`` samples (the stream's first sample
+    being sample ``cut_start``)."""
     params = fm.param_dict(dtype) if params is None else params
     frozen = fm.frozen_dict(dtype)
     theta = torch.cat([params[k].reshape(-1) for k in fm.names])
@@ -239,12 +327,17 @@ def _grad_stream(fm: FlatModel, loss_fn, data, name: str, *, weight_decay: float
             max_memory = int(_MEMORY_SHARE * available_memory(fm.device))
         per_row = _row_bytes(fm, params, frozen, first[0], minibatch, dtype)
         chunk_size = _plan_chunk_rows(per_row * per_sample, max_memory)
+        if curvature == "mc" and per_row * per_sample > max_memory:  # a chunk is one sample
+            raise ValueError(f"mc_samples (--mc-samples) {mc_samples}: one sample's sampled-"
+                             f"label gradients take about {per_row * per_sample:,} bytes, more "
+                             f"than the {max_memory:,} bytes a chunk may use; draw fewer")
     if info is not None:
         info["chunk_size"] = chunk_size
     if curvature == "mc" and generator is None:
         generator = torch.Generator(device=fm.device).manual_seed(seed)
     state: dict = {}
-    for x, y in rebatch(itertools.chain([first], batches), chunk_size * minibatch):
+    for x, y in _chunks(itertools.chain([first], batches), chunk_size * minibatch, cut_every,
+                        cut_start):
         if info is not None:
             info["samples"] = info.get("samples", 0) + x.shape[0]
         if curvature == "ggn":
@@ -393,6 +486,13 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
             2.5 times the inverse, and at most 80 % of the memory available now on the model's
             device (``mem_get_info`` on CUDA, available RAM on the CPU) after those. A larger
             budget gives larger chunks, which run faster.
+
+            Before any gradient is computed, the fit's peak (the build's, as
+            :func:`ssse_ext.fisher.build_peak_bytes` estimates it, plus the chunks) is compared
+            with what the device has free (:func:`ssse_ext.budget.available_memory`; the
+            environment variable ``SSSE_AVAILABLE_MEMORY`` sets that figure in bytes): a fit
+            that does not fit is refused with :class:`ssse_ext.errors.InsufficientMemoryError`
+            (a ``MemoryError``) naming both byte counts and what would make it fit.
         curvature: ``"empirical"``, ``"ggn"`` or ``"mc"`` (see above).
         likelihood: the output distribution for ``"ggn"`` and ``"mc"``: ``"categorical"``
             (softmax logits) or ``"bernoulli"`` (independent sigmoid logits).
@@ -414,8 +514,11 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
             checkpoint when chunks are small. A resumable fit keeps dense blocks
             (``representation="auto"`` means ``"dense"`` with a checkpoint; ``"dual"`` is
             refused).
-        every: samples between checkpoints (rounded up to whole chunks); default: whenever 5
-            minutes have passed since the last one.
+        every: samples between checkpoints, a multiple of ``minibatch``: the gradient chunks
+            are cut there, so a checkpoint falls on every multiple of it; default: at the end
+            of the first chunk after 5 minutes since the last one. A fit resumes only with the
+            ``every`` and the number of torch threads it was started with (both change the
+            result's last bits).
         probe_vectors: random vectors per block of the health probe
             (:meth:`ssse_ext.BlockInverseFisher.health`, 0: none). The fit checks the result
             with it and warns (:class:`ssse_ext.health.HealthWarning`) above the dtype's
@@ -438,6 +541,9 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     seed = check_int(seed, "seed")
     probe_vectors = check_nonneg_int(probe_vectors, "probe_vectors")
     every = check_positive_int(every, "every", allow_none=True)
+    if every is not None and every % minibatch:
+        raise ValueError(f"every ({every}) must be a multiple of minibatch ({minibatch}): a "
+                         "checkpoint cannot split a mini-batch")
     if checkpoint is not None:
         if not isinstance(checkpoint, (str, os.PathLike)):
             raise TypeError(f"checkpoint must be a file path, got {type(checkpoint).__name__}")
@@ -464,9 +570,15 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     max_memory = check_positive_int(max_memory, "max_memory", allow_none=True)
     n = data_size(data)
     total = None if n is None else math.ceil(n / minibatch)
+    per_sample = _rows_per_sample(fm, data, dtype, curvature, mc_samples)
+    rows = None if total is None or per_sample is None else total * per_sample
+    build = _check_fit_memory(fm, lay, dtype=dtype, device=device, rows=rows,
+                              per_sample=per_sample or 1, representation=representation,
+                              probe_vectors=probe_vectors, chunk_size=chunk_size,
+                              max_memory=max_memory, checkpoint=checkpoint is not None)
     if chunk_size is None and max_memory is None:
-        result, work = _fit_bytes(lay, dtype, representation, total)
-        fixed = result + work if device == fm.device else 0
+        result = _result_bytes(lay, dtype, rows, representation)
+        fixed = build if device == fm.device else 0
         free = int(_MEMORY_SHARE * (available_memory(fm.device) - fixed))
         max_memory = max(1, min(free, max(int(_CHUNK_SHARE_OF_INVERSE * result),
                                           _MIN_CHUNK_BYTES)))
@@ -482,6 +594,9 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
                         "device": device.type, "probe_vectors": probe_vectors, **stream_args}
             settings["dtype"] = str(dtype).removeprefix("torch.")
             del settings["max_memory"]
+            # the chunks are cut at the checkpoints, and torch's reductions split their sums
+            # by thread: either one changes the last bits of the result
+            settings.update(every=every, threads=torch.get_num_threads())
             inv = _fit_resumable(fm, loss_fn, data, lay, device=device, chunk_size=chunk_size,
                                  stream_args=stream_args, settings=settings,
                                  path=Path(checkpoint), every=every, bar=bar,
@@ -565,6 +680,16 @@ def _fit_resumable(fm: FlatModel, loss_fn, data, lay: ssse_ext.BlockLayout, *, d
         for key in sorted(set(ident) | set(saved)):
             if key == "samples" and None in (saved.get(key), ident.get(key)):
                 continue  # an iterable of batches does not tell its size
+            if key == "threads" and key in saved and saved[key] != ident[key]:
+                raise ValueError(f"checkpoint {path} was made with {saved.get(key)} threads, "
+                                 f"this process has {ident.get(key)}: the sums would split "
+                                 f"otherwise and change the result; resume with "
+                                 f"torch.set_num_threads({saved.get(key)}) (ssse --threads "
+                                 f"{saved.get(key)}), or delete it")
+            if key == "every" and key in saved and saved[key] != ident[key]:
+                raise ValueError(f"checkpoint {path} was made with every={saved.get(key)} "
+                                 f"(--every), got {ident.get(key)}: the chunks are cut at the "
+                                 f"checkpoints; resume with the same, or delete it")
             if saved.get(key) != ident.get(key):
                 what = "the model's parameters or buffers" if key == "model" else \
                     f"{key} ({saved.get(key)!r} there, {ident.get(key)!r} here)"
@@ -595,7 +720,7 @@ def _fit_resumable(fm: FlatModel, loss_fn, data, lay: ssse_ext.BlockLayout, *, d
         info: dict = {}
         stream = _grad_stream(fm, loss_fn, _skip_samples(data, cursor), "data",
                               chunk_size=chunk_size, info=info, generator=generator,
-                              **stream_args)
+                              cut_every=every, cut_start=cursor, **stream_args)
         start = saved_at = cursor
         saved_time = time.monotonic()
         for rows in stream:
@@ -603,7 +728,7 @@ def _fit_resumable(fm: FlatModel, loss_fn, data, lay: ssse_ext.BlockLayout, *, d
             chunk_size, per_sample = info["chunk_size"], info["rows_per_sample"]
             cursor = start + info["samples"]
             bar.update(rows.shape[0] // per_sample)
-            due = cursor - saved_at >= every if every is not None else \
+            due = cursor // every > saved_at // every if every is not None else \
                 time.monotonic() - saved_time >= CHECKPOINT_SECONDS
             if due:
                 save(False)

@@ -228,6 +228,12 @@ def _is_number(v) -> bool:
         abs(v) != float("inf")
 
 
+#: What a model file's ``dtype`` may say: its floating tensors' dtype ("mixed": several, or
+#: none), as :func:`save_model` writes it.
+_MODEL_DTYPES = ("float16", "bfloat16", "float32", "float64", "mixed")
+#: What an inverse's ``state.dtype`` may say: the dtypes the kernels compute in.
+_INVERSE_DTYPES = ("float32", "float64")
+
 #: Header fields that ssse reads back, with what they must hold (an edited header is refused
 #: with the file's name rather than failing later, far from it).
 _HEADER_FIELDS = {
@@ -242,7 +248,18 @@ _HEADER_FIELDS = {
                all(_is_int(i) and i >= 0 for i in v)),
     "data": ("an object", lambda v: isinstance(v, dict)),
     "recipe": ("an object", lambda v: isinstance(v, dict)),
+    "dtype": ("one of " + ", ".join(_MODEL_DTYPES), lambda v: v in _MODEL_DTYPES),
+    "state": ("an object", lambda v: isinstance(v, dict)),
+    "origin": ("a fingerprint \"sha256:<64 hex digits>\"",
+               lambda v: isinstance(v, str) and _is_sha256(v.removeprefix("sha256:"))
+               and v.startswith("sha256:")),
+    "ledger_entry": ("a SHA-256 hex string", lambda v: _is_sha256(v)),
+    "ledger_request": ("a non-empty string", lambda v: isinstance(v, str) and v.strip() != ""),
 }
+
+
+def _is_sha256(v) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
 
 
 def _check_header(path, meta: dict) -> None:
@@ -250,6 +267,23 @@ def _check_header(path, meta: dict) -> None:
         if key in meta and not ok(meta[key]):
             raise FileFormatError(f"{path}: header field {key!r} must be {what}, got "
                                   f"{meta[key]!r}")
+    state_dtype = meta.get("state", {}).get("dtype", "float64")
+    if state_dtype not in _INVERSE_DTYPES:
+        raise FileFormatError(f"{path}: header field 'state.dtype' must be one of "
+                              f"{', '.join(_INVERSE_DTYPES)}, got {state_dtype!r}")
+    # counts that must agree with the training set they describe (a group, a remainder or an
+    # index larger than it would be accepted and then misused far from the file)
+    n = meta.get("n_train")
+    if n is None:
+        return
+    for key in ("minibatch", "n_remaining"):
+        if key in meta and meta[key] > n:
+            raise FileFormatError(f"{path}: header field {key!r} must be at most n_train "
+                                  f"({n}), got {meta[key]!r}")
+    beyond = [i for i in meta.get("erased", ()) if i >= n]
+    if beyond:
+        raise FileFormatError(f"{path}: header field 'erased' must hold indices below n_train "
+                              f"({n}), got {beyond[:5]}")
 
 
 def _load(path, expected: str, device=None, prefix: str = "") -> tuple[dict[str, torch.Tensor],
@@ -303,8 +337,13 @@ def load_model(path: str | os.PathLike, *, device=None,
     if want != have:
         raise FileFormatError(f"{path} does not match its spec {meta['spec']}: expected "
                               f"tensors {want}, the file holds {have}")
+    floats = {str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()}
+    held = floats.pop() if len(floats) == 1 else "mixed"
+    if meta.get("dtype", held) != held:  # the parameters would be cast to what it says
+        raise FileFormatError(f"{path}: header field 'dtype' says {meta['dtype']!r}, the file "
+                              f"holds {held} tensors")
     model = build_model(meta["spec"])
-    saved = getattr(torch, meta.get("dtype", "float32"), torch.float32)
+    saved = getattr(torch, held, torch.float32)
     model = model.to(dtype=saved if isinstance(saved, torch.dtype) else torch.float32)
     try:
         model.load_state_dict(state, strict=True)
@@ -357,7 +396,14 @@ def load_inverse_fisher(path: str | os.PathLike, *, device=None,
                         dtype: torch.dtype | None = None
                         ) -> tuple[ssse_ext.BlockInverseFisher, dict]:
     """Loads an inverse Fisher written by :func:`save_inverse_fisher`; returns
-    ``(inverse, metadata)``."""
+    ``(inverse, metadata)``. The memory it needs is checked from the header before any tensor
+    is read (:class:`ssse_ext.InsufficientMemoryError`)."""
+    state = read_metadata(path)[1].get("state")
+    if isinstance(state, dict):
+        try:
+            ssse_ext.BlockInverseFisher.check_load_memory(state, device=device, dtype=dtype)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise FileFormatError(f"{path}: {exc}") from None
     tensors, meta = _load(path, FISHER_FORMAT)
     try:
         inv = ssse_ext.BlockInverseFisher.from_state(tensors, meta["state"])

@@ -3,10 +3,10 @@ crash rule of a served model (the ledger, the model file and the inverse file).
 
 One line per request served (:func:`record`), never rewritten::
 
-    {"ledger": 1, "request": "r-17", "time": "2026-01-05T10:00:00+00:00", "k": 5,
-     "ids_sha256": "...", "id_digests": ["3f1c...", ...], "method": "ssse", "epsilon": 0.5,
-     "fisher": "full", "curvature": "empirical", "refine_steps": 0, "n_before": 300,
-     "n_after": 295, "model_before": "sha256:...", "model_after": "sha256:...",
+    {"ledger": 2, "prev": "9c1e...", "request": "r-17", "time": "2026-01-05T10:00:00+00:00",
+     "k": 5, "ids_sha256": "...", "id_digests": ["3f1c...", ...], "method": "ssse",
+     "epsilon": 0.5, "fisher": "full", "curvature": "empirical", "refine_steps": 0,
+     "n_before": 300, "n_after": 295, "model_before": "sha256:...", "model_after": "sha256:...",
      "inverse_before": "sha256:...", "inverse_after": "sha256:...",
      "health": {"residual": 2e-08, "block": 3, "tolerance": 0.00035, "vectors": 3}}
 
@@ -15,19 +15,32 @@ Sample ids are not stored in clear: ``ids_sha256`` hashes the sorted ids of the 
 Fingerprints are :func:`ssse.io.fingerprint` of the model's ``state_dict`` and of the inverse's
 tensors (its blocks and health probe).
 
+**The chain.** ``prev`` is the SHA-256 (hex) of the previous line's bytes without its newline
+(:func:`entry_digest`); the first line's is :data:`GENESIS`. Every read verifies the chain and
+refuses (:class:`LedgerError`, naming the line) a ledger with a line removed, inserted,
+duplicated, reordered or edited before its last line. The last line has no successor to vouch
+for it: the files a ledger serves record the digest of the line that produced them
+(``ledger_entry`` in their headers; :func:`check_served`), so a ledger cut short, emptied, or
+edited at its end is refused too. Lines of version 1 (written before the chain) carry no
+``prev``; they are read as a prefix only, and the first chained line after them holds the
+SHA-256 of all their bytes instead of :data:`GENESIS`, which covers them from then on.
+
 **Crash rule** (:func:`commit`, :func:`recover`). A request writes, in this order: the new
 inverse and the new model to *pending* files next to the live ones (each atomically), then its
 ledger line (``fsync``: the commit point), then renames each pending file onto the live one.
-A crash anywhere leaves a state that the next run (:func:`recover`, under the ledger's lock)
-settles before doing anything else: without the ledger line, the request never happened
-(its pending files are deleted: rolled back); with it, the request is completed (the pending
-files whose fingerprint is the line's ``*_after`` replace the live files: rolled forward). A
-torn last line (a crash while appending it) counts as absent and is cut off.
+A crash anywhere leaves a state that the next run (:func:`recover`, under the locks of the
+ledger and of the files it serves) settles before doing anything else: without the ledger
+line, the request never happened (its pending files are deleted: rolled back); with it, the
+request is completed (the pending files whose fingerprint is the line's ``*_after`` replace the
+live files: rolled forward). A last line that does not parse (a crash while appending it) is
+torn: it counts as absent and is cut off. A last line that parses and fits the chain is
+complete, newline or not.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -38,15 +51,23 @@ from typing import Callable, Iterator, Sequence
 from ._faults import crash_point
 from .io import FileFormatError, _fsync_dir, read_metadata
 
-__all__ = ["LEDGER_VERSION", "Ledger", "LedgerBusyError", "check_ids", "commit", "id_digests",
-           "ids_sha256", "pending_path", "record", "recover"]
+__all__ = ["GENESIS", "LEDGER_VERSION", "Ledger", "LedgerBusyError", "LedgerError",
+           "LedgerState", "check_ids", "check_served", "commit", "entry_digest", "id_digests",
+           "ids_sha256", "lock_file", "pending_path", "record", "recover"]
 
-#: Version of the ledger's line format.
-LEDGER_VERSION = 1
+#: Version of the ledger's line format (2: chained by ``prev``; 1: unchained, read only).
+LEDGER_VERSION = 2
+#: ``prev`` of a ledger's first line.
+GENESIS = "0" * 64
 
 
 class LedgerBusyError(RuntimeError):
-    """Another process holds the ledger's lock."""
+    """Another process holds the lock of the ledger, or of a file it serves."""
+
+
+class LedgerError(ValueError):
+    """The ledger is broken (its chain does not hold), or does not describe the files it is
+    said to serve."""
 
 
 # ---- ids ------------------------------------------------------------------------------------
@@ -103,13 +124,116 @@ def record(request_id: str, ids, *, method: str, epsilon: float | None, fisher: 
             "health": health}
 
 
+# ---- locks ----------------------------------------------------------------------------------
+
+def _lock_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.ssse-lock")
+
+
+@contextlib.contextmanager
+def lock_file(path: str | os.PathLike, what: str = "the file") -> Iterator[Path]:
+    """Holds an exclusive lock on ``path`` (yields it with symbolic links resolved), or raises
+    :class:`LedgerBusyError` at once when another process holds it (``what`` names the file in
+    that message).
+
+    The lock is taken on a lock file beside the file (``.NAME.ssse-lock``), not on the file
+    itself: served files are replaced by renames, which would leave a lock on the version they
+    replace, and a ledger must not exist before its first request. The lock file, and any
+    folder created for it, are removed on release."""
+    import fcntl
+
+    path = Path(path).resolve()
+    lock = _lock_path(path)
+    created = []
+    folder = path.parent
+    while not folder.exists():
+        created.append(folder)
+        folder = folder.parent
+    for folder in reversed(created):
+        folder.mkdir(exist_ok=True)
+    fd = None
+    try:
+        while fd is None:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                fd = None
+                raise LedgerBusyError(f"{what} {path} is in use by another process (a request "
+                                      "or a recovery on it); try again when it is done") from None
+            # a holder unlinks the lock file before it unlocks: a lock on a file opened before
+            # that is no lock at all
+            try:
+                current = os.stat(lock)
+            except FileNotFoundError:
+                current = None
+            if current is None or not os.path.samestat(os.fstat(fd), current):
+                os.close(fd)
+                fd = None
+        yield path
+    finally:
+        if fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: the request wrote there
+                break
+
+
 # ---- the ledger file ------------------------------------------------------------------------
 
+def _encode(entry: dict) -> bytes:
+    return json.dumps(entry, sort_keys=False).encode()
+
+
+def entry_digest(entry: dict) -> str:
+    """The SHA-256 (hex) of the line that records ``entry``: the next line's ``prev``."""
+    return hashlib.sha256(_encode(entry)).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class LedgerState:
+    """What a verified read of a ledger found (:meth:`Ledger.verify`).
+
+    Attributes:
+        path: the ledger.
+        exists: whether the file exists.
+        entries: the complete lines, in order.
+        digests: the SHA-256 of each of those lines (without its newline).
+        length: the bytes those lines take.
+        torn: whether a torn last line follows them (a crash while appending).
+        terminated: whether the last complete line ends with its newline.
+        unchained: how many leading lines are of version 1 (no chain).
+        next_prev: the ``prev`` of the next line.
+    """
+
+    path: Path
+    exists: bool
+    entries: list
+    digests: list
+    length: int
+    torn: bool
+    terminated: bool
+    unchained: int
+    next_prev: str
+
+    @property
+    def last(self) -> dict | None:
+        return self.entries[-1] if self.entries else None
+
+
 class Ledger:
-    """An append-only JSON-lines file of served requests (one line each).
+    """An append-only JSON-lines file of served requests (one line each), chained by the
+    SHA-256 of each line (see the module docstring).
 
     Args:
-        path: the file (created on the first request; its folder must exist or be creatable).
+        path: the file (created when the first request is appended; its folder must exist or
+            be creatable).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -119,41 +243,89 @@ class Ledger:
         if self.path.is_dir():
             raise ValueError(f"the ledger {self.path} is a directory, expected a file")
 
-    def _read(self) -> tuple[list[dict], int, bool]:
-        """The complete entries, the byte length they take, and whether a torn line follows."""
+    def _broken(self, line: int, why: str) -> LedgerError:
+        return LedgerError(f"the ledger {self.path} is broken at line {line}: {why}; a ledger is "
+                           "append-only: restore it from a copy")
+
+    def verify(self) -> LedgerState:
+        """Reads the ledger and verifies its chain; :class:`LedgerError` (naming the line) for
+        a broken one. A missing file is an empty ledger."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
-            return [], 0, False
-        entries, pos = [], 0
+            return LedgerState(self.path, False, [], [], 0, False, True, 0, GENESIS)
+        entries, digests, seen = [], [], {}
+        chained, unchained, pos, terminated, torn = False, 0, 0, True, False
         while pos < len(data):
             end = data.find(b"\n", pos)
-            if end < 0:
-                return entries, pos, True  # a line without its newline: cut short
+            last = end < 0
+            raw = data[pos:] if last else data[pos:end]
+            n = len(entries) + 1
             try:
-                entry = json.loads(data[pos:end])
+                entry = json.loads(raw)
             except ValueError:
-                raise ValueError(f"the ledger {self.path} is corrupt at byte {pos} (not a JSON "
-                                 "line); it is append-only: restore it from a copy") from None
-            if not isinstance(entry, dict) or "request" not in entry:
-                raise ValueError(f"the ledger {self.path} is corrupt at byte {pos} (not a "
-                                 "request)")
+                if last:  # cut short by a crash while it was appended
+                    torn = True
+                    break
+                raise self._broken(n, "not a JSON line") from None
+            if not isinstance(entry, dict) or not isinstance(entry.get("request"), str):
+                raise self._broken(n, "not a request")
+            version = entry.get("ledger", 1)
+            if isinstance(version, int) and version > LEDGER_VERSION:
+                raise self._broken(n, f"it is of ledger version {version}; this ssse reads up "
+                                      f"to {LEDGER_VERSION}")
+            if "prev" in entry:
+                if chained:
+                    want = digests[-1]
+                elif entries:  # the first chained line after unchained ones covers them all
+                    want = hashlib.sha256(data[:pos]).hexdigest()
+                else:
+                    want = GENESIS
+                if entry["prev"] != want:
+                    after = f"line {n - 1}" if entries else "the start of a ledger"
+                    raise self._broken(n, f"it does not follow {after} (its chain hash "
+                                          "differs): a line was removed, inserted, duplicated, "
+                                          "reordered or edited")
+                chained = True
+            elif chained or version != 1:
+                raise self._broken(n, "it has no chain hash (prev)")
+            else:
+                unchained += 1
+            request = entry["request"]
+            if request in seen:
+                raise self._broken(n, f"request {request!r} again (first at line "
+                                      f"{seen[request]})")
+            seen[request] = n
             entries.append(entry)
-            pos = end + 1
-        return entries, pos, False
+            digests.append(hashlib.sha256(raw).hexdigest())
+            terminated = not last
+            pos = len(data) if last else end + 1
+        if chained:
+            next_prev = digests[-1]
+        elif entries:
+            next_prev = hashlib.sha256(data[:pos] + (b"" if terminated else b"\n")).hexdigest()
+        else:
+            next_prev = GENESIS
+        return LedgerState(self.path, True, entries, digests, pos, torn, terminated, unchained,
+                           next_prev)
 
     def entries(self) -> list[dict]:
         """Every complete line, in order (a torn last line is ignored; see :meth:`repair`)."""
-        return self._read()[0]
+        return self.verify().entries
+
+    def head(self) -> str | None:
+        """The digest of the last line (``None``: no line yet)."""
+        digests = self.verify().digests
+        return digests[-1] if digests else None
 
     def repair(self) -> bool:
         """Cuts off a torn last line (a crash while appending); whether there was one."""
-        _, length, torn = self._read()
-        if torn:
+        state = self.verify()
+        if state.torn:
             with open(self.path, "r+b") as f:
-                f.truncate(length)
+                f.truncate(state.length)
                 os.fsync(f.fileno())
-        return torn
+        return state.torn
 
     def requests(self) -> set[str]:
         return {e["request"] for e in self.entries()}
@@ -176,38 +348,90 @@ class Ledger:
                              f"{self.path} records them), e.g. {again[:5]}: refused, nothing "
                              "was changed")
 
-    def append(self, entry: dict) -> None:
-        """Appends one line and makes it durable (``fsync``, and the folder's on creation)."""
-        line = (json.dumps(entry, sort_keys=False) + "\n").encode()
-        new = not self.path.exists()
+    def seal(self, entry: dict) -> dict:
+        """``entry`` as the next line of this ledger: a copy with this format's version and its
+        ``prev``, so that its :func:`entry_digest` is known before it is appended (the files a
+        request writes record it). Call under :meth:`lock`, and append nothing else before it."""
+        return self._seal(entry, self.verify())
+
+    @staticmethod
+    def _seal(entry: dict, state: LedgerState) -> dict:
+        rest = {k: v for k, v in entry.items() if k not in ("ledger", "prev")}
+        return {"ledger": LEDGER_VERSION, "prev": state.next_prev, **rest}
+
+    def append(self, entry: dict) -> str:
+        """Appends one line and makes it durable (``fsync``, and the folder's on creation);
+        returns its digest. ``entry`` is sealed (:meth:`seal`) unless it was; a sealed entry
+        that no longer follows the ledger's end is refused (:class:`LedgerError`). A torn last
+        line is cut off first. Call under :meth:`lock` when other processes may append."""
+        state = self.verify()
+        if "prev" not in entry:
+            entry = self._seal(entry, state)
+        elif entry["prev"] != state.next_prev:
+            raise LedgerError(f"the ledger {self.path} changed since the request was prepared "
+                              "(it no longer ends with the line the request follows): nothing "
+                              "was appended")
+        line = _encode(entry)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "ab") as f:
-            f.write(line)
+            if state.torn:
+                f.truncate(state.length)
+            f.write((b"" if state.terminated else b"\n") + line + b"\n")
             f.flush()
             os.fsync(f.fileno())
-        if new:
+        if not state.exists:
             _fsync_dir(self.path.parent)
+        return hashlib.sha256(line).hexdigest()
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator["Ledger"]:
-        """Holds an exclusive lock on the ledger (``LedgerBusyError`` when another process holds
-        it): one request at a time, recovery included."""
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "ab") as f:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise LedgerBusyError(f"the ledger {self.path} is in use by another process; "
-                                      "try again when it is done") from None
-            try:
-                yield self
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    def lock(self) -> contextlib.AbstractContextManager:
+        """Holds an exclusive lock on the ledger (:func:`lock_file`; ``LedgerBusyError`` when
+        another process holds it): one request at a time, recovery included. Creates no
+        ledger."""
+        return lock_file(self.path, "the ledger")
 
     def __repr__(self) -> str:
         return f"Ledger({str(self.path)!r})"
+
+
+def check_served(state: LedgerState, what: str, path: str | os.PathLike, meta: dict,
+                 fingerprint: str | None = None) -> None:
+    """Refuses (:class:`LedgerError`) a file served with the ledger ``state`` whose header
+    ``meta`` does not record the ledger's last line (``ledger_entry``, its digest; for files
+    written before the chain, ``ledger_request``), saying whether the file is ahead of the
+    ledger or behind it; and, when ``fingerprint`` (of the file's tensors) is given, one that is
+    not what that line left (``{what}_after``). ``what``: ``"model"`` or ``"inverse"``."""
+    digest, request = meta.get("ledger_entry"), meta.get("ledger_request")
+    entries, where = state.entries, state.path
+    if not entries:
+        if digest is None and request is None:
+            return
+        empty = "is empty" if state.exists else "does not exist"
+        raise LedgerError(f"{path} records request {request!r} of a ledger, but the ledger "
+                          f"{where} {empty}: the {what} is ahead of the ledger (give the ledger "
+                          "that served it, or restore that ledger from a copy)")
+    last, n = entries[-1], len(entries)
+    tail = f"the ledger {where} ends with request {last['request']!r} (line {n})"
+    if digest is None and request is None:
+        raise LedgerError(f"{path} records no request, but {tail}: the {what} is behind the "
+                          f"ledger (an older copy, or not the {what} this ledger serves)")
+    if digest is not None:
+        at = [i for i, d in enumerate(state.digests) if d == digest]
+    else:
+        at = [i for i, e in enumerate(entries) if e["request"] == request]
+    if not at:
+        if request == last["request"]:
+            raise LedgerError(f"{path} records request {request!r}, but line {n} of the ledger "
+                              f"{where}, which records it, is not the line {path} was written "
+                              "with: the ledger was edited at its end")
+        raise LedgerError(f"{path} records request {request!r}, which the ledger does not hold "
+                          f"({tail}): the {what} is ahead of the ledger, or was served with "
+                          "another ledger")
+    if at[-1] != n - 1:
+        raise LedgerError(f"{path} records request {request!r} (line {at[-1] + 1}), but {tail}: "
+                          f"the {what} is behind the ledger (an older copy)")
+    if fingerprint is not None and fingerprint != last.get(f"{what}_after"):
+        raise LedgerError(f"{path} is not the {what} the ledger's last request "
+                          f"({last['request']!r}) left: it was changed outside the ledger")
 
 
 # ---- the crash rule -------------------------------------------------------------------------
@@ -229,8 +453,10 @@ def _file_fingerprint(path: Path) -> str | None:
 def commit(ledger: Ledger, entry: dict, writes: dict[str, tuple[Path, Callable[[Path], None]]]
            ) -> None:
     """Serves a request to files by the crash rule: ``writes[name] = (live path, writer)``;
-    each writer saves the new version (with ``fingerprint`` = ``entry[name + "_after"]`` in its
-    header) to the path it is given. Call under :meth:`Ledger.lock`, after :func:`recover`."""
+    each writer saves the new version (with ``fingerprint`` = ``entry[name + "_after"]`` and
+    ``ledger_entry`` = :func:`entry_digest` of ``entry`` in its header) to the path it is given.
+    ``entry``: sealed by :meth:`Ledger.seal`. Call under :meth:`Ledger.lock` and the files'
+    :func:`lock_file`, after :func:`recover`."""
     for name, (path, write) in writes.items():
         write(pending_path(path))
         crash_point(f"ledger-pending-{name}")
@@ -246,7 +472,7 @@ def commit(ledger: Ledger, entry: dict, writes: dict[str, tuple[Path, Callable[[
 def recover(ledger: Ledger, files: dict[str, Path]) -> list[str]:
     """Settles what a crash left (see the module docstring) for the live files ``files[name]``
     (``name`` as in the ledger's ``{name}_after`` fields); returns one line per action taken.
-    Call under :meth:`Ledger.lock`."""
+    Call under :meth:`Ledger.lock` and the files' :func:`lock_file`."""
     done = []
     if ledger.repair():
         done.append(f"cut off the torn last line of {ledger.path} (a request interrupted "

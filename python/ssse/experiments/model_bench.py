@@ -185,21 +185,30 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _estimated_bytes(arch: str, width: int | None, n: int, block_size: int, dtype) -> int:
+    """A lower bound of :func:`run`'s peak: the images, and the inverse (blocks of at most
+    ``block_size``) with its float64 accumulator."""
+    elem = torch.finfo(dtype).bits // 8
+    with torch.device("meta"):
+        d = sum(p.numel() for p in build_model(ARCHS[arch](width)).parameters())
+    return n * 3 * 32 * 32 * elem + d * min(block_size, d) * (elem + 8)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ssse bench --model",
-                                description=__doc__.split("\n\n")[0])
+    p = bench.OneLineParser(prog="ssse bench --model",
+                            description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", choices=sorted(ARCHS), default=None,
                    help="model (default: resnet18 on CUDA, small_resnet on the CPU)")
-    p.add_argument("--width", type=int, default=None,
+    p.add_argument("--width", type=bench.positive_int, default=None,
                    help="base width (default: 64 for resnet18, 96 for small_resnet)")
-    p.add_argument("--n", type=int, default=None, help="training samples (default: 2048 on "
-                   "CUDA, 256 on the CPU)")
-    p.add_argument("--block-size", type=int, default=256)
-    p.add_argument("--k", type=int, default=None, help="samples erased (default: 64 on CUDA, "
-                   "16 on the CPU)")
+    p.add_argument("--n", type=bench.positive_int, default=None, help="training samples "
+                   "(default: 2048 on CUDA, 256 on the CPU)")
+    p.add_argument("--block-size", type=bench.positive_int, default=256)
+    p.add_argument("--k", type=bench.positive_int, default=None, help="samples erased "
+                   "(default: 64 on CUDA, 16 on the CPU), fewer than --n")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=bench.positive_int, default=1)
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = p.parse_args(argv)
     try:
@@ -209,18 +218,27 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             p.error("--device cuda asked for but torch sees no CUDA device")
+        if (device.index or 0) >= torch.cuda.device_count():
+            p.error(f"--device {args.device}: torch sees {torch.cuda.device_count()} CUDA "
+                    "devices")
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     gpu = device.type == "cuda"
-    for name in ("width", "n", "k", "repeats", "block_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    arch = args.arch or ("resnet18" if gpu else "small_resnet")
+    n, k = args.n or (2048 if gpu else 256), args.k or (64 if gpu else 16)
+    if k >= n:
+        p.error(f"--k ({k} samples erased) must be less than --n ({n} samples)")
+    dtype = getattr(torch, args.dtype)
+    need = _estimated_bytes(arch, args.width, n, args.block_size, dtype)
+    free, source = bench.available_bytes(device)
+    if need > free:
+        p.error(f"--arch {arch} with --width {args.width or 'default'}, --n {n} and --block-size "
+                f"{args.block_size} needs about {need / 2**30:.1f} GiB on {device}, "
+                f"{free / 2**30:.1f} GiB are available ({source})")
+    bench.check_destination(p, args.json)
     t0 = time.perf_counter()
-    r = run(arch=args.arch or ("resnet18" if gpu else "small_resnet"), width=args.width,
-            n=args.n or (2048 if gpu else 256), block_size=args.block_size,
-            k=args.k or (64 if gpu else 16), device=device,
-            dtype=getattr(torch, args.dtype), repeats=args.repeats)
+    r = run(arch=arch, width=args.width, n=n, block_size=args.block_size, k=k, device=device,
+            dtype=dtype, repeats=args.repeats)
     print(format_table(r))
     print(f"(benchmark wall time {time.perf_counter() - t0:.0f} s)")
     if args.json:
