@@ -11,8 +11,6 @@ which supports ``inv @ v``, :meth:`~BlockInverseFisher.update`,
 
 from __future__ import annotations
 
-from importlib import metadata as _metadata
-
 # torch first: the extension's OpenMP runtime must bind to the libgomp that torch loads (torch's
 # copy lacks OpenMP 5.1 symbols; loading a second libgomp first would make two thread pools).
 import torch as _torch  # noqa: F401
@@ -27,10 +25,8 @@ from .fisher import (BUILD_METHODS, DEFAULT_BLOCK_SIZE, UPDATE_METHODS, BlockInv
 from .health import ConditionWarning, FisherProbe, HealthError, HealthWarning
 from .layout import BlockLayout
 
-try:
-    __version__ = _metadata.version("ssse")
-except _metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0+unknown"
+# the source's own version, not whatever copy of the distribution is installed
+from ._version import __version__
 
 __all__ = [
     "BUILD_METHODS",

@@ -17,6 +17,8 @@ Layers: this core (gradients, erasure, baselines, metrics, io, models, training)
 nothing from :mod:`ssse.experiments` or :mod:`ssse.cli`, which use its public API only.
 """
 
+from ssse_ext import __version__
+
 from . import curvature, ledger, metrics, models, newton, training
 from .baselines import fisher_forgetting, gradient_ascent, influence_update, retrain
 from .erasure import Eraser, ssse_update
@@ -25,6 +27,7 @@ from .gradients import (LAYOUTS, fit_inverse_fisher, gradient_sum, hessian_vecto
 from .newton import newton_erase
 
 __all__ = [
+    "__version__",
     "Eraser",
     "LAYOUTS",
     "curvature",

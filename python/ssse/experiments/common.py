@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+import ssse
 from ssse.io import write_json, write_text
 from ssse_ext.bench import machine
 
@@ -22,6 +24,7 @@ __all__ = [
     "markdown_table",
     "mean_std",
     "nearest",
+    "source",
     "summary",
     "timed",
     "write_report",
@@ -85,15 +88,39 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def source() -> dict:
+    """The version of this source tree and, when it is a git checkout, its commit (with
+    ``"+dirty"`` when files differ from it): what produced a results file."""
+    root = Path(__file__).resolve().parents[3]
+    commit = None
+    if not (root / "pyproject.toml").is_file():  # an installed copy: no source tree to ask
+        return {"version": ssse.__version__, "commit": None}
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        if out.returncode == 0:
+            commit = out.stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                    "--untracked-files=no"], capture_output=True, text=True,
+                                   timeout=30)
+            if dirty.returncode == 0 and dirty.stdout.strip():
+                commit += "+dirty"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"version": ssse.__version__, "commit": commit}
+
+
 def write_results(out: Path, name: str, config: dict, results: dict, tables: str,
                   plots: Sequence[Path]) -> Path:
-    """``results.json`` (schema: experiment, config, machine, results, plots) and
-    ``results.md`` in ``out``."""
+    """``results.json`` (schema: experiment, config, source (version and commit), machine,
+    results, plots) and ``results.md`` in ``out``."""
     out = Path(out)
-    payload = {"experiment": name, "schema_version": 1, "config": config, "machine": machine(),
-               "results": results, "plots": [Path(p).name for p in plots]}
+    src = source()
+    payload = {"experiment": name, "schema_version": 1, "config": config, "source": src,
+               "machine": machine(), "results": results,
+               "plots": [Path(p).name for p in plots]}
     write_json(out / "results.json", payload)
-    md = f"# {name}\n\n" + tables + "\n" + "".join(f"![{Path(p).stem}]({Path(p).name})\n"
+    md = f"# {name}\n\nssse {src['version']}, commit {src['commit'] or 'unknown'}\n\n" + tables + "\n" + "".join(f"![{Path(p).stem}]({Path(p).name})\n"
                                                   for p in plots)
     write_text(out / "results.md", md)
     return out / "results.json"
