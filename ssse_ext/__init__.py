@@ -4,8 +4,9 @@ The kernel-level API of ssse (Single-Step Sample Erasure, Peste, Alistarh & Lamp
 :func:`build_inverse_fisher` streams per-sample gradients into a :class:`BlockInverseFisher`,
 which supports ``inv @ v``, :meth:`~BlockInverseFisher.update`,
 :meth:`~BlockInverseFisher.downdate` and the fused SSSE step
-:meth:`~BlockInverseFisher.apply_update`. :func:`build_dual_blocks` builds
-:class:`DualBlocks`, the low-rank form of blocks larger than their number of gradient rows.
+:meth:`~BlockInverseFisher.apply_update`. Its blocks live in block stores (:mod:`ssse_ext.blocks`:
+:class:`DenseStore`, :class:`DualBlocks` — the low-rank form of blocks larger than their number
+of gradient rows — and any store registered with :func:`register_store`).
 :mod:`ssse_ext.reference` is the pure-PyTorch specification used by the tests.
 """
 
@@ -15,15 +16,18 @@ from __future__ import annotations
 # copy lacks OpenMP 5.1 symbols; loading a second libgomp first would make two thread pools).
 import torch as _torch  # noqa: F401
 
-from . import _C, budget, health, reference, validation
+from . import _C, blocks, budget, fisher, health, reference, validation
 from ._ops import CUDA_KERNEL_SETS, cuda_kernels, set_cuda_kernels, use_cuda_kernels
-from .dual import DualBlocks, RowNotFoundError, build_dual_blocks, choose_representation
-from .errors import InsufficientMemoryError
-from .fisher import (BUILD_METHODS, DEFAULT_BLOCK_SIZE, UPDATE_METHODS, BlockInverseFisher,
-                     FisherConfig, GramAccumulator, LowRankChange, NotPositiveDefiniteError,
-                     build_inverse_fisher, build_peak_bytes)
+from .blocks import (STORES, BlockStore, DenseStore, DualBlocks, choose_stores, get_store,
+                     register_store)
+from .build import (BUILD_METHODS, DEFAULT_BLOCK_SIZE, REPRESENTATIONS, GramAccumulator,
+                    build_dual_blocks, build_inverse_fisher, build_peak_bytes)
+from .dual import choose_representation
+from .errors import InsufficientMemoryError, NotPositiveDefiniteError, RowNotFoundError
 from .health import ConditionWarning, FisherProbe, HealthError, HealthWarning
+from .inverse import UPDATE_METHODS, BlockInverseFisher, FisherConfig
 from .layout import BlockLayout
+from .lowrank import LowRankChange
 
 # the source's own version, not whatever copy of the distribution is installed
 from ._version import __version__
@@ -32,10 +36,14 @@ __all__ = [
     "BUILD_METHODS",
     "CUDA_KERNEL_SETS",
     "DEFAULT_BLOCK_SIZE",
+    "REPRESENTATIONS",
+    "STORES",
     "UPDATE_METHODS",
     "BlockInverseFisher",
     "BlockLayout",
+    "BlockStore",
     "ConditionWarning",
+    "DenseStore",
     "DualBlocks",
     "FisherConfig",
     "FisherProbe",
@@ -46,15 +54,19 @@ __all__ = [
     "LowRankChange",
     "NotPositiveDefiniteError",
     "RowNotFoundError",
+    "blocks",
     "budget",
     "build_dual_blocks",
     "build_info",
     "build_inverse_fisher",
     "build_peak_bytes",
     "choose_representation",
+    "choose_stores",
     "cuda_kernels",
+    "get_store",
     "health",
     "reference",
+    "register_store",
     "set_cuda_kernels",
     "use_cuda_kernels",
     "validation",

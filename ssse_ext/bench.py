@@ -36,7 +36,7 @@ import time
 import torch
 
 import ssse_ext
-from ssse_ext import BlockLayout, _ops, build_inverse_fisher, validation
+from ssse_ext import BlockLayout, build_inverse_fisher, validation
 
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -305,66 +305,81 @@ def run_case(n: int, num_blocks: int, block: int, dtype, device, *, repeats: int
     row.update(build_s=t_build, build_gflops=flops / t_build / 1e9,
                build_vs_matmul=flops / t_build / 1e9 / matmul_rate,
                build_peak_mb=_peak_memory(build, device) / 2**20)
-
     if baselines is None:
-        baselines = {}
-        # Closed form with torch (Cholesky), same dtype: its error, then its time.
-        closed = closed_form_blocks(g, num_blocks, block, damping, float(n))
-        baselines["closed_form_rel_err"] = (
-            (closed.double() - ref).norm() / ref.norm()).item()
-        del closed
-        baselines["closed_form_s"] = median_seconds(
-            lambda: closed_form_blocks(g, num_blocks, block, damping, float(n)), device, repeats)
-        # Per-sample PyTorch loop on a prefix, scaled to n rows (its cost per row is constant).
-        rows = min(n, loop_rows)
-        baselines["loop_s_est"] = median_seconds(
-            lambda: per_sample_loop(g[:rows], num_blocks, block, damping, float(n)),
-            device, 1, warmup=1) * n / rows
-        baselines["loop_rows_timed"] = rows
+        baselines = _baselines(g, num_blocks, block, damping, ref, device, repeats=repeats,
+                               loop_rows=loop_rows)
     row.update(baselines)
     row.update(speedup_vs_closed_form=row["closed_form_s"] / t_build,
                speedup_vs_loop=row["loop_s_est"] / t_build)
+    row.update(_update_fields(g, layout, damping, ref, device, repeats=repeats,
+                              matmul_rate=matmul_rate))
+    row.update(_apply_fields(inv, ref, device, repeats=repeats))
+    return row
 
-    # Chunked Sherman-Morrison update of an accurate inverse built on the first half.
+
+def _baselines(g, num_blocks: int, block: int, damping: float, ref, device, *, repeats: int,
+               loop_rows: int) -> dict:
+    """The closed form with torch (Cholesky, same dtype: its error, then its time) and the
+    per-sample PyTorch loop on a prefix, scaled to n rows (its cost per row is constant)."""
+    n = g.shape[0]
+    out = {}
+    closed = closed_form_blocks(g, num_blocks, block, damping, float(n))
+    out["closed_form_rel_err"] = ((closed.double() - ref).norm() / ref.norm()).item()
+    del closed
+    out["closed_form_s"] = median_seconds(
+        lambda: closed_form_blocks(g, num_blocks, block, damping, float(n)), device, repeats)
+    rows = min(n, loop_rows)
+    out["loop_s_est"] = median_seconds(
+        lambda: per_sample_loop(g[:rows], num_blocks, block, damping, float(n)),
+        device, 1, warmup=1) * n / rows
+    out["loop_rows_timed"] = rows
+    return out
+
+
+def _update_fields(g, layout: BlockLayout, damping: float, ref, device, *, repeats: int,
+                   matmul_rate: float) -> dict:
+    """The chunked Sherman-Morrison update of an accurate inverse built on the first half."""
+    n, d, block = g.shape[0], layout.dim, layout.max_block_size
     half = n // 2
     base = build_inverse_fisher(g[:half], damping=damping, layout=layout, normalizer=float(n),
                                 representation="dense")
-    upd = base.clone().update(g[half:])
-    err_u = _rel_err(upd, ref)
-    row["update_rel_err"] = err_u
-    if err_u <= TOLERANCE[dtype]:
-        t_upd = median_seconds(lambda: base.clone().update(g[half:]), device, repeats)
-        t_clone = median_seconds(lambda: base.clone(), device, repeats)
-        t_upd = max(t_upd - t_clone, 1e-9)
-        upd_flops = 4.0 * (n - half) * d * block
-        row.update(update_s=t_upd, update_gflops=upd_flops / t_upd / 1e9,
-                   update_vs_matmul=upd_flops / t_upd / 1e9 / matmul_rate)
-    else:
+    err_u = _rel_err(base.clone().update(g[half:]), ref)
+    row = {"update_rel_err": err_u}
+    if not err_u <= TOLERANCE[g.dtype]:
         print(f"    update error {err_u:.2e} above tolerance: not timed", flush=True)
-    del base, upd
+        return row
+    t_upd = median_seconds(lambda: base.clone().update(g[half:]), device, repeats)
+    t_clone = median_seconds(lambda: base.clone(), device, repeats)
+    t_upd = max(t_upd - t_clone, 1e-9)
+    upd_flops = 4.0 * (n - half) * d * block
+    row.update(update_s=t_upd, update_gflops=upd_flops / t_upd / 1e9,
+               update_vs_matmul=upd_flops / t_upd / 1e9 / matmul_rate)
+    return row
 
-    # Apply (theta + s F^{-1} v): bandwidth against a copy of the inverse.
+
+def _apply_fields(inv, ref, device, *, repeats: int) -> dict:
+    """The apply (theta + s F^{-1} v): bandwidth against a copy of the inverse."""
+    d, dtype, layout = inv.dim, inv.dtype, inv.layout
     theta = torch.randn(d, dtype=dtype, device=device)
     v = torch.randn(d, dtype=dtype, device=device)
     out = inv.apply_update(theta, v, 0.5)
     expect = theta.double() + 0.5 * torch.cat(
         [blk.to(device) @ v[layout.slice(b)].double() for b, blk in enumerate(ref)])
     err_a = ((out.double() - expect).norm() / expect.norm()).item()
-    row["apply_rel_err"] = err_a
+    row = {"apply_rel_err": err_a}
     if not err_a <= TOLERANCE[dtype]:
         print(f"    apply error {err_a:.2e} above tolerance: not timed", flush=True)
         return row
     nbytes = inv.nbytes
     t_apply = median_seconds(lambda: inv.apply_update(theta, v, 0.5), device, repeats * 3)
     t_copy = median_seconds(lambda: inv.packed.clone(), device, repeats * 3)
-    # The op alone (what a caller that already validated its inputs pays).
+    # The stores alone (what a caller that already validated its inputs pays).
     vv, tt = v.reshape(-1, 1), theta.reshape(-1, 1)
     out = torch.empty_like(vv)
-    tables = inv._segment_tables()
 
     def kernel_only():
-        for seg, host, dev in tables:
-            _ops.apply_inverse(seg, host, dev, vv, tt, 0.5, out)
+        for store in inv.stores:
+            store.apply_into(vv, tt, 0.5, out)
 
     t_kernel = median_seconds(kernel_only, device, repeats * 3)
     row.update(apply_s=t_apply, apply_gbs=nbytes / t_apply / 1e9,

@@ -140,9 +140,11 @@ def ill_conditioned_blocks(gram: torch.Tensor, layout: BlockLayout, blocks, *,
 
 
 def warn_ill_conditioned(blocks: list[tuple[int, float]], layout: BlockLayout, *,
-                         damping: float, rows: int, dtype: torch.dtype) -> None:
+                         damping: float, rows: int, dtype: torch.dtype,
+                         stacklevel: int = 4) -> None:
     """One :class:`ConditionWarning` for the worst of ``blocks`` (see
-    :func:`ill_conditioned_blocks`), with the advice that applies."""
+    :func:`ill_conditioned_blocks`), with the advice that applies, attributed to the frame
+    ``stacklevel`` levels up (1: the caller)."""
     if not blocks:
         return
     b, cond = max(blocks, key=lambda t: t[1])
@@ -158,7 +160,7 @@ def warn_ill_conditioned(blocks: list[tuple[int, float]], layout: BlockLayout, *
         f"ill-conditioned{more}: condition number >= {cond:.1e}, so its inverse has a relative "
         f"error of about {cond * U64:.0e} or more (tolerance {tolerance(dtype):.1e} for "
         f"{str(dtype).removeprefix('torch.')}); {advice}. A float64 result does not help: the "
-        f"inverse is already computed in float64", ConditionWarning, stacklevel=5)
+        f"inverse is already computed in float64", ConditionWarning, stacklevel=stacklevel + 1)
 
 
 # ---- probe ----------------------------------------------------------------------------------

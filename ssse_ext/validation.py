@@ -11,7 +11,6 @@ import math
 from typing import Iterator
 
 import torch
-from torch import nn
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -209,9 +208,16 @@ def check_vector(v, name: str, *, dim: int, dtype, device,
 
 # ---- models, callables and data ------------------------------------------------------------
 
-def check_module(model, name: str = "model") -> nn.Module:
+def _is_module(obj) -> bool:
+    # Models belong to the model-level library: the kernel layer recognises one by its base
+    # class's qualified name rather than import torch.nn.
+    return any(c.__module__ == "torch.nn.modules.module" and c.__qualname__ == "Module"
+               for c in type(obj).__mro__)
+
+
+def check_module(model, name: str = "model"):
     """An ``nn.Module`` with at least one trainable parameter."""
-    if not isinstance(model, nn.Module):
+    if not _is_module(model):
         raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"{name} has no trainable parameters (requires_grad=True)")

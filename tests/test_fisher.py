@@ -291,3 +291,17 @@ def test_wrong_device():
         inv.apply_update(torch.ones(6, device="meta"), torch.ones(6), 1.0)
     with pytest.raises(ValueError, match=r"grads must be on a CPU or CUDA device"):
         inv.update(torch.ones(2, 6, device="meta"))
+
+
+def test_the_curvature_is_an_opaque_label():
+    layout = BlockLayout.fixed(4, 2)
+    assert ssse_ext.FisherConfig(0.1, 1.0, layout, "kfac-rows").curvature == "kfac-rows"
+    inv = build_inverse_fisher(torch.randn(5, 4), damping=0.1, curvature="my-rows")
+    assert inv.curvature == "my-rows"
+    assert ssse_ext.BlockInverseFisher.from_state(*inv.to_state()).curvature == "my-rows"
+    with pytest.raises(ValueError, match="curvature must be a non-empty string"):
+        ssse_ext.FisherConfig(0.1, 1.0, layout, "")
+    with pytest.raises(TypeError, match="curvature must be a string"):
+        build_inverse_fisher(torch.randn(5, 4), damping=0.1, curvature=3)
+    with pytest.warns(DeprecationWarning, match="ssse.curvature"):
+        assert "ggn" in ssse_ext.fisher.CURVATURES

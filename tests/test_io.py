@@ -123,3 +123,31 @@ def test_stale_temporary_files_of_dead_writers_are_cleaned_on_the_next_write(tmp
     left = {p.name for p in tmp_path.iterdir()}
     assert names["dead"] not in left
     assert {names["mine"], names["alive"], names["not ours"], "out.json"} <= left
+
+
+def test_a_set_of_outputs_is_swapped_in_whole_and_a_dead_writers_stage_is_cleaned(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from ssse.io import atomic_folder
+
+    out = tmp_path / "results"
+    with pytest.raises(RuntimeError):
+        with atomic_folder(out) as stage:
+            write_json(stage / "results.json", {"a": 1})
+            raise RuntimeError("the run failed before its last file")
+    assert list(tmp_path.iterdir()) == []  # neither the outputs nor the stage
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    left_behind = tmp_path / f".results.ssse-tmp-{int(dead.stdout)}-k1ll3d0"
+    (left_behind / "sub").mkdir(parents=True)
+    (left_behind / "sub" / "plot.png").write_bytes(b"partial")
+    with atomic_folder(out) as stage:
+        write_json(stage / "results.json", {"a": 2})
+        (stage / "plots").mkdir()
+        (stage / "plots" / "a.png").write_bytes(b"png")
+        assert stage.parent == tmp_path and str(os.getpid()) in stage.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+    assert json.loads((out / "results.json").read_text()) == {"a": 2}
+    assert (out / "plots" / "a.png").read_bytes() == b"png"

@@ -1,6 +1,7 @@
 """The layers, read from the sources' imports: the kernel layer (ssse_ext) imports nothing from
-ssse; the core (python/ssse except cli.py and experiments/) imports no experiment, no CLI and
-no benchmark; the experiments and the CLI use only public names of ssse and ssse_ext."""
+ssse; the core (python/ssse except cli/ and experiments/; the service included) imports no
+experiment, no CLI and no benchmark; the experiments and the CLI use only public names of ssse
+and ssse_ext. And the command stays thin: short functions in short files."""
 
 import ast
 import sys
@@ -9,11 +10,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL = sorted((ROOT / "ssse_ext").glob("*.py"))
-ENTRY = ("cli.py", "__main__.py")  # the command and ``python -m ssse``
+KERNEL = sorted((ROOT / "ssse_ext").rglob("*.py"))
+ENTRY = ("__main__.py",)  # ``python -m ssse``
 CORE = sorted(p for p in (ROOT / "python" / "ssse").glob("*.py") if p.name not in ENTRY)
-CLIENTS = sorted((ROOT / "python" / "ssse" / "experiments").glob("*.py")) + \
+CLI = sorted((ROOT / "python" / "ssse" / "cli").rglob("*.py"))  # the command
+CLIENTS = sorted((ROOT / "python" / "ssse" / "experiments").glob("*.py")) + CLI + \
     [ROOT / "python" / "ssse" / name for name in ENTRY]
+#: The longest function and the longest file of the command: it parses, calls the library,
+#: prints; logic that grows past these belongs in the library.
+MAX_CLI_FUNCTION_LINES = 80
+MAX_CLI_FILE_LINES = 600
 
 #: What the core must not import (the modules and everything below them).
 NOT_IN_CORE = ("ssse.experiments", "ssse.cli", "ssse_ext.bench")
@@ -85,12 +91,22 @@ def test_the_sources_are_found():
     assert {"gradients.py", "erasure.py", "baselines.py", "metrics.py", "io.py", "models.py",
             "training.py", "data.py", "plots.py", "_utils.py", "__init__.py"} <= names
     assert {"fisher.py", "validation.py", "bench.py"} <= {p.name for p in KERNEL}
-    assert {"common.py", "demo.py", "cli.py"} <= {p.name for p in CLIENTS}
+    assert {"service.py", "files.py"} <= names
+    assert {"common.py", "demo.py", "parser.py", "entry.py", "erase.py"} <= \
+        {p.name for p in CLIENTS}
+    assert not (ROOT / "python" / "ssse" / "cli.py").exists()
 
 
-@pytest.mark.parametrize("path", KERNEL, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", KERNEL, ids=lambda p: str(p.relative_to(ROOT)))
 def test_the_kernel_layer_imports_nothing_from_ssse(path):
     bad = layer_violations(path, ("ssse",))
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("path", KERNEL, ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_kernel_layer_imports_no_torch_nn(path):
+    # tensors only: models and their layers are the model-level library's
+    bad = layer_violations(path, ("torch.nn",))
     assert not bad, "\n".join(bad)
 
 
@@ -124,3 +140,57 @@ def test_a_bad_import_is_reported_with_its_file_and_line(tmp_path, monkeypatch):
         "python/ssse/cli.py:1 imports the private _grad_stream (from ssse.gradients)",
         "python/ssse/cli.py:2 imports the private _utils (from ssse._utils)"]
     assert layer_violations(kernel, ("ssse",)) == ["ssse_ext/fisher.py:1 imports ssse"]
+
+
+def long_functions(path: Path, limit: int) -> list[str]:
+    """``file:line name (n lines)`` for every function or method of ``path`` longer than
+    ``limit`` lines, decorators and docstring included."""
+    bad = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            n = node.end_lineno - first + 1
+            if n > limit:
+                bad.append(f"{where(path, first)} {node.name} ({n} lines)")
+    return bad
+
+
+@pytest.mark.parametrize("path", CLI, ids=lambda p: str(p.relative_to(ROOT / "python")))
+def test_the_command_has_no_long_function_or_file(path):
+    bad = long_functions(path, MAX_CLI_FUNCTION_LINES)
+    assert not bad, "\n".join(bad)
+    n = len(path.read_text().splitlines())
+    assert n <= MAX_CLI_FILE_LINES, f"{path.relative_to(ROOT)} has {n} lines"
+
+
+def test_a_long_function_is_reported_with_its_file_and_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    path = tmp_path / "long.py"
+    body = "".join(f"    x{i} = {i}\n" for i in range(4))
+    path.write_text(f"import os\n\n\n@staticmethod\ndef f():\n{body}\n\ndef g():\n    pass\n")
+    assert long_functions(path, 5) == ["long.py:4 f (6 lines)"]
+    assert long_functions(path, 6) == []
+
+
+#: The longest function and the longest file of the kernel layer.
+MAX_KERNEL_FUNCTION_LINES = 80
+MAX_KERNEL_FILE_LINES = 600
+
+
+@pytest.mark.parametrize("path", KERNEL, ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_kernel_layer_has_no_long_function_or_file(path):
+    bad = long_functions(path, MAX_KERNEL_FUNCTION_LINES)
+    assert not bad, "\n".join(bad)
+    n = len(path.read_text().splitlines())
+    assert n <= MAX_KERNEL_FILE_LINES, f"{path.relative_to(ROOT)} has {n} lines"
+
+
+def test_a_torch_nn_import_in_the_kernel_layer_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    kernel = tmp_path / "ssse_ext" / "blocks" / "kfac.py"
+    kernel.parent.mkdir(parents=True)
+    kernel.write_text("import torch\nfrom torch import nn\n\n\ndef f():\n"
+                      "    import torch.nn.functional as F\n")
+    assert layer_violations(kernel, ("torch.nn",)) == [
+        "ssse_ext/blocks/kfac.py:2 imports torch.nn",
+        "ssse_ext/blocks/kfac.py:6 imports torch.nn"]

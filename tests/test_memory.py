@@ -12,7 +12,7 @@ import ssse
 import ssse_ext
 from ssse.io import read_metadata, save_inverse_fisher
 from ssse_ext import BlockInverseFisher, BlockLayout, GramAccumulator, budget
-from ssse_ext import fisher as fisher_module
+from ssse_ext import build as build_module
 from ssse_ext.errors import InsufficientMemoryError
 from ssse_ext.fisher import build_peak_bytes
 
@@ -102,10 +102,9 @@ def test_the_full_size_dense_call_is_refused_before_the_stream_is_read(monkeypat
 def test_dense_is_refused_and_auto_fits_and_is_the_default(small_machine, monkeypatch):
     g = grads()
     calls = []
-    for name in ("_build_by_gram", "_build_by_recurrence"):
-        real = getattr(fisher_module, name)
-        monkeypatch.setattr(fisher_module, name,
-                            lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    real = build_module._build
+    monkeypatch.setattr(build_module, "_build",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     with pytest.raises(InsufficientMemoryError) as err:
         ssse_ext.build_inverse_fisher(g, damping=1e-3, block_size=B, representation="dense")
     assert_refusal(err.value, 'representation="auto"', "block_size", "max_memory=")

@@ -7,7 +7,8 @@ from torch import nn
 
 import ssse
 import ssse_ext
-from ssse_ext import BlockLayout, NotPositiveDefiniteError, build_inverse_fisher, fisher, reference
+from ssse_ext import BlockLayout, NotPositiveDefiniteError, build_inverse_fisher, reference
+from ssse_ext.blocks import dense_gram
 
 from .testing import DEVICES, DTYPES, TOL, rel_err
 
@@ -32,8 +33,8 @@ def uneven_chunks(g, sizes):
 @pytest.fixture
 def small_groups(monkeypatch):
     """Forces the stable build to hold its accumulators (and the result) in many segments."""
-    monkeypatch.setattr(fisher, "_MIN_GROUP_NUMEL", 1)
-    monkeypatch.setattr(fisher, "_GROUPS", 5)
+    monkeypatch.setattr(dense_gram, "_MIN_GROUP_NUMEL", 1)
+    monkeypatch.setattr(dense_gram, "_GROUPS", 5)
 
 
 @pytest.mark.parametrize("dtype,device", PRODUCT)

@@ -16,7 +16,7 @@ import math
 
 import torch
 from torch import nn
-from torch.func import grad, jacrev, vmap
+from torch.func import grad, jacrev
 
 import ssse_ext
 from ssse_ext.validation import (check_callable, check_choice, check_data, check_int,
@@ -25,21 +25,20 @@ from ssse_ext.validation import (check_callable, check_choice, check_data, check
 
 from ._utils import (BATCH_SIZE, FlatModel, available_memory, finish_update, iter_batches,
                      per_sample_losses, warn_if_training)
+from .curvature import check_likelihood
 from .gradients import _grad_stream, gradient_sum
 
 __all__ = ["influence_update", "fisher_forgetting", "gradient_ascent", "retrain",
            "block_hessians"]
 
 HESSIAN_VARIANTS = ("retained", "full")
-FISHER_KINDS = ("true", "empirical")
-LIKELIHOODS = ("categorical", "bernoulli")
+#: The diagonal Fishers of :func:`fisher_forgetting`, by the curvature whose rows they square:
+#: the true Fisher is the Gauss–Newton matrix of the likelihood.
+FISHER_KINDS = {"true": "ggn", "empirical": "empirical"}
 
 # influence_update holds, per block of s parameters, the float64 Hessian block, its
 # column-chunked construction and the solve's LU copy: this many s x s float64 matrices.
 _HESSIAN_COPIES = 3
-# Elements of the per-sample Jacobian held at once by the true diagonal Fisher (128 MiB in
-# float64).
-_JACOBIAN_ELEMENTS = 1 << 24
 
 
 def _check_hessian_memory(layout: ssse_ext.BlockLayout, device: torch.device,
@@ -157,53 +156,25 @@ def influence_update(model: nn.Module, loss_fn, removed, *, retained,
     return finish_update(fm, theta_hat, inplace=inplace, what="the influence update")
 
 
-def _log_probs(output: torch.Tensor, likelihood: str) -> torch.Tensor:
-    """Per-sample log-probabilities of every outcome: ``(m, K)``."""
-    z = output.reshape(output.shape[0], -1)
-    if likelihood == "categorical":
-        return torch.log_softmax(z, dim=-1)
-    # independent Bernoulli outputs: the cross terms of the Fisher vanish, so the diagonal is
-    # the sum over outputs and their two values
-    return torch.cat([nn.functional.logsigmoid(z), nn.functional.logsigmoid(-z)], dim=-1)
-
-
-def _diagonal_fisher(fm: FlatModel, loss_fn, data, kind: str, likelihood: str) -> torch.Tensor:
+def _diagonal_fisher(fm: FlatModel, loss_fn, data, kind: str, likelihood) -> torch.Tensor:
+    r"""The diagonal :math:`\frac1n\sum_r u_r \odot u_r` of a curvature's matrix over ``data``:
+    ``kind`` ``"empirical"`` squares the per-sample gradients, ``"true"`` the Gauss–Newton rows
+    of ``likelihood``, :math:`\mathbb E_{y\sim p(y|x)}[(\nabla\log p(y|x))^2]` (for softmax
+    outputs :math:`\sum_y p(y|x)(\nabla\log p(y|x))^2`, Golatkar et al.'s loop)."""
     dtype = fm.dtype
-    if kind == "empirical":
-        total = torch.zeros(fm.dim, dtype=dtype, device=fm.device)
-        n = 0
-        for rows in _grad_stream(fm, loss_fn, data, "retained", weight_decay=0.0,
-                                 chunk_size=None, minibatch=1, dtype=dtype):
-            total += (rows * rows).sum(0)
-            n += rows.shape[0]
-        return total / max(n, 1)
-    params = fm.param_dict(dtype)
-    frozen = fm.frozen_dict(dtype)
-
-    def sample_log_probs(p, x):
-        return _log_probs(fm(p, x.unsqueeze(0), frozen), likelihood)[0]
-
-    jac = vmap(jacrev(sample_log_probs), in_dims=(None, 0))
     total = torch.zeros(fm.dim, dtype=dtype, device=fm.device)
     n = 0
-    for x, _ in iter_batches(data, "retained", batch_size=None, device=fm.device, dtype=dtype):
-        with torch.no_grad():
-            K = _log_probs(fm(params, x[:1], frozen), likelihood).shape[1] if x.shape[0] else 1
-        step = max(1, _JACOBIAN_ELEMENTS // max(K * fm.dim, 1))
-        for i in range(0, x.shape[0], step):
-            xs = x[i:i + step]
-            J = fm.flatten_rows({k: v.reshape(xs.shape[0] * K, *v.shape[2:])
-                                 for k, v in jac(params, xs).items()}, xs.shape[0] * K)
-            J = J.reshape(xs.shape[0], K, fm.dim)
-            with torch.no_grad():
-                p = _log_probs(fm(params, xs, frozen), likelihood).exp()
-            total += torch.einsum("mk,mkd->d", p, J * J)
-            n += xs.shape[0]
+    info: dict = {}
+    for rows in _grad_stream(fm, loss_fn, data, "retained", weight_decay=0.0, chunk_size=None,
+                             minibatch=1, dtype=dtype, curvature=FISHER_KINDS[kind],
+                             likelihood=likelihood, info=info):
+        total += (rows * rows).sum(0)
+        n += rows.shape[0] // info["rows_per_sample"]
     return total / max(n, 1)
 
 
 def fisher_forgetting(model: nn.Module, loss_fn, removed, *, retained, alpha: float, seed: int,
-                      fisher: str = "true", likelihood: str = "categorical",
+                      fisher: str = "true", likelihood=None,
                       forget_class: int | None = None, inplace: bool = False) -> dict:
     r"""Fisher forgetting (Golatkar, Achille & Soatto, "Eternal Sunshine of the Spotless Net",
     CVPR 2020): add Gaussian noise shaped by the diagonal Fisher :math:`F` of the retained data,
@@ -229,8 +200,11 @@ def fisher_forgetting(model: nn.Module, loss_fn, removed, *, retained, alpha: fl
         fisher: ``"true"`` (theirs: the expectation over the model's predictive distribution,
             :math:`\sum_y p(y|x)\,(\nabla\log p(y|x))^2`) or ``"empirical"`` (squared
             per-sample gradients of ``loss_fn`` at the labels).
-        likelihood: the model's output for ``fisher="true"``: ``"categorical"`` (softmax
-            logits) or ``"bernoulli"`` (independent sigmoid logits, e.g. multi-attribute).
+        likelihood: the model's output distribution for ``fisher="true"``: ``None`` (default)
+            infers it from ``loss_fn``, a name (``"categorical"``: softmax logits,
+            ``"bernoulli"``: independent sigmoid logits, e.g. multi-attribute) or a
+            :class:`ssse.curvature.Likelihood` is checked against it (as in
+            :func:`ssse.fit_inverse_fisher`).
         forget_class: the removed class, or ``None``.
         inplace: also write the result into the model.
 
@@ -244,8 +218,8 @@ def fisher_forgetting(model: nn.Module, loss_fn, removed, *, retained, alpha: fl
     check_reiterable(retained, "retained")
     alpha = check_positive_float(alpha, "alpha")
     seed = check_int(seed, "seed")
-    check_choice(fisher, "fisher", FISHER_KINDS)
-    check_choice(likelihood, "likelihood", LIKELIHOODS)
+    check_choice(fisher, "fisher", tuple(FISHER_KINDS))
+    check_likelihood(likelihood)
     if forget_class is not None:
         check_nonneg_int(forget_class, "forget_class")
     warn_if_training(model, "fisher_forgetting")

@@ -29,6 +29,7 @@ __all__ = [
     "load_dataset",
     "load_digits",
     "load_fashion_mnist",
+    "load_recorded",
     "load_yeast",
     "read_idx",
     "two_blobs_2d",
@@ -282,6 +283,17 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, seed: int = 0
         return load_yeast(data_dir, seed=seed, train_limit=train_limit,
                           dtype=dtype or torch.float64)
     raise ValueError(f"unknown data set {name!r} (expected one of {', '.join(DATASETS)})")
+
+
+def load_recorded(info: dict, *, dtype: torch.dtype | None = None) -> Dataset:
+    """The data set a model file records (its header's ``data``: ``name``, ``seed``,
+    ``train_limit``, ``test_limit``, ``data_dir``), split and subsampled as it was."""
+    if "name" not in info:
+        raise ValueError("the model file records no data set: name one (data={'name': ...}, "
+                         "--data)")
+    return load_dataset(info["name"], data_dir=info.get("data_dir"), seed=int(info.get("seed", 0)),
+                        train_limit=info.get("train_limit"), test_limit=info.get("test_limit"),
+                        dtype=dtype)
 
 
 # ---- removal sets and splits --------------------------------------------------------------

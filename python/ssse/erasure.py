@@ -11,7 +11,6 @@ with :math:`F_D` the block-diagonal damped empirical Fisher of the training set 
 
 from __future__ import annotations
 
-import math
 import os
 import uuid
 
@@ -24,12 +23,12 @@ from ssse_ext.validation import (check_callable, check_choice, check_data, check
                                  check_positive_float, check_positive_int, is_pair)
 
 from ._utils import FlatModel, check_request, finish_update, iter_batches, warn_if_training
-from .curvature import CURVATURES, LIKELIHOODS
-from .gradients import (_grad_stream, fit_inverse_fisher, gradient_sum, request_budget,
-                        resolve_layout, stacked_rows)
+from .curvature import check_likelihood, get_curvature, options_with
+from .gradients import (_grad_stream, fit_inverse_fisher, gradient_sum, likelihood_of_data,
+                        request_budget, resolve_layout, stacked_rows)
 from .io import fingerprint
 from .ledger import Ledger, check_ids, record
-from .newton import ggn_rows_of, newton_refined
+from .newton import newton_refined, rows_of
 
 __all__ = ["ssse_update", "Eraser", "FISHER_VARIANTS", "GRADIENT_VARIANTS"]
 
@@ -143,13 +142,15 @@ def ssse_update(model: nn.Module, loss_fn, removed, *,
 
 def _configure(obj, model: nn.Module, loss_fn, *, damping: float, block_size: int | None,
                layout, weight_decay: float, minibatch: int, dtype: torch.dtype | None, device,
-               chunk_size: int | None, max_memory: int | None, curvature: str,
-               likelihood: str, mc_samples: int) -> None:
+               chunk_size: int | None, max_memory: int | None, curvature,
+               likelihood, mc_samples: int) -> None:
     """Checks the settings an :class:`Eraser` (or its distributed counterpart) shares and stores
-    them on ``obj``; raises before storing anything a later check would refuse."""
+    them on ``obj`` (``curvature`` as its name, the :class:`~ssse.curvature.Curvature` as
+    ``_curvature``); raises before storing anything a later check would refuse."""
     check_module(model)
     check_callable(loss_fn, "loss_fn")
     fm = FlatModel(model)
+    curv = get_curvature(curvature)
     settings = dict(
         model=model, loss_fn=loss_fn, _fm=fm,
         damping=check_positive_float(damping, "damping"),
@@ -160,11 +161,12 @@ def _configure(obj, model: nn.Module, loss_fn, *, damping: float, block_size: in
         device=check_device(device) or fm.device,
         chunk_size=check_positive_int(chunk_size, "chunk_size", allow_none=True),
         max_memory=check_positive_int(max_memory, "max_memory", allow_none=True),
-        curvature=check_choice(curvature, "curvature", CURVATURES),
-        likelihood=check_choice(likelihood, "likelihood", LIKELIHOODS),
+        curvature=curv.name, _curvature=curv,
+        likelihood=check_likelihood(likelihood),
         mc_samples=check_positive_int(mc_samples, "mc_samples"))
-    if settings["minibatch"] > 1 and curvature != "empirical":
-        raise ValueError(f"minibatch > 1 needs curvature=\"empirical\", got {curvature!r}")
+    if settings["minibatch"] > 1 and not curv.allows_minibatch:
+        raise ValueError(f"minibatch > 1 needs {options_with('allows_minibatch')}, got "
+                         f"curvature={curv.name!r}")
     for name, value in settings.items():
         setattr(obj, name, value)
 
@@ -216,6 +218,9 @@ class Eraser:
             curvature, likelihood, mc_samples, representation: as in
             :func:`ssse.fit_inverse_fisher` (``representation`` defaults to ``"auto"``, or
             ``"dense"`` with ``minibatch > 1``: a dual block can remove only rows it stores).
+            A curvature that needs a likelihood has it resolved once, by :meth:`fit` on the
+            training data (``likelihood`` then holds it); requests check it against their
+            samples.
         dtype, device: of the inverse (default: the model's).
         ledger: an append-only record of the requests (a :class:`ssse.ledger.Ledger` or a
             file path), or ``None``.
@@ -235,8 +240,8 @@ class Eraser:
                  block_size: int | None = None, layout="per_parameter",
                  weight_decay: float = 0.0, minibatch: int = 1,
                  dtype: torch.dtype | None = None, device=None, chunk_size: int | None = None,
-                 max_memory: int | None = None, curvature: str = "empirical",
-                 likelihood: str = "categorical", mc_samples: int = 1,
+                 max_memory: int | None = None, curvature="empirical",
+                 likelihood=None, mc_samples: int = 1,
                  representation: str | None = None, ledger=None):
         _configure(self, model, loss_fn, damping=damping, block_size=block_size,
                    layout=layout, weight_decay=weight_decay, minibatch=minibatch, dtype=dtype,
@@ -279,18 +284,25 @@ class Eraser:
         check_data(train_data, "train_data")
         if ids is not None:
             ids = check_ids(ids)
+        likelihood = self.likelihood
+        if self._curvature.needs_likelihood:
+            # resolved once, on the training data: every request then uses (and checks) it
+            likelihood, train_data = likelihood_of_data(self._fm, self.loss_fn, train_data,
+                                                        likelihood, name="train_data",
+                                                        dtype=self.dtype)
         inv = fit_inverse_fisher(self.model, self.loss_fn, train_data, damping=self.damping,
                                  layout=self.layout, weight_decay=self.weight_decay,
                                  minibatch=self.minibatch, dtype=self.dtype, device=self.device,
                                  chunk_size=self.chunk_size, max_memory=self.max_memory,
-                                 curvature=self.curvature, likelihood=self.likelihood,
+                                 curvature=self._curvature, likelihood=likelihood,
                                  mc_samples=self.mc_samples,
                                  representation=self.representation, progress=progress,
                                  checkpoint=checkpoint, every=every)
         if n_total is not None:
             n = check_positive_int(n_total, "n_total")
         elif self.minibatch == 1:
-            n = round(inv.normalizer / (self.mc_samples if self.curvature == "mc" else 1))
+            n = round(inv.normalizer / self._curvature.normalizer_weight(
+                mc_samples=self.mc_samples))
         elif is_pair(train_data):
             n = int(train_data[0].shape[0])
         else:
@@ -300,7 +312,7 @@ class Eraser:
             raise ValueError(f"ids must hold one id per training sample ({n}), got {len(ids)}")
         self._train_ids = range(n) if ids is None else set(ids)
         self.erased_ids, self.last_request, self._inverse_fp = set(), None, None
-        self.inv_fisher, self.n = inv, n
+        self.inv_fisher, self.n, self.likelihood = inv, n, likelihood
         self.theta = self._fm.flat(dtype=self.dtype, device=self.device)
         # a copy: param_dict() shares storage with the model, which erase(inplace=True) writes
         self._star = {k: v.clone() for k, v in self._fm.param_dict(self.dtype).items()}
@@ -308,27 +320,27 @@ class Eraser:
         return self
 
     def _rows_and_gradient(self, removed) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows the fit added for ``removed`` and the summed gradient, both at theta*."""
+        """The rows whose downdate takes ``removed`` back out of the inverse, and the summed
+        gradient, both at theta*."""
         budget = request_budget(self.inv_fisher.nbytes, self._fm.device, self.max_memory)
-        if self.curvature == "empirical":
-            grads = _removed_rows(self._fm, self.loss_fn, removed,
-                                  weight_decay=self.weight_decay, dtype=self.dtype,
-                                  params=self._star, max_memory=budget).to(self.device)
-            return _group_means(grads, self.minibatch), grads.sum(0)
-        rows = ggn_rows_of(self._fm, self.loss_fn, removed, dtype=self.dtype,
-                           likelihood=self.likelihood, params=self._star,
-                           max_memory=budget).to(self.device)
-        if self.curvature == "mc":
-            # a Monte-Carlo fit weighs each draw by 1 / (n S): the expected rows carry sqrt(S)
-            rows = rows * math.sqrt(self.mc_samples)
-        v = gradient_sum(self.model, self.loss_fn, removed, weight_decay=self.weight_decay,
-                         dtype=self.dtype, params=self._star, name="removed")[0]
-        return rows, v.to(self.device)
+        source, scale = self._curvature.for_removal(mc_samples=self.mc_samples)
+        rows = rows_of(self._fm, self.loss_fn, removed, curvature=source, dtype=self.dtype,
+                       likelihood=self.likelihood, weight_decay=self.weight_decay,
+                       params=self._star, max_memory=budget).to(self.device)
+        if source.rows_are_gradients and scale == 1:
+            v = rows.sum(0)
+        else:
+            v = gradient_sum(self.model, self.loss_fn, removed, weight_decay=self.weight_decay,
+                             dtype=self.dtype, params=self._star, name="removed")[0]
+        if scale != 1:
+            # a random curvature's expected rows, weighed as its draws were in the fit
+            rows = rows * scale
+        return _group_means(rows, self.minibatch), v.to(self.device)
 
     @classmethod
     def restore(cls, model: nn.Module, loss_fn, inv_fisher: ssse_ext.BlockInverseFisher, *,
                 n: int, theta_star: torch.Tensor | None = None, train_ids=None, erased=(),
-                weight_decay: float = 0.0, minibatch: int = 1, likelihood: str = "categorical",
+                weight_decay: float = 0.0, minibatch: int = 1, likelihood=None,
                 mc_samples: int = 1, ledger=None) -> "Eraser":
         r"""An Eraser that carries on from a saved state instead of fitting.
 
@@ -430,9 +442,10 @@ class Eraser:
         check_data(removed, "removed")
         check_choice(fisher, "fisher", FISHER_VARIANTS)
         refine_steps = check_nonneg_int(refine_steps, "refine_steps")
-        if epsilon is None and self.curvature != "ggn":
-            raise ValueError('epsilon must be given unless the Eraser was made with '
-                             'curvature="ggn" (the Newton step needs the Gauss-Newton inverse)')
+        if epsilon is None and not self._curvature.supports_newton:
+            raise ValueError(f"epsilon must be given unless the Eraser was made with "
+                             f"{options_with('supports_newton')} (the Newton step needs the "
+                             f"Gauss-Newton inverse), got curvature={self.curvature!r}")
         if epsilon is not None:
             epsilon = check_positive_float(epsilon, "epsilon")
         batches = list(iter_batches(removed, "removed", device=self._fm.device))

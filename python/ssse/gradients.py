@@ -14,13 +14,12 @@ import itertools
 import math
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import nn
-from torch.func import grad, jvp, vmap
+from torch.func import jvp, vmap
 from tqdm.auto import tqdm
 
 import ssse_ext
@@ -35,7 +34,9 @@ from ssse_ext.fisher import build_peak_bytes
 from ._faults import crash_point
 from ._utils import (BATCH_SIZE, FlatModel, data_size, iter_batches, per_sample_losses,
                      rebatch, warn_if_training)
-from .curvature import CURVATURES, LIKELIHOODS, ggn_rows, outputs_2d, sample_labels
+from .curvature import (check_likelihood, get_curvature, options_with, outputs_2d,
+                        resolve_likelihood)
+from .curvature.likelihoods import PROBE_SAMPLES
 
 __all__ = ["per_sample_grads", "fit_inverse_fisher", "gradient_sum", "hessian_vector_products",
            "resolve_layout", "LAYOUTS"]
@@ -64,10 +65,6 @@ _MIN_CHUNK_BYTES = 64 << 20
 # An erasure request's rows are computed in chunks of at most this share of the inverse's size
 # (and at least _MIN_CHUNK_BYTES): its extra memory stays O(k d) plus a small share.
 _REQUEST_SHARE_OF_INVERSE = 0.1
-
-# What torch.func.vmap raises for a module it cannot batch (data-dependent control flow,
-# .item(), in-place writes to unbatched tensors): only these switch to the per-sample loop.
-_VMAP_UNSUPPORTED = ("vmap", "batching rule", "batched tensor", "functorch")
 
 
 def _activation_elements(fm: FlatModel, params: dict, frozen: dict, x: torch.Tensor) -> int:
@@ -98,14 +95,13 @@ def _row_bytes(fm: FlatModel, params: dict, frozen: dict, x: torch.Tensor, minib
     return elem * (_ROW_COPIES * fm.dim + _ACTIVATION_COPIES * minibatch * acts)
 
 
-def _rows_per_sample(fm: FlatModel, data, dtype: torch.dtype, curvature: str,
+def _rows_per_sample(fm: FlatModel, data, dtype: torch.dtype, curvature,
                      mc_samples: int) -> int | None:
-    """Rows each sample gives the curvature, known before the data is read (``None`` for the
-    Gauss–Newton rows of a one-shot iterable: their number is the model's outputs)."""
-    if curvature == "mc":
-        return mc_samples
-    if curvature != "ggn":
-        return 1
+    """Rows each sample gives the curvature, known before the data is read (``None`` when they
+    depend on the model's outputs and ``data`` is a one-shot iterable)."""
+    per_sample = curvature.rows_per_sample(None, mc_samples=mc_samples)
+    if per_sample is not None:
+        return per_sample
     first = data if is_pair(data) else (data[0] if isinstance(data, (list, tuple)) and data
                                         else None)
     if first is None or not is_pair(first):
@@ -114,7 +110,8 @@ def _rows_per_sample(fm: FlatModel, data, dtype: torch.dtype, curvature: str,
                              dtype=dtype):
         if x.shape[0]:
             params = fm.param_dict(dtype)
-            return outputs_2d(fm, params, fm.frozen_dict(dtype), x).shape[1]
+            c = outputs_2d(fm, params, fm.frozen_dict(dtype), x).shape[1]
+            return curvature.rows_per_sample(c, mc_samples=mc_samples)
     return None
 
 
@@ -216,41 +213,6 @@ def _plan_chunk_rows(per_row: int, budget: int) -> int:
     return max(1, min(MAX_CHUNK_ROWS, int(budget // max(per_row, 1))))
 
 
-def _group_grads(fm: FlatModel, loss_fn, params: dict, frozen: dict, x: torch.Tensor,
-                 y: torch.Tensor, b: int, state: dict) -> torch.Tensor:
-    """``(ceil(m / b), d)`` mean gradients of consecutive groups of ``b`` rows of one chunk."""
-    m = x.shape[0]
-    full = m // b
-
-    def group_loss(p, xg, yg):
-        return per_sample_losses(loss_fn, fm(p, xg, frozen), yg).mean()
-
-    rows = []
-    if full:
-        xg = x[:full * b].reshape((full, b) + tuple(x.shape[1:]))
-        yg = y[:full * b].reshape((full, b) + tuple(y.shape[1:]))
-        if state.get("loop"):
-            rows.append(_loop_grads(fm, group_loss, params, xg, yg))
-        else:
-            try:
-                g = vmap(grad(group_loss), in_dims=(None, 0, 0), randomness="different")(
-                    params, xg, yg)
-                rows.append(fm.flatten_rows(g, full))
-                del g  # the per-parameter copy, before the next
-            except RuntimeError as exc:
-                if not _vmap_cannot_batch(exc):
-                    raise  # out of memory, shape errors, the loss's own errors: not vmap's
-                warnings.warn(f"per-sample gradients: torch.func.vmap failed ({type(exc).__name__}:"
-                              f" {exc}); falling back to a per-sample loop, which is much slower",
-                              RuntimeWarning, stacklevel=4)
-                state["loop"] = True
-                rows.append(_loop_grads(fm, group_loss, params, xg, yg))
-    if full * b < m:
-        g = grad(group_loss)(params, x[full * b:], y[full * b:])
-        rows.append(fm.flatten_rows({k: v.unsqueeze(0) for k, v in g.items()}, 1))
-    return torch.cat(rows) if len(rows) > 1 else rows[0]
-
-
 def _chunks(batches, size: int, cut_every: int | None, cut_start: int):
     """:func:`~ssse._utils.rebatch` into ``size`` rows, also cut wherever ``cut_start`` plus the
     samples so far is a multiple of ``cut_every``."""
@@ -271,82 +233,103 @@ def _chunks(batches, size: int, cut_every: int | None, cut_start: int):
         yield from rebatch((batch for _, batch in segment), size)
 
 
-def _vmap_cannot_batch(exc: RuntimeError) -> bool:
-    text = str(exc).lower()
-    if "out of memory" in text or "can't allocate memory" in text:
-        return False
-    return any(key in text for key in _VMAP_UNSUPPORTED)
+def likelihood_on(fm: FlatModel, loss_fn, batch, likelihood, *, params: dict | None = None,
+                  dtype: torch.dtype | None = None):
+    """The likelihood of ``loss_fn`` resolved on the first :data:`PROBE_SAMPLES` samples of
+    ``batch`` (:func:`ssse.curvature.resolve_likelihood`): inferred when ``likelihood`` is
+    ``None``, else checked."""
+    dtype = dtype or fm.dtype
+    x, y = batch
+    x, y = x[:PROBE_SAMPLES].to(fm.device), y[:PROBE_SAMPLES].to(fm.device)
+    # cast as the row streams cast their batches (iter_batches), so the loss sees the same
+    if x.is_floating_point():
+        x = x.to(dtype)
+    if y.is_floating_point():
+        y = y.to(dtype)
+    params = fm.param_dict(dtype) if params is None else params
+    with torch.no_grad():
+        output = fm(params, x, fm.frozen_dict(dtype))
+    return resolve_likelihood(likelihood, loss_fn, output, y)
 
 
-def _loop_grads(fm: FlatModel, group_loss, params: dict, xg: torch.Tensor,
-                yg: torch.Tensor) -> torch.Tensor:
-    out = []
-    for xi, yi in zip(xg, yg):
-        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        with torch.enable_grad():
-            gs = torch.autograd.grad(group_loss(leaves, xi, yi), [leaves[k] for k in fm.names],
-                                     allow_unused=True)
-        out.append(torch.cat([(torch.zeros_like(leaves[k]) if g is None else g).reshape(-1)
-                              for k, g in zip(fm.names, gs)]))
-    return torch.stack(out)
+def likelihood_of_data(fm: FlatModel, loss_fn, data, likelihood, *, name: str = "data",
+                       dtype: torch.dtype | None = None):
+    """:func:`likelihood_on` the first non-empty batch of ``data``; returns ``(likelihood,
+    data)``, with ``data`` still whole when it was a one-shot iterator."""
+    if is_pair(data) or isinstance(data, (list, tuple)):
+        source, rest = iter_batches(data, name), data
+    elif isinstance(data, Iterator):
+        held: list = []
+        source = (held.append(b) or b for b in data)
+        rest = None
+    else:
+        source, rest = iter_batches(data, name), data
+    first = next((b for b in source if is_pair(b) and b[0].shape[0]), None)
+    if rest is None:
+        rest = itertools.chain(held, data)
+    if first is None:
+        raise ValueError(f"{name} is empty: the likelihood is read from its first batch")
+    return likelihood_on(fm, loss_fn, first, likelihood, dtype=dtype), rest
 
 
 def _grad_stream(fm: FlatModel, loss_fn, data, name: str, *, weight_decay: float,
                  chunk_size: int | None, minibatch: int, dtype: torch.dtype,
                  params: dict | None = None, max_memory: int | None = None,
-                 curvature: str = "empirical", likelihood: str = "categorical",
+                 curvature="empirical", likelihood=None,
                  mc_samples: int = 1, seed: int = 0, info: dict | None = None,
                  generator: torch.Generator | None = None, cut_every: int | None = None,
                  cut_start: int = 0) -> Iterator[torch.Tensor]:
-    """The validated rows of ``curvature`` (:mod:`ssse.curvature`) for the samples of
-    ``data`` at ``params``: per-sample (or per-group) gradients for ``"empirical"``; ``c``
-    Gauss–Newton rows, or ``mc_samples`` sampled-label gradients, per sample otherwise. Each
-    chunk covers ``chunk_size`` samples, or as many as ``max_memory`` bytes allow (default:
-    the memory available now). ``info["rows_per_sample"]`` receives the rows per sample and
-    ``info["chunk_size"]`` the samples per chunk (groups with ``minibatch > 1``) and
-    ``info["samples"]`` the samples read so far;
-    ``generator`` draws the Monte-Carlo labels (default: a new one seeded with ``seed``). With
-    ``cut_every``, no chunk spans a multiple of ``cut_every`` samples (the stream's first sample
-    being sample ``cut_start``)."""
+    """The validated rows of ``curvature`` (a name or a registered
+    :class:`~ssse.curvature.Curvature`) for the samples of ``data`` at ``params``, with
+    ``weight_decay`` times the parameters added where the curvature's rows include it. The
+    likelihood of a curvature that needs one is resolved on the first batch
+    (:func:`likelihood_on`). Each chunk covers ``chunk_size`` samples, or as many as
+    ``max_memory`` bytes allow (default: the memory available now).
+    ``info["rows_per_sample"]`` receives the rows per sample, ``info["likelihood"]`` the
+    resolved likelihood, ``info["chunk_size"]`` the samples per chunk (groups with
+    ``minibatch > 1``) and ``info["samples"]`` the samples read so far; ``generator`` makes the
+    draws of a random curvature (default: a new one seeded with ``seed``). With ``cut_every``,
+    no chunk spans a multiple of ``cut_every`` samples (the stream's first sample being sample
+    ``cut_start``)."""
+    curv = get_curvature(curvature)
     params = fm.param_dict(dtype) if params is None else params
     frozen = fm.frozen_dict(dtype)
     theta = torch.cat([params[k].reshape(-1) for k in fm.names])
     batches = iter_batches(data, name, device=fm.device, dtype=dtype)
-    first = next(batches, None)
+    first = next((b for b in batches if b[0].shape[0]), None)
     if first is None:
         return
-    per_sample = 1
-    if curvature == "mc":
-        per_sample = mc_samples
-    elif curvature == "ggn" and first[0].shape[0]:
-        per_sample = outputs_2d(fm, params, frozen, first[0][:1]).shape[1]
+    lik = likelihood_on(fm, loss_fn, first, likelihood, params=params, dtype=dtype) \
+        if curv.needs_likelihood else None
+    per_sample = curv.rows_per_sample(None, mc_samples=mc_samples)
+    if per_sample is None:
+        per_sample = curv.rows_per_sample(outputs_2d(fm, params, frozen, first[0][:1]).shape[1],
+                                          mc_samples=mc_samples)
     if info is not None:
-        info["rows_per_sample"] = per_sample
+        info["rows_per_sample"], info["likelihood"] = per_sample, lik
     if chunk_size is None:
         if max_memory is None:
             max_memory = int(_MEMORY_SHARE * available_memory(fm.device))
         per_row = _row_bytes(fm, params, frozen, first[0], minibatch, dtype)
         chunk_size = _plan_chunk_rows(per_row * per_sample, max_memory)
-        if curvature == "mc" and per_row * per_sample > max_memory:  # a chunk is one sample
-            raise ValueError(f"mc_samples (--mc-samples) {mc_samples}: one sample's sampled-"
-                             f"label gradients take about {per_row * per_sample:,} bytes, more "
-                             f"than the {max_memory:,} bytes a chunk may use; draw fewer")
+        if curv.rows_option and per_row * per_sample > max_memory:  # a chunk is one sample
+            raise ValueError(f"{curv.rows_option}: one sample's {per_sample} rows of the "
+                             f"{curv.name} curvature take about {per_row * per_sample:,} bytes, "
+                             f"more than the {max_memory:,} bytes a chunk may use; ask for "
+                             f"fewer")
     if info is not None:
         info["chunk_size"] = chunk_size
-    if curvature == "mc" and generator is None:
+    if curv.random and generator is None:
         generator = torch.Generator(device=fm.device).manual_seed(seed)
     state: dict = {}
     for x, y in _chunks(itertools.chain([first], batches), chunk_size * minibatch, cut_every,
                         cut_start):
         if info is not None:
             info["samples"] = info.get("samples", 0) + x.shape[0]
-        if curvature == "ggn":
-            yield ggn_rows(fm, params, frozen, x, likelihood)
-            continue
-        if curvature == "mc":
-            x, y = sample_labels(fm, params, frozen, x, y, likelihood, mc_samples, generator)
-        rows = _group_grads(fm, loss_fn, params, frozen, x, y, minibatch, state).detach()
-        if weight_decay and curvature == "empirical":
+        rows = curv.rows(fm, params, frozen, x, y, loss_fn=loss_fn, likelihood=lik,
+                         generator=generator, mc_samples=mc_samples, minibatch=minibatch,
+                         state=state)
+        if weight_decay and curv.includes_weight_decay:
             rows.add_(theta, alpha=weight_decay)  # in place: no second copy of the chunk
         yield rows
 
@@ -444,7 +427,7 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
                        weight_decay: float = 0.0, minibatch: int = 1,
                        dtype: torch.dtype | None = None, device=None,
                        chunk_size: int | None = None, max_memory: int | None = None,
-                       curvature: str = "empirical", likelihood: str = "categorical",
+                       curvature="empirical", likelihood=None,
                        mc_samples: int = 1, seed: int = 0, representation: str = "auto",
                        progress: bool = True, checkpoint: str | os.PathLike | None = None,
                        every: int | None = None,
@@ -463,7 +446,8 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     curvature of the training objective :math:`wI + \frac1n\sum_i G_i` (the regulariser's
     curvature is the damping, so its gradient term is not in the rows). ``"mc"``: the true
     Fisher by ``mc_samples`` sampled labels per sample, :math:`N = n \cdot` ``mc_samples``.
-    The ``"ggn"`` and ``"mc"`` rows need the inputs only, not the labels.
+    The ``"ggn"`` and ``"mc"`` rows need the inputs only, not the labels (those of the first
+    batch serve to check the likelihood against ``loss_fn``).
 
     Args:
         model, loss_fn, data, weight_decay, minibatch: as in :func:`per_sample_grads`
@@ -493,9 +477,15 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
             environment variable ``SSSE_AVAILABLE_MEMORY`` sets that figure in bytes): a fit
             that does not fit is refused with :class:`ssse_ext.errors.InsufficientMemoryError`
             (a ``MemoryError``) naming both byte counts and what would make it fit.
-        curvature: ``"empirical"``, ``"ggn"`` or ``"mc"`` (see above).
-        likelihood: the output distribution for ``"ggn"`` and ``"mc"``: ``"categorical"``
-            (softmax logits) or ``"bernoulli"`` (independent sigmoid logits).
+        curvature: ``"empirical"``, ``"ggn"``, ``"mc"`` (see above) or the name of another
+            registered :class:`ssse.curvature.Curvature` (or the object).
+        likelihood: the output distribution for the curvatures that need one (``"ggn"``,
+            ``"mc"``): ``None`` (default) infers it from ``loss_fn``
+            (``nn.CrossEntropyLoss``: ``"categorical"``, ``nn.BCEWithLogitsLoss``:
+            ``"bernoulli"``, ``nn.MSELoss``: ``"gaussian"``; another callable is compared with
+            each registered likelihood on the first batch and refused unless exactly one
+            agrees); a name or a :class:`ssse.curvature.Likelihood` is checked against
+            ``loss_fn`` the same way (:func:`ssse.curvature.resolve_likelihood`).
         mc_samples, seed: draws per sample and their seed for ``"mc"``.
         representation: how blocks are stored (:func:`ssse_ext.build_inverse_fisher`):
             ``"auto"`` (default) picks per block the dense inverse or the exact low-rank form
@@ -534,8 +524,8 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     weight_decay = check_nonneg_float(weight_decay, "weight_decay")
     minibatch = check_positive_int(minibatch, "minibatch")
     dtype = check_dtype(dtype)
-    check_choice(curvature, "curvature", CURVATURES)
-    check_choice(likelihood, "likelihood", LIKELIHOODS)
+    curv = get_curvature(curvature)
+    check_likelihood(likelihood)
     check_choice(representation, "representation", ssse_ext.fisher.REPRESENTATIONS)
     mc_samples = check_positive_int(mc_samples, "mc_samples")
     seed = check_int(seed, "seed")
@@ -557,8 +547,9 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
                             f"{type(data).__name__}")
     elif every is not None:
         raise ValueError("every needs a checkpoint path")
-    if minibatch > 1 and curvature != "empirical":
-        raise ValueError(f"minibatch > 1 needs curvature=\"empirical\", got {curvature!r}")
+    if minibatch > 1 and not curv.allows_minibatch:
+        raise ValueError(f"minibatch > 1 needs {options_with('allows_minibatch')}, got "
+                         f"curvature={curv.name!r}")
     warn_if_training(model, "fit_inverse_fisher")
     fm = FlatModel(model)
     lay = resolve_layout(layout, block_size, fm)
@@ -570,7 +561,7 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     max_memory = check_positive_int(max_memory, "max_memory", allow_none=True)
     n = data_size(data)
     total = None if n is None else math.ceil(n / minibatch)
-    per_sample = _rows_per_sample(fm, data, dtype, curvature, mc_samples)
+    per_sample = _rows_per_sample(fm, data, dtype, curv, mc_samples)
     rows = None if total is None or per_sample is None else total * per_sample
     build = _check_fit_memory(fm, lay, dtype=dtype, device=device, rows=rows,
                               per_sample=per_sample or 1, representation=representation,
@@ -586,13 +577,14 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
                leave=False)
 
     stream_args = dict(weight_decay=weight_decay, minibatch=minibatch, dtype=dtype,
-                       max_memory=max_memory, curvature=curvature, likelihood=likelihood,
+                       max_memory=max_memory, curvature=curv.name, likelihood=likelihood,
                        mc_samples=mc_samples, seed=seed)
     try:
         if checkpoint is not None:
             settings = {"damping": damping, "layout": lay.to_dict(), "samples": n,
                         "device": device.type, "probe_vectors": probe_vectors, **stream_args}
             settings["dtype"] = str(dtype).removeprefix("torch.")
+            settings["likelihood"] = getattr(likelihood, "spec", likelihood)
             del settings["max_memory"]
             # the chunks are cut at the checkpoints, and torch's reductions split their sums
             # by thread: either one changes the last bits of the result
@@ -615,12 +607,14 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
                     bar.update(rows.shape[0] // per_sample)
                     yield rows.to(device)
 
-            # the GGN's c rows of a sample add up to its curvature (N = n); each Monte-Carlo
-            # draw is one estimate of it (N = n * mc_samples, the number of rows)
+            # N = n times the curvature's weight of a sample: the c Gauss-Newton rows of a
+            # sample add up to its curvature (N = n); each Monte-Carlo draw is one estimate of
+            # it (N = n * mc_samples, the number of rows)
             rows = None if total is None else total * per_sample
             inv = ssse_ext.build_inverse_fisher(
                 chunks(), damping=damping, layout=lay,
-                rows_per_sample=per_sample if curvature == "ggn" else 1, curvature=curvature,
+                rows_per_sample=per_sample // curv.normalizer_weight(mc_samples=mc_samples),
+                curvature=curv.name,
                 representation=representation, num_rows=rows, probe_vectors=probe_vectors)
     finally:
         bar.close()
@@ -665,7 +659,8 @@ def _fit_resumable(fm: FlatModel, loss_fn, data, lay: ssse_ext.BlockLayout, *, d
     minibatch = stream_args["minibatch"]
     acc = ssse_ext.GramAccumulator(lay, stream_args["dtype"], device)
     generator = None
-    if stream_args["curvature"] == "mc":
+    curv = get_curvature(stream_args["curvature"])
+    if curv.random:
         generator = torch.Generator(device=fm.device).manual_seed(stream_args["seed"])
     cursor, per_sample, complete = 0, None, False
     if path.exists():
@@ -736,7 +731,7 @@ def _fit_resumable(fm: FlatModel, loss_fn, data, lay: ssse_ext.BlockLayout, *, d
         if acc.rows == 0:
             raise ValueError("data is empty: the Fisher needs at least one sample")
         save(True)
-    rows_per_sample = per_sample if stream_args["curvature"] == "ggn" else 1
+    rows_per_sample = per_sample // curv.normalizer_weight(mc_samples=stream_args["mc_samples"])
     probe = ssse_ext.FisherProbe(lay, columns=probe_vectors, device=device) \
         if probe_vectors else None
     return acc.finish(settings["damping"], max(acc.rows, 1) / rows_per_sample,

@@ -16,7 +16,10 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,10 +35,12 @@ from .models import build_model
 __all__ = [
     "FORMAT_VERSION",
     "FileFormatError",
+    "atomic_folder",
     "atomic_path",
     "atomic_write_bytes",
     "clean_stale_temporaries",
     "fingerprint",
+    "fsync_dir",
     "load_checkpoint",
     "load_extra_tensors",
     "save_checkpoint",
@@ -44,6 +49,7 @@ __all__ = [
     "read_metadata",
     "save_inverse_fisher",
     "save_model",
+    "uninterrupted",
     "write_json",
     "write_text",
 ]
@@ -67,9 +73,10 @@ class FileFormatError(ValueError):
 # ---- atomic writes ----------------------------------------------------------------------------
 
 def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Removes the temporary files of our naming in ``folder`` whose writing process is no
-    longer running (left by a ``kill -9`` during a save); returns what was removed. Files of
-    running processes (this one included) are kept."""
+    """Removes the temporary files (and staging folders, :func:`atomic_folder`) of our naming
+    in ``folder`` whose writing process is no longer running (left by a ``kill -9`` during a
+    save); returns what was removed. Those of running processes (this one included) are
+    kept."""
     removed = []
     try:
         names = os.listdir(folder)
@@ -84,7 +91,10 @@ def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
             continue
         path = Path(folder) / name
         try:
-            path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
             removed.append(path)
         except OSError:  # removed by another process meanwhile, or not ours to remove
             pass
@@ -101,7 +111,7 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: str | os.PathLike) -> None:
     """Makes a rename in ``folder`` durable (where the platform allows opening a folder)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -139,10 +149,51 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
         crash_point("atomic-write")
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Defers Ctrl-C (SIGINT) until the block is done, so that a set of files is swapped in, or
+    a ledger request committed, whole or not at all. Off the main thread (where Python delivers
+    no signal) it defers nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pending.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary folder next to ``out`` for a set of outputs; on success every file
+    written there is moved into ``out`` at once (:func:`uninterrupted`), so that an error or an
+    interrupt leaves ``out`` as it was. The folder is named as :func:`atomic_path`'s temporary
+    files, so a killed writer's is removed by the next write next to it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(out.parent)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP_TAG}{os.getpid()}-", dir=out.parent))
+    try:
+        yield stage
+        with uninterrupted():
+            out.mkdir(parents=True, exist_ok=True)
+            for src in sorted(p for p in stage.rglob("*") if p.is_file()):
+                dst = out / src.relative_to(stage)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dst)
+            fsync_dir(out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from ._faults import crash_point
-from .io import FileFormatError, _fsync_dir, read_metadata
+from .io import FileFormatError, fsync_dir, read_metadata
 
 __all__ = ["GENESIS", "LEDGER_VERSION", "Ledger", "LedgerBusyError", "LedgerError",
            "LedgerState", "check_ids", "check_served", "commit", "entry_digest", "id_digests",
@@ -380,7 +380,7 @@ class Ledger:
             f.flush()
             os.fsync(f.fileno())
         if not state.exists:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         return hashlib.sha256(line).hexdigest()
 
     def lock(self) -> contextlib.AbstractContextManager:
@@ -466,7 +466,7 @@ def commit(ledger: Ledger, entry: dict, writes: dict[str, tuple[Path, Callable[[
         os.replace(pending_path(path), path)
         crash_point(f"ledger-renamed-{name}")
     for folder in {Path(p).parent for p, _ in writes.values()}:
-        _fsync_dir(folder)
+        fsync_dir(folder)
 
 
 def recover(ledger: Ledger, files: dict[str, Path]) -> list[str]:
@@ -488,7 +488,7 @@ def recover(ledger: Ledger, files: dict[str, Path]) -> list[str]:
         if after is not None and _file_fingerprint(pending) == after and \
                 _file_fingerprint(path) != after:
             os.replace(pending, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             done.append(f"completed request {last['request']!r} interrupted by a crash: "
                         f"{path} is now its result")
         else:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LOSSES", "ResNet", "SmallResNet", "build_model", "loss_function"]
+__all__ = ["LOSSES", "LOSS_LIKELIHOODS", "ResNet", "SmallResNet", "build_model", "loss_function"]
 
 
 def _images(x, channels: int, size: int, pool: int):
@@ -136,6 +136,9 @@ def _bce(logits, targets):
 
 #: Losses by name, each ``loss(outputs, targets) -> (batch,)`` per-sample losses.
 LOSSES = {"cross_entropy": _cross_entropy, "bce": _bce}
+#: The output distribution each loss is the negative log-likelihood of (what the Gauss–Newton
+#: and Monte-Carlo curvatures sample from).
+LOSS_LIKELIHOODS = {"cross_entropy": "categorical", "bce": "bernoulli"}
 
 
 def loss_function(name: str):

@@ -15,7 +15,8 @@ Gauss–Newton matrix of sample :math:`i`). At the trained :math:`\theta^*` (a s
           = \theta^* + \frac1n \big(F' - \delta I\big)^{-1} \sum_{i\in S}\nabla\ell_i(\theta^*),
 
 where :math:`F' = \lambda I + \frac1n\sum_{D\setminus S} G_i` is the stored inverse's matrix
-(``curvature="ggn"``, normaliser :math:`N = n`) downdated by the Gauss–Newton rows of :math:`S`
+(``curvature="ggn"``, normaliser :math:`N = n`; any registered curvature with
+``supports_newton``) downdated by the Gauss–Newton rows of :math:`S`
 at :math:`\theta^*`, and :math:`\delta = \lambda - \frac{n-k}{n} w`: the :math:`n` versus
 :math:`n-k` normaliser and the damping meet in that one shift, applied without approximation:
 per block, with :math:`F_b^{-1} = LL^\top` from the stored inverse,
@@ -48,15 +49,15 @@ import torch
 from torch import nn
 
 import ssse_ext
-from ssse_ext.validation import (check_choice, check_nonneg_float, check_nonneg_int,
-                                 check_positive_float, check_positive_int)
+from ssse_ext.validation import (check_nonneg_float, check_nonneg_int, check_positive_float,
+                                 check_positive_int)
 
 from ._utils import (FlatModel, check_request, finish_update, iter_batches, per_sample_losses,
                      warn_if_training)
-from .curvature import LIKELIHOODS
-from .gradients import _grad_stream, gradient_sum, request_budget, stacked_rows
+from .curvature import check_likelihood, get_curvature, options_with
+from .gradients import _grad_stream, gradient_sum, likelihood_on, request_budget, stacked_rows
 
-__all__ = ["newton_erase", "newton_refined"]
+__all__ = ["newton_erase", "newton_refined", "rows_of"]
 
 # Halvings of the step in the refinement's line search.
 _MAX_HALVINGS = 12
@@ -65,19 +66,29 @@ _ARMIJO = 1e-4
 
 
 
-def ggn_rows_of(fm: FlatModel, loss_fn, data, *, dtype, likelihood: str,
-                params: dict | None = None, max_memory: int | None = None) -> torch.Tensor:
-    """All Gauss–Newton rows (``c`` per sample) of ``data`` (a list of batches) at ``params``,
-    as one tensor, computed in chunks of at most ``max_memory`` bytes."""
+def rows_of(fm: FlatModel, loss_fn, data, *, curvature, dtype, likelihood=None,
+            weight_decay: float = 0.0, params: dict | None = None,
+            max_memory: int | None = None) -> torch.Tensor:
+    """All rows of ``curvature`` (a name or a registered :class:`~ssse.curvature.Curvature`)
+    for the samples of ``data`` (a list of batches) at ``params``, as one ``(rows, d)`` tensor,
+    computed in chunks of at most ``max_memory`` bytes."""
     k = sum(x.shape[0] for x, _ in data)
     if k == 0:
         raise ValueError("removed is empty: nothing to erase")
     info: dict = {}
-    stream = _grad_stream(fm, loss_fn, data, "removed", weight_decay=0.0, chunk_size=None,
-                          minibatch=1, dtype=dtype, params=params, curvature="ggn",
-                          likelihood=likelihood, max_memory=max_memory, info=info)
+    stream = _grad_stream(fm, loss_fn, data, "removed", weight_decay=weight_decay,
+                          chunk_size=None, minibatch=1, dtype=dtype, params=params,
+                          curvature=curvature, likelihood=likelihood, max_memory=max_memory,
+                          info=info)
     first = next(stream)
     return stacked_rows(itertools.chain([first], stream), k * info["rows_per_sample"])
+
+
+def check_newton_inverse(inv: ssse_ext.BlockInverseFisher, name: str = "inv_fisher") -> None:
+    """Refuses an inverse whose curvature the Newton step cannot downdate exactly."""
+    if not get_curvature(inv.curvature).supports_newton:
+        raise ValueError(f"{name} must hold the Gauss-Newton matrix (fit with "
+                         f"{options_with('supports_newton')}), got curvature={inv.curvature!r}")
 
 
 def _shift(inv: ssse_ext.BlockInverseFisher, n: int, k: int, w: float) -> float:
@@ -93,7 +104,7 @@ def _shift(inv: ssse_ext.BlockInverseFisher, n: int, k: int, w: float) -> float:
 
 
 def newton_erase(model: nn.Module, loss_fn, removed, *, inv_fisher: ssse_ext.BlockInverseFisher,
-                 n_total: int, weight_decay: float = 0.0, likelihood: str = "categorical",
+                 n_total: int, weight_decay: float = 0.0, likelihood=None,
                  refine_steps: int = 0, tol: float = 1e-10,
                  inplace: bool = False) -> dict[str, torch.Tensor]:
     r"""Erases ``removed`` with no :math:`\varepsilon` to choose: the leave-k-out Newton step on
@@ -109,7 +120,9 @@ def newton_erase(model: nn.Module, loss_fn, removed, *, inv_fisher: ssse_ext.Blo
             modified.
         n_total: :math:`n = |D|`, the samples the model was trained on.
         weight_decay: :math:`w`, the L2 coefficient of training.
-        likelihood: the model's output distribution (as for the fit).
+        likelihood: the model's output distribution, as for the fit
+            (:func:`ssse.fit_inverse_fisher`): ``None`` infers it from ``loss_fn``; a given one
+            is checked against it.
         refine_steps: Newton steps on :math:`M` after the first (0: the plain Newton step).
         tol: the refinement stops once a step is smaller than this, relative to the total.
         inplace: also write the result into the model.
@@ -120,12 +133,10 @@ def newton_erase(model: nn.Module, loss_fn, removed, *, inv_fisher: ssse_ext.Blo
     fm, inv = check_request(model, loss_fn, removed, inv_fisher)
     n = check_positive_int(n_total, "n_total")
     w = check_nonneg_float(weight_decay, "weight_decay")
-    check_choice(likelihood, "likelihood", LIKELIHOODS)
+    check_likelihood(likelihood)
     refine_steps = check_nonneg_int(refine_steps, "refine_steps")
     tol = check_positive_float(tol, "tol")
-    if inv.curvature != "ggn":
-        raise ValueError(f'inv_fisher must hold the Gauss-Newton matrix (fit with '
-                         f'curvature="ggn"), got curvature={inv.curvature!r}')
+    check_newton_inverse(inv)
     warn_if_training(model, "newton_erase")
     batches = list(iter_batches(removed, "removed"))
     k = sum(x.shape[0] for x, _ in batches)
@@ -134,6 +145,9 @@ def newton_erase(model: nn.Module, loss_fn, removed, *, inv_fisher: ssse_ext.Blo
     if n <= k:
         raise ValueError(f"n_total must be larger than the number of removed samples k={k}, "
                          f"got {n}")
+    if get_curvature(inv.curvature).needs_likelihood:  # resolved once for every step
+        first = next(b for b in batches if b[0].shape[0])
+        likelihood = likelihood_on(fm, loss_fn, first, likelihood, dtype=inv.dtype)
     star = fm.flat(dtype=torch.float64, device=inv.device)
     step = newton_refined(fm, loss_fn, batches, inv, n=n, weight_decay=w,
                           likelihood=likelihood, steps=refine_steps, tol=tol,
@@ -158,7 +172,7 @@ def _objective(fm: FlatModel, loss_fn, batches, theta: torch.Tensor, x: torch.Te
 
 
 def newton_refined(fm: FlatModel, loss_fn, batches, inv: ssse_ext.BlockInverseFisher, *, n: int,
-                   weight_decay: float, likelihood: str, steps: int, tol: float,
+                   weight_decay: float, likelihood, steps: int, tol: float,
                    star: dict | None = None, first: tuple | None = None,
                    max_memory: int | None = None) -> torch.Tensor:
     r"""The leave-k-out Newton step from :math:`\theta^*` (``star``, default the model's
@@ -191,8 +205,9 @@ def newton_refined(fm: FlatModel, loss_fn, batches, inv: ssse_ext.BlockInverseFi
         if step == 0 and first is not None:
             rows, g_s = first
         else:
-            rows = ggn_rows_of(fm, loss_fn, batches, dtype=dtype, likelihood=likelihood,
-                               params=params, max_memory=max_memory).to(device)
+            rows = rows_of(fm, loss_fn, batches, curvature=inv.curvature, dtype=dtype,
+                           likelihood=likelihood, params=params,
+                           max_memory=max_memory).to(device)
             g_s, _ = gradient_sum(fm.model, loss_fn, batches, weight_decay=w, dtype=dtype,
                                   params=params, name="removed")
         hx = (fx - inv.damping * x) / ratio + w * x

@@ -9,10 +9,14 @@ import torch
 from torch import nn
 
 from ssse import retrain, training
-from ssse.data import Dataset, load_dataset
-from ssse.models import build_model, loss_function
+from ssse.data import Dataset, load_dataset, load_recorded
+from ssse.models import LOSS_LIKELIHOODS, build_model, loss_function
 
-__all__ = ["DEFAULTS", "Task", "make_task", "task_from_metadata"]
+__all__ = ["DEFAULTS", "MODELS", "Task", "make_task", "task_from_metadata"]
+
+#: The models :func:`make_task` builds: the convex (linear) model, the small ResNet and the
+#: CIFAR ResNet-20 of paper §5.3.
+MODELS = ("linear", "resnet", "resnet20")
 
 #: Per data set: the L2 coefficient of the convex model and the Fisher damping of the demo.
 DEFAULTS = {
@@ -52,7 +56,7 @@ class Task:
     @property
     def likelihood(self) -> str:
         """The output distribution of the task's loss (for the Gauss–Newton curvature)."""
-        return "bernoulli" if self.loss == "bce" else "categorical"
+        return LOSS_LIKELIHOODS[self.loss]
 
     def data(self, idx: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The training samples ``idx`` (all by default) as one ``(x, y)`` batch in a list."""
@@ -117,7 +121,7 @@ def make_task(data: str = "digits", *, model: str = "linear", data_dir=None, see
         wd = DEFAULTS.get(data, {}).get("weight_decay", 1e-3) if weight_decay is None \
             else weight_decay
         recipe = {"optimizer": "lbfgs", "max_iter": 500, "tolerance": 1e-9}
-    elif model in ("resnet", "resnet20"):
+    elif model in MODELS:
         if ds.image_shape is None:
             raise ValueError(f"the {model} model needs an image data set, not {data}")
         if ds.task != "multiclass":
@@ -135,19 +139,14 @@ def make_task(data: str = "digits", *, model: str = "linear", data_dir=None, see
         recipe = {"optimizer": "sgd", "epochs": epochs or _RESNET["epochs"], "lr": _RESNET["lr"],
                   "batch_size": _RESNET["batch_size"], "momentum": _RESNET["momentum"]}
     else:
-        raise ValueError(f"unknown model {model!r} (expected linear, resnet or resnet20)")
+        raise ValueError(f"unknown model {model!r} (expected one of {', '.join(MODELS)})")
     return Task(ds, spec, loss, float(wd), recipe, dtype, device, info)
 
 
 def task_from_metadata(meta: dict, data: dict, *, dtype: torch.dtype, device) -> Task:
     """The task a model file was trained on (``data`` may override the recorded data set; the
     caller checks that the training set has the recorded ``n_train`` samples)."""
-    if "name" not in data:
-        raise ValueError("the model file records no data set: pass --data")
-    ds = load_dataset(data["name"], data_dir=data.get("data_dir"), seed=int(data.get("seed", 0)),
-                      train_limit=data.get("train_limit"), test_limit=data.get("test_limit"),
-                      dtype=dtype)
-    return Task(ds, meta["spec"], meta.get("loss", "cross_entropy"),
+    return Task(load_recorded(data, dtype=dtype), meta["spec"], meta.get("loss", "cross_entropy"),
                 float(meta.get("weight_decay", 0.0)),
                 meta.get("recipe", {"optimizer": "lbfgs"}), dtype, torch.device(device or "cpu"),
                 data)

@@ -1,0 +1,39 @@
+"""``ssse experiment NAME``: one of the paper's experiments (``ssse.experiments.NAME.run``),
+its results written to ``--out`` whole or not at all."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from ssse.io import atomic_folder
+
+from ..common import UsageError, dtype
+
+__all__ = ["run"]
+
+#: Options of the nonconvex experiment only.
+NONCONVEX_OPTIONS = ("model", "layout", "block_size", "representation", "methods",
+                     "grid_points")
+
+
+def run(args) -> int:
+    module = importlib.import_module(f"ssse.experiments.{args.name}")
+    out = Path(args.out or f"results/{args.name}")
+    kwargs = {"quick": args.quick, "seed": args.seed, "device": args.device,
+              "progress": not args.quiet, "data": args.data, "data_dir": args.data_dir,
+              "repeats": args.repeats}
+    if args.dtype:
+        kwargs["dtype"] = dtype(args)
+    extra = {k: getattr(args, k) for k in NONCONVEX_OPTIONS if getattr(args, k) is not None}
+    if args.minibatch not in (None, getattr(module, "MINIBATCH", None)):
+        raise UsageError(f"--minibatch: the non-convex experiment's mini-batch Fisher uses "
+                         f"batches of 10, got {args.minibatch}")
+    if extra and args.name != "nonconvex":
+        raise UsageError(f"--{next(iter(extra)).replace('_', '-')} applies to the nonconvex "
+                         "experiment only")
+    with atomic_folder(out) as stage:
+        summary = module.run(out=stage, **kwargs, **extra)
+    print(summary.rstrip("\n"))
+    print(out / "results.json")
+    return 0

@@ -1,0 +1,423 @@
+r"""Dense blocks: every :math:`F_b^{-1}` held in full (``name = "dense"``).
+
+The blocks are held in packed storage (see :class:`~ssse_ext.BlockLayout`: one
+:math:`s_b \times s_b` matrix after another) as one or more *segments*, 1-D tensors covering
+consecutive blocks of the store, so that a build never needs one allocation of the whole
+inverse next to its accumulators. Apply, update and downdate run in the kernels
+(:mod:`ssse_ext._ops`); the checks of a change, :meth:`DenseStore.without` and
+:meth:`DenseStore.solve_changed` run the Woodbury form in float64 with torch, a bounded batch
+of equal-size blocks at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .. import _ops
+from ..budget import check_memory, format_bytes
+from ..layout import BlockLayout
+from ..lowrank import WOODBURY_ELEMENTS, checked_cholesky, inner_matrix
+from ..validation import FLOAT_DTYPES, check_dtype
+from .base import BlockStore, BuildCost, ChangeFactors, StoreBuilder, element_size
+from .dense_gram import (DenseGram, cuda_workspace, dense_build_nbytes, group_cap, groups,
+                         raise_if_failed)
+
+__all__ = ["DenseStore"]
+
+# float64 copies of a run of blocks that a Woodbury check holds at once when it factors the
+# blocks themselves (more rows than parameters, or a shift): the block, its Cholesky factor,
+# the inner matrix and its factor, and one temporary.
+_WOODBURY_COPIES = 5
+
+
+def _run_budget(k: int):
+    return lambda s: WOODBURY_ELEMENTS // (s * (s + 2 * k))
+
+
+class DenseFactors(ChangeFactors):
+    """Per batch of blocks ``(start, count, size, kind, left, chol)``: ``kind`` is
+    ``"correction"`` (``left`` = U, ``chol`` of C) or ``"factor"`` (``left`` = L, ``chol`` of
+    A); see :meth:`DenseStore.woodbury`."""
+
+    def __init__(self, parts: list, sign: int):
+        self.parts, self.sign = parts, sign
+
+    def solve(self, v: torch.Tensor, out: torch.Tensor) -> None:
+        for st, n, s, kind, left, chol in self.parts:
+            vb = v[st:st + n * s].reshape(n, s, -1)
+            inner = torch.cholesky_solve(left.transpose(1, 2) @ vb, chol)
+            if kind == "correction":
+                res = out[st:st + n * s].reshape(n, s, -1) - self.sign * (left @ inner)
+            else:
+                res = left @ inner
+            out[st:st + n * s] = res.reshape(n * s, -1)
+
+
+class DenseStore(BlockStore):
+    """Dense inverses of the blocks ``block_ids`` of ``layout``.
+
+    Args:
+        layout, block_ids: the blocks held (increasing ids).
+        segments: 1-D float32 or float64 tensors (one, or a sequence) whose concatenation is
+            the packed storage of the blocks in order, each ending on a block boundary; at
+            least one (a store without blocks holds an empty one, for its dtype and device).
+        damping, normalizer: :math:`\\lambda` and :math:`N`.
+    """
+
+    name = "dense"
+    prefix = "packed"
+    methods = ("cholesky", "sherman_morrison", "woodbury")
+
+    def __init__(self, layout: BlockLayout, block_ids: Sequence[int], segments, *,
+                 damping: float, normalizer: float):
+        super().__init__(layout, block_ids, damping=damping, normalizer=normalizer)
+        segments = [segments] if isinstance(segments, torch.Tensor) else list(segments)
+        if not segments or not all(isinstance(t, torch.Tensor) for t in segments):
+            raise TypeError("packed must be a 1-D tensor or a non-empty sequence of them")
+        ids = self.block_ids
+        self._bounds, self._where = [0], {}
+        pos = 0
+        for j, t in enumerate(segments):
+            if t.dim() != 1 or t.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"packed[{j}] must be a 1-D float32 or float64 tensor, got "
+                                f"{t.dtype} of shape {tuple(t.shape)}")
+            if t.dtype != segments[0].dtype or t.device != segments[0].device:
+                raise ValueError(f"packed[{j}] is {t.dtype} on {t.device}, the inverse is "
+                                 f"{segments[0].dtype} on {segments[0].device}")
+            numel = 0
+            while pos < len(ids) and numel < t.numel():
+                self._where[ids[pos]] = (j, numel)
+                numel += layout.sizes[ids[pos]] ** 2
+                pos += 1
+            if numel != t.numel():
+                raise ValueError(f"packed[{j}] has {t.numel()} elements, which do not end on a "
+                                 f"block boundary of the layout")
+            self._bounds.append(pos)
+        if pos != len(ids):
+            raise ValueError(f"packed has {sum(t.numel() for t in segments)} elements, the "
+                             f"dense blocks of the layout need "
+                             f"{sum(layout.sizes[b] ** 2 for b in ids)}")
+        self._segments = [t.contiguous() for t in segments]
+        self._tables: dict = {}
+
+    # ---- what is held ----
+    dtype = property(lambda self: self._segments[0].dtype)
+    device = property(lambda self: self._segments[0].device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._segments)
+
+    @property
+    def segments(self) -> tuple[torch.Tensor, ...]:
+        """The packed storage, one 1-D tensor per range of blocks."""
+        return tuple(self._segments)
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """The packed storage as one 1-D tensor (a copy when held in several segments)."""
+        if len(self._segments) == 1:
+            return self._segments[0]
+        check_memory("BlockInverseFisher.packed", self.nbytes, self.device,
+                     detail="one tensor of the dense blocks' segments",
+                     remedies=("read the segments (BlockInverseFisher.segments) instead",))
+        return torch.cat(self._segments)
+
+    def _segment_ids(self, j: int) -> tuple[int, ...]:
+        return self.block_ids[self._bounds[j]:self._bounds[j + 1]]
+
+    def _segment_tables(self) -> list:
+        """Per segment: (storage, host table, device table), offsets within the segment."""
+        key = self.device
+        tables = self._tables.get(key)
+        if tables is None:
+            tables = []
+            for j in range(len(self._segments)):
+                host = self.layout.table(blocks=self._segment_ids(j))
+                tables.append((host, host if key.type == "cpu" else host.to(key)))
+            self._tables = {key: tables}
+        return [(seg, host, dev) for seg, (host, dev) in zip(self._segments, tables)]
+
+    def block(self, b: int) -> torch.Tensor:
+        b = self.block_ids[self.position(b)]
+        j, o = self._where[b]
+        s = self.layout.sizes[b]
+        return self._segments[j][o:o + s * s].view(s, s)
+
+    def dense_block(self, b: int) -> torch.Tensor:
+        return self.block(b).clone()
+
+    def apply_into(self, v, base, scale, out) -> None:
+        for seg, host, dev in self._segment_tables():
+            if seg.numel():
+                _ops.call(_ops.apply_inverse, seg, host, dev, v, base, float(scale), out)
+
+    # ---- the Woodbury form in float64 ----
+    def woodbury(self, rows: torch.Tensor, sign: int, what: str, *, keep: bool = False,
+                 shift: float = 0.0, rhs: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> list:
+        r"""Checks, for every block, that :math:`M_b = F_b + \mathrm{sign}\,R_b^\top R_b / N
+        - \mathrm{shift}\,I` stays positive definite with the margin; writes nothing to the
+        store. With ``keep``, returns the factors of every batch of blocks (for
+        :class:`DenseFactors`); with ``rhs`` (``(d, r)`` float64), writes
+        :math:`M^{-1}\,\mathrm{rhs}` into ``out``. Batches of equal-size blocks, float64:
+
+        - :math:`k \le s` and no shift: :math:`U = F_b^{-1} R_b^\top`,
+          :math:`C = N I_k + \mathrm{sign}\,R_b U`, :math:`M^{-1} = F_b^{-1} - \mathrm{sign}\,U
+          C^{-1} U^\top` (kept: :math:`U` and the Cholesky factor of :math:`C`);
+        - otherwise: :math:`F_b^{-1} = L L^\top`,
+          :math:`A = I_s + \mathrm{sign}\,(R_b L)^\top (R_b L) / N - \mathrm{shift}\,L^\top L`,
+          :math:`M^{-1} = L A^{-1} L^\top` (kept: :math:`L` and the Cholesky factor of
+          :math:`A`).
+
+        :math:`C / N` and :math:`A` have the same spectrum up to eigenvalues 1 (without a
+        shift), so the margin means the same in both.
+        """
+        k, N = rows.shape[0], self.normalizer
+        factors = []
+        for j, (seg, _, _) in enumerate(self._segment_tables()):
+            for b0, n, s in self.layout.runs(_run_budget(k), blocks=self._segment_ids(j)):
+                o, st = self._where[b0][1], self.layout.starts[b0]
+                ids = range(b0, b0 + n)
+                f = seg[o:o + n * s * s].view(n, s, s).to(torch.float64)
+                r = rows[:, st:st + n * s].reshape(k, n, s).transpose(0, 1).to(torch.float64)
+                if k <= s and shift == 0:
+                    u = f @ r.transpose(1, 2)                                   # (n, s, k)
+                    chol = checked_cholesky(inner_matrix(u, r, sign, N), what, self.layout, ids,
+                                            scale=N)
+                    kept = (st, n, s, "correction", u, chol)
+                else:
+                    lf, info_f = torch.linalg.cholesky_ex(f)
+                    rl = r @ lf                                                 # (n, k, s)
+                    a = sign * (rl.transpose(1, 2) @ rl) / N
+                    if shift:
+                        a = a - shift * (lf.transpose(1, 2) @ lf)
+                    a = 0.5 * (a + a.transpose(1, 2))
+                    a.diagonal(dim1=1, dim2=2).add_(1.0)
+                    chol = checked_cholesky(a, what, self.layout, ids, info=info_f)
+                    kept = (st, n, s, "factor", lf, chol)
+                if keep:
+                    factors.append(kept)
+                if rhs is not None:
+                    vb = rhs[st:st + n * s].reshape(n, s, -1)
+                    left = kept[4]
+                    res = left @ torch.cholesky_solve(left.transpose(1, 2) @ vb, chol)
+                    if kept[3] == "correction":
+                        res = f @ vb - sign * res
+                    out[st:st + n * s] = res.reshape(n * s, -1)
+        return factors
+
+    def change_nbytes(self, k, *, method="woodbury", keep=False, shift=0.0):
+        if method == "sherman_morrison" and not keep and not shift:
+            return 0, 0  # no float64 check: check_change refuses its copy itself
+        converted = 0 if self.dtype == torch.float64 else 1  # float32 blocks are converted
+        work = kept = 0
+        for _, n, s in self.layout.runs(_run_budget(k), blocks=self.block_ids):
+            if k <= s and shift == 0:
+                work = max(work, 8 * n * (converted * s * s + 3 * s * k + 3 * k * k))
+                kept += 8 * n * (s * k + k * k)
+            else:
+                work = max(work, 8 * n * (_WOODBURY_COPIES * s * s + 2 * k * s))
+                kept += 16 * n * s * s
+        return work, kept
+
+    def without(self, rows, sign, *, what):
+        return DenseFactors(self.woodbury(rows, sign, what, keep=True), sign)
+
+    def solve_changed(self, rows, rhs, out, *, sign, shift, what):
+        self.woodbury(rows, sign, what, shift=shift, rhs=rhs, out=out)
+
+    # ---- changes in place ----
+    def check_change(self, rows, sign, *, method, chunk_size, what):
+        if method == "woodbury":
+            # every block is checked first: the kernel's writes cannot then fail, so no copy
+            # of the store is needed for atomicity
+            self.woodbury(rows, sign, what)
+            return rows, sign, method, chunk_size, what, None
+        # The literal recurrence can fail part-way in float32 where the result is still
+        # positive definite (its intermediate inverses are worse conditioned): it runs on
+        # copies, swapped in by write().
+        check_memory(what, self.nbytes, self.device,
+                     detail=f'a copy of the dense blocks for method="{method}"',
+                     remedies=('use method="woodbury" (the default), which checks '
+                               'every block first and then works in place',))
+        work = [seg.clone() for seg in self._segments]
+        self._recur(work, rows, sign, method, chunk_size, what)
+        return rows, sign, method, chunk_size, what, work
+
+    def write(self, plan) -> None:
+        rows, sign, method, chunk_size, what, work = plan
+        if work is None:
+            self._recur(self._segments, rows, sign, method, chunk_size, what)
+        else:
+            self._segments = work
+
+    def _recur(self, segments, rows, sign, method, chunk_size, what) -> None:
+        """Paper eq. 7 (or its rank-64 Woodbury steps) on ``segments``, laid out like the
+        store's own."""
+        step = chunk_size or rows.shape[0]
+        for j, (seg, (_, host, dev)) in enumerate(zip(segments, self._segment_tables())):
+            if not seg.numel():
+                continue
+            for i in range(0, rows.shape[0], step):
+                info = _ops.call(_ops.sherman_morrison_, seg, host, dev, rows[i:i + step],
+                                 self.normalizer, sign, method == "woodbury")
+                raise_if_failed(info, what, self.layout, "row", self._segment_ids(j))
+
+    # ---- copies and files ----
+    def copy_nbytes(self, dtype=None):
+        return sum(t.numel() for t in self._segments) * element_size(dtype or self.dtype)
+
+    def _like(self, segments) -> "DenseStore":
+        return DenseStore(self.layout, self.block_ids, segments, damping=self.damping,
+                          normalizer=self.normalizer)
+
+    def to(self, device=None, dtype=None, *, max_memory=None):
+        check_dtype(dtype)
+        check_memory("DenseStore.to", self.copy_nbytes(dtype),
+                     self.device if device is None else device, max_memory=max_memory,
+                     detail=f"a copy of the {format_bytes(self.nbytes)} dense blocks",
+                     remedies=_COPY_REMEDIES)
+        moved = []
+        for t in self._segments:
+            m = t.to(device=device, dtype=dtype)
+            moved.append(m.clone() if m.data_ptr() == t.data_ptr() and m.numel() else m)
+        return self._like(moved)
+
+    def clone(self, *, max_memory=None):
+        check_memory("DenseStore.clone", self.nbytes, self.device, max_memory=max_memory,
+                     detail=f"a copy of the {format_bytes(self.nbytes)} dense blocks",
+                     remedies=_COPY_REMEDIES)
+        return self._like([t.clone() for t in self._segments])
+
+    def state(self):
+        return {str(j): t for j, t in enumerate(self._segments)}, \
+            {"segments": len(self._segments)}
+
+    @classmethod
+    def from_state(cls, tensors, meta, *, layout, block_ids, damping, normalizer, dtype=None):
+        try:
+            segments = [tensors[str(j)] for j in range(int(meta["segments"]))]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a valid dense-blocks state: missing or bad {exc}") from None
+        return cls(layout, block_ids, segments, damping=damping, normalizer=normalizer)
+
+    # ---- costs ----
+    @classmethod
+    def nbytes_for(cls, size, rows, dtype):
+        return size * size * element_size(dtype)
+
+    @classmethod
+    def state_nbytes(cls, sizes, meta, dtype):
+        return sum(s * s for s in sizes) * element_size(dtype)
+
+    @classmethod
+    def build_cost(cls, layout, block_ids, *, rows, dtype, device, method):
+        sizes = [layout.sizes[b] for b in block_ids]
+        numel = sum(s * s for s in sizes)
+        stored = element_size(dtype) * numel
+        head = f"{len(sizes)} dense blocks of up to {max(sizes, default=0)}: " \
+               f"{format_bytes(stored)} stored"
+        if method in ("sherman_morrison", "woodbury"):
+            scratch = _recurrence_scratch(layout, block_ids, dtype, device, method)
+            return BuildCost(stored + scratch, stored + scratch, stored,
+                             f"{head}, {format_bytes(scratch)} scratch")
+        workspace = 0
+        if device.type == "cuda":
+            for g0, g1 in groups(sizes, group_cap(sizes)):
+                host = layout.table(blocks=block_ids[g0:g1])
+                workspace = max(workspace, *(cuda_workspace(name, host.data_ptr(), g1 - g0)
+                                             for name in ("inverse_from_gram_workspace_bytes",
+                                                          "gram_accumulate_workspace_bytes")))
+        return BuildCost(8 * numel + workspace, dense_build_nbytes(sizes, dtype) + workspace,
+                         stored, f"{head} and {format_bytes(8 * numel)} of float64 Gram "
+                                 f"accumulators")
+
+    @classmethod
+    def builder(cls, layout, block_ids, *, dtype, device, method, damping, normalizer, rows,
+                probe=None, max_memory=None):
+        if method in ("sherman_morrison", "woodbury"):
+            return _RecurrenceBuilder(layout, block_ids, dtype, device, damping=damping,
+                                      normalizer=normalizer, chunked=method == "woodbury",
+                                      probe=probe)
+        return _GramBuilder(layout, block_ids, dtype, device, damping=damping, probe=probe,
+                            max_memory=max_memory)
+
+    def __repr__(self) -> str:
+        return (f"DenseStore(blocks={self.num_blocks}, segments={len(self._segments)}, "
+                f"dtype={self.dtype}, device={self.device}, nbytes={self.nbytes})")
+
+
+_COPY_REMEDIES = ("free memory on the device (e.g. drop other copies of the inverse)",
+                  "pass max_memory=<bytes> if more memory may be used than is free now")
+
+
+def _recurrence_scratch(layout, block_ids, dtype, device, method) -> int:
+    """The kernels' scratch of the recurrence, and the float64 row norms of the build."""
+    chunked = method == "woodbury"
+    if device.type == "cuda":
+        code = 0 if dtype == torch.float32 else 1  # the extension's dtype codes
+        host = layout.table(blocks=block_ids)  # held: the extension reads it by raw pointer
+        scratch = cuda_workspace("sherman_morrison_workspace_bytes", code, chunked,
+                                 host.data_ptr(), len(block_ids))
+    elif chunked and dtype == torch.float32:
+        # every thread converts the block it works on to float64 for the whole call
+        sizes = sorted((layout.sizes[b] for b in block_ids), reverse=True)
+        scratch = sum(8 * s * s for s in sizes[:max(1, torch.get_num_threads())])
+    else:
+        scratch = 0
+    return scratch + WOODBURY_ELEMENTS * 8
+
+
+class _GramBuilder(StoreBuilder):
+    """The stable build: :class:`DenseGram`, then its inverse."""
+
+    def __init__(self, layout, block_ids, dtype, device, *, damping, probe, max_memory):
+        self.gram = DenseGram(layout, dtype, device, blocks=block_ids, max_memory=max_memory)
+        self.damping, self.probe = damping, probe
+
+    def add(self, rows):
+        self.gram.add(rows)
+
+    def finish(self, normalizer):
+        g = self.gram
+        # the warnings name the caller of the build: through here, the build loop and
+        # build_inverse_fisher
+        segments = g.invert(self.damping, normalizer, probe=self.probe, stacklevel=4) or \
+            [torch.zeros(0, dtype=g.dtype, device=g.device)]
+        return DenseStore(g.layout, g.blocks, segments, damping=self.damping,
+                          normalizer=normalizer)
+
+
+class _RecurrenceBuilder(StoreBuilder):
+    r"""Paper eq. 7 from :math:`F_0^{-1} = I/\lambda`: rank-1 steps, or (``chunked``) Woodbury
+    steps of up to 64 rows, in the rows' dtype."""
+
+    def __init__(self, layout, block_ids, dtype, device, *, damping, normalizer, chunked,
+                 probe):
+        if normalizer is None:
+            raise ValueError("the recurrence needs the normalizer up front")
+        self.layout, self.block_ids = layout, tuple(block_ids)
+        self.damping, self.normalizer, self.chunked, self.probe = \
+            damping, normalizer, chunked, probe
+        self.host = layout.table(blocks=self.block_ids)
+        self.dev = self.host if device.type == "cpu" else self.host.to(device)
+        sizes = [layout.sizes[b] for b in self.block_ids]
+        self.packed = torch.zeros(sum(s * s for s in sizes), dtype=dtype, device=device)
+        o = 0
+        for s in sizes:
+            self.packed[o:o + s * s].view(s, s).diagonal().fill_(1.0 / damping)
+            o += s * s
+
+    def add(self, rows):
+        info = _ops.call(_ops.sherman_morrison_, self.packed, self.host, self.dev, rows,
+                         self.normalizer, 1, self.chunked)
+        raise_if_failed(info, "build", self.layout, "row", self.block_ids)
+        if self.probe is not None:
+            self.probe.add(rows, blocks=self.block_ids)
+
+    def finish(self, normalizer):
+        return DenseStore(self.layout, self.block_ids, [self.packed], damping=self.damping,
+                          normalizer=self.normalizer)
