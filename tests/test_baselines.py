@@ -6,7 +6,7 @@ from torch import nn
 
 import ssse
 from ssse.baselines import _diagonal_fisher
-from ssse._utils import FlatModel
+from ssse.model import FlatModel
 
 from .testing import SAME, SOLVE, flat, flat_state, rel_err
 

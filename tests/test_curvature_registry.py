@@ -59,7 +59,7 @@ def mean_hessian(model, loss, X, y):
             parts[k] = t[pos:pos + s.numel()].reshape(s)
             pos += s.numel()
         out = torch.func.functional_call(model, parts, (X,))
-        return ssse._utils.per_sample_losses(loss, out, y).mean()
+        return ssse.model.per_sample_losses(loss, out, y).mean()
 
     return torch.autograd.functional.hessian(f, theta)
 

@@ -209,7 +209,7 @@ def test_gradient_sum_and_hessian_vector_products():
 
 def test_pairs_longer_than_a_batch_are_cut_whole():
     # Regression: every batch of a large (X, y) pair must be seen, not only the first.
-    from ssse._utils import iter_batches
+    from ssse.model import iter_batches
 
     x, y = torch.arange(10.0).view(10, 1), torch.arange(10)
     batches = list(iter_batches((x, y), "data", batch_size=4))

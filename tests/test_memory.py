@@ -260,9 +260,10 @@ def test_fit_is_refused_before_any_gradient_and_auto_fits(small_machine, monkeyp
                                                           tmp_path):
     model, loss, data = linear_fit_data()
     made = []
-    real = ssse.gradients._grad_stream
-    monkeypatch.setattr(ssse.gradients, "_grad_stream",
-                        lambda *a, **k: made.append(1) or real(*a, **k))
+    real = ssse.rows.row_stream
+    for mod in ("fit", "checkpoint"):
+        monkeypatch.setattr(f"ssse.{mod}.row_stream",
+                            lambda *a, **k: made.append(1) or real(*a, **k))
     with pytest.raises(InsufficientMemoryError) as err:
         ssse.fit_inverse_fisher(model, loss, data, damping=1e-3, block_size=B,
                                 representation="dense", progress=False)

@@ -186,21 +186,20 @@ def test_memory_budget_sets_the_rows_per_chunk():
 @pytest.mark.parametrize("curvature", ["empirical", "ggn"])
 def test_requests_under_a_tiny_budget_are_computed_in_one_row_chunks_and_agree(curvature,
                                                                               monkeypatch):
-    from ssse import gradients
+    from ssse import rows
     model, X, y = _setup()
     kw = dict(damping=1e-2, weight_decay=1e-2, curvature=curvature)
     default = ssse.Eraser(model, CE, **kw).fit((X, y))
     tiny = ssse.Eraser(model, CE, max_memory=1, **kw).fit((X, y))
     chunks = []
-    real = gradients._grad_stream
+    real = rows.row_stream
 
     def spy(*args, **kwargs):
         for c in real(*args, **kwargs):
             chunks.append(c.shape[0])
             yield c
-    monkeypatch.setattr(gradients, "_grad_stream", spy)
-    for mod in ("erasure", "newton"):
-        monkeypatch.setattr(f"ssse.{mod}._grad_stream", spy)
+    for mod in ("rows", "fit", "erasure", "newton"):
+        monkeypatch.setattr(f"ssse.{mod}.row_stream", spy)
     eps = None if curvature == "ggn" else 0.5
     got = tiny.erase((X[:7], y[:7]), epsilon=eps)
     rows_per_sample = 3 if curvature == "ggn" else 1

@@ -22,8 +22,10 @@ from ssse_ext import __version__
 from . import curvature, ledger, metrics, models, newton, training
 from .baselines import fisher_forgetting, gradient_ascent, influence_update, retrain
 from .erasure import Eraser, ssse_update
-from .gradients import (LAYOUTS, fit_inverse_fisher, gradient_sum, hessian_vector_products,
-                        per_sample_grads, resolve_layout)
+from .fit import fit_inverse_fisher
+from .gradients import gradient_sum, hessian_vector_products
+from .layouts import LAYOUTS, resolve_layout
+from .rows import per_sample_grads
 from .newton import newton_erase
 
 __all__ = [

@@ -23,10 +23,11 @@ from ssse_ext.validation import (check_callable, check_choice, check_data, check
                                  check_module, check_nonneg_float, check_nonneg_int,
                                  check_positive_float, check_positive_int, check_reiterable)
 
-from ._utils import (BATCH_SIZE, FlatModel, available_memory, finish_update, iter_batches,
+from .model import (BATCH_SIZE, FlatModel, available_memory, finish_update, iter_batches,
                      per_sample_losses, warn_if_training)
 from .curvature import check_likelihood
-from .gradients import _grad_stream, gradient_sum
+from .gradients import gradient_sum
+from .rows import row_stream
 
 __all__ = ["influence_update", "fisher_forgetting", "gradient_ascent", "retrain",
            "block_hessians"]
@@ -165,7 +166,7 @@ def _diagonal_fisher(fm: FlatModel, loss_fn, data, kind: str, likelihood) -> tor
     total = torch.zeros(fm.dim, dtype=dtype, device=fm.device)
     n = 0
     info: dict = {}
-    for rows in _grad_stream(fm, loss_fn, data, "retained", weight_decay=0.0, chunk_size=None,
+    for rows in row_stream(fm, loss_fn, data, "retained", weight_decay=0.0, chunk_size=None,
                              minibatch=1, dtype=dtype, curvature=FISHER_KINDS[kind],
                              likelihood=likelihood, info=info):
         total += (rows * rows).sum(0)

@@ -22,15 +22,20 @@ from ssse_ext.validation import (check_callable, check_choice, check_data, check
                                  check_dtype, check_module, check_nonneg_float, check_nonneg_int,
                                  check_positive_float, check_positive_int, is_pair)
 
-from ._utils import FlatModel, check_request, finish_update, iter_batches, warn_if_training
+from .model import FlatModel, check_request, finish_update, iter_batches, warn_if_training
 from .curvature import check_likelihood, get_curvature, options_with
-from .gradients import (_grad_stream, fit_inverse_fisher, gradient_sum, likelihood_of_data,
-                        request_budget, resolve_layout, stacked_rows)
+from .budget import request_budget
+from .comm import one_process
+from .fit import fit_inverse_fisher
+from .gradients import gradient_sum
+from .layouts import resolve_layout
+from .rows import likelihood_of_data, row_stream, stacked_rows
 from .io import fingerprint
 from .ledger import Ledger, check_ids, record
 from .newton import newton_refined, rows_of
 
-__all__ = ["ssse_update", "Eraser", "FISHER_VARIANTS", "GRADIENT_VARIANTS"]
+__all__ = ["ssse_update", "Eraser", "FISHER_VARIANTS", "GRADIENT_VARIANTS", "check_ssse_settings",
+           "group_means"]
 
 #: ``"full"``: the Fisher of D (the paper); ``"leave_k_out"``: downdated by S first.
 FISHER_VARIANTS = ("full", "leave_k_out")
@@ -38,7 +43,7 @@ FISHER_VARIANTS = ("full", "leave_k_out")
 GRADIENT_VARIANTS = ("removed", "retained")
 
 
-def _group_means(rows: torch.Tensor, b: int) -> torch.Tensor:
+def group_means(rows: torch.Tensor, b: int) -> torch.Tensor:
     """Mean of consecutive groups of ``b`` rows (a last, smaller group gives its own mean)."""
     if b == 1:
         return rows
@@ -52,7 +57,7 @@ def _removed_rows(fm: FlatModel, loss_fn, removed, *, weight_decay: float, dtype
     k = sum(x.shape[0] for x, _ in removed)
     if k == 0:
         raise ValueError("removed is empty: nothing to erase")
-    return stacked_rows(_grad_stream(fm, loss_fn, removed, "removed", weight_decay=weight_decay,
+    return stacked_rows(row_stream(fm, loss_fn, removed, "removed", weight_decay=weight_decay,
                                      chunk_size=None, minibatch=1, dtype=dtype, params=params,
                                      max_memory=max_memory), k)
 
@@ -78,7 +83,7 @@ def check_ssse_settings(epsilon, n_total, weight_decay, fisher, gradient, miniba
 def ssse_update(model: nn.Module, loss_fn, removed, *,
                 inv_fisher: ssse_ext.BlockInverseFisher, epsilon: float, n_total: int,
                 weight_decay: float = 0.0, fisher: str = "full", gradient: str = "removed",
-                retained=None, minibatch: int = 1, inplace: bool = False
+                retained=None, minibatch: int = 1, inplace: bool = False, comm=None
                 ) -> dict[str, torch.Tensor]:
     r"""Single-step sample erasure, paper eq. 8, applied block by block:
 
@@ -103,11 +108,18 @@ def ssse_update(model: nn.Module, loss_fn, removed, *,
             gradients of consecutive groups of ``b`` samples of :math:`S` (an approximation:
             the groups of the fit mixed :math:`S` with other samples).
         inplace: also write :math:`\hat\theta` into ``model``.
+        comm: a :class:`ssse.comm.Comm` of several processes shards the update: ``removed`` and
+            ``retained`` are then this rank's shares (:math:`k` counts all ranks') and
+            ``inv_fisher`` its sharded inverse (:mod:`ssse.sharded_erase`). Default: one process.
 
     Returns:
-        A new ``state_dict`` with :math:`\hat\theta_\varepsilon`. On any error nothing is
-        changed.
+        A new ``state_dict`` with :math:`\hat\theta_\varepsilon` (the same bits on every rank).
+        On any error nothing is changed.
     """
+    if not one_process(comm):
+        from .sharded_erase import ssse_update_sharded  # it builds on this module
+
+        return ssse_update_sharded(comm, dict(locals()))
     fm, inv = check_request(model, loss_fn, removed, inv_fisher)
     epsilon, n_total, weight_decay, minibatch = check_ssse_settings(
         epsilon, n_total, weight_decay, fisher, gradient, minibatch, retained, "D \\ S")
@@ -134,7 +146,7 @@ def ssse_update(model: nn.Module, loss_fn, removed, *,
                                 dtype=dtype, name="retained")
         v = -v_ret
     # the leave-k-out Fisher is applied on the fly (Woodbury): the stored inverse is not copied
-    without = None if rows is None else _group_means(rows, minibatch).to(device)
+    without = None if rows is None else group_means(rows, minibatch).to(device)
     theta = fm.flat(dtype=dtype, device=device)
     theta_hat = inv.apply_update(theta, v.to(device), epsilon / (n_total - k), without=without)
     return finish_update(fm, theta_hat, inplace=inplace, what="the SSSE update")
@@ -319,7 +331,7 @@ class Eraser:
         self.history = []
         return self
 
-    def _rows_and_gradient(self, removed) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows_and_gradient(self, removed) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows whose downdate takes ``removed`` back out of the inverse, and the summed
         gradient, both at theta*."""
         budget = request_budget(self.inv_fisher.nbytes, self._fm.device, self.max_memory)
@@ -335,7 +347,7 @@ class Eraser:
         if scale != 1:
             # a random curvature's expected rows, weighed as its draws were in the fit
             rows = rows * scale
-        return _group_means(rows, self.minibatch), v.to(self.device)
+        return group_means(rows, self.minibatch), v.to(self.device)
 
     @classmethod
     def restore(cls, model: nn.Module, loss_fn, inv_fisher: ssse_ext.BlockInverseFisher, *,
@@ -470,7 +482,7 @@ class Eraser:
                 raise ssse_ext.HealthError(
                     f"inv_fisher fails its health probe before request {request_id!r} "
                     f"({before}): nothing was changed; refit the inverse")
-        rows, v = self._rows_and_gradient(batches)
+        rows, v = self.rows_and_gradient(batches)
         # No copy of the inverse: the step is computed first (the leave-k-out curvature applied
         # on the fly), then the downdate, which checks every block before it writes any, so an
         # error at either point leaves everything unchanged. Extra memory: O(k d).

@@ -29,7 +29,7 @@ from safetensors.torch import save as _save_bytes
 
 import ssse_ext
 
-from ._faults import crash_point
+from .faults import crash_point
 from .models import build_model
 
 __all__ = [

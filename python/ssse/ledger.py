@@ -48,7 +48,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from ._faults import crash_point
+from .faults import crash_point
 from .io import FileFormatError, fsync_dir, read_metadata
 
 __all__ = ["GENESIS", "LEDGER_VERSION", "Ledger", "LedgerBusyError", "LedgerError",

@@ -21,9 +21,10 @@ from ssse_ext.validation import (check_callable, check_choice, check_data, check
                                  check_module, check_nonneg_float, check_positive_int,
                                  check_reiterable, is_pair)
 
-from ._utils import (BATCH_SIZE, FlatModel, check_inverse, data_size, iter_batches,
+from .model import (BATCH_SIZE, FlatModel, check_inverse, data_size, iter_batches,
                      per_sample_losses)
-from .gradients import _grad_stream, hessian_vector_products
+from .gradients import hessian_vector_products
+from .rows import row_stream
 
 __all__ = [
     "accuracy",
@@ -430,11 +431,11 @@ def estimate_epsilon(model: nn.Module, loss_fn, data, *, inv_fisher,
         if is_pair(data):
             idx = torch.randperm(data_size(data), generator=gen)[:probes]
             subset = (data[0][idx], data[1][idx])
-            rows = list(_grad_stream(fm, loss_fn, subset, "data", weight_decay=weight_decay,
+            rows = list(row_stream(fm, loss_fn, subset, "data", weight_decay=weight_decay,
                                      chunk_size=None, minibatch=1, dtype=inv.dtype))
         else:
             rows, got = [], 0
-            for chunk in _grad_stream(fm, loss_fn, data, "data", weight_decay=weight_decay,
+            for chunk in row_stream(fm, loss_fn, data, "data", weight_decay=weight_decay,
                                       chunk_size=probes, minibatch=1, dtype=inv.dtype):
                 rows.append(chunk)
                 got += chunk.shape[0]

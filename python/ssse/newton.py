@@ -52,12 +52,15 @@ import ssse_ext
 from ssse_ext.validation import (check_nonneg_float, check_nonneg_int, check_positive_float,
                                  check_positive_int)
 
-from ._utils import (FlatModel, check_request, finish_update, iter_batches, per_sample_losses,
+from .model import (FlatModel, check_request, finish_update, iter_batches, per_sample_losses,
                      warn_if_training)
 from .curvature import check_likelihood, get_curvature, options_with
-from .gradients import _grad_stream, gradient_sum, likelihood_on, request_budget, stacked_rows
+from .budget import request_budget
+from .comm import one_process
+from .gradients import gradient_sum
+from .rows import likelihood_on, row_stream, stacked_rows
 
-__all__ = ["newton_erase", "newton_refined", "rows_of"]
+__all__ = ["check_newton_inverse", "newton_erase", "newton_refined", "newton_shift", "rows_of"]
 
 # Halvings of the step in the refinement's line search.
 _MAX_HALVINGS = 12
@@ -76,7 +79,7 @@ def rows_of(fm: FlatModel, loss_fn, data, *, curvature, dtype, likelihood=None,
     if k == 0:
         raise ValueError("removed is empty: nothing to erase")
     info: dict = {}
-    stream = _grad_stream(fm, loss_fn, data, "removed", weight_decay=weight_decay,
+    stream = row_stream(fm, loss_fn, data, "removed", weight_decay=weight_decay,
                           chunk_size=None, minibatch=1, dtype=dtype, params=params,
                           curvature=curvature, likelihood=likelihood, max_memory=max_memory,
                           info=info)
@@ -91,7 +94,7 @@ def check_newton_inverse(inv: ssse_ext.BlockInverseFisher, name: str = "inv_fish
                          f"{options_with('supports_newton')}), got curvature={inv.curvature!r}")
 
 
-def _shift(inv: ssse_ext.BlockInverseFisher, n: int, k: int, w: float) -> float:
+def newton_shift(inv: ssse_ext.BlockInverseFisher, n: int, k: int, w: float) -> float:
     """:math:`\\delta = \\lambda - (n - k) w / N`; :math:`F' - \\delta I \\succeq (\\lambda -
     \\delta) I` is positive definite for any removal only when :math:`\\delta < \\lambda`."""
     delta = inv.damping - (n - k) * w / inv.normalizer
@@ -106,7 +109,7 @@ def _shift(inv: ssse_ext.BlockInverseFisher, n: int, k: int, w: float) -> float:
 def newton_erase(model: nn.Module, loss_fn, removed, *, inv_fisher: ssse_ext.BlockInverseFisher,
                  n_total: int, weight_decay: float = 0.0, likelihood=None,
                  refine_steps: int = 0, tol: float = 1e-10,
-                 inplace: bool = False) -> dict[str, torch.Tensor]:
+                 inplace: bool = False, comm=None) -> dict[str, torch.Tensor]:
     r"""Erases ``removed`` with no :math:`\varepsilon` to choose: the leave-k-out Newton step on
     the retained objective, then ``refine_steps`` Newton steps on :math:`M(\theta)` that use the
     removed samples only (see the module docstring).
@@ -126,10 +129,17 @@ def newton_erase(model: nn.Module, loss_fn, removed, *, inv_fisher: ssse_ext.Blo
         refine_steps: Newton steps on :math:`M` after the first (0: the plain Newton step).
         tol: the refinement stops once a step is smaller than this, relative to the total.
         inplace: also write the result into the model.
+        comm: a :class:`ssse.comm.Comm` of several processes shards the step: ``removed`` is
+            then this rank's share and ``inv_fisher`` its sharded inverse
+            (:mod:`ssse.sharded_erase`; ``refine_steps`` is refused). Default: one process.
 
     Returns:
-        A new ``state_dict``. On any error nothing is changed.
+        A new ``state_dict`` (the same bits on every rank). On any error nothing is changed.
     """
+    if not one_process(comm):
+        from .sharded_erase import newton_erase_sharded  # it builds on this module
+
+        return newton_erase_sharded(comm, dict(locals()))
     fm, inv = check_request(model, loss_fn, removed, inv_fisher)
     n = check_positive_int(n_total, "n_total")
     w = check_nonneg_float(weight_decay, "weight_decay")
@@ -192,7 +202,7 @@ def newton_refined(fm: FlatModel, loss_fn, batches, inv: ssse_ext.BlockInverseFi
     w, dtype, device, N = weight_decay, inv.dtype, inv.device, inv.normalizer
     k = sum(x.shape[0] for x, _ in batches)
     ratio = n / N
-    delta = _shift(inv, n, k, w)
+    delta = newton_shift(inv, n, k, w)
     base = fm.param_dict(dtype) if star is None else star
     star = torch.cat([base[name].reshape(-1) for name in fm.names]).to(device, torch.float64)
     x = torch.zeros_like(star)   # theta - theta*

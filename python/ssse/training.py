@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ssse_ext.validation import (check_callable, check_data, check_dtype, check_module,
                                  check_nonneg_float, check_positive_float, check_positive_int)
 
-from ._utils import FlatModel, concat_data, per_sample_losses
+from .model import FlatModel, concat_data, per_sample_losses
 
 __all__ = ["ConvergenceWarning", "sgd_recipe", "lbfgs_recipe", "train_sgd", "train_lbfgs",
            "objective"]

@@ -94,7 +94,7 @@ class Curvature(abc.ABC):
         :attr:`includes_weight_decay`).
 
         Args:
-            fm: the model as a function of its flat parameters (:class:`ssse._utils.FlatModel`).
+            fm: the model as a function of its flat parameters (:class:`ssse.model.FlatModel`).
             params, frozen: ``{name: tensor}`` trainable parameters to evaluate at, and the
                 frozen parameters and buffers.
             x, y: the batch's inputs and labels, ``m`` samples.

@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch.func import grad, vmap
 
-from .._utils import per_sample_losses
+from ..model import per_sample_losses
 from . import register_curvature
 from .base import Curvature
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._utils import per_sample_losses
+from ..model import per_sample_losses
 from .base import Registry
 
 __all__ = ["Bernoulli", "Categorical", "Comparison", "Gaussian", "LIKELIHOODS", "Likelihood",

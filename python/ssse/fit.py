@@ -1,0 +1,245 @@
+"""Fitting the block inverse of a damped curvature at a model's parameters."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import ssse_ext
+from ssse_ext.budget import available_memory
+from ssse_ext.validation import (check_callable, check_choice, check_data, check_device,
+                                 check_dtype, check_int, check_module, check_nonneg_float,
+                                 check_nonneg_int, check_positive_float, check_positive_int,
+                                 is_pair)
+
+from .budget import (CHUNK_SHARE_OF_INVERSE, MEMORY_SHARE, MIN_CHUNK_BYTES, check_fit_memory,
+                     result_bytes)
+from .checkpoint import fit_resumable
+from .curvature import check_likelihood, get_curvature, options_with
+from .layouts import resolve_layout
+from .model import FlatModel, data_size, warn_if_training
+from .rows import row_stream, rows_per_sample_of
+
+__all__ = ["fit_inverse_fisher"]
+
+
+def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
+                       block_size: int | None = None, layout="per_parameter",
+                       weight_decay: float = 0.0, minibatch: int = 1,
+                       dtype: torch.dtype | None = None, device=None,
+                       chunk_size: int | None = None, max_memory: int | None = None,
+                       curvature="empirical", likelihood=None,
+                       mc_samples: int = 1, seed: int = 0, representation: str = "auto",
+                       progress: bool = True, checkpoint: str | os.PathLike | None = None,
+                       every: int | None = None,
+                       probe_vectors: int = 3) -> ssse_ext.BlockInverseFisher:
+    r"""Fits the block inverse of a damped curvature at the model's parameters.
+
+    .. math:: F_b^{-1} = \Big(\lambda I + \frac{1}{N}\sum_{r} u_{r,b}\, u_{r,b}^\top\Big)^{-1}
+
+    (computed stably by :func:`ssse_ext.build_inverse_fisher`; see docs/maths.md), with the
+    rows :math:`u_r` of :mod:`ssse.curvature` streamed chunk by chunk (the rows matrix never
+    exists). ``"empirical"`` (the paper's): :math:`u_i = g_i`, the per-sample gradients of
+    :func:`per_sample_grads` (weight decay included) and :math:`N` the number of samples, or
+    of mini-batches when ``minibatch > 1``. ``"ggn"``: the Gauss–Newton matrix of the loss
+    (the true Fisher for softmax or sigmoid outputs), ``c`` rows per sample and :math:`N = n`;
+    with ``damping`` equal to the training's weight decay :math:`w` the stored matrix is the
+    curvature of the training objective :math:`wI + \frac1n\sum_i G_i` (the regulariser's
+    curvature is the damping, so its gradient term is not in the rows). ``"mc"``: the true
+    Fisher by ``mc_samples`` sampled labels per sample, :math:`N = n \cdot` ``mc_samples``.
+    The ``"ggn"`` and ``"mc"`` rows need the inputs only, not the labels (those of the first
+    batch serve to check the likelihood against ``loss_fn``).
+
+    Args:
+        model, loss_fn, data, weight_decay, minibatch: as in :func:`per_sample_grads`
+            (``minibatch > 1`` with ``"empirical"`` only).
+        damping: :math:`\lambda > 0`.
+        block_size: the largest block ``B`` (default 1024, or ``d`` if smaller for ``"fixed"``).
+        layout: ``"per_parameter"`` (no block crosses a parameter tensor), ``"fixed"``
+            (consecutive chunks of the flat vector, as in the paper), ``"rows"`` (one block per
+            output row of an ``nn.Linear``) or a :class:`ssse_ext.BlockLayout`.
+        dtype: dtype of the gradients and the inverse (default: the model's).
+        device: device of the inverse (default: the model's); gradients are computed on the
+            model's device.
+        chunk_size: rows of per-sample gradients computed (and accumulated) per call; by
+            default as many as ``max_memory`` allows, up to :data:`MAX_CHUNK_ROWS`.
+        max_memory: bytes for one chunk of per-sample gradients: its rows (a few copies of
+            each ``d``-vector) and the activations ``vmap`` keeps per sample (estimated from
+            one forward pass). It decides the rows per chunk. The float64 accumulators (8 bytes
+            per stored entry) and the result come on top; they are fixed by the layout. Default:
+            0.35 times the inverse's size (at least 64 MiB), so that the fit's peak stays within
+            2.5 times the inverse, and at most 80 % of the memory available now on the model's
+            device (``mem_get_info`` on CUDA, available RAM on the CPU) after those. A larger
+            budget gives larger chunks, which run faster.
+
+            Before any gradient is computed, the fit's peak (the build's, as
+            :func:`ssse_ext.fisher.build_peak_bytes` estimates it, plus the chunks) is compared
+            with what the device has free (:func:`ssse_ext.budget.available_memory`; the
+            environment variable ``SSSE_AVAILABLE_MEMORY`` sets that figure in bytes): a fit
+            that does not fit is refused with :class:`ssse_ext.errors.InsufficientMemoryError`
+            (a ``MemoryError``) naming both byte counts and what would make it fit.
+        curvature: ``"empirical"``, ``"ggn"``, ``"mc"`` (see above) or the name of another
+            registered :class:`ssse.curvature.Curvature` (or the object).
+        likelihood: the output distribution for the curvatures that need one (``"ggn"``,
+            ``"mc"``): ``None`` (default) infers it from ``loss_fn``
+            (``nn.CrossEntropyLoss``: ``"categorical"``, ``nn.BCEWithLogitsLoss``:
+            ``"bernoulli"``, ``nn.MSELoss``: ``"gaussian"``; another callable is compared with
+            each registered likelihood on the first batch and refused unless exactly one
+            agrees); a name or a :class:`ssse.curvature.Likelihood` is checked against
+            ``loss_fn`` the same way (:func:`ssse.curvature.resolve_likelihood`).
+        mc_samples, seed: draws per sample and their seed for ``"mc"``.
+        representation: how blocks are stored (:func:`ssse_ext.build_inverse_fisher`):
+            ``"auto"`` (default) picks per block the dense inverse or the exact low-rank form
+            of its rows, whichever is smaller (known when ``data`` is an ``(X, y)`` pair; all
+            dense for an iterable), ``"dense"`` or ``"dual"``.
+        progress: show a progress bar.
+        checkpoint: a file path: makes the fit resumable. The float64 Gram accumulators, the
+            number of samples consumed and (``"mc"``) the random state are saved there
+            atomically every ``every`` samples, and once more when the data is exhausted; a
+            fit started again with the same model, data and settings resumes from it and
+            finishes bit-identically (same device, dtype and threads) to an uninterrupted one.
+            A checkpoint of another fit (other parameters or settings) is refused. ``data``
+            must be an ``(X, y)`` pair or re-iterable, and is read in the same order. The file
+            is left in place (delete it once the result is saved); its chunks are added as
+            they come, so the result may differ in the last bits from a fit without a
+            checkpoint when chunks are small. A resumable fit keeps dense blocks
+            (``representation="auto"`` means ``"dense"`` with a checkpoint; ``"dual"`` is
+            refused).
+        every: samples between checkpoints, a multiple of ``minibatch``: the gradient chunks
+            are cut there, so a checkpoint falls on every multiple of it; default: at the end
+            of the first chunk after 5 minutes since the last one. A fit resumes only with the
+            ``every`` and the number of torch threads it was started with (both change the
+            result's last bits).
+        probe_vectors: random vectors per block of the health probe
+            (:meth:`ssse_ext.BlockInverseFisher.health`, 0: none). The fit checks the result
+            with it and warns (:class:`ssse_ext.health.HealthWarning`) above the dtype's
+            tolerance.
+
+    Returns:
+        A :class:`ssse_ext.BlockInverseFisher` with ``num_samples`` the number of rows.
+    """
+    check_module(model)
+    check_callable(loss_fn, "loss_fn")
+    check_data(data, "data")
+    damping = check_positive_float(damping, "damping")
+    weight_decay = check_nonneg_float(weight_decay, "weight_decay")
+    minibatch = check_positive_int(minibatch, "minibatch")
+    curv = get_curvature(curvature)
+    check_likelihood(likelihood)
+    check_choice(representation, "representation", ssse_ext.fisher.REPRESENTATIONS)
+    mc_samples = check_positive_int(mc_samples, "mc_samples")
+    seed = check_int(seed, "seed")
+    probe_vectors = check_nonneg_int(probe_vectors, "probe_vectors")
+    representation = _check_checkpointing(checkpoint, every, minibatch, representation, data)
+    if minibatch > 1 and not curv.allows_minibatch:
+        raise ValueError(f"minibatch > 1 needs {options_with('allows_minibatch')}, got "
+                         f"curvature={curv.name!r}")
+    warn_if_training(model, "fit_inverse_fisher")
+    fm = FlatModel(model)
+    lay = resolve_layout(layout, block_size, fm)
+    dtype = check_dtype(dtype) or fm.dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"the model's dtype is {dtype}; pass dtype=torch.float32 or float64")
+    device = check_device(device) or fm.device
+    chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    max_memory = check_positive_int(max_memory, "max_memory", allow_none=True)
+    n = data_size(data)
+    total = None if n is None else math.ceil(n / minibatch)
+    per_sample = rows_per_sample_of(fm, data, dtype, curv, mc_samples)
+    rows = None if total is None or per_sample is None else total * per_sample
+    build = check_fit_memory(fm, lay, dtype=dtype, device=device, rows=rows,
+                             per_sample=per_sample or 1, representation=representation,
+                             probe_vectors=probe_vectors, chunk_size=chunk_size,
+                             max_memory=max_memory, checkpoint=checkpoint is not None)
+    if chunk_size is None and max_memory is None:
+        result = result_bytes(lay, dtype, rows, representation)
+        fixed = build if device == fm.device else 0
+        free = int(MEMORY_SHARE * (available_memory(fm.device) - fixed))
+        max_memory = max(1, min(free, max(int(CHUNK_SHARE_OF_INVERSE * result),
+                                          MIN_CHUNK_BYTES)))
+    bar = tqdm(total=total, unit="grad", desc="inverse Fisher", disable=not progress,
+               leave=False)
+    stream_args = dict(weight_decay=weight_decay, minibatch=minibatch, dtype=dtype,
+                       max_memory=max_memory, curvature=curv.name, likelihood=likelihood,
+                       mc_samples=mc_samples, seed=seed)
+    try:
+        if checkpoint is not None:
+            settings = {"damping": damping, "layout": lay.to_dict(), "samples": n,
+                        "device": device.type, "probe_vectors": probe_vectors, **stream_args}
+            settings["dtype"] = str(dtype).removeprefix("torch.")
+            settings["likelihood"] = getattr(likelihood, "spec", likelihood)
+            del settings["max_memory"]
+            # the chunks are cut at the checkpoints, and torch's reductions split their sums
+            # by thread: either one changes the last bits of the result
+            settings.update(every=every, threads=torch.get_num_threads())
+            inv = fit_resumable(fm, loss_fn, data, lay, device=device, chunk_size=chunk_size,
+                                stream_args=stream_args, settings=settings,
+                                path=Path(checkpoint), every=every, bar=bar,
+                                probe_vectors=probe_vectors)
+        else:
+            inv = _fit_streamed(fm, loss_fn, data, lay, curv, damping=damping, device=device,
+                                chunk_size=chunk_size, stream_args=stream_args, total=total,
+                                representation=representation, probe_vectors=probe_vectors,
+                                bar=bar)
+    finally:
+        bar.close()
+    inv.health(what="the fit")
+    return inv
+
+
+def _check_checkpointing(checkpoint, every, minibatch: int, representation: str, data) -> str:
+    """Checks ``checkpoint`` and ``every``; returns the representation the fit builds."""
+    every = check_positive_int(every, "every", allow_none=True)
+    if every is not None and every % minibatch:
+        raise ValueError(f"every ({every}) must be a multiple of minibatch ({minibatch}): a "
+                         "checkpoint cannot split a mini-batch")
+    if checkpoint is None:
+        if every is not None:
+            raise ValueError("every needs a checkpoint path")
+        return representation
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a file path, got {type(checkpoint).__name__}")
+    if representation == "dual":
+        raise ValueError('representation="dual" cannot be checkpointed (a resumable fit '
+                         'keeps dense blocks): pass "dense" or "auto"')
+    if not is_pair(data) and isinstance(data, Iterator):
+        raise TypeError(f"data must be an (X, y) pair or a re-iterable collection of "
+                        f"batches to resume a fit from a checkpoint, got a one-shot "
+                        f"{type(data).__name__}")
+    return "dense"  # what the resumable fit builds (and plans memory for)
+
+
+def _fit_streamed(fm: FlatModel, loss_fn, data, lay: ssse_ext.BlockLayout, curv, *,
+                  damping: float, device, chunk_size: int | None, stream_args: dict,
+                  total: int | None, representation: str, probe_vectors: int,
+                  bar) -> ssse_ext.BlockInverseFisher:
+    """The build fed by the row stream, chunk by chunk (the rows matrix never exists)."""
+    info: dict = {}
+    stream = row_stream(fm, loss_fn, data, "data", chunk_size=chunk_size, info=info,
+                        **stream_args)
+    first = next(stream, None)  # the model's or the loss's error surfaces unchanged
+    if first is None:
+        raise ValueError("data is empty: the Fisher needs at least one sample")
+    per_sample = info["rows_per_sample"]
+
+    def chunks():
+        for rows in itertools.chain([first], stream):
+            bar.update(rows.shape[0] // per_sample)
+            yield rows.to(device)
+
+    # N = n times the curvature's weight of a sample: the c Gauss-Newton rows of a sample add
+    # up to its curvature (N = n); each Monte-Carlo draw is one estimate of it (N = n *
+    # mc_samples, the number of rows)
+    rows = None if total is None else total * per_sample
+    weight = curv.normalizer_weight(mc_samples=stream_args["mc_samples"])
+    return ssse_ext.build_inverse_fisher(
+        chunks(), damping=damping, layout=lay, rows_per_sample=per_sample // weight,
+        curvature=curv.name, representation=representation, num_rows=rows,
+        probe_vectors=probe_vectors)
