@@ -124,18 +124,7 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
     subset of :data:`METHODS`; ``grid_points``: points of every grid; ``tuning_free``: the
     Gauss–Newton Newton rows (default: with the small ResNet)."""
     data = data or "digits"
-    if data not in SETTINGS:
-        raise ValueError(f"the non-convex experiment runs on {' or '.join(SETTINGS)}, not {data}")
-    if model not in ("resnet", "resnet20"):
-        raise ValueError(f"model must be 'resnet' or 'resnet20', got {model!r}")
-    unknown = [m for m in (methods or []) if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}: expected some of {list(METHODS)}")
-    cfg = dict(SETTINGS[data])
-    if model == "resnet20":
-        cfg.update(RESNET20[data])
-    if quick:
-        cfg.update(QUICK)
+    cfg = _settings(data, model, methods, quick)
     tuning_free = model == "resnet" if tuning_free is None else tuning_free
     task = make_task(data, model=model, data_dir=data_dir, seed=seed, device=device,
                      dtype=dtype, train_limit=cfg["train_limit"], test_limit=cfg["test_limit"],
@@ -171,9 +160,60 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
     def removal(removed, cls):
         return make_removal(task, model, removed, classes=[cls], seed=seed, progress=progress)
 
-    # The paper's criterion on a proxy removal of each kind: argmin δ over each method's grid.
-    # A proxy where the original and its retrain make the same predictions on S scores δ = 0.5
-    # for every model and chooses nothing: the next class down is taken instead.
+    proxies, chosen = _choose_on_proxies(task, model, inverses, grids, removal, classes,
+                                         proxy_class, seed=seed, progress=progress,
+                                         max_accuracy_drop=max_accuracy_drop)
+    settings = {}
+    for setting, f in _FRACTIONS.items():
+        runs = []
+        for c in classes:
+            rem = removal(class_removal(task.ds.y_train, c, f, seed=seed + c), c)
+            runs.append(_run(rem, c, model, inverses, grids, chosen[setting], ggn, seed=seed,
+                             progress=progress, max_accuracy_drop=max_accuracy_drop))
+        settings[setting] = {"runs": runs}
+
+    config = {"data": data, "quick": quick, "seed": seed, "model": arch, "n": task.n,
+              "d": lay.dim,
+              "spec": task.spec, "recipe": task.recipe, "weight_decay": task.weight_decay,
+              "damping": damping, "block_size": block_size, "layout": layout,
+              "representation": representation, "inverse_memory": memory,
+              "max_accuracy_drop": max_accuracy_drop,
+              "num_blocks": lay.num_blocks, "max_block_size": lay.max_block_size,
+              "minibatch": MINIBATCH, "classes": classes,
+              "proxy_class": proxy_class, "fractions": _FRACTIONS, "grids": grids,
+              "hyperparameters": {name: h for name, (h, _) in METHODS.items()
+                                  if name in grids},
+              "train_limit": cfg["train_limit"], "test_limit": cfg["test_limit"],
+              "n_test": int(task.ds.y_test.numel())}
+    results = {"chosen": chosen, "train_seconds": t_train,
+               "fisher_seconds": t_fisher, "proxies": proxies, "summary": _summary(settings),
+               "settings": settings}
+    return {"config": config, "results": results}
+
+
+
+
+def _settings(data: str, model: str, methods, quick: bool) -> dict:
+    """The data set's settings for ``model`` (checked), with the quick ones over them."""
+    if data not in SETTINGS:
+        raise ValueError(f"the non-convex experiment runs on {' or '.join(SETTINGS)}, not {data}")
+    if model not in ("resnet", "resnet20"):
+        raise ValueError(f"model must be 'resnet' or 'resnet20', got {model!r}")
+    unknown = [m for m in (methods or []) if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}: expected some of {list(METHODS)}")
+    cfg = dict(SETTINGS[data])
+    if model == "resnet20":
+        cfg.update(RESNET20[data])
+    if quick:
+        cfg.update(QUICK)
+    return cfg
+
+def _choose_on_proxies(task, model, inverses, grids, removal, classes, proxy_class, *,
+                       seed: int, progress: bool, max_accuracy_drop: float):
+    """The paper's criterion on a proxy removal of each kind: argmin δ over each method's
+    grid. A proxy where the original and its retrain make the same predictions on S scores
+    δ = 0.5 for every model and chooses nothing: the next class down is taken instead."""
     proxies, chosen = {}, {}
     for setting, f in _FRACTIONS.items():
         skipped, first = [], None
@@ -197,57 +237,38 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
                                       for name, c in curves.items()},
                             "accuracy_D-S": {name: [r["accuracy"]["D-S"] for r in c["rows"]]
                                              for name, c in curves.items()}}
+    return proxies, chosen
 
-    settings = {}
-    for setting, f in _FRACTIONS.items():
-        runs = []
-        for c in classes:
-            rem = removal(class_removal(task.ds.y_train, c, f, seed=seed + c), c)
-            curves = _curves(rem, inverses, grids, seed=seed, progress=progress)
-            original, retrained = rem.evaluate(model), rem.evaluate(rem.retrained)
-            floor = original["accuracy"]["D-S"] - max_accuracy_drop
-            methods = {}
-            for name, cv in curves.items():
-                rows, grid = cv["rows"], grids[name]
-                at = rows[nearest(grid, chosen[setting][name])]
-                best = select(grid, rows, "delta", _guarded(rows, floor))
-                free = select(grid, rows, "delta")
-                methods[name] = {
-                    "delta": [r["delta"] for r in rows],
-                    "accuracy": {s: [r["accuracy"][s] for r in rows] for s in SPLITS},
-                    "param_distance": [r["param_distance"] for r in rows],
-                    "chosen": at, "chosen_gap": _gap(at, retrained),
-                    "best": rows[best], "best_value": grid[best],
-                    "best_unguarded": rows[free], "best_unguarded_value": grid[free],
-                    "erase_seconds": cv["seconds"]}
-            runs.append({"class": c, "k": rem.k, "removed": rem.removed.tolist(),
-                         "accuracy_floor": floor,
-                         "original": original, "retrained": retrained,
-                         "retrain_seconds": rem.retrain_seconds, "methods": methods})
-            if ggn is not None:
-                runs[-1]["newton"] = newton_rows(rem, ggn)
-                for row in runs[-1]["newton"].values():
-                    row["gap"] = _gap(row, retrained)
-        settings[setting] = {"runs": runs}
 
-    config = {"data": data, "quick": quick, "seed": seed, "model": arch, "n": task.n,
-              "d": lay.dim,
-              "spec": task.spec, "recipe": task.recipe, "weight_decay": task.weight_decay,
-              "damping": damping, "block_size": block_size, "layout": layout,
-              "representation": representation, "inverse_memory": memory,
-              "max_accuracy_drop": max_accuracy_drop,
-              "num_blocks": lay.num_blocks, "max_block_size": lay.max_block_size,
-              "minibatch": MINIBATCH, "classes": classes,
-              "proxy_class": proxy_class, "fractions": _FRACTIONS, "grids": grids,
-              "hyperparameters": {name: h for name, (h, _) in METHODS.items()
-                                  if name in grids},
-              "train_limit": cfg["train_limit"], "test_limit": cfg["test_limit"],
-              "n_test": int(task.ds.y_test.numel())}
-    results = {"chosen": chosen, "train_seconds": t_train,
-               "fisher_seconds": t_fisher, "proxies": proxies, "summary": _summary(settings),
-               "settings": settings}
-    return {"config": config, "results": results}
-
+def _run(rem, cls: int, model, inverses, grids, chosen: dict, ggn, *, seed: int, progress: bool,
+         max_accuracy_drop: float) -> dict:
+    """One removal: every method over its grid, at the proxy's ε and at the best one, and the
+    Newton rows when a Gauss–Newton inverse is given."""
+    curves = _curves(rem, inverses, grids, seed=seed, progress=progress)
+    original, retrained = rem.evaluate(model), rem.evaluate(rem.retrained)
+    floor = original["accuracy"]["D-S"] - max_accuracy_drop
+    methods = {}
+    for name, cv in curves.items():
+        rows, grid = cv["rows"], grids[name]
+        at = rows[nearest(grid, chosen[name])]
+        best = select(grid, rows, "delta", _guarded(rows, floor))
+        free = select(grid, rows, "delta")
+        methods[name] = {
+            "delta": [r["delta"] for r in rows],
+            "accuracy": {s: [r["accuracy"][s] for r in rows] for s in SPLITS},
+            "param_distance": [r["param_distance"] for r in rows],
+            "chosen": at, "chosen_gap": _gap(at, retrained),
+            "best": rows[best], "best_value": grid[best],
+            "best_unguarded": rows[free], "best_unguarded_value": grid[free],
+            "erase_seconds": cv["seconds"]}
+    run = {"class": cls, "k": rem.k, "removed": rem.removed.tolist(),
+           "accuracy_floor": floor, "original": original, "retrained": retrained,
+           "retrain_seconds": rem.retrain_seconds, "methods": methods}
+    if ggn is not None:
+        run["newton"] = newton_rows(rem, ggn)
+        for row in run["newton"].values():
+            row["gap"] = _gap(row, retrained)
+    return run
 
 def run(*, out: Path = Path(f"results/{NAME}"), **kwargs) -> str:
     """Runs the experiment (the options of :func:`compute`) and writes its results, table and
