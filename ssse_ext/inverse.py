@@ -19,7 +19,8 @@ from .health import FisherProbe, Health
 from .layout import BlockLayout
 from .lowrank import LowRankChange, check_change_memory
 from .validation import (FLOAT_DTYPES, check_choice, check_dtype, check_finite_float,
-                         check_positive_float, check_positive_int, check_vector, matrix_chunks)
+                         check_positive_float, check_positive_int, check_update_operands,
+                         check_vector, matrix_chunks)
 
 __all__ = ["BlockInverseFisher", "FisherConfig", "UPDATE_METHODS", "check_label"]
 
@@ -292,11 +293,8 @@ class BlockInverseFisher:
         if without is not None:
             return self.without(without).apply_update(theta, v, scale)
         scale = check_finite_float(scale, "scale")
-        vv, vec = self._vector(v, "v")
-        base, _ = self._vector(theta, "theta")
-        if base.shape != vv.shape:
-            raise ValueError(f"theta and v must have the same shape, got {tuple(theta.shape)} "
-                             f"and {tuple(v.shape)}")
+        base, vv, vec = check_update_operands(theta, v, dim=self.dim, dtype=self.dtype,
+                                              device=self.device)
         out = self._apply(vv, base, scale)
         return out.view(-1) if vec else out
 

@@ -19,7 +19,7 @@ import torch
 from .budget import AVAILABLE_MEMORY_ENV, check_memory
 from .errors import NotPositiveDefiniteError
 from .layout import BlockLayout
-from .validation import check_finite_float, check_vector
+from .validation import check_finite_float, check_update_operands, check_vector
 
 __all__ = ["LowRankChange", "PD_MARGIN", "WOODBURY_ELEMENTS", "change_nbytes",
            "check_change_memory", "check_overflow", "check_pivots", "checked_cholesky",
@@ -202,10 +202,8 @@ class LowRankChange:
                      ) -> torch.Tensor:
         """``theta + scale * (this inverse) v``, in the inverse's dtype."""
         scale = check_finite_float(scale, "scale")
-        base, vec = self._vector(theta, "theta")
-        vv, _ = self._vector(v, "v")
-        if base.shape != vv.shape:
-            raise ValueError(f"theta and v must have the same shape, got {tuple(theta.shape)} "
-                             f"and {tuple(v.shape)}")
+        inv = self.inverse
+        base, vv, vec = check_update_operands(theta, v, dim=inv.dim, dtype=inv.dtype,
+                                              device=inv.device)
         out = (base.to(torch.float64) + scale * self.solve(vv)).to(self.inverse.dtype)
         return out.view(-1) if vec else out

@@ -188,6 +188,17 @@ def matrix_chunks(grads, chunk_size: int | None, name: str = "grads", *, dim: in
             yield chunk[i:i + step]
 
 
+def check_update_operands(theta, v, *, dim: int, dtype, device):
+    """``(theta, v, was_1d)`` of an update ``theta + scale * A v``: each ``(d,)`` or ``(d, r)``
+    (:func:`check_vector`), of the same shape."""
+    base, vec = check_vector(theta, "theta", dim=dim, dtype=dtype, device=device)
+    vv, _ = check_vector(v, "v", dim=dim, dtype=dtype, device=device)
+    if base.shape != vv.shape:
+        raise ValueError(f"theta and v must have the same shape, got {tuple(theta.shape)} "
+                         f"and {tuple(v.shape)}")
+    return base, vv, vec
+
+
 def check_vector(v, name: str, *, dim: int, dtype, device,
                  like: str = "the inverse Fisher") -> tuple[torch.Tensor, bool]:
     """A finite ``(dim,)`` or ``(dim, r)`` tensor of the given dtype and device; returns it as

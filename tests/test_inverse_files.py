@@ -9,7 +9,6 @@ the dense blocks in two segments and blocks 2 and 4 dual, with a 2-column health
 "ggn", no probe. ``inverse_v030_expected`` holds the rows, and the fingerprints and probe
 residual that version computed."""
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from ssse.io import fingerprint
 from ssse_ext import BlockInverseFisher, BlockLayout, reference
 
 from .testing import CHAIN, STABLE, rel_err
@@ -37,18 +37,6 @@ def expected() -> tuple[torch.Tensor, dict]:
     path = str(DATA / "inverse_v030_expected.safetensors")
     with safe_open(path, "pt") as f:
         return f.get_tensor("rows"), f.metadata()
-
-
-def fingerprint(tensors: dict) -> str:
-    """``ssse.io.fingerprint`` (names, dtypes, shapes and bytes, in name order)."""
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].detach()
-        h.update(f"{key}\0{str(t.dtype).removeprefix('torch.')}\0{tuple(t.shape)}\0".encode())
-        flat = t.to("cpu").contiguous().reshape(-1)
-        if flat.numel():
-            h.update(flat.view(torch.uint8).numpy())
-    return "sha256:" + h.hexdigest()
 
 
 def reference_inverse(rows, layout, damping, normalizer):
