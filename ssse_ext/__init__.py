@@ -5,8 +5,9 @@ The kernel-level API of ssse (Single-Step Sample Erasure, Peste, Alistarh & Lamp
 which supports ``inv @ v``, :meth:`~BlockInverseFisher.update`,
 :meth:`~BlockInverseFisher.downdate` and the fused SSSE step
 :meth:`~BlockInverseFisher.apply_update`. Its blocks live in block stores (:mod:`ssse_ext.blocks`:
-:class:`DenseStore`, :class:`DualBlocks` — the low-rank form of blocks larger than their number
-of gradient rows — and any store registered with :func:`register_store`).
+:class:`DenseStore`; :class:`DualBlocks`, the low-rank form of blocks larger than their number
+of gradient rows; :class:`GramStore`, dense inverses that keep their float64 Gram so that
+requests never drift; and any store registered with :func:`register_store`).
 :mod:`ssse_ext.reference` is the pure-PyTorch specification used by the tests.
 """
 
@@ -18,8 +19,8 @@ import torch as _torch  # noqa: F401
 
 from . import _C, blocks, budget, fisher, health, reference, validation
 from ._ops import CUDA_KERNEL_SETS, cuda_kernels, set_cuda_kernels, use_cuda_kernels
-from .blocks import (STORES, BlockStore, DenseStore, DualBlocks, choose_stores, get_store,
-                     register_store)
+from .blocks import (STORES, BlockStore, DenseStore, DualBlocks, GramStore, choose_stores,
+                     get_store, register_store)
 from .build import (BUILD_METHODS, DEFAULT_BLOCK_SIZE, REPRESENTATIONS, GramAccumulator,
                     build_dual_blocks, build_inverse_fisher, build_peak_bytes)
 from .dual import choose_representation
@@ -48,6 +49,7 @@ __all__ = [
     "FisherConfig",
     "FisherProbe",
     "GramAccumulator",
+    "GramStore",
     "HealthError",
     "HealthWarning",
     "InsufficientMemoryError",

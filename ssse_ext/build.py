@@ -25,6 +25,15 @@ numbers and a float64 ``R x R`` factor in the dual form instead of ``s^2`` numbe
 float32 rows of 120000 parameters in blocks of 40000: 0.5 GB instead of 19 GB, plus 38 GB of
 float64 accumulators while it is built). A store name, or a sequence of them, restricts the
 choice; a store is built only by the methods it lists (the dual form by the stable one).
+
+**Requests.** A dense block rewritten by Woodbury downdates amplifies its rounding by its
+condition number, so a float32 inverse at small :math:`\lambda` drifts from the fit on the
+remaining rows request after request (benchmarks/bench_requests.py). The ``"gram"`` store
+(:class:`~ssse_ext.GramStore`) keeps each block's float64 Gram and inverts the changed blocks
+again, so requests never drift, for 8 more bytes per element. It is chosen by name, or with
+``requests=True``: ``"auto"`` then holds in ``"gram"`` every block it would hold densely
+(:func:`~ssse_ext.blocks.representation_for_requests`; float64 Woodbury downdates drift too,
+by about :math:`\kappa\,u_{64}` per request).
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ import torch
 
 from .blocks import (AUTO, REPRESENTATIONS, STORES, DenseStore, DualBlocks, DualBuilder,
                      block_ids_of, choose_stores, element_size, get_store,
-                     resolve_representation)
+                     representation_for_requests, resolve_representation)
 from .blocks.dense_gram import DenseGram, gather_rows
 from .budget import check_memory, format_bytes, memory_limit
 from .errors import NotPositiveDefiniteError
@@ -163,7 +172,8 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
                          rows_per_sample: int = 1, curvature: str = "empirical",
                          representation="auto", num_rows: int | None = None,
                          probe_vectors: int = DEFAULT_COLUMNS,
-                         max_memory: int | None = None) -> BlockInverseFisher:
+                         max_memory: int | None = None,
+                         requests: bool = False) -> BlockInverseFisher:
     r"""Builds the block inverse of the damped Fisher from a stream of rows (see the module for
     the methods and the representations).
 
@@ -193,6 +203,11 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
             (:func:`ssse_ext.budget.available_memory`). A build that would need more is refused
             with :class:`~ssse_ext.errors.InsufficientMemoryError` before it allocates anything
             of that size (of an iterable, only the first chunk is read).
+        requests: the inverse will serve deletion requests (downdates): with
+            ``representation="auto"``, the blocks it would hold densely go to the ``"gram"``
+            store, whose requests never drift (8 more bytes per element;
+            :func:`~ssse_ext.blocks.representation_for_requests`); ``ValueError`` with any
+            other ``representation``.
 
     Returns:
         The :class:`BlockInverseFisher`, with ``num_samples`` the number of rows consumed.
@@ -201,6 +216,10 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
     check_choice(method, "method", BUILD_METHODS)
     rows_per_sample = check_positive_int(rows_per_sample, "rows_per_sample")
     check_label(curvature, "curvature")
+    if not isinstance(requests, bool):
+        raise TypeError(f"requests must be a bool, got {type(requests).__name__}")
+    if requests:
+        representation = representation_for_requests(representation)
     resolve_representation(representation, method)
     num_rows = check_positive_int(num_rows, "num_rows", allow_none=True)
     probe_vectors = check_nonneg_int(probe_vectors, "probe_vectors")

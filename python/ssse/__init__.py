@@ -19,7 +19,7 @@ nothing from :mod:`ssse.experiments` or :mod:`ssse.cli`, which use its public AP
 
 from ssse_ext import __version__
 
-from . import curvature, ledger, metrics, models, newton, training
+from . import comm, curvature, ledger, metrics, models, newton, sharding, training
 from .baselines import fisher_forgetting, gradient_ascent, influence_update, retrain
 from .erasure import Eraser, ssse_update
 from .fit import fit_inverse_fisher
@@ -31,6 +31,7 @@ from .newton import newton_erase
 __all__ = [
     "__version__",
     "Eraser",
+    "comm",
     "LAYOUTS",
     "curvature",
     "fisher_forgetting",
@@ -47,6 +48,7 @@ __all__ = [
     "per_sample_grads",
     "resolve_layout",
     "retrain",
+    "sharding",
     "ssse_update",
     "training",
 ]

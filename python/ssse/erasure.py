@@ -30,6 +30,7 @@ from .fit import fit_inverse_fisher
 from .gradients import gradient_sum
 from .layouts import resolve_layout
 from .rows import likelihood_of_data, row_stream, stacked_rows
+from .sharded_fit import agreed_likelihood, fit_samples
 from .io import fingerprint
 from .ledger import Ledger, check_ids, record
 from .newton import newton_refined, rows_of
@@ -236,6 +237,11 @@ class Eraser:
         dtype, device: of the inverse (default: the model's).
         ledger: an append-only record of the requests (a :class:`ssse.ledger.Ledger` or a
             file path), or ``None``.
+        comm: a :class:`ssse.comm.Comm` of several processes serves the requests together
+            (every method collective): :meth:`fit` and :meth:`erase` take this rank's share of
+            the samples, the inverse is sharded (:mod:`ssse.sharded_erase`); refused there:
+            ``ledger``, ``ids``, ``request_id``, ``refine_steps``, checkpoints. Default: one
+            process.
 
     Attributes:
         inv_fisher: the current inverse (of the curvature of the remaining data).
@@ -254,11 +260,15 @@ class Eraser:
                  dtype: torch.dtype | None = None, device=None, chunk_size: int | None = None,
                  max_memory: int | None = None, curvature="empirical",
                  likelihood=None, mc_samples: int = 1,
-                 representation: str | None = None, ledger=None):
+                 representation: str | None = None, ledger=None, comm=None):
         _configure(self, model, loss_fn, damping=damping, block_size=block_size,
                    layout=layout, weight_decay=weight_decay, minibatch=minibatch, dtype=dtype,
                    device=device, chunk_size=chunk_size, max_memory=max_memory,
                    curvature=curvature, likelihood=likelihood, mc_samples=mc_samples)
+        self.comm = None if one_process(comm) else comm
+        if self.comm is not None and ledger is not None:
+            raise ValueError("ledger is not offered by an Eraser over several processes: each "
+                             "rank would append the requests; keep it on a one-process Eraser")
         if ledger is not None and not isinstance(ledger, Ledger):
             if not isinstance(ledger, (str, os.PathLike)):
                 raise TypeError(f"ledger must be a ssse.ledger.Ledger or a file path, got "
@@ -297,7 +307,15 @@ class Eraser:
         if ids is not None:
             ids = check_ids(ids)
         likelihood = self.likelihood
-        if self._curvature.needs_likelihood:
+        if self.comm is not None:
+            if ids is not None:
+                raise ValueError("ids is not offered by an Eraser over several processes: "
+                                 "sample ids and the ledger are kept by a one-process Eraser")
+            resolved, train_data = agreed_likelihood(self.comm, self._fm, self.loss_fn,
+                                                     train_data, self._curvature, likelihood,
+                                                     "Eraser.fit")
+            likelihood = resolved or likelihood
+        elif self._curvature.needs_likelihood:
             # resolved once, on the training data: every request then uses (and checks) it
             likelihood, train_data = likelihood_of_data(self._fm, self.loss_fn, train_data,
                                                         likelihood, name="train_data",
@@ -309,9 +327,11 @@ class Eraser:
                                  curvature=self._curvature, likelihood=likelihood,
                                  mc_samples=self.mc_samples,
                                  representation=self.representation, progress=progress,
-                                 checkpoint=checkpoint, every=every)
+                                 checkpoint=checkpoint, every=every, comm=self.comm)
         if n_total is not None:
             n = check_positive_int(n_total, "n_total")
+        elif self.comm is not None:
+            n = fit_samples(self.comm, self, inv, train_data)
         elif self.minibatch == 1:
             n = round(inv.normalizer / self._curvature.normalizer_weight(
                 mc_samples=self.mc_samples))
@@ -449,6 +469,10 @@ class Eraser:
             A new ``state_dict``. On any error (e.g. :class:`ssse_ext.NotPositiveDefiniteError`
             when ``removed`` was never part of the training set) nothing is changed.
         """
+        if self.comm is not None:
+            from .sharded_erase import erase_sharded  # it builds on this module
+
+            return erase_sharded(self, self.comm, dict(locals()))
         if self.inv_fisher is None:
             raise RuntimeError("call fit(train_data) before erase()")
         check_data(removed, "removed")
@@ -537,6 +561,14 @@ class Eraser:
                 self._inverse_fp = inverse_after
             self.erased_ids.update(ids)
             self.last_request = entry
+        self.history.append((k, epsilon))
+        return state
+
+    def finish_request(self, theta: torch.Tensor, k: int, epsilon: float | None,
+                       inplace: bool) -> dict[str, torch.Tensor]:
+        """Takes the new parameters of a request of ``k`` samples that changed the inverse."""
+        state = finish_update(self._fm, theta, inplace=inplace, what="the erasure")
+        self.theta, self.n = theta, self.n - k
         self.history.append((k, epsilon))
         return state
 

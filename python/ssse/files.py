@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import distributed
+from . import sharding
 from .data import Dataset, load_recorded
 from .io import load_extra_tensors, load_inverse_fisher, load_model
 
@@ -76,9 +76,9 @@ def load_inverse_file(path: str | os.PathLike, model: nn.Module, *, device=None,
     another dimension than ``model``'s trainable parameters."""
     path = check_file(path, names.fisher)
     dtype = next(model.parameters()).dtype
-    if distributed.is_index(path):
+    if sharding.is_index(path):
         try:
-            inv, meta = distributed.load_inverse_fisher(path, device=device, dtype=dtype)
+            inv, meta = sharding.load_sharded(path, device=device, dtype=dtype)
         except ValueError as exc:
             raise ValueError(f"{names.fisher}: {exc}") from None
         inv = inv.gather()
@@ -93,7 +93,7 @@ def load_inverse_file(path: str | os.PathLike, model: nn.Module, *, device=None,
 def fitted_at(path: str | os.PathLike) -> torch.Tensor | None:
     """The ``(d,)`` parameters an inverse-Fisher file was fitted at (its ``theta_star``;
     ``None``: not recorded, as in the index of a sharded fit)."""
-    if distributed.is_index(path):
+    if sharding.is_index(path):
         return None
     return load_extra_tensors(path).get("theta_star")
 

@@ -22,10 +22,12 @@ from ssse_ext.validation import (check_callable, check_choice, check_data, check
 from .budget import (CHUNK_SHARE_OF_INVERSE, MEMORY_SHARE, MIN_CHUNK_BYTES, check_fit_memory,
                      result_bytes)
 from .checkpoint import fit_resumable
+from .comm import one_process
 from .curvature import check_likelihood, get_curvature, options_with
 from .layouts import resolve_layout
 from .model import FlatModel, data_size, warn_if_training
 from .rows import row_stream, rows_per_sample_of
+from .sharded_fit import fit_sharded
 
 __all__ = ["fit_inverse_fisher"]
 
@@ -38,8 +40,8 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
                        curvature="empirical", likelihood=None,
                        mc_samples: int = 1, seed: int = 0, representation: str = "auto",
                        progress: bool = True, checkpoint: str | os.PathLike | None = None,
-                       every: int | None = None,
-                       probe_vectors: int = 3) -> ssse_ext.BlockInverseFisher:
+                       every: int | None = None, probe_vectors: int = 3,
+                       comm=None) -> ssse_ext.BlockInverseFisher:
     r"""Fits the block inverse of a damped curvature at the model's parameters.
 
     .. math:: F_b^{-1} = \Big(\lambda I + \frac{1}{N}\sum_{r} u_{r,b}\, u_{r,b}^\top\Big)^{-1}
@@ -121,10 +123,18 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
             (:meth:`ssse_ext.BlockInverseFisher.health`, 0: none). The fit checks the result
             with it and warns (:class:`ssse_ext.health.HealthWarning`) above the dtype's
             tolerance.
+        comm: a :class:`ssse.comm.Comm` of several processes (e.g. ``ssse.comm.init()`` under
+            ``torchrun``) shards the fit: ``data`` is then this rank's share, and the result
+            this rank's :class:`ssse.sharding.ShardedInverseFisher`, equal to the blocks of
+            the one-process fit of all the data to rounding (:mod:`ssse.sharded_fit`; refused
+            there: ``representation="dual"``, ``checkpoint``, ``every``; no progress bar and
+            no health probe). Default: one process.
 
     Returns:
         A :class:`ssse_ext.BlockInverseFisher` with ``num_samples`` the number of rows.
     """
+    if not one_process(comm):
+        return fit_sharded(comm, dict(locals()))
     check_module(model)
     check_callable(loss_fn, "loss_fn")
     check_data(data, "data")
@@ -206,9 +216,9 @@ def _check_checkpointing(checkpoint, every, minibatch: int, representation: str,
         return representation
     if not isinstance(checkpoint, (str, os.PathLike)):
         raise TypeError(f"checkpoint must be a file path, got {type(checkpoint).__name__}")
-    if representation == "dual":
-        raise ValueError('representation="dual" cannot be checkpointed (a resumable fit '
-                         'keeps dense blocks): pass "dense" or "auto"')
+    if representation not in ("auto", "dense"):
+        raise ValueError(f"representation={representation!r} cannot be checkpointed (a "
+                         'resumable fit keeps dense blocks): pass "dense" or "auto"')
     if not is_pair(data) and isinstance(data, Iterator):
         raise TypeError(f"data must be an (X, y) pair or a re-iterable collection of "
                         f"batches to resume a fit from a checkpoint, got a one-shot "

@@ -18,6 +18,7 @@ from .base import (BlockStore, BuildCost, ChangeFactors, StoreBuilder, block_ids
                    element_size)
 from .dense import DenseStore
 from .dual import DualBlocks, DualBuilder, dual_nbytes
+from .gram import GramStore, representation_for_requests
 
 __all__ = [
     "AUTO",
@@ -29,6 +30,7 @@ __all__ = [
     "DenseStore",
     "DualBlocks",
     "DualBuilder",
+    "GramStore",
     "StoreBuilder",
     "block_ids_of",
     "choose_stores",
@@ -37,6 +39,7 @@ __all__ = [
     "file_prefix",
     "get_store",
     "register_store",
+    "representation_for_requests",
     "resolve_representation",
 ]
 
@@ -167,3 +170,4 @@ def choose_stores(sizes: Sequence[int], rows: int | None, dtype: torch.dtype, *,
 
 register_store(DenseStore)
 register_store(DualBlocks)
+register_store(GramStore)

@@ -201,9 +201,11 @@ class DenseGram:
         return self
 
     def invert(self, damping: float, normalizer: float, *, probe: FisherProbe | None = None,
-               stacklevel: int = 1) -> list[torch.Tensor]:
+               stacklevel: int = 1, keep: bool = False) -> list[torch.Tensor]:
         """Inverts every group (freeing it) into the segments of the result, one packed 1-D
-        tensor per group; the accumulator is spent.
+        tensor per group; the accumulator is spent. With ``keep``, each group is inverted
+        from a copy and the accumulators stay in :attr:`grams` (one group's copy at a time:
+        the kernel factors its input in place).
 
         Before anything is inverted, every group is checked: accumulators that overflowed
         float64 raise ``FloatingPointError``; blocks so ill-conditioned that their inverse
@@ -232,9 +234,12 @@ class DenseGram:
                              dtype=self.dtype, stacklevel=stacklevel + 1)
         segments = []
         for g, ((g0, g1), (host, dev)) in enumerate(zip(self.groups, self._tables)):
-            packed, info = _ops.call(_ops.inverse_from_gram, self.grams[g], host, dev, damping,
+            work = self.grams[g].clone() if keep else self.grams[g]
+            packed, info = _ops.call(_ops.inverse_from_gram, work, host, dev, damping,
                                      normalizer, self.dtype)
-            self.grams[g] = None  # freed before the next group's result is allocated
+            del work
+            if not keep:
+                self.grams[g] = None  # freed before the next group's result is allocated
             raise_if_failed(info, "build", self.layout, "pivot", self.blocks[g0:g1])
             segments.append(packed)
         return segments

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-import ssse.distributed
+import ssse.comm
+import ssse.sharding
 from ssse.files import (COMPUTE_DTYPES, InputNames, check_file, check_training_set,
                         load_inverse_file, load_model_file, trainable_size)
 from ssse_ext import validation
@@ -39,14 +40,15 @@ def setup(args) -> None:
         args.device = dev
     if distributed(args):
         # torchrun: one process per device (NCCL between GPUs, gloo on CPUs)
-        ssse.distributed.init(device=args.device, timeout=args.timeout)
+        args.comm = ssse.comm.init(device=args.device, timeout=args.timeout,
+                                   exchange=getattr(args, "exchange", "auto"))
         if args.device.type == "cuda":
             args.device = torch.device("cuda", torch.cuda.current_device())
 
 
 def distributed(args) -> bool:
     """Whether this command runs sharded: ``fisher`` and ``erase`` under torchrun."""
-    return args.command in ("fisher", "erase") and ssse.distributed.launched()
+    return args.command in ("fisher", "erase") and ssse.comm.launched()
 
 
 def dtype(args, default: torch.dtype | None = None) -> torch.dtype | None:
@@ -84,27 +86,29 @@ def task_from_meta(args, model, meta):
 def load_fisher(args, model):
     path = check_file(args.fisher, "--fisher")
     dtype_ = next(model.parameters()).dtype
-    if ssse.distributed.is_index(path) or distributed(args):
+    if ssse.sharding.is_index(path) or distributed(args):
         return load_sharded_fisher(args, path, model, dtype_)
     return load_inverse_file(path, model, device=args.device, names=NAMES)
 
 
 def load_sharded_fisher(args, path, model, dtype):
-    """Under torchrun: this rank's blocks (of an index, re-sharded to this world size, or of a
-    single file). Otherwise: the whole inverse of an index."""
-    from ssse import distributed as sharded
+    """Under torchrun on several ranks: this rank's blocks (of an index, re-sharded to this
+    world size, or of a single file). Otherwise: the whole inverse of an index."""
     from ssse.io import load_inverse_fisher
+    from ssse.sharding import ShardedInverseFisher, is_index, load_sharded
 
-    if sharded.is_index(path):
+    comm = args.comm if distributed(args) and args.comm.size > 1 else None
+    if is_index(path):
         try:
-            inv, meta = sharded.load_inverse_fisher(path, device=args.device, dtype=dtype)
+            inv, meta = load_sharded(path, comm=comm, device=args.device, dtype=dtype)
         except ValueError as exc:
             raise UsageError(f"--fisher: {exc}") from None
-        if not distributed(args):
+        if comm is None:
             inv = inv.gather()
     else:
-        full, meta = load_inverse_fisher(path, device=args.device, dtype=dtype)
-        inv = sharded.ShardedInverseFisher.from_full(full)
+        inv, meta = load_inverse_fisher(path, device=args.device, dtype=dtype)
+        if comm is not None:
+            inv = ShardedInverseFisher.from_full(inv, comm=comm)
     d = trainable_size(model)
     if inv.dim != d:
         raise UsageError(f"--fisher has dim {inv.dim}, the model has {d} parameters")

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-import ssse.distributed
+import ssse.comm
 
 from .commands import bench
 from .common import UsageError, distributed, setup
@@ -38,7 +38,7 @@ def _main(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:  # forwarded untouched, --help included
         return bench.run(argv[1:])
     args = build_parser().parse_args(rejoin_signed(argv))
-    if ssse.distributed.launched() and not distributed(args) and \
+    if ssse.comm.launched() and not distributed(args) and \
             os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun only fisher and erase are sharded: rank 0 runs the others
     try:
@@ -67,7 +67,7 @@ def _failure(exc: Exception) -> tuple[int, str] | None:
     from ssse_ext import NotPositiveDefiniteError
 
     from ssse.data import DataUnavailableError
-    from ssse.distributed import DistributedError
+    from ssse.comm import DistributedError
     from ssse.ledger import LedgerBusyError
 
     if isinstance(exc, DistributedError):  # another rank failed or was lost: this one stops too

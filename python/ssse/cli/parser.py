@@ -248,19 +248,19 @@ def _parser(sub, name: str, **kwargs) -> argparse.ArgumentParser:
 
 
 def _distributed_args(p: argparse.ArgumentParser, *, fit: bool) -> None:
-    from ssse import distributed
+    from ssse import comm
 
     g = p.add_argument_group("under torchrun (torchrun --nproc-per-node=K -m ssse ...): every "
                              "rank holds its share of the blocks and of the samples")
     if fit:
-        g.add_argument("--exchange", choices=list(distributed.EXCHANGES), default="auto",
+        g.add_argument("--exchange", choices=list(comm.EXCHANGES), default="auto",
                        help="reduce_scatter: every rank accumulates all blocks for its rows "
                        "(fewest bytes); all_to_all: gradient slices go to the blocks' owners "
                        "(1/K of the memory); auto: reduce_scatter when it fits and sends "
                        "fewer bytes (default: auto)")
-    g.add_argument("--timeout", type=positive_float, default=distributed.DEFAULT_TIMEOUT,
+    g.add_argument("--timeout", type=positive_float, default=comm.DEFAULT_TIMEOUT,
                    metavar="SECONDS", help="how long a rank waits for the others before it "
-                   f"gives up (default: {distributed.DEFAULT_TIMEOUT:g})")
+                   f"gives up (default: {comm.DEFAULT_TIMEOUT:g})")
 
 
 def _add_demo(sub) -> None:

@@ -8,7 +8,7 @@ import sys
 import time
 
 import ssse
-import ssse.distributed
+import ssse.sharding
 import ssse_ext
 from ssse.files import check_fitted_on, fitted_at
 from ssse.service import check_health, check_origin, erased_header, serve_request
@@ -39,7 +39,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     state, how = _erase(args, model, inv, fmeta, task, removed, before)
     seconds = time.perf_counter() - t0
-    if isinstance(inv, ssse.distributed.ShardedInverseFisher) and inv.rank != 0:
+    if isinstance(inv, ssse.sharding.ShardedInverseFisher) and inv.rank != 0:
         return 0  # every rank holds the same parameters: rank 0 writes them
     model.load_state_dict(state)
     path = save_model(out_path(args, "erased.safetensors"), model, spec=meta["spec"],
@@ -55,21 +55,21 @@ def run(args) -> int:
 def _erase(args, model, inv, fmeta, task, removed, before) -> tuple[dict, str]:
     """The erased parameters (SSSE, or the Newton step without ε) and how they were found;
     with a sharded inverse, every rank takes the gradients of its share of ``removed``."""
-    sharded = isinstance(inv, ssse.distributed.ShardedInverseFisher)
-    if sharded:
-        mine = removed[list(ssse.distributed.share(removed.numel()))]
-        api, data = ssse.distributed, (task.data(mine) if mine.numel() else [])
+    comm = inv.comm if isinstance(inv, ssse.sharding.ShardedInverseFisher) else None
+    if comm is not None:
+        mine = removed[list(comm.share(removed.numel()))]
+        data = task.data(mine) if mine.numel() else []
         if args.refine_steps:
             raise UsageError("--refine-steps: the sharded Newton erasure takes the Newton step "
                              "only")
     else:
-        api, data = ssse, task.data(removed)
+        data = task.data(removed)
     if args.epsilon is not None:
         # samples erased by earlier requests are no longer part of D: n counts what remains
-        state = api.ssse_update(model, task.loss_fn, data, inv_fisher=inv,
-                                epsilon=args.epsilon, n_total=task.n - len(before),
-                                weight_decay=task.weight_decay, fisher=args.variant,
-                                minibatch=int(fmeta.get("minibatch", 1)))
+        state = ssse.ssse_update(model, task.loss_fn, data, inv_fisher=inv,
+                                 epsilon=args.epsilon, n_total=task.n - len(before),
+                                 weight_decay=task.weight_decay, fisher=args.variant,
+                                 minibatch=int(fmeta.get("minibatch", 1)), comm=comm)
         return state, f"ε={args.epsilon:g} ({args.variant} Fisher)"
     if inv.curvature != "ggn":
         raise UsageError("--epsilon is needed unless --fisher holds the Gauss-Newton matrix "
@@ -78,10 +78,9 @@ def _erase(args, model, inv, fmeta, task, removed, before) -> tuple[dict, str]:
         raise UsageError("the Newton erasure needs the inverse of the data left; this model "
                          "already had samples erased with an inverse of the whole training "
                          "set: erase them in one request, or refit the inverse")
-    refine = {} if sharded else {"refine_steps": args.refine_steps}
-    state = api.newton_erase(model, task.loss_fn, data, inv_fisher=inv, n_total=task.n,
-                             weight_decay=task.weight_decay, likelihood=task.likelihood,
-                             **refine)
+    state = ssse.newton_erase(model, task.loss_fn, data, inv_fisher=inv, n_total=task.n,
+                              weight_decay=task.weight_decay, likelihood=task.likelihood,
+                              refine_steps=args.refine_steps, comm=comm)
     return state, f"the leave-k-out Newton step ({args.refine_steps} refinement steps)"
 
 

@@ -94,24 +94,28 @@ def _resumed(args) -> str:
 def fisher_distributed(args, model, task, damping) -> int:
     """``ssse fisher`` under torchrun: every rank fits its blocks from its share of the
     samples, and writes its file; rank 0 writes the index."""
-    from ssse import distributed
+    from ssse.sharding import ShardedInverseFisher, save_sharded
 
-    mine = torch.arange(task.n)[list(distributed.share(task.n))]
+    comm = args.comm
+    mine = torch.arange(task.n)[list(comm.share(task.n))]
     t0 = time.perf_counter()
     try:
-        inv = distributed.fit_inverse_fisher(
+        inv = ssse.fit_inverse_fisher(
             model, task.loss_fn, task.data(mine) if mine.numel() else [], damping=damping,
             block_size=args.block_size, layout=args.layout, weight_decay=task.weight_decay,
             minibatch=args.minibatch, curvature=args.curvature, likelihood=task.likelihood,
-            mc_samples=args.mc_samples, seed=args.seed, exchange=args.exchange)
+            mc_samples=args.mc_samples, seed=args.seed, progress=False, comm=comm)
     except ValueError as exc:
         if "layout" not in str(exc):
             raise
         raise UsageError(f"--layout {args.layout}: {exc}") from None
     seconds = time.perf_counter() - t0
-    path = distributed.save_inverse_fisher(
-        out_path(args, "inverse_fisher.index.json"), inv, model=str(Path(args.model).name),
-        minibatch=args.minibatch, n_train=task.n, seconds=seconds)
+    if not isinstance(inv, ShardedInverseFisher):  # one rank fits as one process does
+        inv = ShardedInverseFisher.from_full(inv, comm=comm)
+        inv.fit_stats = {"exchange": "none", "bytes_sent": 0}
+    path = save_sharded(out_path(args, "inverse_fisher.index.json"), inv, comm=comm,
+                        model=str(Path(args.model).name), minibatch=args.minibatch,
+                        n_train=task.n, seconds=seconds)
     if inv.rank == 0:
         stats = inv.fit_stats
         print(f"inverse Fisher ({inv.curvature}): d={inv.dim}, {inv.layout.num_blocks} blocks "

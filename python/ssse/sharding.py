@@ -1,0 +1,579 @@
+r"""Block sharding: which rank owns which blocks of an inverse, a rank's share of a sharded
+inverse (:class:`ShardedInverseFisher`), and its files (one safetensors file per rank and an
+index).
+
+Rank :math:`r` of :math:`P` owns the consecutive blocks ``sharding.blocks(r)`` of the layout,
+chosen so that the ranks' costs :math:`\sum_b s_b^2` (the Gram's flops per row, and the memory)
+are balanced (:meth:`Sharding.balanced`). The library's functions make and use sharded inverses
+when they are given a :class:`ssse.comm.Comm` of more than one process.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import ssse_ext
+from ssse_ext.validation import check_device, check_dtype, check_int, check_positive_int
+
+from .comm import Comm, digest, run_local
+from .io import atomic_path, write_json
+
+__all__ = ["INDEX_FORMAT", "SHARD_FORMAT", "ShardedInverseFisher", "Sharding", "check_sharded",
+           "is_index", "load_sharded", "local_inverse", "save_sharded"]
+
+INDEX_FORMAT = "ssse-inverse-fisher-index"
+SHARD_FORMAT = "ssse-inverse-fisher-shard"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Sharding:
+    r"""Which rank owns which blocks: rank ``r`` owns blocks ``bounds[r] .. bounds[r+1] - 1``
+    of ``layout``, i.e. the parameters ``columns(r)``.
+
+    Use :meth:`balanced` (the partition that minimises the largest
+    :math:`\sum_{b \in r} s_b^2`).
+    """
+
+    layout: ssse_ext.BlockLayout
+    bounds: tuple[int, ...]
+
+    def __post_init__(self):
+        if not isinstance(self.layout, ssse_ext.BlockLayout):
+            raise TypeError(f"layout must be a ssse_ext.BlockLayout, got "
+                            f"{type(self.layout).__name__}")
+        bounds = tuple(int(b) for b in self.bounds)
+        nb = self.layout.num_blocks
+        if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != nb or \
+                any(b > c for b, c in zip(bounds, bounds[1:])):
+            raise ValueError(f"bounds must rise from 0 to the layout's {nb} blocks with at least "
+                             f"one rank, got {list(self.bounds)}")
+        object.__setattr__(self, "bounds", bounds)
+        # the first parameter of every range (asked for per chunk of rows, so kept)
+        starts = [self.layout.starts[b] if b < nb else self.layout.dim for b in bounds]
+        object.__setattr__(self, "_starts", tuple(starts))
+
+    @classmethod
+    def balanced(cls, layout: ssse_ext.BlockLayout, world_size: int) -> "Sharding":
+        r"""Consecutive ranges of blocks for ``world_size`` ranks with the smallest possible
+        largest cost :math:`\sum s_b^2`; every rank gets at least one block when there are
+        enough blocks."""
+        if not isinstance(layout, ssse_ext.BlockLayout):
+            raise TypeError(f"layout must be a ssse_ext.BlockLayout, got {type(layout).__name__}")
+        world_size = check_positive_int(world_size, "world_size")
+        costs = [s * s for s in layout.sizes]
+        prefix = [0]
+        for c in costs:
+            prefix.append(prefix[-1] + c)
+        nb = len(costs)
+        if nb == 0:
+            return cls(layout, (0,) * (world_size + 1))
+
+        def cuts(cap: int) -> list[int] | None:
+            """Greedy ranges of cost <= cap (None: more than world_size needed)."""
+            out, pos = [0], 0
+            while pos < nb:
+                pos = bisect.bisect_right(prefix, prefix[pos] + cap) - 1
+                out.append(pos)
+                if len(out) - 1 > world_size:
+                    return None
+            return out
+
+        lo, hi = max(costs), prefix[-1]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if cuts(mid) is None:
+                lo = mid + 1
+            else:
+                hi = mid
+        bounds = cuts(lo)
+        # fewer ranges than ranks: split the costliest range that has two blocks or more
+        while len(bounds) - 1 < world_size:
+            spans = [(prefix[b] - prefix[a], j) for j, (a, b) in
+                     enumerate(zip(bounds, bounds[1:])) if b - a >= 2]
+            if not spans:
+                break
+            _, j = max(spans)
+            a, b = bounds[j], bounds[j + 1]
+            half = (prefix[a] + prefix[b]) / 2
+            c = min(max(bisect.bisect_left(prefix, half, a, b), a + 1), b - 1)
+            if c + 1 < b and abs(prefix[c + 1] - half) < abs(prefix[c] - half):
+                c += 1
+            bounds.insert(j + 1, c)
+        bounds += [nb] * (world_size + 1 - len(bounds))
+        return cls(layout, tuple(bounds))
+
+    @property
+    def world_size(self) -> int:
+        return len(self.bounds) - 1
+
+    def _rank(self, rank: int) -> int:
+        rank = check_int(rank, "rank")
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank must be in [0, {self.world_size}), got {rank}")
+        return rank
+
+    def blocks(self, rank: int) -> tuple[int, int]:
+        """``(first, last)``: rank ``rank`` owns blocks ``first .. last - 1``."""
+        rank = self._rank(rank)
+        return self.bounds[rank], self.bounds[rank + 1]
+
+    def columns(self, rank: int) -> slice:
+        """The parameters covered by the blocks of rank ``rank``."""
+        rank = self._rank(rank)
+        return slice(self._starts[rank], self._starts[rank + 1])
+
+    def width(self, rank: int) -> int:
+        c = self.columns(rank)
+        return c.stop - c.start
+
+    def numel(self, rank: int) -> int:
+        """Elements of rank ``rank``'s part of the packed inverse (its cost)."""
+        return self.layout.numel_of(*self.blocks(rank))
+
+    def sub_layout(self, rank: int) -> ssse_ext.BlockLayout:
+        """Rank ``rank``'s blocks as a layout of their own (over its columns)."""
+        first, last = self.blocks(rank)
+        sizes = list(self.layout.sizes[first:last])
+        return ssse_ext.BlockLayout.from_dict({"dim": sum(sizes), "sizes": sizes})
+
+    def owner(self, block: int) -> int:
+        """The rank that owns block ``block``."""
+        block = check_int(block, "block")
+        if not 0 <= block < self.layout.num_blocks:
+            raise ValueError(f"block must be in [0, {self.layout.num_blocks}), got {block}")
+        return bisect.bisect_right(self.bounds, block) - 1
+
+    def __repr__(self) -> str:
+        costs = [self.numel(r) for r in range(self.world_size)]
+        return (f"Sharding({self.layout!r}, world_size={self.world_size}, "
+                f"bounds={list(self.bounds)}, costs={costs})")
+
+
+
+def local_attribute(name: str, doc: str) -> property:
+    """A read-only property that reads ``name`` from the local shard."""
+    return property(lambda self: getattr(self.local, name), doc=doc)
+
+
+class ShardedInverseFisher:
+    r"""This rank's share of a block-sharded inverse Fisher: the blocks ``sharding.blocks(rank)``
+    as :attr:`local`, a :class:`ssse_ext.BlockInverseFisher` over their columns
+    (``sharding.columns(rank)``; its segments are those blocks' packed storage), plus the whole
+    layout and the partition.
+
+    Made by :func:`ssse.fit_inverse_fisher`, :func:`load_sharded` or :meth:`from_full`;
+    :meth:`gather` assembles the whole inverse (tests, small models).
+    """
+
+    def __init__(self, local: ssse_ext.BlockInverseFisher, sharding: Sharding, rank: int,
+                 comm: Comm | None = None):
+        if not isinstance(local, ssse_ext.BlockInverseFisher):
+            raise TypeError(f"local must be a ssse_ext.BlockInverseFisher, got "
+                            f"{type(local).__name__}")
+        if not isinstance(sharding, Sharding):
+            raise TypeError(f"sharding must be a Sharding, got {type(sharding).__name__}")
+        rank = sharding._rank(rank)
+        expected = sharding.sub_layout(rank)
+        if local.layout.sizes != expected.sizes:
+            raise ValueError(f"local holds blocks of sizes {list(local.layout.sizes)[:8]}..., "
+                             f"rank {rank} owns blocks {sharding.blocks(rank)} of sizes "
+                             f"{list(expected.sizes)[:8]}...")
+        self.local, self.sharding, self.rank = local, sharding, rank
+        # the ranks that hold the other blocks: the default of the collectives on this inverse
+        self.comm = comm or Comm()
+        self.fit_stats: dict = {}
+
+    @property
+    def layout(self) -> ssse_ext.BlockLayout:
+        return self.sharding.layout
+
+    @property
+    def config(self) -> ssse_ext.FisherConfig:
+        return ssse_ext.FisherConfig(self.damping, self.normalizer, self.layout, self.curvature)
+
+    # the local shard's (the same on every rank)
+    damping = local_attribute("damping", "the damping λ")
+    normalizer = local_attribute("normalizer", "the normaliser N")
+    curvature = local_attribute("curvature", "the curvature stored")
+    num_samples = local_attribute("num_samples", "the samples the inverse holds")
+    dtype = local_attribute("dtype", "the blocks' dtype")
+    device = local_attribute("device", "the blocks' device")
+
+    @property
+    def dim(self) -> int:
+        return self.layout.dim
+
+    @property
+    def world_size(self) -> int:
+        return self.sharding.world_size
+
+    @property
+    def block_range(self) -> tuple[int, int]:
+        """``(first, last)``: the blocks ``first .. last - 1`` of the layout held here."""
+        return self.sharding.blocks(self.rank)
+
+    @property
+    def columns(self) -> slice:
+        return self.sharding.columns(self.rank)
+
+    @property
+    def nbytes(self) -> int:
+        return self.local.nbytes
+
+    def fingerprint(self) -> bytes:
+        """A digest of what every rank's share must agree on."""
+        return digest(self.damping, self.normalizer, self.curvature, self.num_samples,
+                       str(self.dtype), list(self.sharding.bounds), list(self.layout.sizes))
+
+    @classmethod
+    def from_full(cls, inv: ssse_ext.BlockInverseFisher, *, comm: Comm | None = None,
+                  sharding: Sharding | None = None) -> "ShardedInverseFisher":
+        """This rank's blocks of a whole inverse (a copy); ``sharding`` default balanced over
+        the ranks of ``comm`` (default: one process)."""
+        if not isinstance(inv, ssse_ext.BlockInverseFisher):
+            raise TypeError(f"inv must be a ssse_ext.BlockInverseFisher, got {type(inv).__name__}")
+        comm = comm or Comm()
+        rank, size = comm.rank, comm.size
+        sharding = Sharding.balanced(inv.layout, size) if sharding is None else sharding
+        if not isinstance(sharding, Sharding):
+            raise TypeError(f"sharding must be a Sharding, got {type(sharding).__name__}")
+        if sharding.layout != inv.layout or sharding.world_size != size:
+            raise ValueError(f"sharding must partition the inverse's layout ({inv.layout!r}) "
+                             f"over the group's {size} ranks, got {sharding!r}")
+        first, last = sharding.blocks(rank)
+        offsets = inv.layout.offsets
+        lo = offsets[first] if first < last else 0
+        packed = inv.packed[lo:lo + inv.layout.numel_of(first, last)].clone()
+        return cls(local_inverse(packed, sharding, rank, inv.damping, inv.normalizer,
+                                 inv.curvature, inv.num_samples), sharding, rank, comm)
+
+    def gather(self, *, comm: Comm | None = None) -> ssse_ext.BlockInverseFisher:
+        """The whole inverse, on every rank (collective over ``comm``, default the ranks that
+        made this inverse): memory of the whole inverse."""
+        comm = comm or self.comm
+        check_sharded(self, comm)
+        numels = [self.sharding.numel(r) for r in range(comm.size)]
+        buf = torch.zeros(max(max(numels), 1), dtype=self.dtype, device=comm.device)
+        packed = self.local.packed
+        buf[:packed.numel()] = packed.to(comm.device)
+        rows = comm.all_gather(buf, "gather of the inverse", kind="inverse").to(self.device)
+        segments = [rows[r, :numels[r]].clone() for r in range(comm.size) if numels[r]]
+        if not segments:
+            segments = [torch.zeros(0, dtype=self.dtype, device=self.device)]
+        return ssse_ext.BlockInverseFisher(segments, self.config, self.num_samples)
+
+    def __repr__(self) -> str:
+        first, last = self.block_range
+        return (f"ShardedInverseFisher(rank={self.rank} of {self.world_size}, blocks {first}.."
+                f"{last - 1} of {self.layout.num_blocks}, dim={self.dim}, "
+                f"damping={self.damping:g}, normalizer={self.normalizer:g}, "
+                f"dtype={self.dtype}, device={self.device})")
+
+
+def local_inverse(segments, sharding: Sharding, rank: int, damping: float, normalizer: float,
+                   curvature: str, num_samples: int) -> ssse_ext.BlockInverseFisher:
+    config = ssse_ext.FisherConfig(damping, normalizer, sharding.sub_layout(rank), curvature)
+    return ssse_ext.BlockInverseFisher(segments, config, num_samples)
+
+
+def check_sharded(inv, comm: Comm) -> None:
+    """Refuses anything but this rank's share of an inverse sharded over ``comm``."""
+    if not isinstance(inv, ShardedInverseFisher):
+        raise TypeError(f"inv_fisher must be a ShardedInverseFisher, got {type(inv).__name__}")
+    if inv.world_size != comm.size or inv.rank != comm.rank:
+        raise ValueError(f"inv_fisher is rank {inv.rank}'s share of {inv.world_size}, this is "
+                         f"rank {comm.rank} of {comm.size}: load it again on these ranks "
+                         "(load_sharded re-shards)")
+
+
+# ---- the fit -------------------------------------------------------------------------------------
+
+# ---- files: one safetensors file per rank and an index ------------------------------------------
+
+def _shard_name(index: Path, token: str, rank: int, size: int) -> str:
+    stem = index.name
+    for suffix in (".index.json", ".json"):
+        if stem.endswith(suffix):
+            stem = stem[:-len(suffix)]
+            break
+    return f"{stem}.{token}.rank{rank:05d}-of-{size:05d}.safetensors"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(16 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _state_meta(inv: ShardedInverseFisher) -> dict:
+    return {"damping": inv.damping, "normalizer": inv.normalizer,
+            "num_samples": inv.num_samples, "layout": inv.layout.to_dict(),
+            "dtype": str(inv.dtype).removeprefix("torch."), "curvature": inv.curvature}
+
+
+def save_sharded(path: str | os.PathLike, inv: ShardedInverseFisher, *,
+                 comm: Comm | None = None, **meta: Any) -> Path:
+    """Saves a sharded inverse (collective over ``comm``, default the ranks that made ``inv``):
+    every rank writes its blocks to a safetensors file next to ``path``, then rank 0 writes the
+    index ``path`` (JSON: the layout, the owners of the blocks, and each shard's file, blocks,
+    size and SHA-256), with free-form ``meta``.
+
+    Shard names carry a token of this save, and the index is written last (atomically), so an
+    existing index at ``path`` and its shards stay valid until the new ones are complete; on
+    any error on any rank the new shards are removed and every rank raises. The shards of the
+    index replaced are removed afterwards.
+
+    Returns:
+        ``path``.
+    """
+    comm = comm or getattr(inv, "comm", None) or Comm()
+    path = Path(path)
+    _, error = run_local(lambda: check_sharded(inv, comm))
+    comm.agree(error, "save_sharded (arguments)")
+    comm.same(inv.fingerprint(), "save_sharded: the ranks' inverses")
+    word = torch.tensor([secrets.randbits(62) if comm.rank == 0 else 0], dtype=torch.int64)
+    token = f"{int(comm.broadcast(word, 0, 'save_sharded (token)')[0]):016x}"[-12:]
+    shard = path.parent / _shard_name(path, token, comm.rank, comm.size)
+    first, last = inv.block_range
+    seg_bounds = _segment_bounds(inv)
+
+    def write():
+        from safetensors.torch import save_file
+
+        tensors = {f"packed.{j}": t.detach().cpu().contiguous()
+                   for j, t in enumerate(t for t in inv.local.segments if t.numel())}
+        header = {"format": SHARD_FORMAT, "format_version": str(FORMAT_VERSION),
+                  "ssse": json.dumps({"rank": comm.rank, "world_size": comm.size,
+                                      "first": first, "last": last, "segments": seg_bounds,
+                                      "token": token, "state": _state_meta(inv)})}
+        with atomic_path(shard) as tmp:
+            save_file(tensors, str(tmp), metadata=header)
+        return [shard.stat().st_size, _sha256(shard)]
+
+    def discard():
+        if shard.exists():
+            shard.unlink()
+
+    written, error = run_local(write)
+    if error is not None:
+        discard()
+    try:
+        comm.agree(error, "save_sharded (writing the shards)")
+        sizes = [r[0] for r in comm.ints([0 if written is None else written[0]],
+                                         "save_sharded (sizes)")]
+        digests = comm.texts("" if written is None else written[1],
+                             "save_sharded (fingerprints)")
+        old, error = run_local(lambda: _write_index(path, inv, comm, token, sizes, digests,
+                                                    meta) if comm.rank == 0 else None)
+        comm.agree(error, "save_sharded (writing the index)")
+    except BaseException:
+        discard()
+        raise
+    if comm.rank == 0 and isinstance(old, dict) and old.get("format") == INDEX_FORMAT:
+        keep = {_shard_name(path, token, r, comm.size) for r in range(comm.size)}
+        for entry in old.get("shards", []):
+            name = entry.get("file") if isinstance(entry, dict) else None
+            if isinstance(name, str) and name not in keep and "/" not in name:
+                try:
+                    (path.parent / name).unlink()
+                except OSError:
+                    pass
+    return path
+
+
+def _segment_bounds(inv: ShardedInverseFisher) -> list[int]:
+    """The first block of each non-empty segment of this rank's storage, and the end."""
+    first, _ = inv.block_range
+    bounds, b = [first], first
+    for t in inv.local.segments:
+        numel = 0
+        while numel < t.numel():
+            numel += inv.layout.sizes[b] ** 2
+            b += 1
+        if t.numel():
+            bounds.append(b)
+    return bounds
+
+
+def _write_index(path: Path, inv: ShardedInverseFisher, comm: Comm, token: str,
+                 sizes: list[int], digests: list[str], meta: dict) -> dict | None:
+    """Writes the index of a save (rank 0); returns the index it replaced, if readable."""
+    old = None
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = None
+    shards = [{"rank": r, "file": _shard_name(path, token, r, comm.size),
+               "first": inv.sharding.bounds[r], "last": inv.sharding.bounds[r + 1],
+               "bytes": sizes[r], "sha256": digests[r]} for r in range(comm.size)]
+    write_json(path, {"format": INDEX_FORMAT, "format_version": FORMAT_VERSION,
+                      "state": _state_meta(inv), "world_size": comm.size,
+                      "owners": list(inv.sharding.bounds), "shards": shards, "meta": meta})
+    return old
+
+
+class _Index:
+    """A validated index file."""
+
+    def __init__(self, path: Path):
+        if not path.is_file():
+            raise FileNotFoundError(f"no such inverse-Fisher index: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path} is not an ssse inverse-Fisher index ({exc})") from None
+        if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+            raise ValueError(f"{path} is not an ssse inverse-Fisher index (format="
+                             f"{data.get('format') if isinstance(data, dict) else None!r})")
+        version = data.get("format_version")
+        if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+            raise ValueError(f"{path} has format version {version!r}; this ssse reads up to "
+                             f"{FORMAT_VERSION}")
+        try:
+            state = data["state"]
+            self.layout = ssse_ext.BlockLayout.from_dict(state["layout"])
+            self.config = ssse_ext.FisherConfig(float(state["damping"]),
+                                                float(state["normalizer"]), self.layout,
+                                                str(state.get("curvature", "empirical")))
+            self.num_samples = int(state["num_samples"])
+            self.dtype = {"float32": torch.float32, "float64": torch.float64}[state["dtype"]]
+            self.sharding = Sharding(self.layout, tuple(data["owners"]))
+            shards = data["shards"]
+            if len(shards) != self.sharding.world_size:
+                raise ValueError(f"{len(shards)} shards for {self.sharding.world_size} ranks")
+            for r, entry in enumerate(shards):
+                if (entry["rank"], entry["first"], entry["last"]) != \
+                        (r, *self.sharding.blocks(r)) or "/" in entry["file"] or \
+                        "\\" in entry["file"]:
+                    raise ValueError(f"shard entry {r} does not match the owners")
+            self.shards = shards
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path} is not a valid inverse-Fisher index: {exc}") from None
+        self.path, self.meta = path, dict(data.get("meta", {}))
+
+    def shard_path(self, rank: int) -> Path:
+        return self.path.parent / self.shards[rank]["file"]
+
+
+def _read_blocks(index: _Index, first: int, last: int, verify: bool) -> list[torch.Tensor]:
+    """Blocks ``first .. last - 1`` from the shards that hold them, as segments."""
+    from safetensors import safe_open
+
+    offsets, pieces = index.layout.offsets, []
+    for r, entry in enumerate(index.shards):
+        lo, hi = max(first, entry["first"]), min(last, entry["last"])
+        if lo >= hi:
+            continue
+        path = index.shard_path(r)
+        if verify and _sha256(path) != entry["sha256"]:
+            raise ValueError(f"the shard of rank {r} ({path}) does not match its fingerprint "
+                             f"in {index.path}: it was changed or belongs to another save")
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            try:
+                meta = json.loads(header["ssse"])
+                bounds = [int(b) for b in meta["segments"]]
+                ok = header.get("format") == SHARD_FORMAT and meta["rank"] == r and \
+                    (meta["first"], meta["last"]) == (entry["first"], entry["last"]) and \
+                    bounds[0] == entry["first"] and bounds[-1] == entry["last"]
+            except (KeyError, TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"the shard of rank {r} ({path}) is not the shard {index.path} "
+                                 "lists")
+            for j, (a, b) in enumerate(zip(bounds, bounds[1:])):
+                s0, s1 = max(a, lo), min(b, hi)
+                if s0 >= s1:
+                    continue
+                t = f.get_slice(f"packed.{j}")
+                piece = t[offsets[s0] - offsets[a]:offsets[s1 - 1] - offsets[a]
+                          + index.layout.sizes[s1 - 1] ** 2]
+                if not bool(torch.isfinite(piece).all()):
+                    raise ValueError(f"the shard of rank {r} ({path}) holds NaN or Inf")
+                pieces.append(piece)
+    return pieces
+
+
+def load_sharded(path: str | os.PathLike, *, comm: Comm | None = None, device=None,
+                 dtype: torch.dtype | None = None,
+                 verify: bool = True) -> tuple[ShardedInverseFisher, dict]:
+    """Loads an inverse saved by :func:`save_sharded` onto the ranks of ``comm`` (collective):
+    the saved partition when the world size is the same, else a balanced one (re-sharding);
+    each rank reads only the shards that hold its blocks. One process (the default ``comm``)
+    gets every block (:meth:`ShardedInverseFisher.gather` then gives the whole inverse).
+
+    Args:
+        path: the index file.
+        device, dtype: of the result (default: CPU, the saved dtype).
+        verify: check every shard read against its SHA-256 in the index.
+
+    Returns:
+        ``(this rank's ShardedInverseFisher, the index's meta)``.
+
+    Raises:
+        FileNotFoundError: a shard file is missing (on every rank, naming the rank whose shard
+            it is).
+        ValueError: a file is not what the index says.
+    """
+    comm = comm or Comm()
+    path = Path(path)
+    device = check_device(device)
+    dtype = check_dtype(dtype)
+    index, error = run_local(lambda: _Index(path))
+    comm.agree(error, "load_sharded (the index)")
+    saved = index.sharding
+    sharding = saved if saved.world_size == comm.size else \
+        Sharding.balanced(index.layout, comm.size)
+    first, last = sharding.blocks(comm.rank)
+    needed = [r for r in range(saved.world_size)
+              if max(first, saved.bounds[r]) < min(last, saved.bounds[r + 1])]
+    missing = [r for r in needed if not index.shard_path(r).is_file()]
+    rows = comm.ints([missing[0] if missing else -1], "load_sharded (shard files)")
+    lost = sorted({row[0] for row in rows if row[0] >= 0})
+    if lost:
+        r = lost[0]
+        raise FileNotFoundError(f"the shard of rank {r} of the saved inverse is missing: "
+                                f"{index.shard_path(r)} (listed in {path})"
+                                + (f"; also missing: the shards of ranks "
+                                   f"{', '.join(map(str, lost[1:]))}" if lost[1:] else ""))
+
+    def read():
+        pieces = _read_blocks(index, first, last, verify)
+        pieces = [p.to(device=device, dtype=dtype or index.dtype) for p in pieces]
+        if not pieces:
+            pieces = [torch.zeros(0, dtype=dtype or index.dtype, device=device)]
+        local = local_inverse(pieces, sharding, comm.rank, index.config.damping,
+                               index.config.normalizer, index.config.curvature,
+                               index.num_samples)
+        return ShardedInverseFisher(local, sharding, comm.rank, comm)
+
+    inv, error = run_local(read)
+    comm.agree(error, "load_sharded (reading the shards)")
+    return inv, index.meta
+
+
+def is_index(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an index written by :func:`save_sharded` (not a
+    single-file inverse)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        return head.lstrip().startswith(b"{") and INDEX_FORMAT.encode() in head
+    except OSError:
+        return False
