@@ -4,11 +4,12 @@ computed)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import ssse_ext
 from ssse_ext.budget import AVAILABLE_MEMORY_ENV, available_memory, check_memory, format_bytes
-from ssse_ext.dual import dual_nbytes
 from ssse_ext.fisher import build_peak_bytes
 
 from .model import FlatModel
@@ -65,17 +66,17 @@ def row_bytes(fm: FlatModel, params: dict, frozen: dict, x: torch.Tensor, miniba
 
 
 def result_bytes(layout: ssse_ext.BlockLayout, dtype: torch.dtype, rows: int | None,
-                  representation: str) -> int:
-    """Bytes of a fit's result: dense blocks, and dual blocks' rows and float64 factors."""
+                 representation) -> int:
+    """Bytes of a fit's result: per block, what the store ``representation`` chooses for it
+    holds (:func:`ssse_ext.blocks.choose_stores`)."""
+    names = ssse_ext.blocks.choose_stores(layout.sizes, rows, dtype,
+                                          representation=representation)
     elem = torch.finfo(dtype).bits // 8
-    if representation == "dense" or rows is None:
-        dual = [False] * layout.num_blocks
-    elif representation == "dual":
-        dual = [True] * layout.num_blocks
-    else:
-        dual = ssse_ext.choose_representation(layout.sizes, rows, dtype)
-    return sum(dual_nbytes(s, rows, dtype) if low else s * s * elem
-               for s, low in zip(layout.sizes, dual))
+    sizes = (ssse_ext.blocks.get_store(name).nbytes_for(s, rows, dtype)
+             for s, name in zip(layout.sizes, names))
+    # a store whose size depends on rows not known yet: count the block's dense size
+    return int(sum(b if math.isfinite(b) else s * s * elem
+                   for b, s in zip(sizes, layout.sizes)))
 
 
 def check_fit_memory(fm: FlatModel, lay: ssse_ext.BlockLayout, *, dtype: torch.dtype, device,
