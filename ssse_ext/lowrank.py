@@ -92,6 +92,33 @@ def inner_matrix(u: torch.Tensor, r: torch.Tensor, sign: int, normalizer: float
     return c
 
 
+def shifted_factor(left: torch.Tensor, m: torch.Tensor, sign: int, normalizer: float,
+                   shift: float, what: str, layout: BlockLayout, block_ids,
+                   info: torch.Tensor | None = None) -> torch.Tensor:
+    r"""The Cholesky factor of :math:`A = I + \mathrm{sign}\,M M^\top / N -
+    \mathrm{shift}\,L^\top L` for blocks whose inverse is :math:`L L^\top` (``left``,
+    ``(n, s, s)``) and :math:`M = (R L)^\top` (``m``, ``(n, s, k)``): the changed block's inverse
+    is :math:`L A^{-1} L^\top`. Refuses (:func:`checked_cholesky`) an :math:`A` that is not
+    positive definite with the margin."""
+    a = sign * (m @ m.transpose(1, 2)) / normalizer
+    if shift:
+        a = a - shift * (left.transpose(1, 2) @ left)
+    a = 0.5 * (a + a.transpose(1, 2))
+    a.diagonal(dim1=1, dim2=2).add_(1.0)
+    return checked_cholesky(a, what, layout, block_ids, info=info)
+
+
+def solve_kept(kept: tuple, vb: torch.Tensor, sign: int, base_solve) -> torch.Tensor:
+    """The changed blocks' inverse applied to ``vb`` (``(n, s, r)``) from the factors ``kept``
+    of a check: ``L A^{-1} L^T vb`` for a ``"factor"``, ``base_solve(vb) - sign U C^{-1} U^T vb``
+    for a ``"correction"`` (``base_solve``: the unchanged blocks' inverse applied)."""
+    left, chol = kept[4], kept[5]
+    res = left @ torch.cholesky_solve(left.transpose(1, 2) @ vb, chol)
+    if kept[3] == "correction":
+        res = base_solve(vb) - sign * res
+    return res
+
+
 def checked_cholesky(m: torch.Tensor, what: str, layout: BlockLayout, block_ids, *,
                      scale: float = 1.0, info: torch.Tensor | None = None, kind: str = ""
                      ) -> torch.Tensor:

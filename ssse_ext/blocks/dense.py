@@ -18,7 +18,8 @@ import torch
 from .. import _ops
 from ..budget import check_memory, format_bytes
 from ..layout import BlockLayout
-from ..lowrank import WOODBURY_ELEMENTS, checked_cholesky, inner_matrix
+from ..lowrank import (WOODBURY_ELEMENTS, checked_cholesky, inner_matrix, shifted_factor,
+                       solve_kept)
 from ..validation import FLOAT_DTYPES, check_dtype
 from .base import BlockStore, BuildCost, ChangeFactors, StoreBuilder, element_size
 from .dense_gram import (DenseGram, cuda_workspace, dense_build_nbytes, group_cap, groups,
@@ -191,21 +192,14 @@ class DenseStore(BlockStore):
                 else:
                     lf, info_f = torch.linalg.cholesky_ex(f)
                     rl = r @ lf                                                 # (n, k, s)
-                    a = sign * (rl.transpose(1, 2) @ rl) / N
-                    if shift:
-                        a = a - shift * (lf.transpose(1, 2) @ lf)
-                    a = 0.5 * (a + a.transpose(1, 2))
-                    a.diagonal(dim1=1, dim2=2).add_(1.0)
-                    chol = checked_cholesky(a, what, self.layout, ids, info=info_f)
+                    chol = shifted_factor(lf, rl.transpose(1, 2), sign, N, shift, what,
+                                          self.layout, ids, info=info_f)
                     kept = (st, n, s, "factor", lf, chol)
                 if keep:
                     factors.append(kept)
                 if rhs is not None:
                     vb = rhs[st:st + n * s].reshape(n, s, -1)
-                    left = kept[4]
-                    res = left @ torch.cholesky_solve(left.transpose(1, 2) @ vb, chol)
-                    if kept[3] == "correction":
-                        res = f @ vb - sign * res
+                    res = solve_kept(kept, vb, sign, lambda v: f @ v)
                     out[st:st + n * s] = res.reshape(n * s, -1)
         return factors
 
@@ -342,7 +336,7 @@ class DenseStore(BlockStore):
             return _RecurrenceBuilder(layout, block_ids, dtype, device, damping=damping,
                                       normalizer=normalizer, chunked=method == "woodbury",
                                       probe=probe)
-        return _GramBuilder(layout, block_ids, dtype, device, damping=damping, probe=probe,
+        return GramBuilder(layout, block_ids, dtype, device, damping=damping, probe=probe,
                             max_memory=max_memory)
 
     def __repr__(self) -> str:
@@ -371,7 +365,7 @@ def _recurrence_scratch(layout, block_ids, dtype, device, method) -> int:
     return scratch + WOODBURY_ELEMENTS * 8
 
 
-class _GramBuilder(StoreBuilder):
+class GramBuilder(StoreBuilder):
     """The stable build: :class:`DenseGram`, then its inverse."""
 
     def __init__(self, layout, block_ids, dtype, device, *, damping, probe, max_memory):

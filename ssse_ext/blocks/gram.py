@@ -31,11 +31,11 @@ import torch
 from .. import _ops
 from ..budget import check_memory, format_bytes
 from ..layout import BlockLayout
-from ..lowrank import WOODBURY_ELEMENTS, checked_cholesky
+from ..lowrank import WOODBURY_ELEMENTS, checked_cholesky, shifted_factor, solve_kept
 from ..validation import check_dtype
-from .base import BlockStore, BuildCost, StoreBuilder, element_size
-from .dense import DenseFactors, DenseStore
-from .dense_gram import (DenseGram, cuda_workspace, dense_build_nbytes, group_cap, groups,
+from .base import BlockStore, BuildCost, element_size
+from .dense import DenseFactors, DenseStore, GramBuilder
+from .dense_gram import (cuda_workspace, dense_build_nbytes, group_cap, groups,
                          raise_if_failed)
 
 __all__ = ["GramStore", "representation_for_requests"]
@@ -219,21 +219,14 @@ class GramStore(BlockStore):
             else:
                 eye = torch.eye(s, dtype=torch.float64, device=lf.device).expand(n, s, s)
                 left = torch.linalg.solve_triangular(lf.transpose(1, 2), eye, upper=True)
-                a = sign * (w @ w.transpose(1, 2)) / N
-                if shift:
-                    a = a - shift * (left.transpose(1, 2) @ left)
-                a = 0.5 * (a + a.transpose(1, 2))
-                a.diagonal(dim1=1, dim2=2).add_(1.0)
-                chol = checked_cholesky(a, what, self.layout, ids, info=info)
+                chol = shifted_factor(left, w, sign, N, shift, what, self.layout, ids,
+                                      info=info)
                 kept = (st, n, s, "factor", left, chol)
             if keep:
                 factors.append(kept)
             if rhs is not None:
                 vb = rhs[st:st + n * s].reshape(n, s, -1)
-                left = kept[4]
-                res = left @ torch.cholesky_solve(left.transpose(1, 2) @ vb, chol)
-                if kept[3] == "correction":
-                    res = torch.cholesky_solve(vb, lf) - sign * res
+                res = solve_kept(kept, vb, sign, lambda v: torch.cholesky_solve(v, lf))
                 out[st:st + n * s] = res.reshape(n * s, -1)
         return factors, touched
 
@@ -398,15 +391,8 @@ _COPY_REMEDIES = ("free memory on the device (e.g. drop other copies of the inve
                   "pass max_memory=<bytes> if more memory may be used than is free now")
 
 
-class _Builder(StoreBuilder):
+class _Builder(GramBuilder):
     """The stable build (:class:`DenseGram`), inverting from copies and keeping the Grams."""
-
-    def __init__(self, layout, block_ids, dtype, device, *, damping, probe, max_memory):
-        self.gram = DenseGram(layout, dtype, device, blocks=block_ids, max_memory=max_memory)
-        self.damping, self.probe = damping, probe
-
-    def add(self, rows):
-        self.gram.add(rows)
 
     def finish(self, normalizer):
         g = self.gram
