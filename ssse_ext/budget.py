@@ -44,6 +44,11 @@ _PROC_CGROUP = Path("/proc/self/cgroup")
 _MEMINFO = Path("/proc/meminfo")
 
 
+#: What frees room for a copy of an inverse (``clone``, ``to``, a loaded file).
+COPY_REMEDIES = ("free memory on the device (e.g. drop other copies of the inverse)",
+                 "pass max_memory=<bytes> if more memory may be used than is free now")
+
+
 def format_bytes(n: int) -> str:
     """``n`` as exact bytes and in binary units, e.g. ``"6,400,000,000 bytes (5.96 GiB)"``."""
     n = int(n)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .blocks import DenseStore, file_prefix, get_store
-from .budget import AVAILABLE_MEMORY_ENV, check_memory, format_bytes
+from .budget import AVAILABLE_MEMORY_ENV, COPY_REMEDIES, check_memory, format_bytes
 from .health import FisherProbe, Health
 from .layout import BlockLayout
 from .lowrank import LowRankChange, check_change_memory
@@ -30,9 +30,6 @@ UPDATE_METHODS = ("woodbury", "sherman_morrison")
 # CUDA one fusing consecutive steps into one pass over F^{-1}), so larger calls only save
 # conversions and passes.
 _DEFAULT_WOODBURY_CHUNK = 1024
-# What makes a copy of an existing inverse fit.
-_COPY_REMEDIES = ("free memory on the device (e.g. drop other copies of the inverse)",
-                  "pass max_memory=<bytes> if more memory may be used than is free now")
 
 
 def check_label(value, name: str) -> str:
@@ -436,7 +433,7 @@ class BlockInverseFisher:
         check_memory("BlockInverseFisher.clone", self.nbytes + self._probe_nbytes(),
                      self.device, max_memory=max_memory,
                      detail=f"a copy of the {format_bytes(self.nbytes)} inverse",
-                     remedies=_COPY_REMEDIES)
+                     remedies=COPY_REMEDIES)
         stores = self._copies(lambda s, left: s.clone(max_memory=left),
                               [s.nbytes for s in self._stores], max_memory)
         return BlockInverseFisher(stores, self.config, self.num_samples,
@@ -455,7 +452,7 @@ class BlockInverseFisher:
                      max_memory=max_memory,
                      detail=f"a {str(dtype or self.dtype).removeprefix('torch.')} copy of the "
                             f"{format_bytes(self.nbytes)} inverse",
-                     remedies=_COPY_REMEDIES)
+                     remedies=COPY_REMEDIES)
         stores = self._copies(lambda s, left: s.to(device, dtype, max_memory=left), sizes,
                               max_memory)
         probe = None if self.probe is None else self.probe.to(device or self.device)

@@ -23,16 +23,9 @@ MODEL, FISHER = "model.safetensors", "inverse_fisher.safetensors"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(served_digits):
     """Two models of the same shape (seeds 0 and 1), each with its inverse."""
-    d = tmp_path_factory.mktemp("served")
-    for seed in ("0", "1"):
-        out = d / f"seed{seed}"
-        assert main(["train", "--data", "digits", "--train-limit", "200", "--seed", seed,
-                     "--out", str(out), "--quiet"]) == 0
-        assert main(["fisher", "--model", str(out / MODEL), "--layout", "rows", "--out",
-                     str(out), "--quiet"]) == 0
-    return d
+    return {"seed0": served_digits(0), "seed1": served_digits(1)}
 
 
 @pytest.fixture
@@ -41,7 +34,7 @@ def svc(trained, tmp_path):
     d = tmp_path / "svc"
     d.mkdir()
     for name in (MODEL, FISHER):
-        shutil.copy(trained / "seed0" / name, d / name)
+        shutil.copy(trained["seed0"] / name, d / name)
     return d
 
 
@@ -132,10 +125,10 @@ def test_lock_files_are_exclusive_and_removed(tmp_path):
 # ---- the inverse belongs to the model --------------------------------------------------------
 
 def test_an_inverse_fitted_on_another_model_is_refused(trained, svc, tmp_path, capsys):
-    other = trained / "seed1" / FISHER
+    other = trained["seed1"] / FISHER
     shutil.copy(other, svc / "other.safetensors")
     before = files(svc)
-    err = refused(capsys, erase(svc, "r1", "3-7", fisher="other.safetensors"),
+    refused(capsys, erase(svc, "r1", "3-7", fisher="other.safetensors"),
                   "--fisher was fitted at other parameters than the ones --model descends from",
                   "ssse fisher")
     assert files(svc) == before  # no ledger, no lock files

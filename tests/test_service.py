@@ -18,15 +18,9 @@ MODEL, FISHER, LEDGER = "model.safetensors", "inverse_fisher.safetensors", "ledg
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """The small digits model and its inverse, as tests/test_ledger.py's ``served`` builds
-    them."""
-    d = tmp_path_factory.mktemp("service")
-    assert main(["train", "--data", "digits", "--train-limit", "200", "--out", str(d),
-                 "--quiet"]) == 0
-    assert main(["fisher", "--model", str(d / MODEL), "--layout", "rows", "--out", str(d),
-                 "--quiet"]) == 0
-    return d
+def trained(served_digits):
+    """The small digits model and its inverse (seed 0)."""
+    return served_digits(0)
 
 
 @pytest.fixture
@@ -36,15 +30,6 @@ def svc(trained, tmp_path):
     for name in (MODEL, FISHER):
         shutil.copy(trained / name, d / name)
     return d
-
-
-@pytest.fixture
-def one_thread():
-    # the same reductions in the library call and in the command: bitwise equal tensors
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def serve(where, indices, rid, **kwargs):

@@ -32,6 +32,13 @@ __all__ = ["BlockStore", "BuildCost", "ChangeFactors", "StoreBuilder", "block_id
            "element_size"]
 
 
+def copied_to(t: torch.Tensor, device=None, dtype=None) -> torch.Tensor:
+    """``t`` on ``device`` in ``dtype``, always a new tensor (``Tensor.to`` returns ``t``
+    itself when nothing changes, and a store's copy must not share its storage)."""
+    m = t.to(device=device, dtype=dtype)
+    return m.clone() if m.data_ptr() == t.data_ptr() and m.numel() else m
+
+
 def element_size(dtype: torch.dtype) -> int:
     """Bytes of one float32 or float64 element."""
     if dtype not in FLOAT_DTYPES:

@@ -16,12 +16,13 @@ from typing import Sequence
 import torch
 
 from .. import _ops
-from ..budget import check_memory, format_bytes
+from ..budget import COPY_REMEDIES, check_memory, format_bytes
 from ..layout import BlockLayout
 from ..lowrank import (WOODBURY_ELEMENTS, checked_cholesky, inner_matrix, shifted_factor,
                        solve_kept)
 from ..validation import FLOAT_DTYPES, check_dtype
-from .base import BlockStore, BuildCost, ChangeFactors, StoreBuilder, element_size
+from .base import (BlockStore, BuildCost, ChangeFactors, StoreBuilder, copied_to,
+                   element_size)
 from .dense_gram import (DenseGram, cuda_workspace, dense_build_nbytes, group_cap, groups,
                          raise_if_failed)
 
@@ -273,17 +274,13 @@ class DenseStore(BlockStore):
         check_memory("DenseStore.to", self.copy_nbytes(dtype),
                      self.device if device is None else device, max_memory=max_memory,
                      detail=f"a copy of the {format_bytes(self.nbytes)} dense blocks",
-                     remedies=_COPY_REMEDIES)
-        moved = []
-        for t in self._segments:
-            m = t.to(device=device, dtype=dtype)
-            moved.append(m.clone() if m.data_ptr() == t.data_ptr() and m.numel() else m)
-        return self._like(moved)
+                     remedies=COPY_REMEDIES)
+        return self._like([copied_to(t, device, dtype) for t in self._segments])
 
     def clone(self, *, max_memory=None):
         check_memory("DenseStore.clone", self.nbytes, self.device, max_memory=max_memory,
                      detail=f"a copy of the {format_bytes(self.nbytes)} dense blocks",
-                     remedies=_COPY_REMEDIES)
+                     remedies=COPY_REMEDIES)
         return self._like([t.clone() for t in self._segments])
 
     def state(self):
@@ -342,10 +339,6 @@ class DenseStore(BlockStore):
     def __repr__(self) -> str:
         return (f"DenseStore(blocks={self.num_blocks}, segments={len(self._segments)}, "
                 f"dtype={self.dtype}, device={self.device}, nbytes={self.nbytes})")
-
-
-_COPY_REMEDIES = ("free memory on the device (e.g. drop other copies of the inverse)",
-                  "pass max_memory=<bytes> if more memory may be used than is free now")
 
 
 def _recurrence_scratch(layout, block_ids, dtype, device, method) -> int:

@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .. import _ops
-from ..budget import check_memory, format_bytes
+from ..budget import COPY_REMEDIES, check_memory, format_bytes
 from ..errors import NotPositiveDefiniteError, RowNotFoundError
 from ..layout import BlockLayout
 from ..lowrank import checked_cholesky, inner_matrix, rows_t_times, rows_times
@@ -41,8 +41,6 @@ __all__ = ["DualBlocks", "DualBuilder", "MATCH_RTOL", "dual_nbytes"]
 
 # Bytes of float64 distances and rows a batched match of a run of blocks may take.
 _MATCH_BYTES = 16 << 20
-_COPY_REMEDIES = ("free memory on the device (e.g. drop other copies)",
-                  "pass max_memory=<bytes> if more memory may be used than is free now")
 
 
 def dual_nbytes(size: int, rows: int, dtype: torch.dtype) -> int:
@@ -457,7 +455,7 @@ class DualBlocks(BlockStore):
         ``max_memory`` bytes (default what the device has free, :mod:`ssse_ext.budget`)."""
         check_memory("DualBlocks.clone", self.nbytes, self.device, max_memory=max_memory,
                      detail=f"a copy of the {format_bytes(self.nbytes)} dual blocks",
-                     remedies=_COPY_REMEDIES)
+                     remedies=COPY_REMEDIES)
         return self._like(self.g.clone(), self.l.clone(), self.capacity)
 
     def _packed(self, dtype=None, device=None, *, rows: bool = True
@@ -487,7 +485,7 @@ class DualBlocks(BlockStore):
         check_memory("DualBlocks.to", self.packed_nbytes(dtype),
                      self.device if device is None else device, max_memory=max_memory,
                      detail=f"a compact copy of the {format_bytes(self.nbytes)} dual blocks",
-                     remedies=_COPY_REMEDIES)
+                     remedies=COPY_REMEDIES)
         g, l = self._packed(dtype, device)
         return self._like(g, l, self.num_rows)
 

@@ -29,11 +29,11 @@ from typing import Sequence
 import torch
 
 from .. import _ops
-from ..budget import check_memory, format_bytes
+from ..budget import COPY_REMEDIES, check_memory, format_bytes
 from ..layout import BlockLayout
 from ..lowrank import WOODBURY_ELEMENTS, checked_cholesky, shifted_factor, solve_kept
 from ..validation import check_dtype
-from .base import BlockStore, BuildCost, element_size
+from .base import BlockStore, BuildCost, copied_to, element_size
 from .dense import DenseFactors, DenseStore, GramBuilder
 from .dense_gram import (cuda_workspace, dense_build_nbytes, group_cap, groups,
                          raise_if_failed)
@@ -292,17 +292,10 @@ class GramStore(BlockStore):
         check_memory("GramStore.to", self.copy_nbytes(dtype),
                      self.device if device is None else device, max_memory=max_memory,
                      detail=f"a copy of the {format_bytes(self.nbytes)} gram blocks",
-                     remedies=_COPY_REMEDIES)
-        grams = []
-        for g in self._grams:
-            m = g.to(device=device)
-            grams.append(m.clone() if m.data_ptr() == g.data_ptr() and m.numel() else m)
+                     remedies=COPY_REMEDIES)
+        grams = [copied_to(g, device) for g in self._grams]
         if dtype is None or dtype == self.dtype:
-            segments = []
-            for t in self._inverse.segments:
-                m = t.to(device=device)
-                segments.append(m.clone() if m.data_ptr() == t.data_ptr() and m.numel() else m)
-            return self._like(grams, segments)
+            return self._like(grams, [copied_to(t, device) for t in self._inverse.segments])
         # another dtype: inverted again from the exact Grams, not rounded from this dtype
         moved = self._like(grams, [torch.zeros(g.numel(), dtype=dtype, device=g.device)
                                    for g in grams])
@@ -313,7 +306,7 @@ class GramStore(BlockStore):
     def clone(self, *, max_memory=None):
         check_memory("GramStore.clone", self.nbytes, self.device, max_memory=max_memory,
                      detail=f"a copy of the {format_bytes(self.nbytes)} gram blocks",
-                     remedies=_COPY_REMEDIES)
+                     remedies=COPY_REMEDIES)
         return self._like([g.clone() for g in self._grams],
                           [t.clone() for t in self._inverse.segments])
 
@@ -385,10 +378,6 @@ class GramStore(BlockStore):
     def __repr__(self) -> str:
         return (f"GramStore(blocks={self.num_blocks}, segments={len(self._grams)}, "
                 f"dtype={self.dtype}, device={self.device}, nbytes={self.nbytes})")
-
-
-_COPY_REMEDIES = ("free memory on the device (e.g. drop other copies of the inverse)",
-                  "pass max_memory=<bytes> if more memory may be used than is free now")
 
 
 class _Builder(GramBuilder):
