@@ -53,12 +53,15 @@ class FisherConfig:
         layout: the block layout of the flat parameter vector.
         curvature: what the rows were, a label recorded for the model-level library (e.g.
             ``"empirical"``, ``"ggn"``; see :mod:`ssse.curvature`); opaque here.
+        params: the names of the parameters the flat vector concatenates, in order, recorded
+            for the model-level library (``None``: not recorded); opaque here.
     """
 
     damping: float
     normalizer: float
     layout: BlockLayout
     curvature: str = "empirical"
+    params: tuple[str, ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "damping", check_positive_float(self.damping, "damping"))
@@ -67,6 +70,12 @@ class FisherConfig:
         if not isinstance(self.layout, BlockLayout):
             raise TypeError(f"layout must be a BlockLayout, got {type(self.layout).__name__}")
         check_label(self.curvature, "curvature")
+        if self.params is not None:
+            names = tuple(self.params) if isinstance(self.params, (list, tuple)) else None
+            if not names or not all(isinstance(k, str) and k for k in names):
+                raise ValueError(f"params must be a non-empty sequence of parameter names, got "
+                                 f"{self.params!r}")
+            object.__setattr__(self, "params", names)
 
 
 def _is_packed(stores: list) -> bool:
@@ -193,6 +202,8 @@ class BlockInverseFisher:
     damping = property(lambda self: self.config.damping, doc=r"The damping :math:`\lambda`.")
     normalizer = property(lambda self: self.config.normalizer, doc="The normaliser :math:`N`.")
     curvature = property(lambda self: self.config.curvature, doc="What the rows were.")
+    params = property(lambda self: self.config.params,
+                      doc="The names of the parameters covered, in order (``None``: not recorded).")
     dim = property(lambda self: self.config.layout.dim, doc="The parameters covered, d.")
     dtype = property(lambda self: self._stores[0].dtype, doc="The dtype of vectors and rows.")
     device = property(lambda self: self._stores[0].device)
@@ -512,6 +523,8 @@ class BlockInverseFisher:
                 "num_samples": self.num_samples, "layout": self.layout.to_dict(),
                 "dtype": str(self.dtype).removeprefix("torch."), "curvature": self.curvature,
                 "stores": []}
+        if self.params is not None:
+            meta["params"] = list(self.params)
         tensors = {}
         for store in self._stores:
             own, entry = store.state()
@@ -532,7 +545,8 @@ class BlockInverseFisher:
         try:
             layout = BlockLayout.from_dict(meta["layout"])
             config = FisherConfig(float(meta["damping"]), float(meta["normalizer"]), layout,
-                                  str(meta.get("curvature", "empirical")))
+                                  str(meta.get("curvature", "empirical")),
+                                  None if meta.get("params") is None else list(meta["params"]))
             num_samples = int(meta["num_samples"])
             dtype = getattr(torch, str(meta["dtype"]), None)
             if dtype not in FLOAT_DTYPES:

@@ -12,6 +12,7 @@ import ssse_ext
 from ssse_ext.budget import AVAILABLE_MEMORY_ENV, available_memory, check_memory, format_bytes
 from ssse_ext.fisher import build_peak_bytes
 
+from .batches import batch_leaves, batch_len, batch_slice
 from .model import FlatModel
 
 __all__ = ["MAX_CHUNK_ROWS", "activation_elements", "check_fit_memory", "plan_chunk_rows",
@@ -37,31 +38,30 @@ MIN_CHUNK_BYTES = 64 << 20
 REQUEST_SHARE_OF_INVERSE = 0.1
 
 
-def activation_elements(fm: FlatModel, params: dict, frozen: dict, x: torch.Tensor) -> int:
+def activation_elements(fm: FlatModel, params: dict, frozen: dict, x) -> int:
     """Elements of every module output in one sample's forward pass."""
     total = 0
 
     def hook(_module, _inputs, output):
         nonlocal total
-        outs = output if isinstance(output, (tuple, list)) else (output,)
-        total += sum(o.numel() for o in outs if isinstance(o, torch.Tensor))
+        total += sum(o.numel() for o in batch_leaves(output))
 
     handles = [m.register_forward_hook(hook) for m in fm.model.modules()]
     try:
         with torch.no_grad():
-            fm(params, x[:1], frozen)
+            fm(params, batch_slice(x, slice(0, 1)), frozen)
     finally:
         for h in handles:
             h.remove()
     return total
 
 
-def row_bytes(fm: FlatModel, params: dict, frozen: dict, x: torch.Tensor, minibatch: int,
+def row_bytes(fm: FlatModel, params: dict, frozen: dict, x, minibatch: int,
               dtype: torch.dtype) -> int:
     """Estimated bytes one row of per-sample (or per-group) gradients costs while it is made:
     copies of the ``d``-vector and the activations that ``vmap(grad)`` keeps."""
     elem = torch.finfo(dtype).bits // 8
-    acts = activation_elements(fm, params, frozen, x) if x.shape[0] else 0
+    acts = activation_elements(fm, params, frozen, x) if batch_len(x) else 0
     return elem * (ROW_COPIES * fm.dim + ACTIVATION_COPIES * minibatch * acts)
 
 

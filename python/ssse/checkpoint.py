@@ -10,10 +10,9 @@ import torch
 
 import ssse_ext
 
-from .faults import crash_point
+from .batches import batch_len, batch_slice, is_batch
 from .curvature import get_curvature
-from ssse_ext.validation import is_pair
-
+from .faults import crash_point
 from .model import FlatModel
 from .rows import row_stream
 
@@ -24,23 +23,23 @@ __all__ = ["CHECKPOINT_SECONDS", "fit_resumable", "skip_samples"]
 CHECKPOINT_SECONDS = 300.0
 
 
-def skip_samples(data, count: int):
-    """``data`` without its first ``count`` samples (an ``(X, y)`` pair, or a generator over
-    the remaining batches of a re-iterable)."""
+def skip_samples(data, count: int, task=None):
+    """``data`` without its first ``count`` samples (one batch, or a generator over the
+    remaining batches of a re-iterable)."""
     if count == 0:
         return data
-    if is_pair(data):
-        return data[0][count:], data[1][count:]
+    if is_batch(data, task):
+        return batch_slice(data, slice(count, None))
 
     def rest():
         left = count
         for batch in data:
-            if left and is_pair(batch):
-                m = batch[0].shape[0]
+            if left and is_batch(batch, task):
+                m = batch_len(batch)
                 if m <= left:
                     left -= m
                     continue
-                batch, left = (batch[0][left:], batch[1][left:]), 0
+                batch, left = batch_slice(batch, slice(left, None)), 0
             yield batch
     return rest()
 
@@ -91,7 +90,7 @@ def fit_resumable(fm: FlatModel, loss_fn, data, lay: ssse_ext.BlockLayout, *, de
 
     if not complete:
         info: dict = {}
-        stream = row_stream(fm, loss_fn, skip_samples(data, cursor), "data",
+        stream = row_stream(fm, loss_fn, skip_samples(data, cursor, fm.task), "data",
                               chunk_size=chunk_size, info=info, generator=generator,
                               cut_every=every, cut_start=cursor, **stream_args)
         start = saved_at = cursor

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 import ssse_ext
-from ssse_ext.validation import (check_callable, check_choice, check_data, check_device,
-                                 check_dtype, check_module, check_nonneg_float, check_nonneg_int,
-                                 check_positive_float, check_positive_int, is_pair)
+from ssse_ext.validation import (check_choice, check_device, check_dtype, check_nonneg_float,
+                                 check_nonneg_int, check_positive_float, check_positive_int)
 
+from .batches import batch_len, check_data, check_loss, check_module, is_batch
 from .model import FlatModel, check_request, finish_update, iter_batches, warn_if_training
 from .curvature import check_likelihood, get_curvature, options_with
 from .budget import request_budget
@@ -29,7 +29,7 @@ from .comm import one_process
 from .fit import fit_inverse_fisher
 from .gradients import gradient_sum
 from .layouts import resolve_layout
-from .rows import likelihood_of_data, row_stream, stacked_rows
+from .rows import check_autocast, likelihood_of_data, row_stream, stacked_rows
 from .sharded_fit import agreed_likelihood, fit_samples
 from .io import fingerprint
 from .ledger import Ledger, check_ids, record
@@ -55,7 +55,7 @@ def _removed_rows(fm: FlatModel, loss_fn, removed, *, weight_decay: float, dtype
                   params: dict | None = None, max_memory: int | None = None) -> torch.Tensor:
     """The ``(k, d)`` per-sample gradients of ``removed`` (a list of batches), computed in
     chunks of at most ``max_memory`` bytes and written into one tensor."""
-    k = sum(x.shape[0] for x, _ in removed)
+    k = sum(batch_len(y) for _, y in removed)
     if k == 0:
         raise ValueError("removed is empty: nothing to erase")
     return stacked_rows(row_stream(fm, loss_fn, removed, "removed", weight_decay=weight_decay,
@@ -64,7 +64,7 @@ def _removed_rows(fm: FlatModel, loss_fn, removed, *, weight_decay: float, dtype
 
 
 def check_ssse_settings(epsilon, n_total, weight_decay, fisher, gradient, minibatch, retained,
-                        retained_name: str) -> tuple[float, int, float, int]:
+                        retained_name: str, task=None) -> tuple[float, int, float, int]:
     """The checks of an SSSE request's settings (local or sharded); returns ``(epsilon,
     n_total, weight_decay, minibatch)``. ``retained_name`` says what ``retained`` must hold."""
     epsilon = check_positive_float(epsilon, "epsilon")
@@ -77,15 +77,15 @@ def check_ssse_settings(epsilon, n_total, weight_decay, fisher, gradient, miniba
         if retained is None:
             raise ValueError(f'retained must be given ({retained_name}) when '
                              'gradient="retained"')
-        check_data(retained, "retained")
+        check_data(retained, "retained", task)
     return epsilon, n_total, weight_decay, minibatch
 
 
 def ssse_update(model: nn.Module, loss_fn, removed, *,
                 inv_fisher: ssse_ext.BlockInverseFisher, epsilon: float, n_total: int,
                 weight_decay: float = 0.0, fisher: str = "full", gradient: str = "removed",
-                retained=None, minibatch: int = 1, inplace: bool = False, comm=None
-                ) -> dict[str, torch.Tensor]:
+                retained=None, minibatch: int = 1, inplace: bool = False, comm=None,
+                params=None) -> dict[str, torch.Tensor]:
     r"""Single-step sample erasure, paper eq. 8, applied block by block:
 
     .. math:: \hat\theta_\varepsilon = \theta^* + \frac{\varepsilon}{n-k}\,F^{-1} v,\qquad
@@ -112,6 +112,8 @@ def ssse_update(model: nn.Module, loss_fn, removed, *,
         comm: a :class:`ssse.comm.Comm` of several processes shards the update: ``removed`` and
             ``retained`` are then this rank's shares (:math:`k` counts all ranks') and
             ``inv_fisher`` its sharded inverse (:mod:`ssse.sharded_erase`). Default: one process.
+        params: the parameter selection the inverse was fitted on (see
+            :func:`ssse.fit_inverse_fisher`); the others are left bit-identical.
 
     Returns:
         A new ``state_dict`` with :math:`\hat\theta_\varepsilon` (the same bits on every rank).
@@ -121,21 +123,22 @@ def ssse_update(model: nn.Module, loss_fn, removed, *,
         from .sharded_erase import ssse_update_sharded  # it builds on this module
 
         return ssse_update_sharded(comm, dict(locals()))
-    fm, inv = check_request(model, loss_fn, removed, inv_fisher)
+    fm, inv = check_request(model, loss_fn, removed, inv_fisher, params=params)
     epsilon, n_total, weight_decay, minibatch = check_ssse_settings(
-        epsilon, n_total, weight_decay, fisher, gradient, minibatch, retained, "D \\ S")
+        epsilon, n_total, weight_decay, fisher, gradient, minibatch, retained, "D \\ S",
+        fm.task)
     warn_if_training(model, "ssse_update")
 
     dtype, device = inv.dtype, inv.device
     rows = None
     if fisher == "leave_k_out":
-        rows = _removed_rows(fm, loss_fn, list(iter_batches(removed, "removed")),
+        rows = _removed_rows(fm, loss_fn, list(iter_batches(removed, "removed", task=fm.task)),
                              weight_decay=weight_decay, dtype=dtype,
                              max_memory=request_budget(inv.nbytes, fm.device))
         k = rows.shape[0]
         v = rows.sum(0)
     else:
-        v, k = gradient_sum(model, loss_fn, removed, weight_decay=weight_decay, dtype=dtype,
+        v, k = gradient_sum(fm, loss_fn, removed, weight_decay=weight_decay, dtype=dtype,
                             name="removed")
         if k == 0:
             raise ValueError("removed is empty: nothing to erase")
@@ -143,7 +146,7 @@ def ssse_update(model: nn.Module, loss_fn, removed, *,
         raise ValueError(f"n_total must be larger than the number of removed samples k={k}, "
                          f"got {n_total}")
     if gradient == "retained":
-        v_ret, _ = gradient_sum(model, loss_fn, retained, weight_decay=weight_decay,
+        v_ret, _ = gradient_sum(fm, loss_fn, retained, weight_decay=weight_decay,
                                 dtype=dtype, name="retained")
         v = -v_ret
     # the leave-k-out Fisher is applied on the fly (Woodbury): the stored inverse is not copied
@@ -156,21 +159,21 @@ def ssse_update(model: nn.Module, loss_fn, removed, *,
 def _configure(obj, model: nn.Module, loss_fn, *, damping: float, block_size: int | None,
                layout, weight_decay: float, minibatch: int, dtype: torch.dtype | None, device,
                chunk_size: int | None, max_memory: int | None, curvature,
-               likelihood, mc_samples: int) -> None:
+               likelihood, mc_samples: int, params=None, autocast=None) -> None:
     """Checks the settings an :class:`Eraser` (or its distributed counterpart) shares and stores
     them on ``obj`` (``curvature`` as its name, the :class:`~ssse.curvature.Curvature` as
     ``_curvature``); raises before storing anything a later check would refuse."""
     check_module(model)
-    check_callable(loss_fn, "loss_fn")
-    fm = FlatModel(model)
+    fm = FlatModel(model, params=params, loss_fn=check_loss(loss_fn))
     curv = get_curvature(curvature)
+    dtype = check_dtype(dtype) or fm.dtype
     settings = dict(
         model=model, loss_fn=loss_fn, _fm=fm,
         damping=check_positive_float(damping, "damping"),
         weight_decay=check_nonneg_float(weight_decay, "weight_decay"),
         minibatch=check_positive_int(minibatch, "minibatch"),
         layout=resolve_layout(layout, block_size, fm),
-        dtype=check_dtype(dtype) or fm.dtype,
+        dtype=dtype, autocast=check_autocast(autocast, dtype),
         device=check_device(device) or fm.device,
         chunk_size=check_positive_int(chunk_size, "chunk_size", allow_none=True),
         max_memory=check_positive_int(max_memory, "max_memory", allow_none=True),
@@ -260,11 +263,13 @@ class Eraser:
                  dtype: torch.dtype | None = None, device=None, chunk_size: int | None = None,
                  max_memory: int | None = None, curvature="empirical",
                  likelihood=None, mc_samples: int = 1,
-                 representation: str | None = None, ledger=None, comm=None):
+                 representation: str | None = None, ledger=None, comm=None, params=None,
+                 autocast=None):
         _configure(self, model, loss_fn, damping=damping, block_size=block_size,
                    layout=layout, weight_decay=weight_decay, minibatch=minibatch, dtype=dtype,
                    device=device, chunk_size=chunk_size, max_memory=max_memory,
-                   curvature=curvature, likelihood=likelihood, mc_samples=mc_samples)
+                   curvature=curvature, likelihood=likelihood, mc_samples=mc_samples,
+                   params=params, autocast=autocast)
         self.comm = None if one_process(comm) else comm
         if self.comm is not None and ledger is not None:
             raise ValueError("ledger is not offered by an Eraser over several processes: each "
@@ -303,7 +308,7 @@ class Eraser:
             progress: show a progress bar.
             checkpoint, every: a resumable fit (see :func:`ssse.fit_inverse_fisher`).
         """
-        check_data(train_data, "train_data")
+        check_data(train_data, "train_data", self._fm.task)
         if ids is not None:
             ids = check_ids(ids)
         likelihood = self.likelihood
@@ -327,7 +332,8 @@ class Eraser:
                                  curvature=self._curvature, likelihood=likelihood,
                                  mc_samples=self.mc_samples,
                                  representation=self.representation, progress=progress,
-                                 checkpoint=checkpoint, every=every, comm=self.comm)
+                                 checkpoint=checkpoint, every=every, comm=self.comm,
+                                 params=self._fm.names, autocast=self.autocast)
         if n_total is not None:
             n = check_positive_int(n_total, "n_total")
         elif self.comm is not None:
@@ -335,8 +341,8 @@ class Eraser:
         elif self.minibatch == 1:
             n = round(inv.normalizer / self._curvature.normalizer_weight(
                 mc_samples=self.mc_samples))
-        elif is_pair(train_data):
-            n = int(train_data[0].shape[0])
+        elif is_batch(train_data, self._fm.task):
+            n = batch_len(train_data)
         else:
             raise ValueError("n_total must be given with minibatch > 1 and an iterable "
                              "train_data (the fit counts mini-batches, not samples)")
@@ -358,7 +364,8 @@ class Eraser:
         source, scale = self._curvature.for_removal(mc_samples=self.mc_samples)
         rows = rows_of(self._fm, self.loss_fn, removed, curvature=source, dtype=self.dtype,
                        likelihood=self.likelihood, weight_decay=self.weight_decay,
-                       params=self._star, max_memory=budget).to(self.device)
+                       params=self._star, max_memory=budget,
+                       autocast=self.autocast).to(self.device)
         if source.rows_are_gradients and scale == 1:
             v = rows.sum(0)
         else:
@@ -475,7 +482,7 @@ class Eraser:
             return erase_sharded(self, self.comm, dict(locals()))
         if self.inv_fisher is None:
             raise RuntimeError("call fit(train_data) before erase()")
-        check_data(removed, "removed")
+        check_data(removed, "removed", self._fm.task)
         check_choice(fisher, "fisher", FISHER_VARIANTS)
         refine_steps = check_nonneg_int(refine_steps, "refine_steps")
         if epsilon is None and not self._curvature.supports_newton:
@@ -484,8 +491,9 @@ class Eraser:
                              f"Gauss-Newton inverse), got curvature={self.curvature!r}")
         if epsilon is not None:
             epsilon = check_positive_float(epsilon, "epsilon")
-        batches = list(iter_batches(removed, "removed", device=self._fm.device))
-        k = sum(x.shape[0] for x, _ in batches)
+        batches = list(iter_batches(removed, "removed", device=self._fm.device,
+                                    task=self._fm.task))
+        k = sum(batch_len(y) for _, y in batches)
         if k == 0:
             raise ValueError("removed is empty: nothing to erase")
         if k >= self.n:

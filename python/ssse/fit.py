@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -14,10 +15,11 @@ from tqdm.auto import tqdm
 
 import ssse_ext
 from ssse_ext.budget import available_memory
-from ssse_ext.validation import (check_callable, check_choice, check_data, check_device,
-                                 check_dtype, check_int, check_module, check_nonneg_float,
-                                 check_nonneg_int, check_positive_float, check_positive_int,
-                                 is_pair)
+from ssse_ext.validation import (check_choice, check_device, check_dtype, check_int,
+                                 check_nonneg_float, check_nonneg_int, check_positive_float,
+                                 check_positive_int)
+
+from .batches import check_data, check_loss, check_module, is_batch, task_of
 
 from .budget import (CHUNK_SHARE_OF_INVERSE, MEMORY_SHARE, MIN_CHUNK_BYTES, check_fit_memory,
                      result_bytes)
@@ -26,7 +28,7 @@ from .comm import one_process
 from .curvature import check_likelihood, get_curvature, options_with
 from .layouts import resolve_layout
 from .model import FlatModel, data_size, warn_if_training
-from .rows import row_stream, rows_per_sample_of
+from .rows import check_autocast, row_stream, rows_per_sample_of
 from .sharded_fit import fit_sharded
 
 __all__ = ["fit_inverse_fisher"]
@@ -41,7 +43,7 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
                        mc_samples: int = 1, seed: int = 0, representation: str = "auto",
                        progress: bool = True, checkpoint: str | os.PathLike | None = None,
                        every: int | None = None, probe_vectors: int = 3,
-                       comm=None) -> ssse_ext.BlockInverseFisher:
+                       comm=None, params=None, autocast=None) -> ssse_ext.BlockInverseFisher:
     r"""Fits the block inverse of a damped curvature at the model's parameters.
 
     .. math:: F_b^{-1} = \Big(\lambda I + \frac{1}{N}\sum_{r} u_{r,b}\, u_{r,b}^\top\Big)^{-1}
@@ -129,6 +131,13 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
             the one-process fit of all the data to rounding (:mod:`ssse.sharded_fit`; refused
             there: ``representation="dual"``, ``checkpoint``, ``every``; no progress bar and
             no health probe). Default: one process.
+        params: the parameters to fit on and erase (:func:`ssse.model.select_parameters`:
+            names, glob patterns such as ``"*lora_*"``, modules or a predicate; default: every
+            parameter with ``requires_grad``). The inverse records their names
+            (``inv.params``), and an erasure with another selection is refused.
+        autocast: ``torch.bfloat16`` or ``torch.float16`` computes the rows under
+            :func:`torch.autocast` (the Gram and the inverse still accumulate in float64);
+            default: the rows in ``dtype``.
 
     Returns:
         A :class:`ssse_ext.BlockInverseFisher` with ``num_samples`` the number of rows.
@@ -136,8 +145,7 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     if not one_process(comm):
         return fit_sharded(comm, dict(locals()))
     check_module(model)
-    check_callable(loss_fn, "loss_fn")
-    check_data(data, "data")
+    check_data(data, "data", task_of(check_loss(loss_fn)))
     damping = check_positive_float(damping, "damping")
     weight_decay = check_nonneg_float(weight_decay, "weight_decay")
     minibatch = check_positive_int(minibatch, "minibatch")
@@ -147,12 +155,13 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     mc_samples = check_positive_int(mc_samples, "mc_samples")
     seed = check_int(seed, "seed")
     probe_vectors = check_nonneg_int(probe_vectors, "probe_vectors")
-    representation = _check_checkpointing(checkpoint, every, minibatch, representation, data)
+    representation = _check_checkpointing(checkpoint, every, minibatch, representation, data,
+                                          task_of(loss_fn))
     if minibatch > 1 and not curv.allows_minibatch:
         raise ValueError(f"minibatch > 1 needs {options_with('allows_minibatch')}, got "
                          f"curvature={curv.name!r}")
     warn_if_training(model, "fit_inverse_fisher")
-    fm = FlatModel(model)
+    fm = FlatModel(model, params=params, loss_fn=loss_fn)
     lay = resolve_layout(layout, block_size, fm)
     dtype = check_dtype(dtype) or fm.dtype
     if dtype not in (torch.float32, torch.float64):
@@ -160,25 +169,18 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
     device = check_device(device) or fm.device
     chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
     max_memory = check_positive_int(max_memory, "max_memory", allow_none=True)
-    n = data_size(data)
+    n = data_size(data, fm.task)
     total = None if n is None else math.ceil(n / minibatch)
-    per_sample = rows_per_sample_of(fm, data, dtype, curv, mc_samples)
-    rows = None if total is None or per_sample is None else total * per_sample
-    build = check_fit_memory(fm, lay, dtype=dtype, device=device, rows=rows,
-                             per_sample=per_sample or 1, representation=representation,
-                             probe_vectors=probe_vectors, chunk_size=chunk_size,
-                             max_memory=max_memory, checkpoint=checkpoint is not None)
-    if chunk_size is None and max_memory is None:
-        result = result_bytes(lay, dtype, rows, representation)
-        fixed = build if device == fm.device else 0
-        free = int(MEMORY_SHARE * (available_memory(fm.device) - fixed))
-        max_memory = max(1, min(free, max(int(CHUNK_SHARE_OF_INVERSE * result),
-                                          MIN_CHUNK_BYTES)))
+    max_memory = _plan_memory(fm, lay, data, curv, dtype=dtype, device=device, total=total,
+                              mc_samples=mc_samples, representation=representation,
+                              probe_vectors=probe_vectors, chunk_size=chunk_size,
+                              max_memory=max_memory, checkpoint=checkpoint is not None)
     bar = tqdm(total=total, unit="grad", desc="inverse Fisher", disable=not progress,
                leave=False)
     stream_args = dict(weight_decay=weight_decay, minibatch=minibatch, dtype=dtype,
                        max_memory=max_memory, curvature=curv.name, likelihood=likelihood,
-                       mc_samples=mc_samples, seed=seed)
+                       mc_samples=mc_samples, seed=seed,
+                       autocast=check_autocast(autocast, dtype))
     try:
         if checkpoint is not None:
             settings = {"damping": damping, "layout": lay.to_dict(), "samples": n,
@@ -186,6 +188,7 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
             settings["dtype"] = str(dtype).removeprefix("torch.")
             settings["likelihood"] = getattr(likelihood, "spec", likelihood)
             del settings["max_memory"]
+            settings["autocast"] = None if autocast is None else str(autocast)
             # the chunks are cut at the checkpoints, and torch's reductions split their sums
             # by thread: either one changes the last bits of the result
             settings.update(every=every, threads=torch.get_num_threads())
@@ -200,11 +203,33 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
                                 bar=bar)
     finally:
         bar.close()
+    inv.config = dataclasses.replace(inv.config, params=tuple(fm.names))
     inv.health(what="the fit")
     return inv
 
 
-def _check_checkpointing(checkpoint, every, minibatch: int, representation: str, data) -> str:
+def _plan_memory(fm: FlatModel, lay, data, curv, *, dtype, device, total, mc_samples: int,
+                 representation: str, probe_vectors: int, chunk_size, max_memory,
+                 checkpoint: bool) -> int | None:
+    """Refuses a fit that does not fit in memory (before anything is computed); returns the
+    bytes a chunk of rows may take (``max_memory``, or a share of what is free and of the
+    result's size when neither it nor ``chunk_size`` is given)."""
+    per_sample = rows_per_sample_of(fm, data, dtype, curv, mc_samples)
+    rows = None if total is None or per_sample is None else total * per_sample
+    build = check_fit_memory(fm, lay, dtype=dtype, device=device, rows=rows,
+                             per_sample=per_sample or 1, representation=representation,
+                             probe_vectors=probe_vectors, chunk_size=chunk_size,
+                             max_memory=max_memory, checkpoint=checkpoint)
+    if chunk_size is not None or max_memory is not None:
+        return max_memory
+    result = result_bytes(lay, dtype, rows, representation)
+    fixed = build if device == fm.device else 0
+    free = int(MEMORY_SHARE * (available_memory(fm.device) - fixed))
+    return max(1, min(free, max(int(CHUNK_SHARE_OF_INVERSE * result), MIN_CHUNK_BYTES)))
+
+
+def _check_checkpointing(checkpoint, every, minibatch: int, representation: str, data,
+                         task) -> str:
     """Checks ``checkpoint`` and ``every``; returns the representation the fit builds."""
     every = check_positive_int(every, "every", allow_none=True)
     if every is not None and every % minibatch:
@@ -219,8 +244,8 @@ def _check_checkpointing(checkpoint, every, minibatch: int, representation: str,
     if representation not in ("auto", "dense"):
         raise ValueError(f"representation={representation!r} cannot be checkpointed (a "
                          'resumable fit keeps dense blocks): pass "dense" or "auto"')
-    if not is_pair(data) and isinstance(data, Iterator):
-        raise TypeError(f"data must be an (X, y) pair or a re-iterable collection of "
+    if not is_batch(data, task) and isinstance(data, Iterator):
+        raise TypeError(f"data must be one batch or a re-iterable collection of "
                         f"batches to resume a fit from a checkpoint, got a one-shot "
                         f"{type(data).__name__}")
     return "dense"  # what the resumable fit builds (and plans memory for)

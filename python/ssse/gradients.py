@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from torch.func import jvp, vmap
 
-from ssse_ext.validation import (check_callable, check_data, check_dtype, check_module,
-                                 check_nonneg_float)
+from ssse_ext.validation import check_dtype, check_nonneg_float
 
+from .batches import batch_len, check_data, check_loss, check_module
 from .budget import MAX_CHUNK_ROWS, request_budget
 from .checkpoint import CHECKPOINT_SECONDS
 from .fit import fit_inverse_fisher
@@ -28,6 +28,14 @@ __all__ = ["CHECKPOINT_SECONDS", "LAYOUTS", "MAX_CHUNK_ROWS", "fit_inverse_fishe
 _grad_stream = row_stream
 
 
+def _flat(model, loss_fn) -> FlatModel:
+    """The flat view of ``model`` (or ``model`` itself when it is one), checked."""
+    check_loss(loss_fn)
+    if isinstance(model, FlatModel):
+        return model
+    return FlatModel(check_module(model), loss_fn=loss_fn)
+
+
 def gradient_sum(model: nn.Module, loss_fn, data, *, weight_decay: float = 0.0,
                  dtype: torch.dtype | None = None, params: dict | None = None,
                  name: str = "data") -> tuple[torch.Tensor, int]:
@@ -35,25 +43,25 @@ def gradient_sum(model: nn.Module, loss_fn, data, *, weight_decay: float = 0.0,
     and the number of samples.
 
     Args:
-        model, loss_fn, data, weight_decay: as in :func:`per_sample_grads`.
+        model, loss_fn, data, weight_decay: as in :func:`per_sample_grads` (``model`` may be
+            a :class:`~ssse.model.FlatModel`, for a parameter selection).
         dtype: compute dtype (default: the model's).
         params: ``{name: tensor}`` trainable parameters to evaluate at (default: the model's).
 
     Returns:
         ``(grad, n)``: a ``(d,)`` tensor on the model's device and the sample count.
     """
-    check_module(model)
-    check_callable(loss_fn, "loss_fn")
-    check_data(data, name)
+    fm = _flat(model, loss_fn)
+    check_data(data, name, fm.task)
     weight_decay = check_nonneg_float(weight_decay, "weight_decay")
-    fm = FlatModel(model)
     dtype = check_dtype(dtype) or fm.dtype
     params = fm.param_dict(dtype) if params is None else params
     frozen = fm.frozen_dict(dtype)
     total = torch.zeros(fm.dim, dtype=dtype, device=fm.device)
     count = 0
-    for x, y in iter_batches(data, name, batch_size=BATCH_SIZE, device=fm.device, dtype=dtype):
-        if x.shape[0] == 0:
+    for x, y in iter_batches(data, name, batch_size=BATCH_SIZE, device=fm.device, dtype=dtype,
+                             task=fm.task):
+        if batch_len(y) == 0:
             continue
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         with torch.enable_grad():
@@ -61,7 +69,7 @@ def gradient_sum(model: nn.Module, loss_fn, data, *, weight_decay: float = 0.0,
             gs = torch.autograd.grad(loss, [leaves[k] for k in fm.names], allow_unused=True)
         total += torch.cat([(torch.zeros_like(leaves[k]) if g is None else g).reshape(-1)
                             for k, g in zip(fm.names, gs)])
-        count += x.shape[0]
+        count += batch_len(y)
     if weight_decay:
         theta = torch.cat([params[k].reshape(-1) for k in fm.names]).to(dtype)
         total += weight_decay * count * theta
@@ -82,11 +90,9 @@ def hessian_vector_products(model: nn.Module, loss_fn, data, vectors: torch.Tens
         ``(HV, n)`` with ``HV`` the shape of ``vectors`` (the *sum* over samples; divide by
         ``n`` for the mean Hessian).
     """
-    check_module(model)
-    check_callable(loss_fn, "loss_fn")
-    check_data(data, "data")
+    fm = _flat(model, loss_fn)
+    check_data(data, "data", fm.task)
     weight_decay = check_nonneg_float(weight_decay, "weight_decay")
-    fm = FlatModel(model)
     dtype = check_dtype(dtype) or fm.dtype
     if not isinstance(vectors, torch.Tensor) or vectors.dim() not in (1, 2) or \
             vectors.shape[0] != fm.dim:
@@ -100,8 +106,9 @@ def hessian_vector_products(model: nn.Module, loss_fn, data, vectors: torch.Tens
     out = torch.zeros_like(V)
     count = 0
 
-    for x, y in iter_batches(data, "data", batch_size=BATCH_SIZE, device=fm.device, dtype=dtype):
-        if x.shape[0] == 0:
+    for x, y in iter_batches(data, "data", batch_size=BATCH_SIZE, device=fm.device, dtype=dtype,
+                             task=fm.task):
+        if batch_len(y) == 0:
             continue
 
         def g(t):
@@ -114,7 +121,7 @@ def hessian_vector_products(model: nn.Module, loss_fn, data, vectors: torch.Tens
         for j in range(0, V.shape[1], chunk):
             block = V[:, j:j + chunk].T.contiguous()
             out[:, j:j + chunk] += vmap(hvp)(block).T
-        count += x.shape[0]
+        count += batch_len(y)
     if weight_decay:
         out += weight_decay * count * V
     out = out.detach()

@@ -4,93 +4,25 @@ and per-sample losses, and the end of every update (checks, ``state_dict``, ``in
 from __future__ import annotations
 
 import warnings
-from typing import Iterable, Iterator
+import fnmatch
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 import ssse_ext
-from ssse_ext.validation import check_callable, check_data, check_module, is_pair
+
+from .batches import (batch_len, check_data, check_loss, check_module, concat_data, data_size,
+                      is_task, iter_batches, logits_of, rebatch)
 
 __all__ = ["BATCH_SIZE", "FlatModel", "LossReductionError", "available_memory", "check_inverse",
            "check_request", "concat_data", "data_size", "finish_update", "iter_batches",
-           "per_sample_losses", "rebatch", "warn_if_training"]
+           "per_sample_losses", "rebatch", "select_parameters", "warn_if_training"]
 
 #: Rows per batch when the library cuts an ``(X, y)`` pair for a full-batch pass (gradient
 #: sums, Hessian-vector products, evaluation).
 BATCH_SIZE = 1024
-
-
-# ---- data -----------------------------------------------------------------------------------
-
-def data_size(data) -> int | None:
-    """The number of samples of an ``(X, y)`` pair or a list of such batches; ``None`` for
-    another iterable (its size is not known before it is read)."""
-    if is_pair(data):
-        return int(data[0].shape[0])
-    if isinstance(data, (list, tuple)) and all(is_pair(b) for b in data):
-        return sum(int(b[0].shape[0]) for b in data)
-    return None
-
-
-def iter_batches(data, name: str, *, batch_size: int | None = None,
-                 device: torch.device | None = None,
-                 dtype: torch.dtype | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(x, y)`` batches of ``data`` (validated), moved to ``device``; floating-point inputs
-    are cast to ``dtype``. A pair is cut into batches of ``batch_size`` rows (one batch if
-    ``None``); the batches of an iterable are passed through as they come."""
-    check_data(data, name)
-    if is_pair(data):
-        xs, ys = data  # not x, y: the loop below rebinds those while the generator runs
-        n = xs.shape[0]
-        step = batch_size or max(n, 1)
-        source: Iterable = ((xs[i:i + step], ys[i:i + step]) for i in range(0, n, step))
-        pair = True
-    else:
-        source, pair = data, False
-    for k, batch in enumerate(source):
-        label = name if pair else f"{name}[{k}]"
-        if not is_pair(batch):
-            raise TypeError(f"{label} must be an (x, y) pair of tensors, got "
-                            f"{type(batch).__name__}")
-        x, y = check_data(batch, label)
-        if device is not None:
-            x, y = x.to(device), y.to(device)
-        if dtype is not None and x.is_floating_point():
-            x = x.to(dtype)
-        if dtype is not None and y.is_floating_point():
-            y = y.to(dtype)
-        yield x, y
-
-
-def concat_data(data, name: str, *, device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """All of ``data`` as one ``(X, y)`` pair."""
-    xs, ys = [], []
-    for x, y in iter_batches(data, name, device=device, dtype=dtype):
-        xs.append(x)
-        ys.append(y)
-    if not xs:
-        raise ValueError(f"{name} is empty")
-    return torch.cat(xs), torch.cat(ys)
-
-
-def rebatch(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], size: int):
-    """Regroups a stream of ``(x, y)`` batches into batches of exactly ``size`` rows (the last
-    one may be smaller), carrying leftovers across batch boundaries."""
-    xs, ys, held = [], [], 0
-    for x, y in batches:
-        xs.append(x)
-        ys.append(y)
-        held += x.shape[0]
-        if held >= size:
-            x_all, y_all = torch.cat(xs), torch.cat(ys)
-            full = (held // size) * size
-            for i in range(0, full, size):
-                yield x_all[i:i + size], y_all[i:i + size]
-            xs, ys, held = [x_all[full:]], [y_all[full:]], held - full
-    if held:
-        yield torch.cat(xs), torch.cat(ys)
 
 
 # ---- the model as a function of its flat parameter vector -----------------------------------
@@ -100,22 +32,65 @@ _STATEFUL_IN_TRAINING = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout
 
 
 def warn_if_training(model: nn.Module, where: str):
-    if model.training and any(isinstance(m, _STATEFUL_IN_TRAINING) for m in model.modules()):
-        warnings.warn(f"{where}: the model is in training mode and has BatchNorm or Dropout "
-                      "layers, whose per-sample gradients are then ill-defined; call "
-                      "model.eval() first", RuntimeWarning, stacklevel=3)
+    """Warns when a BatchNorm or Dropout layer of ``model`` is in training mode (each layer's
+    own flag: a wrapper's flag says nothing of the modules inside it)."""
+    if any(m.training and isinstance(m, _STATEFUL_IN_TRAINING) for m in model.modules()):
+        warnings.warn(f"{where}: the model has BatchNorm or Dropout layers in training mode, "
+                      "whose per-sample gradients are then ill-defined; call model.eval() first",
+                      RuntimeWarning, stacklevel=3)
+
+
+def select_parameters(model: nn.Module, params=None, name: str = "params") -> list[str]:
+    """The names of the parameters of ``model`` that ``params`` selects, in
+    ``named_parameters()`` order.
+
+    ``params``: ``None`` (every parameter with ``requires_grad``), or a name, a glob pattern
+    (``"*lora_*"``), a module of ``model``, a parameter, a predicate ``f(name, parameter)``, or
+    a list of these (their union). A selection that matches nothing is refused.
+    """
+    named = list(model.named_parameters())
+    if params is None:
+        return [k for k, p in named if p.requires_grad]
+    items = list(params) if isinstance(params, (list, tuple, set, frozenset)) else [params]
+    if not items:
+        raise ValueError(f"{name} is empty: select at least one parameter")
+    chosen: set[str] = set()
+    for item in items:
+        if isinstance(item, str):
+            hit = {k for k, _ in named if fnmatch.fnmatchcase(k, item)}
+        elif isinstance(item, nn.Parameter):
+            hit = {k for k, p in named if p is item}
+        elif isinstance(item, nn.Module):
+            ids = {id(p) for p in item.parameters()}
+            hit = {k for k, p in named if id(p) in ids}
+        elif callable(item):
+            hit = {k for k, p in named if item(k, p)}
+        else:
+            raise TypeError(f"{name} must hold parameter names, glob patterns, modules, "
+                            f"parameters or predicates f(name, parameter), got "
+                            f"{type(item).__name__}")
+        if not hit:
+            raise ValueError(f"{name}: {item!r} selects no parameter of the model (names look "
+                             f"like {named[0][0]!r})" if named else f"{name}: the model has no "
+                             "parameters")
+        chosen |= hit
+    return [k for k, _ in named if k in chosen]
 
 
 class FlatModel:
-    r"""A model seen as a function of its flat trainable parameter vector :math:`\theta`.
+    r"""A model seen as a function of its flat parameter vector :math:`\theta`.
 
-    :math:`\theta` concatenates the trainable parameters (``requires_grad``) in
-    ``named_parameters()`` order (docs/maths.md); frozen parameters and buffers are held fixed.
+    :math:`\theta` concatenates the selected parameters (``params``, default: those with
+    ``requires_grad``; :func:`select_parameters`) in ``named_parameters()`` order
+    (docs/maths.md); the other parameters and the buffers are held fixed. With a
+    :class:`~ssse.Task` as ``loss_fn``, the task runs the model.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, params=None, loss_fn=None):
         self.model = model
-        named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+        chosen = set(select_parameters(model, params))
+        named = [(k, p) for k, p in model.named_parameters() if k in chosen]
+        self.task = loss_fn if is_task(loss_fn) else None
         self.names = [k for k, _ in named]
         self.shapes = [tuple(p.shape) for _, p in named]
         self.numels = [p.numel() for _, p in named]
@@ -123,7 +98,7 @@ class FlatModel:
         self.dim = sum(self.numels)
         self.dtype = named[0][1].dtype
         self.device = named[0][1].device
-        self.frozen = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
+        self.frozen = {k: p.detach() for k, p in model.named_parameters() if k not in chosen}
         # copies: a BatchNorm in training mode updates its running statistics in place during
         # a forward pass, and nothing the caller owns may change (erasure methods, fits)
         self.frozen.update({k: b.detach().clone() for k, b in model.named_buffers()})
@@ -150,9 +125,18 @@ class FlatModel:
             return dict(self.frozen)
         return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in self.frozen.items()}
 
-    def __call__(self, params: dict, x: torch.Tensor, frozen: dict | None = None) -> torch.Tensor:
-        return functional_call(self.model, (params, self.frozen if frozen is None else frozen),
-                               (x,))
+    def __call__(self, params: dict, x, frozen: dict | None = None):
+        """The model's outputs at ``params`` for the inputs ``x``: ``model(x)`` for a tensor,
+        ``model(**x)`` for a mapping (its ``logits`` when it has them), or what the task's
+        ``forward`` returns."""
+        tensors = (params, self.frozen if frozen is None else frozen)
+        if self.task is not None:
+            def bound(*args, **kwargs):
+                return functional_call(self.model, tensors, args, kwargs)
+            return self.task.forward(bound, x)
+        if isinstance(x, Mapping):
+            return logits_of(functional_call(self.model, tensors, (), dict(x)))
+        return logits_of(functional_call(self.model, tensors, (x,)))
 
     def flatten_rows(self, grads: dict[str, torch.Tensor], rows: int) -> torch.Tensor:
         """Concatenates per-row gradient dicts ``{name: (rows, *shape)}`` into ``(rows, d)``."""
@@ -180,17 +164,19 @@ class FlatModel:
                 p.copy_(v.reshape(p.shape).to(dtype=p.dtype, device=p.device))
 
 
-def per_sample_losses(loss_fn, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``loss_fn(output, y)`` reduced to one loss per row (elements beyond the batch dimension,
-    e.g. one per attribute, are summed)."""
-    loss = loss_fn(output, y)
+def per_sample_losses(loss_fn, output, y) -> torch.Tensor:
+    """``loss_fn(output, y)`` reduced to one loss per sample (elements beyond the batch
+    dimension, e.g. one per attribute or per token, are summed); a :class:`~ssse.Task`'s
+    ``per_sample_loss``."""
+    m = batch_len(y)
+    loss = loss_fn.per_sample_loss(output, y) if is_task(loss_fn) else loss_fn(output, y)
     if not isinstance(loss, torch.Tensor) or loss.dim() == 0:
         raise LossReductionError(
             "loss_fn must return per-sample losses of shape (batch,) (use reduction='none'), got "
             f"{'a scalar' if isinstance(loss, torch.Tensor) else type(loss).__name__}")
-    if loss.shape[0] != output.shape[0]:
+    if loss.shape[0] != m:
         raise LossReductionError(f"loss_fn must return one loss per sample: got shape "
-                                 f"{tuple(loss.shape)} for a batch of {output.shape[0]}")
+                                 f"{tuple(loss.shape)} for a batch of {m}")
     return loss.reshape(loss.shape[0], -1).sum(dim=1) if loss.dim() > 1 else loss
 
 
@@ -201,23 +187,33 @@ class LossReductionError(ValueError):
 # ---- checks and the end of an update ----------------------------------------------------------
 
 def check_inverse(inv, fm: FlatModel, name: str = "inv_fisher") -> ssse_ext.BlockInverseFisher:
-    """A :class:`ssse_ext.BlockInverseFisher` over the model's ``d`` trainable parameters."""
+    """A :class:`ssse_ext.BlockInverseFisher` over the model's ``d`` selected parameters (the
+    same names, in the same order, when the inverse records them)."""
     if not isinstance(inv, ssse_ext.BlockInverseFisher):
         raise TypeError(f"{name} must be a ssse_ext.BlockInverseFisher, got {type(inv).__name__}")
+    covered = inv.params
+    if covered is not None and tuple(covered) != tuple(fm.names):
+        extra = [k for k in fm.names if k not in covered]
+        missing = [k for k in covered if k not in fm.names]
+        raise ValueError(f"{name} covers other parameters than the {len(fm.names)} selected "
+                         f"(params=): {len(missing)} of its {len(covered)} not selected "
+                         f"{missing[:3]}, {len(extra)} selected not covered {extra[:3]}"
+                         + ("" if missing or extra else ", or another order")
+                         + "; pass the params= selection the inverse was fitted on")
     if inv.dim != fm.dim:
-        raise ValueError(f"{name} has dim={inv.dim}, the model has d={fm.dim} trainable "
+        raise ValueError(f"{name} has dim={inv.dim}, the model has d={fm.dim} selected "
                          "parameters")
     return inv
 
 
-def check_request(model, loss_fn, removed,
-                  inv_fisher) -> tuple[FlatModel, ssse_ext.BlockInverseFisher]:
-    """The checks every erasure with a stored inverse starts with; returns the flat model and
-    the inverse."""
+def check_request(model, loss_fn, removed, inv_fisher, *,
+                  params=None) -> tuple[FlatModel, ssse_ext.BlockInverseFisher]:
+    """The checks every erasure with a stored inverse starts with; returns the flat model (of
+    the ``params`` selection) and the inverse."""
     check_module(model)
-    check_callable(loss_fn, "loss_fn")
-    check_data(removed, "removed")
-    fm = FlatModel(model)
+    check_loss(loss_fn)
+    check_data(removed, "removed", loss_fn if is_task(loss_fn) else None)
+    fm = FlatModel(model, params=params, loss_fn=loss_fn)
     return fm, check_inverse(inv_fisher, fm)
 
 

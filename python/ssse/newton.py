@@ -52,6 +52,7 @@ import ssse_ext
 from ssse_ext.validation import (check_nonneg_float, check_nonneg_int, check_positive_float,
                                  check_positive_int)
 
+from .batches import batch_len
 from .model import (FlatModel, check_request, finish_update, iter_batches, per_sample_losses,
                      warn_if_training)
 from .curvature import check_likelihood, get_curvature, options_with
@@ -71,18 +72,18 @@ _ARMIJO = 1e-4
 
 def rows_of(fm: FlatModel, loss_fn, data, *, curvature, dtype, likelihood=None,
             weight_decay: float = 0.0, params: dict | None = None,
-            max_memory: int | None = None) -> torch.Tensor:
+            max_memory: int | None = None, autocast=None) -> torch.Tensor:
     """All rows of ``curvature`` (a name or a registered :class:`~ssse.curvature.Curvature`)
     for the samples of ``data`` (a list of batches) at ``params``, as one ``(rows, d)`` tensor,
     computed in chunks of at most ``max_memory`` bytes."""
-    k = sum(x.shape[0] for x, _ in data)
+    k = sum(batch_len(y) for _, y in data)
     if k == 0:
         raise ValueError("removed is empty: nothing to erase")
     info: dict = {}
     stream = row_stream(fm, loss_fn, data, "removed", weight_decay=weight_decay,
                           chunk_size=None, minibatch=1, dtype=dtype, params=params,
                           curvature=curvature, likelihood=likelihood, max_memory=max_memory,
-                          info=info)
+                          info=info, autocast=autocast)
     first = next(stream)
     return stacked_rows(itertools.chain([first], stream), k * info["rows_per_sample"])
 
@@ -109,7 +110,7 @@ def newton_shift(inv: ssse_ext.BlockInverseFisher, n: int, k: int, w: float) -> 
 def newton_erase(model: nn.Module, loss_fn, removed, *, inv_fisher: ssse_ext.BlockInverseFisher,
                  n_total: int, weight_decay: float = 0.0, likelihood=None,
                  refine_steps: int = 0, tol: float = 1e-10,
-                 inplace: bool = False, comm=None) -> dict[str, torch.Tensor]:
+                 inplace: bool = False, comm=None, params=None) -> dict[str, torch.Tensor]:
     r"""Erases ``removed`` with no :math:`\varepsilon` to choose: the leave-k-out Newton step on
     the retained objective, then ``refine_steps`` Newton steps on :math:`M(\theta)` that use the
     removed samples only (see the module docstring).
@@ -132,6 +133,8 @@ def newton_erase(model: nn.Module, loss_fn, removed, *, inv_fisher: ssse_ext.Blo
         comm: a :class:`ssse.comm.Comm` of several processes shards the step: ``removed`` is
             then this rank's share and ``inv_fisher`` its sharded inverse
             (:mod:`ssse.sharded_erase`; ``refine_steps`` is refused). Default: one process.
+        params: the parameter selection the inverse was fitted on (see
+            :func:`ssse.fit_inverse_fisher`); the others are left bit-identical.
 
     Returns:
         A new ``state_dict`` (the same bits on every rank). On any error nothing is changed.
@@ -140,7 +143,7 @@ def newton_erase(model: nn.Module, loss_fn, removed, *, inv_fisher: ssse_ext.Blo
         from .sharded_erase import newton_erase_sharded  # it builds on this module
 
         return newton_erase_sharded(comm, dict(locals()))
-    fm, inv = check_request(model, loss_fn, removed, inv_fisher)
+    fm, inv = check_request(model, loss_fn, removed, inv_fisher, params=params)
     n = check_positive_int(n_total, "n_total")
     w = check_nonneg_float(weight_decay, "weight_decay")
     check_likelihood(likelihood)
@@ -148,15 +151,15 @@ def newton_erase(model: nn.Module, loss_fn, removed, *, inv_fisher: ssse_ext.Blo
     tol = check_positive_float(tol, "tol")
     check_newton_inverse(inv)
     warn_if_training(model, "newton_erase")
-    batches = list(iter_batches(removed, "removed"))
-    k = sum(x.shape[0] for x, _ in batches)
+    batches = list(iter_batches(removed, "removed", task=fm.task))
+    k = sum(batch_len(y) for _, y in batches)
     if k == 0:
         raise ValueError("removed is empty: nothing to erase")
     if n <= k:
         raise ValueError(f"n_total must be larger than the number of removed samples k={k}, "
                          f"got {n}")
     if get_curvature(inv.curvature).needs_likelihood:  # resolved once for every step
-        first = next(b for b in batches if b[0].shape[0])
+        first = next(b for b in batches if batch_len(b[1]))
         likelihood = likelihood_on(fm, loss_fn, first, likelihood, dtype=inv.dtype)
     star = fm.flat(dtype=torch.float64, device=inv.device)
     step = newton_refined(fm, loss_fn, batches, inv, n=n, weight_decay=w,
@@ -166,17 +169,18 @@ def newton_erase(model: nn.Module, loss_fn, removed, *, inv_fisher: ssse_ext.Blo
                          what="the Newton erasure")
 
 
-def _objective(fm: FlatModel, loss_fn, batches, theta: torch.Tensor, x: torch.Tensor,
+def _objective(fm: FlatModel, loss_fn, batches, theta: torch.Tensor, x,
                hx: torch.Tensor, n: int, w: float) -> float:
     """:math:`M(\\theta)` up to a constant, with ``x = theta - theta*`` and ``hx = H x``."""
     params = fm.unflatten(theta.to(fm.device, fm.dtype))
     frozen = fm.frozen_dict()
     total, k = 0.0, 0
     with torch.no_grad():
-        for xb, yb in batches:
-            out = fm(params, xb.to(fm.device, fm.dtype), frozen)
-            total += float(per_sample_losses(loss_fn, out, yb.to(fm.device)).double().sum())
-            k += xb.shape[0]
+        for xb, yb in iter_batches(batches, "removed", device=fm.device, dtype=fm.dtype,
+                                   task=fm.task):
+            out = fm(params, xb, frozen)
+            total += float(per_sample_losses(loss_fn, out, yb).double().sum())
+            k += batch_len(yb)
     reg = 0.5 * w * float((theta * theta).sum()) * k
     return 0.5 * float(x @ hx) - (total + reg) / n
 
@@ -200,7 +204,7 @@ def newton_refined(fm: FlatModel, loss_fn, batches, inv: ssse_ext.BlockInverseFi
     when the caller has them; ``max_memory``: the bytes the rows may take while computed.
     """
     w, dtype, device, N = weight_decay, inv.dtype, inv.device, inv.normalizer
-    k = sum(x.shape[0] for x, _ in batches)
+    k = sum(batch_len(y) for _, y in batches)
     ratio = n / N
     delta = newton_shift(inv, n, k, w)
     base = fm.param_dict(dtype) if star is None else star

@@ -4,21 +4,24 @@ gradients (:func:`per_sample_grads`)."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from ssse_ext.validation import (check_callable, check_data, check_module, check_nonneg_float,
-                                 check_positive_int, is_pair)
+from ssse_ext.validation import check_nonneg_float, check_positive_int
+
+from .batches import (as_batch_list, batch_len, batch_map, batch_slice, check_data, check_loss,
+                      check_module, split_batch)
 
 from .budget import MEMORY_SHARE, available_memory, plan_chunk_rows, row_bytes
 from .curvature import get_curvature, outputs_2d, resolve_likelihood
 from .curvature.likelihoods import PROBE_SAMPLES
 from .model import FlatModel, iter_batches, rebatch, warn_if_training
 
-__all__ = ["cut_chunks", "likelihood_of_data", "likelihood_on", "per_sample_grads", "row_stream",
+__all__ = ["AUTOCAST_DTYPES", "autocast_rows", "check_autocast", "cut_chunks", "likelihood_of_data", "likelihood_on", "per_sample_grads", "row_stream",
            "rows_per_sample_of", "stacked_rows"]
 
 
@@ -29,16 +32,16 @@ def rows_per_sample_of(fm: FlatModel, data, dtype: torch.dtype, curvature,
     per_sample = curvature.rows_per_sample(None, mc_samples=mc_samples)
     if per_sample is not None:
         return per_sample
-    first = data if is_pair(data) else (data[0] if isinstance(data, (list, tuple)) and data
-                                        else None)
-    if first is None or not is_pair(first):
+    batches = as_batch_list(data, fm.task)
+    if not batches:
         return None
-    for x, _ in iter_batches((first[0][:1], first[1][:1]), "data", device=fm.device,
-                             dtype=dtype):
-        if x.shape[0]:
-            params = fm.param_dict(dtype)
-            c = outputs_2d(fm, params, fm.frozen_dict(dtype), x).shape[1]
-            return curvature.rows_per_sample(c, mc_samples=mc_samples)
+    x, _ = split_batch(batches[0], "data", fm.task)
+    if batch_len(x):
+        x = batch_map(lambda t: t[:1].to(fm.device, dtype) if t.is_floating_point()
+                      else t[:1].to(fm.device), x)
+        params = fm.param_dict(dtype)
+        c = outputs_2d(fm, params, fm.frozen_dict(dtype), x).shape[1]
+        return curvature.rows_per_sample(c, mc_samples=mc_samples)
     return None
 
 
@@ -70,10 +73,11 @@ def cut_chunks(batches, size: int, cut_every: int | None, cut_start: int):
     def pieces():
         pos = cut_start
         for x, y in batches:
-            i = 0
-            while i < x.shape[0]:
-                take = min(x.shape[0] - i, cut_every - pos % cut_every)
-                yield pos // cut_every, (x[i:i + take], y[i:i + take])
+            i, m = 0, batch_len(y)
+            while i < m:
+                take = min(m - i, cut_every - pos % cut_every)
+                yield pos // cut_every, (batch_slice(x, slice(i, i + take)),
+                                         batch_slice(y, slice(i, i + take)))
                 i, pos = i + take, pos + take
 
     for _, segment in itertools.groupby(pieces(), key=lambda piece: piece[0]):
@@ -86,13 +90,11 @@ def likelihood_on(fm: FlatModel, loss_fn, batch, likelihood, *, params: dict | N
     ``batch`` (:func:`ssse.curvature.resolve_likelihood`): inferred when ``likelihood`` is
     ``None``, else checked."""
     dtype = dtype or fm.dtype
-    x, y = batch
-    x, y = x[:PROBE_SAMPLES].to(fm.device), y[:PROBE_SAMPLES].to(fm.device)
     # cast as the row streams cast their batches (iter_batches), so the loss sees the same
-    if x.is_floating_point():
-        x = x.to(dtype)
-    if y.is_floating_point():
-        y = y.to(dtype)
+    def head(t):
+        t = t[:PROBE_SAMPLES].to(fm.device)
+        return t.to(dtype) if t.is_floating_point() else t
+    x, y = (batch_map(head, part) for part in batch)
     params = fm.param_dict(dtype) if params is None else params
     with torch.no_grad():
         output = fm(params, x, fm.frozen_dict(dtype))
@@ -103,15 +105,15 @@ def likelihood_of_data(fm: FlatModel, loss_fn, data, likelihood, *, name: str = 
                        dtype: torch.dtype | None = None):
     """:func:`likelihood_on` the first non-empty batch of ``data``; returns ``(likelihood,
     data)``, with ``data`` still whole when it was a one-shot iterator."""
-    if is_pair(data) or isinstance(data, (list, tuple)):
-        source, rest = iter_batches(data, name), data
+    if as_batch_list(data, fm.task) is not None:
+        source, rest = iter_batches(data, name, task=fm.task), data
     elif isinstance(data, Iterator):
         held: list = []
-        source = (held.append(b) or b for b in data)
+        source = iter_batches((held.append(b) or b for b in data), name, task=fm.task)
         rest = None
     else:
-        source, rest = iter_batches(data, name), data
-    first = next((b for b in source if is_pair(b) and b[0].shape[0]), None)
+        source, rest = iter_batches(data, name, task=fm.task), data
+    first = next((b for b in source if batch_len(b[1])), None)
     if rest is None:
         rest = itertools.chain(held, data)
     if first is None:
@@ -125,7 +127,8 @@ def row_stream(fm: FlatModel, loss_fn, data, name: str, *, weight_decay: float,
                  curvature="empirical", likelihood=None,
                  mc_samples: int = 1, seed: int = 0, info: dict | None = None,
                  generator: torch.Generator | None = None, cut_every: int | None = None,
-                 cut_start: int = 0) -> Iterator[torch.Tensor]:
+                 cut_start: int = 0, autocast: torch.dtype | None = None
+                 ) -> Iterator[torch.Tensor]:
     """The validated rows of ``curvature`` (a name or a registered
     :class:`~ssse.curvature.Curvature`) for the samples of ``data`` at ``params``, with
     ``weight_decay`` times the parameters added where the curvature's rows include it. The
@@ -137,20 +140,22 @@ def row_stream(fm: FlatModel, loss_fn, data, name: str, *, weight_decay: float,
     ``minibatch > 1``) and ``info["samples"]`` the samples read so far; ``generator`` makes the
     draws of a random curvature (default: a new one seeded with ``seed``). With ``cut_every``,
     no chunk spans a multiple of ``cut_every`` samples (the stream's first sample being sample
-    ``cut_start``)."""
+    ``cut_start``). With ``autocast`` (a dtype), the rows are computed under
+    :func:`torch.autocast` and returned in ``dtype``."""
     curv = get_curvature(curvature)
     params = fm.param_dict(dtype) if params is None else params
     frozen = fm.frozen_dict(dtype)
     theta = torch.cat([params[k].reshape(-1) for k in fm.names])
-    batches = iter_batches(data, name, device=fm.device, dtype=dtype)
-    first = next((b for b in batches if b[0].shape[0]), None)
+    batches = iter_batches(data, name, device=fm.device, dtype=dtype, task=fm.task)
+    first = next((b for b in batches if batch_len(b[1])), None)
     if first is None:
         return
     lik = likelihood_on(fm, loss_fn, first, likelihood, params=params, dtype=dtype) \
         if curv.needs_likelihood else None
     per_sample = curv.rows_per_sample(None, mc_samples=mc_samples)
     if per_sample is None:
-        per_sample = curv.rows_per_sample(outputs_2d(fm, params, frozen, first[0][:1]).shape[1],
+        one = batch_slice(first[0], slice(0, 1))
+        per_sample = curv.rows_per_sample(outputs_2d(fm, params, frozen, one).shape[1],
                                           mc_samples=mc_samples)
     if info is not None:
         info["rows_per_sample"], info["likelihood"] = per_sample, lik
@@ -172,18 +177,44 @@ def row_stream(fm: FlatModel, loss_fn, data, name: str, *, weight_decay: float,
     for x, y in cut_chunks(itertools.chain([first], batches), chunk_size * minibatch, cut_every,
                         cut_start):
         if info is not None:
-            info["samples"] = info.get("samples", 0) + x.shape[0]
-        rows = curv.rows(fm, params, frozen, x, y, loss_fn=loss_fn, likelihood=lik,
-                         generator=generator, mc_samples=mc_samples, minibatch=minibatch,
-                         state=state)
+            info["samples"] = info.get("samples", 0) + batch_len(y)
+        with autocast_rows(fm.device, autocast):
+            rows = curv.rows(fm, params, frozen, x, y, loss_fn=loss_fn, likelihood=lik,
+                             generator=generator, mc_samples=mc_samples, minibatch=minibatch,
+                             state=state).to(dtype)
         if weight_decay and curv.includes_weight_decay:
             rows.add_(theta, alpha=weight_decay)  # in place: no second copy of the chunk
         yield rows
 
 
+#: What ``autocast=`` may ask for: the reduced precisions :func:`torch.autocast` computes in.
+AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def check_autocast(autocast, dtype: torch.dtype) -> torch.dtype | None:
+    """``autocast``: ``None`` or one of :data:`AUTOCAST_DTYPES`, for rows in ``dtype``."""
+    if autocast is None:
+        return None
+    if autocast not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got "
+                         f"{autocast!r}")
+    if dtype == torch.float64:
+        raise ValueError("autocast computes float32 work in reduced precision; with "
+                         "dtype=torch.float64 it would do nothing: pass dtype=torch.float32 "
+                         "or autocast=None")
+    return autocast
+
+
+def autocast_rows(device: torch.device, autocast: torch.dtype | None):
+    """The :func:`torch.autocast` context of ``autocast`` on ``device`` (a no-op for ``None``)."""
+    if autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=autocast)
+
+
 def per_sample_grads(model: nn.Module, loss_fn, data, *, weight_decay: float = 0.0,
                      chunk_size: int | None = None, minibatch: int = 1,
-                     max_memory: int | None = None) -> Iterator[torch.Tensor]:
+                     max_memory: int | None = None, params=None) -> Iterator[torch.Tensor]:
     r"""Streams the per-sample gradients :math:`g_i = \nabla_\theta \ell_i(\theta)` (paper §3).
 
     Built on ``torch.func`` (``functional_call`` + ``vmap(grad)``); a module that ``vmap``
@@ -196,8 +227,9 @@ def per_sample_grads(model: nn.Module, loss_fn, data, *, weight_decay: float = 0
             in ``named_parameters()`` order.
         loss_fn: ``loss_fn(model(x), y)`` returning per-sample losses of shape ``(batch,)``
             (``reduction="none"``); elements beyond the batch dimension (e.g. one per
-            attribute) are summed.
-        data: an ``(X, y)`` pair of tensors or an iterable of ``(x, y)`` batches.
+            attribute or per token) are summed. Or a :class:`~ssse.Task`.
+        data: one batch or an iterable of batches (:mod:`ssse.batches`: ``(inputs, targets)``
+            pairs, mappings with ``"labels"``, or what a :class:`~ssse.Task` reads).
         weight_decay: :math:`w \ge 0`; adds :math:`w\,\theta` to every gradient (the gradient
             of :math:`\frac{w}{2}\lVert\theta\rVert^2`).
         chunk_size: rows per yielded chunk (default: as many as ``max_memory`` allows, up to
@@ -208,19 +240,21 @@ def per_sample_grads(model: nn.Module, loss_fn, data, *, weight_decay: float = 0
         max_memory: bytes for one chunk (its rows and the activations ``vmap`` keeps), which
             decides the rows per chunk when ``chunk_size`` is not given (default: 80 % of the
             memory available now on the model's device).
+        params: the parameters :math:`\theta` (:func:`~ssse.model.select_parameters`: names,
+            glob patterns, modules or a predicate; default: those with ``requires_grad``).
 
     Yields:
         ``(m, d)`` tensors in the model's dtype and on its device.
     """
     check_module(model)
-    check_callable(loss_fn, "loss_fn")
-    check_data(data, "data")
+    check_loss(loss_fn)
+    fm = FlatModel(model, params=params, loss_fn=loss_fn)
+    check_data(data, "data", fm.task)
     weight_decay = check_nonneg_float(weight_decay, "weight_decay")
     chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
     minibatch = check_positive_int(minibatch, "minibatch")
     max_memory = check_positive_int(max_memory, "max_memory", allow_none=True)
     warn_if_training(model, "per_sample_grads")
-    fm = FlatModel(model)
     return row_stream(fm, loss_fn, data, "data", weight_decay=weight_decay,
                         chunk_size=chunk_size, minibatch=minibatch, dtype=fm.dtype,
                         max_memory=max_memory)

@@ -17,13 +17,19 @@ from collections.abc import Sequence
 
 import torch
 
+from ..batches import batch_len
+
 __all__ = ["Curvature", "Registry", "outputs_2d"]
 
 
-def outputs_2d(fm, params: dict, frozen: dict, x: torch.Tensor) -> torch.Tensor:
+def outputs_2d(fm, params: dict, frozen: dict, x) -> torch.Tensor:
     """The model's outputs :math:`z` as ``(m, c)``, without gradients."""
     with torch.no_grad():
-        return fm(params, x, frozen).reshape(x.shape[0], -1)
+        z = fm(params, x, frozen)
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"this curvature needs the model's outputs as one tensor (or a "
+                        f"'logits' entry), got {type(z).__name__}")
+    return z.reshape(batch_len(x), -1)
 
 
 class Curvature(abc.ABC):

@@ -14,9 +14,11 @@ import warnings
 import torch
 from torch.func import grad, vmap
 
+from ..batches import batch_len, batch_map, batch_slice
 from ..model import per_sample_losses
 from . import register_curvature
 from .base import Curvature
+from .layer_grads import layer_gradients, linear_owners
 
 __all__ = ["EmpiricalFisher", "group_gradients"]
 
@@ -32,9 +34,10 @@ def _vmap_cannot_batch(exc: RuntimeError) -> bool:
     return any(key in text for key in _VMAP_UNSUPPORTED)
 
 
-def _loop_grads(fm, group_loss, params: dict, xg: torch.Tensor, yg: torch.Tensor) -> torch.Tensor:
+def _loop_grads(fm, group_loss, params: dict, xg, yg) -> torch.Tensor:
     out = []
-    for xi, yi in zip(xg, yg):
+    for i in range(batch_len(yg)):
+        xi, yi = batch_map(lambda t: t[i], xg), batch_map(lambda t: t[i], yg)
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         with torch.enable_grad():
             gs = torch.autograd.grad(group_loss(leaves, xi, yi), [leaves[k] for k in fm.names],
@@ -44,24 +47,54 @@ def _loop_grads(fm, group_loss, params: dict, xg: torch.Tensor, yg: torch.Tensor
     return torch.stack(out)
 
 
-def group_gradients(fm, loss_fn, params: dict, frozen: dict, x: torch.Tensor, y: torch.Tensor,
-                    b: int, state: dict) -> torch.Tensor:
+def _unbatchable(fm, group_loss, params, xg, yg, b, state, exc) -> torch.Tensor:
+    """The rows of groups that ``vmap`` could not batch: from one batched pass of linear
+    layers (:mod:`~ssse.curvature.layer_grads`) when the model allows it, else a per-sample
+    loop, with a warning, for the rest of the stream (``state``)."""
+    owners = linear_owners(fm.model, fm.names) if b == 1 else None
+    if owners is not None:
+        state["engine"] = "layers"
+        state["owners"] = owners
+        return _layer_rows(fm, group_loss, params, xg, yg, owners)
+    warnings.warn(f"per-sample gradients: torch.func.vmap failed ({type(exc).__name__}: {exc});"
+                  " falling back to a per-sample loop, which is much slower", RuntimeWarning,
+                  stacklevel=6)
+    state["engine"] = "loop"
+    return _loop_grads(fm, group_loss, params, xg, yg)
+
+
+def _layer_rows(fm, group_loss, params, xg, yg, owners) -> torch.Tensor:
+    # groups of one: the per-sample losses of the whole batch
+    flat = (batch_map(lambda t: t[:, 0], xg), batch_map(lambda t: t[:, 0], yg))
+    return layer_gradients(fm, owners, group_loss.per_sample, params, *flat)
+
+
+def group_gradients(fm, loss_fn, params: dict, frozen: dict, x, y, b: int,
+                    state: dict) -> torch.Tensor:
     r"""``(ceil(m / b), d)`` mean gradients :math:`\frac1b\sum_{i\in g}\nabla\ell_i` of
     consecutive groups of ``b`` samples of one batch (``b = 1``: per-sample gradients), by
-    ``vmap(grad)``; a model ``vmap`` cannot batch falls back to a loop, with a warning, for the
-    rest of the stream (``state``)."""
-    m = x.shape[0]
+    ``vmap(grad)``. For a model ``vmap`` cannot batch, the rest of the stream (``state``) uses
+    one batched pass of its linear layers where every selected parameter belongs to one
+    (:mod:`~ssse.curvature.layer_grads`), else a per-sample loop, with a warning."""
+    m = batch_len(y)
     full = m // b
 
     def group_loss(p, xg, yg):
         return per_sample_losses(loss_fn, fm(p, xg, frozen), yg).mean()
 
+    group_loss.per_sample = lambda p, xs, ys: per_sample_losses(loss_fn, fm(p, xs, frozen), ys)
+
+    def groups(t):
+        return t[:full * b].reshape((full, b) + tuple(t.shape[1:]))
+
     rows = []
     if full:
-        xg = x[:full * b].reshape((full, b) + tuple(x.shape[1:]))
-        yg = y[:full * b].reshape((full, b) + tuple(y.shape[1:]))
-        if state.get("loop"):
+        xg, yg = batch_map(groups, x), batch_map(groups, y)
+        engine = state.get("engine", "vmap")
+        if engine == "loop":
             rows.append(_loop_grads(fm, group_loss, params, xg, yg))
+        elif engine == "layers":
+            rows.append(_layer_rows(fm, group_loss, params, xg, yg, state["owners"]))
         else:
             try:
                 g = vmap(grad(group_loss), in_dims=(None, 0, 0), randomness="different")(
@@ -71,13 +104,10 @@ def group_gradients(fm, loss_fn, params: dict, frozen: dict, x: torch.Tensor, y:
             except RuntimeError as exc:
                 if not _vmap_cannot_batch(exc):
                     raise  # out of memory, shape errors, the loss's own errors: not vmap's
-                warnings.warn(f"per-sample gradients: torch.func.vmap failed ({type(exc).__name__}:"
-                              f" {exc}); falling back to a per-sample loop, which is much slower",
-                              RuntimeWarning, stacklevel=5)
-                state["loop"] = True
-                rows.append(_loop_grads(fm, group_loss, params, xg, yg))
+                rows.append(_unbatchable(fm, group_loss, params, xg, yg, b, state, exc))
     if full * b < m:
-        g = grad(group_loss)(params, x[full * b:], y[full * b:])
+        rest = slice(full * b, None)
+        g = grad(group_loss)(params, batch_slice(x, rest), batch_slice(y, rest))
         rows.append(fm.flatten_rows({k: v.unsqueeze(0) for k, v in g.items()}, 1))
     return torch.cat(rows) if len(rows) > 1 else rows[0]
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch.func import jacrev, vmap
 
+from ..batches import batch_len, batch_map
 from . import register_curvature
 from .base import Curvature, outputs_2d
 from .likelihoods import get_likelihood
@@ -25,13 +26,13 @@ from .likelihoods import get_likelihood
 __all__ = ["GaussNewton", "ggn_rows", "output_jacobian"]
 
 
-def output_jacobian(fm, params: dict, frozen: dict, x: torch.Tensor, c: int) -> torch.Tensor:
+def output_jacobian(fm, params: dict, frozen: dict, x, c: int) -> torch.Tensor:
     """The ``(m, c, d)`` Jacobians of the ``c`` outputs of each sample in the flat parameters,
     by ``vmap(jacrev)``."""
-    m = x.shape[0]
+    m = batch_len(x)
 
     def out(p, xi):
-        return fm(p, xi.unsqueeze(0), frozen).reshape(-1)
+        return fm(p, batch_map(lambda t: t.unsqueeze(0), xi), frozen).reshape(-1)
 
     jac = vmap(jacrev(out), in_dims=(None, 0))(params, x)  # {name: (m, c, *shape)}
     J = fm.flatten_rows({k: v.reshape((m * c,) + tuple(v.shape[2:])) for k, v in jac.items()},
@@ -39,7 +40,7 @@ def output_jacobian(fm, params: dict, frozen: dict, x: torch.Tensor, c: int) -> 
     return J
 
 
-def ggn_rows(fm, params: dict, frozen: dict, x: torch.Tensor, likelihood) -> torch.Tensor:
+def ggn_rows(fm, params: dict, frozen: dict, x, likelihood) -> torch.Tensor:
     r"""``(m c, d)`` Gauss–Newton rows :math:`u_{i,r} = J_i^\top B_i e_r` of the ``m`` samples
     of ``x``, ``c`` per sample, sample by sample (``likelihood``: a name or a
     :class:`~ssse.curvature.likelihoods.Likelihood`)."""

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from ..batches import batch_map
 from . import register_curvature
 from .base import Curvature, outputs_2d
 from .empirical import group_gradients
@@ -25,7 +26,7 @@ from .likelihoods import get_likelihood
 __all__ = ["MonteCarloFisher", "sample_labels"]
 
 
-def sample_labels(fm, params: dict, frozen: dict, x: torch.Tensor, y: torch.Tensor, likelihood,
+def sample_labels(fm, params: dict, frozen: dict, x, y: torch.Tensor, likelihood,
                   samples: int,
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``samples`` labels per sample drawn from the model's predictive distribution:
@@ -33,8 +34,8 @@ def sample_labels(fm, params: dict, frozen: dict, x: torch.Tensor, y: torch.Tens
     lik = get_likelihood(likelihood)
     z = outputs_2d(fm, params, frozen, x)
     lik.check_outputs(z)
-    reps = (samples,) + (1,) * (x.dim() - 1)
-    return x.repeat(reps), lik.sample(z, samples, generator, y)
+    return (batch_map(lambda t: t.repeat((samples,) + (1,) * (t.dim() - 1)), x),
+            lik.sample(z, samples, generator, y))
 
 
 class MonteCarloFisher(Curvature):
