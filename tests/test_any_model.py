@@ -13,9 +13,17 @@ from ssse.batches import Split, batch_len, iter_batches
 from ssse.curvature.layer_grads import layer_gradients, linear_owners
 from ssse.model import FlatModel, per_sample_losses
 
-torch.set_default_dtype(torch.float64)
 DAMPING = 1e-2
 EPS = 0.7
+
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    """Models and data of this file in float64 (restored afterwards for the other files)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
 
 
 class KwargsNet(nn.Module):

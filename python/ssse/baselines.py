@@ -19,10 +19,11 @@ from torch import nn
 from torch.func import grad, jacrev
 
 import ssse_ext
-from ssse_ext.validation import (check_callable, check_choice, check_data, check_int,
-                                 check_module, check_nonneg_float, check_nonneg_int,
-                                 check_positive_float, check_positive_int, check_reiterable)
+from ssse_ext.validation import (check_callable, check_choice, check_int, check_nonneg_float,
+                                 check_nonneg_int, check_positive_float, check_positive_int)
 
+from .batches import (batch_len, batch_slice, check_data, check_loss, check_module,
+                      check_reiterable, task_of)
 from .model import (BATCH_SIZE, FlatModel, available_memory, finish_update, iter_batches,
                      per_sample_losses, warn_if_training)
 from .curvature import check_likelihood
@@ -60,17 +61,17 @@ def block_hessians(model: nn.Module, loss_fn, datasets, layout: ssse_ext.BlockLa
     r"""The diagonal blocks of :math:`\sum_i \nabla^2_\theta \ell_i(\theta)` over the samples of
     every data set in ``datasets``, in float64 (``torch.func``: ``jacrev`` of ``grad``, in
     chunks of ``chunk_size`` columns); with ``with_count`` also the number of samples."""
-    fm = FlatModel(model)
+    fm = FlatModel(model, loss_fn=loss_fn)
     theta = fm.flat(dtype=torch.float64)
     frozen = fm.frozen_dict(torch.float64)
     blocks = [torch.zeros(s, s, dtype=torch.float64, device=fm.device) for s in layout.sizes]
     count = 0
     for name, data in datasets:
         for x, y in iter_batches(data, name, batch_size=BATCH_SIZE, device=fm.device,
-                                 dtype=torch.float64):
-            if x.shape[0] == 0:
+                                 dtype=torch.float64, task=fm.task):
+            if batch_len(y) == 0:
                 continue
-            count += x.shape[0]
+            count += batch_len(y)
             for b in range(layout.num_blocks):
                 sl = layout.slice(b)
 
@@ -117,22 +118,22 @@ def influence_update(model: nn.Module, loss_fn, removed, *, retained,
         A new ``state_dict``.
     """
     check_module(model)
-    check_callable(loss_fn, "loss_fn")
-    check_data(removed, "removed")
-    check_data(retained, "retained")
+    check_loss(loss_fn)
+    check_data(removed, "removed", task_of(loss_fn))
+    check_data(retained, "retained", task_of(loss_fn))
     weight_decay = check_nonneg_float(weight_decay, "weight_decay")
     check_choice(hessian, "hessian", HESSIAN_VARIANTS)
     if hessian == "full":  # S is read twice: its gradient, then its Hessian
-        check_reiterable(removed, "removed")
+        check_reiterable(removed, "removed", task_of(loss_fn))
     block_size = check_positive_int(block_size, "block_size", allow_none=True)
     if max_memory is not None:
         check_positive_int(max_memory, "max_memory")
     warn_if_training(model, "influence_update")
-    fm = FlatModel(model)
+    fm = FlatModel(model, loss_fn=loss_fn)
     layout = ssse_ext.BlockLayout.fixed(fm.dim, block_size or fm.dim)
     _check_hessian_memory(layout, fm.device, max_memory)
 
-    v, k = gradient_sum(model, loss_fn, removed, weight_decay=weight_decay,
+    v, k = gradient_sum(fm, loss_fn, removed, weight_decay=weight_decay,
                         dtype=torch.float64, name="removed")
     if k == 0:
         raise ValueError("removed is empty: nothing to erase")
@@ -213,10 +214,10 @@ def fisher_forgetting(model: nn.Module, loss_fn, removed, *, retained, alpha: fl
         A new ``state_dict``.
     """
     check_module(model)
-    check_callable(loss_fn, "loss_fn")
+    check_loss(loss_fn)
     if removed is not None:
-        check_data(removed, "removed")
-    check_reiterable(retained, "retained")
+        check_data(removed, "removed", task_of(loss_fn))
+    check_reiterable(retained, "retained", task_of(loss_fn))
     alpha = check_positive_float(alpha, "alpha")
     seed = check_int(seed, "seed")
     check_choice(fisher, "fisher", tuple(FISHER_KINDS))
@@ -224,14 +225,15 @@ def fisher_forgetting(model: nn.Module, loss_fn, removed, *, retained, alpha: fl
     if forget_class is not None:
         check_nonneg_int(forget_class, "forget_class")
     warn_if_training(model, "fisher_forgetting")
-    fm = FlatModel(model)
+    fm = FlatModel(model, loss_fn=loss_fn)
     first = next((b for b in iter_batches(retained, "retained", batch_size=1, device=fm.device,
-                                          dtype=fm.dtype) if b[0].shape[0]), None)
+                                          dtype=fm.dtype, task=fm.task)
+                  if batch_len(b[1])), None)
     if first is None:
         raise ValueError("retained is empty: the Fisher needs at least one sample")
     diag = _diagonal_fisher(fm, loss_fn, retained, fisher, likelihood)
     with torch.no_grad():
-        num_outputs = fm(fm.param_dict(), first[0][:1]).reshape(1, -1).shape[1]
+        num_outputs = fm(fm.param_dict(), batch_slice(first[0], slice(0, 1))).reshape(1, -1).shape[1]
     if forget_class is not None and forget_class >= num_outputs:
         raise ValueError(f"forget_class={forget_class} but the model has {num_outputs} outputs")
 
@@ -272,13 +274,13 @@ def gradient_ascent(model: nn.Module, loss_fn, removed, *, lr: float, weight_dec
         A new ``state_dict``.
     """
     check_module(model)
-    check_callable(loss_fn, "loss_fn")
-    check_data(removed, "removed")
+    check_loss(loss_fn)
+    check_data(removed, "removed", task_of(loss_fn))
     lr = check_positive_float(lr, "lr")
     weight_decay = check_nonneg_float(weight_decay, "weight_decay")
     warn_if_training(model, "gradient_ascent")
-    fm = FlatModel(model)
-    g, k = gradient_sum(model, loss_fn, removed, weight_decay=weight_decay, name="removed")
+    fm = FlatModel(model, loss_fn=loss_fn)
+    g, k = gradient_sum(fm, loss_fn, removed, weight_decay=weight_decay, name="removed")
     if k == 0:
         raise ValueError("removed is empty: nothing to erase")
     return finish_update(fm, fm.flat() + lr * g / k, inplace=inplace, what="gradient ascent")

@@ -26,7 +26,7 @@ from torch import nn
 __all__ = ["TARGET_KEY", "Task", "as_batch_list", "batch_cat", "batch_leaves", "batch_len",
            "batch_map", "batch_slice", "check_data", "check_loss", "check_module",
            "check_reiterable", "concat_data", "data_size", "is_batch", "is_pair", "is_task",
-           "iter_batches", "logits_of", "rebatch", "Split", "split_batch", "task_of"]
+           "iter_batches", "logits_of", "rebatch", "run_model", "Split", "split_batch", "task_of"]
 
 #: The key of a mapping batch that holds the targets; the model gets the other keys.
 TARGET_KEY = "labels"
@@ -156,6 +156,14 @@ def logits_of(output):
     if logits is None and isinstance(output, Mapping):
         logits = output.get("logits")
     return output if logits is None else logits
+
+
+def run_model(model, inputs):
+    """``model(inputs)`` for a tensor, ``model(**inputs)`` for a mapping; the ``logits`` of the
+    output when it has them (:func:`logits_of`)."""
+    if isinstance(inputs, Mapping):
+        return logits_of(model(**inputs))
+    return logits_of(model(inputs))
 
 
 # ---- batches and data ------------------------------------------------------------------------

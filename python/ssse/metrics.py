@@ -17,10 +17,11 @@ import torch
 from sklearn.metrics import confusion_matrix, roc_auc_score
 from torch import nn
 
-from ssse_ext.validation import (check_callable, check_choice, check_data, check_int,
-                                 check_module, check_nonneg_float, check_positive_int,
-                                 check_reiterable, is_pair)
+from ssse_ext.validation import (check_callable, check_choice, check_int, check_nonneg_float,
+                                 check_positive_int)
 
+from .batches import (Split, batch_len, batch_slice, check_data, check_loss, check_module,
+                      check_reiterable, is_batch, run_model, split_batch, task_of)
 from .model import (BATCH_SIZE, FlatModel, check_inverse, data_size, iter_batches,
                      per_sample_losses)
 from .gradients import hessian_vector_products
@@ -261,8 +262,9 @@ def predict(model: nn.Module, data, *, batch_size: int = BATCH_SIZE) -> torch.Te
     check_module(model)
     batch_size = check_positive_int(batch_size, "batch_size")
     p = next(model.parameters())
-    out = [model(x.to(p.device, p.dtype)).double().cpu()
-           for x, _ in iter_batches(data, "data", batch_size=batch_size)]
+    out = [run_model(model, x).double().cpu()
+           for x, _ in iter_batches(data, "data", batch_size=batch_size, device=p.device,
+                                    dtype=p.dtype)]
     out = [o for o in out if o.shape[0]]
     return torch.cat(out) if out else torch.zeros(0, 1, dtype=torch.float64)
 
@@ -301,8 +303,8 @@ def split_report(model: nn.Module, splits: Mapping, *, loss_fn=None,
         raise TypeError(f"splits must be a mapping name -> data, got {type(splits).__name__}")
     weight_decay = check_nonneg_float(weight_decay, "weight_decay")
     if loss_fn is not None:
-        check_callable(loss_fn, "loss_fn")
-    fm = FlatModel(model)
+        check_loss(loss_fn)
+    fm = FlatModel(model, loss_fn=loss_fn)
     theta = fm.flat()
     report = {}
     for name, data in splits.items():
@@ -310,25 +312,25 @@ def split_report(model: nn.Module, splits: Mapping, *, loss_fn=None,
         report[name] = stats
         if data is None:
             continue
-        check_data(data, f"splits[{name!r}]")
+        check_data(data, f"splits[{name!r}]", fm.task)
         params = {k: v.detach().requires_grad_(True) for k, v in fm.param_dict().items()}
         grad_sum = torch.zeros(fm.dim, dtype=fm.dtype, device=fm.device)
         loss_sum, correct, total, n = 0.0, 0.0, 0, 0
         for x, y in iter_batches(data, f"splits[{name!r}]", batch_size=BATCH_SIZE,
-                                 device=fm.device, dtype=fm.dtype):
-            if x.shape[0] == 0:
+                                 device=fm.device, dtype=fm.dtype, task=fm.task):
+            if batch_len(y) == 0:
                 continue
             with torch.enable_grad():
                 out = fm(params, x)
-                task = _infer_task(out, y)
+                task = None if fm.task else _infer_task(out, y)
                 lf = loss_fn or _default_loss(task)
                 loss = per_sample_losses(lf, out, y).sum()
                 gs = torch.autograd.grad(loss, [params[k] for k in fm.names], allow_unused=True)
             grad_sum += torch.cat([(torch.zeros_like(params[k]) if g is None else g).reshape(-1)
                                    for k, g in zip(fm.names, gs)])
             loss_sum += float(loss.detach())
-            c, t = _correct(out.detach(), y, task)
-            correct, total, n = correct + c, total + t, n + x.shape[0]
+            c, t = (math.nan, 1) if task is None else _correct(out.detach(), y, task)
+            correct, total, n = correct + c, total + t, n + batch_len(y)
         if n == 0:
             continue
         reg = 0.5 * weight_decay * float((theta * theta).sum())
@@ -339,13 +341,13 @@ def split_report(model: nn.Module, splits: Mapping, *, loss_fn=None,
 
 
 def _losses(model: nn.Module, data, name: str, loss_fn) -> np.ndarray:
-    fm = FlatModel(model)
+    fm = FlatModel(model, loss_fn=loss_fn)
     params = fm.param_dict()
     out = []
     with torch.no_grad():
         for x, y in iter_batches(data, name, batch_size=BATCH_SIZE, device=fm.device,
-                                 dtype=fm.dtype):
-            if x.shape[0] == 0:
+                                 dtype=fm.dtype, task=fm.task):
+            if batch_len(y) == 0:
                 continue
             o = fm(params, x)
             lf = loss_fn or _default_loss(_infer_task(o, y))
@@ -365,10 +367,10 @@ def membership_inference(model: nn.Module, removed, test, *, loss_fn=None) -> di
         erasure; higher: :math:`S` still looks like training data) and the mean losses.
     """
     check_module(model)
-    check_data(removed, "removed")
-    check_data(test, "test")
     if loss_fn is not None:
-        check_callable(loss_fn, "loss_fn")
+        check_loss(loss_fn)
+    check_data(removed, "removed", task_of(loss_fn))
+    check_data(test, "test", task_of(loss_fn))
     member = _losses(model, removed, "removed", loss_fn)
     nonmember = _losses(model, test, "test", loss_fn)
     labels = np.concatenate([np.ones(member.size), np.zeros(nonmember.size)])
@@ -414,23 +416,23 @@ def estimate_epsilon(model: nn.Module, loss_fn, data, *, inv_fisher,
         :math:`\hat\varepsilon` (a float), or ``(epsilon, residual)`` with ``details=True``.
     """
     check_module(model)
-    check_callable(loss_fn, "loss_fn")
-    check_data(data, "data")
+    check_data(data, "data", task_of(check_loss(loss_fn)))
     weight_decay = check_nonneg_float(weight_decay, "weight_decay")
     probes = check_positive_int(probes, "probes")
     check_choice(probe, "probe", ("gradients", "gaussian"))
     seed = check_int(seed, "seed")
     if probe == "gradients":  # probes come from data, then the Hessian reads all of it
-        check_reiterable(data, "data")
-    fm = FlatModel(model)
+        check_reiterable(data, "data", task_of(loss_fn))
+    fm = FlatModel(model, loss_fn=loss_fn)
     inv = check_inverse(inv_fisher, fm)
     gen = torch.Generator().manual_seed(seed)
     if probe == "gaussian":
         U = torch.randn(fm.dim, probes, generator=gen, dtype=torch.float64)
     else:
-        if is_pair(data):
-            idx = torch.randperm(data_size(data), generator=gen)[:probes]
-            subset = (data[0][idx], data[1][idx])
+        if is_batch(data, fm.task):
+            idx = torch.randperm(data_size(data, fm.task), generator=gen)[:probes]
+            subset = split_batch(data, "data", fm.task)
+            subset = Split((batch_slice(subset[0], idx), batch_slice(subset[1], idx)))
             rows = list(row_stream(fm, loss_fn, subset, "data", weight_decay=weight_decay,
                                      chunk_size=None, minibatch=1, dtype=inv.dtype))
         else:

@@ -17,9 +17,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ssse_ext.validation import (check_callable, check_data, check_dtype, check_module,
-                                 check_nonneg_float, check_positive_float, check_positive_int)
+from ssse_ext.validation import (check_callable, check_dtype, check_nonneg_float,
+                                 check_positive_float, check_positive_int)
 
+from .batches import (batch_len, batch_slice, check_data, check_loss, check_module, run_model,
+                      task_of)
 from .model import FlatModel, concat_data, per_sample_losses
 
 __all__ = ["ConvergenceWarning", "sgd_recipe", "lbfgs_recipe", "train_sgd", "train_lbfgs",
@@ -34,10 +36,12 @@ class ConvergenceWarning(RuntimeWarning):
     """A training recipe stopped above its tolerance."""
 
 
-def objective(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
-              weight_decay: float = 0.0) -> torch.Tensor:
-    r"""The mean regularised loss :math:`\frac{1}{n}\sum_i \ell_i(\theta)` on one batch."""
-    loss = per_sample_losses(loss_fn, model(x), y).mean()
+def objective(model: nn.Module, loss_fn, x, y, weight_decay: float = 0.0) -> torch.Tensor:
+    r"""The mean regularised loss :math:`\frac{1}{n}\sum_i \ell_i(\theta)` on one batch
+    (inputs ``x``, targets ``y``; see :mod:`ssse.batches`)."""
+    task = task_of(loss_fn)
+    out = task.forward(model, x) if task is not None else run_model(model, x)
+    loss = per_sample_losses(loss_fn, out, y).mean()
     if weight_decay:
         loss = loss + 0.5 * weight_decay * sum((p * p).sum() for p in model.parameters()
                                                if p.requires_grad)
@@ -50,27 +54,29 @@ def train_sgd(model: nn.Module, loss_fn, data, *, epochs: int, lr: float, batch_
     """Trains ``model`` in place with mini-batch SGD on shuffled data (the shuffling is seeded
     by ``seed``) and returns it in eval mode; ``progress`` shows a bar over the steps."""
     check_module(model)
-    check_callable(loss_fn, "loss_fn")
+    check_loss(loss_fn)
     epochs = check_positive_int(epochs, "epochs")
     lr = check_positive_float(lr, "lr")
     batch_size = check_positive_int(batch_size, "batch_size")
     weight_decay = check_nonneg_float(weight_decay, "weight_decay")
     momentum = check_nonneg_float(momentum, "momentum")
-    fm = FlatModel(model)
-    x, y = concat_data(data, "data", device=fm.device, dtype=fm.dtype)
+    fm = FlatModel(model, loss_fn=loss_fn)
+    x, y = concat_data(data, "data", device=fm.device, dtype=fm.dtype, task=fm.task)
+    n = batch_len(y)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr,
                           momentum=momentum)
     gen = torch.Generator().manual_seed(seed)
-    steps = -(-x.shape[0] // batch_size)
+    steps = -(-n // batch_size)
     bar = tqdm(total=epochs * steps, unit="step", desc="SGD", disable=not progress, leave=False)
     model.train()
     try:
         for _ in range(epochs):
-            order = torch.randperm(x.shape[0], generator=gen).to(fm.device)
-            for i in range(0, x.shape[0], batch_size):
+            order = torch.randperm(n, generator=gen).to(fm.device)
+            for i in range(0, n, batch_size):
                 idx = order[i:i + batch_size]
                 opt.zero_grad(set_to_none=True)
-                objective(model, loss_fn, x[idx], y[idx], weight_decay).backward()
+                objective(model, loss_fn, batch_slice(x, idx), batch_slice(y, idx),
+                          weight_decay).backward()
                 opt.step()
                 bar.update(1)
     finally:
@@ -91,14 +97,14 @@ def train_lbfgs(model: nn.Module, loss_fn, data, *, weight_decay: float = 0.0,
     down to the rounding of the gradient itself. Warns with :class:`ConvergenceWarning` when the
     result is above ``tolerance``. Trains in place and returns the model in eval mode."""
     check_module(model)
-    check_callable(loss_fn, "loss_fn")
+    check_loss(loss_fn)
     weight_decay = check_nonneg_float(weight_decay, "weight_decay")
     max_iter = check_positive_int(max_iter, "max_iter")
     tolerance = check_positive_float(tolerance, "tolerance")
     if isinstance(newton_steps, bool) or not isinstance(newton_steps, int) or newton_steps < 0:
         raise ValueError(f"newton_steps must be a non-negative int, got {newton_steps!r}")
-    fm = FlatModel(model)
-    x, y = concat_data(data, "data", device=fm.device, dtype=fm.dtype)
+    fm = FlatModel(model, loss_fn=loss_fn)
+    x, y = concat_data(data, "data", device=fm.device, dtype=fm.dtype, task=fm.task)
     model.eval()
 
     def new_optimizer():
@@ -189,7 +195,7 @@ def sgd_recipe(model_fn: Callable[[], nn.Module], loss_fn, *, epochs: int, lr: f
         ``recipe(data, *, seed) -> nn.Module``.
     """
     check_callable(model_fn, "model_fn")
-    check_callable(loss_fn, "loss_fn")
+    check_loss(loss_fn)
     check_positive_int(epochs, "epochs")
     check_positive_float(lr, "lr")
     check_positive_int(batch_size, "batch_size")
@@ -213,7 +219,7 @@ def lbfgs_recipe(model_fn: Callable[[], nn.Module], loss_fn, *, weight_decay: fl
         ``recipe(data, *, seed) -> nn.Module``.
     """
     check_callable(model_fn, "model_fn")
-    check_callable(loss_fn, "loss_fn")
+    check_loss(loss_fn)
     check_nonneg_float(weight_decay, "weight_decay")
     check_positive_int(max_iter, "max_iter")
     check_positive_float(tolerance, "tolerance")
