@@ -1,12 +1,13 @@
-"""The sharded fit (ssse.distributed) on 1, 2 and 3 CPU ranks, one thread each, gloo.
+"""The sharded fit (ssse.fit_inverse_fisher(..., comm=ssse.comm.TorchComm(...))) on 2 and 3 CPU
+ranks, one thread each, gloo, against the fit of one process.
 
 For each number of ranks and each exchange ("reduce_scatter": every rank accumulates all blocks
 for its rows, then each owner gets the sum of its blocks; "all_to_all": gradient slices go to
 the blocks' owners), every rank reports its peak memory during the fit (the high-water mark of
 its resident memory, reset before the fit), the bytes it sent, and the fit time (median of the
-repeats, between barriers); the speed-up is over one rank, measured in the same run. The first
-fit of every configuration is checked against the single-process inverse
-(ssse.fit_inverse_fisher) before anything is timed.
+repeats, between barriers); the speed-up is over one rank, the fit of one process (a comm of
+one process takes the local path), measured in the same run. The first fit of every
+configuration is checked against the single-process inverse before anything is timed.
 
 The default case makes the Gram accumulation dominate: a linear model of d = 9216 parameters
 (18 classes x 512), blocks of B = 512, n = 4096 samples, float32 (Gram: n d B = 1.9e10
@@ -67,7 +68,7 @@ def reset_peak() -> int:
 
 def fit_kwargs(args):
     return dict(damping=args.damping, layout="fixed", block_size=args.block_size,
-                chunk_size=args.chunk_size)
+                chunk_size=args.chunk_size, representation="dense", progress=False)
 
 
 def rank_main(rank: int, world: int, init: str, args, out: str) -> None:
@@ -75,11 +76,12 @@ def rank_main(rank: int, world: int, init: str, args, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
     import ssse
-    import ssse.distributed as D
+    import ssse.comm
 
     dtype = getattr(torch, args.dtype)
     X, y, model = problem(args, dtype)
-    mine = [(X[list(D.share(args.samples))], y[list(D.share(args.samples))])]
+    part = ssse.comm.TorchComm().share(args.samples)
+    mine = [(X[part.start:part.stop], y[part.start:part.stop])]
     loss = nn.CrossEntropyLoss(reduction="none")
     ref = torch.load(Path(out) / "reference.pt")
     rows = []
@@ -99,16 +101,18 @@ def rank_main(rank: int, world: int, init: str, args, out: str) -> None:
             peaks.append(memory()[1] - base)
         return statistics.median(seconds), statistics.median(cpu), max(peaks), result
 
-    if world == 1:  # the single-process code path, for the overhead of the sharded one
-        single = lambda: ssse.fit_inverse_fisher(model, loss, mine, progress=False,  # noqa
-                                                 **fit_kwargs(args))
-        single()  # warm-up
-        t, cpu, peak, _ = timed(single)
+    def fit(design):
+        return ssse.fit_inverse_fisher(model, loss, mine, **fit_kwargs(args),
+                                       comm=ssse.comm.TorchComm(exchange=design))
+
+    if world == 1:  # one process: the local path, the baseline of the sharded one
+        fit("auto")  # warm-up
+        t, cpu, peak, _ = timed(lambda: fit("auto"))
         rows.append({"ranks": 1, "exchange": "single process", "rank": 0, "seconds": t,
                      "cpu_seconds": cpu, "peak_bytes": peak})
-    for design in DESIGNS:
+    for design in (DESIGNS if world > 1 else ()):
         # checked before timing: the whole inverse against the single-process one
-        inv = D.fit_inverse_fisher(model, loss, mine, exchange=design, **fit_kwargs(args))
+        inv = fit(design)
         first, last = inv.block_range
         offsets = inv.layout.offsets
         lo = offsets[first] if first < last else 0
@@ -122,8 +126,7 @@ def rank_main(rank: int, world: int, init: str, args, out: str) -> None:
                                  f"against the single-process inverse, tolerance "
                                  f"{TOLERANCE[dtype]:g}")
         del inv
-        t, cpu, peak, inv = timed(lambda: D.fit_inverse_fisher(
-            model, loss, mine, exchange=design, **fit_kwargs(args)))
+        t, cpu, peak, inv = timed(lambda: fit(design))
         s = inv.fit_stats
         rows.append({"ranks": world, "exchange": design, "rank": rank, "seconds": t,
                      "cpu_seconds": cpu, "peak_bytes": peak, "bytes_sent": s["bytes_sent"],
@@ -168,12 +171,10 @@ def machine() -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """The speed-up is over one rank of the same exchange; "by CPU time" divides one rank's
-    CPU time by the largest of the P ranks' (what one core per rank gives, on a machine where
+    """The speed-up is over one rank (the fit of one process); "by CPU time" divides its CPU
+    time by the largest of the P ranks' (what one core per rank gives, on a machine where
     other work takes CPU time away from the wall-clock measurement)."""
-    base = {r["exchange"]: r["seconds"] for r in rows if r["ranks"] == 1 and r["rank"] == 0}
-    base_cpu = {r["exchange"]: r["cpu_seconds"] for r in rows
-                if r["ranks"] == 1 and r["rank"] == 0}
+    one = next(r for r in rows if r["ranks"] == 1)
     out = ["| ranks | exchange | fit (s, median) | speed-up over 1 rank | CPU s per rank | "
            "speed-up by CPU time | peak memory per rank (MiB) | accumulators per rank (MiB) | "
            "sent per rank (MiB) | rel. error |",
@@ -187,8 +188,7 @@ def table(rows: list[dict]) -> str:
         cpu = max(r["cpu_seconds"] for r in group)
         per = lambda key, scale=MIB, digits=1: " / ".join(  # noqa: E731
             f"{r[key] / scale:.{digits}f}" for r in group)
-        speed = base.get(design, float("nan")) / t
-        speed_cpu = base_cpu.get(design, float("nan")) / cpu
+        speed, speed_cpu = one["seconds"] / t, one["cpu_seconds"] / cpu
         out.append(f"| {ranks} | {design} | {t:.2f} | {speed:.2f}x | {per('cpu_seconds', 1, 2)} | "
                    f"{speed_cpu:.2f}x | {per('peak_bytes')} | "
                    + (f"{per('accumulator_bytes')} | {per('bytes_sent')} | "
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
         dtype = getattr(torch, args.dtype)
         X, y, model = problem(args, dtype)
         ref = ssse.fit_inverse_fisher(model, nn.CrossEntropyLoss(reduction="none"), [(X, y)],
-                                      progress=False, **fit_kwargs(args))
+                                      **fit_kwargs(args))
         torch.save(ref.packed, out / "reference.pt")
         d, nb = ref.dim, ref.layout.num_blocks
         del ref

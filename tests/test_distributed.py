@@ -9,7 +9,9 @@ dominant cost."""
 
 from __future__ import annotations
 
+import copy
 import datetime
+import importlib
 import json
 import os
 import shutil
@@ -78,16 +80,28 @@ def flat(state, model):
 
 # ---- starting ranks -----------------------------------------------------------------------------
 
+def _function(target: str):
+    """A function of this file by name, or of another module as ``"module:function"``."""
+    if ":" not in target:
+        return globals()[target]
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _label(target: str) -> str:
+    return target.rpartition(":")[2]
+
+
 def _child(target: str, rank: int, world: int, init: str, out: str, opts: dict):
     torch.set_num_threads(1)
     result = {}
     try:
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=120))
-        globals()[target](rank, world, Path(out), opts, result)
+        _function(target)(rank, world, Path(out), opts, result)
     except BaseException:
         result["crash"] = traceback.format_exc()
-    torch.save(result, Path(out) / f"{target}-{rank}.pt")
+    torch.save(result, Path(out) / f"{_label(target)}-{rank}.pt")
     if "then" in opts:  # more collectives, the last thing before the process exits
         globals()[opts["then"]](rank, world)
     elif dist.is_initialized():
@@ -96,10 +110,11 @@ def _child(target: str, rank: int, world: int, init: str, out: str, opts: dict):
 
 def spawn(target: str, world: int, out: Path, opts: dict | None = None, *,
           kill_after: list[int] = ()):
-    """Runs ``target(rank, world, out, opts, result)`` on ``world`` ranks; returns
-    ``(results, exit codes)``. The ranks in ``kill_after`` are killed once the others ended."""
+    """Runs ``target(rank, world, out, opts, result)`` on ``world`` ranks (``target``: a
+    function of this file, or ``"module:function"``); returns ``(results, exit codes)``. The
+    ranks in ``kill_after`` are killed once the others ended."""
     ctx = mp.get_context("spawn")
-    init = f"file://{out}/pg-{target}-{time.monotonic_ns()}"
+    init = f"file://{out}/pg-{_label(target)}-{time.monotonic_ns()}"
     procs = [ctx.Process(target=_child, args=(target, r, world, init, str(out), opts or {}))
              for r in range(world)]
     for p in procs:
@@ -116,7 +131,7 @@ def spawn(target: str, world: int, out: Path, opts: dict | None = None, *,
     assert not hung, f"ranks {hung} did not end within {JOIN_TIMEOUT} s"
     results = []
     for r in range(world):
-        f = out / f"{target}-{r}.pt"
+        f = out / f"{_label(target)}-{r}.pt"
         results.append(torch.load(f, weights_only=False) if f.exists() else None)
     return results, [p.exitcode for p in procs]
 
@@ -167,10 +182,23 @@ def scenario(rank, world, out: Path, opts, res):
     er = ssse.Eraser(model, LOSS, damping=DAMPING, weight_decay=WD, chunk_size=4, **LAYOUT,
                      comm=comm)
     er.fit(mine)
-    res["eraser_1"] = flat(er.erase(local(REMOVED_1, data), epsilon=EPS), model)
+    state_1 = er.erase(local(REMOVED_1, data), epsilon=EPS)
+    res["eraser_1"] = flat(state_1, model)
+    # the state an Eraser is restored from: its inverse (saved), n, and theta* (the model's)
+    saved = out / f"eraser{world}" / "inverse_fisher.index.json"
+    ssse.sharding.save_sharded(saved, er.inv_fisher)
+    n_1 = er.n
     res["eraser_2"] = flat(er.erase(local(REMOVED_2, data), epsilon=EPS, fisher="leave_k_out"),
                            model)
     res["eraser_inv"] = er.inv_fisher.gather().dense()
+    model_1 = copy.deepcopy(model)
+    model_1.load_state_dict(state_1)
+    again = ssse.Eraser.restore(model_1, LOSS, ssse.sharding.load_sharded(saved, comm=comm)[0],
+                                n=n_1, theta_star=flat(model.state_dict(), model),
+                                weight_decay=WD, comm=comm)
+    res["restored_2"] = flat(again.erase(local(REMOVED_2, data), epsilon=EPS,
+                                         fisher="leave_k_out"), model)
+    res["restored_inv"] = again.inv_fisher.gather().dense()
     # a request for samples that were never trained on (scaled far out): some owner's
     # downdate is not positive definite, and nothing may change on any rank
     theta, n = er.theta.clone(), er.n
@@ -369,6 +397,13 @@ def test_sequential_requests_downdate_the_sharded_inverse(runs, world):
     for res in runs[world][0]:
         assert rel_err(res["eraser_inv"], runs["ref"]["eraser_inv"]) <= SOLVE[torch.float64]
     assert rel_err(runs["ref"]["eraser_inv"], runs["ref"]["fit"]) > 1e-3
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_sharded_eraser_restored_from_its_saved_state_carries_on_as_the_original(runs, world):
+    for res in runs[world][0]:
+        assert torch.equal(res["restored_2"], res["eraser_2"])
+        assert torch.equal(res["restored_inv"], res["eraser_inv"])
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -630,6 +665,50 @@ def test_a_missing_shard_is_refused_naming_the_rank_in_one_process(runs, tmp_pat
         ssse.sharding.load_sharded(index)
     whole = ssse.sharding.load_sharded(saved / "inverse_fisher.index.json")[0].gather()
     assert torch.equal(whole.dense(), runs[3][0][0]["fit_b"])
+
+
+def test_restore_takes_comm_as_the_constructor_does(tmp_path):
+    X, y, model = problem()
+    er = ssse.Eraser(model, LOSS, damping=DAMPING, weight_decay=WD, **LAYOUT).fit([(X, y)])
+    star = flat(model.state_dict(), model)
+    state_1 = er.erase([(X[REMOVED_1], y[REMOVED_1])], epsilon=EPS)
+    model_1 = copy.deepcopy(model)
+    model_1.load_state_dict(state_1)
+    # one process: the local path, carrying on as the original Eraser
+    again = ssse.Eraser.restore(model_1, LOSS, er.inv_fisher.clone(), n=er.n, theta_star=star,
+                                weight_decay=WD, comm=ssse.comm.Comm())
+    assert again.comm is None and again.n == er.n
+    removed = [(X[REMOVED_2], y[REMOVED_2])]
+    assert torch.equal(flat(again.erase(removed, epsilon=EPS), model),
+                       flat(er.erase(removed, epsilon=EPS), model))
+    assert torch.equal(again.inv_fisher.dense(), er.inv_fisher.dense())
+    with pytest.raises(TypeError, match="inv_fisher must be a ssse_ext.BlockInverseFisher, got "
+                                        "ShardedInverseFisher"):
+        ssse.Eraser.restore(model, LOSS, ssse.sharding.ShardedInverseFisher.from_full(
+            er.inv_fisher), n=N, comm=ssse.comm.Comm())
+    with pytest.raises(TypeError, match="comm must be a ssse.comm.Comm"):
+        ssse.Eraser.restore(model, LOSS, er.inv_fisher, n=N, comm=object())
+    # rank 0 of two (no collective runs while restoring): the sharded Eraser
+    two = ssse.comm.Comm()
+    two.size = 2
+    part = ssse.sharding.ShardedInverseFisher.from_full(er.inv_fisher, comm=two)
+    sharded = ssse.Eraser.restore(model_1, LOSS, part, n=er.n, theta_star=star,
+                                  weight_decay=WD, comm=two)
+    assert sharded.comm is two and sharded.inv_fisher is part and sharded.n == er.n
+    assert torch.equal(sharded.theta, flat(state_1, model))
+    assert (sharded.layout, sharded.damping) == (er.inv_fisher.layout, DAMPING)
+    for kwargs, kind, text in [
+            (dict(inv_fisher=er.inv_fisher), TypeError,
+             "inv_fisher must be a ShardedInverseFisher, got BlockInverseFisher"),
+            (dict(train_ids=range(N)), ValueError, "train_ids and erased are not offered by an "
+                                                   "Eraser over several processes"),
+            (dict(erased=[3]), ValueError, "train_ids and erased are not offered"),
+            (dict(ledger=str(tmp_path / "ledger.jsonl")), ValueError,
+             "ledger is not offered by an Eraser over several processes")]:
+        with pytest.raises(kind, match=text):
+            ssse.Eraser.restore(model_1, LOSS, **{"inv_fisher": part, "n": er.n, "comm": two,
+                                                  **kwargs})
+    assert not (tmp_path / "ledger.jsonl").exists()
 
 
 def test_from_full_keeps_this_ranks_blocks():

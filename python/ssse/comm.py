@@ -286,7 +286,6 @@ class Comm:
         raise RuntimeError(f"{what}: a one-process Comm runs no collective")
 
     # ---- typed collectives ----
-    # ---- typed collectives ----
     def all_gather(self, t: torch.Tensor, what: str, kind: str = "control") -> torch.Tensor:
         """``(P, *t.shape)``: every rank's ``t``."""
         t = t.to(self.device).contiguous()
@@ -394,15 +393,35 @@ class Comm:
         return recv.view(sum(counts), width)
 
     def gather_columns(self, part: torch.Tensor, sharding: Sharding, what: str) -> torch.Tensor:
-        """The ``(d,)`` vector whose columns ``sharding.columns(r)`` are rank ``r``'s ``part``:
-        the same bits on every rank."""
+        """The ``(d,)`` vector (or ``(d, r)`` matrix) whose rows ``sharding.columns(q)`` are rank
+        ``q``'s ``part`` (``(width,)`` or ``(width, r)``, the same ``r`` on every rank): the
+        same bits on every rank."""
         if self.size == 1:
             return part.clone()
-        widths = [sharding.width(r) for r in range(self.size)]
+        tail = tuple(part.shape[1:])
+        per = torch.Size(tail).numel()  # elements per column
+        widths = [sharding.width(q) * per for q in range(self.size)]
         buf = torch.zeros(max(widths), dtype=part.dtype, device=self.device)
-        buf[:part.numel()] = part.to(self.device)
+        buf[:part.numel()] = part.reshape(-1).to(self.device)
         rows = self.all_gather(buf, what, kind="parameters")
-        return torch.cat([rows[r, :widths[r]] for r in range(self.size)]).to(part.device)
+        return torch.cat([rows[q, :widths[q]].view((-1,) + tail) for q in range(self.size)]
+                         ).to(part.device)
+
+    def exchange_rows(self, rows: torch.Tensor, sharding: Sharding, what: str) -> torch.Tensor:
+        """Every rank's ``(m_q, d)`` rows (this rank's: ``rows``) cut to this rank's columns,
+        ``(sum_q m_q, width)`` in rank order (:meth:`all_to_all_rows` once the ranks have told
+        their counts)."""
+        counts = [r[0] for r in self.ints([rows.shape[0]], f"{what} (rows)")]
+        return self.all_to_all_rows(rows, sharding, counts, f"{what} (exchange of row slices)")
+
+    def gather_step(self, step: Callable[[], torch.Tensor], sharding: Sharding,
+                    what: str) -> torch.Tensor:
+        """Runs the rank-local ``step``, which returns this rank's columns of a result (as
+        :meth:`gather_columns` takes them), agrees on its failure (raised on every rank), and
+        all-gathers the whole result: the same bits on every rank."""
+        part, error = run_local(step)
+        self.agree(error, f"{what} (the blocks of the owners)")
+        return self.gather_columns(part, sharding, f"{what} (all-gather of the parameters)")
 
 
 class TorchComm(Comm):

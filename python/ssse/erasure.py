@@ -380,13 +380,15 @@ class Eraser:
     def restore(cls, model: nn.Module, loss_fn, inv_fisher: ssse_ext.BlockInverseFisher, *,
                 n: int, theta_star: torch.Tensor | None = None, train_ids=None, erased=(),
                 weight_decay: float = 0.0, minibatch: int = 1, likelihood=None,
-                mc_samples: int = 1, ledger=None) -> "Eraser":
+                mc_samples: int = 1, ledger=None, comm=None) -> "Eraser":
         r"""An Eraser that carries on from a saved state instead of fitting.
 
         Args:
             model: holds the current parameters :math:`\theta_t`.
-            loss_fn, weight_decay, minibatch, likelihood, mc_samples, ledger: as for the
-                constructor.
+            loss_fn, weight_decay, minibatch, likelihood, mc_samples, ledger, comm: as for the
+                constructor; with several processes ``inv_fisher`` is this rank's
+                :class:`~ssse.sharding.ShardedInverseFisher` (e.g. from
+                :func:`ssse.sharding.load_sharded`) and ``n`` counts all ranks' samples.
             inv_fisher: the current inverse; its damping, layout, curvature, dtype and device
                 are the Eraser's.
             n: the number of training samples left.
@@ -397,19 +399,18 @@ class Eraser:
             erased: the ids erased before.
         """
         check_module(model)
-        fm = FlatModel(model)
-        if not isinstance(inv_fisher, ssse_ext.BlockInverseFisher):
-            raise TypeError(f"inv_fisher must be a ssse_ext.BlockInverseFisher, got "
-                            f"{type(inv_fisher).__name__}")
-        if inv_fisher.dim != fm.dim:
-            raise ValueError(f"inv_fisher has dim={inv_fisher.dim}, the model has d={fm.dim} "
-                             "trainable parameters")
+        selection = getattr(inv_fisher, "params", None)  # the names the inverse records
+        fm = FlatModel(model, params=None if selection is None else list(selection))
+        from .sharded_erase import check_restored  # it builds on this module
+
+        check_restored(inv_fisher, fm, comm, train_ids, erased)
         n = check_positive_int(n, "n")
         erased = set(check_ids(list(erased), "erased")) if len(erased) else set()
         self = cls(model, loss_fn, damping=inv_fisher.damping, layout=inv_fisher.layout,
                    weight_decay=weight_decay, minibatch=minibatch, dtype=inv_fisher.dtype,
                    device=inv_fisher.device, curvature=inv_fisher.curvature,
-                   likelihood=likelihood, mc_samples=mc_samples, ledger=ledger)
+                   likelihood=likelihood, mc_samples=mc_samples, ledger=ledger, comm=comm,
+                   params=None if selection is None else fm.names)
         if theta_star is None:
             star = fm.flat(dtype=self.dtype)
         elif not isinstance(theta_star, torch.Tensor) or tuple(theta_star.shape) != (fm.dim,) \

@@ -56,8 +56,9 @@ def select_parameters(model: nn.Module, params=None, name: str = "params") -> li
         raise ValueError(f"{name} is empty: select at least one parameter")
     chosen: set[str] = set()
     for item in items:
-        if isinstance(item, str):
-            hit = {k for k, _ in named if fnmatch.fnmatchcase(k, item)}
+        if isinstance(item, str):  # a name, else a glob pattern
+            hit = {item} if any(k == item for k, _ in named) else \
+                {k for k, _ in named if fnmatch.fnmatchcase(k, item)}
         elif isinstance(item, nn.Parameter):
             hit = {k for k, p in named if p is item}
         elif isinstance(item, nn.Module):

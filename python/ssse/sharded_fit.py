@@ -26,19 +26,20 @@ import torch
 
 import ssse_ext
 from ssse_ext.budget import available_memory
-from ssse_ext.validation import (check_callable, check_data, check_device, check_dtype, check_int,
-                                 check_module, check_nonneg_float, check_nonneg_int,
-                                 check_positive_float, check_positive_int, is_pair)
+from ssse_ext.validation import (check_device, check_dtype, check_int, check_nonneg_float,
+                                 check_nonneg_int, check_positive_float, check_positive_int)
 
+from .batches import check_data, check_loss, check_module, is_batch, task_of
 from .budget import CHUNK_SHARE_OF_INVERSE, MEMORY_SHARE, MIN_CHUNK_BYTES
 from .comm import Comm, digest, run_local
 from .curvature import check_likelihood, get_curvature, options_with
 from .layouts import resolve_layout
 from .model import FlatModel, data_size
-from .rows import likelihood_of_data, row_stream
+from .rows import check_autocast, likelihood_of_data, row_stream
 from .sharding import ShardedInverseFisher, Sharding, local_inverse
 
-__all__ = ["agreed_likelihood", "choose_exchange", "fit_samples", "fit_sharded", "refuse"]
+__all__ = ["agreed_likelihood", "check_fit_settings", "check_minibatch", "choose_exchange",
+           "fit_samples", "fit_sharded", "refuse"]
 
 
 def refuse(options: dict, offered: dict, where: str) -> None:
@@ -63,7 +64,7 @@ def agreed_likelihood(comm: Comm, fm: FlatModel, loss_fn, data, curv, likelihood
     curvature needs none or the rank has no data), and its ``spec`` agreed on by every rank
     that resolved one; returns ``(likelihood, data)`` (``data`` still whole)."""
     lik, error = None, None
-    if curv.needs_likelihood and data_size(data) != 0:
+    if curv.needs_likelihood and data_size(data, fm.task) != 0:
         try:
             lik, data = likelihood_of_data(fm, loss_fn, data, likelihood)
         except Exception as exc:  # agreed on below; a rank whose batches are all empty has none
@@ -78,11 +79,19 @@ def agreed_likelihood(comm: Comm, fm: FlatModel, loss_fn, data, curv, likelihood
     return lik, data
 
 
-def _prepare(a: dict):
-    """This rank's checks of the fit's arguments (the local fit's, less those refused)."""
-    check_module(a["model"])
-    check_callable(a["loss_fn"], "loss_fn")
-    check_data(a["data"], "data")
+def check_minibatch(minibatch: int, curv) -> None:
+    """Refuses a mini-batch Fisher (``minibatch > 1``) of a curvature that does not allow one
+    (the fit's check, and an Eraser's)."""
+    if minibatch > 1 and not curv.allows_minibatch:
+        raise ValueError(f"minibatch > 1 needs {options_with('allows_minibatch')}, got "
+                         f"curvature={curv.name!r}")
+
+
+def check_fit_settings(a: dict, fm: FlatModel) -> dict:
+    """The checks of :func:`ssse.fit_inverse_fisher`'s settings ``a`` (its arguments by name)
+    that the local fit and every rank of the sharded one make alike: all but the model, the
+    loss, the data and ``representation``, ``checkpoint``, ``every``; ``fm`` the flat model.
+    Returns them checked, with the curvature (``curv``) and the layout resolved."""
     curv = get_curvature(a["curvature"])
     out = dict(damping=check_positive_float(a["damping"], "damping"),
                weight_decay=check_nonneg_float(a["weight_decay"], "weight_decay"),
@@ -91,20 +100,25 @@ def _prepare(a: dict):
                likelihood=check_likelihood(a["likelihood"]),
                mc_samples=check_positive_int(a["mc_samples"], "mc_samples"),
                seed=check_int(a["seed"], "seed"),
+               probe_vectors=check_nonneg_int(a["probe_vectors"], "probe_vectors"),
                chunk_size=check_positive_int(a["chunk_size"], "chunk_size", allow_none=True),
                max_memory=check_positive_int(a["max_memory"], "max_memory", allow_none=True))
-    check_nonneg_int(a["probe_vectors"], "probe_vectors")
-    if out["minibatch"] > 1 and not curv.allows_minibatch:
-        raise ValueError(f"minibatch > 1 needs {options_with('allows_minibatch')}, got "
-                         f"curvature={curv.name!r}")
-    fm = FlatModel(a["model"])
-    out["fm"], out["layout"] = fm, resolve_layout(a["layout"], a["block_size"], fm)
+    check_minibatch(out["minibatch"], curv)
+    out["layout"] = resolve_layout(a["layout"], a["block_size"], fm)
     out["dtype"] = check_dtype(a["dtype"]) or fm.dtype
     if out["dtype"] not in (torch.float32, torch.float64):
         raise TypeError(f"the model's dtype is {out['dtype']}; pass dtype=torch.float32 or "
                         "float64")
     out["device"] = check_device(a["device"]) or fm.device
     return out
+
+
+def _prepare(a: dict) -> dict:
+    """This rank's checks of the fit's arguments (the local fit's, less those refused)."""
+    check_module(a["model"])
+    check_data(a["data"], "data", task_of(check_loss(a["loss_fn"])))
+    fm = FlatModel(a["model"], params=a.get("params"), loss_fn=a["loss_fn"])
+    return dict(check_fit_settings(a, fm), fm=fm)
 
 
 def fit_sharded(comm: Comm, a: dict) -> ShardedInverseFisher:
@@ -131,7 +145,8 @@ def fit_sharded(comm: Comm, a: dict) -> ShardedInverseFisher:
                         chunk_size=args["chunk_size"], minibatch=args["minibatch"], dtype=dt,
                         max_memory=budget, curvature=curv.name, likelihood=lik,
                         mc_samples=args["mc_samples"],
-                        seed=args["seed"] + (comm.rank if curv.random else 0), info=info)
+                        seed=args["seed"] + (comm.rank if curv.random else 0), info=info,
+                        autocast=check_autocast(a.get("autocast"), dt))
     fit = _fit_all_to_all if choice == "all_to_all" else _fit_reduce_scatter
     acc, total, per_sample = fit(comm, sharding, stream, info, dt, dev)
     if total == 0:
@@ -161,7 +176,7 @@ def _plan(comm: Comm, sharding: Sharding, data, args: dict) -> tuple[str, int, i
     lay, dt, dev, fm = args["layout"], args["dtype"], args["device"], args["fm"]
     elem = torch.finfo(dt).bits // 8
     own = sharding.numel(comm.rank)
-    n_local = data_size(data)
+    n_local = data_size(data, fm.task)
     fits = 8 * lay.numel + own * elem <= MEMORY_SHARE * available_memory(dev)
     rows = comm.ints([int(fits), -1 if n_local is None else n_local],
                      "fit_inverse_fisher (exchange)")
@@ -299,7 +314,8 @@ def fit_samples(comm: Comm, eraser, inv: ShardedInverseFisher, train_data) -> in
     if eraser.minibatch == 1:
         return round(inv.normalizer / get_curvature(eraser.curvature).normalizer_weight(
             mc_samples=eraser.mc_samples))
-    sizes = comm.ints([data_size(train_data) if is_pair(train_data) else -1],
+    sizes = comm.ints([data_size(train_data, eraser._fm.task)
+                        if is_batch(train_data, eraser._fm.task) else -1],
                       "Eraser.fit (samples)")
     if any(s[0] < 0 for s in sizes):
         raise ValueError("n_total must be given with minibatch > 1 and an iterable "

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import secrets
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,10 +160,25 @@ class Sharding:
                 f"bounds={list(self.bounds)}, costs={costs})")
 
 
-
 def local_attribute(name: str, doc: str) -> property:
     """A read-only property that reads ``name`` from the local shard."""
     return property(lambda self: getattr(self.local, name), doc=doc)
+
+
+class EngineMethod:
+    """A method of :class:`ShardedInverseFisher` that is the function ``name`` of
+    :mod:`ssse.sharded_erase` (which builds on this module), the inverse its first argument:
+    ``inv.name(...)`` calls ``ssse.sharded_erase.name(inv, ...)``, whose signature and
+    docstring it has."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, inv, owner=None):
+        from . import sharded_erase
+
+        fn = getattr(sharded_erase, self.name)
+        return fn if inv is None else types.MethodType(fn, inv)
 
 
 class ShardedInverseFisher:
@@ -193,9 +209,14 @@ class ShardedInverseFisher:
         self.comm = comm or Comm()
         self.fit_stats: dict = {}
 
-    @property
-    def layout(self) -> ssse_ext.BlockLayout:
-        return self.sharding.layout
+    layout = property(lambda self: self.sharding.layout, doc="The whole layout.")
+    dim = property(lambda self: self.layout.dim, doc="The parameters covered, d.")
+    world_size = property(lambda self: self.sharding.world_size, doc="The ranks, P.")
+    block_range = property(lambda self: self.sharding.blocks(self.rank), doc="``(first, "
+                           "last)``: the blocks ``first .. last - 1`` of the layout held here.")
+    columns = property(lambda self: self.sharding.columns(self.rank),
+                       doc="The parameters of the blocks held here.")
+    nbytes = property(lambda self: self.local.nbytes, doc="Bytes held here.")
 
     @property
     def config(self) -> ssse_ext.FisherConfig:
@@ -208,27 +229,6 @@ class ShardedInverseFisher:
     num_samples = local_attribute("num_samples", "the samples the inverse holds")
     dtype = local_attribute("dtype", "the blocks' dtype")
     device = local_attribute("device", "the blocks' device")
-
-    @property
-    def dim(self) -> int:
-        return self.layout.dim
-
-    @property
-    def world_size(self) -> int:
-        return self.sharding.world_size
-
-    @property
-    def block_range(self) -> tuple[int, int]:
-        """``(first, last)``: the blocks ``first .. last - 1`` of the layout held here."""
-        return self.sharding.blocks(self.rank)
-
-    @property
-    def columns(self) -> slice:
-        return self.sharding.columns(self.rank)
-
-    @property
-    def nbytes(self) -> int:
-        return self.local.nbytes
 
     def fingerprint(self) -> bytes:
         """A digest of what every rank's share must agree on."""
@@ -251,9 +251,11 @@ class ShardedInverseFisher:
             raise ValueError(f"sharding must partition the inverse's layout ({inv.layout!r}) "
                              f"over the group's {size} ranks, got {sharding!r}")
         first, last = sharding.blocks(rank)
-        offsets = inv.layout.offsets
-        lo = offsets[first] if first < last else 0
-        packed = inv.packed[lo:lo + inv.layout.numel_of(first, last)].clone()
+        sizes, offsets = inv.layout.sizes, inv.layout.offsets
+        packed = torch.empty(inv.layout.numel_of(first, last), dtype=inv.dtype, device=inv.device)
+        for b in range(first, last):  # block by block through its store: any representation
+            lo = offsets[b] - offsets[first]
+            packed[lo:lo + sizes[b] ** 2] = inv.dense_block(b).reshape(-1)
         return cls(local_inverse(packed, sharding, rank, inv.damping, inv.normalizer,
                                  inv.curvature, inv.num_samples), sharding, rank, comm)
 
@@ -271,6 +273,30 @@ class ShardedInverseFisher:
         if not segments:
             segments = [torch.zeros(0, dtype=self.dtype, device=self.device)]
         return ssse_ext.BlockInverseFisher(segments, self.config, self.num_samples)
+
+    # ---- an inverse's operations, collective over comm (ssse.sharded_erase): the same vectors
+    # on every rank, each rank's share of the rows, the whole result on every rank ------------
+    matvec = EngineMethod("matvec")
+    apply_update = EngineMethod("apply_update")
+    without = EngineMethod("without")
+    solve_changed = EngineMethod("solve_changed")
+    update = EngineMethod("update")
+    downdate = EngineMethod("downdate")
+    clone = EngineMethod("clone")
+    to = EngineMethod("to")
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matvec(v)
+
+    block_ids = property(lambda self: tuple(range(*self.block_range)),
+                         doc="The blocks of the layout held here.")
+
+    def dense_block(self, i: int) -> torch.Tensor:
+        """A copy of block ``i`` of the layout, one of :attr:`block_ids` (not collective)."""
+        b = i + self.layout.num_blocks if isinstance(i, int) and i < 0 else i
+        if isinstance(b, bool) or b not in self.block_ids:
+            raise IndexError(f"block {i} is not one of this rank's blocks {list(self.block_ids)}")
+        return self.local.dense_block(b - self.block_range[0])
 
     def __repr__(self) -> str:
         first, last = self.block_range
@@ -296,16 +322,11 @@ def check_sharded(inv, comm: Comm) -> None:
                          "(load_sharded re-shards)")
 
 
-# ---- the fit -------------------------------------------------------------------------------------
-
 # ---- files: one safetensors file per rank and an index ------------------------------------------
 
 def _shard_name(index: Path, token: str, rank: int, size: int) -> str:
-    stem = index.name
-    for suffix in (".index.json", ".json"):
-        if stem.endswith(suffix):
-            stem = stem[:-len(suffix)]
-            break
+    stem = next((index.name[:-len(suffix)] for suffix in (".index.json", ".json")
+                 if index.name.endswith(suffix)), index.name)
     return f"{stem}.{token}.rank{rank:05d}-of-{size:05d}.safetensors"
 
 
