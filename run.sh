@@ -25,7 +25,7 @@ stamp="$VENV/.ssse-installed"
 if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml CMakeLists.txt csrc ssse_ext python \
     -newer "$stamp" -print -quit)" ]; then
   echo "ssse: building and installing ssse (C++/CUDA extension) into $VENV" >&2
-  "$py" -m pip install -q -e ".[test]"
+  "$py" -m pip install -q -e ".[test,hf]"
   touch "$stamp"
 fi
 
