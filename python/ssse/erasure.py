@@ -29,6 +29,7 @@ from .comm import one_process
 from .fit import fit_inverse_fisher
 from .gradients import gradient_sum
 from .layouts import resolve_layout
+from .settings import check_minibatch
 from .rows import check_autocast, likelihood_of_data, row_stream, stacked_rows
 from .sharded_fit import agreed_likelihood, fit_samples
 from .io import fingerprint
@@ -180,9 +181,7 @@ def _configure(obj, model: nn.Module, loss_fn, *, damping: float, block_size: in
         curvature=curv.name, _curvature=curv,
         likelihood=check_likelihood(likelihood),
         mc_samples=check_positive_int(mc_samples, "mc_samples"))
-    if settings["minibatch"] > 1 and not curv.allows_minibatch:
-        raise ValueError(f"minibatch > 1 needs {options_with('allows_minibatch')}, got "
-                         f"curvature={curv.name!r}")
+    check_minibatch(settings["minibatch"], curv)
     for name, value in settings.items():
         setattr(obj, name, value)
 

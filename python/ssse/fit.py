@@ -15,9 +15,7 @@ from tqdm.auto import tqdm
 
 import ssse_ext
 from ssse_ext.budget import available_memory
-from ssse_ext.validation import (check_choice, check_device, check_dtype, check_int,
-                                 check_nonneg_float, check_nonneg_int, check_positive_float,
-                                 check_positive_int)
+from ssse_ext.validation import check_choice, check_positive_int
 
 from .batches import check_data, check_loss, check_module, is_batch, task_of
 
@@ -25,10 +23,9 @@ from .budget import (CHUNK_SHARE_OF_INVERSE, MEMORY_SHARE, MIN_CHUNK_BYTES, chec
                      result_bytes)
 from .checkpoint import fit_resumable
 from .comm import one_process
-from .curvature import check_likelihood, get_curvature, options_with
-from .layouts import resolve_layout
 from .model import FlatModel, data_size, warn_if_training
 from .rows import check_autocast, row_stream, rows_per_sample_of
+from .settings import check_fit_settings
 from .sharded_fit import fit_sharded
 
 __all__ = ["fit_inverse_fisher"]
@@ -146,29 +143,16 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
         return fit_sharded(comm, dict(locals()))
     check_module(model)
     check_data(data, "data", task_of(check_loss(loss_fn)))
-    damping = check_positive_float(damping, "damping")
-    weight_decay = check_nonneg_float(weight_decay, "weight_decay")
-    minibatch = check_positive_int(minibatch, "minibatch")
-    curv = get_curvature(curvature)
-    check_likelihood(likelihood)
     check_choice(representation, "representation", ssse_ext.fisher.REPRESENTATIONS)
-    mc_samples = check_positive_int(mc_samples, "mc_samples")
-    seed = check_int(seed, "seed")
-    probe_vectors = check_nonneg_int(probe_vectors, "probe_vectors")
-    representation = _check_checkpointing(checkpoint, every, minibatch, representation, data,
-                                          task_of(loss_fn))
-    if minibatch > 1 and not curv.allows_minibatch:
-        raise ValueError(f"minibatch > 1 needs {options_with('allows_minibatch')}, got "
-                         f"curvature={curv.name!r}")
-    warn_if_training(model, "fit_inverse_fisher")
     fm = FlatModel(model, params=params, loss_fn=loss_fn)
-    lay = resolve_layout(layout, block_size, fm)
-    dtype = check_dtype(dtype) or fm.dtype
-    if dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"the model's dtype is {dtype}; pass dtype=torch.float32 or float64")
-    device = check_device(device) or fm.device
-    chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
-    max_memory = check_positive_int(max_memory, "max_memory", allow_none=True)
+    checked = check_fit_settings(dict(locals()), fm)
+    damping, weight_decay, minibatch, curv, mc_samples, seed, probe_vectors, chunk_size, \
+        max_memory, lay, dtype, device = (checked[k] for k in (
+            "damping", "weight_decay", "minibatch", "curv", "mc_samples", "seed",
+            "probe_vectors", "chunk_size", "max_memory", "layout", "dtype", "device"))
+    representation = _check_checkpointing(checkpoint, every, minibatch, representation, data,
+                                          fm.task)
+    warn_if_training(model, "fit_inverse_fisher")
     n = data_size(data, fm.task)
     total = None if n is None else math.ceil(n / minibatch)
     max_memory = _plan_memory(fm, lay, data, curv, dtype=dtype, device=device, total=total,

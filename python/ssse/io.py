@@ -46,7 +46,9 @@ __all__ = [
     "save_checkpoint",
     "load_inverse_fisher",
     "load_model",
+    "load_weights",
     "read_metadata",
+    "read_model_header",
     "save_inverse_fisher",
     "save_model",
     "uninterrupted",
@@ -360,15 +362,52 @@ def _load(path, expected: str, device=None, prefix: str = "") -> tuple[dict[str,
 
 # ---- models ---------------------------------------------------------------------------------
 
-def save_model(path: str | os.PathLike, model: torch.nn.Module, *, spec: dict,
+def save_model(path: str | os.PathLike, model: torch.nn.Module, *, spec: dict | None,
                **meta: Any) -> Path:
     """Saves ``model``'s state dict with the architecture ``spec`` (see
-    :func:`ssse.models.build_model`) and free-form JSON metadata ``meta`` (loss,
-    weight decay, data set, training recipe, ...)."""
+    :func:`ssse.models.build_model`, or the configuration a model factory is called with;
+    ``None``: none is recorded) and free-form JSON metadata ``meta`` (loss, weight decay, data
+    set, training recipe, ...)."""
     state = model.state_dict()
     dtypes = {str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()}
-    info = {"spec": dict(spec), "dtype": dtypes.pop() if len(dtypes) == 1 else "mixed", **meta}
+    info = {**({} if spec is None else {"spec": dict(spec)}),
+            "dtype": dtypes.pop() if len(dtypes) == 1 else "mixed", **meta}
     return _save(path, state, MODEL_FORMAT, info)
+
+
+def read_model_header(path: str | os.PathLike) -> dict | None:
+    """The JSON header of a model file: an ssse model file's (:func:`save_model`), or ``None``
+    for a plain safetensors file of a state dict (``safetensors.torch.save_file``, a Hugging
+    Face ``model.safetensors``). Other files, an ssse inverse-Fisher file among them, are
+    refused (:class:`FileFormatError`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise FileFormatError(f"{path} is not a safetensors file ({exc})") from None
+    if header.get("format") not in _FORMATS:
+        return None
+    fmt, meta = read_metadata(path)
+    if fmt != MODEL_FORMAT:
+        raise FileFormatError(f"{path} is an {fmt} file, expected a model file")
+    return meta
+
+
+def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The tensors of a model file, checked finite, on the CPU, and its header
+    (:func:`read_model_header`: ``None`` for a plain safetensors file)."""
+    meta = read_model_header(path)
+    if meta is not None:
+        return _load(path, MODEL_FORMAT)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise FileFormatError(f"{path}: tensor {key!r} holds NaN or Inf (a corrupt file)")
+    return tensors, None
 
 
 def load_model(path: str | os.PathLike, *, device=None,

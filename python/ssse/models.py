@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LOSSES", "LOSS_LIKELIHOODS", "ResNet", "SmallResNet", "build_model", "loss_function"]
+__all__ = ["ARCHITECTURES", "LOSSES", "LOSS_LIKELIHOODS", "ResNet", "SmallResNet", "build_model",
+           "loss_function"]
 
 
 def _images(x, channels: int, size: int, pool: int):
@@ -107,21 +108,32 @@ class ResNet(nn.Module):
         return self.head(self.layers(x).mean(dim=(2, 3)))
 
 
+def _linear(in_features, out_features, bias=True, **_) -> nn.Linear:
+    return nn.Linear(int(in_features), int(out_features), bias=bool(bias))
+
+
+def _integers(cls):
+    def build(**spec):
+        return cls(**{k: int(v) for k, v in spec.items()})
+    return build
+
+
+#: The built-in architectures by the ``arch`` of a spec, each ``build(**rest of the spec)``.
+ARCHITECTURES = {"linear": _linear, "small_resnet": _integers(SmallResNet),
+                 "resnet": _integers(ResNet)}
+
+
 def build_model(spec: dict) -> nn.Module:
     """A model from its spec: ``{"arch": "linear", "in_features", "out_features", "bias"}``,
     ``{"arch": "small_resnet", "in_channels", "num_classes", "width", "image_size"[, "pool"]}``
-    or ``{"arch": "resnet", "depth", "in_channels", "num_classes"[, "width", "image_size"]}``."""
+    or ``{"arch": "resnet", "depth", "in_channels", "num_classes"[, "width", "image_size"]}``
+    (:data:`ARCHITECTURES`)."""
     spec = dict(spec)
     arch = spec.pop("arch", None)
-    if arch == "linear":
-        return nn.Linear(int(spec["in_features"]), int(spec["out_features"]),
-                         bias=bool(spec.get("bias", True)))
-    if arch == "small_resnet":
-        return SmallResNet(**{k: int(v) for k, v in spec.items()})
-    if arch == "resnet":
-        return ResNet(**{k: int(v) for k, v in spec.items()})
-    raise ValueError(f"unknown model arch {arch!r} (expected 'linear', 'small_resnet' or "
-                     "'resnet')")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown model arch {arch!r} (expected one of "
+                         f"{', '.join(map(repr, ARCHITECTURES))})")
+    return ARCHITECTURES[arch](**spec)
 
 
 def _cross_entropy(logits, targets):

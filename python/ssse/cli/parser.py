@@ -13,6 +13,7 @@ from ssse.erasure import FISHER_VARIANTS
 from ssse.experiments.common import EPS_GRID
 from ssse.experiments.tasks import MODELS
 from ssse.files import COMPUTE_DTYPES as DTYPES
+from ssse.files import check_factory_spec
 from ssse_ext import validation
 from ssse_ext.fisher import REPRESENTATIONS
 
@@ -132,6 +133,16 @@ def threads(text: str) -> int:
     return value
 
 
+factory = _checked(str, check_factory_spec, "package.module:function")
+
+
+def param_pattern(text: str) -> str:
+    if not text.strip() or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"expected a parameter name or glob pattern, got "
+                                         f"{text!r}")
+    return text
+
+
 def request_id(text: str) -> str:
     if not text.strip() or not text.isprintable():
         raise argparse.ArgumentTypeError(f"expected a non-empty, printable id, got {text!r}")
@@ -190,6 +201,26 @@ def _data_args(p: argparse.ArgumentParser, *, default: str | None = "digits") ->
     p.add_argument("--train-limit", type=positive_int, default=None, metavar="N",
                    help="use a random subset of N training samples (at most the training "
                    "set's size)")
+
+
+def _factory_args(p: argparse.ArgumentParser, *, erase: bool) -> None:
+    g = p.add_argument_group("a model of your own (MODULE:FUNCTION imported from the current "
+                             "directory or PYTHONPATH; docs/cli.md)")
+    g.add_argument("--model-factory", type=factory, default=None, metavar="MODULE:FUNCTION",
+                   help="builds the model: called with the spec the model file records (its "
+                   "JSON object; None for a plain safetensors state dict), returns the "
+                   "torch.nn.Module whose tensors the file holds (default: the built-in "
+                   "architectures)")
+    g.add_argument("--data-factory", type=factory, default=None, metavar="MODULE:FUNCTION",
+                   help="gives the training set: called with the data object the model file "
+                   "records (--data-dir replaces its data_dir; None when there is none), "
+                   "returns one batch or a list of batches ((inputs, targets) pairs or "
+                   "mappings with 'labels') (default: the built-in data sets)")
+    g.add_argument("--params", type=param_pattern, action="append", default=None,
+                   metavar="PATTERN", help="only the parameters whose names match (a name or "
+                   "a glob such as '*lora_*'; repeat it for several) " +
+                   ("(default: those --fisher was fitted on)" if erase else
+                    "(default: every parameter); the inverse records them"))
 
 
 def _removal_args(p: argparse.ArgumentParser) -> None:
@@ -321,6 +352,7 @@ def _add_fisher(sub) -> None:
     p.add_argument("--every", type=positive_int, default=None, metavar="N",
                    help="samples between checkpoints, a multiple of --minibatch (default: "
                    "every 5 minutes); resume with the same N and --threads")
+    _factory_args(p, erase=False)
     _distributed_args(p, fit=True)
     _common(p, output=("inverse-Fisher", "inverse_fisher.safetensors; under torchrun the "
                        "index of one file per rank, DIR/inverse_fisher.index.json"),
@@ -348,6 +380,7 @@ def _add_erase(sub) -> None:
     g.add_argument("--request-id", type=request_id, default=None, metavar="ID",
                    help="the request's id in the ledger (default: a random one); an id "
                    "already in the ledger is refused")
+    _factory_args(p, erase=True)
     _distributed_args(p, fit=False)
     _common(p, output=("erased model", "erased.safetensors"), func=erase.run)
 

@@ -56,6 +56,9 @@ def choose_removal(args, ds: Dataset) -> torch.Tensor:
         return attribute_removal(y, args.remove_attribute, args.fraction, seed=args.seed)
     if ds.task == "multilabel":
         raise UsageError("--remove-class needs a multiclass data set; use --remove-attribute")
+    if ds.task not in ("multiclass", "binary"):
+        raise UsageError("--remove-class needs class indices (1-D integer targets) as targets; "
+                         "give --indices")
     bad = args.remove_class.outside(ds.num_classes)
     if bad:
         raise UsageError(f"--remove-class {bad[0]}: classes are 0..{ds.num_classes - 1}")

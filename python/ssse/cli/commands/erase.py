@@ -13,8 +13,8 @@ import ssse_ext
 from ssse.files import check_fitted_on, fitted_at
 from ssse.service import check_health, check_origin, erased_header, serve_request
 
-from ..common import (NAMES, UsageError, data_overrides, distributed, dtype, load_fisher,
-                      load_model, out_path, task_from_meta)
+from ..common import (BUILT_IN_NAMES, FACTORY_OPTIONS, NAMES, UsageError, data_overrides,
+                      distributed, dtype, load_fisher, load_model, out_path, task_from_meta)
 from ..removal import choose_removal, removal
 
 __all__ = ["run", "serve"]
@@ -42,10 +42,10 @@ def run(args) -> int:
     if isinstance(inv, ssse.sharding.ShardedInverseFisher) and inv.rank != 0:
         return 0  # every rank holds the same parameters: rank 0 writes them
     model.load_state_dict(state)
-    path = save_model(out_path(args, "erased.safetensors"), model, spec=meta["spec"],
+    path = save_model(out_path(args, "erased.safetensors"), model, spec=meta.get("spec"),
                       **erased_header(meta, set(before) | set(removed.tolist()),
                                       epsilon=args.epsilon, variant=args.variant,
-                                      origin=origin))
+                                      origin=origin, n_train=task.n))
     print(f"erased {removed.numel()} of {task.n - len(before)} samples with {how} in "
           f"{seconds:.3f} s")
     print(path)
@@ -69,7 +69,8 @@ def _erase(args, model, inv, fmeta, task, removed, before) -> tuple[dict, str]:
         state = ssse.ssse_update(model, task.loss_fn, data, inv_fisher=inv,
                                  epsilon=args.epsilon, n_total=task.n - len(before),
                                  weight_decay=task.weight_decay, fisher=args.variant,
-                                 minibatch=int(fmeta.get("minibatch", 1)), comm=comm)
+                                 minibatch=int(fmeta.get("minibatch", 1)), comm=comm,
+                                 params=args.params)
         return state, f"ε={args.epsilon:g} ({args.variant} Fisher)"
     if inv.curvature != "ggn":
         raise UsageError("--epsilon is needed unless --fisher holds the Gauss-Newton matrix "
@@ -80,7 +81,7 @@ def _erase(args, model, inv, fmeta, task, removed, before) -> tuple[dict, str]:
                          "set: erase them in one request, or refit the inverse")
     state = ssse.newton_erase(model, task.loss_fn, data, inv_fisher=inv, n_total=task.n,
                               weight_decay=task.weight_decay, likelihood=task.likelihood,
-                              refine_steps=args.refine_steps, comm=comm)
+                              refine_steps=args.refine_steps, comm=comm, params=args.params)
     return state, f"the leave-k-out Newton step ({args.refine_steps} refinement steps)"
 
 
@@ -89,11 +90,16 @@ def serve(args) -> int:
     if distributed(args):
         raise UsageError("--ledger: requests are served by one process; run it without "
                          "torchrun")
+    given = [option for attr, option in FACTORY_OPTIONS.items() if getattr(args, attr)]
+    if given:
+        raise UsageError(f"{given[0]}: requests served with --ledger rebuild the model and its "
+                         "training set from the model file's built-in architecture and data "
+                         "set; run it without --ledger")
     served = serve_request(
         args.model, args.fisher, args.ledger, lambda ds: choose_removal(args, ds),
         epsilon=args.epsilon, request_id=args.request_id, variant=args.variant,
         refine_steps=args.refine_steps, data=data_overrides(args), device=args.device,
-        dtype=dtype(args), names=NAMES,
+        dtype=dtype(args), names=BUILT_IN_NAMES,
         on_recover=lambda line: print(f"ssse erase: {line}", file=sys.stderr))
     how = (f"ε={args.epsilon:g} ({args.variant} Fisher)" if args.epsilon is not None else
            f"the leave-k-out Newton step ({args.refine_steps} refinement steps)")

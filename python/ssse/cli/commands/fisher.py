@@ -10,7 +10,8 @@ import torch
 
 import ssse
 
-from ..common import UsageError, distributed, load_model, out_path, task_from_meta
+from ..common import (UsageError, choose_parameters, distributed, load_model, out_path,
+                      task_from_meta)
 
 __all__ = ["fisher_distributed", "run"]
 
@@ -19,9 +20,13 @@ def run(args) -> int:
     from ssse.io import save_inverse_fisher
 
     model, meta = load_model(args)
+    args.params = choose_parameters(args, model)
     task = task_from_meta(args, model, meta)
     damping = _damping(args, task)
     if distributed(args):
+        if args.params is not None:
+            raise UsageError("--params: the index of a sharded fit under torchrun does not "
+                             "record the parameters; run it without torchrun")
         if args.checkpoint:
             raise UsageError("--checkpoint: the sharded fit under torchrun is not resumable; "
                              "run it without --checkpoint")
@@ -38,7 +43,8 @@ def run(args) -> int:
                                       curvature=args.curvature, likelihood=task.likelihood,
                                       mc_samples=args.mc_samples, seed=args.seed,
                                       progress=not args.quiet, checkpoint=args.checkpoint,
-                                      every=args.every, representation=args.representation)
+                                      every=args.every, representation=args.representation,
+                                      params=args.params)
     except ValueError as exc:
         if "layout" not in str(exc):
             raise

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ssse.service import check_ledger, recover_ledger
 
-from ..common import NAMES
+from ..common import BUILT_IN_NAMES as NAMES
 
 __all__ = ["run"]
 
