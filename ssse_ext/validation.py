@@ -8,7 +8,6 @@ expected and what was given.
 from __future__ import annotations
 
 import math
-from typing import Iterator
 
 import torch
 
@@ -18,20 +17,16 @@ __all__ = [
     "all_finite",
     "check_callable",
     "check_choice",
-    "check_data",
     "check_device",
     "check_dtype",
     "check_finite_float",
     "check_int",
     "check_matrix",
-    "check_module",
     "check_vector",
     "check_nonneg_float",
     "check_nonneg_int",
     "check_positive_float",
     "check_positive_int",
-    "check_reiterable",
-    "is_pair",
     "matrix_chunks",
 ]
 
@@ -217,23 +212,7 @@ def check_vector(v, name: str, *, dim: int, dtype, device,
     return (v.reshape(-1, 1) if vec else v).contiguous(), vec
 
 
-# ---- models, callables and data ------------------------------------------------------------
-
-def _is_module(obj) -> bool:
-    # Models belong to the model-level library: the kernel layer recognises one by its base
-    # class's qualified name rather than import torch.nn.
-    return any(c.__module__ == "torch.nn.modules.module" and c.__qualname__ == "Module"
-               for c in type(obj).__mro__)
-
-
-def check_module(model, name: str = "model"):
-    """An ``nn.Module`` with at least one trainable parameter."""
-    if not _is_module(model):
-        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"{name} has no trainable parameters (requires_grad=True)")
-    return model
-
+# ---- callables ------------------------------------------------------------------------------
 
 def check_callable(fn, name: str):
     """A callable."""
@@ -242,38 +221,3 @@ def check_callable(fn, name: str):
     return fn
 
 
-def is_pair(data) -> bool:
-    """Whether ``data`` is an ``(X, y)`` pair of tensors (rather than an iterable of batches)."""
-    return (isinstance(data, (tuple, list)) and len(data) == 2
-            and all(isinstance(t, torch.Tensor) for t in data))
-
-
-def check_data(data, name: str):
-    """An ``(X, y)`` pair of tensors with the same first dimension, or an iterable of such
-    batches (whose batches are checked as they are read)."""
-    if is_pair(data):
-        x, y = data
-        if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
-            raise ValueError(f"{name} must be an (X, y) pair with the same number of rows, got "
-                             f"shapes {tuple(x.shape)} and {tuple(y.shape)}")
-        return data
-    if isinstance(data, (torch.Tensor, str, bytes)):
-        raise TypeError(f"{name} must be an (X, y) pair of tensors or an iterable of (x, y) "
-                        f"batches, got a single {type(data).__name__}")
-    try:
-        iter(data)
-    except TypeError:
-        raise TypeError(f"{name} must be an (X, y) pair of tensors or an iterable of (x, y) "
-                        f"batches, got {type(data).__name__}") from None
-    return data
-
-
-def check_reiterable(data, name: str):
-    """Data as in :func:`check_data` that can be read more than once: a one-shot iterator (a
-    generator, say) is refused, since its second pass would silently see nothing."""
-    check_data(data, name)
-    if not is_pair(data) and isinstance(data, Iterator):
-        raise TypeError(f"{name} is read more than once: pass an (X, y) pair or a re-iterable "
-                        f"collection of batches (a list, a DataLoader), not a one-shot "
-                        f"{type(data).__name__}")
-    return data

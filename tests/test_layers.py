@@ -111,6 +111,20 @@ def test_the_kernel_layer_imports_no_torch_nn(path):
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.parametrize("path", KERNEL, ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_kernel_layer_knows_no_models_or_data(path):
+    # what a model and a batch are is the model-level library's (ssse.batches): the kernel
+    # layer neither checks modules nor reads (X, y) pairs
+    tree = ast.parse(path.read_text())
+    names = {"check_module", "check_data", "check_reiterable", "is_pair", "named_parameters",
+             "Module"}
+    bad = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name}" for node in ast.walk(tree)
+           if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in names]
+    bad += [f"{path.relative_to(ROOT)}:{node.lineno} .{node.attr}" for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr in names]
+    assert not bad, "\n".join(bad)
+
+
 @pytest.mark.parametrize("path", CORE, ids=lambda p: p.name)
 def test_the_core_imports_no_experiment_cli_or_benchmark(path):
     bad = layer_violations(path, NOT_IN_CORE)
