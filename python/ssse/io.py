@@ -245,16 +245,21 @@ def _save(path, tensors: dict[str, torch.Tensor], fmt: str, meta: dict) -> Path:
     return atomic_write_bytes(path, _save_bytes(tensors, metadata=header))
 
 
-def read_metadata(path: str | os.PathLike) -> tuple[str, dict]:
-    """The format name and the JSON metadata of an ssse file, without loading its tensors."""
-    path = Path(path)
+def _raw_header(path: Path) -> dict:
+    """The string metadata of a safetensors file, unparsed."""
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
+            return f.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise FileFormatError(f"{path} is not a safetensors file ({exc})") from None
+
+
+def read_metadata(path: str | os.PathLike) -> tuple[str, dict]:
+    """The format name and the JSON metadata of an ssse file, without loading its tensors."""
+    path = Path(path)
+    header = _raw_header(path)
     fmt = header.get("format")
     if fmt not in _FORMATS:
         raise FileFormatError(f"{path} is not an ssse file (format={fmt!r})")
@@ -381,13 +386,7 @@ def read_model_header(path: str | os.PathLike) -> dict | None:
     Face ``model.safetensors``). Other files, an ssse inverse-Fisher file among them, are
     refused (:class:`FileFormatError`)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise FileFormatError(f"{path} is not a safetensors file ({exc})") from None
+    header = _raw_header(path)
     if header.get("format") not in _FORMATS:
         return None
     fmt, meta = read_metadata(path)
