@@ -38,8 +38,9 @@ import torch
 from torch import nn
 
 import ssse_ext
-from ssse_ext.validation import check_device
+from ssse_ext.validation import check_device, check_positive_float
 
+from .certificate import certify
 from .data import Dataset
 from .erasure import Eraser
 from .files import (InputNames, check_file, check_fitted_on, fitted_at, load_inverse_file,
@@ -259,7 +260,8 @@ def serve_request(model_path: str | os.PathLike, fisher_path: str | os.PathLike,
                   variant: str = "full", refine_steps: int = 0, data: dict | None = None,
                   device=None, dtype: torch.dtype | None = None,
                   on_recover: Callable[[str], None] | None = None,
-                  names: InputNames = InputNames()) -> ServedRequest:
+                  names: InputNames = InputNames(), verify: bool = False,
+                  retrain_above: float | None = None) -> ServedRequest:
     r"""Erases training samples from a served model in place: ``model_path`` and
     ``fisher_path`` are replaced by the erased model and the downdated inverse, and the request
     is appended to the ledger ``ledger_path`` (created by the first request), by the crash rule
@@ -282,6 +284,11 @@ def serve_request(model_path: str | os.PathLike, fisher_path: str | os.PathLike,
         on_recover: called with each line of what the recovery before the request did, as it
             is done (the request may still be refused after it).
         names: how messages name the inputs.
+        verify: record the request's certificate in its ledger line (``"certificate"``,
+            :func:`ssse.certificate.certify`): the gradient residual of the retained objective
+            at the erased model, one pass over the samples kept.
+        retrain_above: with ``verify``, the residual above which the line says
+            ``"retrain_recommended": true``.
 
     Returns:
         A :class:`ServedRequest`.
@@ -299,6 +306,11 @@ def serve_request(model_path: str | os.PathLike, fisher_path: str | os.PathLike,
     if request_id is not None and not request_id.strip():
         raise ValueError(f"request_id must not be blank, got {request_id!r}")
     device = check_device(device, "device") or torch.device("cpu")
+    if retrain_above is not None and not verify:
+        raise ValueError("retrain_above needs verify=True: the residual it bounds is computed "
+                         "only then")
+    if retrain_above is not None:
+        check_positive_float(retrain_above, "retrain_above")
     ledger = Ledger(ledger_path)
     with _locked(ledger, model_path, fisher_path, names) as files:
         recovered = _recover(ledger, files, on_recover)
@@ -321,8 +333,9 @@ def serve_request(model_path: str | os.PathLike, fisher_path: str | os.PathLike,
         seconds = time.perf_counter() - t0
         check_health(eraser.last_request["health"], " after this request's downdate",
                      names=names)
+        certificate = {"retrain_above": retrain_above} if verify else None
         entry = _commit(ledger, opened, eraser, new_state, files, ids, star=star, origin=origin,
-                        epsilon=epsilon, variant=variant)
+                        epsilon=epsilon, variant=variant, certificate=certificate)
     return ServedRequest(request_id, ids, entry, seconds, recovered, files["model"],
                          files["inverse"])
 
@@ -419,12 +432,22 @@ def _samples(opened: _Opened, ids: list[int], device) -> list[tuple[torch.Tensor
 
 def _commit(ledger: Ledger, opened: _Opened, eraser: Eraser, new_state: dict, files: dict,
             ids: list[int], *, star: torch.Tensor, origin: str | None, epsilon,
-            variant: str) -> dict:
+            variant: str, certificate: dict | None = None) -> dict:
     """Writes the erased model and the downdated inverse and appends the request's line, by the
-    crash rule; returns the line."""
+    crash rule; returns the line. With ``certificate`` (``{"retrain_above": ...}``), the line
+    holds the erased model's certificate on the samples it keeps."""
     model = opened.model
     model.load_state_dict(new_state)
-    entry = ledger.seal({**eraser.last_request, "model_before": opened.model_fp,
+    extra = {}
+    if certificate is not None:
+        gone = torch.zeros(opened.ds.n_train, dtype=torch.bool)
+        gone[torch.tensor(sorted(set(opened.erased) | set(ids)), dtype=torch.int64)] = True
+        x, y = opened.ds.train()
+        kept = [(x[~gone].to(eraser.device), y[~gone].to(eraser.device))]
+        extra["certificate"] = certify(model, eraser.loss_fn, kept,
+                                       weight_decay=eraser.weight_decay,
+                                       retrain_above=certificate["retrain_above"])
+    entry = ledger.seal({**eraser.last_request, **extra, "model_before": opened.model_fp,
                          "model_after": fingerprint(model.state_dict()),
                          "inverse_before": opened.inverse_fp,
                          "inverse_after": fingerprint(eraser.inv_fisher.to_state()[0])})

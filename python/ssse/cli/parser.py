@@ -380,6 +380,12 @@ def _add_erase(sub) -> None:
     g.add_argument("--request-id", type=request_id, default=None, metavar="ID",
                    help="the request's id in the ledger (default: a random one); an id "
                    "already in the ledger is refused")
+    g.add_argument("--verify", action="store_true",
+                   help="record the request's certificate in the ledger: the gradient "
+                   "residual of the retained objective at the erased model (one pass over the "
+                   "samples kept)")
+    g.add_argument("--retrain-above", type=positive_float, default=None, metavar="R",
+                   help="with --verify: say \"retrain recommended\" once the residual exceeds R")
     _factory_args(p, erase=True)
     _distributed_args(p, fit=False)
     _common(p, output=("erased model", "erased.safetensors"), func=erase.run)

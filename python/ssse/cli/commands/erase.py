@@ -23,10 +23,15 @@ __all__ = ["run", "serve"]
 def run(args) -> int:
     from ssse.io import save_model
 
+    if args.retrain_above is not None and not args.verify:
+        raise UsageError("--retrain-above needs --verify")
     if args.ledger:
         return serve(args)
-    if args.request_id is not None:
-        raise UsageError("--request-id needs --ledger")
+    for option, given in (("--request-id", args.request_id is not None),
+                          ("--verify", args.verify),
+                          ("--retrain-above", args.retrain_above is not None)):
+        if given:
+            raise UsageError(f"{option} needs --ledger")
     model, meta = load_model(args)
     inv, fmeta = load_fisher(args, model)
     task = task_from_meta(args, model, meta)
@@ -99,7 +104,8 @@ def serve(args) -> int:
         args.model, args.fisher, args.ledger, lambda ds: choose_removal(args, ds),
         epsilon=args.epsilon, request_id=args.request_id, variant=args.variant,
         refine_steps=args.refine_steps, data=data_overrides(args), device=args.device,
-        dtype=dtype(args), names=BUILT_IN_NAMES,
+        dtype=dtype(args), names=BUILT_IN_NAMES, verify=args.verify,
+        retrain_above=args.retrain_above,
         on_recover=lambda line: print(f"ssse erase: {line}", file=sys.stderr))
     how = (f"ε={args.epsilon:g} ({args.variant} Fisher)" if args.epsilon is not None else
            f"the leave-k-out Newton step ({args.refine_steps} refinement steps)")
@@ -107,5 +113,10 @@ def serve(args) -> int:
     print(f"erased {len(served.ids)} of {served.n_before} samples with {how} in "
           f"{served.seconds:.3f} s; request {served.request_id} recorded in {args.ledger}"
           + (f" (health {health['residual']:.1e})" if health else ""))
+    cert = served.entry.get("certificate")
+    if cert is not None:
+        print(f"certificate: gradient residual {cert['residual']:.3e} on the "
+              f"{cert['n_retained']} samples kept"
+              + ("; retrain recommended" if cert["retrain_recommended"] else ""))
     print(args.model)
     return 0
