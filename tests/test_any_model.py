@@ -261,3 +261,46 @@ def test_causal_lm_loss_sums_the_shifted_tokens():
         assert abs(float(got[i]) - want) < 1e-12
     with pytest.raises(ValueError, match="logits"):
         ssse.causal_lm_loss(logits[0], labels)
+
+
+class PairNet(nn.Module):
+    """KwargsNet called with one tensor: the two inputs side by side."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(features=x[:, :5], mask=x[:, 5:])["logits"]
+
+
+def test_baselines_and_metrics_read_mapping_batches_as_pairs():
+    torch.manual_seed(5)
+    inner = KwargsNet().eval()
+    pair_model = PairNet(inner).eval()
+    data = kwargs_data(n=24, seed=5)
+    x = torch.cat([data["features"], data["mask"]], dim=1)
+    pair = (x, data["labels"])
+    loss = nn.CrossEntropyLoss(reduction="none")
+    sub = {k: v[:4] for k, v in data.items()}
+    rest = {k: v[4:] for k, v in data.items()}
+    pair_sub, pair_rest = (x[:4], pair[1][:4]), (x[4:], pair[1][4:])
+    calls = [
+        (lambda m, s, r: ssse.influence_update(m, loss, s, retained=r, weight_decay=0.1)),
+        (lambda m, s, r: ssse.gradient_ascent(m, loss, s, lr=0.3)),
+        (lambda m, s, r: ssse.fisher_forgetting(m, loss, s, retained=r, alpha=1e-3, seed=1)),
+    ]
+    for call in calls:
+        a = call(inner, sub, rest)
+        b = call(pair_model, pair_sub, pair_rest)
+        for k, v in a.items():
+            assert torch.allclose(v, b["inner." + k], rtol=1e-12, atol=1e-14), k
+    ra = ssse.metrics.split_report(inner, {"S": sub}, loss_fn=loss)["S"]
+    rb = ssse.metrics.split_report(pair_model, {"S": pair_sub}, loss_fn=loss)["S"]
+    for key in ("n", "loss", "grad_norm", "accuracy"):
+        assert ra[key] == pytest.approx(rb[key], rel=1e-12), key
+    ma = ssse.metrics.membership_inference(inner, sub, rest, loss_fn=loss)
+    mb = ssse.metrics.membership_inference(pair_model, pair_sub, pair_rest, loss_fn=loss)
+    assert ma == pytest.approx(mb, rel=1e-12)
+    assert torch.allclose(ssse.metrics.predict(inner, data), ssse.metrics.predict(pair_model,
+                                                                                  pair))
