@@ -10,6 +10,7 @@ gradient, and :math:`N` the number of groups (paper §3, b = 10 on CIFAR-10).
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 from torch.func import grad, vmap
@@ -47,6 +48,11 @@ def _loop_grads(fm, group_loss, params: dict, xg, yg) -> torch.Tensor:
     return torch.stack(out)
 
 
+#: Models ``vmap`` failed on: later streams go straight to their fallback (a failed attempt
+#: costs a partial forward pass per request).
+_UNBATCHABLE: "weakref.WeakSet" = weakref.WeakSet()
+
+
 def _unbatchable(fm, group_loss, params, xg, yg, b, state, exc) -> torch.Tensor:
     """The rows of groups that ``vmap`` could not batch: from one batched pass of linear
     layers (:mod:`~ssse.curvature.layer_grads`) when the model allows it, else a per-sample
@@ -56,7 +62,8 @@ def _unbatchable(fm, group_loss, params, xg, yg, b, state, exc) -> torch.Tensor:
         state["engine"] = "layers"
         state["owners"] = owners
         return _layer_rows(fm, group_loss, params, xg, yg, owners)
-    warnings.warn(f"per-sample gradients: torch.func.vmap failed ({type(exc).__name__}: {exc});"
+    why = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    warnings.warn(f"per-sample gradients: torch.func.vmap failed ({why});"
                   " falling back to a per-sample loop, which is much slower", RuntimeWarning,
                   stacklevel=6)
     state["engine"] = "loop"
@@ -91,7 +98,10 @@ def group_gradients(fm, loss_fn, params: dict, frozen: dict, x, y, b: int,
     if full:
         xg, yg = batch_map(groups, x), batch_map(groups, y)
         engine = state.get("engine", "vmap")
-        if engine == "loop":
+        if engine == "vmap" and fm.model in _UNBATCHABLE:
+            rows.append(_unbatchable(fm, group_loss, params, xg, yg, b, state,
+                                     "an earlier call failed on this model"))
+        elif engine == "loop":
             rows.append(_loop_grads(fm, group_loss, params, xg, yg))
         elif engine == "layers":
             rows.append(_layer_rows(fm, group_loss, params, xg, yg, state["owners"]))
@@ -104,6 +114,7 @@ def group_gradients(fm, loss_fn, params: dict, frozen: dict, x, y, b: int,
             except RuntimeError as exc:
                 if not _vmap_cannot_batch(exc):
                     raise  # out of memory, shape errors, the loss's own errors: not vmap's
+                _UNBATCHABLE.add(fm.model)
                 rows.append(_unbatchable(fm, group_loss, params, xg, yg, b, state, exc))
     if full * b < m:
         rest = slice(full * b, None)
