@@ -30,23 +30,78 @@ def test_info(capsys):
     assert "build" in info and info["devices"][0] == "cpu"
 
 
-def test_erase_and_sweep(capsys, trained):
+def _flat(model_or_state):
+    import torch
+    params = model_or_state.values() if isinstance(model_or_state, dict) else \
+        [p.detach() for p in model_or_state.parameters()]
+    return torch.cat([p.reshape(-1) for p in params])
+
+
+def test_erase_applies_the_step_of_the_request(capsys, trained):
+    import ssse
+    from ssse.experiments.tasks import make_task
+    from ssse.io import load_inverse_fisher, load_model
+
     code, out, _ = run(capsys, "erase", "--model", str(trained / "model.safetensors"),
                        "--fisher", str(trained / "inverse_fisher.safetensors"),
                        "--indices", "0-4,9", "--epsilon", "0.5", "--out", str(trained))
     assert code == 0 and "erased 6 of 300" in out
-    from ssse.io import load_model
-    _, meta = load_model(trained / "erased.safetensors")
+    erased, meta = load_model(trained / "erased.safetensors")
     assert meta["erased"] == [0, 1, 2, 3, 4, 9] and meta["epsilon"] == 0.5
+    # the library's SSSE step for the same samples, epsilon, n and weight decay, on the
+    # training set rebuilt from the model file's record of it (digits, its first 300 samples)
+    model, mmeta = load_model(trained / "model.safetensors")
+    inv, _ = load_inverse_fisher(trained / "inverse_fisher.safetensors")
+    task = make_task("digits", seed=mmeta["data"]["seed"], train_limit=300)
+    idx = [0, 1, 2, 3, 4, 9]
+    want = ssse.ssse_update(model, task.loss_fn, task.data(idx), inv_fisher=inv, epsilon=0.5,
+                            n_total=300, weight_decay=mmeta["weight_decay"])
+    step = _flat(want) - _flat(model)
+    assert step.norm() > 0
+    assert (_flat(erased) - _flat(want)).norm() <= 1e-12 * step.norm()
+
+
+def test_sweep_reports_and_plots_the_numbers_of_its_json(capsys, trained, monkeypatch):
+    from ssse import plots
+
+    drawn = {}
+    real_curves, real_panels = plots.eps_curves, plots.eps_panels
+
+    def curves(path, eps, series, **kw):
+        drawn["curves"] = (list(eps), {k: list(v) for k, v in series.items()}, kw)
+        return real_curves(path, eps, series, **kw)
+
+    def panels(path, eps, data, **kw):
+        drawn["panels"] = {s: {k: list(v) for k, v in d.items()} for s, d in data.items()}
+        return real_panels(path, eps, data, **kw)
+    monkeypatch.setattr(plots, "eps_curves", curves)
+    monkeypatch.setattr(plots, "eps_panels", panels)
     code, out, _ = run(capsys, "sweep", "--model", str(trained / "model.safetensors"),
                        "--fisher", str(trained / "inverse_fisher.safetensors"),
                        "--remove-class", "2", "--eps", "0.1:10:3", "--out",
                        str(trained / "sweep"), "--quiet")
     assert code == 0
     report = json.loads((trained / "sweep" / "sweep.json").read_text())
-    assert len(report["ssse"]) == 3 and report["criterion"] == "delta"
+    assert report["criterion"] == "delta" and report["eps"] == pytest.approx([0.1, 1.0, 10.0])
+    deltas = [r["delta"] for r in report["ssse"]]
+    # the best epsilon is the first argmin of the recorded deltas
+    assert report["best_eps"] == report["eps"][deltas.index(min(deltas))]
+    # the figures plot the recorded numbers, the best epsilon marked
+    eps, series, kw = drawn["curves"]
+    assert eps == report["eps"] and series == {"SSSE": deltas}
+    assert kw["vline"] == report["best_eps"]
+    for split, lines in drawn["panels"].items():
+        assert lines["SSSE"] == [r["accuracy"][split] for r in report["ssse"]]
+        assert lines["retrained"] == [report["retrained"]["accuracy"][split]] * 3
     for png in report["plots"]:
-        assert (trained / "sweep" / png).stat().st_size > 1000
+        assert (trained / "sweep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the printed table holds them too: one SSSE row per epsilon, the best one marked
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| SSSE")]
+    assert [float(r[1]) for r in rows] == pytest.approx(report["eps"], rel=1e-3)
+    assert [float(r[2]) for r in rows] == pytest.approx(deltas, abs=5e-5)
+    assert [r[0] == "SSSE (best)" for r in rows] == [e == report["best_eps"]
+                                                    for e in report["eps"]]
 
 
 def test_fisher_representations_erase_alike(capsys, trained, tmp_path):
@@ -142,7 +197,7 @@ def test_erase_refuses_other_data_and_counts_earlier_requests(capsys, trained, t
     assert code == 2 and "already had samples erased" in err
 
 
-# ---- issue 13: write failures, grid cap, interrupts, indices files, messages ----------------
+# ---- write failures, grid cap, interrupts, indices files, messages -------------------------
 
 def one_line(err: str) -> bool:
     return len(err.strip().splitlines()) == 1 and "Traceback" not in err

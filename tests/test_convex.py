@@ -118,8 +118,9 @@ def test_influence_block_hessian_is_exact(problem):
         assert rel_err(blk, H[sl, sl]) < SAME[torch.float64]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_estimated_epsilon_is_close_to_the_best_one(seed):
+def _estimate_and_oracle(seed):
+    """The estimated epsilon, the oracle (the epsilon whose SSSE step lands closest to the
+    retrained optimum) and how far SSSE with the estimate lands, relative to the original."""
     X, y, model, retrained = make_problem(seed)
     n = X.shape[0]
     star, target = flat(model), flat(retrained)
@@ -127,18 +128,45 @@ def test_estimated_epsilon_is_close_to_the_best_one(seed):
                                   weight_decay=WD, progress=False)
     v, _ = ssse.gradient_sum(model, bce, (X[:K], y[:K]), weight_decay=WD)
     step = inv.matvec(v) / (n - K)
-    best = float(step @ (target - star) / (step @ step))  # oracle: closest to the retrained
+    best = float(step @ (target - star) / (step @ step))
     eps = ssse.metrics.estimate_epsilon(model, bce, (X, y), inv_fisher=inv, weight_decay=WD,
                                         probes=32)
-    # eps / best measured 1.09, 1.00, 1.73 on seeds 0, 1, 2 (probe seeds 0..2: 0.94 to 1.86);
-    # the window leaves 15 % below the lowest and 13 % above the highest. A property of these
-    # seeds, not a guarantee: data seed 4 sits at 2.73.
-    assert 0.85 < eps / best < 2.0
     state = ssse.ssse_update(model, bce, (X[:K], y[:K]), inv_fisher=inv, epsilon=eps, n_total=n,
                              weight_decay=WD)
-    # SSSE with the estimate moves towards the retrained optimum: measured 0.38, 0.23, 0.83
-    # (the oracle epsilon reaches 0.37, 0.23, 0.57); epsilon = 0 stays at 1
-    assert (flat_state(state) - target).norm() / (star - target).norm() < 0.9
+    moved = float((flat_state(state) - target).norm() / (star - target).norm())
+    return eps, best, moved, inv
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_estimated_epsilon_is_its_closed_form(seed):
+    # On every data set: the least-squares fit of eps H F^-1 u_j = u_j over the 32 probes (the
+    # per-sample gradients, weight decay included, of the samples a permutation seeded 0
+    # puts first), with the closed-form Hessian and the stored inverse as a matrix
+    X, y, model, _ = make_problem(seed)
+    eps, _, _, inv = _estimate_and_oracle(seed)
+    Xa = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype)], dim=1)
+    theta = flat(model)
+    idx = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(0))[:32]
+    s = torch.sigmoid(Xa[idx] @ theta)
+    U = (Xa[idx] * (s - y[idx])[:, None] + WD * theta).T  # (d, probes)
+    F_inv = inv.matvec(torch.eye(theta.numel(), dtype=torch.float64))
+    HW = closed_form_hessian(model, X) @ (F_inv @ U)
+    assert eps == pytest.approx(float((HW * U).sum() / (HW * HW).sum()), rel=1e-10)
+
+
+def test_estimated_epsilon_tracks_the_best_one_over_data_sets():
+    # The oracle depends on the K removed samples as much as on the model, so their ratio is
+    # not bounded on every data set (0.79 to 4.1 over data seeds 20-79). The windows below are
+    # set from those 60 seeds and checked on seeds 0-19, which they were not fitted to: median
+    # ratio 1.37 over the 60 (its spread over 20 seeds: about 0.17), SSSE with the estimate
+    # closer to the retrained optimum on 49 of 60 (82 %: 16.4 of 20, sd 1.7), median distance
+    # 0.53 of the original's. An estimate off by a factor 2 either way leaves the ratio window.
+    runs = [_estimate_and_oracle(seed)[:3] for seed in range(20)]
+    ratios = [eps / best for eps, best, _ in runs]
+    moved = [m for _, _, m in runs]
+    assert 0.8 < float(torch.tensor(ratios).median()) < 2.0  # measured 1.12 on seeds 0-19
+    assert sum(m < 1 for m in moved) >= 11  # measured 17
+    assert float(torch.tensor(moved).median()) < 0.8  # measured 0.38
 
 
 def test_influence_update_refuses_blocks_that_do_not_fit(problem):

@@ -24,6 +24,7 @@ from .batches import (Split, batch_len, batch_slice, check_data, check_loss, che
                       check_reiterable, is_batch, run_model, split_batch, task_of)
 from .model import (BATCH_SIZE, FlatModel, check_inverse, data_size, iter_batches,
                      per_sample_losses)
+from .forgetting import forgetting_quality
 from .gradients import hessian_vector_products
 from .rows import row_stream
 
@@ -38,6 +39,7 @@ __all__ = [
     "normalized_parameter_distance",
     "split_report",
     "membership_inference",
+    "forgetting_quality",
     "estimate_epsilon",
     "select_epsilon",
     "CRITERIA",

@@ -22,7 +22,7 @@ from .commands import demo, erase, experiment, fisher, info, ledger, sweep, trai
 __all__ = ["EXPERIMENTS", "MAX_GRID_POINTS", "MAX_SEED", "Parser", "Ranges", "build_parser",
            "int_list", "rejoin_signed"]
 
-EXPERIMENTS = ("illustration", "multiattribute", "multinomial", "nonconvex")
+EXPERIMENTS = ("illustration", "multiattribute", "multinomial", "nonconvex", "forgetting")
 GRID_TEXT = ":".join(f"{v:g}" for v in EPS_GRID)
 #: Most points of an ε grid (each point is an erasure and an evaluation of the model).
 MAX_GRID_POINTS = 1000

@@ -1,0 +1,324 @@
+"""The forgetting test on digits: can a per-example likelihood-ratio attack (U-LiRA) tell the
+models an erasure method produces from models retrained without the erased samples?
+
+L2 logistic regression trained to its optimum is deterministic, so the randomness the attack
+has to see through is the data's, as in LiRA: each of ``R`` draws trains on the removal set S
+plus a random half of the other training samples. Per draw: the original model, each method's
+erasure of S from it, the model retrained on the draw without S (the reference family), and a
+control, retrained without S on an independent draw (a family the attack cannot tell apart:
+it measures the test's floor). The statistic is the logit-scaled confidence of the true class
+on S (:func:`ssse.metrics.forgetting_quality`).
+
+The methods' hyperparameters (SSSE's ε, gradient ascent's step, Fisher forgetting's noise α)
+are chosen once as the other experiments choose them, by argmin δ on a proxy removal (half of
+class 9, on its own draw, with its own retrain) among the values that keep the accuracy on
+D∖S within 5 points of the original's; the Newton step and the influence update have none.
+
+Run: ``python -m ssse.experiments.forgetting [--quick] [--models R] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import ssse  # noqa: E402
+from ssse import metrics  # noqa: E402
+from ssse.data import class_removal  # noqa: E402
+from ssse.forgetting import DEFAULT_FPRS  # noqa: E402
+from ssse.io import atomic_path  # noqa: E402
+
+from .common import EPS_GRID, eps_grid, markdown_table, write_report  # noqa: E402
+from .methods import NEWTON, curve, fit_ggn, select  # noqa: E402
+from .removal import make_removal, outputs  # noqa: E402
+from .tasks import DEFAULTS, make_task  # noqa: E402
+
+NAME = "forgetting"
+
+#: The tuned methods: hyperparameter name and grid ``(lo, hi, num)`` (the non-convex
+#: experiment's grids for gradient ascent and Fisher forgetting).
+GRIDS = {"SSSE": ("ε", EPS_GRID), "gradient ascent": ("lr", (1e-3, 1e2, 31)),
+         "Fisher forgetting": ("α", (1e-8, 1e-2, 25))}
+ORIGINAL, CONTROL, INFLUENCE = "original (no erasure)", "retrained (control)", "influence"
+#: The rows of the tables, in order.
+ROWS = (ORIGINAL, "SSSE", NEWTON, INFLUENCE, "Fisher forgetting", "gradient ascent", CONTROL)
+#: The removals: half of one class (the paper's kind), and as many random samples.
+REMOVED_CLASS, PROXY_CLASS, FRACTION = 3, 9, 0.5
+#: The share of the samples outside the removal sets that each draw trains on (LiRA's half).
+KEEP = 0.5
+MAX_ACCURACY_DROP = 0.05
+
+
+def _draw(task, must: torch.Tensor, seed: int):
+    """The task restricted to ``must`` plus a random half of the other training samples, and
+    the sorted training indices it holds."""
+    g = torch.Generator().manual_seed(seed)
+    rest = torch.ones(task.n, dtype=torch.bool)
+    rest[must] = False
+    others = torch.nonzero(rest).flatten()
+    kept = others[torch.randperm(others.numel(), generator=g)[:int(KEEP * others.numel())]]
+    idx = torch.sort(torch.cat([must, kept])).values
+    ds = dataclasses.replace(task.ds, x_train=task.ds.x_train[idx], y_train=task.ds.y_train[idx])
+    return dataclasses.replace(task, ds=ds), idx
+
+
+def _positions(idx: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+    """Where the training indices ``samples`` sit in the draw ``idx``."""
+    return torch.searchsorted(idx, samples)
+
+
+def _unit_states(task, model, inv, removed, *, seed: int) -> dict:
+    """Each tuned method's model at hyperparameter 1 (its grid scales it)."""
+    wd, data = task.weight_decay, task.data(removed)
+    return {"SSSE": ssse.ssse_update(model, task.loss_fn, data, inv_fisher=inv, epsilon=1.0,
+                                     n_total=task.n, weight_decay=wd),
+            "gradient ascent": ssse.gradient_ascent(model, task.loss_fn, data, lr=1.0,
+                                                    weight_decay=wd),
+            "Fisher forgetting": ssse.fisher_forgetting(model, task.loss_fn, data,
+                                                        retained=task.retained(removed),
+                                                        alpha=1.0, seed=seed)}
+
+
+def _scale(name: str, value: float) -> float:
+    # Fisher forgetting's noise has variance α (standard deviation √α); the others are linear.
+    return math.sqrt(value) if name == "Fisher forgetting" else value
+
+
+def _fit(task, *, seed: int, damping: float):
+    model = task.train(task.data(), seed=seed)
+    inv = ssse.fit_inverse_fisher(model, task.loss_fn, task.data(), damping=damping,
+                                  layout="rows", weight_decay=task.weight_decay, progress=False)
+    return model, inv
+
+
+def choose(task, *, seed: int, damping: float, grids: dict) -> dict:
+    """The proxy's choice of each tuned method's hyperparameter, with its δ curve."""
+    proxy_task, _ = _draw(task, torch.zeros(0, dtype=torch.long), seed + 10_000)
+    model, inv = _fit(proxy_task, seed=seed, damping=damping)
+    removed = class_removal(proxy_task.ds.y_train, PROXY_CLASS, FRACTION, seed=seed + 1)
+    rem = make_removal(proxy_task, model, removed, classes=[PROXY_CLASS], seed=seed)
+    floor = rem.evaluate(model)["accuracy"]["D-S"] - MAX_ACCURACY_DROP
+    out = {}
+    for name, unit in _unit_states(proxy_task, model, inv, removed, seed=seed).items():
+        grid = grids[name]
+        rows = curve(rem, unit, [_scale(name, v) for v in grid])
+        allowed = [i for i, r in enumerate(rows) if r["accuracy"]["D-S"] >= floor] or None
+        best = select(grid, rows, "delta", allowed)
+        out[name] = {"value": grid[best], "delta": rows[best]["delta"],
+                     "curve": [r["delta"] for r in rows],
+                     "accuracy_D-S": [r["accuracy"]["D-S"] for r in rows]}
+    return {"k": rem.k, "class": PROXY_CLASS, "accuracy_floor": floor, "methods": out}
+
+
+def _erasures(task, model, inv, ggn, removed, chosen: dict, *, seed: int) -> dict:
+    """Every method's erasure of ``removed`` (positions in the draw) from ``model``."""
+    wd, data = task.weight_decay, task.data(removed)
+    units = _unit_states(task, model, inv, removed, seed=seed)
+    star = model.state_dict()
+    states = {name: {k: star[k] + _scale(name, chosen[name]) * (units[name][k] - star[k])
+                     for k in star} for name in units}
+    states[NEWTON] = ssse.newton_erase(model, task.loss_fn, data, inv_fisher=ggn,
+                                       n_total=task.n, weight_decay=wd,
+                                       likelihood=task.likelihood)
+    states[INFLUENCE] = ssse.influence_update(model, task.loss_fn, data,
+                                              retained=task.retained(removed), weight_decay=wd)
+    return states
+
+
+def _logits(model, state, data) -> np.ndarray:
+    if state is not None:
+        model = copy.deepcopy(model)
+        model.load_state_dict(state)
+    return outputs(model.eval(), data).numpy()
+
+
+def _one_draw(task, settings: dict, chosen: dict, r: int, *, seed: int,
+              damping: float) -> dict:
+    """Draw ``r``: per setting, the logits on S and the test accuracy of every row's model."""
+    must = torch.unique(torch.cat(list(settings.values())))
+    sub, idx = _draw(task, must, seed + r)
+    control, cidx = _draw(task, must, seed + 5_000 + r)
+    model, inv = _fit(sub, seed=seed, damping=damping)
+    ggn, _ = fit_ggn(sub, model)
+    test = task.ds.test()
+    out = {}
+    for setting, removed in settings.items():
+        at, data = _positions(idx, removed), task.data(removed)
+        models = {ORIGINAL: (model, None)}
+        for name, state in _erasures(sub, model, inv, ggn, at, chosen, seed=seed + r).items():
+            models[name] = (model, state)
+        models["retrained"] = (sub.train(sub.retained(at), seed=seed), None)
+        models[CONTROL] = (control.train(control.retained(_positions(cidx, removed)),
+                                         seed=seed), None)
+        logits = {name: _logits(m, s, data) for name, (m, s) in models.items()}
+        acc = {name: metrics.accuracy(torch.from_numpy(_logits(m, s, test)), test[1])
+               for name, (m, s) in models.items()}
+        out[setting] = {"logits": logits, "test_accuracy": acc}
+    return out
+
+
+def _settings(task, seed: int) -> dict:
+    """The removal sets (training indices): half of one class, and as many random samples of
+    the other classes."""
+    part = class_removal(task.ds.y_train, REMOVED_CLASS, FRACTION, seed=seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    pool = torch.nonzero(task.ds.y_train != REMOVED_CLASS).flatten()
+    rand = torch.sort(pool[torch.randperm(pool.numel(), generator=g)[:part.numel()]]).values
+    return {f"{int(FRACTION * 100)}% of class {REMOVED_CLASS}": part,
+            f"{part.numel()} random samples": rand}
+
+
+def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.float64,
+            progress: bool = True, data: str | None = None, data_dir=None,
+            repeats: int | None = None) -> dict:
+    """The experiment's numbers; ``repeats``: the number of draws R (models per family)."""
+    data = data or "digits"
+    if data != "digits":
+        raise ValueError(f"the forgetting experiment runs on digits, not {data}")
+    limits = {"train_limit": 400, "test_limit": 300} if quick else {}
+    models = repeats or (3 if quick else 64)
+    if models < 3:
+        raise ValueError(f"repeats must be at least 3 (models per family), got {models}")
+    task = make_task(data, data_dir=data_dir, seed=seed, device=device, dtype=dtype, **limits)
+    damping = DEFAULTS[data]["damping"]
+    grids = {name: eps_grid(lo, hi, 7 if quick else num)
+             for name, (_, (lo, hi, num)) in GRIDS.items()}
+    t0 = time.perf_counter()
+    proxy = choose(task, seed=seed, damping=damping, grids=grids)
+    chosen = {name: m["value"] for name, m in proxy["methods"].items()}
+    settings = _settings(task, seed)
+    draws = []
+    for r in range(models):
+        draws.append(_one_draw(task, settings, chosen, r, seed=seed, damping=damping))
+        if progress:
+            print(f"draw {r + 1}/{models}: {time.perf_counter() - t0:.0f} s", flush=True)
+    results = {"chosen": chosen, "proxy": proxy,
+               "settings": {s: _attack(draws, s, task.ds.y_train[removed].numpy())
+                            for s, removed in settings.items()},
+               "seconds": time.perf_counter() - t0}
+    config = {"data": data, "quick": quick, "seed": seed, "models": models, "n": task.n,
+              "n_test": int(task.ds.y_test.numel()), "keep": KEEP, "damping": damping,
+              "weight_decay": task.weight_decay, "grids": grids,
+              "hyperparameters": {name: h for name, (h, _) in GRIDS.items()},
+              "removed": {s: r.tolist() for s, r in settings.items()},
+              "fprs": list(DEFAULT_FPRS), "delta": 0.01,
+              "statistic": "logit-scaled confidence of the true class", **limits}
+    return {"config": config, "results": results}
+
+
+def _attack(draws: list, setting: str, labels: np.ndarray) -> dict:
+    """The forgetting test of every row against the retrained family."""
+    stack = {name: np.stack([d[setting]["logits"][name] for d in draws])
+             for name in draws[0][setting]["logits"]}
+    out = {}
+    for name in ROWS:
+        q = metrics.forgetting_quality(stack["retrained"], stack[name], labels)
+        v = metrics.forgetting_quality(stack["retrained"], stack[name], labels,
+                                       variance="per_sample")
+        acc_s = float(np.mean(stack[name].argmax(-1) == labels))
+        out[name] = {"tpr_at_fpr": {str(f): v for f, v in q["tpr_at_fpr"].items()},
+                     "auc": q["auc"], "epsilon": q["epsilon"],
+                     "forget_score": q["forget_score"],
+                     "per_sample_epsilon_median": float(np.median(q["per_sample_epsilon"])),
+                     "accuracy_S": acc_s,
+                     "test_accuracy": float(np.mean([d[setting]["test_accuracy"][name]
+                                                     for d in draws])),
+                     "decisions": q["decisions"],
+                     "per_sample_variance": {"tpr_at_fpr": {str(f): t for f, t in
+                                                            v["tpr_at_fpr"].items()},
+                                             "auc": v["auc"], "epsilon": v["epsilon"]}}
+    return {"k": int(labels.size), "rows": out}
+
+
+def table(r: dict) -> str:
+    c, res = r["config"], r["results"]
+    chosen = res["chosen"]
+    label = {name: f"{name} ({GRIDS[name][0]}={chosen[name]:.3g})" for name in chosen}
+    header = ["model", "TPR @ FPR 0.01", "TPR @ 0.05", "TPR @ 0.1", "AUC", "ε (δ=0.01)",
+              "F (challenge)", "median per-sample ε", "acc S", "acc test"]
+    text = (f"{c['data']} (n={c['n']}), L2 logistic regression; R={c['models']} draws per "
+            f"family, each training on S plus a random half of the other samples; attack: "
+            f"per-example likelihood ratio of Gaussian fits (U-LiRA) to the logit-scaled "
+            f"confidence of the true class, each model scored by fits to the other R-1 pairs; "
+            f"TPR/FPR pooled over R·k decisions. Hyperparameters chosen by argmin δ on a proxy "
+            f"removal (half of class {res['proxy']['class']}, own draw and retrain) within "
+            f"{MAX_ACCURACY_DROP:.0%} accuracy on D∖S. {res['seconds']:.0f} s.\n")
+    for setting, s in res["settings"].items():
+        rows = []
+        for name, q in s["rows"].items():
+            t = q["tpr_at_fpr"]
+            rows.append([label.get(name, name), t["0.01"], t["0.05"], t["0.1"], q["auc"],
+                         q["epsilon"], q["forget_score"], q["per_sample_epsilon_median"],
+                         q["accuracy_S"], q["test_accuracy"]])
+        text += f"\n## {setting} (k={s['k']})\n\n" + markdown_table(header, rows)
+    return text
+
+
+def figures(r: dict, out: Path) -> list[Path]:
+    """TPR at FPR 0.01 and ε per method, one group of bars per removal."""
+    res = r["results"]
+    settings = list(res["settings"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    width = 0.8 / len(settings)
+    x = np.arange(len(ROWS))
+    for i, setting in enumerate(settings):
+        rows = res["settings"][setting]["rows"]
+        tpr = [rows[n]["tpr_at_fpr"]["0.01"] for n in ROWS]
+        eps = [rows[n]["epsilon"] for n in ROWS]
+        axes[0].bar(x + i * width, tpr, width, label=setting)
+        finite = [e for e in eps if math.isfinite(e)]
+        cap = 1.2 * max(finite + [1.0])
+        bars = axes[1].bar(x + i * width, [min(e, cap) for e in eps], width, label=setting)
+        for b, e in zip(bars, eps):
+            if not math.isfinite(e):
+                axes[1].text(b.get_x() + b.get_width() / 2, b.get_height(), "∞", ha="center",
+                             va="bottom")
+    axes[0].axhline(0.01, color="k", ls="--", lw=0.8, label="chance (TPR = FPR)")
+    axes[0].set_ylabel("TPR at FPR 0.01 (lower: forgotten)")
+    axes[1].set_ylabel("ε (δ = 0.01; lower: forgotten)")
+    for ax in axes:
+        ax.set_xticks(x + width * (len(settings) - 1) / 2)
+        ax.set_xticklabels([n.replace(" (", "\n(") for n in ROWS], fontsize=7, rotation=30)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{r['config']['data']}: can U-LiRA tell erased from retrained models? "
+                 f"(R={r['config']['models']})")
+    path = Path(out) / "forgetting.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return [path]
+
+
+def run(*, out: Path = Path(f"results/{NAME}"), **kwargs) -> str:
+    """Runs the experiment (the options of :func:`compute`) and writes its results, table and
+    figure to ``out``; returns the table."""
+    return write_report(NAME, compute(**kwargs), table, figures, out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ssse.experiments.forgetting",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny settings (seconds), for tests")
+    p.add_argument("--models", type=int, default=None,
+                   help="draws R per family (default 64; --quick: 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path(f"results/{NAME}"))
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    print(run(out=a.out, quick=a.quick, seed=a.seed, repeats=a.models, progress=not a.quiet))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
