@@ -49,17 +49,23 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+#: The clocks of ``--clock``: wall time, or the process's CPU time (summed over its threads).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = CLOCKS["wall"]
+
+
 def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in seconds, after warm-up."""
+    """Median time of fn() in seconds on the clock chosen by ``--clock`` (wall time by
+    default), after warm-up."""
     for _ in range(warmup):
         fn()
     _sync(device)
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = _clock()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(_clock() - t0)
     return statistics.median(times)
 
 
@@ -286,7 +292,7 @@ def run_case(n: int, num_blocks: int, block: int, dtype, device, *, repeats: int
     layout = BlockLayout.fixed(d, block)
     flops = 4.0 * n * d * block
     row = {"n": n, "blocks": num_blocks, "B": block, "d": d, "dtype": str(dtype)[6:],
-           "device": str(device)}
+           "device": str(device), "machine": _describe(device)}
     if device.type == "cuda":
         row["kernels"] = ssse_ext.cuda_kernels()
 
@@ -407,18 +413,20 @@ def machine() -> dict:
 
 
 def _describe(device: torch.device) -> str:
-    m = machine()
+    """The processor a row was measured on: the GPU's name, or the CPU's model, the threads
+    and the instruction set of the CPU kernels (SSSE_CPU_ISA)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{m['cpu']}, {m['threads']} threads"
+    m = machine()
+    return f"{m['cpu']}, {m['threads']} threads, {ssse_ext.build_info()['cpu_isa']}"
 
 
 def format_table(rows: list[dict]) -> str:
     head = ("| case | dtype | kernels | build s | build GFLOP/s | matmul GFLOP/s | ratio | vs loop | "
             "vs closed form | update/matmul | apply/copy | apply kernel/copy | peak MB | "
-            "build err | closed-form err |")
+            "build err | closed-form err | machine |")
     # "refused": the result was above tolerance against float64, so it was not timed.
-    lines = [head, "|" + "---|" * 15]
+    lines = [head, "|" + "---|" * 16]
     def f(r, key, fmt):
         return "refused" if r.get(key) is None else format(r[key], fmt)
 
@@ -431,7 +439,8 @@ def format_table(rows: list[dict]) -> str:
             f"{f(r, 'speedup_vs_closed_form', '.2f')}x | {f(r, 'update_vs_matmul', '.2f')} | "
             f"{f(r, 'apply_vs_copy', '.2f')} | {f(r, 'apply_kernel_vs_copy', '.2f')} | "
             f"{f(r, 'build_peak_mb', '.0f')} | "
-            f"{r['build_rel_err']:.1e} | {f(r, 'closed_form_rel_err', '.1e')} |")
+            f"{r['build_rel_err']:.1e} | {f(r, 'closed_form_rel_err', '.1e')} | "
+            f"{r.get('machine', '-')} |")
     return "\n".join(lines)
 
 
@@ -451,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--damping", type=positive_float, default=1e-4)
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall (default) or cpu: the process's CPU time summed over its threads, "
+                        "for a machine shared with other processes; CPU only, and comparable "
+                        "with one thread (OMP_NUM_THREADS=1: torch's idle threads spin on CPU "
+                        "time)")
     p.add_argument("--kernels", default=None,
                    help="CUDA only: comma-separated kernel sets to time on each case, e.g. "
                         "simt,tc (default: the current set, see SSSE_CUDA_KERNELS)")
@@ -461,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(exc))
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda asked for but torch sees no CUDA device")
+    if device.type == "cuda" and args.clock != "wall":
+        p.error("--clock cpu measures CPU time; it needs --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         p.error(f"--device {args.device}: torch sees {torch.cuda.device_count()} CUDA devices")
     kernel_sets = [None]
@@ -486,7 +502,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
 
-    print(f"ssse_ext {ssse_ext.__version__} on {_describe(device)}; build: "
+    global _clock
+    previous, _clock = _clock, CLOCKS[args.clock]
+    try:
+        return _run(args, device, cases, dtypes, kernel_sets)
+    finally:
+        _clock = previous
+
+
+def _run(args, device: torch.device, cases, dtypes, kernel_sets) -> int:
+    """The cases of ``ssse bench`` (arguments checked), printed as a table."""
+    print(f"ssse_ext {ssse_ext.__version__} on {_describe(device)}; {args.clock} clock; build: "
           f"{ {k: v for k, v in ssse_ext.build_info().items() if k != 'version'} }", flush=True)
     rows = []
     for dtype in dtypes:
@@ -509,10 +535,12 @@ def main(argv: list[str] | None = None) -> int:
     print("\nratio = build GFLOP/s (4 n d B basis) / torch.matmul GFLOP/s; vs loop / vs closed form"
           " = speed-ups of the build; update/matmul = chunked Sherman-Morrison update rate / matmul;"
           " apply/copy = apply GB/s (public API) / copy GB/s; apply kernel/copy = the same for the"
-          " op alone; closed-form err = torch's closed form in the same dtype against float64.")
+          " op alone; closed-form err = torch's closed form in the same dtype against float64;"
+          " machine = the CPU (model, threads, kernel set) or GPU each row ran on.")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": _describe(device), "rows": rows}, f, indent=2)
+            json.dump({"machine": _describe(device), "clock": args.clock, "rows": rows}, f,
+                      indent=2)
     return 0
 
 

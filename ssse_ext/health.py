@@ -23,11 +23,20 @@ of a block cannot go below what rounding the block to its dtype leaves, about
 :math:`c_b\,u` with :math:`c_b` between 1 and its condition number
 (:meth:`FisherProbe.residuals`); it warns above :math:`\max(\sqrt{\epsilon}, 10\,c_b\,u)`, so
 that it flags drift and unstable recurrences, not conditioning (the condition warning's job).
+
+A full probe costs three products with the whole inverse (a third of a deletion request's work
+on a dense inverse). :meth:`FisherProbe.check` can also probe a few blocks only
+(:meth:`FisherProbe.sample`: the blocks worst against their threshold at the last full probe,
+then blocks drawn at random with a seeded generator), from a float64 copy of each, at a cost
+proportional to their size: what a request that is not written anywhere needs
+(:class:`ssse.Eraser`); an inverse is probed in full before it is written
+(:meth:`ssse_ext.BlockInverseFisher.to_state`).
 """
 
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Iterator
@@ -43,6 +52,7 @@ __all__ = [
     "Health",
     "HealthError",
     "HealthWarning",
+    "device_clock",
     "ill_conditioned_blocks",
     "tolerance",
 ]
@@ -53,6 +63,8 @@ U64 = torch.finfo(torch.float64).eps / 2
 DEFAULT_COLUMNS = 3
 #: A residual up to this many times the rounding floor of its block is rounding, not drift.
 FLOOR_FACTOR = 10
+#: Blocks a full probe remembers as the worst against their threshold (:attr:`FisherProbe.watch`).
+WATCH_BLOCKS = 64
 # Elements of float64 scratch per batch of blocks (32 MiB): the checks' extra memory is bounded.
 _ELEMENTS = 1 << 22
 
@@ -93,6 +105,19 @@ def _runs(layout: BlockLayout, blocks, width) -> Iterator[tuple[int, int, int, i
             n += 1
         yield i, b0, n, s
         i += n
+
+
+def device_clock(device) -> float:
+    """Seconds of a monotonic clock, read after the work queued on ``device`` (CUDA)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _mixed_seed(seed: int, draw: int) -> int:
+    """One seed of a generator from a probe's seed and a draw's number (distinct pairs give
+    distinct seeds while both are below 2**31)."""
+    return ((seed % (1 << 31)) << 31 | (draw % (1 << 31))) % (1 << 63)
 
 
 # ---- condition estimate ---------------------------------------------------------------------
@@ -177,18 +202,25 @@ class Health:
     tolerance: float
     columns: int
     floor: float = 0.0
+    #: The number of blocks probed when only some were (:meth:`FisherProbe.sample`); ``None``
+    #: for a full probe.
+    blocks: int | None = None
 
     @property
     def ok(self) -> bool:
         return self.residual <= self.tolerance
 
     def as_dict(self) -> dict:
-        return {"residual": self.residual, "block": self.block, "floor": self.floor,
-                "tolerance": self.tolerance, "vectors": self.columns}
+        out = {"residual": self.residual, "block": self.block, "floor": self.floor,
+               "tolerance": self.tolerance, "vectors": self.columns}
+        if self.blocks is not None:
+            out["blocks"] = self.blocks
+        return out
 
     def __str__(self) -> str:
+        where = "per block" if self.blocks is None else f"per block, {self.blocks} blocks"
         return (f"|F(F^-1 x) - x|/|x| = {self.residual:.1e} (block {self.block}, "
-                f"{self.columns} random x per block; rounding floor {self.floor:.0e}, "
+                f"{self.columns} random x {where}; rounding floor {self.floor:.0e}, "
                 f"threshold {self.tolerance:.1e})")
 
 
@@ -223,6 +255,15 @@ class FisherProbe:
                              f"{tuple(getattr(sketch, 'shape', ()))}")
         self.sketch = sketch
         self._x: torch.Tensor | None = None
+        #: The blocks worst against their threshold at the last full :meth:`check`, worst first
+        #: (at most :data:`WATCH_BLOCKS`; empty before the first).
+        self.watch: tuple[int, ...] = ()
+        #: Changes of the inverse followed (:meth:`follow`): the draw of a sampled probe.
+        self.changes = 0
+        # The verdict of the last full check since the last change (None: none since), and
+        # whether the inverse changed since the probe was made or loaded.
+        self.verdict: Health | None = None
+        self.changed = False
 
     @property
     def device(self) -> torch.device:
@@ -255,6 +296,29 @@ class FisherProbe:
             self.sketch[st:st + n * s] += sign * torch.einsum("mns,nmc->nsc", r, rx).reshape(
                 n * s, -1)
         return self
+
+    def follow(self, rows: torch.Tensor, sign: int) -> "FisherProbe":
+        """:meth:`add` for a change of the inverse (an update or downdate of the rows):
+        counted, and the inverse is probed in full before it is written
+        (:meth:`check_before_writing`)."""
+        self.add(rows, sign)
+        self.changes += 1
+        self.verdict, self.changed = None, True
+        return self
+
+    def check_before_writing(self, inv) -> None:
+        """Refuses (:class:`HealthError`) ``inv`` when it changed (:meth:`follow`) since the
+        probe was made or loaded and fails a full probe: the last one made since its last
+        change, else one made now. Requests may probe a few blocks only
+        (:class:`ssse.Eraser`); what is written is probed in full."""
+        if not self.changed:
+            return
+        verdict = self.verdict or self.check(inv, warn=False)
+        if not verdict.ok:
+            raise HealthError(
+                f"the inverse fails its health probe ({verdict}) after {self.changes} updates "
+                f"and downdates: it is not written (its downdates drifted, or a block was "
+                f"damaged); refit it on the remaining data")
 
     def add_gram(self, gram: torch.Tensor, blocks) -> "FisherProbe":
         r""":math:`S_b \mathrel{+}= G_b X_b` for ``blocks`` (increasing ids) from their packed
@@ -303,18 +367,91 @@ class FisherProbe:
             scale[b0:b0 + n] = (ff * aa).sqrt() / xx
         return res, scale
 
-    def check(self, inv, *, what: str = "", warn: bool = True) -> Health:
+    def block_residuals(self, inv, blocks) -> tuple[torch.Tensor, torch.Tensor]:
+        r""":meth:`residuals` of the blocks ``blocks`` only, in that order, each from a float64
+        copy of the block (``inv.dense_block``) with its products rounded to the inverse's dtype
+        as :meth:`residuals` rounds them: the same verdicts, at a cost proportional to the sizes
+        of the blocks probed."""
+        if inv.layout != self.layout:
+            raise ValueError("the probe was made for another block layout")
+        res = torch.empty(len(blocks), dtype=torch.float64)
+        scale = torch.empty_like(res)
+        x_all = self.x
+        for i, b in enumerate(blocks):
+            sl = self.layout.slice(b)
+            x = x_all[sl].to(inv.device)
+            fx = (inv.damping * x_all[sl] + self.sketch[sl] / inv.normalizer).to(inv.device)
+            a = inv.dense_block(b).to(torch.float64)
+
+            def product(v):  # as the kernels: float64 sums, the result in the inverse's dtype
+                return (a @ v.to(torch.float64)).to(inv.dtype).to(torch.float64)
+            hi = fx.to(inv.dtype)
+            y = product(hi) + product((fx - hi.to(torch.float64)).to(inv.dtype))
+            ax = product(x.to(inv.dtype))
+            sums = torch.stack([(y - x).pow(2).sum(), x.pow(2).sum(), fx.pow(2).sum(),
+                                ax.pow(2).sum()]).cpu()
+            res[i] = (sums[0] / sums[1]).sqrt()
+            scale[i] = (sums[2] * sums[3]).sqrt() / sums[1]
+        return res, scale
+
+    def _block_ids(self, blocks) -> list[int]:
+        """The blocks of ``check(blocks=...)``: :meth:`sample` of an int, else distinct ids of
+        the layout."""
+        if isinstance(blocks, int) and not isinstance(blocks, bool):
+            return list(self.sample(check_positive_int(blocks, "blocks"), self.changes))
+        ids = list(blocks)
+        nb = self.layout.num_blocks
+        if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < nb
+                   for b in ids) or len(set(ids)) != len(ids):
+            raise ValueError(f"blocks must be distinct block indices in [0, {nb}), got "
+                             f"{ids[:8]}")
+        return ids
+
+    def sample(self, count: int, draw: int) -> tuple[int, ...]:
+        """``count`` blocks to probe (all when the layout has no more), increasing: the
+        blocks worst at the last full :meth:`check` (:attr:`watch`, up to half of ``count``),
+        then blocks drawn uniformly from the others by a generator seeded with the probe's
+        seed and ``draw`` (e.g. the number of the request): the same draws on every run."""
+        count = check_positive_int(count, "count")
+        draw = check_int(draw, "draw")
+        nb = self.layout.num_blocks
+        if count >= nb:
+            return tuple(range(nb))
+        chosen = list(self.watch[:count // 2])
+        rest = torch.ones(nb, dtype=torch.bool)
+        rest[chosen] = False
+        others = torch.nonzero(rest).flatten()
+        gen = torch.Generator().manual_seed(_mixed_seed(self.seed, draw))
+        pick = torch.randperm(others.numel(), generator=gen)[:count - len(chosen)]
+        return tuple(sorted(chosen + others[pick].tolist()))
+
+    def check(self, inv, *, what: str = "", warn: bool = True, blocks=None) -> Health:
         r"""The :class:`Health` of ``inv``: the block whose residual is largest against its
         threshold, :math:`\max(\sqrt{\epsilon}, 10\,c_b\,u)` (:meth:`residuals`); with
-        ``warn``, a :class:`HealthWarning` with advice when it is above."""
-        res, scale = self.residuals(inv)
+        ``warn``, a :class:`HealthWarning` with advice when it is above.
+
+        ``blocks``: ``None`` probes every block (and records :attr:`watch` and the verdict
+        :meth:`check_before_writing` reads); an int ``m`` probes the ``m`` blocks of
+        :meth:`sample` (drawn with :attr:`changes`); a sequence probes those block ids
+        (:meth:`block_residuals`; :attr:`Health.blocks` says how many)."""
+        ids = None if blocks is None else self._block_ids(blocks)
+        if ids is not None and len(ids) == self.layout.num_blocks:
+            ids = None  # a sample of every block is the full probe, cheaper
+        res, scale = self.residuals(inv) if ids is None else self.block_residuals(inv, ids)
         tol = tolerance(inv.dtype)
+        count = None if ids is None else len(ids)
         if res.numel() == 0:
-            return Health(0.0, 0, tol, self.columns)
+            return Health(0.0, 0, tol, self.columns, blocks=count)
         u = torch.finfo(inv.dtype).eps / 2
         limit = torch.clamp(FLOOR_FACTOR * u * scale, min=tol)
-        b = int(torch.nan_to_num(res / limit, nan=math.inf).argmax())
-        health = Health(float(res[b]), b, float(limit[b]), self.columns, float(u * scale[b]))
+        ratio = torch.nan_to_num(res / limit, nan=math.inf)
+        i = int(ratio.argmax())
+        b = i if ids is None else ids[i]
+        health = Health(float(res[i]), b, float(limit[i]), self.columns, float(u * scale[i]),
+                        count)
+        if ids is None:
+            self.watch = tuple(torch.argsort(ratio, descending=True)[:WATCH_BLOCKS].tolist())
+            self.verdict = health
         if warn and not health.ok:
             fix = ("rebuild it (fit the inverse again on the remaining data)"
                    if inv.dtype == torch.float64 else
@@ -328,15 +465,25 @@ class FisherProbe:
         return health
 
     # ---- copies and files ----
+    def _carried(self, out: "FisherProbe", verdict: Health | None) -> "FisherProbe":
+        """``out`` with what this probe knows of the inverse's changes (a copy of an inverse
+        changed since its last full probe is probed before it is written too)."""
+        out.watch, out.changes, out.changed, out.verdict = \
+            self.watch, self.changes, self.changed, verdict
+        return out
+
     def clone(self) -> "FisherProbe":
-        return FisherProbe(self.layout, columns=self.columns, seed=self.seed,
-                           sketch=self.sketch.clone())
+        return self._carried(FisherProbe(self.layout, columns=self.columns, seed=self.seed,
+                                         sketch=self.sketch.clone()), self.verdict)
 
     def to(self, device) -> "FisherProbe":
+        """A copy on ``device`` (for the copy of an inverse on another device or in another
+        dtype, whose verdict is to be found anew)."""
         moved = self.sketch.to(device)
-        return FisherProbe(self.layout, columns=self.columns, seed=self.seed,
-                           sketch=moved.clone() if moved.data_ptr() == self.sketch.data_ptr()
-                           else moved)
+        return self._carried(FisherProbe(
+            self.layout, columns=self.columns, seed=self.seed,
+            sketch=moved.clone() if moved.data_ptr() == self.sketch.data_ptr() else moved),
+            None)
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Tensors (``probe.sketch``) and metadata (``columns``, ``seed``)."""

@@ -15,7 +15,7 @@ import torch
 
 from .blocks import DenseStore, file_prefix, get_store
 from .budget import AVAILABLE_MEMORY_ENV, COPY_REMEDIES, check_memory, format_bytes
-from .health import FisherProbe, Health
+from .health import FisherProbe, Health, device_clock
 from .layout import BlockLayout
 from .lowrank import LowRankChange, check_change_memory
 from .validation import (FLOAT_DTYPES, check_choice, check_dtype, check_finite_float,
@@ -359,8 +359,8 @@ class BlockInverseFisher:
         return out.view(-1) if vec else out
 
     # ---- updates ----
-    def _change(self, grads, sign: int, method: str, chunk_size: int | None
-                ) -> "BlockInverseFisher":
+    def _change(self, grads, sign: int, method: str, chunk_size: int | None,
+                timings: dict | None) -> "BlockInverseFisher":
         check_choice(method, "method", UPDATE_METHODS)
         chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
         if method == "woodbury" and chunk_size is None:
@@ -373,17 +373,23 @@ class BlockInverseFisher:
                             method=method)
         # Every store checks all of its blocks before any store writes: a refusal leaves the
         # inverse as it was, without a copy of it (the writes cannot fail).
+        clock = (lambda: device_clock(self.device)) if timings is not None else float
+        t0 = clock()
         plans = [store.check_change(rows, sign, method=method, chunk_size=chunk_size, what=what)
                  for store in self._stores]
+        t1 = clock()
         for store, plan in zip(self._stores, plans):
             store.write(plan)
+        t2 = clock()
         self.num_samples += sign * rows.shape[0]
         if self.probe is not None:
-            self.probe.add(rows, sign)
+            self.probe.follow(rows, sign)
+        if timings is not None:
+            timings.update(check=t1 - t0, write=t2 - t1, probe=clock() - t2)
         return self
 
-    def update(self, grads, *, method: str = "woodbury",
-               chunk_size: int | None = None) -> "BlockInverseFisher":
+    def update(self, grads, *, method: str = "woodbury", chunk_size: int | None = None,
+               timings: dict | None = None) -> "BlockInverseFisher":
         r"""Adds rows: every block becomes :math:`(F_b + \frac{1}{N}\sum_j g_j g_j^\top)^{-1}`.
 
         Args:
@@ -392,37 +398,46 @@ class BlockInverseFisher:
                 ``"sherman_morrison"`` (literal rank-1 recurrence of paper eq. 7), for the
                 stores that rewrite dense inverses.
             chunk_size: rows per kernel call (default 1024; the kernels work through them in
-                rank-64 steps).
+                rank-64 steps; a dense store on the CPU that rewrites its blocks from the
+                factors of its check does all rows at once).
+            timings: a dict that receives the seconds of the check of every block
+                (``"check"``), of the writes (``"write"``) and of the probe's update
+                (``"probe"``).
 
         Raises:
             NotPositiveDefiniteError: a denominator lost positivity (the inverse is unchanged).
         """
-        return self._change(grads, +1, method, chunk_size)
+        return self._change(grads, +1, method, chunk_size, timings)
 
-    def downdate(self, grads, *, method: str = "woodbury",
-                 chunk_size: int | None = None) -> "BlockInverseFisher":
+    def downdate(self, grads, *, method: str = "woodbury", chunk_size: int | None = None,
+                 timings: dict | None = None) -> "BlockInverseFisher":
         r"""Removes rows that were added: with the normaliser :math:`N` fixed, the blocks
         become :math:`(\lambda I + \frac{1}{N}\sum_{i \notin R} g_i g_i^\top)^{-1}` (the
-        leave-k-out Fisher) using only the removed rows :math:`R`.
+        leave-k-out Fisher) using only the removed rows :math:`R`. ``method``, ``chunk_size``
+        and ``timings``: as for :meth:`update`.
 
         Raises:
             NotPositiveDefiniteError, RowNotFoundError: the result would not be positive
                 definite, or a store that keeps its rows does not find one (the rows were
                 never added, say); the inverse is unchanged.
         """
-        return self._change(grads, -1, method, chunk_size)
+        return self._change(grads, -1, method, chunk_size, timings)
 
-    def health(self, *, what: str = "", warn: bool = True) -> Health | None:
+    def health(self, *, what: str = "", warn: bool = True, blocks=None) -> Health | None:
         r"""How far this inverse is from the exact inverse of its Fisher:
         :math:`\max_b \lVert F^{-1}_{\mathrm{stored}} (F X_b) - X_b\rVert / \lVert X_b\rVert` on
         the probe's random vectors (:class:`~ssse_ext.health.FisherProbe`, kept exact in float64
         through every update and downdate); ``None`` without a probe. With ``warn``, a
         :class:`~ssse_ext.health.HealthWarning` when a block's residual is above
         :math:`\max(\sqrt{\epsilon}, 10\times` what rounding it to its dtype explains)
-        (:meth:`~ssse_ext.health.FisherProbe.check`). Costs three products with the inverse."""
+        (:meth:`~ssse_ext.health.FisherProbe.check`).
+
+        ``blocks``: ``None`` probes every block (three products with the whole inverse); an
+        int or a sequence of block ids probes only some, at the cost of a float64 copy and
+        three products of each (:meth:`~ssse_ext.health.FisherProbe.check`)."""
         if self.probe is None:
             return None
-        return self.probe.check(self, what=what, warn=warn)
+        return self.probe.check(self, what=what, warn=warn, blocks=blocks)
 
     # ---- copies and moves ----
     def _probe_nbytes(self) -> int:
@@ -515,10 +530,15 @@ class BlockInverseFisher:
                          detail=f"the {format_bytes(copy)} copy on {target}",
                          remedies=remedies)
 
-    def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+    def to_state(self, *, check: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
         """Tensors and plain metadata describing this inverse (for safetensors files): per
         store, its name, its blocks (as ``[first, last)`` ranges) and its own metadata under
-        ``stores``, its tensors named ``<prefix>.<name>`` (e.g. ``packed.0``, ``dual.g``)."""
+        ``stores``, its tensors named ``<prefix>.<name>`` (e.g. ``packed.0``, ``dual.g``).
+        With ``check``, an inverse changed since it was made or loaded is refused
+        (:class:`~ssse_ext.HealthError`) unless it passes a full health probe
+        (:meth:`~ssse_ext.health.FisherProbe.check_before_writing`)."""
+        if check and self.probe is not None:
+            self.probe.check_before_writing(self)
         meta = {"damping": self.damping, "normalizer": self.normalizer,
                 "num_samples": self.num_samples, "layout": self.layout.to_dict(),
                 "dtype": str(self.dtype).removeprefix("torch."), "curvature": self.curvature,

@@ -69,8 +69,9 @@ def test_requests_match_a_fresh_fit_where_dense_drifts(dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert exact.health().ok
-    # the control: the dense store on the same sequence is far outside the contract
-    assert worst_dense > 100 * EXACT[dtype], (worst_dense, refused)
+    # the control: the dense store on the same sequence is far outside the contract (in
+    # float64 its drift is about 1e-8 whichever order its products round in)
+    assert worst_dense > 50 * EXACT[dtype], (worst_dense, refused)
     if dtype == torch.float32:
         assert worst_dense > 1e-3
 

@@ -1,6 +1,8 @@
 // Single-threaded dense linear algebra in float64 used by the CPU kernels: a packed, cache-blocked
-// GEMM over strided (and possibly float32) operands, a recursive Cholesky factorisation and the
-// Cholesky-based inverse of a symmetric positive definite matrix. Callers parallelise over blocks.
+// GEMM over strided (and possibly float32) operands, the lower part of a Gram matrix, recursive
+// triangular solves, Cholesky factorisation and the Cholesky-based inverse of a symmetric positive
+// definite matrix. Callers parallelise over blocks. Each function runs the implementation of the
+// instruction set chosen at run time (microkernel.h: generic, AVX2 or AVX-512).
 #pragma once
 #include <cstdint>
 #include <exception>
@@ -16,6 +18,19 @@ template <typename TA, typename TB>
 void gemm(int64_t M, int64_t N, int64_t K, double alpha, const TA* a, int64_t a_rs, int64_t a_cs,
           const TB* b, int64_t b_rs, int64_t b_cs, double beta, double* c, int64_t ldc,
           bool lower_only = false);
+
+// C[M, N] (ldc) = beta C + alpha A S with A as in gemm and S symmetric [N, N], read from its
+// lower triangle only (s, lds): its upper triangle may hold anything.
+template <typename TA>
+void gemm_symmetric_b(int64_t M, int64_t N, double alpha, const TA* a, int64_t a_rs, int64_t a_cs,
+                      const double* s, int64_t lds, double beta, double* c, int64_t ldc);
+
+// C(i, j) += sum_k X(k, i) X(k, j) for j0 <= j < j1 and j <= i < s: the lower part of columns
+// [j0, j1) of the Gram matrix X^T X, X(k, i) = x[k ldx + i] (K x s), C row-major (ldc). Every
+// element of X is read once, converted to float64 once per pass, and serves as both operands.
+template <typename T>
+void gram_lower(int64_t s, int64_t j0, int64_t j1, int64_t K, const T* x, int64_t ldx, double* c,
+                int64_t ldc);
 
 // In-place lower Cholesky factor of the SPD matrix a[n, n] (lda): reads and writes the lower
 // triangle only. Returns 0 on success, else j + 1 where the leading minor of order j + 1 is not

@@ -1,7 +1,9 @@
 #include "gram.h"
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 #include "../common.h"
@@ -10,9 +12,11 @@
 namespace ssse::cpu {
 
 namespace {
-// Width of the column panels of a Gram block handed to one thread: small enough that a single
-// large block still spreads over every thread, large enough to keep GEMM panels efficient.
-constexpr int64_t kPanel = 192;
+// Column ranges of a Gram block handed to one thread: about 4 per thread over all blocks (a
+// single large block still spreads over every thread and the dynamic schedule balances), each
+// at least kMinWidth columns wide. Each range reads the block's columns right of its start once.
+constexpr int64_t kMinWidth = 96;
+constexpr int64_t kTasksPerThread = 4;
 
 struct GramTask {
   int64_t block;
@@ -21,6 +25,23 @@ struct GramTask {
   int64_t cost;
 };
 
+// [j0, j1) ranges of about equal work (lower-triangle entries) covering [0, s).
+std::vector<std::pair<int64_t, int64_t>> column_ranges(int64_t s, int64_t parts) {
+  parts = std::max<int64_t>(1, std::min(parts, s / kMinWidth));
+  std::vector<std::pair<int64_t, int64_t>> out;
+  int64_t j0 = 0;
+  for (int64_t t = 1; t <= parts && j0 < s; ++t) {
+    // the first j1 columns hold t/parts of the triangle: 1 - (1 - j1/s)^2 = t/parts; cuts at
+    // multiples of 8
+    const double cut = s * (1.0 - std::sqrt(1.0 - double(t) / double(parts)));
+    int64_t j1 = t == parts ? s : 8 * static_cast<int64_t>(std::llround(cut / 8.0));
+    j1 = std::min(s, std::max(j1, j0 + 8));
+    out.emplace_back(j0, j1);
+    j0 = j1;
+  }
+  return out;
+}
+
 }  // namespace
 
 template <typename T>
@@ -28,13 +49,16 @@ void gram_accumulate(const T* grads, int64_t m, int64_t d, const int64_t* layout
                      int64_t num_blocks, double* gram, int threads) {
   if (m <= 0 || num_blocks <= 0) return;
   const BlockSpec* blocks = as_blocks(layout);
+  double total = 0.0;
+  for (int64_t b = 0; b < num_blocks; ++b) total += double(blocks[b].size) * blocks[b].size;
+  const double per_task = threads > 1 ? total / double(kTasksPerThread * threads) : total;
   std::vector<GramTask> tasks;
   for (int64_t b = 0; b < num_blocks; ++b) {
     const int64_t s = blocks[b].size;
-    for (int64_t j0 = 0; j0 < s; j0 += kPanel) {
-      const int64_t j1 = std::min(s, j0 + kPanel);
-      tasks.push_back({b, j0, j1, (s - j0) * (j1 - j0)});
-    }
+    if (s <= 0) continue;
+    const auto parts = static_cast<int64_t>(std::ceil(double(s) * s / std::max(per_task, 1.0)));
+    for (const auto& [j0, j1] : column_ranges(s, parts))
+      tasks.push_back({b, j0, j1, (j1 - j0) * (2 * s - j0 - j1)});
   }
   // Largest first, so the dynamic schedule ends with small tasks and balances well.
   std::stable_sort(tasks.begin(), tasks.end(),
@@ -42,11 +66,9 @@ void gram_accumulate(const T* grads, int64_t m, int64_t d, const int64_t* layout
   parallel_for(static_cast<int64_t>(tasks.size()), threads, [&](int64_t t) {
     const GramTask& task = tasks[static_cast<size_t>(t)];
     const BlockSpec& blk = blocks[task.block];
-    const int64_t s = blk.size;
-    const T* x = grads + blk.start + task.j0;
-    // C[j0:s, j0:j1] += X[:, j0:s]^T X[:, j0:j1]; lower_only masks the diagonal tile.
-    gemm<T, T>(s - task.j0, task.j1 - task.j0, m, 1.0, x, 1, d, x, d, 1, 1.0,
-               gram + blk.offset + task.j0 * s + task.j0, s, /*lower_only=*/true);
+    // gram_b[j0:s, j0:j1] += X_b[:, j0:s]^T X_b[:, j0:j1], lower part
+    gram_lower<T>(blk.size, task.j0, task.j1, m, grads + blk.start, d, gram + blk.offset,
+                  blk.size);
   });
 }
 

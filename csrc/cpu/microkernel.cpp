@@ -7,7 +7,7 @@ namespace ssse::cpu::detail {
 
 namespace {
 const MicroKernel& choose() {
-  // SSSE_CPU_ISA=generic|avx2|avx512 forces a kernel (for tests and benchmarks).
+  // SSSE_CPU_ISA=generic|avx2|avx512 forces a kernel set (for tests and benchmarks).
   const char* forced = std::getenv("SSSE_CPU_ISA");
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();

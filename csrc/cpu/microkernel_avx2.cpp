@@ -1,9 +1,17 @@
-// Compiled with -mavx2 -mfma (see CMakeLists.txt): 4 x 12 doubles = 12 ymm accumulators.
+// Compiled with -mavx2 -mfma (see CMakeLists.txt): register tiles of 4 x 12 doubles (12 ymm
+// accumulators), slabs 256 deep, packed B blocks of 240 columns (480 KiB, for L2s from 512 KiB).
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
 #include "microkernel.h"
 
 namespace ssse::cpu::detail {
 namespace {
 #include "microkernel_impl.inc"
+#include "dense_impl.inc"
 }  // namespace
-const MicroKernel kMicroKernelAvx2 = {4, 12, &micro_kernel_impl<4, 12>, "avx2"};
+SSSE_DEFINE_MICRO_KERNEL(kMicroKernelAvx2, "avx2", 4, 12, 256, 96, 240, 256)
 }  // namespace ssse::cpu::detail

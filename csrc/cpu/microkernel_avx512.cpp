@@ -1,9 +1,17 @@
-// Compiled with -mavx512f -mfma (see CMakeLists.txt): 8 x 24 doubles = 24 zmm accumulators.
+// Compiled with -mavx512f -mfma (see CMakeLists.txt): register tiles of 8 x 24 doubles (24 zmm
+// accumulators), slabs 256 deep, packed B blocks of 480 columns (960 KiB, for L2s of 1-2 MiB).
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
 #include "microkernel.h"
 
 namespace ssse::cpu::detail {
 namespace {
 #include "microkernel_impl.inc"
+#include "dense_impl.inc"
 }  // namespace
-const MicroKernel kMicroKernelAvx512 = {8, 24, &micro_kernel_impl<8, 24>, "avx512"};
+SSSE_DEFINE_MICRO_KERNEL(kMicroKernelAvx512, "avx512", 8, 24, 256, 96, 480, 256)
 }  // namespace ssse::cpu::detail

@@ -71,7 +71,8 @@ void sherman_morrison_chunk(T* inv, const int64_t* layout, int64_t num_blocks, c
     if (m == 0) return;
     T* f = inv + blk.offset;
     // The block in float64 for the whole call (float32 storage is converted once, not once
-    // per rank-m step), kept full and symmetric between steps.
+    // per rank-m step). Between steps only its lower triangle is kept (the products with it
+    // read that triangle only); it is written in full, symmetric, at the end.
     std::vector<double> copy;
     double* fw;
     if constexpr (std::is_same_v<T, double>) {
@@ -86,7 +87,7 @@ void sherman_morrison_chunk(T* inv, const int64_t* layout, int64_t num_blocks, c
       const int64_t mt = std::min(kStepRows, m - r0);
       const T* x = grads + r0 * d + blk.start;  // X = G_t^T: [mt, s] with leading dimension d
       // U^T = X F^{-1} (F^{-1} symmetric); C = N I + sign X U.
-      gemm<T, double>(mt, s, s, 1.0, x, d, 1, fw, s, 1, 0.0, ut.data(), s);
+      gemm_symmetric_b<T>(mt, s, 1.0, x, d, 1, fw, s, 0.0, ut.data(), s);
       gemm<T, double>(mt, mt, s, static_cast<double>(sign), x, d, 1, ut.data(), 1, s, 0.0,
                       c.data(), mt);
       for (int64_t i = 0; i < mt; ++i) {
@@ -97,13 +98,14 @@ void sherman_morrison_chunk(T* inv, const int64_t* layout, int64_t num_blocks, c
       }
       if (int64_t code = potrf_lower(mt, c.data(), mt)) {
         info[b] = r0 + code;  // float32 blocks are left unchanged; float64 ones part-updated
+        if constexpr (std::is_same_v<T, double>) symmetrize_from_lower(s, fw, s);
         return;
       }
       trsm_left_lower(mt, s, c.data(), mt, ut.data(), s);  // W^T = L^{-1} U^T
       gemm<double, double>(s, s, mt, -static_cast<double>(sign), ut.data(), 1, s, ut.data(), s,
                            1, 1.0, fw, s, true);
-      symmetrize_from_lower(s, fw, s);
     }
+    symmetrize_from_lower(s, fw, s);
     if constexpr (!std::is_same_v<T, double>) {
       for (int64_t i = 0; i < s * s; ++i) f[i] = static_cast<T>(fw[i]);
     }

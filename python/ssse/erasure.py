@@ -12,7 +12,6 @@ with :math:`F_D` the block-diagonal damped empirical Fisher of the training set 
 from __future__ import annotations
 
 import os
-import uuid
 
 import torch
 from torch import nn
@@ -34,7 +33,9 @@ from .rows import check_autocast, likelihood_of_data, row_stream, stacked_rows
 from .sharded_fit import agreed_likelihood, fit_samples
 from .io import fingerprint
 from .ledger import Ledger, check_ids, record
-from .newton import newton_refined, rows_of
+from .newton import newton_refined
+from .requests import (DEFAULT_PROBE_BLOCKS, StageTimer, check_probe_blocks, group_means,
+                       request_ids, request_rows)
 
 __all__ = ["ssse_update", "Eraser", "FISHER_VARIANTS", "GRADIENT_VARIANTS", "check_ssse_settings",
            "group_means"]
@@ -43,13 +44,6 @@ __all__ = ["ssse_update", "Eraser", "FISHER_VARIANTS", "GRADIENT_VARIANTS", "che
 FISHER_VARIANTS = ("full", "leave_k_out")
 #: ``"removed"``: the summed gradient of S (the paper); ``"retained"``: minus that of D \ S.
 GRADIENT_VARIANTS = ("removed", "retained")
-
-
-def group_means(rows: torch.Tensor, b: int) -> torch.Tensor:
-    """Mean of consecutive groups of ``b`` rows (a last, smaller group gives its own mean)."""
-    if b == 1:
-        return rows
-    return torch.stack([rows[i:i + b].mean(0) for i in range(0, rows.shape[0], b)])
 
 
 def _removed_rows(fm: FlatModel, loss_fn, removed, *, weight_decay: float, dtype,
@@ -223,9 +217,20 @@ class Eraser:
     (:class:`ssse.ledger.Ledger` or a path), ids are required and every request is appended
     to it (:func:`ssse.ledger.record`: ids hash, method, fingerprints of the model and the
     inverse before and after, health probe); request ids and sample ids already in the
-    ledger are refused. After every downdate the health probe of the inverse
-    (:meth:`ssse_ext.BlockInverseFisher.health`) is computed, recorded, and warned about when
-    above the dtype's tolerance.
+    ledger are refused.
+
+    **Health probe.** After every downdate the inverse's health probe
+    (:meth:`ssse_ext.BlockInverseFisher.health`) is computed, recorded and warned about when
+    above the dtype's tolerance. A full probe costs three products with the whole inverse, as
+    much again as the rest of a request on a dense inverse, so a request probes
+    ``probe_blocks`` blocks: the worst at the inverse's last full probe (up to half), then
+    blocks drawn by a generator seeded with the probe's seed and the inverse's count of
+    changes (the same on every run): 32 of a ResNet's 2,700 blocks of 256 cost about 1 % of a
+    full probe. Probed in full always: every request with a ledger, before and after (its line
+    says the request was served by a sound inverse), and the inverse before it is written
+    (:meth:`ssse_ext.BlockInverseFisher.to_state`, hence :func:`ssse.io.save_inverse_fisher`
+    and the files of :mod:`ssse.service`): one that changed since its last full probe is
+    probed then, and refused (:class:`ssse_ext.HealthError`) when it fails.
 
     Args:
         model: the trained model (:math:`\theta^*`); written only by ``erase(..., inplace=True)``.
@@ -239,6 +244,8 @@ class Eraser:
         dtype, device: of the inverse (default: the model's).
         ledger: an append-only record of the requests (a :class:`ssse.ledger.Ledger` or a
             file path), or ``None``.
+        probe_blocks: blocks probed after a request without a ledger (default
+            :data:`ssse.requests.DEFAULT_PROBE_BLOCKS`); ``None``: every block.
         comm: a :class:`ssse.comm.Comm` of several processes serves the requests together
             (every method collective): :meth:`fit` and :meth:`erase` take this rank's share of
             the samples, the inverse is sharded (:mod:`ssse.sharded_erase`); refused there:
@@ -254,6 +261,8 @@ class Eraser:
         erased_ids: the ids erased so far (by requests that gave ids).
         last_request: the record of the last request that gave ids
             (:func:`ssse.ledger.record`; the fingerprints only with a ledger).
+        last_timings: seconds of the stages of the last request (:data:`ssse.requests.STAGES`
+            and ``"total"``; on CUDA after the kernels each stage queued).
     """
 
     def __init__(self, model: nn.Module, loss_fn, *, damping: float,
@@ -263,7 +272,8 @@ class Eraser:
                  max_memory: int | None = None, curvature="empirical",
                  likelihood=None, mc_samples: int = 1,
                  representation: str | None = None, ledger=None, comm=None, params=None,
-                 autocast=None):
+                 autocast=None, probe_blocks: int | None = DEFAULT_PROBE_BLOCKS):
+        self.probe_blocks = check_probe_blocks(probe_blocks)
         _configure(self, model, loss_fn, damping=damping, block_size=block_size,
                    layout=layout, weight_decay=weight_decay, minibatch=minibatch, dtype=dtype,
                    device=device, chunk_size=chunk_size, max_memory=max_memory,
@@ -291,6 +301,7 @@ class Eraser:
         self.history: list[tuple[int, float | None]] = []
         self.erased_ids: set = set()
         self.last_request: dict | None = None
+        self.last_timings: dict[str, float] = {}
         self._train_ids = None
         self._inverse_fp: str | None = None
 
@@ -357,29 +368,17 @@ class Eraser:
         return self
 
     def rows_and_gradient(self, removed) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows whose downdate takes ``removed`` back out of the inverse, and the summed
-        gradient, both at theta*."""
-        budget = request_budget(self.inv_fisher.nbytes, self._fm.device, self.max_memory)
-        source, scale = self._curvature.for_removal(mc_samples=self.mc_samples)
-        rows = rows_of(self._fm, self.loss_fn, removed, curvature=source, dtype=self.dtype,
-                       likelihood=self.likelihood, weight_decay=self.weight_decay,
-                       params=self._star, max_memory=budget,
-                       autocast=self.autocast).to(self.device)
-        if source.rows_are_gradients and scale == 1:
-            v = rows.sum(0)
-        else:
-            v = gradient_sum(self.model, self.loss_fn, removed, weight_decay=self.weight_decay,
-                             dtype=self.dtype, params=self._star, name="removed")[0]
-        if scale != 1:
-            # a random curvature's expected rows, weighed as its draws were in the fit
-            rows = rows * scale
-        return group_means(rows, self.minibatch), v.to(self.device)
+        """The rows whose downdate takes ``removed`` (a list of batches) back out of the
+        inverse, and the summed gradient, both at theta* (:func:`ssse.requests.request_rows`:
+        one batched pass when it fits the request's memory budget)."""
+        return request_rows(self, removed)
 
     @classmethod
     def restore(cls, model: nn.Module, loss_fn, inv_fisher: ssse_ext.BlockInverseFisher, *,
                 n: int, theta_star: torch.Tensor | None = None, train_ids=None, erased=(),
                 weight_decay: float = 0.0, minibatch: int = 1, likelihood=None,
-                mc_samples: int = 1, ledger=None, comm=None) -> "Eraser":
+                mc_samples: int = 1, ledger=None, comm=None,
+                probe_blocks: int | None = None) -> "Eraser":
         r"""An Eraser that carries on from a saved state instead of fitting.
 
         Args:
@@ -388,6 +387,9 @@ class Eraser:
                 constructor; with several processes ``inv_fisher`` is this rank's
                 :class:`~ssse.sharding.ShardedInverseFisher` (e.g. from
                 :func:`ssse.sharding.load_sharded`) and ``n`` counts all ranks' samples.
+            probe_blocks: as for the constructor, but every block by default: an inverse
+                carried on from a file is usually written back after each request, which
+                probes it in full anyway (:meth:`ssse_ext.BlockInverseFisher.to_state`).
             inv_fisher: the current inverse; its damping, layout, curvature, dtype and device
                 are the Eraser's.
             n: the number of training samples left.
@@ -409,7 +411,7 @@ class Eraser:
                    weight_decay=weight_decay, minibatch=minibatch, dtype=inv_fisher.dtype,
                    device=inv_fisher.device, curvature=inv_fisher.curvature,
                    likelihood=likelihood, mc_samples=mc_samples, ledger=ledger, comm=comm,
-                   params=None if selection is None else fm.names)
+                   params=None if selection is None else fm.names, probe_blocks=probe_blocks)
         if theta_star is None:
             star = fm.flat(dtype=self.dtype)
         elif not isinstance(theta_star, torch.Tensor) or tuple(theta_star.shape) != (fm.dim,) \
@@ -423,34 +425,6 @@ class Eraser:
         self._train_ids = range(n + len(erased)) if train_ids is None else train_ids
         self.erased_ids = erased
         return self
-
-    def _check_ids(self, ids, k: int, request_id) -> tuple[list | None, str | None]:
-        """The request's sample ids and request id, checked before anything changes."""
-        if ids is None:
-            if self.ledger is not None:
-                raise ValueError("ids must be given: the Eraser records its requests in a "
-                                 "ledger, by sample id")
-            if request_id is not None:
-                raise ValueError("request_id needs ids")
-            return None, None
-        ids = check_ids(ids)
-        if len(ids) != k:
-            raise ValueError(f"ids must hold one id per removed sample ({k}), got {len(ids)}")
-        if request_id is None:
-            request_id = uuid.uuid4().hex
-        elif not isinstance(request_id, str) or not request_id.strip():
-            raise TypeError(f"request_id must be a non-empty string, got {request_id!r}")
-        strangers = [i for i in ids if i not in self._train_ids]
-        if strangers:
-            raise ValueError(f"{len(strangers)} of the ids were never part of the training set "
-                             f"(e.g. {strangers[:5]}): refused, nothing was changed")
-        again = sorted(set(ids) & self.erased_ids)
-        if again:
-            raise ValueError(f"{len(again)} of the ids were already erased (e.g. {again[:5]}): "
-                             "refused, nothing was changed")
-        if self.ledger is not None:
-            self.ledger.check(request_id, ids)
-        return ids, request_id
 
     def erase(self, removed, *, ids=None, request_id: str | None = None,
               epsilon: float | None = None, fisher: str = "full", refine_steps: int = 0,
@@ -507,14 +481,18 @@ class Eraser:
                                inplace)
 
     def _erase(self, batches, k, ids, request_id, epsilon, fisher, refine_steps, inplace):
-        ids, request_id = self._check_ids(ids, k, request_id)
-        if self.ledger is not None:
+        ids, request_id = request_ids(ids, k, request_id, train_ids=self._train_ids,
+                                      erased=self.erased_ids, ledger=self.ledger)
+        keep, timer = self.ledger is not None, StageTimer(self.device)
+        if keep:
             before = self.inv_fisher.health(warn=False)
             if before is not None and not before.ok:
                 raise ssse_ext.HealthError(
                     f"inv_fisher fails its health probe before request {request_id!r} "
                     f"({before}): nothing was changed; refit the inverse")
+            timer.lap("ledger")
         rows, v = self.rows_and_gradient(batches)
+        timer.lap("rows")
         # No copy of the inverse: the step is computed first (the leave-k-out curvature applied
         # on the fly), then the downdate, which checks every block before it writes any, so an
         # error at either point leaves everything unchanged. Extra memory: O(k d).
@@ -532,45 +510,62 @@ class Eraser:
                 without=rows if fisher == "leave_k_out" else None)
         if not bool(torch.isfinite(theta).all()):
             raise FloatingPointError("the erasure produced NaN or Inf; nothing was changed")
-        keep = self.ledger is not None
-        model_before = fingerprint(self._fm.state_dict_with(self.theta)) if keep else None
-        if keep and self._inverse_fp is None:
-            self._inverse_fp = fingerprint(self.inv_fisher.to_state()[0])
-        self.inv_fisher.downdate(rows)
+        timer.lap("apply")
+        model_before = None
+        if keep:
+            model_before = fingerprint(self._fm.state_dict_with(self.theta))
+            if self._inverse_fp is None:
+                self._inverse_fp = fingerprint(self.inv_fisher.to_state()[0])
+            timer.lap("ledger")
+        seconds: dict = {}
+        self.inv_fisher.downdate(rows, timings=seconds)
+        timer.add(seconds, rest="check")
         old_theta, old_n = self.theta, self.n
         state = finish_update(self._fm, theta, inplace=inplace, what="the erasure")
         self.theta, self.n = theta, self.n - k
+        timer.lap("apply")
+        # a ledger line says the request was served by a sound inverse: probed in full there
         health = self.inv_fisher.health(what=f"request {request_id or len(self.history) + 1}",
-                                        warn=not keep)
+                                        warn=not keep, blocks=None if keep else self.probe_blocks)
+        timer.lap("probe")
         if keep and health is not None and not health.ok:
-            # a ledger line says the request was served by a sound inverse: never record one
-            # served by an inverse that fails its probe
+            # never record a request served by an inverse that fails its probe
             self._undo(rows, old_theta, old_n, inplace)
             raise ssse_ext.HealthError(
                 f"inv_fisher fails its health probe after request {request_id!r} ({health}): "
                 "the request was undone and not recorded; refit the inverse")
         if ids is not None:
-            entry = record(request_id, ids, method="newton" if epsilon is None else "ssse",
-                           epsilon=epsilon, fisher=None if epsilon is None else fisher,
-                           curvature=self.curvature, refine_steps=refine_steps,
-                           n_before=old_n, n_after=self.n,
-                           health=None if health is None else health.as_dict())
-            if keep:
-                inverse_after = fingerprint(self.inv_fisher.to_state()[0])
-                entry.update(model_before=model_before, model_after=fingerprint(state),
-                             inverse_before=self._inverse_fp, inverse_after=inverse_after)
-                try:
-                    self.ledger.append(entry)
-                except OSError as exc:
-                    self._undo(rows, old_theta, old_n, inplace)
-                    raise OSError(f"the ledger {self.ledger.path} could not be written ({exc}); "
-                                  "the request was undone (the inverse updated back with its "
-                                  "rows, equal up to rounding)") from exc
-                self._inverse_fp = inverse_after
-            self.erased_ids.update(ids)
-            self.last_request = entry
+            self._record(ids, request_id, epsilon, fisher, refine_steps, old_n, health, rows,
+                         (old_theta, state, model_before), inplace)
         self.history.append((k, epsilon))
+        timer.lap("ledger" if keep else "apply")
+        self.last_timings = timer.result()
         return state
+
+    def _record(self, ids, request_id, epsilon, fisher, refine_steps, old_n, health, rows,
+                models, inplace) -> None:
+        """Records a served request that gave ids (and appends it to the ledger, or undoes the
+        request when the ledger cannot be written)."""
+        old_theta, state, model_before = models
+        entry = record(request_id, ids, method="newton" if epsilon is None else "ssse",
+                       epsilon=epsilon, fisher=None if epsilon is None else fisher,
+                       curvature=self.curvature, refine_steps=refine_steps,
+                       n_before=old_n, n_after=self.n,
+                       health=None if health is None else health.as_dict())
+        if self.ledger is not None:
+            inverse_after = fingerprint(self.inv_fisher.to_state()[0])
+            entry.update(model_before=model_before, model_after=fingerprint(state),
+                         inverse_before=self._inverse_fp, inverse_after=inverse_after)
+            try:
+                self.ledger.append(entry)
+            except OSError as exc:
+                self._undo(rows, old_theta, old_n, inplace)
+                raise OSError(f"the ledger {self.ledger.path} could not be written ({exc}); "
+                              "the request was undone (the inverse updated back with its "
+                              "rows, equal up to rounding)") from exc
+            self._inverse_fp = inverse_after
+        self.erased_ids.update(ids)
+        self.last_request = entry
 
     def finish_request(self, theta: torch.Tensor, k: int, epsilon: float | None,
                        inplace: bool) -> dict[str, torch.Tensor]:

@@ -6,7 +6,9 @@ consecutive blocks of the store, so that a build never needs one allocation of t
 inverse next to its accumulators. Apply, update and downdate run in the kernels
 (:mod:`ssse_ext._ops`); the checks of a change, :meth:`DenseStore.without` and
 :meth:`DenseStore.solve_changed` run the Woodbury form in float64 with torch, a bounded batch
-of equal-size blocks at a time.
+of equal-size blocks at a time, and on the CPU a change of a few rows is then written from the
+factors of its check (a batched GEMM per batch) instead of the kernel, which would compute them
+again.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ __all__ = ["DenseStore"]
 # blocks themselves (more rows than parameters, or a shift): the block, its Cholesky factor,
 # the inner matrix and its factor, and one temporary.
 _WOODBURY_COPIES = 5
+# The factors a checked change keeps for its write take at most this share of the store's
+# bytes (k <= 64 rows on float32 blocks of 256); a larger change is written by the kernel.
+_KEPT_SHARE = 0.5
 
 
 def _run_budget(k: int):
@@ -157,65 +162,113 @@ class DenseStore(BlockStore):
                 _ops.call(_ops.apply_inverse, seg, host, dev, v, base, float(scale), out)
 
     # ---- the Woodbury form in float64 ----
+    def _float64_batches(self, k: int):
+        """``(segment, offset, first block, count, size, blocks)`` per batch of equal-size
+        blocks (:func:`_run_budget`), ``blocks`` the batch's ``(count, size, size)`` blocks in
+        float64: a view of the storage for a float64 store, else the batch converted into one
+        scratch buffer reused by every batch (nothing of the store's size is converted at
+        once, and nothing is allocated per batch). The view or buffer is valid until the next
+        batch."""
+        budget = _run_budget(k)
+        plan = [(j, b0, n, s) for j in range(len(self._segments))
+                for b0, n, s in self.layout.runs(budget, blocks=self._segment_ids(j))]
+        scratch = None
+        if self.dtype != torch.float64 and plan:
+            numel = max(n * s * s for _, _, n, s in plan)
+            scratch = torch.empty(numel, dtype=torch.float64, device=self.device)
+        for j, b0, n, s in plan:
+            o = self._where[b0][1]
+            view = self._segments[j][o:o + n * s * s].view(n, s, s)
+            if scratch is None:
+                yield j, o, b0, n, s, view
+            else:
+                yield j, o, b0, n, s, scratch[:n * s * s].view(n, s, s).copy_(view)
+
     def woodbury(self, rows: torch.Tensor, sign: int, what: str, *, keep: bool = False,
                  shift: float = 0.0, rhs: torch.Tensor | None = None,
-                 out: torch.Tensor | None = None) -> list:
+                 out: torch.Tensor | None = None, write: bool = False) -> list:
         r"""Checks, for every block, that :math:`M_b = F_b + \mathrm{sign}\,R_b^\top R_b / N
         - \mathrm{shift}\,I` stays positive definite with the margin; writes nothing to the
         store. With ``keep``, returns the factors of every batch of blocks (for
-        :class:`DenseFactors`); with ``rhs`` (``(d, r)`` float64), writes
-        :math:`M^{-1}\,\mathrm{rhs}` into ``out``. Batches of equal-size blocks, float64:
+        :class:`DenseFactors`); with ``write``, the factors :meth:`write` rewrites the blocks
+        from (:meth:`check_change`); with ``rhs`` (``(d, r)`` float64), writes
+        :math:`M^{-1}\,\mathrm{rhs}` into ``out``. Batches of equal-size blocks, float64
+        (:meth:`_float64_batches`), each a few batched operations:
 
         - :math:`k \le s` and no shift: :math:`U = F_b^{-1} R_b^\top`,
-          :math:`C = N I_k + \mathrm{sign}\,R_b U`, :math:`M^{-1} = F_b^{-1} - \mathrm{sign}\,U
-          C^{-1} U^\top` (kept: :math:`U` and the Cholesky factor of :math:`C`);
+          :math:`C = N I_k + \mathrm{sign}\,R_b U = L_C L_C^\top`, :math:`M^{-1} = F_b^{-1} -
+          \mathrm{sign}\,U C^{-1} U^\top` (kept: :math:`U` and :math:`L_C`; for the write:
+          :math:`W^\top = L_C^{-1} U^\top`, :math:`M^{-1} = F_b^{-1} - \mathrm{sign}\,W W^\top`);
         - otherwise: :math:`F_b^{-1} = L L^\top`,
-          :math:`A = I_s + \mathrm{sign}\,(R_b L)^\top (R_b L) / N - \mathrm{shift}\,L^\top L`,
-          :math:`M^{-1} = L A^{-1} L^\top` (kept: :math:`L` and the Cholesky factor of
-          :math:`A`).
+          :math:`A = I_s + \mathrm{sign}\,(R_b L)^\top (R_b L) / N - \mathrm{shift}\,L^\top L
+          = L_A L_A^\top`, :math:`M^{-1} = L A^{-1} L^\top` (kept: :math:`L` and :math:`L_A`;
+          for the write: :math:`Z = L_A^{-1} L^\top`, :math:`M^{-1} = Z^\top Z`).
 
         :math:`C / N` and :math:`A` have the same spectrum up to eigenvalues 1 (without a
-        shift), so the margin means the same in both.
+        shift), so the margin means the same in both. The inverse of a triangular factor is
+        taken once (:math:`k \times k` or :math:`s \times s`) and applied by a batched
+        product: a batched triangular solve with many right-hand sides runs block by block.
         """
         k, N = rows.shape[0], self.normalizer
+        r64 = rows.to(torch.float64)  # once: 8 k d bytes, as change_nbytes counts
         factors = []
-        for j, (seg, _, _) in enumerate(self._segment_tables()):
-            for b0, n, s in self.layout.runs(_run_budget(k), blocks=self._segment_ids(j)):
-                o, st = self._where[b0][1], self.layout.starts[b0]
-                ids = range(b0, b0 + n)
-                f = seg[o:o + n * s * s].view(n, s, s).to(torch.float64)
-                r = rows[:, st:st + n * s].reshape(k, n, s).transpose(0, 1).to(torch.float64)
-                if k <= s and shift == 0:
-                    u = f @ r.transpose(1, 2)                                   # (n, s, k)
-                    chol = checked_cholesky(inner_matrix(u, r, sign, N), what, self.layout, ids,
-                                            scale=N)
-                    kept = (st, n, s, "correction", u, chol)
-                else:
-                    lf, info_f = torch.linalg.cholesky_ex(f)
-                    rl = r @ lf                                                 # (n, k, s)
-                    chol = shifted_factor(lf, rl.transpose(1, 2), sign, N, shift, what,
-                                          self.layout, ids, info=info_f)
-                    kept = (st, n, s, "factor", lf, chol)
-                if keep:
-                    factors.append(kept)
-                if rhs is not None:
-                    vb = rhs[st:st + n * s].reshape(n, s, -1)
-                    res = solve_kept(kept, vb, sign, lambda v: f @ v)
-                    out[st:st + n * s] = res.reshape(n * s, -1)
+        for j, o, b0, n, s, f in self._float64_batches(k):
+            st = self.layout.starts[b0]
+            ids = range(b0, b0 + n)
+            r = r64[:, st:st + n * s].view(k, n, s).transpose(0, 1)             # (n, k, s)
+            if k <= s and shift == 0:
+                u = f @ r.transpose(1, 2)                                       # (n, s, k)
+                chol = checked_cholesky(inner_matrix(u, r, sign, N), what, self.layout, ids,
+                                        scale=N)
+                kept = (st, n, s, "correction", u, chol)
+            else:
+                lf, info_f = torch.linalg.cholesky_ex(f)
+                rl = r @ lf                                                     # (n, k, s)
+                chol = shifted_factor(lf, rl.transpose(1, 2), sign, N, shift, what,
+                                      self.layout, ids, info=info_f)
+                kept = (st, n, s, "factor", lf, chol)
+            if keep:
+                factors.append(kept)
+            elif write:
+                # U (n, s, k) -> W^T (n, k, s); L (n, s, s) -> Z (n, s, s)
+                eye = torch.eye(chol.shape[-1], dtype=torch.float64, device=chol.device)
+                inverse = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+                factors.append((j, o, n, s, kept[3], inverse @ kept[4].transpose(1, 2)))
+            if rhs is not None:
+                vb = rhs[st:st + n * s].reshape(n, s, -1)
+                res = solve_kept(kept, vb, sign, lambda v: f @ v)
+                out[st:st + n * s] = res.reshape(n * s, -1)
         return factors
+
+    def _writes_factors(self, k: int) -> bool:
+        """Whether a change of ``k`` rows rewrites the blocks from the factors of its check
+        (on the CPU, when they take at most :data:`_KEPT_SHARE` of the store) rather than in
+        the kernel, which computes them again."""
+        return self.device.type == "cpu" and \
+            self._kept_bytes(k) <= _KEPT_SHARE * self.nbytes
+
+    def _kept_bytes(self, k: int) -> int:
+        """Bytes of the factors a checked change of ``k`` rows keeps for its write: per block
+        :math:`W^\top` (``k x s``) or, for blocks smaller than ``k``, :math:`Z` (``s x s``)."""
+        return sum(8 * s * min(s, k) for s in self.sizes)
 
     def change_nbytes(self, k, *, method="woodbury", keep=False, shift=0.0):
         if method == "sherman_morrison" and not keep and not shift:
             return 0, 0  # no float64 check: check_change refuses its copy itself
         converted = 0 if self.dtype == torch.float64 else 1  # float32 blocks are converted
+        factors = method == "woodbury" and not keep and not shift and self._writes_factors(k)
         work = kept = 0
         for _, n, s in self.layout.runs(_run_budget(k), blocks=self.block_ids):
             if k <= s and shift == 0:
+                # the converted batch, U, R and C (and their factors); a write from the
+                # factors holds less: the converted batch
                 work = max(work, 8 * n * (converted * s * s + 3 * s * k + 3 * k * k))
                 kept += 8 * n * (s * k + k * k)
             else:
                 work = max(work, 8 * n * (_WOODBURY_COPIES * s * s + 2 * k * s))
                 kept += 16 * n * s * s
+        if factors:
+            work += self._kept_bytes(k)  # held from the check to the write
         return work, kept
 
     def without(self, rows, sign, *, what):
@@ -227,10 +280,11 @@ class DenseStore(BlockStore):
     # ---- changes in place ----
     def check_change(self, rows, sign, *, method, chunk_size, what):
         if method == "woodbury":
-            # every block is checked first: the kernel's writes cannot then fail, so no copy
-            # of the store is needed for atomicity
-            self.woodbury(rows, sign, what)
-            return rows, sign, method, chunk_size, what, None
+            # every block is checked first: the writes cannot then fail, so no copy of the
+            # store is needed for atomicity
+            factors = self._writes_factors(rows.shape[0])
+            kept = self.woodbury(rows, sign, what, write=factors)
+            return rows, sign, method, chunk_size, what, None, kept if factors else None
         # The literal recurrence can fail part-way in float32 where the result is still
         # positive definite (its intermediate inverses are worse conditioned): it runs on
         # copies, swapped in by write().
@@ -240,14 +294,49 @@ class DenseStore(BlockStore):
                                'every block first and then works in place',))
         work = [seg.clone() for seg in self._segments]
         self._recur(work, rows, sign, method, chunk_size, what)
-        return rows, sign, method, chunk_size, what, work
+        return rows, sign, method, chunk_size, what, work, None
 
     def write(self, plan) -> None:
-        rows, sign, method, chunk_size, what, work = plan
-        if work is None:
+        rows, sign, method, chunk_size, what, work, kept = plan
+        if kept is not None:
+            self._write_factors(kept, sign)
+        elif work is None:
             self._recur(self._segments, rows, sign, method, chunk_size, what)
         else:
             self._segments = work
+
+    def _write_factors(self, kept: list, sign: int) -> None:
+        r"""Rewrites every block from the factors of its check (:meth:`woodbury` with
+        ``write``), a batch at a time, in float64 rounded once to the store's dtype:
+        :math:`F_b^{-1} - \mathrm{sign}\,W W^\top` in one batched GEMM onto the converted
+        blocks (as the kernel adds its rank-k term), or :math:`Z^\top Z`. A GEMM gives the
+        product of a matrix with its own transpose bitwise symmetric (the same products summed
+        in the same order), so the blocks stay so: that is checked on the first block, and a
+        GEMM that does not is followed by a symmetrisation from the lower triangle, as the
+        kernel keeps its blocks."""
+        if not kept:
+            return
+        scratch = None
+        if self.dtype != torch.float64:
+            numel = max(n * s * s for _, _, n, s, _, _ in kept)
+            scratch = torch.empty(numel, dtype=torch.float64, device=self.device)
+        symmetric = None
+        for j, o, n, s, kind, m in kept:
+            view = self._segments[j][o:o + n * s * s].view(n, s, s)
+            f = view if scratch is None else scratch[:n * s * s].view(n, s, s)
+            if kind == "correction":
+                if scratch is not None:
+                    f.copy_(view)
+                f.baddbmm_(m.transpose(1, 2), m, alpha=-sign)
+            else:
+                torch.bmm(m.transpose(1, 2), m, out=f)
+            if symmetric is None:
+                symmetric = torch.equal(f[0], f[0].T)
+            if not symmetric:
+                lower = torch.ones(s, s, dtype=torch.bool, device=f.device).tril()
+                f.copy_(torch.where(lower, f, f.transpose(1, 2)))
+            if f is not view:
+                view.copy_(f)
 
     def _recur(self, segments, rows, sign, method, chunk_size, what) -> None:
         """Paper eq. 7 (or its rank-64 Woodbury steps) on ``segments``, laid out like the

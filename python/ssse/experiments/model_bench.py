@@ -6,16 +6,18 @@ Stages, all on the same random images and labels (seeded): one SGD epoch; the pe
 gradients alone; the fit (:meth:`ssse.Eraser.fit`: gradients and build); the build alone from
 a stream of gradient rows (its rate on the ``2 n Σ s²`` basis against this machine's matmul
 rate, and against the same build on a 16 × 1024 fixed layout: the cost of many small blocks);
-one erase of ``k`` samples. Every result is checked before it is timed: the fit against a
-float64 closed form on a few blocks, the erase against the same step computed with a float64
-copy of those blocks.
+one erase of ``k`` samples, against its floor, one batched forward and backward pass of the
+same samples, and split into its stages (:attr:`ssse.Eraser.last_timings`: the rows, the step
+and the model update, the check of every block, the write, the health probe). Every result is
+checked before it is timed: the fit against a float64 closed form on a few blocks, the erase
+against the same step computed with a float64 copy of those blocks. Every table is labelled
+with the CPU (or GPU) it ran on.
 
 Run ``python benchmarks/bench_model.py --help`` or ``ssse bench --model --help``.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -48,6 +50,12 @@ def _epoch(model: nn.Module, loss_fn, x, y, batch: int) -> None:
         opt.zero_grad(set_to_none=True)
         loss_fn(model(x[i:i + batch]), y[i:i + batch]).mean().backward()
         opt.step()
+
+
+def _forward_backward(model: nn.Module, loss_fn, x, y) -> None:
+    """One batched forward and backward pass (the floor of a request's cost)."""
+    model.zero_grad(set_to_none=True)
+    loss_fn(model(x), y).mean().backward()
 
 
 def _check_fit(model, loss_fn, x, y, inv: ssse_ext.BlockInverseFisher, damping: float) -> float:
@@ -119,6 +127,7 @@ def run(*, arch: str = "small_resnet", width: int | None = None, n: int = 256,
     removed = (x[:k], y[:k])
     _, out["erase_s"], out["erase_peak_bytes"] = bench.measure(
         lambda: eraser.erase(removed, epsilon=1.0), device)
+    splits = [dict(eraser.last_timings)]
     g0 = torch.cat(list(ssse.per_sample_grads(model, loss_fn, removed)))
     s0 = inv.layout.sizes[0]
     step = (before @ g0[:, :s0].double().sum(0).cpu()) / (n - k)
@@ -136,9 +145,15 @@ def run(*, arch: str = "small_resnet", width: int | None = None, n: int = 256,
                                                               epsilon=1.0), device)
                 times.append(t)
                 peaks.append(p)
-    out["erase_s"], out["erase_peak_bytes"] = sorted(times)[len(times) // 2], max(peaks)
+                splits.append(dict(eraser.last_timings))
+    median = sorted(range(len(times)), key=times.__getitem__)[len(times) // 2]
+    out["erase_s"], out["erase_peak_bytes"] = times[median], max(peaks)
+    out["erase_split"] = splits[median]  # the stages of the median request
     out["erase_peaks"] = peaks
     out["erase_requests"] = len(times)
+    # its floor: one batched forward and backward pass of the same number of samples
+    out["forward_backward_s"] = bench.median_seconds(
+        lambda: _forward_backward(model, loss_fn, x[:k], y[:k]), device, max(5, repeats))
     # the health probe's verdict on the stored inverse after the requests (float32 drift)
     out["health_warnings"] = [str(w.message) for w in caught
                               if issubclass(w.category, ssse_ext.HealthWarning)]
@@ -152,12 +167,36 @@ def run(*, arch: str = "small_resnet", width: int | None = None, n: int = 256,
     return out
 
 
+def where(r: dict) -> str:
+    """The machine a result ran on, in words: the GPU, or the CPU and its threads."""
+    m = r.get("machine", {})
+    if str(r.get("device", "cpu")).startswith("cuda") and m.get("cuda"):
+        return f"{r['device']} ({m['cuda']})"
+    return f"{r.get('device', 'cpu')} ({m.get('cpu', 'unknown CPU')}, {m.get('threads')} threads)"
+
+
+def request_lines(r: dict) -> list[str]:
+    """The rows of the table on one request: its time against its floor, and its split."""
+    fb, split = r.get("forward_backward_s"), r.get("erase_split") or {}
+    if not fb:
+        return []
+    stages = [s for s in ("rows", "apply", "check", "write", "probe", "ledger") if s in split]
+    total = split.get("total", r["erase_s"])
+    lines = [f"| one batched forward + backward of the {r['k']} samples (the floor) | {fb:.3f} "
+             f"| 1 |",
+             f"| erase {r['k']} samples / forward + backward | - | "
+             f"**{r['erase_s'] / fb:.1f} x** |"]
+    lines += [f"| - {s} | {split[s]:.3f} | {split[s] / fb:.2f} x forward + backward, "
+              f"{100 * split[s] / total:.0f} % of the request |" for s in stages]
+    return lines
+
+
 def format_table(r: dict) -> str:
     inv = r["inverse_bytes"]
     lines = [
         f"{r['arch']} (d={r['d']:,}, {r['blocks']:,} blocks of <= {r['block_size']}, inverse "
         f"{inv / 2**30:.2f} GiB {r['dtype']} in {r['segments']} segments), n={r['n']}, "
-        f"k={r['k']}, on {r['device']}",
+        f"k={r['k']}, on {where(r)}",
         "",
         "| stage | s | ratio |",
         "|---|---|---|",
@@ -169,6 +208,7 @@ def format_table(r: dict) -> str:
         f"| erase {r['k']} samples (median of {r.get('erase_requests', 1)} requests) | "
         f"{r['erase_s']:.3f} | peak extra memory {r['erase_peak_bytes'] / inv:.3f} x inverse "
         f"(largest of {', '.join(f'{p / inv:.2f}' for p in r.get('erase_peaks', []))}) |",
+        *request_lines(r),
         f"| build rate (2 n Σs² basis) | - | {r['build_gflops']:.1f} GFLOP/s = "
         f"{r['build_gflops'] / r['matmul_gflops']:.2f} x matmul "
         f"({r['matmul_gflops']:.1f} GFLOP/s) |",

@@ -1,0 +1,291 @@
+"""The CPU kernels against float64 references on fresh random inputs: the Gram accumulation,
+the Cholesky-based inverse (with its failure codes), the Sherman-Morrison / Woodbury updates
+and downdates, the apply and the dual blocks, in both dtypes, at sizes around every blocking
+boundary of the kernels (register tiles of 4, 8, 12 and 24, the 48-wide leaves of the recursive
+factorisations, the 64-row Woodbury steps, the 256-deep cache slabs), with empty and
+non-contiguous inputs, on one and several threads, and under every instruction set the CPU
+supports (SSSE_CPU_ISA, in subprocesses)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ssse_ext
+from ssse_ext import BlockLayout, _C, _ops, reference
+
+from .testing import CHAIN, SOLVE, STABLE, rel_err
+
+DTYPES = [torch.float32, torch.float64]
+CODE = {torch.float32: 0, torch.float64: 1}
+U64 = torch.finfo(torch.float64).eps / 2
+
+# Block sizes on both sides of the kernels' boundaries (tiles 4/8/12/24, leaves of 48, slabs of
+# 256) and the row counts of the Gram tests (slabs of 256 rows).
+SIZES = [1, 5, 23, 25, 47, 49, 97, 130, 257, 300]
+ROWS = [1, 3, 255, 257, 600]
+
+
+def gram_tolerance(x: torch.Tensor) -> float:
+    """A bound on the relative Frobenius error of a float64 Gram matrix X^T X of ``x``
+    (m rows): float32 products are exact in float64 and every sum of m terms carries at most
+    m*u of the sum of its absolute values, so |error| <= m*u*|X|^T|X| entrywise; twice that
+    for the reference's own rounding."""
+    x = x.double()
+    m = max(x.shape[0], 1)
+    return 2 * m * U64 * ((x.abs().T @ x.abs()).norm() / (x.T @ x).norm()).item() + 1e-300
+
+
+def lower_blocks(gram: torch.Tensor, layout: BlockLayout) -> list[torch.Tensor]:
+    return [torch.tril(gram[o:o + s * s].view(s, s)) for o, s in zip(layout.offsets, layout.sizes)]
+
+
+def run_gram(g: torch.Tensor, layout: BlockLayout, threads: int,
+             gram: torch.Tensor | None = None) -> torch.Tensor:
+    host = layout.table()
+    if gram is None:
+        gram = torch.zeros(layout.numel, dtype=torch.float64)
+    _C.gram_accumulate(CODE[g.dtype], g.data_ptr(), g.shape[0], g.shape[1], host.data_ptr(),
+                       host.shape[0], gram.data_ptr(), threads)
+    return gram
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_gram_accumulate(dtype, m, threads):
+    torch.manual_seed(m * 10 + threads)
+    sizes = [1, 24, 25, 49, 300, 8, 513]  # one block wide enough to be split across threads
+    layout = BlockLayout.from_boundaries([0, *torch.tensor(sizes).cumsum(0).tolist()])
+    g = torch.randn(m, layout.dim, dtype=torch.float64).to(dtype)
+    gram = run_gram(g, layout, threads)
+    for b, got in enumerate(lower_blocks(gram, layout)):
+        x = g[:, layout.slice(b)]
+        expect = torch.tril(x.double().T @ x.double())
+        assert rel_err(got, expect) <= gram_tolerance(x), (b, layout.sizes[b])
+    # the upper triangles are never written
+    for o, s in zip(layout.offsets, layout.sizes):
+        assert not torch.triu(gram[o:o + s * s].view(s, s), 1).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gram_accumulates_and_ignores_empty_chunks(dtype):
+    torch.manual_seed(1)
+    layout = BlockLayout.fixed(130, 61)
+    g = torch.randn(70, 130, dtype=torch.float64).to(dtype)
+    gram = run_gram(g[:30].contiguous(), layout, 2)
+    gram = run_gram(g[:0].contiguous(), layout, 2, gram)
+    gram = run_gram(g[30:].contiguous(), layout, 2, gram)
+    for b, got in enumerate(lower_blocks(gram, layout)):
+        x = g[:, layout.slice(b)]
+        assert rel_err(got, torch.tril(x.double().T @ x.double())) <= gram_tolerance(x)
+
+
+def spd_gram(s: int, rows: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, s, generator=gen, dtype=torch.float64)
+    return x.T @ x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_inverse_from_gram(dtype, threads):
+    # damping 0.5 against unit-scale rows (2 s of them, normaliser 2 s): condition numbers <= 7,
+    # so kappa * B * u <= 2.3e-13 (STABLE) for every size.
+    layout = BlockLayout.from_boundaries([0, *torch.tensor(SIZES + [48, 513]).cumsum(0).tolist()])
+    blocks = [spd_gram(s, 2 * s, s) / (2 * s) for s in layout.sizes]
+    packed = torch.cat([torch.tril(b).reshape(-1) for b in blocks])
+    host = layout.table()
+    out = torch.empty(layout.numel, dtype=dtype)
+    info = torch.zeros(layout.num_blocks, dtype=torch.int64)
+    work = packed.clone()
+    _C.inverse_from_gram(CODE[dtype], work.data_ptr(), host.data_ptr(), host.shape[0], 0.5,
+                         1.0, out.data_ptr(), info.data_ptr(), threads)
+    assert not info.any()
+    for b, (o, s) in enumerate(zip(layout.offsets, layout.sizes)):
+        expect = torch.linalg.inv(0.5 * torch.eye(s, dtype=torch.float64) + blocks[b])
+        got = out[o:o + s * s].view(s, s)
+        assert rel_err(got, expect) <= STABLE[dtype], s
+        assert torch.equal(got, got.T)  # written in full, exactly symmetric
+
+
+@pytest.mark.parametrize("s,p", [(5, 3), (47, 0), (49, 48), (300, 200), (300, 299)])
+def test_inverse_from_gram_reports_the_failing_pivot(s, p):
+    # the identity with a negative entry at pivot p: the leading minors of order <= p are
+    # positive definite, that of order p + 1 is not (LAPACK's info = p + 1)
+    bad = torch.eye(s, dtype=torch.float64)
+    bad[p, p] = -1.0  # -0.75 once damped
+    good = spd_gram(7, 14, 0)
+    layout = BlockLayout.from_boundaries([0, s, s + 7])
+    packed = torch.cat([bad.reshape(-1), torch.tril(good).reshape(-1)])
+    host = layout.table()
+    out = torch.zeros(layout.numel, dtype=torch.float64)
+    info = torch.zeros(2, dtype=torch.int64)
+    _C.inverse_from_gram(1, packed.data_ptr(), host.data_ptr(), 2, 0.25, 1.0, out.data_ptr(),
+                         info.data_ptr(), 2)
+    assert info.tolist() == [p + 1, 0]
+    assert not out[:s * s].any()  # the failing block's output is left untouched
+    expect = torch.linalg.inv(good + 0.25 * torch.eye(7, dtype=torch.float64))
+    assert rel_err(out[s * s:].view(7, 7), expect) <= STABLE[torch.float64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("s", [5, 47, 49, 130, 257])
+@pytest.mark.parametrize("m", [1, 63, 65, 130])
+@pytest.mark.parametrize("chunked", [True, False])
+def test_sherman_morrison_update_and_downdate(dtype, s, m, chunked):
+    if not chunked and s * m > 130 * 65:
+        pytest.skip("the per-row recurrence is checked on the smaller cases")
+    torch.manual_seed(s + m)
+    n0 = 2 * s
+    d = 2 * s + 3  # two blocks of s and one of 3
+    layout = BlockLayout.fixed(d, s)
+    g = torch.randn(n0 + m, d, dtype=torch.float64)
+    normalizer = float(n0 + m)
+    base = ssse_ext.build_inverse_fisher(g[:n0].to(dtype), damping=0.5, layout=layout,
+                                         normalizer=normalizer, representation="dense")
+    packed = base.packed.clone()
+    host = layout.table()
+    rows = g[n0:].to(dtype).contiguous()
+    info = _ops.call(_ops.sherman_morrison_, packed, host, host, rows, normalizer, 1, chunked)
+    assert not info.any()
+    g = g.to(dtype).double()  # the reference of the rows the kernels saw
+    full = reference.block_closed_form(g, layout, 0.5, normalizer)
+    for b, (o, sb) in enumerate(zip(layout.offsets, layout.sizes)):
+        assert rel_err(packed[o:o + sb * sb].view(sb, sb), full[b]) <= CHAIN[dtype], b
+    # and back: the downdate returns to the first rows' inverse
+    info = _ops.call(_ops.sherman_morrison_, packed, host, host, rows, normalizer, -1, chunked)
+    assert not info.any()
+    first = reference.block_closed_form(g[:n0], layout, 0.5, normalizer)
+    for b, (o, sb) in enumerate(zip(layout.offsets, layout.sizes)):
+        assert rel_err(packed[o:o + sb * sb].view(sb, sb), first[b]) <= CHAIN[dtype], b
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sherman_morrison_with_no_rows_changes_nothing(dtype):
+    layout = BlockLayout.fixed(60, 49)
+    g = torch.randn(100, 60, dtype=dtype)
+    inv = ssse_ext.build_inverse_fisher(g, damping=0.5, layout=layout)
+    packed = inv.packed.clone()
+    host = layout.table()
+    for chunked in (True, False):
+        info = _ops.call(_ops.sherman_morrison_, packed, host, host, g[:0].contiguous(), 100.0,
+                         1, chunked)
+        assert not info.any()
+        assert torch.equal(packed, inv.packed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("r", [1, 3, 30])
+def test_apply(dtype, r):
+    torch.manual_seed(r)
+    layout = BlockLayout.from_boundaries([0, 1, 25, 74, 331, 361])
+    g = torch.randn(700, layout.dim, dtype=torch.float64)
+    inv = ssse_ext.build_inverse_fisher(g.to(dtype), damping=0.5, layout=layout)
+    blocks = reference.block_closed_form(g, layout, 0.5)
+    v = torch.randn(layout.dim, r, dtype=torch.float64)
+    base = torch.randn(layout.dim, r, dtype=torch.float64)
+    out = inv.apply_update(base.to(dtype), v.to(dtype), -0.75)
+    expect = base - 0.75 * reference.apply_inverse(blocks, layout, v)
+    assert rel_err(out, expect) <= SOLVE[dtype]
+    assert rel_err(inv.matvec(v.to(dtype)), reference.apply_inverse(blocks, layout, v)) \
+        <= SOLVE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_build_of_non_contiguous_rows(dtype):
+    torch.manual_seed(5)
+    layout = BlockLayout.fixed(130, 49)
+    wide = torch.randn(300, 260, dtype=torch.float64)
+    g = wide[:, ::2]  # every other column: a row stride of 260, a column stride of 2
+    assert not g.is_contiguous()
+    inv = ssse_ext.build_inverse_fisher(g.to(dtype)[:, :], damping=0.5, layout=layout)
+    g_t = torch.randn(130, 300, dtype=torch.float64).T  # a transposed view
+    inv_t = ssse_ext.build_inverse_fisher(g_t.to(dtype), damping=0.5, layout=layout)
+    for rows, built in ((g, inv), (g_t, inv_t)):
+        ref = reference.block_closed_form(rows.to(dtype).double(), layout, 0.5)
+        for b in range(layout.num_blocks):
+            assert rel_err(built.blocks[b], ref[b]) <= STABLE[dtype]
+    # the update and the apply read strided rows and vectors too
+    inv.update(g_t[:70].to(dtype))
+    ref = reference.block_closed_form(torch.cat([g, g_t[:70]]).to(dtype).double(), layout, 0.5,
+                                      normalizer=300.0)
+    for b in range(layout.num_blocks):
+        assert rel_err(inv.blocks[b], ref[b]) <= CHAIN[dtype]
+    v = torch.randn(130, 2, dtype=torch.float64).to(dtype)[:, 0]  # a column: stride 2
+    assert not v.is_contiguous()
+    expect = reference.apply_inverse(ref, layout, v.double())
+    assert rel_err(inv.matvec(v), expect) <= SOLVE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [30, 49, 97, 300])
+def test_dual_blocks(dtype, n):
+    # the dual factor's Gram rows, Cholesky extension (recursive past 48 rows) and solves
+    torch.manual_seed(n)
+    layout = BlockLayout.fixed(2 * 301 + 7, 301)
+    g = torch.randn(n, layout.dim, dtype=torch.float64)
+    dual = ssse_ext.build_inverse_fisher(g[: n // 2 + 1].to(dtype), damping=0.5, layout=layout,
+                                         normalizer=float(n), representation="dual")
+    dual.update(g[n // 2 + 1:].to(dtype))
+    ref = reference.block_closed_form(g.to(dtype).double(), layout, 0.5, normalizer=float(n))
+    v = torch.randn(layout.dim, 3, dtype=torch.float64)
+    expect = reference.apply_inverse(ref, layout, v)
+    assert rel_err(dual.matvec(v.to(dtype)), expect) <= SOLVE[dtype]
+
+
+ISA_SCRIPT = r"""
+import sys
+import torch, ssse_ext
+from ssse_ext import BlockLayout, _C, reference
+tol = {torch.float32: (float(sys.argv[1]), float(sys.argv[2])),
+       torch.float64: (float(sys.argv[3]), float(sys.argv[4]))}
+worst = 0.0
+for dtype in (torch.float32, torch.float64):
+    stable, chain = tol[dtype]
+    for s, n in [(23, 60), (25, 49), (49, 300), (97, 257), (300, 600)]:
+        torch.manual_seed(s)
+        g = torch.randn(n, 2 * s + 5, dtype=torch.float64)
+        layout = BlockLayout.fixed(2 * s + 5, s)
+        # the Gram panels, split across threads
+        gram = torch.zeros(layout.numel, dtype=torch.float64)
+        host = layout.table()
+        x = g.to(dtype)
+        _C.gram_accumulate(0 if dtype == torch.float32 else 1, x.data_ptr(), n, x.shape[1],
+                           host.data_ptr(), host.shape[0], gram.data_ptr(), 3)
+        for b, (o, sb) in enumerate(zip(layout.offsets, layout.sizes)):
+            xb = x[:, layout.slice(b)].double()
+            e = torch.tril(xb.T @ xb)
+            got = torch.tril(gram[o:o + sb * sb].view(sb, sb))
+            bound = 2 * n * 1.2e-16 * ((xb.abs().T @ xb.abs()).norm() / e.norm()).item()
+            worst = max(worst, ((got - e).norm() / e.norm()).item() / bound)
+        inv = ssse_ext.build_inverse_fisher(x, damping=0.5, layout=layout)
+        ref = reference.block_closed_form(x.double(), layout, 0.5)
+        for a, r in zip(inv.blocks, ref):
+            worst = max(worst, ((a.double() - r).norm() / r.norm()).item() / stable)
+        extra = torch.randn(70, g.shape[1], dtype=torch.float64).to(dtype)
+        inv.update(extra)
+        ref = reference.block_closed_form(torch.cat([x, extra]).double(), layout, 0.5,
+                                          normalizer=float(n))
+        for a, r in zip(inv.blocks, ref):
+            worst = max(worst, ((a.double() - r).norm() / r.norm()).item() / chain)
+print(ssse_ext.build_info()["cpu_isa"], worst)
+"""
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_every_instruction_set(isa):
+    env = dict(os.environ, SSSE_CPU_ISA=isa)
+    tols = [STABLE[torch.float32], CHAIN[torch.float32], STABLE[torch.float64],
+            CHAIN[torch.float64]]
+    out = subprocess.run([sys.executable, "-c", ISA_SCRIPT, *map(repr, tols)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    chosen, worst = out.stdout.split()
+    if chosen != isa:
+        pytest.skip(f"this CPU has no {isa}")
+    assert float(worst) < 1.0
