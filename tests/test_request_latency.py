@@ -24,7 +24,7 @@ CE = nn.CrossEntropyLoss(reduction="none")
 
 
 def mlp():
-    """A model of 1,002 parameters in 66 per-parameter blocks of at most 16, and its data."""
+    """A model of 1,002 parameters in 63 per-parameter blocks of at most 16, and its data."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 10)).double()
     x = torch.randn(80, 20, dtype=torch.float64)
@@ -136,9 +136,9 @@ def test_a_request_probes_probe_blocks_blocks_not_the_inverse(monkeypatch):
     inv = eraser.inv_fisher
     sizes = inv.layout.sizes
     read = []
-    real = BlockInverseFisher.dense_block
-    monkeypatch.setattr(BlockInverseFisher, "dense_block",
-                        lambda self, b: read.append(b) or real(self, b))
+    for cls in {type(store) for store in inv.stores}:  # the blocks the probe reads
+        monkeypatch.setattr(cls, "block", lambda self, b, real=cls.block: read.append(b) or
+                            real(self, b))
     full = CountingMatvec(monkeypatch)
     eraser.erase((x[:5], y[:5]), ids=[0, 1, 2, 3, 4], epsilon=0.5)
     health = eraser.last_request["health"]
@@ -241,16 +241,25 @@ def test_a_request_records_the_seconds_of_its_stages():
     assert sum(v for k, v in t.items() if k != "total") <= t["total"] * (1 + 1e-9)
 
 
-def test_the_model_benchmark_splits_a_request_and_names_the_cpu():
-    from ssse.experiments import model_bench
+def test_ssse_bench_model_splits_a_request_and_names_the_cpu(capsys, tmp_path):
+    import json
+
+    from ssse.cli.commands import bench
     from ssse_ext.bench import machine
 
-    r = model_bench.run(width=4, n=24, k=4, block_size=64, damping=1e-3)
-    split = r["erase_split"]
-    assert {"rows", "apply", "check", "write", "probe", "total"} <= set(split)
-    assert r["forward_backward_s"] > 0
-    table = model_bench.format_table(r)
-    assert machine()["cpu"] in table.splitlines()[0]
-    assert "forward + backward of the 4 samples" in table
+    threads = torch.get_num_threads()
+    try:
+        assert bench.run(["--model", "--width", "4", "--n", "24", "--k", "4", "--block-size",
+                          "64", "--threads", "1", "--json", str(tmp_path / "r.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    head = out.splitlines()[0]
+    assert machine()["cpu"] in head and "1 threads)" in head
+    assert "| one batched forward + backward of the 4 samples (the floor) |" in out
+    assert "| erase 4 samples / forward + backward | - | **" in out
     for stage in ("rows", "apply", "check", "write", "probe"):
-        assert f"| - {stage} |" in table
+        assert f"| - {stage} |" in out
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert {"rows", "apply", "check", "write", "probe", "total"} <= set(r["erase_split"])
+    assert r["forward_backward_s"] > 0

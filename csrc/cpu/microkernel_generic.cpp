@@ -10,6 +10,7 @@
 
 namespace ssse::cpu::detail {
 namespace {
+constexpr int kVectorDoubles = 2;
 #include "microkernel_impl.inc"
 #include "dense_impl.inc"
 }  // namespace

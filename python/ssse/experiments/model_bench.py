@@ -249,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--repeats", type=bench.positive_int, default=1)
+    p.add_argument("--threads", type=bench.positive_int, default=None,
+                   help="CPU threads of torch and the kernels (default: torch's)")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = p.parse_args(argv)
     try:
@@ -276,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.block_size} needs about {need / 2**30:.1f} GiB on {device}, "
                 f"{free / 2**30:.1f} GiB are available ({source})")
     bench.check_destination(p, args.json)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     r = run(arch=arch, width=args.width, n=n, block_size=args.block_size, k=k, device=device,
             dtype=dtype, repeats=args.repeats)
