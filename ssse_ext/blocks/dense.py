@@ -25,7 +25,7 @@ from ..lowrank import (WOODBURY_ELEMENTS, checked_cholesky, inner_matrix, shifte
 from ..validation import FLOAT_DTYPES, check_dtype
 from .base import (BlockStore, BuildCost, ChangeFactors, StoreBuilder, copied_to,
                    element_size)
-from .dense_gram import (DenseGram, cuda_workspace, dense_build_nbytes, group_cap, groups,
+from .dense_gram import (DenseGram, cuda_workspace, dense_build_nbytes, gram_build_workspace,
                          raise_if_failed)
 
 __all__ = ["DenseStore"]
@@ -404,13 +404,7 @@ class DenseStore(BlockStore):
             scratch = _recurrence_scratch(layout, block_ids, dtype, device, method)
             return BuildCost(stored + scratch, stored + scratch, stored,
                              f"{head}, {format_bytes(scratch)} scratch")
-        workspace = 0
-        if device.type == "cuda":
-            for g0, g1 in groups(sizes, group_cap(sizes)):
-                host = layout.table(blocks=block_ids[g0:g1])
-                workspace = max(workspace, *(cuda_workspace(name, host.data_ptr(), g1 - g0)
-                                             for name in ("inverse_from_gram_workspace_bytes",
-                                                          "gram_accumulate_workspace_bytes")))
+        workspace = gram_build_workspace(layout, block_ids, device)
         return BuildCost(8 * numel + workspace, dense_build_nbytes(sizes, dtype) + workspace,
                          stored, f"{head} and {format_bytes(8 * numel)} of float64 Gram "
                                  f"accumulators")

@@ -18,8 +18,8 @@ from ..layout import BlockLayout
 from ..validation import all_finite, check_dtype, check_positive_float
 from .base import element_size
 
-__all__ = ["DenseGram", "cuda_workspace", "dense_build_nbytes", "gather_rows", "groups",
-           "raise_if_failed"]
+__all__ = ["DenseGram", "cuda_workspace", "dense_build_nbytes", "gather_rows",
+           "gram_build_workspace", "groups", "raise_if_failed"]
 
 # The stable build keeps its float64 accumulators in about this many groups of blocks (and
 # inverts them one group at a time); groups smaller than _MIN_GROUP_NUMEL are not split further.
@@ -55,6 +55,21 @@ def cuda_workspace(name: str, *args) -> int:
     fn = getattr(_C, name, None)
     return int(fn(*args)) if fn is not None else 0
 
+
+
+def gram_build_workspace(layout, block_ids, device) -> int:
+    """The largest CUDA workspace of a Gram build over ``block_ids`` (its accumulation and its
+    inversion, group by group; 0 off CUDA)."""
+    if device.type != "cuda":
+        return 0
+    sizes = [layout.sizes[b] for b in block_ids]
+    workspace = 0
+    for g0, g1 in groups(sizes, group_cap(sizes)):
+        host = layout.table(blocks=block_ids[g0:g1])
+        workspace = max(workspace, *(cuda_workspace(name, host.data_ptr(), g1 - g0)
+                                     for name in ("inverse_from_gram_workspace_bytes",
+                                                  "gram_accumulate_workspace_bytes")))
+    return workspace
 
 def groups(sizes, max_numel: int) -> list[tuple[int, int]]:
     """Consecutive ranges ``(first, last)`` of positions in ``sizes`` holding at most

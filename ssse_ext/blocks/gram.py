@@ -35,7 +35,7 @@ from ..lowrank import WOODBURY_ELEMENTS, checked_cholesky, shifted_factor, solve
 from ..validation import check_dtype
 from .base import BlockStore, BuildCost, copied_to, element_size
 from .dense import DenseFactors, DenseStore, GramBuilder
-from .dense_gram import (cuda_workspace, dense_build_nbytes, group_cap, groups,
+from .dense_gram import (dense_build_nbytes, gram_build_workspace, group_cap, groups,
                          raise_if_failed)
 
 __all__ = ["GramStore", "representation_for_requests"]
@@ -347,13 +347,7 @@ class GramStore(BlockStore):
         elem = element_size(dtype)
         largest = max((sum(sizes[i] ** 2 for i in range(g0, g1))
                        for g0, g1 in groups(sizes, group_cap(sizes))), default=0)
-        workspace = 0
-        if device.type == "cuda":
-            for g0, g1 in groups(sizes, group_cap(sizes)):
-                host = layout.table(blocks=block_ids[g0:g1])
-                workspace = max(workspace, *(cuda_workspace(name, host.data_ptr(), g1 - g0)
-                                             for name in ("inverse_from_gram_workspace_bytes",
-                                                          "gram_accumulate_workspace_bytes")))
+        workspace = gram_build_workspace(layout, block_ids, device)
         # the Grams are kept: all of them, every inverse and the copy of one group at the end
         peak = max(dense_build_nbytes(sizes, dtype), (8 + elem) * numel + 8 * largest)
         stored = (8 + elem) * numel
