@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 __all__ = ["TARGET_KEY", "Task", "as_batch_list", "batch_cat", "batch_leaves", "batch_len",
-           "batch_map", "batch_slice", "check_data", "check_loss", "check_module",
+           "batch_map", "batch_slice", "batch_to", "check_data", "check_loss", "check_module",
            "check_reiterable", "concat_data", "data_size", "is_batch", "is_pair", "is_task",
            "iter_batches", "logits_of", "rebatch", "run_model", "Split", "split_batch", "task_of"]
 
@@ -137,7 +137,9 @@ def batch_cat(parts: list):
     return first
 
 
-def _move(x, device, dtype):
+def batch_to(x, device=None, dtype=None):
+    """``x`` with every tensor moved to ``device`` and every floating-point one cast to
+    ``dtype`` (either ``None``: unchanged); integer tensors keep their dtype."""
     def move(t):
         if device is not None:
             t = t.to(device)
@@ -300,7 +302,7 @@ def iter_batches(data, name: str, *, batch_size: int | None = None,
     for k, batch in enumerate(source):
         label = name if whole else f"{name}[{k}]"
         x, y = batch if whole else split_batch(batch, label, task)
-        yield Split((_move(x, device, dtype), _move(y, device, dtype)))
+        yield Split((batch_to(x, device, dtype), batch_to(y, device, dtype)))
 
 
 def concat_data(data, name: str, *, device=None, dtype=None, task=None) -> tuple:

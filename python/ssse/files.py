@@ -14,7 +14,6 @@ import dataclasses
 import importlib
 import os
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
@@ -22,8 +21,8 @@ import torch
 from torch import nn
 
 from . import sharding
-from .batches import (batch_cat, batch_len, batch_map, batch_slice, check_reiterable,
-                      iter_batches, logits_of)
+from .batches import (batch_cat, batch_len, batch_slice, batch_to, check_reiterable,
+                      iter_batches, run_model)
 from .data import Dataset, load_recorded
 from .io import (load_extra_tensors, load_inverse_fisher, load_model, load_weights,
                  read_model_header)
@@ -386,17 +385,13 @@ def load_factory_data(factory: Callable, config: dict | None, model: nn.Module, 
                          f"{names.data_factory} gives {training.n}: indices would point at "
                          "other samples")
     dtype = next(model.parameters()).dtype
-    x = batch_map(lambda t: _moved(t, device, dtype),
-                  training.data(torch.zeros(1, dtype=torch.int64))[0][0])
+    x = batch_to(training.data(torch.zeros(1, dtype=torch.int64))[0][0], device or "cpu", dtype)
     try:
         with torch.no_grad():
-            logits_of(model(**x) if isinstance(x, Mapping) else model(x))
+            run_model(model, x)
     except (RuntimeError, TypeError, ValueError, KeyError, IndexError) as exc:
         raise ValueError(f"the model does not take the inputs {names.data_factory} gives "
                          f"({type(exc).__name__}: {_one_line(exc)})") from None
     return training
 
 
-def _moved(t: torch.Tensor, device, dtype) -> torch.Tensor:
-    t = t.to(device or "cpu")
-    return t.to(dtype) if t.is_floating_point() else t

@@ -13,7 +13,7 @@ from torch import nn
 
 from ssse_ext.validation import check_nonneg_float, check_positive_int
 
-from .batches import (as_batch_list, batch_len, batch_map, batch_slice, check_data, check_loss,
+from .batches import (as_batch_list, batch_len, batch_slice, batch_to, check_data, check_loss,
                       check_module, split_batch)
 
 from .budget import MEMORY_SHARE, available_memory, plan_chunk_rows, row_bytes
@@ -37,8 +37,7 @@ def rows_per_sample_of(fm: FlatModel, data, dtype: torch.dtype, curvature,
         return None
     x, _ = split_batch(batches[0], "data", fm.task)
     if batch_len(x):
-        x = batch_map(lambda t: t[:1].to(fm.device, dtype) if t.is_floating_point()
-                      else t[:1].to(fm.device), x)
+        x = batch_to(batch_slice(x, slice(0, 1)), fm.device, dtype)
         params = fm.param_dict(dtype)
         c = outputs_2d(fm, params, fm.frozen_dict(dtype), x).shape[1]
         return curvature.rows_per_sample(c, mc_samples=mc_samples)
@@ -91,10 +90,8 @@ def likelihood_on(fm: FlatModel, loss_fn, batch, likelihood, *, params: dict | N
     ``None``, else checked."""
     dtype = dtype or fm.dtype
     # cast as the row streams cast their batches (iter_batches), so the loss sees the same
-    def head(t):
-        t = t[:PROBE_SAMPLES].to(fm.device)
-        return t.to(dtype) if t.is_floating_point() else t
-    x, y = (batch_map(head, part) for part in batch)
+    x, y = (batch_to(batch_slice(part, slice(0, PROBE_SAMPLES)), fm.device, dtype)
+            for part in batch)
     params = fm.param_dict(dtype) if params is None else params
     with torch.no_grad():
         output = fm(params, x, fm.frozen_dict(dtype))

@@ -73,7 +73,7 @@ def _unbatchable(fm, group_loss, params, xg, yg, b, state, exc) -> torch.Tensor:
 def _layer_rows(fm, group_loss, params, xg, yg, owners) -> torch.Tensor:
     # groups of one: the per-sample losses of the whole batch
     flat = (batch_map(lambda t: t[:, 0], xg), batch_map(lambda t: t[:, 0], yg))
-    return layer_gradients(fm, owners, group_loss.per_sample, params, *flat)
+    return layer_gradients(fm, owners, group_loss.losses, params, *flat)
 
 
 def group_gradients(fm, loss_fn, params: dict, frozen: dict, x, y, b: int,
@@ -87,9 +87,10 @@ def group_gradients(fm, loss_fn, params: dict, frozen: dict, x, y, b: int,
     full = m // b
 
     def group_loss(p, xg, yg):
-        return per_sample_losses(loss_fn, fm(p, xg, frozen), yg).mean()
+        return group_loss.losses(p, xg, yg).mean()
 
-    group_loss.per_sample = lambda p, xs, ys: per_sample_losses(loss_fn, fm(p, xs, frozen), ys)
+    # the per-sample losses themselves, for the engine of linear layers
+    group_loss.losses = lambda p, xs, ys: per_sample_losses(loss_fn, fm(p, xs, frozen), ys)
 
     def groups(t):
         return t[:full * b].reshape((full, b) + tuple(t.shape[1:]))
