@@ -100,3 +100,59 @@ def test_the_command_prints_the_certificate_and_refuses_it_without_a_ledger(svc,
                      *extra])
         assert code == 2 and message in capsys.readouterr().err
         assert not (svc / "o.safetensors").exists()
+
+
+def test_an_eraser_request_records_the_certificate_at_the_new_parameters(tmp_path):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(40, 4, dtype=torch.float64), torch.randint(0, 3, (40,))
+    loss = nn.CrossEntropyLoss(reduction="none")
+    from ssse import Eraser
+
+    eraser = Eraser(model, loss, damping=1e-3, weight_decay=0.01,
+                    ledger=tmp_path / "ledger.jsonl")
+    eraser.fit((x, y))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kept = (x[5:], y[5:])
+    state = eraser.erase((x[:5], y[:5]), ids=list(range(5)), epsilon=0.5, verify=kept,
+                         retrain_above=1e9)
+    # the residual of the returned parameters on the kept data, computed independently
+    erased = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    erased.load_state_dict(state)
+    want, n = gradient_residual(erased, loss, kept, weight_decay=0.01)
+    cert = eraser.last_certificate
+    assert n == 35 and cert["n_retained"] == 35
+    assert abs(cert["residual"] - want) <= 1e-12 * want
+    assert cert["retrain_recommended"] is False
+    assert eraser.last_request["certificate"] == cert
+    assert Ledger(tmp_path / "ledger.jsonl").entries()[-1]["certificate"] == cert
+    # the model was not written (inplace=False), and the residual is not the old model's
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    old, _ = gradient_residual(model, loss, kept, weight_decay=0.01)
+    assert abs(old - want) > 1e-6 * want
+    # a second request with a threshold below the residual recommends retraining
+    eraser.erase((x[5:8], y[5:8]), ids=[5, 6, 7], epsilon=0.5, verify=(x[8:], y[8:]),
+                 retrain_above=1e-12)
+    assert eraser.last_certificate["retrain_recommended"] is True
+    eraser.erase((x[8:9], y[8:9]), ids=[8], epsilon=0.5)
+    assert eraser.last_certificate is None and "certificate" not in eraser.last_request
+
+
+def test_an_eraser_refuses_a_bad_verify_and_changes_nothing():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 2, (20,))
+    from ssse import Eraser
+
+    eraser = Eraser(model, nn.CrossEntropyLoss(reduction="none"), damping=1e-3)
+    eraser.fit((x, y))
+    theta, inv = eraser.theta.clone(), eraser.inv_fisher.packed.clone()
+    for kwargs, exc, match in (({"verify": True}, TypeError, "verify must be the data"),
+                               ({"retrain_above": 1.0}, ValueError, "retrain_above needs"),
+                               ({"verify": (x[2:], y[2:]), "retrain_above": -1.0}, ValueError,
+                                "retrain_above"),
+                               ({"verify": (x[2:0], y[2:0])}, ValueError, "retained is empty")):
+        with pytest.raises(exc, match=match):
+            eraser.erase((x[:2], y[:2]), epsilon=0.5, **kwargs)
+        assert torch.equal(eraser.theta, theta) and eraser.n == 20
+        assert torch.equal(eraser.inv_fisher.packed, inv)

@@ -32,10 +32,11 @@ from .settings import check_minibatch
 from .rows import check_autocast, likelihood_of_data, row_stream, stacked_rows
 from .sharded_fit import agreed_likelihood, fit_samples
 from .io import fingerprint
-from .ledger import Ledger, check_ids, record
+from .ledger import Ledger, check_ids
 from .newton import newton_refined
-from .requests import (DEFAULT_PROBE_BLOCKS, StageTimer, check_probe_blocks, group_means,
-                       request_ids, request_rows)
+from .certificate import certify_flat
+from .requests import (DEFAULT_PROBE_BLOCKS, StageTimer, check_probe_blocks, check_verify,
+                       group_means, record_request, request_ids, request_rows)
 
 __all__ = ["ssse_update", "Eraser", "FISHER_VARIANTS", "GRADIENT_VARIANTS", "check_ssse_settings",
            "group_means"]
@@ -261,6 +262,8 @@ class Eraser:
         erased_ids: the ids erased so far (by requests that gave ids).
         last_request: the record of the last request that gave ids
             (:func:`ssse.ledger.record`; the fingerprints only with a ledger).
+        last_certificate: the certificate of the last request (:meth:`erase`'s ``verify``),
+            or ``None``.
         last_timings: seconds of the stages of the last request (:data:`ssse.requests.STAGES`
             and ``"total"``; on CUDA after the kernels each stage queued).
     """
@@ -301,6 +304,7 @@ class Eraser:
         self.history: list[tuple[int, float | None]] = []
         self.erased_ids: set = set()
         self.last_request: dict | None = None
+        self.last_certificate: dict | None = None
         self.last_timings: dict[str, float] = {}
         self._train_ids = None
         self._inverse_fp: str | None = None
@@ -428,7 +432,8 @@ class Eraser:
 
     def erase(self, removed, *, ids=None, request_id: str | None = None,
               epsilon: float | None = None, fisher: str = "full", refine_steps: int = 0,
-              inplace: bool = False) -> dict[str, torch.Tensor]:
+              inplace: bool = False, verify=None,
+              retrain_above: float | None = None) -> dict[str, torch.Tensor]:
         r"""Serves one deletion request (see the class docstring).
 
         Args:
@@ -445,6 +450,13 @@ class Eraser:
                 uses the leave-k-out curvature.
             refine_steps: Newton refinement steps after the first (Newton step only).
             inplace: also write the new parameters into the model.
+            verify: the data the model keeps (the training set without every erased sample,
+                this request's included): the request's certificate, the gradient residual
+                of the retained objective at the new parameters (one pass over ``verify``,
+                :func:`ssse.certificate.certify`), goes into :attr:`last_certificate` and the
+                request's ledger line (``"certificate"``).
+            retrain_above: with ``verify``, the residual above which the certificate
+                recommends retraining.
 
         Returns:
             A new ``state_dict``. On any error (e.g. :class:`ssse_ext.NotPositiveDefiniteError`
@@ -465,6 +477,7 @@ class Eraser:
                              f"Gauss-Newton inverse), got curvature={self.curvature!r}")
         if epsilon is not None:
             epsilon = check_positive_float(epsilon, "epsilon")
+        verify = check_verify(verify, retrain_above, self._fm.task)
         batches = list(iter_batches(removed, "removed", device=self._fm.device,
                                     task=self._fm.task))
         k = sum(batch_len(y) for _, y in batches)
@@ -474,13 +487,14 @@ class Eraser:
             raise ValueError(f"removed has {k} samples, but only {self.n} remain")
         if self.ledger is None:
             return self._erase(batches, k, ids, request_id, epsilon, fisher, refine_steps,
-                               inplace)
+                               inplace, verify)
         # check and append under one lock: another process may serve the same ledger
         with self.ledger.lock():
             return self._erase(batches, k, ids, request_id, epsilon, fisher, refine_steps,
-                               inplace)
+                               inplace, verify)
 
-    def _erase(self, batches, k, ids, request_id, epsilon, fisher, refine_steps, inplace):
+    def _erase(self, batches, k, ids, request_id, epsilon, fisher, refine_steps, inplace,
+               verify):
         ids, request_id = request_ids(ids, k, request_id, train_ids=self._train_ids,
                                       erased=self.erased_ids, ledger=self.ledger)
         keep, timer = self.ledger is not None, StageTimer(self.device)
@@ -511,6 +525,11 @@ class Eraser:
         if not bool(torch.isfinite(theta).all()):
             raise FloatingPointError("the erasure produced NaN or Inf; nothing was changed")
         timer.lap("apply")
+        # the certificate depends on the new parameters only: taken before anything changes
+        certificate = None if verify is None else certify_flat(
+            self._fm, self.loss_fn, verify[0], theta, weight_decay=self.weight_decay,
+            retrain_above=verify[1])
+        timer.lap("verify")
         model_before = None
         if keep:
             model_before = fingerprint(self._fm.state_dict_with(self.theta))
@@ -534,38 +553,14 @@ class Eraser:
             raise ssse_ext.HealthError(
                 f"inv_fisher fails its health probe after request {request_id!r} ({health}): "
                 "the request was undone and not recorded; refit the inverse")
+        self.last_certificate = certificate
         if ids is not None:
-            self._record(ids, request_id, epsilon, fisher, refine_steps, old_n, health, rows,
-                         (old_theta, state, model_before), inplace)
+            record_request(self, ids, request_id, epsilon, fisher, refine_steps, old_n, health,
+                           rows, (old_theta, state, model_before), inplace, certificate)
         self.history.append((k, epsilon))
         timer.lap("ledger" if keep else "apply")
         self.last_timings = timer.result()
         return state
-
-    def _record(self, ids, request_id, epsilon, fisher, refine_steps, old_n, health, rows,
-                models, inplace) -> None:
-        """Records a served request that gave ids (and appends it to the ledger, or undoes the
-        request when the ledger cannot be written)."""
-        old_theta, state, model_before = models
-        entry = record(request_id, ids, method="newton" if epsilon is None else "ssse",
-                       epsilon=epsilon, fisher=None if epsilon is None else fisher,
-                       curvature=self.curvature, refine_steps=refine_steps,
-                       n_before=old_n, n_after=self.n,
-                       health=None if health is None else health.as_dict())
-        if self.ledger is not None:
-            inverse_after = fingerprint(self.inv_fisher.to_state()[0])
-            entry.update(model_before=model_before, model_after=fingerprint(state),
-                         inverse_before=self._inverse_fp, inverse_after=inverse_after)
-            try:
-                self.ledger.append(entry)
-            except OSError as exc:
-                self._undo(rows, old_theta, old_n, inplace)
-                raise OSError(f"the ledger {self.ledger.path} could not be written ({exc}); "
-                              "the request was undone (the inverse updated back with its "
-                              "rows, equal up to rounding)") from exc
-            self._inverse_fp = inverse_after
-        self.erased_ids.update(ids)
-        self.last_request = entry
 
     def finish_request(self, theta: torch.Tensor, k: int, epsilon: float | None,
                        inplace: bool) -> dict[str, torch.Tensor]:

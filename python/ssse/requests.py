@@ -17,29 +17,77 @@ import uuid
 import torch
 
 from ssse_ext.health import device_clock
-from ssse_ext.validation import check_positive_int
+from ssse_ext.validation import check_positive_float, check_positive_int
 
+from .batches import check_data
 from .budget import request_budget
 from .gradients import gradient_sum
-from .ledger import check_ids
+from .io import fingerprint
+from .ledger import check_ids, record
 from .newton import rows_of
 
-__all__ = ["DEFAULT_PROBE_BLOCKS", "STAGES", "StageTimer", "check_probe_blocks", "group_means",
-           "request_ids", "request_rows"]
+__all__ = ["DEFAULT_PROBE_BLOCKS", "STAGES", "StageTimer", "check_probe_blocks", "check_verify",
+           "group_means", "record_request", "request_ids", "request_rows"]
 
 #: Blocks the health probe checks after a request that is not recorded in a ledger: about 1 %
 #: of a ResNet's blocks of 256, a cost of about 1 % of a full probe there.
 DEFAULT_PROBE_BLOCKS = 32
 #: The stages of a request, in :attr:`ssse.Eraser.last_timings`: the rows and summed gradient,
 #: the step (eq. 8 or the Newton step), the check of every block, the write, the probe; with a
-#: ledger, ``"ledger"`` (the probe before the request, the fingerprints and the record).
-STAGES = ("rows", "apply", "check", "write", "probe", "ledger")
+#: ledger, ``"ledger"`` (the probe before the request, the fingerprints and the record); with
+#: ``verify=``, ``"verify"`` (the certificate's pass over the retained data).
+STAGES = ("rows", "apply", "check", "write", "probe", "ledger", "verify")
 
 
 def check_probe_blocks(value) -> int | None:
     """``probe_blocks`` of an :class:`~ssse.Eraser`: a positive int, or ``None`` (every
     block)."""
     return check_positive_int(value, "probe_blocks", allow_none=True)
+
+
+def check_verify(verify, retrain_above, task) -> tuple | None:
+    """``(retained data, retrain_above)`` of a request's ``verify=`` and ``retrain_above=``
+    (:meth:`ssse.Eraser.erase`), or ``None`` without ``verify``."""
+    if verify is None:
+        if retrain_above is not None:
+            raise ValueError("retrain_above needs verify=<the retained data>: the residual it "
+                             "bounds is computed on them")
+        return None
+    if isinstance(verify, bool):
+        raise TypeError("verify must be the data the model keeps (the training set without "
+                        "every erased sample, this request's included), got a bool")
+    check_data(verify, "verify", task)
+    if retrain_above is not None:
+        retrain_above = check_positive_float(retrain_above, "retrain_above")
+    return verify, retrain_above
+
+
+def record_request(eraser, ids, request_id, epsilon, fisher, refine_steps, old_n, health, rows,
+                   models, inplace, certificate) -> None:
+    """Records a served request of ``eraser`` that gave ids in :attr:`~ssse.Eraser.last_request`
+    (and appends it to the ledger, or undoes the request when the ledger cannot be written)."""
+    old_theta, state, model_before = models
+    entry = record(request_id, ids, method="newton" if epsilon is None else "ssse",
+                   epsilon=epsilon, fisher=None if epsilon is None else fisher,
+                   curvature=eraser.curvature, refine_steps=refine_steps,
+                   n_before=old_n, n_after=eraser.n,
+                   health=None if health is None else health.as_dict())
+    if certificate is not None:
+        entry["certificate"] = certificate
+    if eraser.ledger is not None:
+        inverse_after = fingerprint(eraser.inv_fisher.to_state()[0])
+        entry.update(model_before=model_before, model_after=fingerprint(state),
+                     inverse_before=eraser._inverse_fp, inverse_after=inverse_after)
+        try:
+            eraser.ledger.append(entry)
+        except OSError as exc:
+            eraser._undo(rows, old_theta, old_n, inplace)
+            raise OSError(f"the ledger {eraser.ledger.path} could not be written ({exc}); "
+                          "the request was undone (the inverse updated back with its "
+                          "rows, equal up to rounding)") from exc
+        eraser._inverse_fp = inverse_after
+    eraser.erased_ids.update(ids)
+    eraser.last_request = entry
 
 
 def group_means(rows: torch.Tensor, b: int) -> torch.Tensor:

@@ -49,6 +49,9 @@ NEWTON_REFUSED = {"refine_steps": ((0,), "the refinement's line search needs the
 ERASER_REFUSED = {
     "ids": ((None,), "sample ids and the ledger are kept by a one-process Eraser"),
     "request_id": ((None,), "it goes with ids, which are not offered"),
+    "verify": ((None,), "the retained data are spread over the ranks; certify the erased "
+                        "model with ssse.certificate.certify"),
+    "retrain_above": ((None,), "it goes with verify, which is not offered"),
     **NEWTON_REFUSED,
 }
 
