@@ -242,6 +242,20 @@ PYBIND11_MODULE(_C, m) {
       py::arg("threads"));
 
   m.def(
+      "gram_product",
+      [](std::uintptr_t gram, std::uintptr_t layout, int64_t num_blocks, std::uintptr_t x,
+         int64_t r, std::uintptr_t out, int threads) {
+        check_blocks(num_blocks);
+        check_threads(threads);
+        if (r < 0) throw std::invalid_argument("r must be >= 0");
+        py::gil_scoped_release release;
+        ssse::cpu::gram_product(ptr<const double>(gram), ptr<const int64_t>(layout), num_blocks,
+                                ptr<const double>(x), r, ptr<double>(out), threads);
+      },
+      py::arg("gram"), py::arg("layout"), py::arg("num_blocks"), py::arg("x"), py::arg("r"),
+      py::arg("out"), py::arg("threads"));
+
+  m.def(
       "sherman_morrison",
       [](int dtype, bool chunked, std::uintptr_t inv, std::uintptr_t layout, int64_t num_blocks,
          std::uintptr_t grads, int64_t m_rows, int64_t d, double normalizer, int sign,

@@ -15,7 +15,7 @@ import torch
 
 from . import _C
 
-__all__ = ["gram_accumulate_", "inverse_from_gram", "sherman_morrison_", "apply_inverse",
+__all__ = ["gram_accumulate_", "gram_product_", "inverse_from_gram", "sherman_morrison_", "apply_inverse",
            "dual_gram_", "dual_cholesky_", "dual_apply_", "dual_remove_rows_",
            "cuda_available", "call", "CUDA_KERNEL_SETS", "cuda_kernels", "set_cuda_kernels",
            "use_cuda_kernels"]
@@ -109,6 +109,23 @@ gram_accumulate_ = torch.library.custom_op("ssse_ext::gram_accumulate_", mutates
 
 @gram_accumulate_.register_fake
 def _(grads, layout, layout_dev, gram):
+    return None
+
+
+def _gram_product__impl(gram: torch.Tensor, layout: torch.Tensor, x: torch.Tensor,
+                        out: torch.Tensor) -> None:
+    """``out_b += gram_b x_b`` for every block of the layout table (CPU, float64): ``gram_b``
+    symmetric, read from its lower triangle; ``x`` and ``out`` ``(d, r)``."""
+    _C.gram_product(gram.data_ptr(), layout.data_ptr(), layout.shape[0], x.data_ptr(),
+                    x.shape[1], out.data_ptr(), _threads())
+
+
+gram_product_ = torch.library.custom_op("ssse_ext::gram_product_",
+                                        mutates_args=("out",))(_gram_product__impl)
+
+
+@gram_product_.register_fake
+def _(gram, layout, x, out):
     return None
 
 
@@ -306,6 +323,7 @@ def _(g, l, table, table_dev, rows, ldl, keep, removed, first):
 
 _EAGER = {
     gram_accumulate_: _gram_accumulate__impl,
+    gram_product_: _gram_product__impl,
     inverse_from_gram: _inverse_from_gram_impl,
     sherman_morrison_: _sherman_morrison__impl,
     apply_inverse: _apply_inverse_impl,

@@ -43,6 +43,7 @@ from typing import Iterator
 
 import torch
 
+from . import _ops
 from .layout import BlockLayout
 from .validation import check_dtype, check_int, check_positive_int
 
@@ -337,6 +338,12 @@ class FisherProbe:
         r""":math:`S_b \mathrel{+}= G_b X_b` for ``blocks`` (increasing ids) from their packed
         float64 Gram accumulators, one after the other (lower triangles)."""
         x = self.x
+        if gram.device.type == "cpu" and x.device.type == "cpu" and x.is_contiguous() and \
+                self.sketch.is_contiguous() and gram.is_contiguous():
+            # the kernel reads the lower triangles in place (no triangular copies)
+            _ops.call(_ops.gram_product_, gram, self.layout.table(blocks=list(blocks)), x,
+                      self.sketch)
+            return self
         o = 0
         for _, b0, n, s in _runs(self.layout, blocks, lambda s: s):
             st = self.layout.starts[b0]

@@ -94,6 +94,25 @@ void inverse_from_gram(double* gram, const int64_t* layout, int64_t num_blocks, 
   });
 }
 
+void gram_product(const double* gram, const int64_t* layout, int64_t num_blocks, const double* x,
+                  int64_t r, double* out, int threads) {
+  if (r <= 0 || num_blocks <= 0) return;
+  const BlockSpec* blocks = as_blocks(layout);
+  parallel_for(num_blocks, threads, [&](int64_t b) {
+    const BlockSpec& blk = blocks[b];
+    const int64_t s = blk.size;
+    if (s <= 0) return;
+    // C = X_b^T G_b [r, s] (A(i, k) = X_b(k, i)), then out_b += C^T
+    std::vector<double> c(static_cast<size_t>(r * s));
+    gemm_symmetric_b<double>(r, s, 1.0, x + blk.start * r, 1, r, gram + blk.offset, s, 0.0,
+                             c.data(), s);
+    for (int64_t i = 0; i < s; ++i) {
+      double* o = out + (blk.start + i) * r;
+      for (int64_t j = 0; j < r; ++j) o[j] += c[static_cast<size_t>(j * s + i)];
+    }
+  });
+}
+
 template void gram_accumulate<float>(const float*, int64_t, int64_t, const int64_t*, int64_t,
                                      double*, int);
 template void gram_accumulate<double>(const double*, int64_t, int64_t, const int64_t*, int64_t,

@@ -26,4 +26,10 @@ void inverse_from_gram(double* gram,           // packed [sum size_b^2]
                        int64_t* info,          // [num_blocks]
                        int threads);
 
+// out_b += gram_b x_b for every block b: gram_b symmetric, read from its lower triangle only
+// (as gram_accumulate leaves it); x and out [d, r] row-major, float64.
+void gram_product(const double* gram,       // packed [sum size_b^2]
+                  const int64_t* layout,    // [num_blocks, 3]
+                  int64_t num_blocks, const double* x, int64_t r, double* out, int threads);
+
 }  // namespace ssse::cpu
