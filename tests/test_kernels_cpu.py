@@ -196,6 +196,32 @@ def test_apply(dtype, r):
         <= SOLVE[dtype]
 
 
+@pytest.mark.parametrize("r", [0, 1, 3, 9])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gram_product_reads_the_lower_triangles_only(r, threads):
+    torch.manual_seed(r + 10 * threads)
+    layout = BlockLayout.from_boundaries([0] + list(torch.tensor(SIZES).cumsum(0).tolist()))
+    grams, dense = [], []
+    for s in layout.sizes:
+        a = torch.randn(s, s, dtype=torch.float64)
+        full = a + a.T
+        stored = torch.tril(full) + torch.triu(torch.full((s, s), float("nan"),
+                                                           dtype=torch.float64), 1)
+        grams.append(stored.reshape(-1))
+        dense.append(full)
+    gram = torch.cat(grams)
+    x = torch.randn(layout.dim, r, dtype=torch.float64)
+    out = torch.randn(layout.dim, r, dtype=torch.float64)
+    expect = out + torch.block_diag(*dense) @ x
+    magnitude = torch.block_diag(*dense).abs() @ x.abs()
+    table = layout.table()
+    _C.gram_product(gram.data_ptr(), table.data_ptr(), layout.num_blocks, x.data_ptr(), r,
+                    out.data_ptr(), threads)
+    # each entry is a float64 sum of at most max(SIZES) + 1 products
+    bound = 2 * (max(SIZES) + 1) * U64 * magnitude
+    assert torch.all((out - expect).abs() <= bound + 1e-300)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_build_of_non_contiguous_rows(dtype):
     torch.manual_seed(5)
