@@ -15,6 +15,7 @@
 #include "cpu/gram.h"
 #include "cpu/microkernel.h"
 #include "cpu/sherman_morrison.h"
+#include "cpu/woodbury.h"
 
 #ifdef SSSE_WITH_CUDA
 #include <cuda_runtime.h>
@@ -275,6 +276,46 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dtype"), py::arg("chunked"), py::arg("inv"), py::arg("layout"),
       py::arg("num_blocks"), py::arg("grads"), py::arg("m"), py::arg("d"), py::arg("normalizer"),
       py::arg("sign"), py::arg("info"), py::arg("threads"));
+
+  m.def(
+      "woodbury_check",
+      [](int dtype, std::uintptr_t inv, std::uintptr_t layout, int64_t num_blocks,
+         std::uintptr_t rows, int64_t k, int64_t d, double normalizer, int sign, std::uintptr_t wt,
+         std::uintptr_t pivots, std::uintptr_t info, int threads) {
+        check_blocks(num_blocks);
+        check_threads(threads);
+        check_update_args(k, d, normalizer, sign);
+        py::gil_scoped_release release;
+        dispatch(dtype, [&](auto tag) {
+          using T = decltype(tag);
+          ssse::cpu::woodbury_check<T>(ptr<const T>(inv), ptr<const int64_t>(layout), num_blocks,
+                                       ptr<const T>(rows), k, d, normalizer, sign,
+                                       ptr<double>(wt), ptr<double>(pivots), ptr<int64_t>(info),
+                                       threads);
+        });
+      },
+      py::arg("dtype"), py::arg("inv"), py::arg("layout"), py::arg("num_blocks"),
+      py::arg("rows"), py::arg("k"), py::arg("d"), py::arg("normalizer"), py::arg("sign"),
+      py::arg("wt"), py::arg("pivots"), py::arg("info"), py::arg("threads"));
+
+  m.def(
+      "woodbury_write",
+      [](int dtype, std::uintptr_t inv, std::uintptr_t layout, int64_t num_blocks,
+         std::uintptr_t wt, int64_t k, int sign, int threads) {
+        check_blocks(num_blocks);
+        check_threads(threads);
+        ssse::check_arg(k >= 0, "k must be >= 0, got " + std::to_string(k));
+        ssse::check_arg(sign == 1 || sign == -1, "sign must be +1 or -1, got " +
+                                                     std::to_string(sign));
+        py::gil_scoped_release release;
+        dispatch(dtype, [&](auto tag) {
+          using T = decltype(tag);
+          ssse::cpu::woodbury_write<T>(ptr<T>(inv), ptr<const int64_t>(layout), num_blocks,
+                                       ptr<const double>(wt), k, sign, threads);
+        });
+      },
+      py::arg("dtype"), py::arg("inv"), py::arg("layout"), py::arg("num_blocks"), py::arg("wt"),
+      py::arg("k"), py::arg("sign"), py::arg("threads"));
 
   m.def(
       "apply_inverse",

@@ -15,7 +15,8 @@ import torch
 
 from . import _C
 
-__all__ = ["gram_accumulate_", "gram_product_", "inverse_from_gram", "sherman_morrison_", "apply_inverse",
+__all__ = ["gram_accumulate_", "gram_product_", "inverse_from_gram", "sherman_morrison_",
+           "woodbury_check", "woodbury_write_", "apply_inverse",
            "dual_gram_", "dual_cholesky_", "dual_apply_", "dual_remove_rows_",
            "cuda_available", "call", "CUDA_KERNEL_SETS", "cuda_kernels", "set_cuda_kernels",
            "use_cuda_kernels"]
@@ -187,6 +188,53 @@ def _(inv, layout, layout_dev, grads, normalizer, sign, chunked):
     return torch.empty(layout.shape[0], dtype=torch.int64, device=inv.device)
 
 
+def _woodbury_check_impl(inv: torch.Tensor, layout: torch.Tensor, rows: torch.Tensor,
+                         normalizer: float, sign: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CPU: ``(wt, pivots, info)`` of a Woodbury change of the dense blocks of the layout table
+    by the ``(k, d)`` rows (see csrc/cpu/woodbury.h): ``wt`` float64, every block's
+    :math:`W_b^\top` (``k x s_b``) one after the other; ``pivots`` ``(num_blocks, k)``;
+    ``info`` ``(num_blocks,)``. Nothing is written to ``inv``."""
+    k, d = rows.shape
+    nb = layout.shape[0]
+    wt = torch.empty(k * int(layout[:, 1].sum()) if nb else 0, dtype=torch.float64)
+    pivots = torch.empty(nb, k, dtype=torch.float64)
+    info = torch.empty(nb, dtype=torch.int64)
+    _C.woodbury_check(_code(inv), inv.data_ptr(), layout.data_ptr(), nb, rows.data_ptr(), k, d,
+                      normalizer, sign, wt.data_ptr(), pivots.data_ptr(), info.data_ptr(),
+                      _threads())
+    return wt, pivots, info
+
+
+woodbury_check = torch.library.custom_op("ssse_ext::woodbury_check",
+                                         mutates_args=())(_woodbury_check_impl)
+
+
+@woodbury_check.register_fake
+def _(inv, layout, rows, normalizer, sign):
+    k, nb = rows.shape[0], layout.shape[0]
+    n = torch.library.get_ctx().new_dynamic_size()
+    return (inv.new_empty(n, dtype=torch.float64), inv.new_empty(nb, k, dtype=torch.float64),
+            inv.new_empty(nb, dtype=torch.int64))
+
+
+def _woodbury_write__impl(inv: torch.Tensor, layout: torch.Tensor, wt: torch.Tensor, k: int,
+                          sign: int) -> None:
+    """CPU: every block of the layout table minus ``sign`` :math:`W_b W_b^\top`, from
+    :func:`woodbury_check`'s ``wt``."""
+    _C.woodbury_write(_code(inv), inv.data_ptr(), layout.data_ptr(), layout.shape[0],
+                      wt.data_ptr(), k, sign, _threads())
+
+
+woodbury_write_ = torch.library.custom_op("ssse_ext::woodbury_write_",
+                                          mutates_args=("inv",))(_woodbury_write__impl)
+
+
+@woodbury_write_.register_fake
+def _(inv, layout, wt, k, sign):
+    return None
+
+
 def _apply_inverse_impl(inv: torch.Tensor, layout: torch.Tensor, layout_dev: torch.Tensor,
                         v: torch.Tensor, base: torch.Tensor | None, scale: float,
                         out: torch.Tensor) -> None:
@@ -327,6 +375,8 @@ _EAGER = {
     inverse_from_gram: _inverse_from_gram_impl,
     sherman_morrison_: _sherman_morrison__impl,
     apply_inverse: _apply_inverse_impl,
+    woodbury_check: _woodbury_check_impl,
+    woodbury_write_: _woodbury_write__impl,
     dual_gram_: _dual_gram__impl,
     dual_cholesky_: _dual_cholesky__impl,
     dual_apply_: _dual_apply__impl,

@@ -23,7 +23,7 @@ from .validation import check_finite_float, check_update_operands, check_vector
 
 __all__ = ["LowRankChange", "PD_MARGIN", "WOODBURY_ELEMENTS", "change_nbytes",
            "check_change_memory", "check_overflow", "check_pivots", "checked_cholesky",
-           "inner_matrix", "rows_t_times", "rows_times"]
+           "inner_matrix", "overflow_error", "rows_t_times", "rows_times"]
 
 #: Smallest Cholesky pivot of the normalised Woodbury matrix accepted by an update, a downdate
 #: or a leave-k-out apply: far above the rounding of its float64 computation (~1e-15), so the
@@ -43,8 +43,13 @@ def check_overflow(m: torch.Tensor, what: str, layout: BlockLayout, block_ids) -
     mean that the rows' products overflowed float64 (finite rows: the inputs are checked)."""
     if bool(torch.isfinite(m).all()):
         return
-    b = block_ids[int(torch.nonzero(~torch.isfinite(m).flatten(1).all(1))[0])]
-    raise FloatingPointError(
+    raise overflow_error(what, layout,
+                         block_ids[int(torch.nonzero(~torch.isfinite(m).flatten(1).all(1))[0])])
+
+
+def overflow_error(what: str, layout: BlockLayout, b: int) -> FloatingPointError:
+    """The error of a change whose rows' products with block ``b`` overflowed float64."""
+    return FloatingPointError(
         f"{what}: the products of the rows with block {b} {_where(layout, b)} overflowed "
         f"float64 (1.8e308): the rows are too large (norm about 1e154 or more); scale the loss "
         f"or the inputs down. Nothing was changed")

@@ -166,6 +166,74 @@ def test_sherman_morrison_update_and_downdate(dtype, s, m, chunked):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("s", [5, 47, 130, 257, 300])
+@pytest.mark.parametrize("m", [1, 3, 5])
+def test_woodbury_check_and_write(dtype, s, m):
+    torch.manual_seed(7 * s + m)
+    n0 = 2 * s
+    layout = BlockLayout.from_boundaries([0, s, s + 5, 2 * s + 5])  # blocks of s, 5 and s
+    d = layout.dim
+    g = torch.randn(n0 + m, d, dtype=torch.float64)
+    normalizer = float(n0 + m)
+    full = ssse_ext.build_inverse_fisher(g.to(dtype), damping=0.5, layout=layout,
+                                         representation="dense")
+    packed = full.packed.clone()
+    host = layout.table()
+    rows = g[n0:].to(dtype)
+    # the rows strided in a wider buffer, copied contiguous as the stores pass them
+    wide = torch.zeros(m, d + 7, dtype=dtype)
+    wide[:, 3:3 + d] = rows
+    rows = wide[:, 3:3 + d].contiguous()
+    wt, piv, info = _ops.call(_ops.woodbury_check, packed, host, rows, normalizer, -1)
+    assert torch.equal(packed, full.packed)  # the check writes nothing
+    assert not info.any() and bool((piv > 0).all()) and piv.shape == (3, m)
+    assert wt.shape == (m * d,)
+    _ops.call(_ops.woodbury_write_, packed, host, wt, m, -1)
+    gs = g.to(dtype).double()
+    expect = reference.block_closed_form(gs[:n0], layout, 0.5, normalizer)
+    for b, (o, sb) in enumerate(zip(layout.offsets, layout.sizes)):
+        blk = packed[o:o + sb * sb].view(sb, sb)
+        assert torch.equal(blk, blk.T), b  # bitwise symmetric
+        assert rel_err(blk, expect[b]) <= CHAIN[dtype], b
+    # adding the rows back returns to the full inverse
+    wt, piv, info = _ops.call(_ops.woodbury_check, packed, host, rows, normalizer, 1)
+    assert not info.any()
+    _ops.call(_ops.woodbury_write_, packed, host, wt, m, 1)
+    ref = reference.block_closed_form(gs, layout, 0.5, normalizer)
+    for b, (o, sb) in enumerate(zip(layout.offsets, layout.sizes)):
+        assert rel_err(packed[o:o + sb * sb].view(sb, sb), ref[b]) <= CHAIN[dtype], b
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_woodbury_check_reports_failures_and_overflow(dtype):
+    torch.manual_seed(3)
+    layout = BlockLayout.fixed(12, 6)
+    g = torch.randn(30, 12, dtype=torch.float64)
+    inv = ssse_ext.build_inverse_fisher(g.to(dtype), damping=0.1, layout=layout)
+    host = layout.table()
+    # rows never added: removing them makes both blocks indefinite
+    never = (10 * torch.randn(3, 12, dtype=torch.float64)).to(dtype)
+    _, piv, info = _ops.call(_ops.woodbury_check, inv.packed, host, never, 30.0, -1)
+    assert bool((info > 0).all())
+    # a row added once: its removal's pivot equals the float64 one of C / N
+    row = g[:1].to(dtype)
+    _, piv, info = _ops.call(_ops.woodbury_check, inv.packed, host, row, 30.0, -1)
+    assert not info.any()
+    for b in range(2):
+        f = inv.dense_block(b).double()
+        r = row[:, 6 * b:6 * b + 6].double()
+        c = 30.0 - (r @ f @ r.T)
+        assert abs(float(piv[b, 0]) - float(c) / 30.0) <= 1e-6 * abs(float(c) / 30.0)
+    huge = torch.full((1, 12), 1e200, dtype=torch.float64)
+    if dtype == torch.float64:
+        _, _, info = _ops.call(_ops.woodbury_check, inv.packed, host, huge, 30.0, -1)
+        assert bool((info == -1).all())
+    # no rows: nothing to check, nothing written
+    wt, piv, info = _ops.call(_ops.woodbury_check, inv.packed, host, row[:0], 30.0, -1)
+    assert wt.numel() == 0 and not info.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_sherman_morrison_with_no_rows_changes_nothing(dtype):
     layout = BlockLayout.fixed(60, 49)
     g = torch.randn(100, 60, dtype=dtype)

@@ -20,8 +20,8 @@ import torch
 from .. import _ops
 from ..budget import COPY_REMEDIES, check_memory, format_bytes
 from ..layout import BlockLayout
-from ..lowrank import (WOODBURY_ELEMENTS, checked_cholesky, inner_matrix, shifted_factor,
-                       solve_kept)
+from ..lowrank import (WOODBURY_ELEMENTS, check_pivots, checked_cholesky, inner_matrix,
+                       overflow_error, shifted_factor, solve_kept)
 from ..validation import FLOAT_DTYPES, check_dtype
 from .base import (BlockStore, BuildCost, ChangeFactors, StoreBuilder, copied_to,
                    element_size)
@@ -210,6 +210,8 @@ class DenseStore(BlockStore):
         product: a batched triangular solve with many right-hand sides runs block by block.
         """
         k, N = rows.shape[0], self.normalizer
+        if write and self._kernel_writes(k) and rhs is None and not keep and shift == 0:
+            return self._kernel_check(rows, sign, what)
         r64 = rows.to(torch.float64)  # once: 8 k d bytes, as change_nbytes counts
         factors = []
         for j, o, b0, n, s, f in self._float64_batches(k):
@@ -239,6 +241,32 @@ class DenseStore(BlockStore):
                 res = solve_kept(kept, vb, sign, lambda v: f @ v)
                 out[st:st + n * s] = res.reshape(n * s, -1)
         return factors
+
+    def _kernel_writes(self, k: int) -> bool:
+        """Whether a checked change of ``k`` rows runs in the CPU kernels (every block at
+        least ``k`` wide): one pass reads each block in its own dtype for the check, one more
+        writes it (no float64 copy of any block)."""
+        return self.device.type == "cpu" and k <= min(self.sizes, default=0)
+
+    def _kernel_check(self, rows: torch.Tensor, sign: int, what: str) -> list:
+        """:meth:`woodbury`'s check with ``write`` in the CPU kernels: the factors
+        :math:`W_b^\top` of every segment, after every block's pivots passed."""
+        kept, infos, pivots, ids = [], [], [], []
+        for j, (seg, host, _) in enumerate(self._segment_tables()):
+            if not seg.numel():
+                continue
+            wt, piv, info = _ops.call(_ops.woodbury_check, seg, host, rows,
+                                      float(self.normalizer), int(sign))
+            kept.append((j, None, None, rows.shape[0], "kernel", wt))
+            infos.append(info)
+            pivots.append(piv)
+            ids += list(self._segment_ids(j))
+        if infos:
+            info, piv = torch.cat(infos), torch.cat(pivots)
+            if bool((info == -1).any()):
+                raise overflow_error(what, self.layout, ids[int(torch.nonzero(info == -1)[0])])
+            check_pivots(info, piv, what, self.layout, ids)
+        return kept
 
     def _writes_factors(self, k: int) -> bool:
         """Whether a change of ``k`` rows rewrites the blocks from the factors of its check
@@ -315,6 +343,12 @@ class DenseStore(BlockStore):
         GEMM that does not is followed by a symmetrisation from the lower triangle, as the
         kernel keeps its blocks."""
         if not kept:
+            return
+        if kept[0][4] == "kernel":
+            tables = self._segment_tables()
+            for j, _, _, k, _, wt in kept:
+                seg, host, _ = tables[j]
+                _ops.call(_ops.woodbury_write_, seg, host, wt, k, int(sign))
             return
         scratch = None
         if self.dtype != torch.float64:

@@ -1,0 +1,132 @@
+#include "woodbury.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../common.h"
+#include "dense.h"
+
+namespace ssse::cpu {
+
+namespace {
+// Square tiles of the write's float64 product W_b W_b^T (512 KiB each, per thread): a block is
+// written a tile at a time, whatever its size.
+constexpr int64_t kTile = 256;
+
+// k * (size_0 + ... + size_{b-1}) for every block, in table order.
+std::vector<int64_t> wt_offsets(const BlockSpec* blocks, int64_t num_blocks, int64_t k) {
+  std::vector<int64_t> out(static_cast<size_t>(num_blocks));
+  int64_t pos = 0;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    out[static_cast<size_t>(b)] = pos;
+    pos += k * blocks[b].size;
+  }
+  return out;
+}
+}  // namespace
+
+template <typename T>
+void woodbury_check(const T* inv, const int64_t* layout, int64_t num_blocks, const T* rows,
+                    int64_t k, int64_t d, double normalizer, int sign, double* wt,
+                    double* pivots, int64_t* info, int threads) {
+  if (num_blocks <= 0) return;
+  const BlockSpec* blocks = as_blocks(layout);
+  const std::vector<int64_t> offsets = wt_offsets(blocks, num_blocks, k);
+  const std::vector<int64_t> order = blocks_by_size(layout, num_blocks);
+  parallel_for(num_blocks, threads, [&](int64_t t) {
+    const int64_t b = order[static_cast<size_t>(t)];
+    const BlockSpec& blk = blocks[b];
+    const int64_t s = blk.size;
+    double* piv = pivots + b * k;
+    info[b] = 0;
+    if (k == 0 || s == 0) {
+      std::fill(piv, piv + k, 1.0);  // C = N I
+      return;
+    }
+    const T* f = inv + blk.offset;
+    const T* x = rows + blk.start;  // R_b: [k, s] with leading dimension d
+    double* w = wt + offsets[static_cast<size_t>(b)];
+    // U^T = R_b F_b^{-1} [k, s] (the block read once, converted in the packing)
+    gemm<T, T>(k, s, s, 1.0, x, d, 1, f, s, 1, 0.0, w, s);
+    // C = N I + sign R_b U, symmetrised
+    std::vector<double> c(static_cast<size_t>(k * k));
+    gemm<T, double>(k, k, s, static_cast<double>(sign), x, d, 1, w, 1, s, 0.0, c.data(), k);
+    bool finite = true;
+    for (int64_t i = 0; i < k; ++i) {
+      for (int64_t j = 0; j < i; ++j) {
+        double& lo = c[static_cast<size_t>(i * k + j)];
+        lo = 0.5 * (lo + c[static_cast<size_t>(j * k + i)]);
+        finite = finite && std::isfinite(lo);
+      }
+      double& dia = c[static_cast<size_t>(i * k + i)];
+      dia += normalizer;
+      finite = finite && std::isfinite(dia);
+    }
+    std::fill(piv, piv + k, 0.0);
+    if (!finite) {
+      info[b] = -1;
+      return;
+    }
+    if (int64_t code = potrf_lower(k, c.data(), k)) {
+      info[b] = code;
+      return;
+    }
+    for (int64_t i = 0; i < k; ++i) {
+      const double l = c[static_cast<size_t>(i * k + i)];
+      piv[i] = l * l / normalizer;
+    }
+    trsm_left_lower(k, s, c.data(), k, w, s);  // W^T = L^{-1} U^T
+  });
+}
+
+template <typename T>
+void woodbury_write(T* inv, const int64_t* layout, int64_t num_blocks, const double* wt,
+                    int64_t k, int sign, int threads) {
+  if (num_blocks <= 0 || k <= 0) return;
+  const BlockSpec* blocks = as_blocks(layout);
+  const std::vector<int64_t> offsets = wt_offsets(blocks, num_blocks, k);
+  const std::vector<int64_t> order = blocks_by_size(layout, num_blocks);
+  const double coef = -static_cast<double>(sign);
+  parallel_for(num_blocks, threads, [&](int64_t t) {
+    const int64_t b = order[static_cast<size_t>(t)];
+    const BlockSpec& blk = blocks[b];
+    const int64_t s = blk.size;
+    if (s == 0) return;
+    T* f = inv + blk.offset;
+    const double* w = wt + offsets[static_cast<size_t>(b)];  // W^T [k, s]
+    std::vector<double> tile(static_cast<size_t>(std::min(s, kTile) * std::min(s, kTile)));
+    for (int64_t i0 = 0; i0 < s; i0 += kTile) {
+      const int64_t mi = std::min(kTile, s - i0);
+      for (int64_t j0 = 0; j0 <= i0; j0 += kTile) {
+        const int64_t mj = std::min(kTile, s - j0);
+        const bool diagonal = i0 == j0;
+        // tile = (W W^T)[i0:, j0:] = W^T[:, i0:]^T W^T[:, j0:]
+        gemm<double, double>(mi, mj, k, 1.0, w + i0, 1, s, w + j0, s, 1, 0.0, tile.data(), mj,
+                             diagonal);
+        for (int64_t i = 0; i < mi; ++i) {
+          const int64_t jend = diagonal ? i + 1 : mj;
+          T* row = f + (i0 + i) * s + j0;
+          for (int64_t j = 0; j < jend; ++j) {
+            const T v = static_cast<T>(static_cast<double>(row[j]) +
+                                       coef * tile[static_cast<size_t>(i * mj + j)]);
+            row[j] = v;
+            f[(j0 + j) * s + i0 + i] = v;  // the mirror entry, bitwise equal
+          }
+        }
+      }
+    }
+  });
+}
+
+template void woodbury_check<float>(const float*, const int64_t*, int64_t, const float*, int64_t,
+                                    int64_t, double, int, double*, double*, int64_t*, int);
+template void woodbury_check<double>(const double*, const int64_t*, int64_t, const double*,
+                                     int64_t, int64_t, double, int, double*, double*, int64_t*,
+                                     int);
+template void woodbury_write<float>(float*, const int64_t*, int64_t, const double*, int64_t, int,
+                                    int);
+template void woodbury_write<double>(double*, const int64_t*, int64_t, const double*, int64_t,
+                                     int, int);
+
+}  // namespace ssse::cpu
