@@ -96,23 +96,20 @@ void woodbury_write(T* inv, const int64_t* layout, int64_t num_blocks, const dou
     T* f = inv + blk.offset;
     const double* w = wt + offsets[static_cast<size_t>(b)];  // W^T [k, s]
     std::vector<double> tile(static_cast<size_t>(std::min(s, kTile) * std::min(s, kTile)));
+    // Every tile in full, rows written in place: (W W^T)(i, j) and (W W^T)(j, i) are the same
+    // products summed in the same order, so a symmetric block stays bitwise symmetric.
     for (int64_t i0 = 0; i0 < s; i0 += kTile) {
       const int64_t mi = std::min(kTile, s - i0);
-      for (int64_t j0 = 0; j0 <= i0; j0 += kTile) {
+      for (int64_t j0 = 0; j0 < s; j0 += kTile) {
         const int64_t mj = std::min(kTile, s - j0);
-        const bool diagonal = i0 == j0;
         // tile = (W W^T)[i0:, j0:] = W^T[:, i0:]^T W^T[:, j0:]
         gemm<double, double>(mi, mj, k, 1.0, w + i0, 1, s, w + j0, s, 1, 0.0, tile.data(), mj,
-                             diagonal);
+                             false);
         for (int64_t i = 0; i < mi; ++i) {
-          const int64_t jend = diagonal ? i + 1 : mj;
           T* row = f + (i0 + i) * s + j0;
-          for (int64_t j = 0; j < jend; ++j) {
-            const T v = static_cast<T>(static_cast<double>(row[j]) +
-                                       coef * tile[static_cast<size_t>(i * mj + j)]);
-            row[j] = v;
-            f[(j0 + j) * s + i0 + i] = v;  // the mirror entry, bitwise equal
-          }
+          const double* t = tile.data() + i * mj;
+          for (int64_t j = 0; j < mj; ++j)
+            row[j] = static_cast<T>(static_cast<double>(row[j]) + coef * t[j]);
         }
       }
     }
