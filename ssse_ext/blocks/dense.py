@@ -268,6 +268,18 @@ class DenseStore(BlockStore):
             check_pivots(info, piv, what, self.layout, ids)
         return kept
 
+    def _bounded(self, rows: torch.Tensor) -> bool:
+        """Whether every product of an update by ``rows`` stays far inside float64: with
+        :math:`F_b^{-1} \preceq I / \lambda`, the entries of :math:`R_b F_b^{-1} R_b^\top` are at
+        most :math:`\max_i \lVert r_i\rVert^2 / \lambda`."""
+        if rows.dtype == torch.float32:  # every float32 row is below d * 3.4e38^2 squared
+            top = rows.shape[1] * float(torch.finfo(torch.float32).max) ** 2
+        else:
+            top = 0.0
+            for i in range(0, rows.shape[0], 64):  # an overflow to inf only refuses
+                top = max(top, float(rows[i:i + 64].pow(2).sum(1).max()))
+        return top / self.damping + self.normalizer <= 1e290
+
     def _writes_factors(self, k: int) -> bool:
         """Whether a change of ``k`` rows rewrites the blocks from the factors of its check
         (on the CPU, when they take at most :data:`_KEPT_SHARE` of the store) rather than in
@@ -308,9 +320,13 @@ class DenseStore(BlockStore):
     # ---- changes in place ----
     def check_change(self, rows, sign, *, method, chunk_size, what):
         if method == "woodbury":
+            factors = self._writes_factors(rows.shape[0])
+            if sign > 0 and not factors and self._bounded(rows):
+                # F + R^T R / N >= F stays positive definite and no product can overflow: the
+                # kernel's write cannot fail, so there is nothing to check first
+                return rows, sign, method, chunk_size, what, None, None
             # every block is checked first: the writes cannot then fail, so no copy of the
             # store is needed for atomicity
-            factors = self._writes_factors(rows.shape[0])
             kept = self.woodbury(rows, sign, what, write=factors)
             return rows, sign, method, chunk_size, what, None, kept if factors else None
         # The literal recurrence can fail part-way in float32 where the result is still
