@@ -383,3 +383,33 @@ def test_every_instruction_set(isa):
     if chosen != isa:
         pytest.skip(f"this CPU has no {isa}")
     assert float(worst) < 1.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_an_update_by_many_rows_needs_no_check_and_is_exact(dtype, monkeypatch):
+    torch.manual_seed(11)
+    layout = BlockLayout.from_boundaries([0, 8, 15, 24])  # blocks of 8, 7 and 9
+    g = torch.randn(60, layout.dim, dtype=torch.float64)
+    base = ssse_ext.build_inverse_fisher(g[:30].to(dtype), damping=0.3, layout=layout,
+                                         normalizer=60.0, representation="dense")
+    store = base.stores[0]
+    # 30 rows on blocks of 7 to 9: past the factors a check would keep for the write, and
+    # nothing to check (F + R^T R / N stays positive definite, no product can overflow)
+    assert not store._writes_factors(30)
+
+    def no_check(*args, **kwargs):
+        raise AssertionError("the update was checked")
+
+    monkeypatch.setattr(type(store), "woodbury", no_check)
+    base.update(g[30:].to(dtype))
+    ref = reference.block_closed_form(g.to(dtype).double(), layout, 0.3, 60.0)
+    for b in range(layout.num_blocks):
+        assert rel_err(base.dense_block(b), ref[b]) <= CHAIN[dtype], b
+    monkeypatch.undo()
+    # rows whose products could overflow float64 are checked first, and refused whole
+    huge = torch.full((2, layout.dim), 1e160, dtype=torch.float64)
+    if dtype == torch.float64:
+        before = base.packed.clone()
+        with pytest.raises(FloatingPointError, match="overflow"):
+            base.update(huge)
+        assert torch.equal(base.packed, before)
