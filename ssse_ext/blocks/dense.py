@@ -269,10 +269,10 @@ class DenseStore(BlockStore):
         return kept
 
     def _bounded(self, rows: torch.Tensor) -> bool:
-        """Whether every product of an update by ``rows`` stays far inside float64: with
+        r"""Whether every product of an update by ``rows`` stays far inside float64: with
         :math:`F_b^{-1} \preceq I / \lambda`, the entries of :math:`R_b F_b^{-1} R_b^\top` are at
         most :math:`\max_i \lVert r_i\rVert^2 / \lambda`."""
-        if rows.dtype == torch.float32:  # every float32 row is below d * 3.4e38^2 squared
+        if rows.dtype == torch.float32:  # a float32 row's squared norm is below d * 3.4e38^2
             top = rows.shape[1] * float(torch.finfo(torch.float32).max) ** 2
         else:
             top = 0.0
