@@ -249,7 +249,7 @@ class DenseStore(BlockStore):
         return self.device.type == "cpu" and k <= min(self.sizes, default=0)
 
     def _kernel_check(self, rows: torch.Tensor, sign: int, what: str) -> list:
-        """:meth:`woodbury`'s check with ``write`` in the CPU kernels: the factors
+        r""":meth:`woodbury`'s check with ``write`` in the CPU kernels: the factors
         :math:`W_b^\top` of every segment, after every block's pivots passed."""
         kept, infos, pivots, ids = [], [], [], []
         for j, (seg, host, _) in enumerate(self._segment_tables()):
