@@ -191,7 +191,7 @@ def _(inv, layout, layout_dev, grads, normalizer, sign, chunked):
 def _woodbury_check_impl(inv: torch.Tensor, layout: torch.Tensor, rows: torch.Tensor,
                          normalizer: float, sign: int
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CPU: ``(wt, pivots, info)`` of a Woodbury change of the dense blocks of the layout table
+    r"""CPU: ``(wt, pivots, info)`` of a Woodbury change of the dense blocks of the layout table
     by the ``(k, d)`` rows (see csrc/cpu/woodbury.h): ``wt`` float64, every block's
     :math:`W_b^\top` (``k x s_b``) one after the other; ``pivots`` ``(num_blocks, k)``;
     ``info`` ``(num_blocks,)``. Nothing is written to ``inv``."""
@@ -220,7 +220,7 @@ def _(inv, layout, rows, normalizer, sign):
 
 def _woodbury_write__impl(inv: torch.Tensor, layout: torch.Tensor, wt: torch.Tensor, k: int,
                           sign: int) -> None:
-    """CPU: every block of the layout table minus ``sign`` :math:`W_b W_b^\top`, from
+    r"""CPU: every block of the layout table minus ``sign`` :math:`W_b W_b^\top`, from
     :func:`woodbury_check`'s ``wt``."""
     _C.woodbury_write(_code(inv), inv.data_ptr(), layout.data_ptr(), layout.shape[0],
                       wt.data_ptr(), k, sign, _threads())
