@@ -257,6 +257,27 @@ PYBIND11_MODULE(_C, m) {
       py::arg("out"), py::arg("threads"));
 
   m.def(
+      "rows_product",
+      [](int dtype, std::uintptr_t rows, int64_t m, int64_t d, std::uintptr_t layout,
+         int64_t num_blocks, std::uintptr_t x, int64_t r, double sign, std::uintptr_t sketch,
+         int threads) {
+        check_blocks(num_blocks);
+        check_threads(threads);
+        check_rows(m, d);
+        ssse::check_arg(r >= 0, "r must be >= 0, got " + std::to_string(r));
+        py::gil_scoped_release release;
+        dispatch(dtype, [&](auto tag) {
+          using T = decltype(tag);
+          ssse::cpu::rows_product<T>(ptr<const T>(rows), m, d, ptr<const int64_t>(layout),
+                                     num_blocks, ptr<const double>(x), r, sign,
+                                     ptr<double>(sketch), threads);
+        });
+      },
+      py::arg("dtype"), py::arg("rows"), py::arg("m"), py::arg("d"), py::arg("layout"),
+      py::arg("num_blocks"), py::arg("x"), py::arg("r"), py::arg("sign"), py::arg("sketch"),
+      py::arg("threads"));
+
+  m.def(
       "sherman_morrison",
       [](int dtype, bool chunked, std::uintptr_t inv, std::uintptr_t layout, int64_t num_blocks,
          std::uintptr_t grads, int64_t m_rows, int64_t d, double normalizer, int sign,

@@ -15,7 +15,7 @@ import torch
 
 from . import _C
 
-__all__ = ["gram_accumulate_", "gram_product_", "inverse_from_gram", "sherman_morrison_",
+__all__ = ["gram_accumulate_", "gram_product_", "rows_product_", "inverse_from_gram", "sherman_morrison_",
            "woodbury_check", "woodbury_write_", "apply_inverse",
            "dual_gram_", "dual_cholesky_", "dual_apply_", "dual_remove_rows_",
            "cuda_available", "call", "CUDA_KERNEL_SETS", "cuda_kernels", "set_cuda_kernels",
@@ -127,6 +127,24 @@ gram_product_ = torch.library.custom_op("ssse_ext::gram_product_",
 
 @gram_product_.register_fake
 def _(gram, layout, x, out):
+    return None
+
+
+def _rows_product__impl(rows: torch.Tensor, layout: torch.Tensor, x: torch.Tensor, sign: float,
+                        sketch: torch.Tensor) -> None:
+    """``sketch_b += sign R_b^T (R_b x_b)`` for every block of the layout table (CPU): ``rows``
+    ``(m, d)`` in their own dtype, ``x`` and ``sketch`` ``(d, r)`` float64."""
+    m, d = rows.shape
+    _C.rows_product(_code(rows), rows.data_ptr(), m, d, layout.data_ptr(), layout.shape[0],
+                    x.data_ptr(), x.shape[1], float(sign), sketch.data_ptr(), _threads())
+
+
+rows_product_ = torch.library.custom_op("ssse_ext::rows_product_",
+                                        mutates_args=("sketch",))(_rows_product__impl)
+
+
+@rows_product_.register_fake
+def _(rows, layout, x, sign, sketch):
     return None
 
 
@@ -372,6 +390,7 @@ def _(g, l, table, table_dev, rows, ldl, keep, removed, first):
 _EAGER = {
     gram_accumulate_: _gram_accumulate__impl,
     gram_product_: _gram_product__impl,
+    rows_product_: _rows_product__impl,
     inverse_from_gram: _inverse_from_gram_impl,
     sherman_morrison_: _sherman_morrison__impl,
     apply_inverse: _apply_inverse_impl,

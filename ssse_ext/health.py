@@ -301,6 +301,12 @@ class FisherProbe:
         x = self.x
         m = rows.shape[0]
         ids = range(self.layout.num_blocks) if blocks is None else blocks
+        if rows.device.type == "cpu" and x.device.type == "cpu" and rows.is_contiguous() and \
+                self.sketch.is_contiguous() and x.is_contiguous():
+            # the rows read in their own dtype by the kernel (no float64 copy of them)
+            _ops.call(_ops.rows_product_, rows, self.layout.table(blocks=list(ids)), x,
+                      float(sign), self.sketch)
+            return self
         for _, b0, n, s in _runs(self.layout, ids, lambda s: m):
             st = self.layout.starts[b0]
             r = rows[:, st:st + n * s].to(device=self.device,

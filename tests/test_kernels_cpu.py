@@ -291,6 +291,25 @@ def test_gram_product_reads_the_lower_triangles_only(r, threads):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m, r", [(0, 3), (1, 1), (5, 3), (70, 2), (4, 0)])
+def test_rows_product(dtype, m, r):
+    torch.manual_seed(m + 7 * r)
+    layout = BlockLayout.from_boundaries([0] + list(torch.tensor(SIZES).cumsum(0).tolist()))
+    rows = torch.randn(m, layout.dim, dtype=torch.float64).to(dtype)
+    x = torch.randn(layout.dim, r, dtype=torch.float64)
+    sketch = torch.randn(layout.dim, r, dtype=torch.float64)
+    # blocks 1, 3 and the last only: the others' rows of the sketch stay as they are
+    ids = [1, 3, layout.num_blocks - 1]
+    expect = sketch.clone()
+    for b in ids:
+        sl = layout.slice(b)
+        rb = rows[:, sl].double()
+        expect[sl] -= 0.5 * rb.T @ (rb @ x[sl])
+    _ops.call(_ops.rows_product_, rows, layout.table(blocks=ids), x, -0.5, sketch)
+    assert rel_err(sketch, expect) <= 1e-13
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_build_of_non_contiguous_rows(dtype):
     torch.manual_seed(5)
     layout = BlockLayout.fixed(130, 49)

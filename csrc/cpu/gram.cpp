@@ -113,6 +113,26 @@ void gram_product(const double* gram, const int64_t* layout, int64_t num_blocks,
   });
 }
 
+template <typename T>
+void rows_product(const T* rows, int64_t m, int64_t d, const int64_t* layout, int64_t num_blocks,
+                  const double* x, int64_t r, double sign, double* sketch, int threads) {
+  if (m <= 0 || r <= 0 || num_blocks <= 0) return;
+  const BlockSpec* blocks = as_blocks(layout);
+  parallel_for(num_blocks, threads, [&](int64_t b) {
+    const BlockSpec& blk = blocks[b];
+    const int64_t s = blk.size;
+    if (s <= 0) return;
+    const T* rb = rows + blk.start;  // R_b [m, s], leading dimension d
+    std::vector<double> rx(static_cast<size_t>(m * r));
+    gemm<T, double>(m, r, s, 1.0, rb, d, 1, x + blk.start * r, r, 1, 0.0, rx.data(), r);
+    gemm<T, double>(s, r, m, sign, rb, 1, d, rx.data(), r, 1, 1.0, sketch + blk.start * r, r);
+  });
+}
+
+template void rows_product<float>(const float*, int64_t, int64_t, const int64_t*, int64_t,
+                                  const double*, int64_t, double, double*, int);
+template void rows_product<double>(const double*, int64_t, int64_t, const int64_t*, int64_t,
+                                   const double*, int64_t, double, double*, int);
 template void gram_accumulate<float>(const float*, int64_t, int64_t, const int64_t*, int64_t,
                                      double*, int);
 template void gram_accumulate<double>(const double*, int64_t, int64_t, const int64_t*, int64_t,

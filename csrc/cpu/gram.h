@@ -32,4 +32,11 @@ void gram_product(const double* gram,       // packed [sum size_b^2]
                   const int64_t* layout,    // [num_blocks, 3]
                   int64_t num_blocks, const double* x, int64_t r, double* out, int threads);
 
+// sketch_b += sign R_b^T (R_b x_b) for every block b of the table, R_b = rows[:, start_b :
+// start_b + size_b] (the rows in their own dtype, read twice, never copied); x and sketch [d, r]
+// row-major float64.
+template <typename T>
+void rows_product(const T* rows, int64_t m, int64_t d, const int64_t* layout, int64_t num_blocks,
+                  const double* x, int64_t r, double sign, double* sketch, int threads);
+
 }  // namespace ssse::cpu
