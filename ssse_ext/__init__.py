@@ -17,7 +17,7 @@ from __future__ import annotations
 # copy lacks OpenMP 5.1 symbols; loading a second libgomp first would make two thread pools).
 import torch as _torch  # noqa: F401
 
-from . import _C, blocks, budget, fisher, health, reference, validation
+from . import _C, blocks, budget, fisher, health, reference, side, validation
 from ._ops import CUDA_KERNEL_SETS, cuda_kernels, set_cuda_kernels, use_cuda_kernels
 from .blocks import (STORES, BlockStore, DenseStore, DualBlocks, GramStore, choose_stores,
                      get_store, register_store)
@@ -29,6 +29,7 @@ from .health import ConditionWarning, FisherProbe, HealthError, HealthWarning
 from .inverse import UPDATE_METHODS, BlockInverseFisher, FisherConfig
 from .layout import BlockLayout
 from .lowrank import LowRankChange
+from .side import Rows
 
 # the source's own version, not whatever copy of the distribution is installed
 from ._version import __version__
@@ -56,6 +57,7 @@ __all__ = [
     "LowRankChange",
     "NotPositiveDefiniteError",
     "RowNotFoundError",
+    "Rows",
     "blocks",
     "budget",
     "build_dual_blocks",
@@ -70,6 +72,7 @@ __all__ = [
     "reference",
     "register_store",
     "set_cuda_kernels",
+    "side",
     "use_cuda_kernels",
     "validation",
 ]

@@ -55,6 +55,7 @@ from .health import DEFAULT_COLUMNS, FisherProbe, HealthWarning
 from .inverse import BlockInverseFisher, FisherConfig, check_label
 from .layout import BlockLayout, check_build_args
 from .lowrank import WOODBURY_ELEMENTS
+from .side import Rows, SideSum, strip_side
 from .validation import (check_choice, check_dtype, check_nonneg_int, check_positive_int,
                          matrix_chunks)
 
@@ -180,7 +181,12 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
     Args:
         grads: an ``(n, d)`` tensor, or an iterable of ``(m, d)`` chunks consumed one at a time
             (the ``(n, d)`` matrix is never formed). float32 or float64, CPU or CUDA; the
-            result has the rows' dtype and device.
+            result has the rows' dtype and device. Each may be a :class:`~ssse_ext.side.Rows`
+            instead: its side payload, summed over the stream, goes to every store's builder
+            (the Kronecker-factored stores read their factors from it). Or a function
+            returning such an iterable: a store that needs the rows twice (EK-FAC's
+            eigenvalues, in a basis known only at the end) then reads them twice instead of
+            holding them; so does a tensor or a list of chunks.
         damping: :math:`\lambda > 0`.
         block_size: ``B`` for ``BlockLayout.fixed(d, B)`` when ``layout`` is not given
             (default ``min(d, 1024)``).
@@ -193,8 +199,9 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
         rows_per_sample: rows each sample contributes (e.g. ``c`` Gauss–Newton rows), for the
             default normaliser.
         curvature: what the rows are, a label recorded in the result's :class:`FisherConfig`.
-        representation: ``"auto"``, a registered store name (``"dense"``, ``"dual"``, ...)
-            or a sequence of them.
+        representation: ``"auto"``, a registered store name (``"dense"``, ``"dual"``, ...),
+            a sequence of them, or :class:`~ssse_ext.blocks.Pinned` (some blocks pinned to
+            named stores, e.g. the Kronecker-factored weights).
         num_rows: the rows an iterable will yield, for ``representation="auto"``.
         probe_vectors: random vectors per block of the result's health probe
             (:meth:`BlockInverseFisher.health`; 0: none).
@@ -226,14 +233,17 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
     chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
     if max_memory is not None:
         max_memory = check_nonneg_int(max_memory, "max_memory")
-    is_tensor = isinstance(grads, torch.Tensor)
     if method in _RECURRENCES:
-        if not is_tensor and normalizer is None:
+        if not isinstance(grads, (torch.Tensor, Rows)) and normalizer is None:
             raise ValueError(f"normalizer must be given when grads is an iterable and "
                              f"method={method!r} (the recurrence uses N at every step)")
         if method == "woodbury" and chunk_size is None:
             chunk_size = _DEFAULT_WOODBURY_CHUNK
-    chunks = matrix_chunks(grads, chunk_size)
+    sides, reread = SideSum(), _rereader(grads)
+    grads = grads() if reread is grads else grads
+    is_tensor = isinstance(grads, (torch.Tensor, Rows))
+    rows = grads.shape[0] if is_tensor else num_rows
+    chunks = matrix_chunks(strip_side(grads, sides.add), chunk_size)
     first = next(chunks, None)
     if first is None:
         raise ValueError("grads is empty: at least one (m, d) chunk is needed to know d")
@@ -242,22 +252,29 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
         layout = BlockLayout.fixed(d, block_size or max(1, min(d, DEFAULT_BLOCK_SIZE)))
     elif layout.dim != d:
         raise ValueError(f"layout.dim={layout.dim} does not match the gradients' d={d}")
-    rows = grads.shape[0] if is_tensor else num_rows
     plan = _checked_plan(layout, first, rows, representation, method, probe_vectors,
                          max_memory)
+    readers = sorted({n for n in plan.names if get_store(n).takes_side})
+    if readers and sides.total is None:  # known from the first chunk, before the stream
+        raise ValueError(f"representation={representation!r} puts blocks in the "
+                         f"{' and '.join(readers)} store, which reads a side payload of the "
+                         f"rows (ssse_ext.Rows); the rows carry none")
     if method in _RECURRENCES and normalizer is None:
         normalizer = max(grads.shape[0], 1) / rows_per_sample
     return _build(itertools.chain([first], chunks), layout, plan, damping=damping,
                   normalizer=normalizer, dtype=first.dtype, device=first.device, method=method,
                   rows_per_sample=rows_per_sample, capacity=rows, curvature=curvature,
-                  probe_vectors=probe_vectors, max_memory=max_memory)
+                  probe_vectors=probe_vectors, max_memory=max_memory, sides=sides,
+                  reread=reread, chunk_size=chunk_size)
 
 
 def _build(chunks, layout: BlockLayout, plan: _Plan, *, damping: float,
            normalizer: float | None, dtype: torch.dtype, device: torch.device, method: str,
            rows_per_sample: int, capacity: int | None, curvature: str, probe_vectors: int,
-           max_memory: int | None) -> BlockInverseFisher:
-    """Feeds every chunk to one builder per chosen store, then finishes them."""
+           max_memory: int | None, sides: SideSum, reread, chunk_size: int | None
+           ) -> BlockInverseFisher:
+    """Feeds every chunk to one builder per chosen store (twice to those that ask, when
+    ``reread`` gives the rows again), then finishes them."""
     recurrence = method in _RECURRENCES
     # a recurrence always checks its result with a probe (it may have lost its accuracy)
     columns = max(probe_vectors, 1) if recurrence else probe_vectors
@@ -267,10 +284,23 @@ def _build(chunks, layout: BlockLayout, plan: _Plan, *, damping: float,
                                         damping=damping, normalizer=normalizer,
                                         rows=capacity, probe=probe, max_memory=max_memory)
                 for name, ids in owned.items()]
+    if reread is not None:
+        for builder in builders:
+            builder.can_reread()
     stream = _gathered(chunks, plan.gather) if plan.gather else chunks
     rows, largest = _feed(builders, stream, method, damping)
     if normalizer is None:
         normalizer = max(rows, 1) / rows_per_sample
+    if sides.total is not None:  # summed over the stream: every chunk has been read
+        side = {k: v.to(device) for k, v in sides.total.items()}
+        for builder in builders:
+            builder.add_side(side)
+    again = [builder for builder in builders if builder.another_pass()]
+    if again:  # the same rows once more; their side payload is known already
+        for chunk in matrix_chunks(strip_side(reread(), lambda side: None), chunk_size,
+                                   dim=layout.dim, dtype=dtype, device=device):
+            for builder in again:
+                builder.add(chunk)
     stores = []
     for builder in builders:  # a loop, not a comprehension: the warnings count frames
         stores.append(builder.finish(normalizer))
@@ -281,6 +311,16 @@ def _build(chunks, layout: BlockLayout, plan: _Plan, *, damping: float,
         if not probe_vectors:
             inv.probe = None
     return inv
+
+
+def _rereader(grads):
+    """A function giving the rows of ``grads`` again (``grads`` itself when it is such a
+    function), or ``None`` for a one-shot iterator."""
+    if callable(grads) and not isinstance(grads, (torch.Tensor, Rows)):
+        return grads
+    if isinstance(grads, (torch.Tensor, Rows, list, tuple)):
+        return lambda: grads
+    return None
 
 
 def _feed(builders, stream, method: str, damping: float) -> tuple[int, float]:

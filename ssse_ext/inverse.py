@@ -18,9 +18,10 @@ from .budget import AVAILABLE_MEMORY_ENV, COPY_REMEDIES, check_memory, format_by
 from .health import FisherProbe, Health, device_clock
 from .layout import BlockLayout
 from .lowrank import LowRankChange, check_change_memory
+from .side import follow_probe, gathered_rows, side_kwargs
 from .validation import (FLOAT_DTYPES, check_choice, check_dtype, check_finite_float,
                          check_positive_float, check_positive_int, check_update_operands,
-                         check_vector, matrix_chunks)
+                         check_vector)
 
 __all__ = ["BlockInverseFisher", "FisherConfig", "UPDATE_METHODS", "check_label"]
 
@@ -273,13 +274,9 @@ class BlockInverseFisher:
     def _vector(self, v, name: str) -> tuple[torch.Tensor, bool]:
         return check_vector(v, name, dim=self.dim, dtype=self.dtype, device=self.device)
 
-    def _rows(self, grads, name: str = "grads") -> torch.Tensor:
-        """All rows of ``grads`` (a tensor or an iterable of chunks) as one validated tensor."""
-        chunks = [c for c in matrix_chunks(grads, None, name, dim=self.dim, dtype=self.dtype,
-                                           device=self.device) if c.shape[0]]
-        if not chunks:
-            return torch.zeros(0, self.dim, dtype=self.dtype, device=self.device)
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+    def _rows(self, grads, name: str = "grads") -> tuple[torch.Tensor, dict | None]:
+        """The rows of ``grads`` as one tensor and their side payload (:mod:`ssse_ext.side`)."""
+        return gathered_rows(grads, name, dim=self.dim, dtype=self.dtype, device=self.device)
 
     def apply_update(self, theta: torch.Tensor, v: torch.Tensor, scale: float = 1.0, *,
                      without=None) -> torch.Tensor:
@@ -334,7 +331,8 @@ class BlockInverseFisher:
         """
         if sign not in (1, -1):
             raise ValueError(f"sign must be +1 or -1, got {sign!r}")
-        return LowRankChange(self, self._rows(rows, "rows"), sign)
+        rows, side = self._rows(rows, "rows")
+        return LowRankChange(self, rows, sign, side=side)
 
     def solve_changed(self, rows, rhs: torch.Tensor, *, sign: int = -1,
                       shift: float = 0.0) -> torch.Tensor:
@@ -350,12 +348,13 @@ class BlockInverseFisher:
         rhs_, vec = self._vector(rhs.to(self.dtype), "rhs")
         out = torch.empty(rhs_.shape, dtype=torch.float64, device=self.device)
         rhs64 = rhs.to(torch.float64).reshape(rhs_.shape)
-        rows = self._rows(rows, "rows")
+        rows, side = self._rows(rows, "rows")
         what = "solve with changed rows"
         check_change_memory(self._stores, rows.shape[0], self.dim, self.device, what,
                             shift=shift)
         for store in self._stores:
-            store.solve_changed(rows, rhs64, out, sign=sign, shift=shift, what=what)
+            store.solve_changed(rows, rhs64, out, sign=sign, shift=shift, what=what,
+                                **side_kwargs(store, side))
         return out.view(-1) if vec else out
 
     # ---- updates ----
@@ -366,7 +365,7 @@ class BlockInverseFisher:
         if method == "woodbury" and chunk_size is None:
             chunk_size = _DEFAULT_WOODBURY_CHUNK
         what = "update" if sign > 0 else "downdate"
-        rows = self._rows(grads)
+        rows, side = self._rows(grads)
         if rows.shape[0] == 0:
             return self
         check_change_memory(self._stores, rows.shape[0], self.dim, self.device, what,
@@ -375,7 +374,8 @@ class BlockInverseFisher:
         # inverse as it was, without a copy of it (the writes cannot fail).
         clock = (lambda: device_clock(self.device)) if timings is not None else float
         t0 = clock()
-        plans = [store.check_change(rows, sign, method=method, chunk_size=chunk_size, what=what)
+        plans = [store.check_change(rows, sign, method=method, chunk_size=chunk_size, what=what,
+                                    **side_kwargs(store, side))
                  for store in self._stores]
         t1 = clock()
         for store, plan in zip(self._stores, plans):
@@ -383,7 +383,7 @@ class BlockInverseFisher:
         t2 = clock()
         self.num_samples += sign * rows.shape[0]
         if self.probe is not None:
-            self.probe.follow(rows, sign)
+            follow_probe(self.probe, self._stores, rows, sign)
         if timings is not None:
             timings.update(check=t1 - t0, write=t2 - t1, probe=clock() - t2)
         return self
@@ -434,10 +434,12 @@ class BlockInverseFisher:
 
         ``blocks``: ``None`` probes every block (three products with the whole inverse); an
         int or a sequence of block ids probes only some, at the cost of a float64 copy and
-        three products of each (:meth:`~ssse_ext.health.FisherProbe.check`)."""
+        three products of each (:meth:`~ssse_ext.health.FisherProbe.check`); with a store
+        that has no dense copies to give (``probe_by_products``) the probe is a full one."""
         if self.probe is None:
             return None
-        return self.probe.check(self, what=what, warn=warn, blocks=blocks)
+        full = any(store.probe_by_products for store in self._stores)
+        return self.probe.check(self, what=what, warn=warn, blocks=None if full else blocks)
 
     # ---- copies and moves ----
     def _probe_nbytes(self) -> int:

@@ -19,6 +19,7 @@ import torch
 from .budget import AVAILABLE_MEMORY_ENV, check_memory
 from .errors import NotPositiveDefiniteError
 from .layout import BlockLayout
+from .side import side_kwargs
 from .validation import check_finite_float, check_update_operands, check_vector
 
 __all__ = ["LowRankChange", "PD_MARGIN", "WOODBURY_ELEMENTS", "change_nbytes",
@@ -200,15 +201,17 @@ class LowRankChange:
         inv: the inverse (anything with ``stores``, ``matvec``, ``dim``, ``dtype``, ``device``).
         rows: validated ``(k, d)`` rows :math:`R`.
         sign: ``+1`` or ``-1``.
+        side: the rows' side payload (:mod:`ssse_ext.side`), for the stores that read one.
     """
 
-    def __init__(self, inv, rows: torch.Tensor, sign: int):
+    def __init__(self, inv, rows: torch.Tensor, sign: int, *, side=None):
         self.inverse, self.sign, self.k = inv, sign, rows.shape[0]
         what = "leave-k-out apply" if sign < 0 else "low-rank update"
         self._factors = []
         if self.k:
             check_change_memory(inv.stores, self.k, inv.dim, inv.device, what, keep=True)
-            self._factors = [s.without(rows, sign, what=what) for s in inv.stores]
+            self._factors = [s.without(rows, sign, what=what, **side_kwargs(s, side))
+                             for s in inv.stores]
 
     def _vector(self, v, name: str) -> tuple[torch.Tensor, bool]:
         inv = self.inverse

@@ -124,6 +124,12 @@ def ssse_update(model: nn.Module, loss_fn, removed, *,
         epsilon, n_total, weight_decay, fisher, gradient, minibatch, retained, "D \\ S",
         fm.task)
     warn_if_training(model, "ssse_update")
+    if fisher == "leave_k_out" and any(getattr(s, "takes_side", False)
+                                       for s in getattr(inv, "stores", ())):
+        raise ValueError(f'fisher="leave_k_out" needs the removed samples\' rows of '
+                         f'curvature={inv.curvature!r} with their side payload, which '
+                         f'ssse_update does not compute: serve the request with ssse.Eraser('
+                         f'..., curvature={inv.curvature!r}).erase(..., fisher="leave_k_out")')
 
     dtype, device = inv.dtype, inv.device
     rows = None

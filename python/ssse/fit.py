@@ -23,6 +23,7 @@ from .budget import (CHUNK_SHARE_OF_INVERSE, MEMORY_SHARE, MIN_CHUNK_BYTES, chec
                      result_bytes)
 from .checkpoint import fit_resumable
 from .comm import one_process
+from .curvature import get_curvature
 from .model import FlatModel, data_size, warn_if_training
 from .rows import check_autocast, row_stream, rows_per_sample_of
 from .settings import check_fit_settings
@@ -86,8 +87,10 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
             environment variable ``SSSE_AVAILABLE_MEMORY`` sets that figure in bytes): a fit
             that does not fit is refused with :class:`ssse_ext.errors.InsufficientMemoryError`
             (a ``MemoryError``) naming both byte counts and what would make it fit.
-        curvature: ``"empirical"``, ``"ggn"``, ``"mc"`` (see above) or the name of another
-            registered :class:`ssse.curvature.Curvature` (or the object).
+        curvature: ``"empirical"``, ``"ggn"``, ``"mc"`` (see above), ``"kfac"`` or
+            ``"ekfac"`` (Kronecker-factored blocks for the weights of linear and convolution
+            layers, :mod:`ssse.curvature.kfac`; the layout keeps each such weight whole) or
+            the name of another registered :class:`ssse.curvature.Curvature` (or the object).
         likelihood: the output distribution for the curvatures that need one (``"ggn"``,
             ``"mc"``): ``None`` (default) infers it from ``loss_fn``
             (``nn.CrossEntropyLoss``: ``"categorical"``, ``nn.BCEWithLogitsLoss``:
@@ -140,6 +143,10 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
         A :class:`ssse_ext.BlockInverseFisher` with ``num_samples`` the number of rows.
     """
     if not one_process(comm):
+        if not get_curvature(curvature).shardable:
+            raise ValueError(f"comm: curvature={get_curvature(curvature).name!r} is not "
+                             "offered with several processes (its blocks are not sharded); "
+                             "fit in one process")
         return fit_sharded(comm, dict(locals()))
     check_module(model)
     check_data(data, "data", task_of(check_loss(loss_fn)))
@@ -152,6 +159,10 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
             "probe_vectors", "chunk_size", "max_memory", "layout", "dtype", "device"))
     representation = _check_checkpointing(checkpoint, every, minibatch, representation, data,
                                           fm.task)
+    representation = curv.representation_for(fm, lay, representation)
+    if checkpoint is not None and not isinstance(representation, str):
+        raise ValueError(f"checkpoint: curvature={curv.name!r} keeps blocks in its own store, "
+                         "which a resumable fit does not: fit without a checkpoint")
     warn_if_training(model, "fit_inverse_fisher")
     n = data_size(data, fm.task)
     total = None if n is None else math.ceil(n / minibatch)
@@ -193,7 +204,7 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
 
 
 def _plan_memory(fm: FlatModel, lay, data, curv, *, dtype, device, total, mc_samples: int,
-                 representation: str, probe_vectors: int, chunk_size, max_memory,
+                 representation, probe_vectors: int, chunk_size, max_memory,
                  checkpoint: bool) -> int | None:
     """Refuses a fit that does not fit in memory (before anything is computed); returns the
     bytes a chunk of rows may take (``max_memory``, or a share of what is free and of the
@@ -237,7 +248,7 @@ def _check_checkpointing(checkpoint, every, minibatch: int, representation: str,
 
 def _fit_streamed(fm: FlatModel, loss_fn, data, lay: ssse_ext.BlockLayout, curv, *,
                   damping: float, device, chunk_size: int | None, stream_args: dict,
-                  total: int | None, representation: str, probe_vectors: int,
+                  total: int | None, representation, probe_vectors: int,
                   bar) -> ssse_ext.BlockInverseFisher:
     """The build fed by the row stream, chunk by chunk (the rows matrix never exists)."""
     info: dict = {}
@@ -248,7 +259,14 @@ def _fit_streamed(fm: FlatModel, loss_fn, data, lay: ssse_ext.BlockLayout, curv,
         raise ValueError("data is empty: the Fisher needs at least one sample")
     per_sample = info["rows_per_sample"]
 
+    read: list = []
+
     def chunks():
+        if read:  # a store reads the rows twice (EK-FAC): the same chunks, not counted again
+            yield from (rows.to(device) for rows in row_stream(
+                fm, loss_fn, data, "data", chunk_size=info["chunk_size"], **stream_args))
+            return
+        read.append(True)
         for rows in itertools.chain([first], stream):
             bar.update(rows.shape[0] // per_sample)
             yield rows.to(device)
@@ -258,7 +276,8 @@ def _fit_streamed(fm: FlatModel, loss_fn, data, lay: ssse_ext.BlockLayout, curv,
     # mc_samples, the number of rows)
     rows = None if total is None else total * per_sample
     weight = curv.normalizer_weight(mc_samples=stream_args["mc_samples"])
+    again = is_batch(data, fm.task) or not isinstance(data, Iterator)  # data can be re-read
     return ssse_ext.build_inverse_fisher(
-        chunks(), damping=damping, layout=lay, rows_per_sample=per_sample // weight,
-        curvature=curv.name, representation=representation, num_rows=rows,
-        probe_vectors=probe_vectors)
+        chunks if again else chunks(), damping=damping, layout=lay,
+        rows_per_sample=per_sample // weight, curvature=curv.name,
+        representation=representation, num_rows=rows, probe_vectors=probe_vectors)

@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+import ssse_ext
 from ssse_ext.validation import check_nonneg_float, check_positive_int
 
 from .batches import (as_batch_list, batch_len, batch_slice, batch_to, check_data, check_loss,
@@ -46,12 +47,17 @@ def rows_per_sample_of(fm: FlatModel, data, dtype: torch.dtype, curvature,
 
 def stacked_rows(stream: Iterator[torch.Tensor], rows: int) -> torch.Tensor:
     """The chunks of ``stream`` written into one ``(rows, d)`` tensor as they come (no second
-    copy of the whole); ``rows`` is their total, known beforehand."""
-    out, pos = None, 0
+    copy of the whole); ``rows`` is their total, known beforehand. Chunks that are
+    :class:`ssse_ext.Rows` give a :class:`ssse_ext.Rows` with their summed side payload."""
+    out, pos, sides = None, 0, []
     for chunk in stream:
+        if isinstance(chunk, ssse_ext.Rows):
+            sides.append(chunk.side)
+            chunk = chunk.rows
         if out is None:
             if chunk.shape[0] == rows:
-                return chunk  # one chunk: it is the result
+                out, pos = chunk, rows  # one chunk: it is the result
+                continue
             out = torch.empty((rows,) + tuple(chunk.shape[1:]), dtype=chunk.dtype,
                               device=chunk.device)
         out[pos:pos + chunk.shape[0]] = chunk
@@ -59,7 +65,8 @@ def stacked_rows(stream: Iterator[torch.Tensor], rows: int) -> torch.Tensor:
     if out is None or pos != rows:
         raise ValueError("removed is empty: nothing to erase" if pos == 0 else
                          f"the removed samples gave {pos} rows, expected {rows}")
-    return out
+    side = ssse_ext.side.merge_sides(sides)
+    return out if side is None else ssse_ext.Rows(out, side)
 
 
 def cut_chunks(batches, size: int, cut_every: int | None, cut_start: int):

@@ -40,7 +40,7 @@ def check_fit_settings(a: dict, fm: FlatModel) -> dict:
                chunk_size=check_positive_int(a["chunk_size"], "chunk_size", allow_none=True),
                max_memory=check_positive_int(a["max_memory"], "max_memory", allow_none=True))
     check_minibatch(out["minibatch"], curv)
-    out["layout"] = resolve_layout(a["layout"], a["block_size"], fm)
+    out["layout"] = curv.layout_for(fm, resolve_layout(a["layout"], a["block_size"], fm))
     out["dtype"] = check_dtype(a["dtype"]) or fm.dtype
     if out["dtype"] not in (torch.float32, torch.float64):
         raise TypeError(f"the model's dtype is {out['dtype']}; pass dtype=torch.float32 or "

@@ -10,7 +10,8 @@ without knowing what it is.
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import torch
 
@@ -19,6 +20,7 @@ from .base import (BlockStore, BuildCost, ChangeFactors, StoreBuilder, block_ids
 from .dense import DenseStore
 from .dual import DualBlocks, DualBuilder, dual_nbytes
 from .gram import GramStore, representation_for_requests
+from .kronecker import EKFACStore, KroneckerFactors, KroneckerStore
 
 __all__ = [
     "AUTO",
@@ -30,7 +32,11 @@ __all__ = [
     "DenseStore",
     "DualBlocks",
     "DualBuilder",
+    "EKFACStore",
     "GramStore",
+    "KroneckerFactors",
+    "KroneckerStore",
+    "Pinned",
     "StoreBuilder",
     "block_ids_of",
     "choose_stores",
@@ -118,19 +124,54 @@ def file_prefix(name: str) -> str:
     return _prefix(get_store(name))
 
 
+@dataclass(frozen=True)
+class Pinned:
+    """A ``representation=`` that pins some blocks to named stores and chooses the others as
+    ``rest`` does (e.g. the Kronecker-factored weights of a model in their store, every other
+    parameter in the dense or dual form).
+
+    Attributes:
+        blocks: ``{block id: store name}``.
+        rest: the representation of the other blocks (``"auto"``, a name or a sequence).
+    """
+
+    blocks: Mapping[int, str]
+    rest: object = AUTO
+
+    def __post_init__(self):
+        if not isinstance(self.blocks, Mapping):
+            raise TypeError(f"blocks must be a mapping of block ids to store names, got "
+                            f"{type(self.blocks).__name__}")
+        for b, name in self.blocks.items():
+            if isinstance(b, bool) or not isinstance(b, int) or b < 0:
+                raise ValueError(f"blocks must map block ids (ints >= 0), got {b!r}")
+            get_store(name)
+        if isinstance(self.rest, Pinned):
+            raise TypeError("rest must be a representation other than Pinned")
+        object.__setattr__(self, "blocks", dict(self.blocks))
+
+
 def resolve_representation(representation, method: str = "cholesky") -> tuple[str, ...]:
     """The stores ``representation=`` allows with the build ``method``, in registration order.
 
     Args:
-        representation: ``"auto"`` (every store with ``auto = True``), a store name, or a
-            sequence of store names.
+        representation: ``"auto"`` (every store with ``auto = True``), a store name, a
+            sequence of store names, or :class:`Pinned`.
         method: a build method; ``"auto"`` means ``"cholesky"``.
 
     Raises:
         ValueError: an unknown name, or no allowed store is built by ``method`` (stores that
-            are not are left out of a sequence).
+            are not are left out of a sequence; a pinned store must be built by it).
     """
     method = "cholesky" if method == AUTO else method
+    if isinstance(representation, Pinned):
+        pinned = set(representation.blocks.values())
+        for name in pinned:
+            if method not in _REGISTRY[name].methods:
+                raise ValueError(f"representation pins blocks to the {name} store, which is "
+                                 f"built by {_REGISTRY[name].methods}, got method={method!r}")
+        rest = resolve_representation(representation.rest, method)
+        return tuple(n for n in _REGISTRY if n in pinned or n in rest)
     if representation == AUTO:
         names = [n for n, cls in _REGISTRY.items() if cls.auto]
     else:
@@ -152,17 +193,27 @@ def resolve_representation(representation, method: str = "cholesky") -> tuple[st
 
 def choose_stores(sizes: Sequence[int], rows: int | None, dtype: torch.dtype, *,
                   representation="auto", method: str = "cholesky") -> list[str]:
-    """Per block, the allowed store (:func:`resolve_representation`) whose
-    :meth:`~BlockStore.nbytes_for` is the smallest for a block of that size fitted from
-    ``rows`` rows (``None``: unknown, which rules out stores whose bytes depend on it); ties go
-    to the store registered first."""
+    """Per block, the store :class:`Pinned` names, else the allowed store
+    (:func:`resolve_representation`) whose :meth:`~BlockStore.nbytes_for` is the smallest for
+    a block of that size fitted from ``rows`` rows (``None``: unknown, which rules out stores
+    whose bytes depend on it); ties go to the store registered first."""
     element_size(dtype)
     if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 0):
         raise ValueError(f"rows must be a non-negative integer, got {rows!r}")
+    pinned: Mapping[int, str] = {}
+    if isinstance(representation, Pinned):
+        resolve_representation(representation, method)
+        pinned, representation = representation.blocks, representation.rest
+        if any(b >= len(sizes) for b in pinned):
+            raise ValueError(f"representation pins block {max(pinned)}, the layout has "
+                             f"{len(sizes)} blocks")
     names = resolve_representation(representation, method)
     classes = [get_store(n) for n in names]
     out = []
-    for s in sizes:
+    for b, s in enumerate(sizes):
+        if b in pinned:
+            out.append(pinned[b])
+            continue
         costs = [cls.nbytes_for(int(s), rows, dtype) for cls in classes]
         out.append(names[costs.index(min(costs))])
     return out
@@ -171,3 +222,5 @@ def choose_stores(sizes: Sequence[int], rows: int | None, dtype: torch.dtype, *,
 register_store(DenseStore)
 register_store(DualBlocks)
 register_store(GramStore)
+register_store(KroneckerStore)
+register_store(EKFACStore)

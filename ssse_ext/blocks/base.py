@@ -108,6 +108,23 @@ class StoreBuilder(abc.ABC):
         """Takes a validated ``(m, d)`` chunk of rows (every builder of a build sees the same
         chunks, in order)."""
 
+    def can_reread(self) -> None:
+        """Told before the first chunk when the build can read the rows once more (a source
+        that is not a one-shot iterator): :meth:`another_pass` may then ask for it instead of
+        holding rows. Default: ignored."""
+
+    def another_pass(self) -> bool:
+        """Asked once, after every chunk and the side payload: ``True`` makes the build read
+        the rows again (only after :meth:`can_reread`) and give them to this builder through
+        :meth:`add` before :meth:`finish`, e.g. for a statistic in a basis known only now.
+        Default: ``False``."""
+        return False
+
+    def add_side(self, side) -> None:
+        """Takes the side payload of the rows added (:class:`~ssse_ext.side.Rows`; a mapping
+        ``{key: SidePayload}``, summed over the whole stream, given before :meth:`finish`).
+        Default: ignored (the store's Fisher is defined by the rows alone)."""
+
     @abc.abstractmethod
     def finish(self, normalizer: float) -> "BlockStore":
         """The store of the rows added, with the normaliser :math:`N` (known only now for a
@@ -127,6 +144,14 @@ class BlockStore(abc.ABC):
         methods: the build methods (:data:`ssse_ext.build.BUILD_METHODS`, ``"auto"`` being
             ``"cholesky"``) that can build it.
         auto: whether ``representation="auto"`` may choose it (by :meth:`nbytes_for`).
+        takes_side: the store's Fisher is defined by a side payload of the rows
+            (:mod:`ssse_ext.side`) rather than by the rows alone: :meth:`check_change`,
+            :meth:`without` and :meth:`solve_changed` then take ``side=`` (the payload, or
+            ``None`` when the rows came without one), and the health probe's sketch of its
+            blocks is written by :meth:`write_sketch` instead of being followed from the rows.
+        probe_by_products: its dense blocks are too costly to copy for a health probe (a block
+            of ``s`` parameters held in far fewer than ``s**2`` numbers): an inverse holding
+            it probes every block through products instead of sampling dense copies.
         layout: the layout the block ids refer to.
         block_ids: the increasing ids of the blocks held (given as ids or a mask, see
             :func:`block_ids_of`).
@@ -138,6 +163,8 @@ class BlockStore(abc.ABC):
     prefix: ClassVar[str] = ""
     methods: ClassVar[tuple[str, ...]] = ("cholesky",)
     auto: ClassVar[bool] = True
+    takes_side: ClassVar[bool] = False
+    probe_by_products: ClassVar[bool] = False
 
     def __init__(self, layout: BlockLayout, block_ids: Sequence[int], *, damping: float,
                  normalizer: float):
@@ -314,6 +341,12 @@ class BlockStore(abc.ABC):
             rows: ``(k, d)``, the store's dtype and device.
             rhs, out: ``(d, r)`` float64.
         """
+
+    def write_sketch(self, probe) -> None:
+        r"""Writes :math:`N (F_b - \lambda I) X_b` of every block held into the probe's
+        sketch (:class:`~ssse_ext.health.FisherProbe`), from the store's exact statistics; only
+        stores with :attr:`takes_side` are asked."""
+        raise NotImplementedError(f"the {self.name} store does not write a probe's sketch")
 
     # ---- copies and files ----
     @abc.abstractmethod

@@ -7,6 +7,9 @@ r"""The curvatures the inverse can store, by name: the kernels take *rows* :math
   :math:`\frac1n\sum_i J_i^\top \Lambda_i J_i`, :math:`c` rows per sample
   :math:`u_{i,r} = J_i^\top B_i e_r` with :math:`B_i B_i^\top = \Lambda_i` given by the likelihood.
 - ``"mc"`` (:mod:`~ssse.curvature.mc`): the true Fisher by sampled labels, one row per draw.
+- ``"kfac"``, ``"ekfac"`` (:mod:`~ssse.curvature.kfac`): Kronecker-factored blocks for the
+  weights of linear and convolution layers (their rows carry the factors as a side payload),
+  the empirical Fisher for the other parameters.
 
 Each is a :class:`~ssse.curvature.base.Curvature` registered here; a new one is a subclass and
 one :func:`register_curvature` call, after which ``curvature="name"`` works everywhere. The
@@ -27,8 +30,8 @@ __all__ = ["CURVATURES", "LIKELIHOODS", "Bernoulli", "Categorical", "Curvature",
            "ggn_rows", "likelihood_of_loss", "options_with", "outputs_2d", "register_curvature",
            "register_likelihood", "resolve_likelihood", "sample_labels", "unregister_curvature"]
 
-#: The registered curvatures; as a sequence, their names (``"empirical"``, ``"ggn"``, ``"mc"``
-#: and any registered later).
+#: The registered curvatures; as a sequence, their names (``"empirical"``, ``"ggn"``, ``"mc"``,
+#: ``"kfac"``, ``"ekfac"`` and any registered later).
 CURVATURES = Registry("curvature", Curvature)
 
 
@@ -61,5 +64,6 @@ def options_with(attribute: str) -> str:
 
 # the built-in curvatures register themselves on import, so the registry must exist first
 from . import empirical, ggn, mc  # noqa: E402
+from . import kfac  # noqa: E402  (after mc: the registry's order is the order of the docs)
 from .ggn import ggn_rows  # noqa: E402
 from .mc import sample_labels  # noqa: E402

@@ -60,6 +60,7 @@ class Curvature(abc.ABC):
             state is saved in a resumable fit's checkpoints).
         rows_option: the option that sets the rows per sample, named when one sample's rows do
             not fit the memory a chunk may use (``None``: they are computed anyway).
+        shardable: a fit may be sharded over processes (``comm=``).
     """
 
     name: str = ""
@@ -71,6 +72,19 @@ class Curvature(abc.ABC):
     supports_newton: bool = False
     random: bool = False
     rows_option: str | None = None
+    shardable: bool = True
+
+    def layout_for(self, fm, layout):
+        """The :class:`ssse_ext.BlockLayout` the inverse is fitted on, from the one asked for
+        over ``fm``'s parameters (default: that one); a curvature whose blocks must cover whole
+        tensors cuts it again."""
+        return layout
+
+    def representation_for(self, fm, layout, representation):
+        """The ``representation=`` the build gets for ``layout``, from the one asked for
+        (default: that one); a curvature whose blocks need their own store pins them
+        (:class:`ssse_ext.blocks.Pinned`)."""
+        return representation
 
     def rows_per_sample(self, num_outputs: int | None, *, mc_samples: int = 1) -> int | None:
         """Rows each sample (or group of ``minibatch`` samples) gives, for a model with
@@ -115,7 +129,9 @@ class Curvature(abc.ABC):
 
         Returns:
             ``(m' r, d)`` rows, ``r`` = :meth:`rows_per_sample` per sample (or group), sample
-            by sample, detached, in the parameters' dtype.
+            by sample, detached, in the parameters' dtype; or a :class:`ssse_ext.Rows` of such
+            rows and their side payload (:mod:`ssse_ext.side`), for a curvature whose stores
+            read one.
         """
 
     def __repr__(self) -> str:

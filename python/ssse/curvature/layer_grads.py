@@ -17,10 +17,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["layer_gradients", "linear_owners"]
+__all__ = ["layer_gradients", "layer_kind", "linear_owners"]
 
 
-def _kind(module: nn.Module) -> str | None:
+def layer_kind(module: nn.Module) -> str | None:
+    """``"linear"`` for an ``nn.Linear``, ``"conv1d"`` for a GPT-2-style ``Conv1D`` (weight
+    stored ``(in, out)``), else ``None``."""
     if isinstance(module, nn.Linear):
         return "linear"
     # transformers' Conv1D: y = x @ W + b with W of shape (in, out)
@@ -38,7 +40,7 @@ def linear_owners(model: nn.Module, names) -> dict[str, tuple[str, str]] | None:
     for name in names:
         path, _, attr = name.rpartition(".")
         module = modules.get(path)
-        kind = None if module is None else _kind(module)
+        kind = None if module is None else layer_kind(module)
         if kind is None or attr not in ("weight", "bias"):
             return None
         _, held = owners.get(path, (kind, None))

@@ -1,0 +1,211 @@
+r"""Kronecker-factored curvatures: K-FAC (``"kfac"``) and EK-FAC (``"ekfac"``).
+
+Every weight :math:`W` (``out x in``) of an ``nn.Linear``, of a GPT-2-style ``Conv1D``
+(weight stored ``(in, out)``) or of an ``nn.Conv2d`` (one group, zero padding; read as
+``out x (in kh kw)``, its positions the output locations and its inputs the patches there)
+among the selected parameters becomes one block, held by the Kronecker-factored store of the
+same name (:mod:`ssse_ext.blocks.kronecker`): with the layer's inputs :math:`a_{i,t}` and
+output gradients :math:`g_{i,t} = \partial\ell_i/\partial z_{i,t}` at the positions :math:`t` of
+sample :math:`i`,
+
+.. math:: A = \frac1N \sum_{i,t} a_{i,t} a_{i,t}^\top,\qquad
+          S = \frac1N \sum_{i,t} g_{i,t} g_{i,t}^\top,\qquad
+          F_W \approx S \otimes A \;(\text{K-FAC}),
+
+and EK-FAC replaces the eigenvalues of :math:`S \otimes A` by
+:math:`\frac1N\sum_i (Q_S^\top G_i Q_A)^{\circ 2}`, :math:`G_i` the per-sample gradient
+(docs/maths.md). Every other parameter (biases, norms, embeddings) keeps the blocks of the
+layout asked for, with the empirical Fisher of its per-sample gradients in the dense or dual
+form (``representation=``): the inverse is mixed, and ``inv.representation`` says which block
+is which.
+
+The rows are the per-sample gradients (without weight decay: the regulariser's curvature is
+the damping's part) with the factor sums of the same samples as their side payload
+(:class:`ssse_ext.Rows`); one more batched forward and backward pass per chunk gives the
+factors; EK-FAC's fit reads re-readable data twice (the bases, then the eigenvalues in them).
+A request (:class:`ssse.Eraser`) downdates the factor sums and the rows' blocks exactly;
+EK-FAC's ``refresh``
+(``"basis-kept"``, the default, or ``"exact"``, which keeps the rows of its blocks) says how
+its eigenvalues follow a removal; :func:`ekfac` makes a curvature with other options.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ssse_ext
+from ssse_ext.blocks import Pinned
+from ssse_ext.blocks.kronecker import (DEFAULT_TOLERANCE, KRONECKER_KEY, REFRESH_MODES,
+                                       KroneckerFactors)
+from ssse_ext.validation import check_choice, check_nonneg_float
+
+from ..model import per_sample_losses
+from . import register_curvature
+from .base import Curvature
+from .empirical import group_gradients
+from .layer_grads import layer_kind
+
+__all__ = ["EKFAC", "KFAC", "ekfac", "kronecker_weights", "layer_factors"]
+
+
+def _kind(module: nn.Module) -> str | None:
+    """The Kronecker treatment of a module's weight: ``"linear"``, ``"conv1d"`` (stored
+    ``(in, out)``), ``"conv2d"`` (patches; one group, zero padding given by numbers) or
+    ``None``."""
+    if isinstance(module, nn.Conv2d):
+        plain = module.groups == 1 and module.padding_mode == "zeros" and \
+            (not isinstance(module.padding, str) or module.padding == "valid")
+        return "conv2d" if plain else None
+    return layer_kind(module)
+
+
+def kronecker_weights(fm) -> dict[str, tuple[str, int, str]]:
+    """``{parameter name: (module path, flat start, kind)}`` of the selected parameters of
+    ``fm`` that are weights of supported layers: ``nn.Linear`` (``"linear"``), ``Conv1D``
+    (``"conv1d"``, stored transposed) and ``nn.Conv2d`` with one group and zero padding
+    (``"conv2d"``, its weight read as ``out x (in kh kw)``)."""
+    modules = dict(fm.model.named_modules())
+    out, start = {}, 0
+    for name, numel in zip(fm.names, fm.numels):
+        path, _, attr = name.rpartition(".")
+        kind = _kind(modules[path]) if attr == "weight" and path in modules else None
+        if kind is not None:
+            out[name] = (path, start, kind)
+        start += numel
+    return out
+
+
+def _positions(module: nn.Module, kind: str, a: torch.Tensor, g: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer call's inputs and output gradients as float64 ``(positions, in)`` and
+    ``(positions, out)``: every leading index is a position; a convolution's positions are its
+    output locations, its inputs the patches there (the expanded input)."""
+    if kind == "conv2d":
+        padding = 0 if module.padding == "valid" else module.padding
+        a = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=padding,
+                     stride=module.stride).transpose(1, 2)            # (m, L, in kh kw)
+        g = g.flatten(2).transpose(1, 2)                               # (m, L, out)
+    return (a.reshape(-1, a.shape[-1]).to(torch.float64),
+            g.reshape(-1, g.shape[-1]).to(torch.float64))
+
+
+def layer_factors(fm, weights: dict, loss_fn, params: dict, frozen: dict, x, y, *,
+                  refresh: str = "basis-kept",
+                  tolerance: float = DEFAULT_TOLERANCE) -> KroneckerFactors:
+    r"""The float64 sums :math:`\sum_{i,t} a a^\top` and :math:`\sum_{i,t} g g^\top` of the
+    layers of ``weights`` (:func:`kronecker_weights`) over the samples of ``(x, y)``, from one
+    forward and one backward pass of their summed losses (samples must not interact: a model
+    in eval mode). A layer called several times adds up its calls; one never reached gives
+    zeros."""
+    modules = dict(fm.model.named_modules())
+    seen: dict[str, list] = {path: [] for path, _, _ in weights.values()}
+    handles = []
+    for path in seen:
+        def hook(_module, inputs, output, path=path):
+            seen[path].append((inputs[0].detach(), output))
+        handles.append(modules[path].register_forward_hook(hook))
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    try:
+        with torch.enable_grad():
+            losses = per_sample_losses(loss_fn, fm(leaves, x, frozen), y)
+            calls = [(path, a, z) for path, hits in seen.items() for a, z in hits]
+            grads = torch.autograd.grad(losses.sum(), [z for _, _, z in calls],
+                                        allow_unused=True) if calls else ()
+    finally:
+        for h in handles:
+            h.remove()
+    factors, kinds = {}, {}
+    for path, start, kind in weights.values():
+        w = modules[path].weight
+        out_f, in_f = (w.shape[1], w.shape[0]) if kind == "conv1d" else \
+            (w.shape[0], w[0].numel())
+        factors[start] = (torch.zeros(in_f, in_f, dtype=torch.float64, device=losses.device),
+                          torch.zeros(out_f, out_f, dtype=torch.float64, device=losses.device),
+                          kind == "conv1d")
+        kinds[path] = (start, kind)
+    for (path, a, _), g in zip(calls, grads):
+        if g is not None:
+            start, kind = kinds[path]
+            a2, g2 = _positions(modules[path], kind, a, g)
+            factors[start][0].add_(a2.T @ a2)
+            factors[start][1].add_(g2.T @ g2)
+    return KroneckerFactors(factors, refresh=refresh, tolerance=tolerance)
+
+
+class KFAC(Curvature):
+    """K-FAC blocks for the supported weights, the empirical Fisher for the rest (see the
+    module docstring)."""
+
+    name = "kfac"
+    store = "kfac"
+    needs_labels = True
+    includes_weight_decay = False
+    shardable = False
+    refresh = "basis-kept"
+    tolerance = DEFAULT_TOLERANCE
+
+    def layout_for(self, fm, layout):
+        """``layout`` with each supported weight one block, cut at every parameter (none is
+        cut when no weight is supported)."""
+        numel = dict(zip(fm.names, fm.numels))
+        whole = [(st, st + numel[k]) for k, (_, st, _) in kronecker_weights(fm).items()]
+        if not whole:
+            return layout
+        cuts, pos = set(layout.starts), 0
+        for n in fm.numels:
+            cuts.add(pos)
+            pos += n
+        cuts = sorted(c for c in cuts if c < layout.dim and
+                      not any(s < c < e for s, e in whole))
+        return ssse_ext.BlockLayout.from_boundaries(cuts, layout.dim)
+
+    def representation_for(self, fm, layout, representation):
+        """``representation`` with the blocks of supported weights pinned to this curvature's
+        store (:class:`ssse_ext.blocks.Pinned`)."""
+        starts = {start for _, start, _ in kronecker_weights(fm).values()}
+        pinned = {b: self.store for b, st in enumerate(layout.starts) if st in starts}
+        return Pinned(pinned, representation) if pinned else representation
+
+    def rows(self, fm, params, frozen, x, y, *, loss_fn, likelihood, generator, mc_samples,
+             minibatch, state):
+        if "kronecker_weights" not in state:
+            state["kronecker_weights"] = kronecker_weights(fm)
+        rows = group_gradients(fm, loss_fn, params, frozen, x, y, 1, state).detach()
+        factors = layer_factors(fm, state["kronecker_weights"], loss_fn, params, frozen, x, y,
+                                refresh=self.refresh, tolerance=self.tolerance)
+        return ssse_ext.Rows(rows, {KRONECKER_KEY: factors})
+
+
+class EKFAC(KFAC):
+    """EK-FAC blocks for the supported weights (see the module docstring).
+
+    Args:
+        name: the name to register it under.
+        refresh: ``"basis-kept"`` or ``"exact"`` (:mod:`ssse_ext.blocks.kronecker`).
+        tolerance: the basis movement ``"basis-kept"`` tolerates before it projects.
+    """
+
+    store = "ekfac"
+
+    def __init__(self, name: str = "ekfac", *, refresh: str = "basis-kept",
+                 tolerance: float = DEFAULT_TOLERANCE):
+        self.name = name
+        self.refresh = check_choice(refresh, "refresh", REFRESH_MODES)
+        self.tolerance = check_nonneg_float(tolerance, "tolerance")
+        if not math.isfinite(self.tolerance):
+            raise ValueError(f"tolerance must be finite, got {tolerance!r}")
+
+
+def ekfac(name: str, *, refresh: str = "basis-kept",
+          tolerance: float = DEFAULT_TOLERANCE) -> EKFAC:
+    """Registers (and returns) an EK-FAC curvature under ``name`` with its own options, e.g.
+    ``ekfac("ekfac_exact", refresh="exact")``; then ``curvature="ekfac_exact"``."""
+    return register_curvature(EKFAC(name, refresh=refresh, tolerance=tolerance))
+
+
+KFAC_CURVATURE = register_curvature(KFAC())
+EKFAC_CURVATURE = register_curvature(EKFAC())
