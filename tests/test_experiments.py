@@ -13,7 +13,8 @@ import torch
 import ssse
 from ssse.data import class_removal, two_blobs_2d
 from ssse.experiments import illustration, multinomial, nonconvex
-from ssse.experiments.common import nearest
+from ssse.experiments.common import aggregate_numbers, compute_seeds, nearest
+from ssse.experiments.methods import NEWTON, NEWTON_SMALL
 from ssse.experiments.demo import run_demo
 from ssse.experiments.tasks import make_task
 
@@ -115,9 +116,21 @@ def _rebuilt(task, removed, seed=0):
 
 
 def test_multinomial_quick_reports_the_delta_of_its_models(tmp_path):
-    multinomial.run(quick=True, seed=0, out=tmp_path, progress=False)
+    multinomial.run(quick=True, seeds=[0, 1], out=tmp_path, progress=False)
     out = _check_schema(tmp_path)
-    res, cfg = out["results"], out["config"]
+    assert out["schema_version"] == 2 and out["config"]["seeds"] == [0, 1]
+    assert out["source"]["version"] == ssse.__version__
+    assert out["source"]["commit"] is None or len(out["source"]["commit"]) >= 40
+    seeds = out["results"]["per_seed"]
+    assert [s["seed"] for s in seeds] == [0, 1]
+    _check_aggregate(out["results"])
+    md = (tmp_path / "results.md").read_text()
+    # the table over seeds lists each removal's differing counts in seed order
+    for setting in ("50%", "100%"):
+        counts = "/".join(str(s["results"]["settings"][setting]["runs"][0]["differing"])
+                          for s in seeds)
+        assert f"| {setting} | 0 | " in md and f"| {counts} |" in md
+    res, cfg = seeds[0]["results"], seeds[0]["config"]
     assert set(res["summary"]) == set(res["settings"]) == {"50%", "100%"}
     task = make_task("digits", seed=0, train_limit=400, test_limit=300)
     model = task.train(task.data(), seed=0)
@@ -151,6 +164,19 @@ def test_multinomial_quick_reports_the_delta_of_its_models(tmp_path):
                                           weight_decay=task.weight_decay)
         assert run["influence"]["delta"] == pytest.approx(delta(removed, retrained, influence),
                                                           abs=1e-12)
+        # the quantised count: samples of S on which the rebuilt original and retrained
+        # models predict differently (measured 2 of 21 at 50 %: quantised; 42 of 42 at 100 %)
+        x, _ = task.data(removed)[0]
+        differ = int((_logits(model, None, x).argmax(1)
+                      != _logits(retrained, None, x).argmax(1)).sum())
+        assert run["differing"] == differ
+        assert f"| {differ} ({'yes' if differ < 10 else 'no'}) |" in md
+        # one block of the Gauss-Newton matrix (the Hessian here) for the Newton step: the
+        # influence update with the full retained Hessian, hence the same predictions
+        assert cfg["newton_blocks"] == {NEWTON: cfg["d"], NEWTON_SMALL: 64}
+        assert run["newton"][NEWTON]["delta"] == run["influence"]["delta"]
+        assert run["newton"][NEWTON]["param_distance"] == pytest.approx(
+            run["influence"]["param_distance"], rel=1e-6)
         # removing the samples costs the retrained model accuracy on them: measured 1.0 -> 0.0
         # (100 %: the class is gone) and 1.0 -> 0.95 (50 %)
         assert run["retrained"]["accuracy"]["S"] < run["original"]["accuracy"]["S"]
@@ -159,6 +185,63 @@ def test_multinomial_quick_reports_the_delta_of_its_models(tmp_path):
         assert run["chosen"]["delta"] < 0.5 and run["influence"]["delta"] < 0.5
     for s in res["summary"].values():
         assert s["erase_seconds"]["mean"] < s["retrain_seconds"]["mean"]
+
+
+def _check_aggregate(results):
+    """Every aggregated number is numpy's mean and (population) sd of the per-seed numbers."""
+    per_seed = [s["results"] for s in results["per_seed"]]
+    checked = 0
+
+    def walk(agg, values):
+        nonlocal checked
+        if isinstance(agg, dict) and set(agg) == {"mean", "std", "n"}:
+            assert agg["n"] == len(values)
+            assert agg["mean"] == pytest.approx(np.mean(values), rel=1e-12, abs=1e-15)
+            assert agg["std"] == pytest.approx(np.std(values), rel=1e-9, abs=1e-15)
+            checked += 1
+        elif isinstance(agg, dict):
+            for k, v in agg.items():
+                walk(v, [x[k] for x in values])
+        elif isinstance(agg, list):
+            for i, v in enumerate(agg):
+                if v is not None:
+                    walk(v, [x[i] for x in values])
+
+    walk(results["aggregate"], per_seed)
+    assert checked > 100
+
+
+def test_aggregation_over_seeds_is_numpys_mean_and_sd():
+    per_seed = [{"delta": 0.25, "curve": [0.1, 0.5], "removed": [3, 4], "name": "a",
+                 "ok": True, "runs": [{"k": 10, "t": 1.5}]},
+                {"delta": 0.5, "curve": [0.3, 0.2], "removed": [7, 1], "name": "b",
+                 "ok": False, "runs": [{"k": 12, "t": 2.5}]},
+                {"delta": 0.125, "curve": [0.2, 0.8], "removed": [2, 9], "name": "c",
+                 "ok": True, "runs": [{"k": 14, "t": 5.0}]}]
+    agg = aggregate_numbers(per_seed)
+    assert set(agg) == {"delta", "curve", "runs"}  # labels, strings, flags left out
+    want = np.array([0.25, 0.5, 0.125])
+    assert agg["delta"] == {"mean": pytest.approx(want.mean()), "std": pytest.approx(want.std()),
+                            "n": 3}
+    assert agg["delta"]["std"] == pytest.approx(0.15590239, abs=1e-8)
+    assert agg["curve"][1]["mean"] == pytest.approx(0.5) and \
+        agg["curve"][1]["std"] == pytest.approx(np.std([0.5, 0.2, 0.8]))
+    assert agg["runs"][0]["t"]["mean"] == pytest.approx(3.0)
+    assert agg["runs"][0]["k"]["std"] == pytest.approx(np.std([10, 12, 14]))
+    # compute_seeds runs each seed once and aggregates the results
+    calls = []
+
+    def compute(*, seed, scale):
+        calls.append(seed)
+        return {"config": {"seed": seed, "n": 5}, "results": {"x": seed * scale}}
+
+    out = compute_seeds(compute, [3, 1, 2], scale=2.0)
+    assert calls == [3, 1, 2] and out["config"] == {"n": 5, "seeds": [3, 1, 2]}
+    assert out["results"]["aggregate"]["x"]["mean"] == pytest.approx(4.0)
+    assert out["results"]["aggregate"]["x"]["std"] == pytest.approx(np.std([6.0, 2.0, 4.0]))
+    for bad in ([], [1, 1], [-1], "0,1"):
+        with pytest.raises((ValueError, TypeError), match="seeds"):
+            compute_seeds(compute, bad, scale=1.0)
 
 
 def test_demo_reports_the_delta_of_its_models(tmp_path):
@@ -257,7 +340,29 @@ def test_nonconvex_quick_choices_follow_their_curves(tmp_path):
         assert chosen["accuracy"][split] == pytest.approx(acc, abs=1e-12), split
     orig_acc = float(np.mean(_logits(model, None, x).argmax(1) == y.numpy()))
     assert run["original"]["accuracy"]["S"] == pytest.approx(orig_acc, abs=1e-12)
+    # the quantised count from the rebuilt models (measured 2 of 6: quantised)
+    differ = int((_logits(model, None, x).argmax(1) != _logits(retrained, None, x).argmax(1)).sum())
+    assert run["differing"] == differ
+    md = (tmp_path / "results.md").read_text()
+    assert f"| {differ} ({'yes' if differ < 10 else 'no'}) |" in md
+    # the Newton rows on the largest blocks that fit (one block of all d) and on the Fisher's
+    assert set(run["newton"]) == {NEWTON, NEWTON_SMALL, "GGN Newton + 2 refinement steps"}
+    assert a["config"]["newton_blocks"] == {NEWTON: a["config"]["d"], NEWTON_SMALL: 256}
     # the original sits at 1 here and the best SSSE variant (guarded by the accuracy floor)
     # reaches 0.0 (per-sample gradients of S)
     assert min(m["best"]["delta"] for name, m in run["methods"].items()
                if name.startswith("SSSE")) < 0.5
+
+
+def test_results_record_the_version_and_a_null_commit_where_git_fails(monkeypatch, tmp_path):
+    from ssse.experiments import common
+
+    def no_git(*args, **kwargs):  # git missing or not a checkout: exit status 128
+        return __import__("subprocess").CompletedProcess(args, 128, "", "fatal")
+
+    monkeypatch.setattr(common.subprocess, "run", no_git)
+    assert common.source() == {"version": ssse.__version__, "commit": None}
+    common.write_results(tmp_path, "x", {"seed": 0}, {"v": 1.0}, "table\n", [])
+    out = json.loads((tmp_path / "results.json").read_text())
+    assert out["source"] == {"version": ssse.__version__, "commit": None}
+    assert "commit unknown" in (tmp_path / "results.md").read_text()

@@ -208,3 +208,37 @@ def test_newton_erase_is_one_newton_step_of_the_retained_objective(damping):
     H = torch.autograd.functional.hessian(retained, star)
     expected = star - torch.linalg.solve(H, g)
     assert rel_err(got - star, expected - star) < 1e-10
+
+
+@pytest.mark.parametrize("kind", ["categorical", "bernoulli"])
+def test_largest_blocks_give_the_influence_update_with_the_full_hessian(kind):
+    """The experiments' default Newton blocks: one block of all d parameters when it fits, and
+    then the step is the influence update with the full retained Hessian; a budget too small
+    for one block halves the block until its dense build fits."""
+    from ssse.experiments.methods import largest_block_size
+    from ssse_ext.build import build_peak_bytes
+
+    model, loss, X, y, _ = trained(kind=kind)
+    w, k = 1e-2, 12
+    d = sum(p.numel() for p in model.parameters())
+    b = largest_block_size(model)
+    assert b == d
+    inv = ssse.fit_inverse_fisher(model, loss, (X, y), damping=w, curvature="ggn",
+                                  likelihood=kind, layout="fixed", block_size=b, progress=False)
+    got = ssse.newton_erase(model, loss, (X[:k], y[:k]), inv_fisher=inv, n_total=120,
+                            weight_decay=w, likelihood=kind)
+    ref = ssse.influence_update(model, loss, (X[:k], y[:k]), retained=(X[k:], y[k:]),
+                                weight_decay=w)
+    star = flat_state(model.state_dict())
+    step = flat_state(ref) - star
+    assert (flat_state(got) - flat_state(ref)).norm() / step.norm() < 1e-8
+    assert step.norm() > 1e-3
+
+    def peak(block):
+        return build_peak_bytes(ssse_ext.BlockLayout.fixed(d, block), torch.float64,
+                                representation="dense")
+    budget = (peak(d) + peak(1)) // 2  # room for less than one block of d
+    small = largest_block_size(model, max_memory=budget)
+    assert 1 <= small < d and peak(small) <= budget < peak(2 * small)
+    with pytest.raises(ValueError, match="max_memory"):
+        largest_block_size(model, max_memory=0)

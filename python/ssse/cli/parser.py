@@ -124,6 +124,17 @@ def check_seed(value, name: str) -> int:
 seed = _checked(int, check_seed, f"an integer in [0, {MAX_SEED}]")
 
 
+def seed_list(text: str) -> list[int]:
+    """Comma-separated distinct seeds, e.g. ``0,1,2``."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected seeds like 0,1,2, got {text!r}")
+    out = [seed(p) for p in parts]
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct, got {text!r}")
+    return out
+
+
 def threads(text: str) -> int:
     value = positive_int(text)
     cpus = os.cpu_count() or 1
@@ -431,6 +442,9 @@ def _add_experiment(sub) -> None:
     p.add_argument("--data-dir", default=None, metavar="DIR")
     p.add_argument("--repeats", type=positive_int, default=None,
                    help="removals per setting for mean ± std")
+    p.add_argument("--seeds", type=seed_list, default=None, metavar="LIST",
+                   help="run once per seed (comma-separated, e.g. 0,1,2) and write each seed's "
+                   "results with their mean ± sd in one results file (in place of --seed)")
     g = p.add_argument_group("nonconvex only")
     # the nonconvex experiment's models are the CNNs
     g.add_argument("--model", choices=[m for m in MODELS if m != "linear"], default=None,

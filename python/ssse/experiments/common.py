@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,11 +20,15 @@ from ssse_ext.bench import machine
 __all__ = [
     "EPS_GRID",
     "QUICK_GRID_POINTS",
+    "aggregate_numbers",
+    "check_seeds",
+    "compute_seeds",
     "eps_grid",
     "geomean",
     "markdown_table",
     "mean_std",
     "nearest",
+    "report",
     "source",
     "summary",
     "timed",
@@ -116,7 +121,7 @@ def write_results(out: Path, name: str, config: dict, results: dict, tables: str
     results, plots) and ``results.md`` in ``out``."""
     out = Path(out)
     src = source()
-    payload = {"experiment": name, "schema_version": 1, "config": config, "source": src,
+    payload = {"experiment": name, "schema_version": 2 if "per_seed" in results else 1, "config": config, "source": src,
                "machine": machine(), "results": results,
                "plots": [Path(p).name for p in plots]}
     write_json(out / "results.json", payload)
@@ -126,10 +131,110 @@ def write_results(out: Path, name: str, config: dict, results: dict, tables: str
     return out / "results.json"
 
 
-def write_report(name: str, result: dict, table: Callable, figures: Callable, out) -> str:
+def write_report(name: str, result: dict, table: Callable, figures: Callable, out, *,
+                 seeds_table: Callable | None = None) -> str:
     """An experiment's last stage: its table and figures from ``result`` (``{"config",
-    "results", ...}``), written with the results to ``out``; returns the table."""
+    "results", ...}``), written with the results to ``out``; returns the table. A result of
+    several seeds (:func:`compute_seeds`) gets ``seeds_table``'s table over the seeds (when
+    given), then each seed's own tables; its figures are those of its first seed."""
     out = Path(out)
-    text = table(result)
-    write_results(out, name, result["config"], result["results"], text, figures(result, out))
+    res = result["results"]
+    if "per_seed" not in res:
+        text = table(result)
+        write_results(out, name, result["config"], res, text, figures(result, out))
+        return text
+    runs = res["per_seed"]
+    text = (f"Seeds {res['seeds']} (each seed draws the data split, the removal sets and the "
+            f"training); mean ± sd over seeds use the population sd (ddof = 0).\n\n")
+    if seeds_table is not None:
+        text += seeds_table(result) + "\n"
+    text += "".join(f"## Seed {r['seed']}\n\n" + table(r) + "\n" for r in runs)
+    text += f"\nFigures: seed {runs[0]['seed']}.\n"
+    write_results(out, name, result["config"], res, text,
+                  figures(result.get("first") or runs[0], out))
     return text
+
+
+def check_seeds(seeds) -> list[int]:
+    """``seeds`` as a list of distinct integers ≥ 0 (at least one)."""
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
+        raise TypeError(f"seeds must be a sequence of integers, got {type(seeds).__name__}")
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("seeds must name at least one seed, got an empty sequence")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0:
+            raise ValueError(f"seeds must be integers >= 0, got {s!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {seeds}")
+    return [int(s) for s in seeds]
+
+
+#: Keys whose values are labels, not measurements: never averaged over seeds.
+_LABELS = frozenset({"removed", "seed", "classes", "class", "attribute", "proxy_class",
+                     "degenerate_excluded", "degenerate_skipped"})
+
+
+def aggregate_numbers(items: Sequence):
+    """Mean and sd over seeds of every number that ``items`` (one result per seed, the same
+    structure) hold at the same place: ``{"mean", "std", "n"}`` per number, dicts and lists of
+    equal length followed; labels (:data:`_LABELS`), strings and what differs in structure
+    are left out (``None``)."""
+    first = items[0]
+    if isinstance(first, bool) or first is None or isinstance(first, str):
+        return None
+    if isinstance(first, (int, float)):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+            return None
+        vals = [float(v) for v in items]
+        if not all(math.isfinite(v) for v in vals):
+            return None
+        return {**summary(vals), "n": len(vals)}
+    if isinstance(first, dict):
+        if not all(isinstance(v, dict) for v in items):
+            return None
+        out = {}
+        for key in first:
+            if key in _LABELS or not all(key in v for v in items):
+                continue
+            agg = aggregate_numbers([v[key] for v in items])
+            if agg is not None:
+                out[key] = agg
+        return out or None
+    if isinstance(first, list):
+        if not all(isinstance(v, list) and len(v) == len(first) for v in items):
+            return None
+        out = [aggregate_numbers(list(col)) for col in zip(*items)]
+        return out if any(o is not None for o in out) else None
+    return None
+
+
+def compute_seeds(compute: Callable, seeds, **kwargs) -> dict:
+    """``compute(seed=s, **kwargs)`` for each seed: ``{"config", "results"}`` with the first
+    seed's config (``"seeds"`` in place of ``"seed"``) and as results ``{"seeds", "per_seed"
+    (one ``{"seed", "seconds", "config", "results"}`` per seed, ``seconds`` its wall time),
+    "aggregate"}`` (see :func:`aggregate_numbers`), and as ``first`` the first seed's whole
+    result (what its figures need beyond the results file)."""
+    seeds = check_seeds(seeds)
+    if "seed" in kwargs:
+        raise ValueError("give seed or seeds, not both")
+    runs, first = [], None
+    for s in seeds:
+        r, seconds = timed(compute, seed=s, **kwargs)
+        first = first or r
+        runs.append({"seed": s, "seconds": seconds, "config": r["config"],
+                     "results": r["results"]})
+        print(f"seed {s}: {seconds:.0f} s", file=sys.stderr, flush=True)
+    config = {k: v for k, v in runs[0]["config"].items() if k != "seed"}
+    config["seeds"] = seeds
+    return {"config": config, "first": first, "results": {
+        "seeds": seeds, "per_seed": runs,
+        "aggregate": aggregate_numbers([r["results"] for r in runs])}}
+
+
+def report(name: str, compute: Callable, table: Callable, figures: Callable, out, *,
+           seeds=None, seeds_table: Callable | None = None, **kwargs) -> str:
+    """Runs ``compute`` (once, or once per seed of ``seeds``) and writes its report
+    (:func:`write_report`) to ``out``; returns the tables."""
+    result = compute(**kwargs) if seeds is None else compute_seeds(compute, seeds, **kwargs)
+    return write_report(name, result, table, figures, out, seeds_table=seeds_table)

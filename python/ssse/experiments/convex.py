@@ -6,7 +6,7 @@ from __future__ import annotations
 import ssse
 
 from .common import EPS_GRID, QUICK_GRID_POINTS, eps_grid, timed
-from .methods import fit_ggn, newton_rows, select, ssse_curve
+from .methods import NEWTON, NEWTON_SMALL, fit_ggn, newton_rows, select, ssse_curve
 from .removal import SPLITS, make_removal, score_name
 from .tasks import Task
 
@@ -22,21 +22,24 @@ def settings_of(quick: bool) -> tuple[list[float], list[float]]:
 
 def fit_all(task: Task, damping: float, *, seed: int, progress: bool) -> dict:
     """The trained model, its inverse Fisher (one block per output row) and its Gauss–Newton
-    inverse for the tuning-free rows, with their wall times."""
+    inverses for the tuning-free rows (the largest blocks that fit, and one block per output
+    row: ``ggn_rows``), with their wall times."""
     model, t_train = timed(task.train, task.data(), seed=seed)
     inv, t_fisher = timed(ssse.fit_inverse_fisher, model, task.loss_fn, task.data(),
                           damping=damping, layout="rows", weight_decay=task.weight_decay,
                           progress=progress)
     ggn, t_ggn = fit_ggn(task, model, progress=progress)
-    return {"model": model, "inv": inv, "ggn": ggn, "seconds": {
-        "train": t_train, "fisher": t_fisher, "ggn_fisher": t_ggn}}
+    ggn_rows, t_rows = fit_ggn(task, model, layout="rows", progress=progress)
+    return {"model": model, "inv": inv, "ggn": ggn, "ggn_rows": ggn_rows, "seconds": {
+        "train": t_train, "fisher": t_fisher, "ggn_fisher": t_ggn, "ggn_rows_fisher": t_rows}}
 
 
 def run_setting(task: Task, model, inv, removals: list[dict], grid, eps_star: float, *,
-                seed: int, ggn=None, progress: bool = False) -> dict:
+                seed: int, ggn=None, ggn_rows=None, progress: bool = False) -> dict:
     """One setting (e.g. 50 % of a class) over several removals (``{"removed", "classes" or
-    "attribute"}``): curves over ε per removal, the numbers at the chosen ``eps_star``, and
-    with ``ggn`` (a Gauss–Newton inverse) the tuning-free Newton rows."""
+    "attribute"}``): curves over ε per removal, the numbers at the chosen ``eps_star``, with
+    ``ggn`` (a Gauss–Newton inverse) the tuning-free Newton rows, and with ``ggn_rows`` (one
+    with row blocks) the Newton step on those blocks too."""
     crit = score_name(task)
     runs = []
     for r in removals:
@@ -59,7 +62,7 @@ def run_setting(task: Task, model, inv, removals: list[dict], grid, eps_star: fl
                     for s in SPLITS}
 
         runs.append({
-            "k": rem.k, "removed": rem.removed.tolist(),
+            "k": rem.k, "differing": rem.differing(), "removed": rem.removed.tolist(),
             "curve": [row[crit] for row in full["rows"]],
             "curve_leave_k_out": [row[crit] for row in lko["rows"]],
             "param_distance": [row["param_distance"] for row in full["rows"]],
@@ -74,4 +77,6 @@ def run_setting(task: Task, model, inv, removals: list[dict], grid, eps_star: fl
             "classes": r.get("classes"), "attribute": r.get("attribute"),
             **({"newton": newton_rows(rem, ggn)} if ggn is not None else {}),
         })
+        if ggn is not None and ggn_rows is not None:
+            runs[-1]["newton"][NEWTON_SMALL] = newton_rows(rem, ggn_rows, refine=False)[NEWTON]
     return {"criterion": crit, "runs": runs}

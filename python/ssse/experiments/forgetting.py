@@ -39,7 +39,7 @@ from ssse.data import class_removal  # noqa: E402
 from ssse.forgetting import DEFAULT_FPRS  # noqa: E402
 from ssse.io import atomic_path  # noqa: E402
 
-from .common import EPS_GRID, eps_grid, markdown_table, write_report  # noqa: E402
+from .common import EPS_GRID, eps_grid, markdown_table, report  # noqa: E402
 from .methods import NEWTON, curve, fit_ggn, select  # noqa: E402
 from .removal import make_removal, outputs  # noqa: E402
 from .tasks import DEFAULTS, make_task  # noqa: E402
@@ -300,10 +300,11 @@ def figures(r: dict, out: Path) -> list[Path]:
     return [path]
 
 
-def run(*, out: Path = Path(f"results/{NAME}"), **kwargs) -> str:
-    """Runs the experiment (the options of :func:`compute`) and writes its results, table and
-    figure to ``out``; returns the table."""
-    return write_report(NAME, compute(**kwargs), table, figures, out)
+def run(*, out: Path = Path(f"results/{NAME}"), seeds=None, **kwargs) -> str:
+    """Runs the experiment (the options of :func:`compute`; ``seeds``: once per seed, each
+    seed's results and their mean ± sd in one results file) and writes its results, table and
+    figures to ``out``; returns the table."""
+    return report(NAME, compute, table, figures, out, seeds=seeds, **kwargs)
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,7 @@ import ssse
 from ssse import metrics, plots
 from ssse.data import Dataset, two_blobs_2d
 
-from .common import markdown_table, timed, write_report
+from .common import markdown_table, timed, report
 from .tasks import Task
 
 NAME = "illustration"
@@ -103,6 +103,21 @@ def table(r: dict) -> str:
             + markdown_table(["request", "model", "param dist"], rows))
 
 
+def seeds_table(result: dict) -> str:
+    """The parameter distance of every model per request, mean ± sd over the seeds."""
+    per_seed = [r["results"] for r in result["results"]["per_seed"]]
+    rows = []
+    for title, req in per_seed[0].items():
+        for k, v in req.items():
+            if isinstance(v, dict):
+                vals = [res[title][k]["param_distance"] for res in per_seed]
+                rows.append([title, k, f"{np.mean(vals):.3f} ± {np.std(vals):.3f}",
+                             f"{min(vals):.3f}–{max(vals):.3f}"])
+    return ("Normalised parameter distance to the retrained model over the seeds (0 = "
+            "retrained, 1 = original):\n\n"
+            + markdown_table(["request", "model", "mean ± sd", "range"], rows))
+
+
 def figures(r: dict, out: Path) -> list[Path]:
     panels = [(title, np.asarray(req["removed"]),
                {k: (v["w"], v["b"], _STYLES[k]) for k, v in req.items() if isinstance(v, dict)})
@@ -112,7 +127,9 @@ def figures(r: dict, out: Path) -> list[Path]:
                                             f"samples (SSSE with ε={r['config']['epsilon']:g})")]
 
 
-def run(*, out: Path = Path(f"results/{NAME}"), **kwargs) -> str:
-    """Runs the experiment (the options of :func:`compute`) and writes its results, table and
+def run(*, out: Path = Path(f"results/{NAME}"), seeds=None, **kwargs) -> str:
+    """Runs the experiment (the options of :func:`compute`; ``seeds``: once per seed, each
+    seed's results and their mean ± sd in one results file) and writes its results, table and
     figures to ``out``; returns the table."""
-    return write_report(NAME, compute(**kwargs), table, figures, out)
+    return report(NAME, compute, table, figures, out, seeds=seeds, seeds_table=seeds_table,
+                  **kwargs)

@@ -13,10 +13,10 @@ import ssse
 from ssse import metrics, plots
 from ssse.data import attribute_removal
 
-from .common import markdown_table, summary, timed, write_report
+from .common import markdown_table, summary, timed, report
 from .convex import fit_all, run_setting, settings_of
 from .methods import NEWTON, REFINED, select, ssse_curve
-from .removal import SPLITS, make_removal
+from .removal import QUANTISED_BELOW, SPLITS, make_removal, quantised
 from .tasks import DEFAULTS, make_task
 
 NAME = "multiattribute"
@@ -119,6 +119,38 @@ def table(r: dict) -> str:
                              + [f"acc {sp}" for sp in SPLITS], res["table1"]))
 
 
+def seeds_table(result: dict) -> str:
+    """Per removal (setting and subset) over the seeds: the samples of S on which the original
+    and the retrained model differ (any label), then γ of each model as mean ± sd (seeds) over
+    the seeds whose removal is not quantised, and the parameter distance over all seeds."""
+    per_seed = [r["results"] for r in result["results"]["per_seed"]]
+    models = {"SSSE @ε*": lambda r: r["chosen"], "influence (full Hessian)":
+              lambda r: r["influence"], NEWTON: lambda r: r["newton"][NEWTON],
+              REFINED: lambda r: r["newton"][REFINED]}
+
+    def pm(vals):
+        return f"{np.mean(vals):.3f} ± {np.std(vals):.3f} ({len(vals)})" if vals else "-"
+
+    rows = []
+    for setting, st in per_seed[0]["settings"].items():
+        for i in range(len(st["runs"])):
+            runs = [res["settings"][setting]["runs"][i] for res in per_seed]
+            kept = [r for r in runs if not quantised(r["differing"])]
+            rows.append([setting, i, "/".join(str(r["k"]) for r in runs),
+                         "/".join(str(r["differing"]) for r in runs),
+                         f"{len(runs) - len(kept)} of {len(runs)}"]
+                        + [pm([get(r)["gamma"] for r in kept]) for get in models.values()]
+                        + [pm([get(r)["param_distance"] for r in runs])
+                           for get in models.values()])
+    header = ["removed", "subset", "k per seed", "differ per seed", "quantised seeds"] + \
+        [f"γ {m}" for m in models] + [f"param dist {m} (all seeds)" for m in models]
+    return (f"Per removal over seeds: γ as mean ± sd (seeds) over the seeds whose removal is "
+            f"not quantised (original and retrained differ on ≥ {QUANTISED_BELOW} samples of "
+            f"S, in any label; a removal of k < {QUANTISED_BELOW} samples always is); the "
+            f"normalised parameter distance (0: retrained, 1: original) over all seeds.\n\n"
+            + markdown_table(header, rows))
+
+
 def figures(r: dict, out: Path) -> list[Path]:
     c, res = r["config"], r["results"]
     grid, settings = c["eps"], res["settings"]
@@ -140,7 +172,9 @@ def figures(r: dict, out: Path) -> list[Path]:
     return [p1, p2]
 
 
-def run(*, out: Path = Path(f"results/{NAME}"), **kwargs) -> str:
-    """Runs the experiment (the options of :func:`compute`) and writes its results, table and
+def run(*, out: Path = Path(f"results/{NAME}"), seeds=None, **kwargs) -> str:
+    """Runs the experiment (the options of :func:`compute`; ``seeds``: once per seed, each
+    seed's results and their mean ± sd in one results file) and writes its results, table and
     figures to ``out``; returns the table."""
-    return write_report(NAME, compute(**kwargs), table, figures, out)
+    return report(NAME, compute, table, figures, out, seeds=seeds, seeds_table=seeds_table,
+                  **kwargs)

@@ -12,13 +12,17 @@ import torch
 from ssse import metrics, plots
 from ssse.data import class_removal
 
-from .common import geomean, markdown_table, summary, timed, write_report
+from .common import eps_grid, geomean, markdown_table, summary, timed, report
 from .convex import fit_all, run_setting, settings_of
-from .methods import NEWTON, REFINED, select, ssse_curve
-from .removal import SPLITS, make_removal
+from .methods import NEWTON, NEWTON_SMALL, REFINE_STEPS, REFINED, select, ssse_curve
+from .removal import QUANTISED_BELOW, SPLITS, make_removal, quantised
 from .tasks import DEFAULTS, make_task
 
 NAME = "multinomial"
+#: The ε grid ``(lo, hi, num)`` on Fashion-MNIST, where one seed takes hours on one thread: the
+#: best ε of every removal of the single-seed run with the default grid (0.40–1.0, and a flat
+#: plateau from 1.0 up for a full class 1) lies inside it.
+FASHION_GRID = (0.1, 10.0, 11)
 
 
 def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.float64,
@@ -34,11 +38,14 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
     task = make_task(data, data_dir=data_dir, seed=seed, device=device, dtype=dtype, **limits)
     damping = DEFAULTS[data]["damping"]
     fractions, grid = settings_of(quick)
+    if data == "fashion-mnist" and not quick:  # a seed takes hours: 11 points near the optimum
+        grid = eps_grid(*FASHION_GRID)
     classes = list(range(repeats or (1 if quick else 3)))
 
     fitted = fit_all(task, damping, seed=seed, progress=progress)
     model, inv, ggn = fitted["model"], fitted["inv"], fitted["ggn"]
-    t_train, t_fisher, t_ggn = (fitted["seconds"][k] for k in ("train", "fisher", "ggn_fisher"))
+    t_train, t_fisher, t_ggn, t_rows = (fitted["seconds"][k] for k in (
+        "train", "fisher", "ggn_fisher", "ggn_rows_fisher"))
     proxy_class = task.ds.num_classes - 1
     proxy = make_removal(task, model, class_removal(task.ds.y_train, proxy_class, 0.5,
                                                     seed=seed + 1),
@@ -53,15 +60,22 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
         removals = [{"removed": class_removal(task.ds.y_train, c, f, seed=seed + c),
                      "classes": [c]} for c in classes]
         settings[f"{int(f * 100)}%"] = run_setting(task, model, inv, removals, grid, eps_star,
-                                                   seed=seed, ggn=ggn, progress=progress)
+                                                   seed=seed, ggn=ggn,
+                                                   ggn_rows=fitted["ggn_rows"],
+                                                   progress=progress)
 
     summ = summarize(settings)
     config = {"data": data, "quick": quick, "seed": seed, "n": task.n, "d": inv.dim,
               "damping": damping, "weight_decay": task.weight_decay, "fractions": fractions,
-              "classes": classes, "eps": grid, "proxy_class": proxy_class, **limits}
-    results = {"eps_chosen": eps_star, "eps_estimated": eps_hat,
+              "classes": classes, "eps": grid, "proxy_class": proxy_class,
+              "newton_blocks": {NEWTON: ggn.layout.max_block_size,
+                                NEWTON_SMALL: fitted["ggn_rows"].layout.max_block_size},
+              **limits}
+    results = {"eps_chosen": eps_star, "proxy_differing": proxy.differing(),
+               "eps_estimated": eps_hat,
                "eps_estimate_seconds": t_eps_hat, "fisher_seconds": t_fisher,
-               "ggn_fisher_seconds": t_ggn, "train_seconds": t_train, "summary": summ,
+               "ggn_fisher_seconds": t_ggn, "ggn_rows_fisher_seconds": t_rows,
+               "train_seconds": t_train, "summary": summ,
                "settings": settings}
     return {"config": config, "results": results}
 
@@ -99,13 +113,17 @@ def summarize(settings: dict) -> dict:
 
 def table(r: dict) -> str:
     c, res = r["config"], r["results"]
-    header = ["removed", "k", "δ SSSE @ε*", "δ min (ε)", "δ min leave-k-out (ε)",
+    header = ["removed", "k", "quantised", "δ SSSE @ε*", "δ min (ε)", "δ min leave-k-out (ε)",
               "δ influence", f"δ {NEWTON}", f"gap S {NEWTON}"] + \
         [f"gap {s}" for s in SPLITS] + ["erase s", "Newton s", "retrain s"]
     rows, left_out = [], []
     for name, m in summarize(res["settings"]).items():
         pm = lambda k: f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}"  # noqa: E731
-        rows.append([name, f"{m['k_mean']:.0f}", pm("delta_chosen"),
+        runs = res["settings"][name]["runs"]
+        q = sum(quantised(r["differing"]) for r in runs if "differing" in r)
+        rows.append([name, f"{m['k_mean']:.0f}",
+                     f"{q} of {len(runs)}" if "differing" in runs[0] else "?",
+                     pm("delta_chosen"),
                      f"{pm('delta_best')} ({m['best_eps_geomean']:.2g})",
                      f"{pm('delta_best_lko')} ({m['best_eps_leave_k_out_geomean']:.2g})",
                      pm("delta_influence"), pm(f"delta_{NEWTON}"), pm(f"gap_S_{NEWTON}")]
@@ -118,33 +136,137 @@ def table(r: dict) -> str:
                 f"{', '.join(left_out)}." if left_out else "")
     return (f"{c['data']}, n={c['n']}, L2 logistic regression (d={c['d']}), "
             f"λ={c['damping']:g}, classes {c['classes']}, ε*={res['eps_chosen']:.3g} chosen on "
-            f"a proxy removal (50 % of class {c['proxy_class']}; without retraining, "
-            f"estimate_epsilon gives ε̂={res['eps_estimated']:.3g}); mean ± std over classes."
+            f"a proxy removal (50 % of class {c['proxy_class']}{_proxy_note(res)}; without "
+            f"retraining, "
+            f"estimate_epsilon gives ε̂={res['eps_estimated']:.3g}); mean ± std over classes "
+            f"(quantised removals included: see the table per removal)."
             f"{excluded} Fisher fit {res['fisher_seconds']:.2f} s, training "
             f"{res['train_seconds']:.2f} s.\n\n" + markdown_table(header, rows) + "\n"
             + per_class_table(r))
 
 
+#: The target of a tuning-free erasure on a non-quantised removal: δ at most this, and the
+#: accuracy on S within :data:`TARGET_GAP` of the retrained model's.
+TARGET_DELTA, TARGET_GAP = 0.25, 0.05
+
+
+def _models(run: dict) -> dict:
+    """The evaluated models of a removal by column label (those the run has)."""
+    nw = run["newton"]
+    out = {"SSSE @ε*": run["chosen"], "Newton, row blocks": nw.get(NEWTON_SMALL),
+           "Newton, largest blocks": nw[NEWTON],
+           f"Newton largest + {REFINE_STEPS} refinement steps": nw[REFINED],
+           "influence (full Hessian)": run["influence"]}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def target(run: dict, row: dict) -> str:
+    """Whether ``row`` meets the target (:data:`TARGET_DELTA`, :data:`TARGET_GAP`) on this
+    removal, what is left when not, or ``"quantised"``."""
+    if quantised(run["differing"]):
+        return "quantised"
+    gap = abs(row["accuracy"]["S"] - run["retrained"]["accuracy"]["S"])
+    left = ([f"δ {row['delta']:.2f}"] if row["delta"] > TARGET_DELTA else []) + \
+        ([f"acc S off by {gap:.2f}"] if gap > TARGET_GAP else [])
+    return "met" if not left else "not met: " + ", ".join(left)
+
+
+def _proxy_note(res: dict) -> str:
+    if "proxy_differing" not in res:
+        return ""
+    d = res["proxy_differing"]
+    return (f", where original and retrained differ on {d} samples of S"
+            + (": quantised, so ε* rests on a few predictions" if quantised(d) else ""))
+
+
 def per_class_table(r: dict) -> str:
-    """δ on S and accuracy on S per removed class: SSSE at the proxy-chosen ε and at the best
-    ε of that removal (an oracle), the tuning-free Newton rows, influence, retrained."""
+    """Per removal: the samples of S where the original and the retrained model differ (the
+    removal is quantised below :data:`QUANTISED_BELOW`), δ and accuracy on S of SSSE at the
+    proxy-chosen ε, its oracle ε, the Newton step on row blocks and on the largest blocks, its
+    refinement, the influence step; the Newton target per removal."""
     res = r["results"]
-    header = ["removed", "class", "k", "δ SSSE @ε*", "δ SSSE oracle (ε)", f"δ {NEWTON}",
-              f"δ {REFINED}", "δ influence", "acc S retrained", "acc S SSSE @ε*",
-              f"acc S {NEWTON}", f"acc S {REFINED}", "degenerate"]
+    runs = [(setting, run) for setting, s in res["settings"].items() for run in s["runs"]]
+    labels = list(_models(runs[0][1]))
+    header = ["removed", "class", "k", "differ (quantised)", "δ SSSE oracle (ε)"] + \
+        [f"δ {m}" for m in labels] + ["acc S retrained"] + [f"acc S {m}" for m in labels] + \
+        [f"target (δ ≤ {TARGET_DELTA}, acc S ± {TARGET_GAP}): Newton largest",
+         "target: + refinement"]
     rows = []
-    for setting, s in res["settings"].items():
-        for run in s["runs"]:
-            nw = run["newton"]
-            rows.append([setting, run["classes"][0], run["k"], run["chosen"]["delta"],
-                         f"{run['best']['delta']:.3f} ({run['best_eps']:.2g})",
-                         nw[NEWTON]["delta"], nw[REFINED]["delta"], run["influence"]["delta"],
-                         run["retrained"]["accuracy"]["S"], run["chosen"]["accuracy"]["S"],
-                         nw[NEWTON]["accuracy"]["S"], nw[REFINED]["accuracy"]["S"],
-                         "yes" if degenerate(run) else "no"])
-    return ("Per removed class (degenerate: the original and the retrained model make the same "
-            "predictions on S, so δ is 0.5 for every model and says nothing):\n\n"
-            + markdown_table(header, rows))
+    for setting, run in runs:
+        models = _models(run)
+        diff = run.get("differing")
+        rows.append([setting, run["classes"][0], run["k"],
+                     "?" if diff is None else f"{diff} ({'yes' if quantised(diff) else 'no'})",
+                     f"{run['best']['delta']:.3f} ({run['best_eps']:.2g})"]
+                    + [models[m]["delta"] for m in labels] + [run["retrained"]["accuracy"]["S"]]
+                    + [models[m]["accuracy"]["S"] for m in labels]
+                    + [target(run, run["newton"][m]) if diff is not None else "?"
+                       for m in (NEWTON, REFINED)])
+    return (f"Per removal (differ: samples of S on which the original and the retrained model "
+            f"predict differently; quantised when fewer than {QUANTISED_BELOW}: δ then takes a "
+            f"few values and supports no claim):\n\n" + markdown_table(header, rows))
+
+
+def _pm(values) -> str:
+    return (f"{np.mean(values):.3f} ± {np.std(values):.3f} ({len(values)})" if values
+            else "-")
+
+
+def seeds_table(result: dict) -> str:
+    """Per removal (setting and class) over the seeds: the differing counts, then δ and
+    accuracy on S of each model as mean ± sd (number of seeds) over the seeds whose removal is
+    not quantised; the Newton target met on how many of them; the timings."""
+    per_seed = [r["results"]["settings"] for r in result["results"]["per_seed"]]
+    first = per_seed[0]
+    labels = list(_models(next(iter(first.values()))["runs"][0]))
+    header = ["removed", "class", "k", "differ per seed", "quantised seeds"] + \
+        [f"δ {m}" for m in labels] + ["acc S retrained"] + [f"acc S {m}" for m in labels] + \
+        ["target met: Newton largest", "target met: + refinement"] + \
+        [f"param dist {m} (all seeds)" for m in labels]
+    rows = []
+    for setting, st in first.items():
+        for i, run0 in enumerate(st["runs"]):
+            runs = [s[setting]["runs"][i] for s in per_seed]
+            kept = [r for r in runs if not quantised(r["differing"])]
+            met = [sum(target(r, r["newton"][m]) == "met" for r in kept)
+                   for m in (NEWTON, REFINED)]
+            rows.append([setting, run0["classes"][0], f"{np.mean([r['k'] for r in runs]):.0f}",
+                         "/".join(str(r["differing"]) for r in runs),
+                         f"{len(runs) - len(kept)} of {len(runs)}"]
+                        + [_pm([_models(r)[m]["delta"] for r in kept]) for m in labels]
+                        + [_pm([r["retrained"]["accuracy"]["S"] for r in kept])]
+                        + [_pm([_models(r)[m]["accuracy"]["S"] for r in kept]) for m in labels]
+                        + [f"{m} of {len(kept)}" for m in met]
+                        + [_pm([_models(r)[m]["param_distance"] for r in runs])
+                           for m in labels])
+    return (f"Per removal over seeds: mean ± sd (seeds) over the seeds whose removal is not "
+            f"quantised (original and retrained differ on ≥ {QUANTISED_BELOW} samples of S); "
+            f"differ per seed: those counts, in seed order. The normalised parameter distance "
+            f"to the retrained model (0: retrained, 1: original) is not quantised: over all "
+            f"seeds.\n\n" + markdown_table(header, rows)
+            + "\n" + timing_table(per_seed, result["results"]["per_seed"]))
+
+
+def timing_table(per_seed: list, seeds: list) -> str:
+    """Wall times over every seed and class: mean and range of the single runs."""
+    def cell(vals):
+        return f"{np.mean(vals):.3f} ({min(vals):.3f}–{max(vals):.3f})"
+
+    rows = []
+    for setting in per_seed[0]:
+        runs = [r for s in per_seed for r in s[setting]["runs"]]
+        rows.append([setting, cell([r["erase_seconds"] for r in runs])]
+                    + [cell([r["newton"][m]["erase_seconds"] for r in runs])
+                       for m in (NEWTON_SMALL, NEWTON) if m in runs[0]["newton"]]
+                    + [cell([r["retrain_seconds"] for r in runs])])
+    fits = {k: [s["results"][k] for s in seeds if k in s["results"]] for k in (
+        "train_seconds", "fisher_seconds", "ggn_fisher_seconds", "ggn_rows_fisher_seconds")}
+    return ("Wall times in seconds over every seed and class, mean (range of the single runs):"
+            "\n\n" + markdown_table(["removed", "SSSE erase", "Newton, row blocks",
+                                      "Newton, largest blocks", "retrain"], rows)
+            + "\nFits, mean over seeds (s): " + ", ".join(
+                f"{k.removesuffix('_seconds')} {np.mean(v):.2f}" for k, v in fits.items() if v)
+            + ".\n")
 
 
 def degenerate(run: dict) -> bool:
@@ -168,7 +290,9 @@ def figures(r: dict, out: Path) -> list[Path]:
     return [p1, p2]
 
 
-def run(*, out: Path = Path(f"results/{NAME}"), **kwargs) -> str:
-    """Runs the experiment (the options of :func:`compute`) and writes its results, table and
+def run(*, out: Path = Path(f"results/{NAME}"), seeds=None, **kwargs) -> str:
+    """Runs the experiment (the options of :func:`compute`; ``seeds``: once per seed, each
+    seed's results and their mean ± sd in one results file) and writes its results, table and
     figures to ``out``; returns the table."""
-    return write_report(NAME, compute(**kwargs), table, figures, out)
+    return report(NAME, compute, table, figures, out, seeds=seeds, seeds_table=seeds_table,
+                  **kwargs)

@@ -25,9 +25,9 @@ import ssse
 from ssse import plots
 from ssse.data import class_removal
 
-from .common import eps_grid, geomean, markdown_table, nearest, summary, timed, write_report
-from .methods import NEWTON, REFINED, curve, fit_ggn, newton_rows, select
-from .removal import SPLITS, Removal, make_removal
+from .common import eps_grid, geomean, markdown_table, nearest, summary, timed, report
+from .methods import NEWTON, NEWTON_SMALL, REFINED, curve, fit_ggn, newton_rows, select
+from .removal import QUANTISED_BELOW, SPLITS, Removal, make_removal, quantised
 from .tasks import make_task
 
 NAME = "nonconvex"
@@ -152,10 +152,13 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
                        "dense_bytes": inv.layout.numel * torch.finfo(dtype).bits // 8,
                        "dual_blocks": inv.representation.count("dual")}
               for fisher, inv in inverses.items()}
-    ggn = None
-    if tuning_free:
-        ggn, t_fisher["ggn"] = fit_ggn(task, model, layout=layout, block_size=block_size,
-                                       progress=progress)
+    ggn, newton_blocks = None, {}
+    if tuning_free:  # the largest blocks that fit, and the inverse Fishers' blocks
+        ggn, t_fisher["ggn"] = fit_ggn(task, model, progress=progress)
+        small, t_fisher["ggn_small"] = fit_ggn(task, model, layout=layout,
+                                               block_size=block_size, progress=progress)
+        ggn = {NEWTON: ggn, NEWTON_SMALL: small}
+        newton_blocks = {name: inv.layout.max_block_size for name, inv in ggn.items()}
 
     def removal(removed, cls):
         return make_removal(task, model, removed, classes=[cls], seed=seed, progress=progress)
@@ -179,6 +182,7 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
               "representation": representation, "inverse_memory": memory,
               "max_accuracy_drop": max_accuracy_drop,
               "num_blocks": lay.num_blocks, "max_block_size": lay.max_block_size,
+              "newton_blocks": newton_blocks,
               "minibatch": MINIBATCH, "classes": classes,
               "proxy_class": proxy_class, "fractions": _FRACTIONS, "grids": grids,
               "hyperparameters": {name: h for name, (h, _) in METHODS.items()
@@ -231,6 +235,7 @@ def _choose_on_proxies(task, model, inverses, grids, removal, classes, proxy_cla
                                                     _guarded(c["rows"], floor))]
                            for name, c in curves.items()}
         proxies[setting] = {"k": rem.k, "class": cls, "degenerate_skipped": skipped,
+                            "differing": rem.differing(),
                             "degenerate": _degenerate(rem),
                             "accuracy_floor": floor,
                             "delta": {name: [r["delta"] for r in c["rows"]]
@@ -261,19 +266,23 @@ def _run(rem, cls: int, model, inverses, grids, chosen: dict, ggn, *, seed: int,
             "best": rows[best], "best_value": grid[best],
             "best_unguarded": rows[free], "best_unguarded_value": grid[free],
             "erase_seconds": cv["seconds"]}
-    run = {"class": cls, "k": rem.k, "removed": rem.removed.tolist(),
+    run = {"class": cls, "k": rem.k, "differing": rem.differing(),
+           "removed": rem.removed.tolist(),
            "accuracy_floor": floor, "original": original, "retrained": retrained,
            "retrain_seconds": rem.retrain_seconds, "methods": methods}
     if ggn is not None:
-        run["newton"] = newton_rows(rem, ggn)
+        run["newton"] = newton_rows(rem, ggn[NEWTON])
+        run["newton"][NEWTON_SMALL] = newton_rows(rem, ggn[NEWTON_SMALL], refine=False)[NEWTON]
         for row in run["newton"].values():
             row["gap"] = _gap(row, retrained)
     return run
 
-def run(*, out: Path = Path(f"results/{NAME}"), **kwargs) -> str:
-    """Runs the experiment (the options of :func:`compute`) and writes its results, table and
+def run(*, out: Path = Path(f"results/{NAME}"), seeds=None, **kwargs) -> str:
+    """Runs the experiment (the options of :func:`compute`; ``seeds``: once per seed, each
+    seed's results and their mean ± sd in one results file) and writes its results, table and
     figures to ``out``; returns the table."""
-    return write_report(NAME, compute(**kwargs), table, figures, out)
+    return report(NAME, compute, table, figures, out, seeds=seeds, seeds_table=seeds_table,
+                  **kwargs)
 
 def _summary(settings: dict) -> dict:
     """Mean ± std over the removed classes, per setting and method, at the chosen value."""
@@ -300,7 +309,7 @@ def _summary(settings: dict) -> dict:
                 **{f"acc_{sp}": summary([m["chosen"]["accuracy"][sp] for m in ms])
                    for sp in SPLITS},
                 **{f"gap_{sp}": summary([m["chosen_gap"][sp] for m in ms]) for sp in SPLITS}}
-        for name in (NEWTON, REFINED) if "newton" in runs[0] else ():
+        for name in _newton_names(runs[0]):
             rs = [r["newton"][name] for r in runs]
             entry[name] = {"delta": summary([m["delta"] for m in rs]),
                            "param_distance": summary([m["param_distance"] for m in rs]),
@@ -383,6 +392,9 @@ def _proxy_text(res: dict) -> str:
                          "on S)")
         else:
             parts.append(f"{setting}: class {p['class']}")
+        if "differing" in p:
+            parts[-1] += (f", original and retrained differ on {p['differing']} samples of S"
+                          + (" (quantised)" if quantised(p["differing"]) else ""))
     return "; ".join(parts)
 
 
@@ -409,7 +421,7 @@ def table(r: dict) -> str:
                          f"({m['acc_D-S_best_unguarded']['mean']:.2f})"]
                         + [pm(m[f"acc_{sp}"]) for sp in SPLITS]
                         + [f"{m['erase_seconds']['mean']:.3f}"])
-        for name in (NEWTON, REFINED) if NEWTON in e else ():
+        for name in [n for n in (NEWTON, REFINED, NEWTON_SMALL) if n in e]:
             m = e[name]
             rows.append([setting, name, "none", pm(m["delta"]), "-", "-"]
                         + [pm(m[f"acc_{sp}"]) for sp in SPLITS]
@@ -434,7 +446,9 @@ def table(r: dict) -> str:
             f"std over classes. Training {res['train_seconds']:.2f} s, "
             f"Fisher fits {fits}"
             + (" (ggn: the Gauss-Newton inverse, damping = weight decay, for the rows without "
-               "tuning)" if "ggn" in res["fisher_seconds"] else "") + ".\n\n"
+               f"tuning, blocks of ≤ {_blocks(c, NEWTON)}; ggn_small: the same on the inverse "
+               f"Fishers' blocks, for '{NEWTON_SMALL}')" if "ggn" in res["fisher_seconds"]
+               else "") + ".\n\n"
             + markdown_table(header, rows) + "\n" + per_class_table(r))
 
 
@@ -443,8 +457,8 @@ def per_class_table(r: dict) -> str:
     hyperparameter, the rows without tuning, the retrained model."""
     res = r["results"]
     names = list(r["config"]["hyperparameters"])
-    newton = [NEWTON, REFINED] if "newton" in res["settings"]["100%"]["runs"][0] else []
-    header = ["removed", "class", "k", "acc S / D∖S retrained"] + \
+    newton = _newton_names(res["settings"]["100%"]["runs"][0])
+    header = ["removed", "class", "k", "differ (quantised)", "acc S / D∖S retrained"] + \
         [f"δ {n} (acc S / D∖S)" for n in names + newton]
     rows = []
     for setting, st in res["settings"].items():
@@ -454,7 +468,53 @@ def per_class_table(r: dict) -> str:
                      f"{run['methods'][n]['chosen']['accuracy']['D-S']:.2f})" for n in names]
             cells += [f"{run['newton'][n]['delta']:.3f} ({run['newton'][n]['accuracy']['S']:.2f}"
                       f" / {run['newton'][n]['accuracy']['D-S']:.2f})" for n in newton]
+            diff = run.get("differing")
             rows.append([setting, run["class"], run["k"],
+                         "?" if diff is None else f"{diff} ({'yes' if quantised(diff) else 'no'})",
                          f"{run['retrained']['accuracy']['S']:.2f} / "
                          f"{run['retrained']['accuracy']['D-S']:.2f}"] + cells)
-    return "Per removed class, at the proxy-chosen values:\n\n" + markdown_table(header, rows)
+    return ("Per removed class, at the proxy-chosen values (differ: samples of S on which the "
+            "original and the retrained model predict differently; quantised when fewer than "
+            f"{QUANTISED_BELOW}: δ then supports no claim):\n\n" + markdown_table(header, rows))
+
+
+def _blocks(config: dict, name: str) -> str:
+    return str(config.get("newton_blocks", {}).get(name, config["max_block_size"]))
+
+
+def _newton_names(run: dict) -> list[str]:
+    """The tuning-free rows a run has, in table order."""
+    return [n for n in (NEWTON, REFINED, NEWTON_SMALL) if n in run.get("newton", {})]
+
+
+def seeds_table(result: dict) -> str:
+    """Per removal (setting and class) over the seeds: the differing counts, then δ (accuracy
+    on S) of every method at its proxy-chosen value and of the tuning-free rows, as mean ± sd
+    (number of seeds) over the seeds whose removal is not quantised."""
+    per_seed = [r["results"]["settings"] for r in result["results"]["per_seed"]]
+    run0 = per_seed[0]["100%"]["runs"][0]
+    names = list(run0["methods"]) + _newton_names(run0)
+
+    def row_of(run, name):
+        return run["methods"][name]["chosen"] if name in run["methods"] else run["newton"][name]
+
+    def pm(vals):
+        return f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if vals else "-"
+
+    rows = []
+    for setting, st in per_seed[0].items():
+        for i, first in enumerate(st["runs"]):
+            runs = [s[setting]["runs"][i] for s in per_seed]
+            kept = [r for r in runs if not quantised(r["differing"])]
+            rows.append([setting, first["class"], f"{np.mean([r['k'] for r in runs]):.0f}",
+                         "/".join(str(r["differing"]) for r in runs),
+                         f"{len(runs) - len(kept)} of {len(runs)}", len(kept),
+                         f"{pm([r['retrained']['accuracy']['S'] for r in kept])}"]
+                        + [f"{pm([row_of(r, n)['delta'] for r in kept])} "
+                           f"({pm([row_of(r, n)['accuracy']['S'] for r in kept])})"
+                           for n in names])
+    header = ["removed", "class", "k", "differ per seed", "quantised seeds", "seeds used",
+              "acc S retrained"] + [f"δ {n} (acc S)" for n in names]
+    return (f"Per removal over seeds: mean ± sd over the seeds whose removal is not quantised "
+            f"(original and retrained differ on ≥ {QUANTISED_BELOW} samples of S); differ per "
+            f"seed: those counts, in seed order.\n\n" + markdown_table(header, rows))

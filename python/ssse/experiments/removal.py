@@ -16,10 +16,15 @@ from ssse.data import four_splits
 from .common import timed
 from .tasks import Task
 
-__all__ = ["SPLITS", "Removal", "make_removal", "outputs", "score_name"]
+__all__ = ["QUANTISED_BELOW", "SPLITS", "Removal", "make_removal", "outputs", "predictions",
+           "quantised", "score_name"]
 
 #: The paper's four evaluation splits: D∖S, S, T∖T_a and T_a.
 SPLITS = ("D-S", "S", "T-Ta", "Ta")
+#: A removal is *quantised* when the original and the retrained model predict differently on
+#: fewer than this many samples of S: δ (or γ) then takes a handful of values and decides
+#: nothing.
+QUANTISED_BELOW = 10
 # Rows per forward pass when the evaluation computes a model's outputs.
 _EVAL_BATCH = 2048
 
@@ -27,6 +32,17 @@ _EVAL_BATCH = 2048
 def outputs(model: nn.Module, data) -> torch.Tensor:
     """The model's outputs (logits) on ``data = (x, y)``, in float64 on the CPU."""
     return metrics.predict(model, data, batch_size=_EVAL_BATCH)
+
+
+def predictions(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Predicted labels: the argmax class, or one 0/1 column per label (logit > 0)."""
+    return (logits > 0) if multilabel else logits.argmax(dim=1)
+
+
+def quantised(differing: int) -> bool:
+    """Whether a removal whose reference models differ on ``differing`` samples of S is
+    quantised (see :data:`QUANTISED_BELOW`)."""
+    return int(differing) < QUANTISED_BELOW
 
 
 def score_name(task: Task) -> str:
@@ -58,6 +74,22 @@ class Removal:
         self._scratch.load_state_dict(state)
         return self._scratch.eval()
 
+    def references(self) -> dict:
+        """The original's and the retrained model's outputs on S (computed once)."""
+        if not self._reference:
+            self._reference.update(original=outputs(self.original, self.splits["S"]),
+                                   retrained=outputs(self.retrained, self.splits["S"]))
+        return self._reference
+
+    def differing(self) -> int:
+        """The samples of S on which the original and the retrained model predict differently
+        (for multi-label data: any label); below :data:`QUANTISED_BELOW` the removal is
+        quantised."""
+        ref, multilabel = self.references(), self.task.ds.task == "multilabel"
+        a, b = (predictions(ref[m], multilabel) for m in ("original", "retrained"))
+        diff = a != b
+        return int((diff.any(dim=1) if multilabel else diff).sum())
+
     def evaluate(self, model: nn.Module | dict, *, params: bool = True) -> dict:
         """Accuracy on the four splits, δ (or γ) on S and, with ``params``, the normalised
         parameter distance (0: the retrained model, 1: the original)."""
@@ -66,10 +98,7 @@ class Removal:
         out = {name: outputs(model, data) for name, data in self.splits.items()}
         result = {"accuracy": {name: metrics.accuracy(out[name], data[1].cpu())
                                for name, data in self.splits.items()}}
-        if not self._reference:
-            self._reference.update(original=outputs(self.original, self.splits["S"]),
-                                   retrained=outputs(self.retrained, self.splits["S"]))
-        labels, ref = self.splits["S"][1].cpu(), self._reference
+        labels, ref = self.splits["S"][1].cpu(), self.references()
         if self.task.ds.task == "multilabel":
             result["gamma"] = metrics.similarity_ratio(out["S"], ref["original"],
                                                        ref["retrained"], labels)

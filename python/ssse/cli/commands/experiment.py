@@ -23,6 +23,11 @@ def run(args) -> int:
     kwargs = {"quick": args.quick, "seed": args.seed, "device": args.device,
               "progress": not args.quiet, "data": args.data, "data_dir": args.data_dir,
               "repeats": args.repeats}
+    if args.seeds is not None:
+        if args.seed != 0:
+            raise UsageError("give --seed or --seeds, not both")
+        del kwargs["seed"]
+        kwargs["seeds"] = args.seeds
     if args.dtype:
         kwargs["dtype"] = dtype(args)
     extra = {k: getattr(args, k) for k in NONCONVEX_OPTIONS if getattr(args, k) is not None}
