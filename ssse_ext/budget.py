@@ -79,15 +79,20 @@ def _inactive_file(path: Path, keys: Sequence[str]) -> int:
     return 0
 
 
-def _cgroup_room() -> int | None:
-    """Bytes left under the tightest memory limit of this process's cgroup and its ancestors
-    (v2 ``memory.max``, v1 ``memory.limit_in_bytes``); ``None`` without a limit."""
-    try:
-        entries = _PROC_CGROUP.read_text().splitlines()
-    except OSError:
-        return None
-    room = None
-    for entry in entries:
+#: The memory cgroup directories to read, per (contents of /proc/self/cgroup, cgroup root):
+#: the walk is done once, the limits and usages are read every time.
+_CGROUP_DIRS: dict[tuple[str, str], list[tuple[Path, tuple]]] = {}
+
+
+def _cgroup_dirs(text: str) -> list[tuple[Path, tuple]]:
+    """``(directory, (limit file, usage file, stat file, inactive keys))`` of this process's
+    memory cgroups and their ancestors, for the ``/proc/self/cgroup`` contents ``text``."""
+    key = (text, str(_CGROUP_ROOT))
+    dirs = _CGROUP_DIRS.get(key)
+    if dirs is not None:
+        return dirs
+    dirs = []
+    for entry in text.splitlines():
         parts = entry.split(":", 2)
         if len(parts) != 3:
             continue
@@ -106,13 +111,27 @@ def _cgroup_room() -> int | None:
         for directory in [here, *here.parents]:
             if not directory.is_relative_to(root):
                 break
-            limit = _read_int(directory / files[0])
-            if limit is None or limit >= _NO_LIMIT:
-                continue
-            usage = _read_int(directory / files[1]) or 0
-            used = max(usage - _inactive_file(directory / files[2], files[3]), 0)
-            free = max(limit - used, 0)
-            room = free if room is None else min(room, free)
+            dirs.append((directory, files))
+    _CGROUP_DIRS[key] = dirs
+    return dirs
+
+
+def _cgroup_room() -> int | None:
+    """Bytes left under the tightest memory limit of this process's cgroup and its ancestors
+    (v2 ``memory.max``, v1 ``memory.limit_in_bytes``); ``None`` without a limit."""
+    try:
+        text = _PROC_CGROUP.read_text()
+    except OSError:
+        return None
+    room = None
+    for directory, files in _cgroup_dirs(text):
+        limit = _read_int(directory / files[0])
+        if limit is None or limit >= _NO_LIMIT:
+            continue
+        usage = _read_int(directory / files[1]) or 0
+        used = max(usage - _inactive_file(directory / files[2], files[3]), 0)
+        free = max(limit - used, 0)
+        room = free if room is None else min(room, free)
     return room
 
 
