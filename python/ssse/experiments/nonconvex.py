@@ -46,20 +46,26 @@ QUICK = {"train_limit": 160, "test_limit": 200, "epochs": 2, "width": 4}
 QUICK_POINTS = 4
 
 #: The methods compared, each with its hyperparameter's name and grid ``(lo, hi, num)``.
-#: SSSE variants are named by Fisher (per-sample or mini-batch gradients) and gradient:
+#: SSSE variants are named by Fisher (:data:`FISHERS`: per-sample or mini-batch gradients, EK-FAC)
+#: and gradient:
 #: ``∇S`` is Σ_S ∇ℓ (the paper's eq. 8), ``−∇D∖S`` is −Σ_{D∖S} ∇ℓ (the paper's §5.3).
 METHODS = {
     "SSSE per-sample −∇D∖S": ("ε", (1e-4, 1e1, 31)),
     "SSSE per-sample ∇S": ("ε", (1e-4, 1e1, 31)),
     "SSSE mini-batch 10 −∇D∖S": ("ε", (1e-4, 1e1, 31)),
     "SSSE mini-batch 10 ∇S": ("ε", (1e-4, 1e1, 31)),
+    "SSSE EK-FAC −∇D∖S": ("ε", (1e-4, 1e1, 31)),
+    "SSSE EK-FAC ∇S": ("ε", (1e-4, 1e1, 31)),
     "gradient ascent": ("lr", (1e-3, 1e2, 31)),
     "Fisher forgetting": ("α", (1e-8, 1e-2, 25)),
 }
-_SSSE = {name: (("per-sample" if "per-sample" in name else "mini-batch"),
+#: The inverse Fishers the SSSE variants use: (rows per group, curvature) by name.
+FISHERS = {"per-sample": (1, "empirical"), "mini-batch": (10, "empirical"),
+           "EK-FAC": (1, "ekfac")}
+_SSSE = {name: (next(f for f in FISHERS if f in name),
                 ("retained" if "D∖S" in name else "removed"))
          for name in METHODS if name.startswith("SSSE")}
-MINIBATCH = 10
+MINIBATCH = FISHERS["mini-batch"][0]
 _FRACTIONS = {"100%": 1.0, "50%": 0.5}
 
 
@@ -138,13 +144,14 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
     arch, (model, t_train) = model, timed(task.train, task.data(), seed=seed,
                                            progress=progress)
     inverses, t_fisher = {}, {}
-    for fisher, b in (("per-sample", 1), ("mini-batch", MINIBATCH)):
+    for fisher, (b, curvature) in FISHERS.items():
         if not any(_SSSE.get(name, ("",))[0] == fisher for name in grids):
             continue
         inverses[fisher], t_fisher[fisher] = timed(
             ssse.fit_inverse_fisher, model, task.loss_fn, task.data(), damping=damping,
             layout=layout, block_size=block_size, weight_decay=task.weight_decay,
-            minibatch=b, representation=representation, progress=progress)
+            minibatch=b, representation=representation, curvature=curvature,
+            progress=progress)
     any_inv = next(iter(inverses.values()), None)
     lay = any_inv.layout if any_inv is not None else ssse.resolve_layout(layout, block_size,
                                                                           model)
