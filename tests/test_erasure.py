@@ -289,3 +289,16 @@ def test_nothing_the_caller_owns_moves_with_a_train_mode_batchnorm():
                 outcome[name] = type(exc).__name__
         assert digest() == before, f"{name} ({outcome[name]}) changed the model's state_dict"
     assert outcome["ssse_update"] == "ok" and outcome["gradient_ascent"] == "ok"
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "kfac"])
+def test_a_request_with_params_takes_the_gradient_over_the_selection(curvature):
+    # rows that are not the gradients: the request sums the gradient in a pass of its own,
+    # which must cover the selected parameters only; the others stay as they are
+    model, X, y = setup(seed=5)
+    eraser = ssse.Eraser(model, CE, damping=1e-3, curvature=curvature,
+                         params="0.weight").fit((X, y))
+    before = copy.deepcopy(model.state_dict())
+    state = eraser.erase((X[:3], y[:3]), epsilon=1.0)
+    assert not torch.equal(state["0.weight"], before["0.weight"])
+    assert all(torch.equal(state[k], v) for k, v in before.items() if k != "0.weight")

@@ -146,7 +146,7 @@ def request_rows(eraser, removed) -> tuple[torch.Tensor, torch.Tensor]:
     if source.rows_are_gradients and scale == 1:
         v = rows.sum(0)
     else:
-        v = gradient_sum(eraser.model, eraser.loss_fn, removed,
+        v = gradient_sum(fm, eraser.loss_fn, removed,
                          weight_decay=eraser.weight_decay, dtype=eraser.dtype,
                          params=eraser._star, name="removed")[0]
     if scale != 1:

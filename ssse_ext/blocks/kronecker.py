@@ -37,6 +37,7 @@ never added) raises :class:`~ssse_ext.errors.NotPositiveDefiniteError`, nothing 
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import Sequence
 
@@ -53,8 +54,13 @@ from .kronecker_factors import (DEFAULT_TOLERANCE, KRONECKER_KEY, REFRESH_MODES,
                                 kron_times, kronecker_nbytes, moved, to_matrices)
 from .matching import MATCH_RTOL, match_rows
 
-__all__ = ["DEFAULT_TOLERANCE", "EKFACStore", "KRONECKER_KEY", "KroneckerFactors",
-           "KroneckerStore", "REFRESH_MODES"]
+#: The stages of a change in :attr:`KroneckerStore.last_timings`: the downdate (or update) of
+#: the factor sums, their eigendecompositions, and the grid's change (the rows in the basis, the
+#: basis-movement test, a projection).
+CHANGE_STAGES = ("sums", "eigh", "grid")
+
+__all__ = ["CHANGE_STAGES", "DEFAULT_TOLERANCE", "EKFACStore", "KRONECKER_KEY",
+           "KroneckerFactors", "KroneckerStore", "REFRESH_MODES"]
 
 
 class _Changed(ChangeFactors):
@@ -79,6 +85,10 @@ class KroneckerStore(BlockStore):
         damping, normalizer: :math:`\lambda` and :math:`N`.
         dtype: of the vectors and rows it takes.
         refresh, tolerance: the EK-FAC options (recorded; K-FAC downdates are exact).
+
+    Attributes:
+        last_timings: the seconds of the last change checked (an update, a downdate, a
+            ``without``), by stage of :data:`CHANGE_STAGES`, summed over its blocks.
     """
 
     name = "kfac"
@@ -108,6 +118,7 @@ class KroneckerStore(BlockStore):
         self._device = blocks[0].a.device if blocks else torch.device("cpu")
         self.rebased = 0  # basis changes of "basis-kept" downdates (EK-FAC)
         self.last_moved = 0.0
+        self.last_timings = dict.fromkeys(CHANGE_STAGES, 0.0)  # seconds of the last change
         self._parts = [self._apply_parts(blk) for blk in blocks]
 
     def _apply_parts(self, blk: KronBlock) -> tuple[torch.Tensor, ...]:
@@ -179,7 +190,10 @@ class KroneckerStore(BlockStore):
             raise ValueError(f"{what}: the Kronecker factors of block {b} are "
                              f"{tuple(g_r.shape)} and {tuple(a_r.shape)}, the block holds "
                              f"({blk.out}, {blk.out}) and ({blk.inn}, {blk.inn})")
+        clock, seconds = self._clock, self.last_timings
+        t0 = clock()
         a, g = blk.a + sign * a_r, blk.g + sign * g_r
+        t1 = clock()
         ea, qa = eigh(a)
         eg, qg = eigh(g)
         scale_a = float(torch.linalg.matrix_norm(blk.a) + torch.linalg.matrix_norm(a_r))
@@ -187,13 +201,25 @@ class KroneckerStore(BlockStore):
         ea = checked_psd(ea, scale_a, what, b, "input factor eigenvalue")
         eg = checked_psd(eg, scale_g, what, b, "output factor eigenvalue")
         new = replace(blk, a=a, g=g, qa=qa, ea=ea, qg=qg, eg=eg)
-        return self.changed_grid(blk, new, rows, sign, what, b)
+        t2 = clock()
+        changed = self.changed_grid(blk, new, rows, sign, what, b)
+        t3 = clock()
+        for stage, s in zip(CHANGE_STAGES, (t1 - t0, t2 - t1, t3 - t2)):
+            seconds[stage] += s
+        return changed
+
+    def _clock(self) -> float:
+        """Seconds of a monotonic clock, after the work queued on the store's device."""
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        return time.perf_counter()
 
     def _changed(self, rows: torch.Tensor, side, sign: int, what: str) -> list:
         """``[(position, changed KronBlock, rebased)]`` of the blocks the change touches;
         checks everything, changes nothing."""
         payload = self._payload(side, what)
         self.last_moved, out = 0.0, []
+        self.last_timings = dict.fromkeys(CHANGE_STAGES, 0.0)
         for i, b in enumerate(self.block_ids):
             sl = self.layout.slice(b)
             entry = payload.factors.get(self.layout.starts[b])
