@@ -47,7 +47,7 @@ from ..model import per_sample_losses
 from . import register_curvature
 from .base import Curvature
 from .empirical import group_gradients
-from .layer_grads import layer_kind
+from .layer_grads import captured_calls, layer_kind
 
 __all__ = ["EKFAC", "KFAC", "ekfac", "kronecker_weights", "layer_factors"]
 
@@ -102,22 +102,9 @@ def layer_factors(fm, weights: dict, loss_fn, params: dict, frozen: dict, x, y, 
     in eval mode). A layer called several times adds up its calls; one never reached gives
     zeros."""
     modules = dict(fm.model.named_modules())
-    seen: dict[str, list] = {path: [] for path, _, _ in weights.values()}
-    handles = []
-    for path in seen:
-        def hook(_module, inputs, output, path=path):
-            seen[path].append((inputs[0].detach(), output))
-        handles.append(modules[path].register_forward_hook(hook))
-    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    try:
-        with torch.enable_grad():
-            losses = per_sample_losses(loss_fn, fm(leaves, x, frozen), y)
-            calls = [(path, a, z) for path, hits in seen.items() for a, z in hits]
-            grads = torch.autograd.grad(losses.sum(), [z for _, _, z in calls],
-                                        allow_unused=True) if calls else ()
-    finally:
-        for h in handles:
-            h.remove()
+    losses, calls, grads = captured_calls(
+        fm, [path for path, _, _ in weights.values()],
+        lambda leaves: per_sample_losses(loss_fn, fm(leaves, x, frozen), y), params)
     factors, kinds = {}, {}
     for path, start, kind in weights.values():
         w = modules[path].weight

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["layer_gradients", "layer_kind", "linear_owners"]
+__all__ = ["captured_calls", "layer_gradients", "layer_kind", "linear_owners"]
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -48,27 +48,37 @@ def linear_owners(model: nn.Module, names) -> dict[str, tuple[str, str]] | None:
     return owners
 
 
-def layer_gradients(fm, owners: dict, sample_loss, params: dict, x, y) -> torch.Tensor:
-    """``(m, d)`` per-sample gradients of the ``m`` samples of ``(x, y)`` in ``fm``'s flat
-    order, from one forward and one backward pass; ``sample_loss(params, x, y)`` returns the
-    ``(m,)`` per-sample losses. ``owners``: :func:`linear_owners` of ``fm.names``."""
+def captured_calls(fm, paths, loss_of, params: dict) -> tuple[torch.Tensor, list, tuple]:
+    """One forward and one backward pass of ``loss_of(leaves)`` (the ``(m,)`` per-sample losses
+    at ``params`` made leaves that require gradients), capturing every call of the modules at
+    ``paths``: ``(losses, [(path, input, output), ...], output gradients)`` (``None`` for an
+    output the losses do not reach)."""
     modules = dict(fm.model.named_modules())
-    seen: dict[str, list] = {path: [] for path in owners}
+    seen: dict[str, list] = {path: [] for path in paths}
     handles = []
-    for path in owners:
+    for path in seen:
         def hook(_module, inputs, output, path=path):
             seen[path].append((inputs[0].detach(), output))
         handles.append(modules[path].register_forward_hook(hook))
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     try:
         with torch.enable_grad():
-            losses = sample_loss(leaves, x, y)
+            losses = loss_of(leaves)
             calls = [(path, a, z) for path, hits in seen.items() for a, z in hits]
-            outs = [z for _, _, z in calls]
-            grads = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
+            grads = torch.autograd.grad(losses.sum(), [z for _, _, z in calls],
+                                        allow_unused=True) if calls else ()
     finally:
         for h in handles:
             h.remove()
+    return losses, calls, grads
+
+
+def layer_gradients(fm, owners: dict, sample_loss, params: dict, x, y) -> torch.Tensor:
+    """``(m, d)`` per-sample gradients of the ``m`` samples of ``(x, y)`` in ``fm``'s flat
+    order, from one forward and one backward pass; ``sample_loss(params, x, y)`` returns the
+    ``(m,)`` per-sample losses. ``owners``: :func:`linear_owners` of ``fm.names``."""
+    losses, calls, grads = captured_calls(fm, owners, lambda leaves: sample_loss(leaves, x, y),
+                                          params)
     m = losses.shape[0]
     per: dict[str, torch.Tensor] = {}
     for (path, a, z), g in zip(calls, grads):
