@@ -27,9 +27,8 @@ __all__ = ["BlockInverseFisher", "FisherConfig", "UPDATE_METHODS", "check_label"
 
 #: Methods of :meth:`BlockInverseFisher.update` and :meth:`BlockInverseFisher.downdate`.
 UPDATE_METHODS = ("woodbury", "sherman_morrison")
-# Rows per kernel call of the Woodbury form; the kernels split a call into rank-64 steps (the
-# CUDA one fusing consecutive steps into one pass over F^{-1}), so larger calls only save
-# conversions and passes.
+# Rows per CUDA kernel call of the Woodbury form (the kernel fuses consecutive rank-64 steps into
+# one pass over F^{-1}, its workspace growing with the call); on the CPU a call takes all rows.
 _DEFAULT_WOODBURY_CHUNK = 1024
 
 
@@ -362,8 +361,8 @@ class BlockInverseFisher:
                 timings: dict | None) -> "BlockInverseFisher":
         check_choice(method, "method", UPDATE_METHODS)
         chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
-        if method == "woodbury" and chunk_size is None:
-            chunk_size = _DEFAULT_WOODBURY_CHUNK
+        if method == "woodbury" and chunk_size is None and self.device.type == "cuda":
+            chunk_size = _DEFAULT_WOODBURY_CHUNK  # the CPU kernel's memory does not grow with it
         what = "update" if sign > 0 else "downdate"
         rows, side = self._rows(grads)
         if rows.shape[0] == 0:
@@ -397,9 +396,9 @@ class BlockInverseFisher:
             method: ``"woodbury"`` (chunked rank-m form, float64 arithmetic) or
                 ``"sherman_morrison"`` (literal rank-1 recurrence of paper eq. 7), for the
                 stores that rewrite dense inverses.
-            chunk_size: rows per kernel call (default 1024; the kernels work through them in
-                rank-64 steps; a dense store on the CPU that rewrites its blocks from the
-                factors of its check does all rows at once).
+            chunk_size: rows per kernel call (default: all on the CPU, 1024 on a GPU; the
+                kernels work through them in rank-64 steps, and a call converts each block
+                once).
             timings: a dict that receives the seconds of the check of every block
                 (``"check"``), of the writes (``"write"``) and of the probe's update
                 (``"probe"``).
