@@ -3,6 +3,9 @@ with a float64 reference uses a named tolerance of the table below."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -96,3 +99,19 @@ def flat(model) -> torch.Tensor:
 def flat_state(state: dict, model) -> torch.Tensor:
     """The parameters of a state_dict as one flat vector, in the model's order."""
     return torch.cat([state[k].reshape(-1) for k, _ in model.named_parameters()])
+
+
+def worst_under_isa(script: str, isa: str, tols, *, timeout: int) -> float:
+    """Runs ``script`` (``python -c``, given the tolerances ``tols`` as arguments) with
+    ``SSSE_CPU_ISA=isa`` and returns the worst error over tolerance it prints after the kernel
+    set it ran on; skips the test when the CPU lacks ``isa``."""
+    import pytest
+
+    env = dict(os.environ, SSSE_CPU_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", script, *map(repr, tols)], env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr
+    chosen, worst = out.stdout.split()
+    if chosen != isa:
+        pytest.skip(f"this CPU has no {isa}")
+    return float(worst)
