@@ -238,6 +238,11 @@ class Health:
                 f"threshold {self.tolerance:.1e})")
 
 
+def _cpu_contiguous(*tensors: torch.Tensor) -> bool:
+    """Whether the CPU kernels can take ``tensors`` as they are."""
+    return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
 class FisherProbe:
     r"""The Fisher's action on ``columns`` fixed random vectors per block, exact in float64.
 
@@ -301,8 +306,7 @@ class FisherProbe:
         x = self.x
         m = rows.shape[0]
         ids = range(self.layout.num_blocks) if blocks is None else blocks
-        if rows.device.type == "cpu" and x.device.type == "cpu" and rows.is_contiguous() and \
-                self.sketch.is_contiguous() and x.is_contiguous():
+        if _cpu_contiguous(rows, x, self.sketch):
             # the rows read in their own dtype by the kernel (no float64 copy of them)
             _ops.call(_ops.rows_product_, rows, self.layout.table(blocks=list(ids)), x,
                       float(sign), self.sketch)
@@ -344,8 +348,7 @@ class FisherProbe:
         r""":math:`S_b \mathrel{+}= G_b X_b` for ``blocks`` (increasing ids) from their packed
         float64 Gram accumulators, one after the other (lower triangles)."""
         x = self.x
-        if gram.device.type == "cpu" and x.device.type == "cpu" and x.is_contiguous() and \
-                self.sketch.is_contiguous() and gram.is_contiguous():
+        if _cpu_contiguous(gram, x, self.sketch):
             # the kernel reads the lower triangles in place (no triangular copies)
             _ops.call(_ops.gram_product_, gram, self.layout.table(blocks=list(blocks)), x,
                       self.sketch)

@@ -13,7 +13,7 @@ again.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -41,6 +41,15 @@ _KEPT_SHARE = 0.5
 
 def _run_budget(k: int):
     return lambda s: WOODBURY_ELEMENTS // (s * (s + 2 * k))
+
+
+class _KernelFactors(NamedTuple):
+    r"""What :meth:`DenseStore._kernel_check` keeps of a segment for its write: the segment,
+    the rows' count and the kernel's :math:`W_b^\top` of its blocks."""
+
+    segment: int
+    k: int
+    wt: torch.Tensor
 
 
 class DenseFactors(ChangeFactors):
@@ -257,7 +266,7 @@ class DenseStore(BlockStore):
                 continue
             wt, piv, info = _ops.call(_ops.woodbury_check, seg, host, rows,
                                       float(self.normalizer), int(sign))
-            kept.append((j, None, None, rows.shape[0], "kernel", wt))
+            kept.append(_KernelFactors(j, rows.shape[0], wt))
             infos.append(info)
             pivots.append(piv)
             ids += list(self._segment_ids(j))
@@ -360,9 +369,9 @@ class DenseStore(BlockStore):
         kernel keeps its blocks."""
         if not kept:
             return
-        if kept[0][4] == "kernel":
+        if isinstance(kept[0], _KernelFactors):
             tables = self._segment_tables()
-            for j, _, _, k, _, wt in kept:
+            for j, k, wt in kept:
                 seg, host, _ = tables[j]
                 _ops.call(_ops.woodbury_write_, seg, host, wt, k, int(sign))
             return
