@@ -30,10 +30,13 @@ choice; a store is built only by the methods it lists (the dual form by the stab
 condition number, so a float32 inverse at small :math:`\lambda` drifts from the fit on the
 remaining rows request after request (benchmarks/bench_requests.py). The ``"gram"`` store
 (:class:`~ssse_ext.GramStore`) keeps each block's float64 Gram and inverts the changed blocks
-again, so requests never drift, for 8 more bytes per element. It is chosen by name, or with
-``requests=True``: ``"auto"`` then holds in ``"gram"`` every block it would hold densely
-(:func:`~ssse_ext.blocks.representation_for_requests`; float64 Woodbury downdates drift too,
-by about :math:`\kappa\,u_{64}` per request).
+again, so requests never drift, for 8 more bytes per element. It is chosen by name, or by
+accuracy with ``representation="requests"`` (or ``requests=True``): ``"auto"`` with
+``"gram"`` for every block it would hold densely, then the blocks whose condition bound
+:math:`\kappa` keeps Woodbury downdates within :data:`~ssse_ext.blocks.REQUEST_TOLERANCE`
+(:math:`\kappa^2 u \le` 1e-5 in float32, 1e-10 in float64) are held densely after all
+(:meth:`~ssse_ext.blocks.GramStore.for_requests`; float64 Woodbury downdates drift too, by
+about :math:`\kappa^2 u_{64}` per request).
 """
 
 from __future__ import annotations
@@ -45,9 +48,9 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 
-from .blocks import (AUTO, REPRESENTATIONS, STORES, DenseStore, DualBlocks, DualBuilder,
-                     block_ids_of, choose_stores, element_size, get_store,
-                     representation_for_requests, resolve_representation)
+from .blocks import (AUTO, REPRESENTATIONS, REQUESTS, STORES, DenseStore, DualBlocks,
+                     DualBuilder, block_ids_of, choose_stores, element_size, get_store,
+                     representation_for_requests, resolve_representation, serves_requests)
 from .blocks.dense_gram import DenseGram, gather_rows
 from .budget import check_memory, format_bytes, memory_limit
 from .errors import NotPositiveDefiniteError
@@ -147,12 +150,19 @@ def _checked_plan(layout: BlockLayout, first: torch.Tensor, rows: int | None, re
     if plan.peak <= memory_limit(device, max_memory)[0]:
         return plan
     remedies = []
-    if rows is not None and (representation != AUTO or method in _RECURRENCES):
+    if rows is not None and not serves_requests(representation) and (
+            representation != AUTO or method in _RECURRENCES):
         auto = _build_plan(layout, dtype, rows, AUTO, "auto", device, probe_vectors).peak
         if auto < plan.peak:
             prefix = 'method="auto", ' if method in _RECURRENCES else ""
             remedies.append(f'pass {prefix}representation="auto" (exact as well: about '
                             f'{format_bytes(auto)} here)')
+    elif serves_requests(representation) and rows is not None:
+        auto = _build_plan(layout, dtype, rows, AUTO, method, device, probe_vectors).peak
+        if auto < plan.peak:
+            remedies.append(f'pass representation="auto" (about {format_bytes(auto)} here; '
+                            f'its dense blocks\' downdates drift from a fresh fit, which the '
+                            f'health probe reports)')
     elif representation == AUTO and rows is None:
         remedies.append('pass num_rows= (the rows the iterable yields) so that '
                         'representation="auto" can choose stores whose size depends on it')
@@ -199,9 +209,10 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
         rows_per_sample: rows each sample contributes (e.g. ``c`` Gauss–Newton rows), for the
             default normaliser.
         curvature: what the rows are, a label recorded in the result's :class:`FisherConfig`.
-        representation: ``"auto"``, a registered store name (``"dense"``, ``"dual"``, ...),
-            a sequence of them, or :class:`~ssse_ext.blocks.Pinned` (some blocks pinned to
-            named stores, e.g. the Kronecker-factored weights).
+        representation: ``"auto"``, ``"requests"`` (the module), a registered store name
+            (``"dense"``, ``"dual"``, ...), a sequence of them, or
+            :class:`~ssse_ext.blocks.Pinned` (some blocks pinned to named stores, e.g. the
+            Kronecker-factored weights).
         num_rows: the rows an iterable will yield, for ``representation="auto"``.
         probe_vectors: random vectors per block of the result's health probe
             (:meth:`BlockInverseFisher.health`; 0: none).
@@ -210,11 +221,9 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
             (:func:`ssse_ext.budget.available_memory`). A build that would need more is refused
             with :class:`~ssse_ext.errors.InsufficientMemoryError` before it allocates anything
             of that size (of an iterable, only the first chunk is read).
-        requests: the inverse will serve deletion requests (downdates): with
-            ``representation="auto"``, the blocks it would hold densely go to the ``"gram"``
-            store, whose requests never drift (8 more bytes per element;
-            :func:`~ssse_ext.blocks.representation_for_requests`); ``ValueError`` with any
-            other ``representation``.
+        requests: the inverse will serve deletion requests (downdates): the same as
+            ``representation="requests"`` (the module); ``ValueError`` with any other
+            ``representation`` than ``"auto"``.
 
     Returns:
         The :class:`BlockInverseFisher`, with ``num_samples`` the number of rows consumed.
@@ -226,7 +235,8 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
     if not isinstance(requests, bool):
         raise TypeError(f"requests must be a bool, got {type(requests).__name__}")
     if requests:
-        representation = representation_for_requests(representation)
+        representation_for_requests(representation)  # refuses an explicit choice
+        representation = REQUESTS
     resolve_representation(representation, method)
     num_rows = check_positive_int(num_rows, "num_rows", allow_none=True)
     probe_vectors = check_nonneg_int(probe_vectors, "probe_vectors")
@@ -265,16 +275,18 @@ def build_inverse_fisher(grads, *, damping: float, block_size: int | None = None
                   normalizer=normalizer, dtype=first.dtype, device=first.device, method=method,
                   rows_per_sample=rows_per_sample, capacity=rows, curvature=curvature,
                   probe_vectors=probe_vectors, max_memory=max_memory, sides=sides,
-                  reread=reread, chunk_size=chunk_size)
+                  reread=reread, chunk_size=chunk_size,
+                  requests=serves_requests(representation))
 
 
 def _build(chunks, layout: BlockLayout, plan: _Plan, *, damping: float,
            normalizer: float | None, dtype: torch.dtype, device: torch.device, method: str,
            rows_per_sample: int, capacity: int | None, curvature: str, probe_vectors: int,
-           max_memory: int | None, sides: SideSum, reread, chunk_size: int | None
-           ) -> BlockInverseFisher:
+           max_memory: int | None, sides: SideSum, reread, chunk_size: int | None,
+           requests: bool = False) -> BlockInverseFisher:
     """Feeds every chunk to one builder per chosen store (twice to those that ask, when
-    ``reread`` gives the rows again), then finishes them."""
+    ``reread`` gives the rows again), then finishes them (``requests``: into the stores
+    their blocks take to serve requests, :meth:`~ssse_ext.blocks.BlockStore.for_requests`)."""
     recurrence = method in _RECURRENCES
     # a recurrence always checks its result with a probe (it may have lost its accuracy)
     columns = max(probe_vectors, 1) if recurrence else probe_vectors
@@ -303,7 +315,8 @@ def _build(chunks, layout: BlockLayout, plan: _Plan, *, damping: float,
                 builder.add(chunk)
     stores = []
     for builder in builders:  # a loop, not a comprehension: the warnings count frames
-        stores.append(builder.finish(normalizer))
+        store = builder.finish(normalizer)
+        stores += store.for_requests(max_memory=max_memory) if requests else [store]
     inv = BlockInverseFisher(stores, FisherConfig(damping, normalizer, layout, curvature), rows,
                              probe=probe)
     if recurrence:

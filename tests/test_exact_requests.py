@@ -181,3 +181,97 @@ def test_requests_keep_the_dual_form_where_it_is_smaller():
     assert not GramStore.auto  # never chosen by bytes
     assert build_inverse_fisher(g, damping=DAMPING, layout=layout).representation == \
         ("dense", "dual", "dense")
+
+
+# Per-block column scales: blocks whose condition bound is far above, near and far below the
+# float32 and float64 limits of representation="requests".
+SCALES = (1.0, 0.2, 0.05, 0.01)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_requests_choose_per_block_by_accuracy(dtype):
+    damping = 1e-2
+    g = rows_of(ROWS, 13, torch.float64)
+    for b, c in enumerate(SCALES):
+        g[:, LAYOUT.slice(b)] *= c
+    g = g.to(dtype)
+    v = rows_of(8, 14, torch.float64).T.contiguous()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inv = build_inverse_fisher(g, damping=damping, layout=LAYOUT, representation="requests")
+    u, names = torch.finfo(dtype).eps / 2, []
+    for b in range(LAYOUT.num_blocks):
+        r = g[:, LAYOUT.slice(b)].double()
+        gram = r.T @ r
+        bound = 1 + float(torch.linalg.matrix_norm(gram)) / (ROWS * damping)
+        eig = torch.linalg.eigvalsh(gram / ROWS + damping * torch.eye(gram.shape[0],
+                                                                        dtype=torch.float64))
+        assert float(eig.max() / eig.min()) <= bound  # the bound bounds the condition number
+        names.append("dense" if bound ** 2 * u <= EXACT[dtype] else "gram")
+    assert inv.representation == tuple(names)
+    assert "dense" in names and "gram" in names  # the scales straddle the limit
+    all_gram = build_inverse_fisher(g, damping=damping, layout=LAYOUT, representation="gram")
+    assert inv.nbytes < all_gram.nbytes
+    keep = torch.ones(ROWS, dtype=torch.bool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no health warning after any request
+        for t, idx in enumerate(requests(15)):
+            inv.downdate(g[idx])
+            keep[idx] = False
+            if t % 5 == 4:
+                fresh = build_inverse_fisher(g[keep].double(), damping=damping, layout=LAYOUT,
+                                             normalizer=float(ROWS), probe_vectors=0)
+                assert rel_err((inv @ v.to(dtype)).double(), fresh @ v) <= EXACT[dtype], t
+        assert inv.health().ok
+    tensors, meta = inv.to_state()
+    back = BlockInverseFisher.from_state(tensors, json.loads(json.dumps(meta)))
+    assert back.representation == inv.representation
+    assert torch.equal(back.dense(), inv.dense())
+
+
+def test_requests_as_a_representation_name():
+    from ssse_ext.blocks import REPRESENTATIONS, REQUESTS, resolve_representation
+    assert REQUESTS in REPRESENTATIONS
+    assert set(resolve_representation(REQUESTS)) == {"dual", "gram"}
+    g = rows_of(ROWS, 16, torch.float32)
+    a = build_inverse_fisher(g, damping=DAMPING, layout=LAYOUT, requests=True)
+    b = build_inverse_fisher(g, damping=DAMPING, layout=LAYOUT, representation="requests")
+    assert a.representation == b.representation == ("gram",) * LAYOUT.num_blocks
+    assert torch.equal(a.dense(), b.dense())
+
+
+def test_an_eraser_serves_twenty_requests_without_drift():
+    """The service's default: a float32 MLP at damping 1e-4 with blocks fitted from about as
+    many samples as parameters (rank-deficient up to the damping), 20 requests removing 80 %
+    of the samples: no health warning, and the inverse equals a float64 fit on the samples
+    that remain (same normaliser, rows at the trained parameters) within 1e-5."""
+    import ssse
+    from ssse.rows import per_sample_grads
+    torch.manual_seed(0)
+    n = 60
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x = torch.randn(n, 6)
+    y = torch.randint(0, 3, (n,))
+
+    def loss(out, target):
+        return torch.nn.functional.cross_entropy(out, target, reduction="none")
+
+    eraser = ssse.Eraser(model, loss, damping=DAMPING, block_size=48)
+    assert eraser.representation == "requests"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eraser.fit((x, y))
+        assert "gram" in eraser.inv_fisher.representation
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+        gone = order[:int(REMOVED * n)]
+        for part in gone.tensor_split(REQUESTS):
+            eraser.erase((x[part], y[part]), epsilon=1.0)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[gone] = False
+    rows = torch.cat(list(per_sample_grads(model.double(), loss, (x[keep].double(), y[keep]))))
+    inv = eraser.inv_fisher
+    fresh = build_inverse_fisher(rows, damping=DAMPING, layout=inv.layout,
+                                 normalizer=inv.normalizer, probe_vectors=0)
+    v = torch.randn(inv.layout.dim, 4, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(2))
+    assert rel_err((inv @ v.float()).double(), fresh @ v) <= EXACT[torch.float32]

@@ -243,8 +243,12 @@ class Eraser:
         model: the trained model (:math:`\theta^*`); written only by ``erase(..., inplace=True)``.
         loss_fn, damping, block_size, layout, weight_decay, minibatch, chunk_size, max_memory,
             curvature, likelihood, mc_samples, representation: as in
-            :func:`ssse.fit_inverse_fisher` (``representation`` defaults to ``"auto"``, or
-            ``"dense"`` with ``minibatch > 1``: a dual block can remove only rows it stores).
+            :func:`ssse.fit_inverse_fisher` (``representation`` defaults to ``"requests"``:
+            per block the store whose downdates stay within 1e-5 (float32) or 1e-10
+            (float64) of a fresh fit, :data:`ssse_ext.blocks.REQUESTS`; ``"dense"`` with
+            ``minibatch > 1``, where a dual block cannot remove the group means it does not
+            store, and ``"auto"`` over several processes, which build dense blocks: dense
+            blocks drift like any Woodbury downdate).
             A curvature that needs a likelihood has it resolved once, by :meth:`fit` on the
             training data (``likelihood`` then holds it); requests check it against their
             samples.
@@ -301,7 +305,8 @@ class Eraser:
         # dual blocks remove only rows they store; a mini-batch Fisher's downdate removes the
         # removed samples' group means, which it does not store: dense blocks then
         self.representation = check_choice(
-            representation or ("auto" if self.minibatch == 1 else "dense"), "representation",
+            representation or ("dense" if self.minibatch > 1 else
+                              "requests" if self.comm is None else "auto"), "representation",
             ssse_ext.fisher.REPRESENTATIONS)
         self.inv_fisher: ssse_ext.BlockInverseFisher | None = None
         self.n: int | None = None

@@ -19,12 +19,14 @@ from .base import (BlockStore, BuildCost, ChangeFactors, StoreBuilder, block_ids
                    element_size)
 from .dense import DenseStore
 from .dual import DualBlocks, DualBuilder, dual_nbytes
-from .gram import GramStore, representation_for_requests
+from .gram import REQUEST_TOLERANCE, GramStore, representation_for_requests
 from .kronecker import EKFACStore, KroneckerFactors, KroneckerStore
 
 __all__ = [
     "AUTO",
     "REPRESENTATIONS",
+    "REQUESTS",
+    "REQUEST_TOLERANCE",
     "STORES",
     "BlockStore",
     "BuildCost",
@@ -47,11 +49,17 @@ __all__ = [
     "register_store",
     "representation_for_requests",
     "resolve_representation",
+    "serves_requests",
 ]
 
 #: ``representation=`` value choosing, per block, among every store registered with
 #: ``auto = True``.
 AUTO = "auto"
+#: ``representation=`` value for an inverse that will serve deletion requests: the stores of
+#: ``"auto"`` with ``"gram"`` for ``"dense"``, then the blocks whose downdates provably stay
+#: within :data:`REQUEST_TOLERANCE` handed back to ``"dense"``
+#: (:meth:`~ssse_ext.blocks.GramStore.for_requests`): chosen by accuracy as well as bytes.
+REQUESTS = "requests"
 
 _REGISTRY: dict[str, type[BlockStore]] = {}
 
@@ -79,7 +87,7 @@ class _Names(Sequence):
 #: The names of the registered stores (a live view: a store registered later appears).
 STORES: Sequence[str] = _Names()
 #: What ``representation=`` takes as one name: the registered stores and ``"auto"``.
-REPRESENTATIONS: Sequence[str] = _Names(AUTO)
+REPRESENTATIONS: Sequence[str] = _Names(AUTO, REQUESTS)
 
 
 def register_store(cls: type[BlockStore]) -> type[BlockStore]:
@@ -92,9 +100,9 @@ def register_store(cls: type[BlockStore]) -> type[BlockStore]:
             getattr(cls, "__abstractmethods__", None):
         raise TypeError(f"a store must be a concrete subclass of BlockStore, got {cls!r}")
     name = cls.name
-    if not isinstance(name, str) or not name or name == AUTO or "." in name:
+    if not isinstance(name, str) or not name or name in (AUTO, REQUESTS) or "." in name:
         raise ValueError(f"a store's name must be a non-empty string other than {AUTO!r} "
-                         f"and without '.', got {name!r}")
+                         f"and {REQUESTS!r}, without '.', got {name!r}")
     if _REGISTRY.get(name, cls) is not cls:
         raise ValueError(f"a store named {name!r} is registered already "
                          f"({_REGISTRY[name].__qualname__})")
@@ -155,8 +163,9 @@ def resolve_representation(representation, method: str = "cholesky") -> tuple[st
     """The stores ``representation=`` allows with the build ``method``, in registration order.
 
     Args:
-        representation: ``"auto"`` (every store with ``auto = True``), a store name, a
-            sequence of store names, or :class:`Pinned`.
+        representation: ``"auto"`` (every store with ``auto = True``), ``"requests"``
+            (the same with ``"gram"`` for ``"dense"``), a store name, a sequence of store
+            names, or :class:`Pinned`.
         method: a build method; ``"auto"`` means ``"cholesky"``.
 
     Raises:
@@ -172,14 +181,16 @@ def resolve_representation(representation, method: str = "cholesky") -> tuple[st
                                  f"built by {_REGISTRY[name].methods}, got method={method!r}")
         rest = resolve_representation(representation.rest, method)
         return tuple(n for n in _REGISTRY if n in pinned or n in rest)
-    if representation == AUTO:
+    if representation == REQUESTS:
+        names = list(representation_for_requests(AUTO))
+    elif representation == AUTO:
         names = [n for n, cls in _REGISTRY.items() if cls.auto]
     else:
         given = [representation] if isinstance(representation, str) else \
             list(representation) if isinstance(representation, (list, tuple)) else None
         if not given or any(not isinstance(n, str) or n not in _REGISTRY for n in given):
-            raise ValueError(f"representation must be {AUTO!r}, a registered store name or a "
-                             f"sequence of them (registered: {tuple(_REGISTRY)}), got "
+            raise ValueError(f"representation must be {AUTO!r}, {REQUESTS!r}, a registered "
+                             f"store name or a sequence of them (registered: {tuple(_REGISTRY)}), got "
                              f"{representation!r}")
         names = [n for n in _REGISTRY if n in given]
     built = tuple(n for n in names if method in _REGISTRY[n].methods)
@@ -189,6 +200,13 @@ def resolve_representation(representation, method: str = "cholesky") -> tuple[st
             + "; ".join(f"{n}: {_REGISTRY[n].methods}" for n in names)
             + f"), got method={method!r}")
     return built
+
+
+def serves_requests(representation) -> bool:
+    """Whether ``representation`` (or the rest of a :class:`Pinned`) is :data:`REQUESTS`."""
+    if isinstance(representation, Pinned):
+        representation = representation.rest
+    return isinstance(representation, str) and representation == REQUESTS
 
 
 def choose_stores(sizes: Sequence[int], rows: int | None, dtype: torch.dtype, *,

@@ -348,6 +348,13 @@ class BlockStore(abc.ABC):
         stores with :attr:`takes_side` are asked."""
         raise NotImplementedError(f"the {self.name} store does not write a probe's sketch")
 
+    def for_requests(self, *, max_memory: int | None = None) -> list["BlockStore"]:
+        """The stores that hold this store's blocks in an inverse built to serve requests
+        (``representation="requests"``), once the build knows their statistics: by default
+        this store alone; a store that keeps more than its requests need may hand some blocks
+        to a smaller one (:meth:`~ssse_ext.blocks.GramStore.for_requests`)."""
+        return [self]
+
     # ---- copies and files ----
     @abc.abstractmethod
     def copy_nbytes(self, dtype: torch.dtype | None = None) -> int:
