@@ -30,13 +30,15 @@ choice; a store is built only by the methods it lists (the dual form by the stab
 condition number, so a float32 inverse at small :math:`\lambda` drifts from the fit on the
 remaining rows request after request (benchmarks/bench_requests.py). The ``"gram"`` store
 (:class:`~ssse_ext.GramStore`) keeps each block's float64 Gram and inverts the changed blocks
-again, so requests never drift, for 8 more bytes per element. It is chosen by name, or by
-accuracy with ``representation="requests"`` (or ``requests=True``): ``"auto"`` with
-``"gram"`` for every block it would hold densely, then the blocks whose condition bound
-:math:`\kappa` keeps Woodbury downdates within :data:`~ssse_ext.blocks.REQUEST_TOLERANCE`
-(:math:`\kappa^2 u \le` 1e-5 in float32, 1e-10 in float64) are held densely after all
-(:meth:`~ssse_ext.blocks.GramStore.for_requests`; float64 Woodbury downdates drift too, by
-about :math:`\kappa^2 u_{64}` per request).
+again, so requests never drift, for 8 more bytes per element; the ``"dense64"`` store
+(:class:`~ssse_ext.blocks.Dense64Store`) keeps a float64 inverse that its Woodbury downdates
+change (a drift of :math:`\kappa^2 u_{64}`) and rounds it for the applies. Neither is chosen
+by bytes: by name, or by accuracy with ``representation="requests"`` (or ``requests=True``),
+which builds ``"gram"`` where ``"auto"`` would build ``"dense"`` and then holds each such
+block in ``"dense"``, ``"dense64"`` or ``"gram"`` by its condition bound :math:`\kappa`
+(:meth:`~ssse_ext.blocks.GramStore.for_requests`: the first whose Woodbury downdates keep
+:math:`\kappa^2 u` within :data:`~ssse_ext.blocks.REQUEST_TOLERANCE`, 1e-5 in float32 and
+1e-10 in float64).
 """
 
 from __future__ import annotations

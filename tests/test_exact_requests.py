@@ -20,6 +20,7 @@ LAYOUT = BlockLayout.fixed(256, 64)
 ROWS, DAMPING, REQUESTS, REMOVED = 64, 1e-4, 20, 0.8
 #: The contract: the stored inverse against a float64 fit on the remaining rows, per dtype.
 EXACT = {torch.float32: 1e-5, torch.float64: 1e-10}
+U64 = torch.finfo(torch.float64).eps / 2
 
 
 def rows_of(n, seed, dtype):
@@ -163,7 +164,7 @@ def test_requests_keep_the_dual_form_where_it_is_smaller():
     layout = BlockLayout((0, 32, 544), (32, 512, 16), 560)
     g = torch.randn(40, 560, dtype=torch.float32, generator=torch.Generator().manual_seed(11))
     inv = build_inverse_fisher(g, damping=DAMPING, layout=layout, requests=True)
-    assert inv.representation == ("gram", "dual", "gram")
+    assert inv.representation == ("dense64", "dual", "dense64")
     assert set(representation_for_requests("auto")) == {"dual", "gram"}
     inv.downdate(g[:30])
     fresh = build_inverse_fisher(g[30:].double(), damping=DAMPING, layout=layout,
@@ -207,9 +208,12 @@ def test_requests_choose_per_block_by_accuracy(dtype):
         eig = torch.linalg.eigvalsh(gram / ROWS + damping * torch.eye(gram.shape[0],
                                                                         dtype=torch.float64))
         assert float(eig.max() / eig.min()) <= bound  # the bound bounds the condition number
-        names.append("dense" if bound ** 2 * u <= EXACT[dtype] else "gram")
+        names.append("dense" if bound ** 2 * u <= EXACT[dtype] else
+                     "dense64" if bound ** 2 * U64 <= EXACT[dtype] else "gram")
     assert inv.representation == tuple(names)
-    assert "dense" in names and "gram" in names  # the scales straddle the limit
+    # the scales straddle the limits: dense and gram in float64; dense and dense64 in float32
+    assert set(names) == ({"dense", "gram"} if dtype == torch.float64 else
+                          {"dense", "dense64"})
     all_gram = build_inverse_fisher(g, damping=damping, layout=LAYOUT, representation="gram")
     assert inv.nbytes < all_gram.nbytes
     keep = torch.ones(ROWS, dtype=torch.bool)
@@ -236,7 +240,7 @@ def test_requests_as_a_representation_name():
     g = rows_of(ROWS, 16, torch.float32)
     a = build_inverse_fisher(g, damping=DAMPING, layout=LAYOUT, requests=True)
     b = build_inverse_fisher(g, damping=DAMPING, layout=LAYOUT, representation="requests")
-    assert a.representation == b.representation == ("gram",) * LAYOUT.num_blocks
+    assert a.representation == b.representation == ("dense64",) * LAYOUT.num_blocks
     assert torch.equal(a.dense(), b.dense())
 
 
@@ -261,7 +265,7 @@ def test_an_eraser_serves_twenty_requests_without_drift():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         eraser.fit((x, y))
-        assert "gram" in eraser.inv_fisher.representation
+        assert "dense64" in eraser.inv_fisher.representation
         order = torch.randperm(n, generator=torch.Generator().manual_seed(1))
         gone = order[:int(REMOVED * n)]
         for part in gone.tensor_split(REQUESTS):
@@ -275,3 +279,30 @@ def test_an_eraser_serves_twenty_requests_without_drift():
     v = torch.randn(inv.layout.dim, 4, dtype=torch.float64,
                     generator=torch.Generator().manual_seed(2))
     assert rel_err((inv @ v.float()).double(), fresh @ v) <= EXACT[torch.float32]
+
+
+def test_float64_copies_keep_float32_requests_exact():
+    """The "dense64" store on the contract's rank-deficient blocks (condition numbers about
+    4e4): its float64 Woodbury downdates drift by about 0.05 kappa^2 u64, far inside 1e-5,
+    where the float32 dense store's drift beyond 1e-3 (the first test)."""
+    g = rows_of(ROWS, 0, torch.float32)
+    v = rows_of(8, 1, torch.float64).T.contiguous()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inv = build_inverse_fisher(g, damping=DAMPING, layout=LAYOUT, representation="dense64")
+        assert inv.representation == ("dense64",) * LAYOUT.num_blocks
+        assert inv.nbytes == 12 * LAYOUT.num_blocks * 64 * 64
+        keep = torch.ones(ROWS, dtype=torch.bool)
+        for idx in requests(2):
+            inv.downdate(g[idx])
+            keep[idx] = False
+        assert drift(inv, g, keep, v) <= EXACT[torch.float32]
+        assert inv.health().ok
+    store = inv.stores[0]
+    # the applies read the float32 copy, rounded once from the float64 inverse
+    assert all(torch.equal(a, b.float()) for a, b in zip(store.segments, store.exact))
+    fresh = build_inverse_fisher(g[keep].double(), damping=DAMPING, layout=LAYOUT,
+                                 normalizer=float(ROWS), probe_vectors=0)
+    exact = torch.cat(store.exact)
+    assert rel_err(exact, torch.cat([fresh.dense_block(b).flatten()
+                                     for b in range(LAYOUT.num_blocks)])) <= 1e-8

@@ -18,6 +18,7 @@ import torch
 from .base import (BlockStore, BuildCost, ChangeFactors, StoreBuilder, block_ids_of,
                    element_size)
 from .dense import DenseStore
+from .dense64 import Dense64Store
 from .dual import DualBlocks, DualBuilder, dual_nbytes
 from .gram import REQUEST_TOLERANCE, GramStore, representation_for_requests
 from .kronecker import EKFACStore, KroneckerFactors, KroneckerStore
@@ -31,6 +32,7 @@ __all__ = [
     "BlockStore",
     "BuildCost",
     "ChangeFactors",
+    "Dense64Store",
     "DenseStore",
     "DualBlocks",
     "DualBuilder",
@@ -56,9 +58,10 @@ __all__ = [
 #: ``auto = True``.
 AUTO = "auto"
 #: ``representation=`` value for an inverse that will serve deletion requests: the stores of
-#: ``"auto"`` with ``"gram"`` for ``"dense"``, then the blocks whose downdates provably stay
-#: within :data:`REQUEST_TOLERANCE` handed back to ``"dense"``
-#: (:meth:`~ssse_ext.blocks.GramStore.for_requests`): chosen by accuracy as well as bytes.
+#: ``"auto"`` with ``"gram"`` for ``"dense"``, then each gram block handed to ``"dense"`` or
+#: ``"dense64"`` where their Woodbury downdates provably stay within
+#: :data:`REQUEST_TOLERANCE` (:meth:`~ssse_ext.blocks.GramStore.for_requests`): chosen by
+#: accuracy as well as bytes.
 REQUESTS = "requests"
 
 _REGISTRY: dict[str, type[BlockStore]] = {}
@@ -240,5 +243,6 @@ def choose_stores(sizes: Sequence[int], rows: int | None, dtype: torch.dtype, *,
 register_store(DenseStore)
 register_store(DualBlocks)
 register_store(GramStore)
+register_store(Dense64Store)
 register_store(KroneckerStore)
 register_store(EKFACStore)

@@ -35,11 +35,12 @@ from ..lowrank import WOODBURY_ELEMENTS, checked_cholesky, shifted_factor, solve
 from ..validation import check_dtype
 from .base import BlockStore, BuildCost, copied_to, element_size
 from .dense import DenseFactors, DenseStore, GramBuilder
+from .dense64 import Dense64Store
 from .dense_gram import (dense_build_nbytes, gram_build_workspace, group_cap, groups,
                          raise_if_failed)
 
 __all__ = ["REQUEST_TOLERANCE", "GramStore", "condition_bounds", "downdates_hold",
-           "representation_for_requests"]
+           "representation_for_requests", "request_store"]
 
 # float64 (s, s) tensors a batch of blocks holds at once when the change is checked in the
 # factor form (more rows than parameters, or a shift): the Fisher, its Cholesky factor, the
@@ -66,15 +67,26 @@ def condition_bounds(gram: torch.Tensor, damping: float, normalizer: float) -> t
     return 1 + torch.linalg.matrix_norm(gram) / (normalizer * damping)
 
 
-def downdates_hold(bound: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def request_store(bound: torch.Tensor, dtype: torch.dtype) -> list[str]:
+    """Per condition bound, the store a block of ``dtype`` serves requests from: ``"dense"``
+    where its own Woodbury downdates hold (:func:`downdates_hold`), ``"dense64"`` where
+    float64 ones hold the tolerance of ``dtype``, else ``"gram"``."""
+    own = downdates_hold(bound, dtype).tolist()
+    wide = downdates_hold(bound, dtype, torch.float64).tolist()
+    return ["dense" if a else "dense64" if w else "gram" for a, w in zip(own, wide)]
+
+
+def downdates_hold(bound: torch.Tensor, dtype: torch.dtype,
+                   arithmetic: torch.dtype | None = None) -> torch.Tensor:
     r"""Whether a dense block of condition number at most ``bound`` keeps Woodbury downdates
-    within :data:`REQUEST_TOLERANCE`: :math:`\kappa^2 u \le \tau`. A rounding :math:`E` of the
+    within :data:`REQUEST_TOLERANCE` of ``dtype`` when they run on a copy in ``arithmetic``
+    (default ``dtype``): :math:`\kappa^2 u \le \tau`. A rounding :math:`E` of the
     stored inverse (:math:`\lVert E\rVert \approx u \lVert F^{-1}\rVert`) is the inverse of
     a Fisher off by :math:`F E F`, which the downdated inverse :math:`F'^{-1}` amplifies: its
     relative error is up to :math:`\lVert F'^{-1} F\rVert^2 u \le \kappa(F)^2 u` (a downdate
     only lowers :math:`F`). Measured: :math:`0.025\,\kappa^2 u` after 20 requests removing 80 %
     of the rows, float32 and float64 alike (benchmarks/bench_requests.py)."""
-    u = torch.finfo(dtype).eps / 2
+    u = torch.finfo(arithmetic or dtype).eps / 2
     return bound.square() * u <= REQUEST_TOLERANCE[dtype]
 
 
@@ -308,53 +320,80 @@ class GramStore(BlockStore):
 
     # ---- the blocks requests need it for ----
     def for_requests(self, *, max_memory=None):
-        r"""This store's blocks as an inverse that serves requests holds them: the blocks
-        whose condition bound keeps Woodbury downdates within :data:`REQUEST_TOLERANCE`
-        (:func:`downdates_hold`, the bound :func:`condition_bounds`) go to a
-        :class:`~ssse_ext.blocks.DenseStore` without their Gram; the others stay here. Either
-        list may be empty. When the copies that separate them do not fit in memory, every
-        block keeps its Gram (exact as well; only the bytes differ)."""
-        dense = set()
+        r"""This store's blocks as an inverse that serves requests holds them, by the
+        condition bound of each (:func:`condition_bounds`, :func:`request_store`): in a
+        :class:`~ssse_ext.blocks.DenseStore` where Woodbury downdates of the inverse's dtype
+        stay within :data:`REQUEST_TOLERANCE`, in a :class:`~ssse_ext.blocks.Dense64Store`
+        where float64 ones do, here otherwise. When the copies that separate them do not fit
+        in memory, every block keeps its Gram (exact as well; only the bytes and the cost of
+        a request differ). The store is spent."""
+        where = {}
         for j, b0, n, s, o in self._batches(0):
             bound = condition_bounds(self._gram_run(j, b0, n, s, o), self.damping,
                                      self.normalizer)
-            dense.update(b0 + i for i in
-                         torch.nonzero(downdates_hold(bound, self.dtype)).flatten().tolist())
-        if not dense:
+            where.update(zip(range(b0, b0 + n), request_store(bound, self.dtype)))
+        if all(name == self.name for name in where.values()):
             return [self]
         largest = max(g.numel() for g in self._grams)
         try:
-            check_memory("GramStore.for_requests", largest * (8 + element_size(self.dtype)),
-                         self.device, max_memory=max_memory, detail="one segment's copy")
+            check_memory("GramStore.for_requests", largest * (16 + element_size(self.dtype)),
+                         self.device, max_memory=max_memory, detail="one segment's copies")
         except MemoryError:
             return [self]
-        kept, released = self._split(dense)
-        return [store for store in (kept, released) if store is not None]
+        return self._split(where)
 
-    def _split(self, dense: set) -> tuple["GramStore | None", DenseStore | None]:
-        """This store without the blocks ``dense``, and a dense store of them; a segment at a
-        time, each freed once copied (the store is spent)."""
-        grams, inverses, segments, ids_kept, ids_dense = [], [], [], [], []
+    def as_dense64(self) -> "Dense64Store":
+        """Every block in a :class:`~ssse_ext.blocks.Dense64Store`, inverted again from its
+        Gram in float64; the store is spent."""
+        if not self.block_ids:
+            empty = torch.zeros(0, dtype=self.dtype, device=self.device)
+            return Dense64Store(self.layout, (), empty.double(), empty, damping=self.damping,
+                                normalizer=self.normalizer)
+        return self._split(dict.fromkeys(self.block_ids, Dense64Store.name))[0]
+
+    def _split(self, where: dict) -> list:
+        """The stores ``where`` names per block (this one's, ``"dense"``, ``"dense64"``), a
+        segment at a time, each Gram freed once copied."""
+        parts: dict = {name: ([], [], []) for name in (self.name, "dense", Dense64Store.name)}
         for j, ids in enumerate(self._segment_ids):
             g, inv = self._grams[j], self._inverse.segments[j]
-            parts = {True: ([], []), False: ([], [])}
-            for b in ids:
-                o, size = self._where[b][1], self.layout.sizes[b] ** 2
-                parts[b in dense][0].append(b)
-                parts[b in dense][1].append((o, size))
-            if parts[False][0]:
-                grams.append(torch.cat([g[o:o + n] for o, n in parts[False][1]]))
-                inverses.append(torch.cat([inv[o:o + n] for o, n in parts[False][1]]))
-                ids_kept += parts[False][0]
-            if parts[True][0]:
-                segments.append(torch.cat([inv[o:o + n] for o, n in parts[True][1]]))
-                ids_dense += parts[True][0]
-            self._grams[j] = self._inverse.segments[j].new_zeros(0)  # spent
-        kept = GramStore(self.layout, ids_kept, grams, inverses, damping=self.damping,
-                         normalizer=self.normalizer) if ids_kept else None
-        released = DenseStore(self.layout, ids_dense, segments, damping=self.damping,
-                              normalizer=self.normalizer) if ids_dense else None
-        return kept, released
+            for name, (blocks, first, second) in parts.items():
+                mine = [b for b in ids if where[b] == name]
+                if not mine:
+                    continue
+                spans = [(self._where[b][1], self.layout.sizes[b] ** 2) for b in mine]
+                blocks += mine
+                first.append(torch.cat([inv[o:o + m] for o, m in spans]))
+                if name == self.name:
+                    second.append(torch.cat([g[o:o + m] for o, m in spans]))
+                elif name == Dense64Store.name:
+                    second.append(torch.cat([self._inverse64(j, b0, count, size, o)
+                                             for b0, count, size, o in self._runs_of(j, mine)]))
+            self._grams[j] = g.new_zeros(0)  # spent
+        kw = {"damping": self.damping, "normalizer": self.normalizer}
+        blocks, inverses, grams = parts[self.name]
+        out = [GramStore(self.layout, blocks, grams, inverses, **kw)] if blocks else []
+        blocks, segments, _ = parts["dense"]
+        out += [DenseStore(self.layout, blocks, segments, **kw)] if blocks else []
+        blocks, segments, exact = parts[Dense64Store.name]
+        out += [Dense64Store(self.layout, blocks, exact, segments, **kw)] if blocks else []
+        return out
+
+    def _runs_of(self, j: int, blocks: list):
+        for _, b0, count, size, o in self._batches(0, blocks):
+            if self._where[b0][0] == j:
+                yield b0, count, size, o
+
+    def _inverse64(self, j: int, b0: int, n: int, s: int, o: int) -> torch.Tensor:
+        """The packed float64 inverses of a run of blocks, from their Grams."""
+        host = self.layout.table(blocks=range(b0, b0 + n))
+        dev = host if self.device.type == "cpu" else host.to(self.device)
+        work = self._grams[j][o:o + n * s * s].clone()
+        packed, info = _ops.call(_ops.inverse_from_gram, work, host, dev, self.damping,
+                                 self.normalizer, torch.float64)
+        raise_if_failed(info, "GramStore.for_requests", self.layout, "pivot",
+                        tuple(range(b0, b0 + n)))
+        return packed
 
     # ---- copies and files ----
     def copy_nbytes(self, dtype=None):
