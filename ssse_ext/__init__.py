@@ -7,7 +7,8 @@ which supports ``inv @ v``, :meth:`~BlockInverseFisher.update`,
 :meth:`~BlockInverseFisher.apply_update`. Its blocks live in block stores (:mod:`ssse_ext.blocks`:
 :class:`DenseStore`; :class:`DualBlocks`, the low-rank form of blocks larger than their number
 of gradient rows; :class:`GramStore`, dense inverses that keep their float64 Gram so that
-requests never drift; and any store registered with :func:`register_store`).
+requests never drift; :class:`Dense64Store`, dense inverses whose requests run on a float64
+copy; and any store registered with :func:`register_store`).
 :mod:`ssse_ext.reference` is the pure-PyTorch specification used by the tests.
 """
 
@@ -19,8 +20,8 @@ import torch as _torch  # noqa: F401
 
 from . import _C, blocks, budget, fisher, health, reference, side, validation
 from ._ops import CUDA_KERNEL_SETS, cuda_kernels, set_cuda_kernels, use_cuda_kernels
-from .blocks import (STORES, BlockStore, DenseStore, DualBlocks, GramStore, choose_stores,
-                     get_store, register_store)
+from .blocks import (STORES, BlockStore, Dense64Store, DenseStore, DualBlocks, GramStore,
+                     choose_stores, get_store, register_store)
 from .build import (BUILD_METHODS, DEFAULT_BLOCK_SIZE, REPRESENTATIONS, GramAccumulator,
                     build_dual_blocks, build_inverse_fisher, build_peak_bytes)
 from .dual import choose_representation
@@ -51,6 +52,7 @@ __all__ = [
     "FisherProbe",
     "GramAccumulator",
     "GramStore",
+    "Dense64Store",
     "HealthError",
     "HealthWarning",
     "InsufficientMemoryError",
