@@ -7,8 +7,8 @@ which supports ``inv @ v``, :meth:`~BlockInverseFisher.update`,
 :meth:`~BlockInverseFisher.apply_update`. Its blocks live in block stores (:mod:`ssse_ext.blocks`:
 :class:`DenseStore`; :class:`DualBlocks`, the low-rank form of blocks larger than their number
 of gradient rows; :class:`GramStore`, dense inverses that keep their float64 Gram so that
-requests never drift; :class:`Dense64Store`, dense inverses whose requests run on a float64
-copy; and any store registered with :func:`register_store`).
+requests never drift; :class:`Dense64Store`, a float32 inverse's dense blocks held in float64 for
+its requests; and any store registered with :func:`register_store`).
 :mod:`ssse_ext.reference` is the pure-PyTorch specification used by the tests.
 """
 

@@ -31,8 +31,8 @@ condition number, so a float32 inverse at small :math:`\lambda` drifts from the 
 remaining rows request after request (benchmarks/bench_requests.py). The ``"gram"`` store
 (:class:`~ssse_ext.GramStore`) keeps each block's float64 Gram and inverts the changed blocks
 again, so requests never drift, for 8 more bytes per element; the ``"dense64"`` store
-(:class:`~ssse_ext.blocks.Dense64Store`) keeps a float64 inverse that its Woodbury downdates
-change (a drift of :math:`\kappa^2 u_{64}`) and rounds it for the applies. Neither is chosen
+(:class:`~ssse_ext.blocks.Dense64Store`) holds a float32 inverse's blocks in float64, which its
+Woodbury downdates change (a drift of :math:`\kappa^2 u_{64}`). Neither is chosen
 by bytes: by name, or by accuracy with ``representation="requests"`` (or ``requests=True``),
 which builds ``"gram"`` where ``"auto"`` would build ``"dense"`` and then holds each such
 block in ``"dense"``, ``"dense64"`` or ``"gram"`` by its condition bound :math:`\kappa`

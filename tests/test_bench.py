@@ -109,13 +109,19 @@ def test_model_benchmark_checks_its_fit_and_erase_on_a_small_cnn():
     # the fit against a float64 closed form and the erase step against a float64 product:
     # measured 3e-8 and 1e-7 here, float32 rounding; a wrong block or step is off by O(1)
     assert r["fit_rel_err"] < 1e-5 and r["erase_rel_err"] < 1e-5
-    # the layout and the store, from the model's tensors: blocks of at most 64 within each
-    # tensor; each stored dense (s^2 float32) or, when smaller, in the exact low-rank form
-    # (n s float32 rows and an n x n float64 factor)
+    # the layout and the stores, from the model's tensors: blocks of at most 64 within each
+    # tensor, held as an Eraser serves requests: in the exact low-rank form (n s float32 rows
+    # and an n x n float64 factor) where that is smaller than a gram block (12 bytes per
+    # element), else by the block's condition as gram, dense64 (8 bytes) or dense (4 bytes)
     sizes = [s for p in build_model(r["spec"]).parameters()
              for s in [block] * (p.numel() // block) + [p.numel() % block] if s]
     assert r["d"] == sum(sizes) and r["blocks"] == len(sizes)
-    assert r["inverse_bytes"] == sum(min(4 * s * s, 4 * n * s + 8 * n * n) for s in sizes)
+    dual = [4 * n * s + 8 * n * n < 12 * s * s for s in sizes]
+    assert r["stores"].get("dual", 0) == sum(dual)
+    assert set(r["stores"]) <= {"dual", "dense", "dense64", "gram"}
+    low, high = (sum(4 * n * s + 8 * n * n if d else e * s * s for s, d in zip(sizes, dual))
+                 for e in (4, 12))
+    assert low <= r["inverse_bytes"] <= high
     # three requests; the peak reported is the largest of the three
     assert r["erase_requests"] == len(r["erase_peaks"]) == 3
     assert r["erase_peak_bytes"] == max(r["erase_peaks"])

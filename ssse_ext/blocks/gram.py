@@ -336,7 +336,7 @@ class GramStore(BlockStore):
             return [self]
         largest = max(g.numel() for g in self._grams)
         try:
-            check_memory("GramStore.for_requests", largest * (16 + element_size(self.dtype)),
+            check_memory("GramStore.for_requests", largest * (8 + element_size(self.dtype)),
                          self.device, max_memory=max_memory, detail="one segment's copies")
         except MemoryError:
             return [self]
@@ -347,8 +347,8 @@ class GramStore(BlockStore):
         Gram in float64; the store is spent."""
         if not self.block_ids:
             empty = torch.zeros(0, dtype=self.dtype, device=self.device)
-            return Dense64Store(self.layout, (), empty.double(), empty, damping=self.damping,
-                                normalizer=self.normalizer)
+            return Dense64Store(self.layout, (), empty.double(), dtype=self.dtype,
+                                damping=self.damping, normalizer=self.normalizer)
         return self._split(dict.fromkeys(self.block_ids, Dense64Store.name))[0]
 
     def _split(self, where: dict) -> list:
@@ -363,20 +363,22 @@ class GramStore(BlockStore):
                     continue
                 spans = [(self._where[b][1], self.layout.sizes[b] ** 2) for b in mine]
                 blocks += mine
+                if name == Dense64Store.name:
+                    first.append(torch.cat([self._inverse64(j, b0, count, size, o)
+                                            for b0, count, size, o in self._runs_of(j, mine)]))
+                    continue
                 first.append(torch.cat([inv[o:o + m] for o, m in spans]))
                 if name == self.name:
                     second.append(torch.cat([g[o:o + m] for o, m in spans]))
-                elif name == Dense64Store.name:
-                    second.append(torch.cat([self._inverse64(j, b0, count, size, o)
-                                             for b0, count, size, o in self._runs_of(j, mine)]))
             self._grams[j] = g.new_zeros(0)  # spent
         kw = {"damping": self.damping, "normalizer": self.normalizer}
         blocks, inverses, grams = parts[self.name]
         out = [GramStore(self.layout, blocks, grams, inverses, **kw)] if blocks else []
         blocks, segments, _ = parts["dense"]
         out += [DenseStore(self.layout, blocks, segments, **kw)] if blocks else []
-        blocks, segments, exact = parts[Dense64Store.name]
-        out += [Dense64Store(self.layout, blocks, exact, segments, **kw)] if blocks else []
+        blocks, exact, _ = parts[Dense64Store.name]
+        out += [Dense64Store(self.layout, blocks, exact, dtype=self.dtype, **kw)] if blocks \
+            else []
         return out
 
     def _runs_of(self, j: int, blocks: list):

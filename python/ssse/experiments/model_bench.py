@@ -119,6 +119,7 @@ def run(*, arch: str = "small_resnet", width: int | None = None, n: int = 256,
     _, out["fit_s"], out["fit_peak_bytes"] = bench.measure(lambda: eraser.fit((x, y)), device)
     inv = eraser.inv_fisher
     out.update(inverse_bytes=inv.nbytes, blocks=inv.layout.num_blocks,
+               stores={n: inv.representation.count(n) for n in sorted(set(inv.representation))},
                segments=len(inv.segments), fit_rel_err=_check_fit(model, loss_fn, x, y, inv,
                                                                    damping))
 
@@ -191,11 +192,19 @@ def request_lines(r: dict) -> list[str]:
     return lines
 
 
+def _stores(stores: dict | None) -> str:
+    """``"; blocks: 2694 dense64"``: the blocks of each store of the inverse."""
+    if not stores:
+        return ""
+    return "; blocks: " + ", ".join(f"{count} {name}" for name, count in stores.items())
+
+
 def format_table(r: dict) -> str:
     inv = r["inverse_bytes"]
     lines = [
         f"{r['arch']} (d={r['d']:,}, {r['blocks']:,} blocks of <= {r['block_size']}, inverse "
-        f"{inv / 2**30:.2f} GiB {r['dtype']} in {r['segments']} segments), n={r['n']}, "
+        f"{inv / 2**30:.2f} GiB {r['dtype']} in {r['segments']} segments"
+        f"{_stores(r.get('stores'))}), n={r['n']}, "
         f"k={r['k']}, on {where(r)}",
         "",
         "| stage | s | ratio |",
