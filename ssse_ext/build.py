@@ -54,6 +54,7 @@ from .blocks import (AUTO, REPRESENTATIONS, REQUESTS, STORES, DenseStore, DualBl
                      DualBuilder, block_ids_of, choose_stores, element_size, get_store,
                      representation_for_requests, resolve_representation, serves_requests)
 from .blocks.dense_gram import DenseGram, gather_rows
+from .blocks.gram import store_from_gram
 from .budget import check_memory, format_bytes, memory_limit
 from .errors import NotPositiveDefiniteError
 from .health import DEFAULT_COLUMNS, FisherProbe, HealthWarning
@@ -417,11 +418,21 @@ class GramAccumulator(DenseGram):
     :meth:`state`/:meth:`load_state`)."""
 
     def finish(self, damping: float, normalizer: float, *, curvature: str = "empirical",
-               probe: FisherProbe | None = None) -> BlockInverseFisher | list[torch.Tensor]:
+               probe: FisherProbe | None = None,
+               requests: bool = False) -> BlockInverseFisher | list[torch.Tensor]:
         """Inverts every group (freeing it) into the segments of the result: a
         :class:`BlockInverseFisher` when all blocks were accumulated (``probe`` travelling
         with it), else the list of segments of the accumulated blocks. The accumulator is
-        spent. See :meth:`~ssse_ext.blocks.dense_gram.DenseGram.invert` for the checks."""
+        spent. See :meth:`~ssse_ext.blocks.dense_gram.DenseGram.invert` for the checks.
+        ``requests`` (all blocks accumulated): the blocks held as
+        ``representation="requests"`` holds them (:meth:`GramStore.for_requests`)."""
+        if requests:
+            if len(self.blocks) != self.layout.num_blocks:
+                raise ValueError("requests=True needs every block of the layout accumulated")
+            stores = store_from_gram(self, damping, normalizer, probe=probe,
+                                     stacklevel=2).for_requests()
+            return BlockInverseFisher(stores, FisherConfig(damping, normalizer, self.layout,
+                                                           curvature), self.rows, probe=probe)
         segments = self.invert(damping, normalizer, probe=probe, stacklevel=2)
         if len(self.blocks) != self.layout.num_blocks:
             return segments

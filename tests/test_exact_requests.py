@@ -309,3 +309,26 @@ def test_float64_copies_keep_float32_requests_exact():
     exact = torch.cat(store.exact)
     assert rel_err(exact, torch.cat([fresh.dense_block(b).flatten()
                                      for b in range(LAYOUT.num_blocks)])) <= 1e-8
+
+
+def test_a_resumable_fit_holds_the_blocks_as_requests_need(tmp_path):
+    import ssse
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+
+    def loss(out, target):
+        return torch.nn.functional.cross_entropy(out, target, reduction="none")
+
+    plain = ssse.Eraser(model, loss, damping=DAMPING, block_size=24).fit((x, y))
+    resumed = ssse.Eraser(model, loss, damping=DAMPING, block_size=24).fit(
+        [(x[:20], y[:20]), (x[20:], y[20:])], checkpoint=tmp_path / "fit.ckpt", every=20)
+    assert resumed.inv_fisher.representation == plain.inv_fisher.representation
+    assert set(plain.inv_fisher.representation) - {"dense"}  # not every block dense
+    # both round the same float64 inverse (its accumulation order differs by about k u64)
+    # to float32: at most one unit in the last place apart
+    assert rel_err(resumed.inv_fisher.dense().double(), plain.inv_fisher.dense().double()) \
+        <= torch.finfo(torch.float32).eps
+    with pytest.raises(ValueError, match="cannot be checkpointed"):
+        ssse.fit_inverse_fisher(model, loss, (x, y), damping=DAMPING, representation="gram",
+                                checkpoint=tmp_path / "other.ckpt")

@@ -46,10 +46,12 @@ def skip_samples(data, count: int, task=None):
 
 def fit_resumable(fm: FlatModel, loss_fn, data, lay: ssse_ext.BlockLayout, *, device,
                    chunk_size: int | None, stream_args: dict, settings: dict, path: Path,
-                   every: int | None, bar, probe_vectors: int) -> ssse_ext.BlockInverseFisher:
+                   every: int | None, bar, probe_vectors: int,
+                   requests: bool = False) -> ssse_ext.BlockInverseFisher:
     """The stable build driven chunk by chunk, checkpointed to ``path`` (see
     :func:`fit_inverse_fisher`). Chunks are added as they come (no gathering), so that the
-    accumulation is the same sequence of kernel calls whatever the checkpoints."""
+    accumulation is the same sequence of kernel calls whatever the checkpoints. ``requests``:
+    the blocks held as ``representation="requests"`` holds them."""
     from .io import FileFormatError, fingerprint, load_checkpoint, save_checkpoint
 
     ident = {"model": fingerprint(fm.model.state_dict()), **settings}
@@ -112,7 +114,7 @@ def fit_resumable(fm: FlatModel, loss_fn, data, lay: ssse_ext.BlockLayout, *, de
     probe = ssse_ext.FisherProbe(lay, columns=probe_vectors, device=device) \
         if probe_vectors else None
     return acc.finish(settings["damping"], max(acc.rows, 1) / rows_per_sample,
-                      curvature=stream_args["curvature"], probe=probe)
+                      curvature=stream_args["curvature"], probe=probe, requests=requests)
 
 
 def _check_resume(path: Path, ident: dict, saved: dict, meta: dict,

@@ -190,7 +190,8 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
             inv = fit_resumable(fm, loss_fn, data, lay, device=device, chunk_size=chunk_size,
                                 stream_args=stream_args, settings=settings,
                                 path=Path(checkpoint), every=every, bar=bar,
-                                probe_vectors=probe_vectors)
+                                probe_vectors=probe_vectors,
+                                requests=representation == "requests")
         else:
             inv = _fit_streamed(fm, loss_fn, data, lay, curv, damping=damping, device=device,
                                 chunk_size=chunk_size, stream_args=stream_args, total=total,
@@ -236,14 +237,16 @@ def _check_checkpointing(checkpoint, every, minibatch: int, representation: str,
         return representation
     if not isinstance(checkpoint, (str, os.PathLike)):
         raise TypeError(f"checkpoint must be a file path, got {type(checkpoint).__name__}")
-    if representation not in ("auto", "dense"):
+    if representation not in ("auto", "dense", "requests"):
         raise ValueError(f"representation={representation!r} cannot be checkpointed (a "
-                         'resumable fit keeps dense blocks): pass "dense" or "auto"')
+                         'resumable fit keeps dense blocks): pass "dense", "auto" or '
+                         '"requests"')
     if not is_batch(data, task) and isinstance(data, Iterator):
         raise TypeError(f"data must be one batch or a re-iterable collection of "
                         f"batches to resume a fit from a checkpoint, got a one-shot "
                         f"{type(data).__name__}")
-    return "dense"  # what the resumable fit builds (and plans memory for)
+    # what the resumable fit builds (and plans memory for)
+    return "requests" if representation == "requests" else "dense"
 
 
 def _fit_streamed(fm: FlatModel, loss_fn, data, lay: ssse_ext.BlockLayout, curv, *,

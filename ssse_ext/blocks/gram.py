@@ -40,7 +40,7 @@ from .dense_gram import (dense_build_nbytes, gram_build_workspace, group_cap, gr
                          raise_if_failed)
 
 __all__ = ["REQUEST_TOLERANCE", "GramStore", "condition_bounds", "downdates_hold",
-           "representation_for_requests", "request_store"]
+           "representation_for_requests", "request_store", "store_from_gram"]
 
 # float64 (s, s) tensors a batch of blocks holds at once when the change is checked in the
 # factor form (more rows than parameters, or a shift): the Fisher, its Cholesky factor, the
@@ -489,22 +489,30 @@ class GramStore(BlockStore):
                 f"dtype={self.dtype}, device={self.device}, nbytes={self.nbytes})")
 
 
+def store_from_gram(gram, damping: float, normalizer: float, *, probe=None,
+                    stacklevel: int = 1) -> GramStore:
+    """The :class:`GramStore` of a :class:`~ssse_ext.blocks.dense_gram.DenseGram`'s blocks,
+    inverted from copies of its accumulators, which it keeps (the accumulator is spent);
+    ``probe`` and ``stacklevel`` as in :meth:`DenseGram.invert` (1: the caller's frame)."""
+    segments = gram.invert(damping, normalizer, probe=probe, stacklevel=stacklevel + 1,
+                           keep=True)
+    grams = [t for t in gram.grams if t is not None]
+    if not segments:
+        segments = [torch.zeros(0, dtype=gram.dtype, device=gram.device)]
+        grams = [torch.zeros(0, dtype=torch.float64, device=gram.device)]
+    store = GramStore(gram.layout, gram.blocks, grams, segments, damping=damping,
+                      normalizer=normalizer)
+    # the accumulators hold lower triangles: made full, so that S_b +- R^T R stays exact
+    for j, b0, n, s, o in store._batches(0):
+        run = store._gram_run(j, b0, n, s, o)
+        run.copy_(torch.tril(run) + torch.tril(run, -1).transpose(1, 2))
+    return store
+
+
 class _Builder(GramBuilder):
     """The stable build (:class:`DenseGram`), inverting from copies and keeping the Grams."""
 
     def finish(self, normalizer):
-        g = self.gram
         # the warnings name the caller of build_inverse_fisher (through the build loop)
-        segments = g.invert(self.damping, normalizer, probe=self.probe, stacklevel=4,
-                            keep=True)
-        grams = [t for t in g.grams if t is not None]
-        if not segments:
-            segments = [torch.zeros(0, dtype=g.dtype, device=g.device)]
-            grams = [torch.zeros(0, dtype=torch.float64, device=g.device)]
-        store = GramStore(g.layout, g.blocks, grams, segments, damping=self.damping,
-                          normalizer=normalizer)
-        # the accumulators hold lower triangles: made full, so that S_b +- R^T R stays exact
-        for j, b0, n, s, o in store._batches(0):
-            run = store._gram_run(j, b0, n, s, o)
-            run.copy_(torch.tril(run) + torch.tril(run, -1).transpose(1, 2))
-        return store
+        return store_from_gram(self.gram, self.damping, normalizer, probe=self.probe,
+                               stacklevel=3)
