@@ -36,7 +36,7 @@ Woodbury downdates change (a drift of :math:`\kappa^2 u_{64}`). Neither is chose
 by bytes: by name, or by accuracy with ``representation="requests"`` (or ``requests=True``),
 which builds ``"gram"`` where ``"auto"`` would build ``"dense"`` and then holds each such
 block in ``"dense"``, ``"dense64"`` or ``"gram"`` by its condition bound :math:`\kappa`
-(:meth:`~ssse_ext.blocks.GramStore.for_requests`: the first whose Woodbury downdates keep
+(:func:`~ssse_ext.blocks.gram.requests_stores`: the first whose Woodbury downdates keep
 :math:`\kappa^2 u` within :data:`~ssse_ext.blocks.REQUEST_TOLERANCE`, 1e-5 in float32 and
 1e-10 in float64).
 """
@@ -54,7 +54,7 @@ from .blocks import (AUTO, REPRESENTATIONS, REQUESTS, STORES, DenseStore, DualBl
                      DualBuilder, block_ids_of, choose_stores, element_size, get_store,
                      representation_for_requests, resolve_representation, serves_requests)
 from .blocks.dense_gram import DenseGram, gather_rows
-from .blocks.gram import store_from_gram
+from .blocks.gram import requests_stores
 from .budget import check_memory, format_bytes, memory_limit
 from .errors import NotPositiveDefiniteError
 from .health import DEFAULT_COLUMNS, FisherProbe, HealthWarning
@@ -166,9 +166,10 @@ def _checked_plan(layout: BlockLayout, first: torch.Tensor, rows: int | None, re
             remedies.append(f'pass representation="auto" (about {format_bytes(auto)} here; '
                             f'its dense blocks\' downdates drift from a fresh fit, which the '
                             f'health probe reports)')
-    elif representation == AUTO and rows is None:
-        remedies.append('pass num_rows= (the rows the iterable yields) so that '
-                        'representation="auto" can choose stores whose size depends on it')
+    elif (representation == AUTO or serves_requests(representation)) and rows is None:
+        remedies.append(f'pass num_rows= (the rows the iterable yields) so that '
+                        f'representation={representation!r} can choose stores whose size '
+                        f'depends on it')
     if _halving_helps(plan.names, layout, cost_rows, dtype):
         remedies.append(f"pass a smaller block_size or layout (the largest block has "
                         f"{layout.max_block_size} parameters)")
@@ -289,7 +290,8 @@ def _build(chunks, layout: BlockLayout, plan: _Plan, *, damping: float,
            requests: bool = False) -> BlockInverseFisher:
     """Feeds every chunk to one builder per chosen store (twice to those that ask, when
     ``reread`` gives the rows again), then finishes them (``requests``: into the stores
-    their blocks take to serve requests, :meth:`~ssse_ext.blocks.BlockStore.for_requests`)."""
+    their blocks take to serve requests,
+    :meth:`~ssse_ext.blocks.StoreBuilder.finish_for_requests`)."""
     recurrence = method in _RECURRENCES
     # a recurrence always checks its result with a probe (it may have lost its accuracy)
     columns = max(probe_vectors, 1) if recurrence else probe_vectors
@@ -318,8 +320,8 @@ def _build(chunks, layout: BlockLayout, plan: _Plan, *, damping: float,
                 builder.add(chunk)
     stores = []
     for builder in builders:  # a loop, not a comprehension: the warnings count frames
-        store = builder.finish(normalizer)
-        stores += store.for_requests(max_memory=max_memory) if requests else [store]
+        stores += builder.finish_for_requests(normalizer, max_memory=max_memory) if requests \
+            else [builder.finish(normalizer)]
     inv = BlockInverseFisher(stores, FisherConfig(damping, normalizer, layout, curvature), rows,
                              probe=probe)
     if recurrence:
@@ -425,12 +427,12 @@ class GramAccumulator(DenseGram):
         with it), else the list of segments of the accumulated blocks. The accumulator is
         spent. See :meth:`~ssse_ext.blocks.dense_gram.DenseGram.invert` for the checks.
         ``requests`` (all blocks accumulated): the blocks held as
-        ``representation="requests"`` holds them (:meth:`GramStore.for_requests`)."""
+        ``representation="requests"`` holds them
+        (:func:`~ssse_ext.blocks.gram.requests_stores`)."""
         if requests:
             if len(self.blocks) != self.layout.num_blocks:
                 raise ValueError("requests=True needs every block of the layout accumulated")
-            stores = store_from_gram(self, damping, normalizer, probe=probe,
-                                     stacklevel=2).for_requests()
+            stores = requests_stores(self, damping, normalizer, probe=probe, stacklevel=2)
             return BlockInverseFisher(stores, FisherConfig(damping, normalizer, self.layout,
                                                            curvature), self.rows, probe=probe)
         segments = self.invert(damping, normalizer, probe=probe, stacklevel=2)

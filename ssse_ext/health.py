@@ -487,9 +487,10 @@ class FisherProbe:
             self.watch = tuple(torch.argsort(ratio, descending=True)[:WATCH_BLOCKS].tolist())
             self.verdict = health
         if warn and not health.ok:
-            fix = ("rebuild it (fit the inverse again on the remaining data), with "
-                   "representation=\"requests\" if it has to serve many more requests (its "
-                   "blocks then keep what exact downdates need)")
+            fix = "rebuild it (fit the inverse again on the remaining data)"
+            if "dense" in getattr(inv, "representation", ()):
+                fix += (", with representation=\"requests\" if it has to serve many more "
+                        "requests (its blocks then keep what exact downdates need)")
             warnings.warn(f"health probe{' after ' + what if what else ''}: the stored inverse "
                           f"is off by {health.residual:.1e} in block {b} (|F(F^-1 x) - x|/|x|; "
                           f"its rounding to {str(inv.dtype).removeprefix('torch.')} explains "

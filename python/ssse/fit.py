@@ -114,8 +114,9 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
             is left in place (delete it once the result is saved); its chunks are added as
             they come, so the result may differ in the last bits from a fit without a
             checkpoint when chunks are small. A resumable fit keeps dense blocks
-            (``representation="auto"`` means ``"dense"`` with a checkpoint; ``"dual"`` is
-            refused).
+            (``representation="auto"`` means ``"dense"`` with a checkpoint, and
+            ``"requests"`` chooses among ``"dense"``, ``"dense64"`` and ``"gram"`` only;
+            ``"dual"`` is refused).
         every: samples between checkpoints, a multiple of ``minibatch``: the gradient chunks
             are cut there, so a checkpoint falls on every multiple of it; default: at the end
             of the first chunk after 5 minutes since the last one. A fit resumes only with the
@@ -157,6 +158,7 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
         max_memory, lay, dtype, device = (checked[k] for k in (
             "damping", "weight_decay", "minibatch", "curv", "mc_samples", "seed",
             "probe_vectors", "chunk_size", "max_memory", "layout", "dtype", "device"))
+    requests = checkpoint is not None and representation == "requests"
     representation = _check_checkpointing(checkpoint, every, minibatch, representation, data,
                                           fm.task)
     representation = curv.representation_for(fm, lay, representation)
@@ -190,8 +192,7 @@ def fit_inverse_fisher(model: nn.Module, loss_fn, data, *, damping: float,
             inv = fit_resumable(fm, loss_fn, data, lay, device=device, chunk_size=chunk_size,
                                 stream_args=stream_args, settings=settings,
                                 path=Path(checkpoint), every=every, bar=bar,
-                                probe_vectors=probe_vectors,
-                                requests=representation == "requests")
+                                probe_vectors=probe_vectors, requests=requests)
         else:
             inv = _fit_streamed(fm, loss_fn, data, lay, curv, damping=damping, device=device,
                                 chunk_size=chunk_size, stream_args=stream_args, total=total,
@@ -245,8 +246,9 @@ def _check_checkpointing(checkpoint, every, minibatch: int, representation: str,
         raise TypeError(f"data must be one batch or a re-iterable collection of "
                         f"batches to resume a fit from a checkpoint, got a one-shot "
                         f"{type(data).__name__}")
-    # what the resumable fit builds (and plans memory for)
-    return "requests" if representation == "requests" else "dense"
+    # what the resumable fit builds (and plans memory for): dense-family blocks from float64
+    # Grams, no dual form; "requests" then holds each block as its requests need it
+    return "dense64" if representation == "requests" else "dense"
 
 
 def _fit_streamed(fm: FlatModel, loss_fn, data, lay: ssse_ext.BlockLayout, curv, *,

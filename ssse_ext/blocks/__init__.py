@@ -58,10 +58,10 @@ __all__ = [
 #: ``auto = True``.
 AUTO = "auto"
 #: ``representation=`` value for an inverse that will serve deletion requests: the stores of
-#: ``"auto"`` with ``"gram"`` for ``"dense"``, then each gram block handed to ``"dense"`` or
-#: ``"dense64"`` where their Woodbury downdates provably stay within
-#: :data:`REQUEST_TOLERANCE` (:meth:`~ssse_ext.blocks.GramStore.for_requests`): chosen by
-#: accuracy as well as bytes.
+#: ``"auto"`` with ``"dense64"`` for ``"dense"``; once a dense64 block's Gram is known, it is
+#: held in ``"dense"``, ``"dense64"`` or ``"gram"``, the first whose Woodbury downdates stay
+#: within :data:`REQUEST_TOLERANCE` to first order (:func:`~ssse_ext.blocks.gram.requests_stores`):
+#: chosen by accuracy as well as bytes.
 REQUESTS = "requests"
 
 _REGISTRY: dict[str, type[BlockStore]] = {}
@@ -167,7 +167,7 @@ def resolve_representation(representation, method: str = "cholesky") -> tuple[st
 
     Args:
         representation: ``"auto"`` (every store with ``auto = True``), ``"requests"``
-            (the same with ``"gram"`` for ``"dense"``), a store name, a sequence of store
+            (the same with ``"dense64"`` for ``"dense"``), a store name, a sequence of store
             names, or :class:`Pinned`.
         method: a build method; ``"auto"`` means ``"cholesky"``.
 
@@ -193,8 +193,8 @@ def resolve_representation(representation, method: str = "cholesky") -> tuple[st
             list(representation) if isinstance(representation, (list, tuple)) else None
         if not given or any(not isinstance(n, str) or n not in _REGISTRY for n in given):
             raise ValueError(f"representation must be {AUTO!r}, {REQUESTS!r}, a registered "
-                             f"store name or a sequence of them (registered: {tuple(_REGISTRY)}), got "
-                             f"{representation!r}")
+                             f"store name or a sequence of them (registered: "
+                             f"{tuple(_REGISTRY)}), got {representation!r}")
         names = [n for n in _REGISTRY if n in given]
     built = tuple(n for n in names if method in _REGISTRY[n].methods)
     if not built:

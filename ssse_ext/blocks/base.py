@@ -130,6 +130,15 @@ class StoreBuilder(abc.ABC):
         """The store of the rows added, with the normaliser :math:`N` (known only now for a
         stream of unknown length); the builder is spent."""
 
+    def finish_for_requests(self, normalizer: float, *,
+                            max_memory: int | None = None) -> list["BlockStore"]:
+        """The stores that hold the blocks of :meth:`finish` in an inverse built to serve
+        requests (``representation="requests"``), once their statistics are known: by default
+        the store of :meth:`finish` alone; a builder whose store keeps more than requests need
+        may hand some blocks to smaller stores
+        (:func:`~ssse_ext.blocks.gram.requests_stores`)."""
+        return [self.finish(normalizer)]
+
 
 class BlockStore(abc.ABC):
     r"""A set of blocks of a layout holding :math:`F_b^{-1}` in one representation.
@@ -347,13 +356,6 @@ class BlockStore(abc.ABC):
         sketch (:class:`~ssse_ext.health.FisherProbe`), from the store's exact statistics; only
         stores with :attr:`takes_side` are asked."""
         raise NotImplementedError(f"the {self.name} store does not write a probe's sketch")
-
-    def for_requests(self, *, max_memory: int | None = None) -> list["BlockStore"]:
-        """The stores that hold this store's blocks in an inverse built to serve requests
-        (``representation="requests"``), once the build knows their statistics: by default
-        this store alone; a store that keeps more than its requests need may hand some blocks
-        to a smaller one (:meth:`~ssse_ext.blocks.GramStore.for_requests`)."""
-        return [self]
 
     # ---- copies and files ----
     @abc.abstractmethod

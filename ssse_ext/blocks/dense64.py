@@ -11,7 +11,8 @@ blocks, and an apply reads twice the bytes.
 
 It is never chosen by bytes: ``representation="requests"`` takes it for float32 blocks whose
 condition bound keeps :math:`\kappa^2 u_{64}` within the float32 request tolerance but not
-:math:`\kappa^2 u_{32}` (:meth:`~ssse_ext.GramStore.for_requests`), or ask for it by name.
+:math:`\kappa^2 u_{32}` (:func:`~ssse_ext.blocks.gram.requests_stores`), or ask for it by
+name.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from ..budget import COPY_REMEDIES, check_memory, format_bytes
 from ..layout import BlockLayout
 from ..validation import check_dtype
 from .base import BlockStore, BuildCost, StoreBuilder, copied_to, element_size
-from .dense import DenseStore
+from .dense import DenseStore, GramBuilder
+from .dense_gram import dense_build_nbytes, gram_build_workspace, group_cap, groups
 
 __all__ = ["Dense64Store"]
 
@@ -150,22 +152,33 @@ class Dense64Store(BlockStore):
 
     @classmethod
     def build_cost(cls, layout, block_ids, *, rows, dtype, device, method):
-        from .gram import GramStore  # built as gram blocks, then inverted again in float64
-        cost = GramStore.build_cost(layout, block_ids, rows=rows, dtype=dtype, device=device,
-                                    method=method)
-        numel = sum(layout.sizes[b] ** 2 for b in block_ids)
-        return BuildCost(cost.streaming, cost.peak + 8 * numel, 8 * numel,
-                         f"{len(block_ids)} dense64 blocks: {format_bytes(8 * numel)} stored, "
-                         f"built with their float64 Grams")
+        sizes = [layout.sizes[b] for b in block_ids]
+        numel = sum(s * s for s in sizes)
+        largest = max((sum(sizes[i] ** 2 for i in range(g0, g1))
+                       for g0, g1 in groups(sizes, group_cap(sizes))), default=0)
+        workspace = gram_build_workspace(layout, block_ids, device)
+        # the float64 Grams while the rows stream in; at the end, a group at a time: its
+        # float64 inverse, a copy of its Gram and the rounded copies next to the stores made
+        # so far, which hold at most 12 bytes per element (the blocks that keep their Gram to
+        # serve requests, requests_stores)
+        peak = max(dense_build_nbytes(sizes, dtype), 12 * numel + 28 * largest)
+        return BuildCost(8 * numel + workspace, peak + workspace, 8 * numel,
+                         f"{len(sizes)} dense64 blocks of up to {max(sizes, default=0)}: "
+                         f"{format_bytes(8 * numel)} stored, built from float64 Grams")
 
     @classmethod
     def builder(cls, layout, block_ids, *, dtype, device, method, damping, normalizer, rows,
                 probe=None, max_memory=None):
-        from .gram import GramStore
-        return _Builder(GramStore.builder(layout, block_ids, dtype=dtype, device=device,
-                                          method=method, damping=damping,
-                                          normalizer=normalizer, rows=rows, probe=probe,
-                                          max_memory=max_memory))
+        cost = cls.build_cost(layout, tuple(block_ids), rows=rows or 0, dtype=dtype,
+                              device=torch.device(device), method=method)
+        check_memory("Dense64Store.builder", cost.peak, device, max_memory=max_memory,
+                     detail=cost.detail,
+                     remedies=("hold fewer blocks as dense64 (representation=) or use smaller "
+                               "blocks",
+                               "pass max_memory=<bytes> if more memory may be used than is "
+                               "free now"))
+        return _Builder(GramBuilder(layout, block_ids, dtype, device, damping=damping,
+                                    probe=probe, max_memory=max_memory))
 
     def __repr__(self) -> str:
         return (f"Dense64Store(blocks={self.num_blocks}, "
@@ -174,7 +187,8 @@ class Dense64Store(BlockStore):
 
 
 class _Builder(StoreBuilder):
-    """The gram blocks' build, every block then handed to a :class:`Dense64Store`."""
+    """The stable build's float64 Grams (:class:`~ssse_ext.blocks.dense_gram.DenseGram`),
+    inverted once in float64 into dense64 blocks, or into the stores that serve requests."""
 
     def __init__(self, inner: StoreBuilder):
         self.inner = inner
@@ -182,5 +196,15 @@ class _Builder(StoreBuilder):
     def add(self, rows):
         self.inner.add(rows)
 
+    def _stores(self, normalizer, store):
+        from .gram import requests_stores
+        inner = self.inner
+        # the warnings name the caller of build_inverse_fisher (through the build loop)
+        return requests_stores(inner.gram, inner.damping, normalizer, probe=inner.probe,
+                               stacklevel=5, store=store)
+
     def finish(self, normalizer):
-        return self.inner.finish(normalizer).as_dense64()
+        return self._stores(normalizer, Dense64Store.name)[0]
+
+    def finish_for_requests(self, normalizer, *, max_memory=None):
+        return self._stores(normalizer, None)

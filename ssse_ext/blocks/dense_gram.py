@@ -216,11 +216,14 @@ class DenseGram:
         return self
 
     def invert(self, damping: float, normalizer: float, *, probe: FisherProbe | None = None,
-               stacklevel: int = 1, keep: bool = False) -> list[torch.Tensor]:
+               stacklevel: int = 1, keep=False, dtype: torch.dtype | None = None,
+               consume=None) -> list[torch.Tensor]:
         """Inverts every group (freeing it) into the segments of the result, one packed 1-D
-        tensor per group; the accumulator is spent. With ``keep``, each group is inverted
+        tensor per group in ``dtype`` (default the accumulator's); the accumulator is spent.
+        With ``keep`` (a bool, or a function of the group's index), each group is inverted
         from a copy and the accumulators stay in :attr:`grams` (one group's copy at a time:
-        the kernel factors its input in place).
+        the kernel factors its input in place). ``consume(g, packed)``, when given, takes each
+        group's result as soon as it is computed instead of the returned list (empty then).
 
         Before anything is inverted, every group is checked: accumulators that overflowed
         float64 raise ``FloatingPointError``; blocks so ill-conditioned that their inverse
@@ -249,14 +252,18 @@ class DenseGram:
                              dtype=self.dtype, stacklevel=stacklevel + 1)
         segments = []
         for g, ((g0, g1), (host, dev)) in enumerate(zip(self.groups, self._tables)):
-            work = self.grams[g].clone() if keep else self.grams[g]
+            kept = keep(g) if callable(keep) else keep
+            work = self.grams[g].clone() if kept else self.grams[g]
             packed, info = _ops.call(_ops.inverse_from_gram, work, host, dev, damping,
-                                     normalizer, self.dtype)
+                                     normalizer, dtype or self.dtype)
             del work
-            if not keep:
+            if not kept:
                 self.grams[g] = None  # freed before the next group's result is allocated
             raise_if_failed(info, "build", self.layout, "pivot", self.blocks[g0:g1])
-            segments.append(packed)
+            if consume is None:
+                segments.append(packed)
+            else:
+                consume(g, packed)
         return segments
 
     def _raise_overflow(self, gram: torch.Tensor, ids) -> None:

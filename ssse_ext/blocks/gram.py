@@ -40,7 +40,8 @@ from .dense_gram import (dense_build_nbytes, gram_build_workspace, group_cap, gr
                          raise_if_failed)
 
 __all__ = ["REQUEST_TOLERANCE", "GramStore", "condition_bounds", "downdates_hold",
-           "representation_for_requests", "request_store", "store_from_gram"]
+           "representation_for_requests", "request_store", "requests_stores",
+           "store_from_gram"]
 
 # float64 (s, s) tensors a batch of blocks holds at once when the change is checked in the
 # factor form (more rows than parameters, or a shift): the Fisher, its Cholesky factor, the
@@ -62,15 +63,16 @@ REQUEST_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
 def condition_bounds(gram: torch.Tensor, damping: float, normalizer: float) -> torch.Tensor:
-    r"""Upper bounds :math:`1 + \lVert S_b\rVert_F / (N\lambda) \ge \kappa(F_b)` of a run of
-    ``(n, s, s)`` float64 Grams (full symmetric), one per block."""
+    r"""Bounds :math:`B_b = 1 + \lVert S_b\rVert_F / (N\lambda)` of a run of ``(n, s, s)``
+    float64 Grams (full symmetric), one per block: :math:`B_b \ge \lambda_{\max}(F_b)/\lambda
+    \ge \kappa(F_b)`, and it stays a bound after any downdate of the block."""
     return 1 + torch.linalg.matrix_norm(gram) / (normalizer * damping)
 
 
 def request_store(bound: torch.Tensor, dtype: torch.dtype) -> list[str]:
-    """Per condition bound, the store a block of ``dtype`` serves requests from: ``"dense"``
-    where its own Woodbury downdates hold (:func:`downdates_hold`), ``"dense64"`` where
-    float64 ones hold the tolerance of ``dtype``, else ``"gram"``."""
+    """Per bound (:func:`condition_bounds`), the store a block of ``dtype`` serves requests
+    from: ``"dense"`` where its own Woodbury downdates hold (:func:`downdates_hold`),
+    ``"dense64"`` where float64 ones hold the tolerance of ``dtype``, else ``"gram"``."""
     own = downdates_hold(bound, dtype).tolist()
     wide = downdates_hold(bound, dtype, torch.float64).tolist()
     return ["dense" if a else "dense64" if w else "gram" for a, w in zip(own, wide)]
@@ -78,25 +80,27 @@ def request_store(bound: torch.Tensor, dtype: torch.dtype) -> list[str]:
 
 def downdates_hold(bound: torch.Tensor, dtype: torch.dtype,
                    arithmetic: torch.dtype | None = None) -> torch.Tensor:
-    r"""Whether a dense block of condition number at most ``bound`` keeps Woodbury downdates
-    within :data:`REQUEST_TOLERANCE` of ``dtype`` when they run on a copy in ``arithmetic``
-    (default ``dtype``): :math:`\kappa^2 u \le \tau`. A rounding :math:`E` of the
+    r"""Whether a dense block with bound ``bound`` (:func:`condition_bounds`) keeps Woodbury
+    downdates within :data:`REQUEST_TOLERANCE` of ``dtype`` when they run on blocks held in
+    ``arithmetic`` (default ``dtype``): :math:`B^2 u \le \tau`. A rounding :math:`E` of the
     stored inverse (:math:`\lVert E\rVert \approx u \lVert F^{-1}\rVert`) is the inverse of
-    a Fisher off by :math:`F E F`, which the downdated inverse :math:`F'^{-1}` amplifies: its
-    relative error is up to :math:`\lVert F'^{-1} F\rVert^2 u \le \kappa(F)^2 u` (a downdate
-    only lowers :math:`F`). Measured: :math:`0.025\,\kappa^2 u` after 20 requests removing 80 %
-    of the rows, float32 and float64 alike (benchmarks/bench_requests.py)."""
+    a Fisher off by :math:`F E F`, which the downdated inverse :math:`F'^{-1}` amplifies: to
+    first order its relative error is up to :math:`\lVert F'^{-1} F\rVert^2 u`, and
+    :math:`\lVert F'^{-1} F\rVert \le \lambda_{\max}(F)/\lambda \le B` (a downdate only lowers
+    :math:`F`, never below :math:`\lambda I`). Each request rounds the block again, so
+    :math:`m` requests may add up to :math:`m B^2 u`. Measured: :math:`0.05\,\kappa^2 u` after 20
+    requests removing 80 % of the rows, float32 and float64 alike
+    (benchmarks/bench_requests.py)."""
     u = torch.finfo(arithmetic or dtype).eps / 2
     return bound.square() * u <= REQUEST_TOLERANCE[dtype]
 
 
 def representation_for_requests(representation):
-    r"""What ``representation="auto"`` becomes for an inverse that will serve requests
-    (``build_inverse_fisher(requests=True)``): the stores ``"auto"`` chooses among, with
-    ``"dense"`` replaced by ``"gram"`` (the dual form downdates its exact rows and kernel, and
-    is still taken where it is smaller). In float64 too: Woodbury downdates lose about
-    :math:`\kappa\,u_{64}` per request there (measured 1e-8 after 20 requests on
-    rank-deficient blocks, against 4e-12 for the Gram).
+    r"""The stores ``representation="requests"`` (``build_inverse_fisher(requests=True)``)
+    plans with: those of ``"auto"``, with ``"dense64"`` for ``"dense"`` (the dual form,
+    exact under requests too, is taken where it holds fewer bytes than a float64 dense
+    block); a dense64 build then holds each block in ``"dense"``, ``"dense64"`` or ``"gram"``
+    by its condition bound (:func:`requests_stores`).
 
     Raises ``ValueError`` for any other ``representation``: an explicit choice of stores is
     not rewritten.
@@ -104,9 +108,9 @@ def representation_for_requests(representation):
     from . import AUTO, resolve_representation  # the registry imports this module
     if representation != AUTO:
         raise ValueError(f"requests=True chooses among the stores of representation={AUTO!r} "
-                         f"(with \"gram\" for the dense blocks); got "
-                         f"representation={representation!r}: pass one or the other")
-    return tuple("gram" if n == "dense" else n for n in resolve_representation(AUTO))
+                         f"by accuracy; got representation={representation!r}: pass one or "
+                         f"the other")
+    return tuple("dense64" if n == "dense" else n for n in resolve_representation(AUTO))
 
 
 class GramStore(BlockStore):
@@ -318,85 +322,6 @@ class GramStore(BlockStore):
         raise_if_failed(info, what, self.layout, "pivot", tuple(range(b0, b0 + n)))
         into[o:o + n * s * s] = packed
 
-    # ---- the blocks requests need it for ----
-    def for_requests(self, *, max_memory=None):
-        r"""This store's blocks as an inverse that serves requests holds them, by the
-        condition bound of each (:func:`condition_bounds`, :func:`request_store`): in a
-        :class:`~ssse_ext.blocks.DenseStore` where Woodbury downdates of the inverse's dtype
-        stay within :data:`REQUEST_TOLERANCE`, in a :class:`~ssse_ext.blocks.Dense64Store`
-        where float64 ones do, here otherwise. When the copies that separate them do not fit
-        in memory, every block keeps its Gram (exact as well; only the bytes and the cost of
-        a request differ). The store is spent."""
-        where = {}
-        for j, b0, n, s, o in self._batches(0):
-            bound = condition_bounds(self._gram_run(j, b0, n, s, o), self.damping,
-                                     self.normalizer)
-            where.update(zip(range(b0, b0 + n), request_store(bound, self.dtype)))
-        if all(name == self.name for name in where.values()):
-            return [self]
-        largest = max(g.numel() for g in self._grams)
-        try:
-            check_memory("GramStore.for_requests", largest * (8 + element_size(self.dtype)),
-                         self.device, max_memory=max_memory, detail="one segment's copies")
-        except MemoryError:
-            return [self]
-        return self._split(where)
-
-    def as_dense64(self) -> "Dense64Store":
-        """Every block in a :class:`~ssse_ext.blocks.Dense64Store`, inverted again from its
-        Gram in float64; the store is spent."""
-        if not self.block_ids:
-            empty = torch.zeros(0, dtype=self.dtype, device=self.device)
-            return Dense64Store(self.layout, (), empty.double(), dtype=self.dtype,
-                                damping=self.damping, normalizer=self.normalizer)
-        return self._split(dict.fromkeys(self.block_ids, Dense64Store.name))[0]
-
-    def _split(self, where: dict) -> list:
-        """The stores ``where`` names per block (this one's, ``"dense"``, ``"dense64"``), a
-        segment at a time, each Gram freed once copied."""
-        parts: dict = {name: ([], [], []) for name in (self.name, "dense", Dense64Store.name)}
-        for j, ids in enumerate(self._segment_ids):
-            g, inv = self._grams[j], self._inverse.segments[j]
-            for name, (blocks, first, second) in parts.items():
-                mine = [b for b in ids if where[b] == name]
-                if not mine:
-                    continue
-                spans = [(self._where[b][1], self.layout.sizes[b] ** 2) for b in mine]
-                blocks += mine
-                if name == Dense64Store.name:
-                    first.append(torch.cat([self._inverse64(j, b0, count, size, o)
-                                            for b0, count, size, o in self._runs_of(j, mine)]))
-                    continue
-                first.append(torch.cat([inv[o:o + m] for o, m in spans]))
-                if name == self.name:
-                    second.append(torch.cat([g[o:o + m] for o, m in spans]))
-            self._grams[j] = g.new_zeros(0)  # spent
-        kw = {"damping": self.damping, "normalizer": self.normalizer}
-        blocks, inverses, grams = parts[self.name]
-        out = [GramStore(self.layout, blocks, grams, inverses, **kw)] if blocks else []
-        blocks, segments, _ = parts["dense"]
-        out += [DenseStore(self.layout, blocks, segments, **kw)] if blocks else []
-        blocks, exact, _ = parts[Dense64Store.name]
-        out += [Dense64Store(self.layout, blocks, exact, dtype=self.dtype, **kw)] if blocks \
-            else []
-        return out
-
-    def _runs_of(self, j: int, blocks: list):
-        for _, b0, count, size, o in self._batches(0, blocks):
-            if self._where[b0][0] == j:
-                yield b0, count, size, o
-
-    def _inverse64(self, j: int, b0: int, n: int, s: int, o: int) -> torch.Tensor:
-        """The packed float64 inverses of a run of blocks, from their Grams."""
-        host = self.layout.table(blocks=range(b0, b0 + n))
-        dev = host if self.device.type == "cpu" else host.to(self.device)
-        work = self._grams[j][o:o + n * s * s].clone()
-        packed, info = _ops.call(_ops.inverse_from_gram, work, host, dev, self.damping,
-                                 self.normalizer, torch.float64)
-        raise_if_failed(info, "GramStore.for_requests", self.layout, "pivot",
-                        tuple(range(b0, b0 + n)))
-        return packed
-
     # ---- copies and files ----
     def copy_nbytes(self, dtype=None):
         numel = sum(g.numel() for g in self._grams)
@@ -489,6 +414,100 @@ class GramStore(BlockStore):
                 f"dtype={self.dtype}, device={self.device}, nbytes={self.nbytes})")
 
 
+class _Parts:
+    """The blocks of an inverse being sorted into the stores that serve its requests, a
+    segment at a time (:func:`requests_stores`)."""
+
+    def __init__(self, layout: BlockLayout, where: dict, dtype: torch.dtype, damping: float,
+                 normalizer: float):
+        self.layout, self.where, self.dtype = layout, where, dtype
+        self.kw = {"damping": damping, "normalizer": normalizer}
+        self.parts = {name: ([], [], []) for name in ("gram", "dense", Dense64Store.name)}
+
+    def add(self, ids, inv: torch.Tensor, gram: torch.Tensor | None) -> None:
+        """A segment: the packed float64 inverses ``inv`` of the blocks ``ids`` (and their
+        full float64 Grams, where a block keeps it)."""
+        o, spans = 0, {}
+        for b in ids:
+            spans[b] = (o, self.layout.sizes[b] ** 2)
+            o += spans[b][1]
+        for name, (blocks, first, second) in self.parts.items():
+            mine = [b for b in ids if self.where[b] == name]
+            if not mine:
+                continue
+            blocks += mine
+            wanted = torch.float64 if name == Dense64Store.name else self.dtype
+            whole = len(mine) == len(ids) and inv.dtype == wanted
+            first.append(inv if whole else torch.cat([inv[a:a + m] for a, m in
+                                                      (spans[b] for b in mine)]).to(wanted))
+            if name == "gram":
+                second.append(gram if len(mine) == len(ids) else
+                              torch.cat([gram[a:a + m] for a, m in (spans[b] for b in mine)]))
+
+    def stores(self) -> list[BlockStore]:
+        out = []
+        blocks, inverses, grams = self.parts["gram"]
+        if blocks:
+            out.append(GramStore(self.layout, blocks, grams, inverses, **self.kw))
+        blocks, segments, _ = self.parts["dense"]
+        if blocks:
+            out.append(DenseStore(self.layout, blocks, segments, **self.kw))
+        blocks, exact, _ = self.parts[Dense64Store.name]
+        if blocks:
+            out.append(Dense64Store(self.layout, blocks, exact, dtype=self.dtype, **self.kw))
+        return out
+
+
+def _full(gram: torch.Tensor, layout: BlockLayout, ids) -> torch.Tensor:
+    """A packed accumulator's lower triangles made full symmetric matrices, in place."""
+    o = 0
+    for b0, n, s in layout.runs(blocks=ids):
+        run = gram[o:o + n * s * s].view(n, s, s)
+        run.copy_(torch.tril(run) + torch.tril(run, -1).transpose(1, 2))
+        o += n * s * s
+    return gram
+
+
+def requests_stores(gram, damping: float, normalizer: float, *, probe=None,
+                    stacklevel: int = 1, store: str | None = None) -> list[BlockStore]:
+    r"""The stores that serve the requests of the inverse of a
+    :class:`~ssse_ext.blocks.dense_gram.DenseGram`'s blocks (the accumulator is spent): per
+    block, the one :func:`request_store` names from its condition bound (or ``store`` for
+    every block). Each group is inverted once, in float64, and sorted at once: a group with no
+    block that keeps its Gram is inverted in place, so the build holds about as much as the
+    stores it makes. ``probe`` and ``stacklevel`` as in :meth:`DenseGram.invert` (1: the
+    caller's frame)."""
+    layout, where = gram.layout, {}
+    for (g0, g1), acc in zip(gram.groups, gram.grams):
+        o = 0
+        for b0, n, s in layout.runs(blocks=gram.blocks[g0:g1]):
+            low = torch.tril(acc[o:o + n * s * s].view(n, s, s))
+            o += n * s * s
+            fro = (2 * low.square().sum((1, 2)) -
+                   low.diagonal(dim1=1, dim2=2).square().sum(1)).clamp(min=0).sqrt()
+            names = request_store(1 + fro / (normalizer * damping), gram.dtype) \
+                if store is None else [store] * n
+            where.update(zip(range(b0, b0 + n), names))
+    parts = _Parts(layout, where, gram.dtype, damping, normalizer)
+
+    def keeps(g):
+        g0, g1 = gram.groups[g]
+        return any(where[b] == "gram" for b in gram.blocks[g0:g1])
+
+    def consume(g, packed):
+        ids = gram.blocks[slice(*gram.groups[g])]
+        kept = _full(gram.grams[g], layout, ids) if keeps(g) else None
+        parts.add(ids, packed, kept)
+        gram.grams[g] = None
+
+    gram.invert(damping, normalizer, probe=probe, stacklevel=stacklevel + 1, keep=keeps,
+                dtype=torch.float64, consume=consume)
+    return parts.stores() or [Dense64Store(layout, (), torch.zeros(0, dtype=torch.float64,
+                                                                   device=gram.device),
+                                           dtype=gram.dtype, damping=damping,
+                                           normalizer=normalizer)]
+
+
 def store_from_gram(gram, damping: float, normalizer: float, *, probe=None,
                     stacklevel: int = 1) -> GramStore:
     """The :class:`GramStore` of a :class:`~ssse_ext.blocks.dense_gram.DenseGram`'s blocks,
@@ -500,13 +519,10 @@ def store_from_gram(gram, damping: float, normalizer: float, *, probe=None,
     if not segments:
         segments = [torch.zeros(0, dtype=gram.dtype, device=gram.device)]
         grams = [torch.zeros(0, dtype=torch.float64, device=gram.device)]
-    store = GramStore(gram.layout, gram.blocks, grams, segments, damping=damping,
-                      normalizer=normalizer)
-    # the accumulators hold lower triangles: made full, so that S_b +- R^T R stays exact
-    for j, b0, n, s, o in store._batches(0):
-        run = store._gram_run(j, b0, n, s, o)
-        run.copy_(torch.tril(run) + torch.tril(run, -1).transpose(1, 2))
-    return store
+    for t, (g0, g1) in zip(grams, gram.groups):
+        _full(t, gram.layout, gram.blocks[g0:g1])  # so that S_b +- R^T R stays exact
+    return GramStore(gram.layout, gram.blocks, grams, segments, damping=damping,
+                     normalizer=normalizer)
 
 
 class _Builder(GramBuilder):
@@ -515,4 +531,5 @@ class _Builder(GramBuilder):
     def finish(self, normalizer):
         # the warnings name the caller of build_inverse_fisher (through the build loop)
         return store_from_gram(self.gram, self.damping, normalizer, probe=self.probe,
-                               stacklevel=3)
+                               stacklevel=4)
+

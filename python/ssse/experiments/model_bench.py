@@ -120,7 +120,8 @@ def run(*, arch: str = "small_resnet", width: int | None = None, n: int = 256,
     inv = eraser.inv_fisher
     out.update(inverse_bytes=inv.nbytes, blocks=inv.layout.num_blocks,
                stores={n: inv.representation.count(n) for n in sorted(set(inv.representation))},
-               segments=len(inv.segments), fit_rel_err=_check_fit(model, loss_fn, x, y, inv,
+               segments=sum(int(st.state()[1].get("segments", 1)) for st in inv.stores),
+               fit_rel_err=_check_fit(model, loss_fn, x, y, inv,
                                                                    damping))
 
     # One request: its step checked against a float64 computation on a copy of a few blocks.
