@@ -9,7 +9,8 @@ per-parameter blocks. ``--requests`` requests of ``--k`` samples are then served
 the relative difference of ``inv @ V`` (8 random vectors) of each basis-kept inverse from the
 exact one after 1, 5 and all requests, and the K-FAC inverse against a fresh fit on the
 remaining samples (same normaliser), which must agree to rounding. Also the bytes of one
-GPT-2-small MLP weight (768 x 3072) in each form.
+GPT-2-small MLP weight (768 x 3072) in each form (and with the bases kept only in float32,
+``storage="compact"``).
 
     python benchmarks/bench_kfac.py [--n 2000] [--width 64] [--requests 20] [--k 10]
 """
@@ -89,7 +90,9 @@ def main() -> None:
             unregister_curvature(c.name)
     f32 = torch.float32
     print(f"one 768 x 3072 weight, float32: dense {(768 * 3072) ** 2 * 4 / 1e12:.1f} TB, "
-          f"K-FAC/EK-FAC {kronecker_nbytes(3072, 768, f32) / 1e6:.1f} MB, EK-FAC exact with "
+          f"K-FAC/EK-FAC {kronecker_nbytes(3072, 768, f32) / 1e6:.1f} MB (compact "
+          f"{kronecker_nbytes(3072, 768, f32, storage='compact') / 1e6:.1f} MB), "
+          f"EK-FAC exact with "
           f"10^5 rows {kronecker_nbytes(3072, 768, f32, 10 ** 5) / 1e9:.0f} GB")
 
 

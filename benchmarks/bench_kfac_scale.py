@@ -3,7 +3,9 @@
 A ``transformers.GPT2LMHeadModel`` is built from its config (random weights, eval mode, no
 download) with GPT-2 small's 12 layers at width ``--n-embd``; the inverse covers only the
 4 x 12 ``Conv1D`` weights (``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``,
-selected with ``params=``), one EK-FAC block each (``curvature="ekfac"``, basis-kept refresh).
+selected with ``params=``), one EK-FAC block each (``curvature="ekfac"``, basis-kept refresh;
+``--storage compact`` registers and uses an EK-FAC curvature that keeps the bases only in
+float32, :func:`ssse.curvature.kfac.ekfac`).
 It is fitted on ``--n`` random token sequences of ``--seq-len`` tokens (the next-token loss,
 :func:`ssse.causal_lm_loss`), then ``--requests`` requests of ``--k`` sequences are served by
 an :class:`ssse.Eraser`. Recorded: the parameters selected and in the model, the inverse's
@@ -13,10 +15,11 @@ bytes against the selected weights' bytes, the fit's seconds, and per request th
 sums, their re-eigendecomposition and the grid's change.
 
 The memory of the blocks follows from the layer shapes alone (:func:`layer_memory`), so the
-same figures are printed for GPT-2 small's width (768) without building it; they are
-computed, not measured.
+same figures are printed for GPT-2 small's width (768) without building it, for both
+storages; they are computed, not measured.
 
-    python benchmarks/bench_kfac_scale.py [--n-embd 128] [--n 2000] [--threads 1] [--json PATH]
+    python benchmarks/bench_kfac_scale.py [--n-embd 128] [--n 2000] [--threads 1]
+        [--storage exact|compact] [--json PATH]
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ import torch
 
 import ssse
 from ssse_ext.bench import machine
-from ssse_ext.blocks.kronecker import CHANGE_STAGES
+from ssse.curvature import unregister_curvature
+from ssse.curvature.kfac import ekfac
+from ssse_ext.blocks.kronecker import CHANGE_STAGES, STORAGE_MODES
 from ssse_ext.blocks.kronecker_factors import kronecker_nbytes
 
 #: The Kronecker-factored weights of a GPT-2 block, with their ``(out, in)`` in units of the
@@ -45,18 +50,22 @@ DAMPING = 1e-3
 EPSILON = 1.0
 
 
-def layer_memory(n_layer: int, n_embd: int, dtype: torch.dtype = torch.float32) -> dict:
+def layer_memory(n_layer: int, n_embd: int, dtype: torch.dtype = torch.float32,
+                 storage: str = "exact") -> dict:
     """The sizes of the EK-FAC blocks of the ``4 n_layer`` weights of a GPT-2 of width
     ``n_embd``, from their shapes: numbers in the weights, in the eigenbases
     (:math:`out^2 + in^2`) and in the grids (:math:`out\\,in`), and the store's bytes
-    (:func:`~ssse_ext.blocks.kronecker_factors.kronecker_nbytes`, vectors in ``dtype``)."""
+    (:func:`~ssse_ext.blocks.kronecker_factors.kronecker_nbytes`, vectors in ``dtype``, bases
+    kept as ``storage`` says) before any request."""
+    if storage not in STORAGE_MODES:
+        raise ValueError(f"storage must be one of {STORAGE_MODES}, got {storage!r}")
     weights = bases = grids = nbytes = 0
     for o, i in LAYERS.values():
         out, inn = o * n_embd, i * n_embd
         weights += out * inn
         bases += out * out + inn * inn
         grids += out * inn
-        nbytes += kronecker_nbytes(out, inn, dtype)
+        nbytes += kronecker_nbytes(out, inn, dtype, storage=storage)
     size = torch.empty(0, dtype=dtype).element_size()
     return {"weights": n_layer * weights, "eigenbasis_numbers": n_layer * bases,
             "grid_numbers": n_layer * grids, "store_bytes": n_layer * nbytes,
@@ -93,9 +102,13 @@ def sequences(n: int, seq_len: int, vocab_size: int, seed: int) -> dict:
 
 def run(*, n_layer: int = 12, n_embd: int = 128, n_head: int = 4, vocab_size: int = 512,
         seq_len: int = 16, n: int = 2000, requests: int = 10, k: int = 4,
-        chunk_size: int | None = None, device: str = "cpu", seed: int = 0) -> dict:
-    """Fits the EK-FAC inverse, serves the requests (sequences ``0 .. requests k - 1``) and
-    returns the measurements, the model and the eraser."""
+        chunk_size: int | None = None, device: str = "cpu", seed: int = 0,
+        storage: str = "exact") -> dict:
+    """Fits the EK-FAC inverse (its bases kept as ``storage`` says), serves the requests
+    (sequences ``0 .. requests k - 1``) and returns the measurements, the model and the
+    eraser."""
+    if storage not in STORAGE_MODES:
+        raise ValueError(f"storage must be one of {STORAGE_MODES}, got {storage!r}")
     for name, value in (("n_layer", n_layer), ("n_embd", n_embd), ("n_head", n_head),
                         ("vocab_size", vocab_size), ("seq_len", seq_len), ("n", n),
                         ("requests", requests), ("k", k)):
@@ -108,13 +121,43 @@ def run(*, n_layer: int = 12, n_embd: int = 128, n_head: int = 4, vocab_size: in
     model, names = build(n_layer, n_embd, n_head, vocab_size, seq_len, seed)
     model.to(device)
     data = {key: v.to(device) for key, v in sequences(n, seq_len, vocab_size, seed + 1).items()}
-    eraser = ssse.Eraser(model, ssse.causal_lm_loss, curvature="ekfac", damping=DAMPING,
-                         params=names, chunk_size=chunk_size)
-    t = _clock(device)
-    eraser.fit(data)
-    fit_s = _clock(device) - t
+    curvature = "ekfac" if storage == "exact" else "ekfac_bench_compact"
+    if storage == "compact":
+        ekfac(curvature, storage="compact")
+    try:
+        eraser = ssse.Eraser(model, ssse.causal_lm_loss, curvature=curvature, damping=DAMPING,
+                             params=names, chunk_size=chunk_size)
+        t = _clock(device)
+        eraser.fit(data)
+        fit_s = _clock(device) - t
+        fitted_bytes = eraser.inv_fisher.nbytes
+        stages = _serve(eraser, data, requests, k)
+    finally:
+        if storage == "compact":
+            unregister_curvature(curvature)
     inv = eraser.inv_fisher
     selected = sum(p.numel() for name, p in model.named_parameters() if name in set(names))
+    result = {
+        "device": str(device), "storage": storage,
+        "config": {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head,
+                   "vocab_size": vocab_size, "seq_len": seq_len, "n": n, "requests": requests,
+                   "k": k, "damping": DAMPING, "epsilon": EPSILON},
+        "selected_parameters": selected,
+        "model_parameters": sum(p.numel() for p in model.parameters()),
+        "inverse_bytes": inv.nbytes, "fitted_bytes": fitted_bytes,
+        "selected_bytes": selected * inv.dtype.itemsize,
+        "fit_s": fit_s, "requests": stages,
+        "rebased": sum(getattr(store, "rebased", 0) for store in inv.stores),
+        "shapes": layer_memory(n_layer, n_embd, inv.dtype, storage),
+        "gpt2_small": {mode: layer_memory(GPT2_SMALL["n_layer"], GPT2_SMALL["n_embd"],
+                                          inv.dtype, mode) for mode in STORAGE_MODES},
+    }
+    return {"result": result, "model": model, "eraser": eraser, "data": data}
+
+
+def _serve(eraser, data: dict, requests: int, k: int) -> list[dict]:
+    """Serves the requests; per request the seconds of its stages and of the store's."""
+    inv = eraser.inv_fisher
     stages = []
     for r in range(requests):
         ids = list(range(r * k, (r + 1) * k))
@@ -125,21 +168,7 @@ def run(*, n_layer: int = 12, n_embd: int = 128, n_head: int = 4, vocab_size: in
             for stage, s in getattr(store, "last_timings", {}).items():
                 split[stage] = split.get(stage, 0.0) + s
         stages.append({**eraser.last_timings, **split})
-    result = {
-        "device": str(device),
-        "config": {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head,
-                   "vocab_size": vocab_size, "seq_len": seq_len, "n": n, "requests": requests,
-                   "k": k, "damping": DAMPING, "epsilon": EPSILON},
-        "selected_parameters": selected,
-        "model_parameters": sum(p.numel() for p in model.parameters()),
-        "inverse_bytes": inv.nbytes,
-        "selected_bytes": selected * inv.dtype.itemsize,
-        "fit_s": fit_s, "requests": stages,
-        "rebased": sum(getattr(store, "rebased", 0) for store in inv.stores),
-        "shapes": layer_memory(n_layer, n_embd, inv.dtype),
-        "gpt2_small": layer_memory(GPT2_SMALL["n_layer"], GPT2_SMALL["n_embd"], inv.dtype),
-    }
-    return {"result": result, "model": model, "eraser": eraser, "data": data}
+    return stages
 
 
 def _clock(device) -> float:
@@ -160,16 +189,21 @@ def report(result: dict) -> str:
         f"{m['cuda']} ({result['device']})"
     sel, model_n = result["selected_parameters"], result["model_parameters"]
     ratio = result["inverse_bytes"] / result["selected_bytes"]
-    shapes = result["shapes"]
+    shapes, storage = result["shapes"], result.get("storage", "exact")
     lines = [f"Measured on {where}, torch {m['torch']}: "
              f"GPT-2, {cfg['n_layer']} layers, width {cfg['n_embd']}, vocabulary "
              f"{cfg['vocab_size']}, {cfg['n']} sequences of {cfg['seq_len']} tokens, "
-             f"{cfg['requests']} requests of {cfg['k']}.", "",
+             f"{cfg['requests']} requests of {cfg['k']}, storage {storage!r}.", "",
              "| measured | value |", "|---|---|",
              f"| parameters: model / selected (4 x {cfg['n_layer']} weights) | "
              f"{model_n:,} / {sel:,} |",
-             f"| inverse (EK-FAC) bytes | {result['inverse_bytes'] / 1e6:.1f} MB |",
-             f"| inverse / selected weights (float32), bytes | {ratio:.1f}x |",
+             f"| inverse (EK-FAC, {storage}) bytes: fitted / after the requests | "
+             f"{result.get('fitted_bytes', result['inverse_bytes']) / 1e6:.1f} / "
+             f"{result['inverse_bytes'] / 1e6:.1f} MB |",
+             f"| inverse after the requests / selected weights (float32), bytes | "
+             f"{ratio:.1f}x |",
+             f"| inverse after the requests / whole model (float32), bytes | "
+             f"{result['inverse_bytes'] / (4 * model_n):.2f}x |",
              f"| eigenbases / selected weights, numbers | "
              f"{shapes['eigenbasis_numbers'] / sel:.2f}x |",
              f"| fit | {result['fit_s']:.1f} s |"]
@@ -184,7 +218,7 @@ def report(result: dict) -> str:
         lines.append(f"| {label} (median of {len(stages)}) | "
                      f"{_median(stages, key) * 1e3:.0f} ms |")
     lines.append(f"| bases replaced over the requests | {result['rebased']} |")
-    full = result["gpt2_small"]
+    full = result["gpt2_small"]["exact"]
     n_full = gpt2_parameters(**{k: GPT2_SMALL[k] for k in ("n_layer", "n_embd", "vocab_size",
                                                              "n_positions")})
     lines += ["", "Computed from the shapes (not run), GPT-2 small (width 768, 12 layers):", "",
@@ -193,11 +227,15 @@ def report(result: dict) -> str:
               f"| eigenbases | {full['eigenbasis_numbers']:,} numbers, "
               f"{full['eigenbasis_numbers'] / full['weights']:.2f}x the selected, "
               f"{full['eigenbasis_numbers'] / n_full:.2f}x the model |",
-              f"| grids | {full['grid_numbers']:,} numbers (1x the selected) |",
-              f"| EK-FAC store (float64 sums, bases, grid; float32 copies) | "
-              f"{full['store_bytes'] / 1e9:.2f} GB, "
-              f"{full['store_bytes'] / full['weight_bytes']:.1f}x the selected weights' "
-              f"float32 bytes, {full['store_bytes'] / (4 * n_full):.1f}x the model's |"]
+              f"| grids | {full['grid_numbers']:,} numbers (1x the selected) |"]
+    what = {"exact": "float64 bases, eigenvalues, grid; float32 copies of the bases",
+            "compact": "float32 bases; float64 eigenvalues, grid"}
+    for mode, label in what.items():
+        m = result["gpt2_small"][mode]
+        lines.append(f"| EK-FAC store, storage {mode!r} ({label}), fitted | "
+                     f"{m['store_bytes'] / 1e9:.3f} GB, "
+                     f"{m['store_bytes'] / m['weight_bytes']:.2f}x the selected weights' "
+                     f"float32 bytes, {m['store_bytes'] / (4 * n_full):.2f}x the model's |")
     return "\n".join(lines)
 
 
@@ -216,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's; 1 on a shared machine)")
     p.add_argument("--device", default="cpu", help="of the model and the inverse")
+    p.add_argument("--storage", default="exact", choices=STORAGE_MODES,
+                   help="how the EK-FAC blocks keep their bases")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results")
     args = p.parse_args(argv)
@@ -226,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     out = run(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
               vocab_size=args.vocab_size, seq_len=args.seq_len, n=args.n,
               requests=args.requests, k=args.k, chunk_size=args.chunk_size or None,
-              device=args.device, seed=args.seed)
+              device=args.device, seed=args.seed, storage=args.storage)
     result = out["result"]
     print(report(result))
     if args.json:

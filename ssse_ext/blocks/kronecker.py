@@ -4,10 +4,11 @@ A block is one weight :math:`W` (``out x in``) of a linear layer, applied at pos
 :math:`t` to inputs :math:`a_{i,t}` with output gradients :math:`g_{i,t}`; its flat rows are
 the per-sample gradients :math:`G_i = \sum_t g_{i,t} a_{i,t}^\top`. The store keeps the float64
 sums :math:`\bar A = \sum_{i,t} a a^\top` and :math:`\bar S = \sum_{i,t} g g^\top` (a side
-payload of the rows, :class:`KroneckerFactors`), their eigenbases :math:`Q_A, Q_S`, and a grid
-:math:`\bar\Lambda` (``out x in``) with :math:`F_W = (Q_S \otimes Q_A)\,
-\mathrm{diag}(\bar\Lambda / N + \lambda)\,(Q_S \otimes Q_A)^\top` in PyTorch's row-major
-flattening (:math:`\mathrm{vec}(g a^\top) = g \otimes a`):
+payload of the rows, :class:`KroneckerFactors`) as their eigenbases :math:`Q_A, Q_S` and
+float64 eigenvalues, and a float64 grid :math:`\bar\Lambda` (``out x in``) with
+:math:`F_W = (Q_S \otimes Q_A)\,\mathrm{diag}(\bar\Lambda / N + \lambda)\,
+(Q_S \otimes Q_A)^\top` in PyTorch's row-major flattening
+(:math:`\mathrm{vec}(g a^\top) = g \otimes a`):
 
 - K-FAC: :math:`F_W = S \otimes A + \lambda I` with :math:`A = \bar A / N`, :math:`S = \bar S / N`,
   so :math:`\bar\Lambda_{jk} = s_j a_k / N` from the eigenvalues of :math:`\bar S, \bar A`;
@@ -15,20 +16,36 @@ flattening (:math:`\mathrm{vec}(g a^\top) = g \otimes a`):
   of the per-sample gradients in the Kronecker eigenbasis.
 
 The apply is :math:`F_W^{-1} V = Q_S \big((Q_S^\top V Q_A) \oslash (\bar\Lambda/N + \lambda)\big)
-Q_A^\top`: the damping is exact. A weight stored ``(in, out)`` (GPT-2's ``Conv1D``) is the
-same with :math:`V` transposed. Memory per block: the float64 sums, bases and grid
-(:math:`8 (2\,in^2 + 2\,out^2 + in + out + in\,out)` bytes) and copies of the bases and the
-inverse grid in the rows' dtype for the applies, against :math:`(in\,out)^2` numbers dense.
+Q_A^\top`: the damping is exact. The inverse grid is formed in the store's dtype at each
+apply, not stored (:math:`in\,out` divisions against the :math:`2\,in\,out\,(in + out)`
+products of the bases per vector: 7 ms against 0.7 s for a 3072 x 768 float32 block and one
+vector on one CPU thread). A weight stored ``(in, out)`` (GPT-2's ``Conv1D``) is the same
+with :math:`V` transposed.
 
-**Changes are downdates of sums** (float64, exact), then both factors are decomposed again:
-K-FAC is then exactly the fit on the remaining samples. EK-FAC's grid needs the remaining
-gradients in the new basis; ``refresh`` chooses (docs/maths.md): ``"basis-kept"`` (default)
-downdates :math:`\bar\Lambda` in the *kept* basis (exact there) and keeps the basis while it
-moved by at most ``tolerance`` (the off-diagonal mass :func:`moved` of a changed factor in it),
-else takes the new bases and projects the grid, :math:`P_S \bar\Lambda P_A^\top` with
-:math:`P = (Q'^\top Q)^{\circ 2}` (counted in :attr:`EKFACStore.rebased`); ``"exact"`` keeps the
-rows of its blocks (the memory of a dual block) and recomputes the grid from the remaining rows
-(removed rows found by :func:`~ssse_ext.blocks.matching.match_rows`), equal to a fresh fit.
+``storage`` (:data:`STORAGE_MODES`) says how the bases are kept. ``"exact"`` (default): in
+float64, with copies in the store's dtype for the applies when that is float32; the sums are
+:math:`Q\,\mathrm{diag}(e)\,Q^\top` to float64 rounding, so they are not stored but rebuilt
+when a change needs them (except after an EK-FAC ``"basis-kept"`` change that keeps the basis:
+the block then holds the changed float64 sums until its basis is replaced). ``"compact"``:
+only in the store's dtype; a change rebuilds each sum in float64 from the rounded basis and
+the float64 eigenvalues, downdates it in float64, decomposes it in float64 and rounds the new
+basis once (docs/maths.md: the accuracy); a kept basis keeps the diagonal of the changed sums
+in it (the off-diagonal mass dropped counts against ``tolerance``). Bytes per block
+(:func:`~ssse_ext.blocks.kronecker_factors.kronecker_nbytes`), with :math:`w` the dtype's
+size: :math:`8(in^2 + out^2) + w(in^2 + out^2) + 8(in + out + in\,out)` exact (:math:`w = 0`
+in float64), :math:`w(in^2 + out^2) + 8(in + out + in\,out)` compact, against
+:math:`(in\,out)^2` numbers dense. In float64 both are the same store.
+
+**Changes are downdates of sums** (float64), then both factors are decomposed again: K-FAC is
+then the fit on the remaining samples (to float64 rounding when ``"exact"``). EK-FAC's grid
+needs the remaining gradients in the new basis; ``refresh`` chooses (docs/maths.md):
+``"basis-kept"`` (default) downdates :math:`\bar\Lambda` in the *kept* basis (exact there) and
+keeps the basis while it moved by at most ``tolerance`` (the off-diagonal mass :func:`moved`
+of a changed factor in it), else takes the new bases and projects the grid,
+:math:`P_S \bar\Lambda P_A^\top` with :math:`P = (Q'^\top Q)^{\circ 2}` (counted in
+:attr:`EKFACStore.rebased`); ``"exact"`` keeps the rows of its blocks (the memory of a dual
+block) and recomputes the grid from the remaining rows (removed rows found by
+:func:`~ssse_ext.blocks.matching.match_rows`), equal to a fresh fit.
 The EK-FAC build reads the rows twice (the bases, then the grid in them) when its source can
 be read again (:meth:`~ssse_ext.blocks.StoreBuilder.another_pass`), else holds them. A
 removal that would leave a sum with an eigenvalue below :math:`-10^{-8}` of its scale (samples
@@ -49,18 +66,24 @@ from ..layout import BlockLayout
 from ..lowrank import PD_MARGIN
 from ..validation import check_choice, check_dtype, check_nonneg_float
 from .base import BlockStore, BuildCost, ChangeFactors, StoreBuilder, element_size
-from .kronecker_factors import (DEFAULT_TOLERANCE, KRONECKER_KEY, REFRESH_MODES, KronBlock,
-                                KroneckerFactors, checked_psd, eigh, from_matrices, grid,
-                                kron_times, kronecker_nbytes, moved, to_matrices)
+from .kronecker_factors import (DEFAULT_STORAGE, DEFAULT_TOLERANCE, KRONECKER_KEY,
+                                REFRESH_MODES, STORAGE_MODES, KronBlock, KroneckerFactors,
+                                block_from_state, checked_psd, diagonal_in, eigh,
+                                from_matrices, grid, kron_times, kronecker_nbytes, moved,
+                                to_matrices)
 from .matching import MATCH_RTOL, match_rows
 
 #: The stages of a change in :attr:`KroneckerStore.last_timings`: the downdate (or update) of
 #: the factor sums, their eigendecompositions, and the grid's change (the rows in the basis, the
 #: basis-movement test, a projection).
 CHANGE_STAGES = ("sums", "eigh", "grid")
+#: The version of :meth:`KroneckerStore.state`'s layout: 2 stores no factor sums (version 1,
+#: without the key, saved ``a`` and ``g``; such states still load).
+STATE_FORMAT = 2
 
-__all__ = ["CHANGE_STAGES", "DEFAULT_TOLERANCE", "EKFACStore", "KRONECKER_KEY",
-           "KroneckerFactors", "KroneckerStore", "REFRESH_MODES"]
+__all__ = ["CHANGE_STAGES", "DEFAULT_STORAGE", "DEFAULT_TOLERANCE", "EKFACStore",
+           "KRONECKER_KEY", "KroneckerFactors", "KroneckerStore", "REFRESH_MODES",
+           "STATE_FORMAT", "STORAGE_MODES"]
 
 
 class _Changed(ChangeFactors):
@@ -85,6 +108,8 @@ class KroneckerStore(BlockStore):
         damping, normalizer: :math:`\lambda` and :math:`N`.
         dtype: of the vectors and rows it takes.
         refresh, tolerance: the EK-FAC options (recorded; K-FAC downdates are exact).
+        storage: how the bases are kept, one of :data:`STORAGE_MODES` (blocks given with
+            other bases are converted).
 
     Attributes:
         last_timings: the seconds of the last change checked (an update, a downdate, a
@@ -100,11 +125,15 @@ class KroneckerStore(BlockStore):
 
     def __init__(self, layout: BlockLayout, block_ids: Sequence[int], blocks: Sequence[KronBlock],
                  *, damping: float, normalizer: float, dtype: torch.dtype,
-                 refresh: str = "basis-kept", tolerance: float = DEFAULT_TOLERANCE):
+                 refresh: str = "basis-kept", tolerance: float = DEFAULT_TOLERANCE,
+                 storage: str = DEFAULT_STORAGE):
         super().__init__(layout, block_ids, damping=damping, normalizer=normalizer)
+        if dtype is None:
+            raise TypeError("dtype must be torch.float32 or torch.float64, got None")
         self._dtype = check_dtype(dtype)
         self.refresh = check_choice(refresh, "refresh", REFRESH_MODES)
         self.tolerance = check_nonneg_float(tolerance, "tolerance")
+        self.storage = check_choice(storage, "storage", STORAGE_MODES)
         blocks = list(blocks)
         if len(blocks) != len(self.block_ids):
             raise ValueError(f"blocks must hold one KronBlock per block id "
@@ -114,17 +143,28 @@ class KroneckerStore(BlockStore):
                 raise ValueError(f"block {b} has {layout.sizes[b]} parameters, its Kronecker "
                                  f"statistics describe {getattr(blk, 'out', '?')} x "
                                  f"{getattr(blk, 'inn', '?')}")
-        self._blocks = blocks
-        self._device = blocks[0].a.device if blocks else torch.device("cpu")
+        self._blocks = [self._stored(blk) for blk in blocks]
+        self._device = blocks[0].qa.device if blocks else torch.device("cpu")
         self.rebased = 0  # basis changes of "basis-kept" downdates (EK-FAC)
         self.last_moved = 0.0
         self.last_timings = dict.fromkeys(CHANGE_STAGES, 0.0)  # seconds of the last change
-        self._parts = [self._apply_parts(blk) for blk in blocks]
+        self._parts = [self._apply_parts(blk) for blk in self._blocks]
 
-    def _apply_parts(self, blk: KronBlock) -> tuple[torch.Tensor, ...]:
-        dt = self._dtype
-        return (blk.qa.to(dt), blk.qg.to(dt),
-                (1.0 / (blk.lam / self.normalizer + self.damping)).to(dt))
+    @property
+    def basis_dtype(self) -> torch.dtype:
+        """The dtype of the stored bases: float64 (``"exact"``) or :attr:`dtype`."""
+        return torch.float64 if self.storage == "exact" else self._dtype
+
+    def _stored(self, blk: KronBlock) -> KronBlock:
+        """``blk`` with its bases in :attr:`basis_dtype` (rounded once when compact)."""
+        dt = self.basis_dtype
+        if blk.qa.dtype == dt and blk.qg.dtype == dt:
+            return blk
+        return replace(blk, qa=blk.qa.to(dt), qg=blk.qg.to(dt))
+
+    def _apply_parts(self, blk: KronBlock) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bases in :attr:`dtype` (the stored ones themselves where they are so)."""
+        return blk.qa.to(self._dtype), blk.qg.to(self._dtype)
 
     # ---- what is held ----
     dtype = property(lambda self: self._dtype)
@@ -137,13 +177,17 @@ class KroneckerStore(BlockStore):
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for blk in self._blocks
-                   for t in blk.tensors().values()) + \
-            sum(t.numel() * t.element_size() for parts in self._parts for t in parts)
+        own = sum(t.numel() * t.element_size() for blk in self._blocks
+                  for t in blk.tensors().values())
+        return own + sum(t.numel() * t.element_size()
+                         for blk, parts in zip(self._blocks, self._parts)
+                         for t, kept in zip(parts, (blk.qa, blk.qg)) if t is not kept)
 
     def apply_into(self, v, base, scale, out) -> None:
-        for b, blk, (qa, qg, inv) in zip(self.block_ids, self._blocks, self._parts):
+        for b, blk, (qa, qg) in zip(self.block_ids, self._blocks, self._parts):
             sl = self.layout.slice(b)
+            inv = blk.lam.to(self._dtype, copy=True).div_(self.normalizer).add_(
+                self.damping).reciprocal_()
             m = to_matrices(v[sl], blk.out, blk.inn, blk.transposed)
             y = from_matrices(qg @ ((qg.T @ m @ qa) * inv) @ qa.T, blk.transposed)
             out[sl] = y * scale if base is None else base[sl] + y * scale
@@ -177,32 +221,35 @@ class KroneckerStore(BlockStore):
         return torch.outer(blk.eg, blk.ea) / self.normalizer
 
     def changed_grid(self, old: KronBlock, new: KronBlock, rows: torch.Tensor, sign: int,
-                     what: str, b: int) -> tuple[KronBlock, bool]:
-        """``new`` (changed sums and bases) with its grid for the change of ``rows``, and
-        whether a kept basis was replaced by an approximation."""
+                     what: str, b: int, sums: tuple[torch.Tensor, torch.Tensor]
+                     ) -> tuple[KronBlock, bool]:
+        """``new`` (changed bases, stored as :attr:`storage` says) with its grid for the
+        change of ``rows``, and whether a kept basis was replaced by an approximation;
+        ``sums`` are the changed float64 factor sums ``(a, g)``."""
         return replace(new, lam=self.fit_grid(new, None)), False
 
     def _change_block(self, i: int, entry, rows: torch.Tensor, sign: int, what: str
                       ) -> tuple[KronBlock, bool]:
         blk, b = self._blocks[i], self.block_ids[i]
         a_r, g_r, tr = entry
-        if a_r.shape != blk.a.shape or g_r.shape != blk.g.shape or tr != blk.transposed:
+        if a_r.shape != blk.qa.shape or g_r.shape != blk.qg.shape or tr != blk.transposed:
             raise ValueError(f"{what}: the Kronecker factors of block {b} are "
                              f"{tuple(g_r.shape)} and {tuple(a_r.shape)}, the block holds "
                              f"({blk.out}, {blk.out}) and ({blk.inn}, {blk.inn})")
         clock, seconds = self._clock, self.last_timings
         t0 = clock()
+        # the sums, rebuilt in float64 from the stored bases and eigenvalues
         a, g = blk.a + sign * a_r, blk.g + sign * g_r
         t1 = clock()
         ea, qa = eigh(a)
         eg, qg = eigh(g)
-        scale_a = float(torch.linalg.matrix_norm(blk.a) + torch.linalg.matrix_norm(a_r))
-        scale_g = float(torch.linalg.matrix_norm(blk.g) + torch.linalg.matrix_norm(g_r))
+        scale_a = float(torch.linalg.vector_norm(blk.ea) + torch.linalg.matrix_norm(a_r))
+        scale_g = float(torch.linalg.vector_norm(blk.eg) + torch.linalg.matrix_norm(g_r))
         ea = checked_psd(ea, scale_a, what, b, "input factor eigenvalue")
         eg = checked_psd(eg, scale_g, what, b, "output factor eigenvalue")
-        new = replace(blk, a=a, g=g, qa=qa, ea=ea, qg=qg, eg=eg)
+        new = self._stored(replace(blk, qa=qa, ea=ea, qg=qg, eg=eg, sums=None, drift=0.0))
         t2 = clock()
-        changed = self.changed_grid(blk, new, rows, sign, what, b)
+        changed = self.changed_grid(blk, new, rows, sign, what, b, (a, g))
         t3 = clock()
         for stage, s in zip(CHANGE_STAGES, (t1 - t0, t2 - t1, t3 - t2)):
             seconds[stage] += s
@@ -241,13 +288,15 @@ class KroneckerStore(BlockStore):
             self.rebased += bool(rebased)
 
     def change_nbytes(self, k, *, method="woodbury", keep=False, shift=0.0):
+        # per block: the rebuilt and changed sums, eigh's workspace and the grid's, float64;
+        # the changed block is kept (its bases, eigenvalues, grid and rows)
         work = kept = 0
         for blk in self._blocks:
             square = blk.out ** 2 + blk.inn ** 2
-            per = 8 * (6 * square + 3 * blk.out * blk.inn)
-            if blk.rows is not None:
-                per += blk.rows.numel() * blk.rows.element_size()
-            work = max(work, per + 8 * k * blk.out * blk.inn)
+            rows = 0 if blk.rows is None else blk.rows.shape[0]
+            per = kronecker_nbytes(blk.out, blk.inn, self._dtype, rows, self.storage,
+                                   self.refresh == "basis-kept" and self.storage == "exact")
+            work = max(work, per + 8 * (4 * square + (3 + k) * blk.out * blk.inn))
             kept += per
         return work, kept
 
@@ -270,13 +319,14 @@ class KroneckerStore(BlockStore):
     # ---- copies and files ----
     def copy_nbytes(self, dtype=None):
         return sum(kronecker_nbytes(blk.out, blk.inn, dtype or self._dtype,
-                                    0 if blk.rows is None else blk.rows.shape[0])
+                                    0 if blk.rows is None else blk.rows.shape[0],
+                                    self.storage, blk.sums is not None)
                    for blk in self._blocks)
 
     def _like(self, blocks, dtype) -> "KroneckerStore":
         store = type(self)(self.layout, self.block_ids, blocks, damping=self.damping,
                            normalizer=self.normalizer, dtype=dtype, refresh=self.refresh,
-                           tolerance=self.tolerance)
+                           tolerance=self.tolerance, storage=self.storage)
         store.rebased = self.rebased
         return store
 
@@ -287,42 +337,48 @@ class KroneckerStore(BlockStore):
                      detail=f"a copy of the {format_bytes(self.nbytes)} {self.name} blocks",
                      remedies=COPY_REMEDIES)
         dtype = dtype or self._dtype
-        return self._like([blk.to(device, dtype) for blk in self._blocks], dtype)
+        # compact bases become the new dtype (from float32, only float32-accurate)
+        bases = dtype if self.storage == "compact" else None
+        return self._like([blk.to(device, dtype, bases) for blk in self._blocks], dtype)
 
     def clone(self, *, max_memory=None):
         check_memory(f"{type(self).__name__}.clone", self.nbytes, self.device,
                      max_memory=max_memory,
                      detail=f"a copy of the {format_bytes(self.nbytes)} {self.name} blocks",
                      remedies=COPY_REMEDIES)
-        return self._like([replace(blk, **{k: t.clone() for k, t in blk.tensors().items()})
-                           for blk in self._blocks], self._dtype)
+        return self._like([blk.clone() for blk in self._blocks], self._dtype)
 
     def state(self):
         tensors = {f"{j}.{k}": t for j, blk in enumerate(self._blocks)
                    for k, t in blk.tensors().items()}
         shapes = [[blk.out, blk.inn, bool(blk.transposed)] for blk in self._blocks]
         rows = [0 if blk.rows is None else int(blk.rows.shape[0]) for blk in self._blocks]
-        return tensors, {"shapes": shapes, "rows": rows, "refresh": self.refresh,
-                         "tolerance": self.tolerance, "rebased": self.rebased}
+        return tensors, {"format": STATE_FORMAT, "shapes": shapes, "rows": rows,
+                         "refresh": self.refresh, "tolerance": self.tolerance,
+                         "storage": self.storage, "rebased": self.rebased,
+                         "sums": [blk.sums is not None for blk in self._blocks],
+                         "drift": [float(blk.drift) for blk in self._blocks]}
 
     @classmethod
     def from_state(cls, tensors, meta, *, layout, block_ids, damping, normalizer, dtype=None):
+        """Inverse of :meth:`state`; also reads format 1 (the factor sums ``a`` and ``g``
+        saved for every block, no ``storage``: ``"exact"``), whose sums are dropped where the
+        basis is their eigenbasis."""
         try:
+            version = int(meta.get("format", 1))
+            if not 1 <= version <= STATE_FORMAT:
+                raise ValueError(f"format {version}")
+            storage = check_choice(str(meta.get("storage", DEFAULT_STORAGE)), "storage",
+                                   STORAGE_MODES)
             shapes = [(int(o), int(i), bool(t)) for o, i, t in meta["shapes"]]
-            blocks = []
-            for j, (o, i, tr) in enumerate(shapes):
-                parts = {k: tensors[f"{j}.{k}"] for k in ("a", "g", "qa", "ea", "qg", "eg",
-                                                          "lam")}
-                want = {"a": (i, i), "g": (o, o), "qa": (i, i), "ea": (i,), "qg": (o, o),
-                        "eg": (o,), "lam": (o, i)}
-                for k, shape in want.items():
-                    if tuple(parts[k].shape) != shape or parts[k].dtype != torch.float64:
-                        raise ValueError(f"tensor {j}.{k}")
-                rows = tensors.get(f"{j}.rows")
-                blocks.append(KronBlock(o, i, tr, rows=rows, **parts))
+            drift = [float(x) for x in meta.get("drift", [0.0] * len(shapes))]
+            if len(drift) != len(shapes):
+                raise ValueError("drift")
+            blocks = [block_from_state(tensors, j, shape, version, storage, d)
+                      for j, (shape, d) in enumerate(zip(shapes, drift))]
             store = cls(layout, block_ids, blocks, damping=damping, normalizer=normalizer,
                         dtype=dtype or torch.float32, refresh=str(meta["refresh"]),
-                        tolerance=float(meta["tolerance"]))
+                        tolerance=float(meta["tolerance"]), storage=storage)
             store.rebased = int(meta.get("rebased", 0))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a valid {cls.name}-blocks state: missing or bad "
@@ -332,13 +388,18 @@ class KroneckerStore(BlockStore):
     # ---- costs ----
     @classmethod
     def nbytes_for(cls, size, rows, dtype):
-        # the shape is not known from the size: a square weight, 2 * size in the factors
-        return size * (5 * 8 + 3 * element_size(dtype))
+        # the shape is not known from the size: a square weight, 2 * size in the bases; the
+        # storage is not known either: "exact", the larger
+        return size * 3 * 8 + (0 if element_size(dtype) == 8 else 2 * size * element_size(dtype))
 
     @classmethod
     def state_nbytes(cls, sizes, meta, dtype):
-        return sum(kronecker_nbytes(int(o), int(i), dtype, int(r)) for (o, i, _), r in
-                   zip(meta["shapes"], meta.get("rows", [0] * len(sizes))))
+        # format 1 holds the float64 sums of every block (read, then mostly dropped)
+        storage = str(meta.get("storage", DEFAULT_STORAGE))
+        n = len(meta["shapes"])
+        sums = meta.get("sums", [int(meta.get("format", 1)) < 2] * n)
+        return sum(kronecker_nbytes(int(o), int(i), dtype, int(r), storage, bool(s))
+                   for (o, i, _), r, s in zip(meta["shapes"], meta.get("rows", [0] * n), sums))
 
     @classmethod
     def build_cost(cls, layout, block_ids, *, rows, dtype, device, method):
@@ -365,7 +426,8 @@ class KroneckerStore(BlockStore):
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(blocks={self.num_blocks}, refresh={self.refresh!r}, "
-                f"dtype={self.dtype}, device={self.device}, nbytes={self.nbytes})")
+                f"storage={self.storage!r}, dtype={self.dtype}, device={self.device}, "
+                f"nbytes={self.nbytes})")
 
 
 class EKFACStore(KroneckerStore):
@@ -386,19 +448,27 @@ class EKFACStore(KroneckerStore):
             raise ValueError("an EK-FAC grid needs the block's rows")
         return grid(rows, blk)
 
-    def changed_grid(self, old, new, rows, sign, what, b):
+    def changed_grid(self, old, new, rows, sign, what, b, sums):
         if self.refresh == "exact":
             kept = self._kept_rows(old, rows, sign, b)
             return replace(new, rows=kept, lam=grid(kept, new)), False
         lam = old.lam + sign * grid(rows, old)
         scale = float(old.lam.abs().sum()) + float(rows.to(torch.float64).square().sum())
         lam = checked_psd(lam.flatten(), scale, what, b, "EK-FAC eigenvalue").view_as(lam)
-        moved_by = max(moved(old.qa, new.a), moved(old.qg, new.g))
+        # compact: the sums are rebuilt from the kept basis and their diagonal in it, so a
+        # change sees only its own off-diagonal mass; the dropped mass adds up in drift
+        compact = self.storage == "compact"
+        moved_by = max(moved(old.qa, sums[0]), moved(old.qg, sums[1])) + \
+            (old.drift if compact else 0.0)
         self.last_moved = max(self.last_moved, moved_by)
         if moved_by <= self.tolerance:
-            return replace(new, qa=old.qa, ea=old.ea, qg=old.qg, eg=old.eg, lam=lam), False
-        pg = (new.qg.T @ old.qg).square()
-        pa = (new.qa.T @ old.qa).square()
+            return replace(new, qa=old.qa, qg=old.qg, ea=diagonal_in(old.qa, sums[0]),
+                           eg=diagonal_in(old.qg, sums[1]), lam=lam,
+                           sums=None if compact else sums,
+                           drift=moved_by if compact else 0.0), False
+        f64 = torch.float64
+        pg = (new.qg.to(f64).T @ old.qg.to(f64)).square()
+        pa = (new.qa.to(f64).T @ old.qa.to(f64)).square()
         return replace(new, lam=pg @ lam @ pa.T), True
 
     def _kept_rows(self, old: KronBlock, rows: torch.Tensor, sign: int, b: int
@@ -482,14 +552,16 @@ class _KronBuilder(StoreBuilder):
             eg, qg = eigh(g)
             ea = checked_psd(ea, float(torch.linalg.matrix_norm(a)), what, b, "eigenvalue")
             eg = checked_psd(eg, float(torch.linalg.matrix_norm(g)), what, b, "eigenvalue")
-            self.bases.append(KronBlock(g.shape[0], a.shape[0], tr, a, g, qa, ea, qg, eg,
+            # compact: the bases rounded at once (the grid is then fitted in them)
+            dt = self.dtype if self.payload.storage == "compact" else torch.float64
+            self.bases.append(KronBlock(g.shape[0], a.shape[0], tr, qa.to(dt), ea, qg.to(dt), eg,
                                         torch.zeros(g.shape[0], a.shape[0], dtype=torch.float64,
                                                     device=self.device)))
 
     def finish(self, normalizer):
         if self.bases is None:
             self._prepare()
-        options = {"refresh": self.payload.refresh, "tolerance": self.payload.tolerance}
+        options = self.payload.options() if self.payload is not None else {}
         store = self.cls(self.layout, self.block_ids, self.bases, damping=self.damping,
                          normalizer=normalizer, dtype=self.dtype, **options)
         for i, (blk, b) in enumerate(zip(self.bases, self.block_ids)):

@@ -26,7 +26,10 @@ factors; EK-FAC's fit reads re-readable data twice (the bases, then the eigenval
 A request (:class:`ssse.Eraser`) downdates the factor sums and the rows' blocks exactly;
 EK-FAC's ``refresh``
 (``"basis-kept"``, the default, or ``"exact"``, which keeps the rows of its blocks) says how
-its eigenvalues follow a removal; :func:`ekfac` makes a curvature with other options.
+its eigenvalues follow a removal. ``storage`` (``"exact"``, the default, or ``"compact"``:
+the eigenbases only in the inverse's dtype, a third of their bytes for float32;
+:mod:`ssse_ext.blocks.kronecker`) says how the blocks keep their bases; :func:`kfac` and
+:func:`ekfac` make curvatures with other options.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ from torch import nn
 
 import ssse_ext
 from ssse_ext.blocks import Pinned
-from ssse_ext.blocks.kronecker import (DEFAULT_TOLERANCE, KRONECKER_KEY, REFRESH_MODES,
-                                       KroneckerFactors)
+from ssse_ext.blocks.kronecker import (DEFAULT_STORAGE, DEFAULT_TOLERANCE, KRONECKER_KEY,
+                                       REFRESH_MODES, STORAGE_MODES, KroneckerFactors)
 from ssse_ext.validation import check_choice, check_nonneg_float
 
 from ..model import per_sample_losses
@@ -49,7 +52,7 @@ from .base import Curvature
 from .empirical import group_gradients
 from .layer_grads import captured_calls, layer_kind
 
-__all__ = ["EKFAC", "KFAC", "ekfac", "kronecker_weights", "layer_factors"]
+__all__ = ["EKFAC", "KFAC", "ekfac", "kfac", "kronecker_weights", "layer_factors"]
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -94,13 +97,16 @@ def _positions(module: nn.Module, kind: str, a: torch.Tensor, g: torch.Tensor
 
 
 def layer_factors(fm, weights: dict, loss_fn, params: dict, frozen: dict, x, y, *,
-                  refresh: str = "basis-kept",
-                  tolerance: float = DEFAULT_TOLERANCE) -> KroneckerFactors:
+                  refresh: str = "basis-kept", tolerance: float = DEFAULT_TOLERANCE,
+                  storage: str = DEFAULT_STORAGE) -> KroneckerFactors:
     r"""The float64 sums :math:`\sum_{i,t} a a^\top` and :math:`\sum_{i,t} g g^\top` of the
     layers of ``weights`` (:func:`kronecker_weights`) over the samples of ``(x, y)``, from one
     forward and one backward pass of their summed losses (samples must not interact: a model
     in eval mode). A layer called several times adds up its calls; one never reached gives
-    zeros."""
+    zeros. ``refresh``, ``tolerance`` and ``storage`` are the stores' options it carries
+    (:class:`~ssse_ext.blocks.kronecker.KroneckerFactors`)."""
+    options = KroneckerFactors({}, refresh=refresh, tolerance=tolerance,
+                               storage=storage).options()
     modules = dict(fm.model.named_modules())
     losses, calls, grads = captured_calls(
         fm, [path for path, _, _ in weights.values()],
@@ -120,12 +126,17 @@ def layer_factors(fm, weights: dict, loss_fn, params: dict, frozen: dict, x, y, 
             a2, g2 = _positions(modules[path], kind, a, g)
             factors[start][0].add_(a2.T @ a2)
             factors[start][1].add_(g2.T @ g2)
-    return KroneckerFactors(factors, refresh=refresh, tolerance=tolerance)
+    return KroneckerFactors(factors, **options)
 
 
 class KFAC(Curvature):
     """K-FAC blocks for the supported weights, the empirical Fisher for the rest (see the
-    module docstring)."""
+    module docstring).
+
+    Args:
+        name: the name to register it under.
+        storage: ``"exact"`` or ``"compact"`` (:mod:`ssse_ext.blocks.kronecker`).
+    """
 
     name = "kfac"
     store = "kfac"
@@ -134,6 +145,13 @@ class KFAC(Curvature):
     shardable = False
     refresh = "basis-kept"
     tolerance = DEFAULT_TOLERANCE
+    storage = DEFAULT_STORAGE
+
+    def __init__(self, name: str = "kfac", *, storage: str = DEFAULT_STORAGE):
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty str, got {name!r}")
+        self.name = name
+        self.storage = check_choice(storage, "storage", STORAGE_MODES)
 
     def layout_for(self, fm, layout):
         """``layout`` with each supported weight one block, cut at every parameter (none is
@@ -163,7 +181,8 @@ class KFAC(Curvature):
             state["kronecker_weights"] = kronecker_weights(fm)
         rows = group_gradients(fm, loss_fn, params, frozen, x, y, 1, state).detach()
         factors = layer_factors(fm, state["kronecker_weights"], loss_fn, params, frozen, x, y,
-                                refresh=self.refresh, tolerance=self.tolerance)
+                                refresh=self.refresh, tolerance=self.tolerance,
+                                storage=self.storage)
         return ssse_ext.Rows(rows, {KRONECKER_KEY: factors})
 
 
@@ -174,24 +193,33 @@ class EKFAC(KFAC):
         name: the name to register it under.
         refresh: ``"basis-kept"`` or ``"exact"`` (:mod:`ssse_ext.blocks.kronecker`).
         tolerance: the basis movement ``"basis-kept"`` tolerates before it projects.
+        storage: ``"exact"`` or ``"compact"`` (:mod:`ssse_ext.blocks.kronecker`).
     """
 
     store = "ekfac"
 
     def __init__(self, name: str = "ekfac", *, refresh: str = "basis-kept",
-                 tolerance: float = DEFAULT_TOLERANCE):
-        self.name = name
+                 tolerance: float = DEFAULT_TOLERANCE, storage: str = DEFAULT_STORAGE):
+        super().__init__(name, storage=storage)
         self.refresh = check_choice(refresh, "refresh", REFRESH_MODES)
         self.tolerance = check_nonneg_float(tolerance, "tolerance")
         if not math.isfinite(self.tolerance):
             raise ValueError(f"tolerance must be finite, got {tolerance!r}")
 
 
-def ekfac(name: str, *, refresh: str = "basis-kept",
-          tolerance: float = DEFAULT_TOLERANCE) -> EKFAC:
+def kfac(name: str, *, storage: str = DEFAULT_STORAGE) -> KFAC:
+    """Registers (and returns) a K-FAC curvature under ``name`` with its own options, e.g.
+    ``kfac("kfac_compact", storage="compact")``; then ``curvature="kfac_compact"``."""
+    return register_curvature(KFAC(name, storage=storage))
+
+
+def ekfac(name: str, *, refresh: str = "basis-kept", tolerance: float = DEFAULT_TOLERANCE,
+          storage: str = DEFAULT_STORAGE) -> EKFAC:
     """Registers (and returns) an EK-FAC curvature under ``name`` with its own options, e.g.
-    ``ekfac("ekfac_exact", refresh="exact")``; then ``curvature="ekfac_exact"``."""
-    return register_curvature(EKFAC(name, refresh=refresh, tolerance=tolerance))
+    ``ekfac("ekfac_exact", refresh="exact")`` or ``ekfac("ekfac_compact",
+    storage="compact")``; then ``curvature="ekfac_exact"``."""
+    return register_curvature(EKFAC(name, refresh=refresh, tolerance=tolerance,
+                                    storage=storage))
 
 
 KFAC_CURVATURE = register_curvature(KFAC())
