@@ -252,3 +252,65 @@ def test_the_experiment_on_quick_settings(tmp_path, one_thread):
         # the attack tells the original model from the retrained ones better than it tells
         # two retrained families apart (measured AUC 0.94 and 0.67 against 0.56 and 0.56)
         assert s["rows"]["original (no erasure)"]["auc"] > s["rows"]["retrained (control)"]["auc"]
+
+
+def test_the_experiment_on_the_cnn_quick_settings(tmp_path, one_thread):
+    import json
+
+    from ssse.experiments import forgetting
+
+    assert forgetting.default_out("fashion-mnist").as_posix() == "results/forgetting_fashion-mnist"
+    assert forgetting.default_out(None).as_posix() == "results/forgetting"
+    forgetting.run(quick=True, seed=0, data="fashion-mnist", out=tmp_path, progress=False)
+    res = json.loads((tmp_path / "results.json").read_text())
+    c, out = res["config"], res["results"]
+    assert (tmp_path / "forgetting.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the results record the CNN and the non-convex experiment's curvatures
+    assert (c["model"], c["spec"]["arch"], c["recipe"]["optimizer"]) == \
+        ("resnet", "small_resnet", "sgd")
+    assert c["inverse"] == {"layout": "per_parameter", "block_size": 256}
+    assert c["newton_block"] == c["d"]  # one Gauss-Newton block: the largest that fits
+    assert forgetting.INFLUENCE in c["omitted"]
+    assert f"Not run: {forgetting.INFLUENCE}" in (tmp_path / "results.md").read_text()
+    for s in out["settings"].values():
+        assert list(s["rows"]) == [n for n in forgetting.ROWS if n != forgetting.INFLUENCE]
+        for q in s["rows"].values():
+            assert q["decisions"] == c["models"] * s["k"]
+
+
+def test_each_cnn_draw_trains_its_own_models(one_thread):
+    """A draw's models are what its training data and seeds make them: the CNN's seeds differ
+    per model and per draw (logistic regression keeps one seed: its optimum is unique), the
+    retrained and control models are trained without S (rebuilt here along another path), and
+    every erasure moves the original's logits on S."""
+    from ssse.experiments import forgetting
+
+    task, _ = forgetting.make("fashion-mnist", quick=True, seed=0, device="cpu", dtype=None,
+                              data_dir=None)
+    digits, _ = forgetting.make("digits", quick=True, seed=0, device="cpu", dtype=None,
+                                data_dir=None)
+    assert set(forgetting.train_seeds(digits, 7, 0).values()) == \
+        set(forgetting.train_seeds(digits, 7, 5).values()) == {7}
+    seeds = [forgetting.train_seeds(task, 0, r) for r in range(3)]
+    assert len({v for s in seeds for v in s.values()}) == 9
+    settings = forgetting._settings(task, 0)
+    chosen = {"SSSE": 0.1, "gradient ascent": 0.01, "Fisher forgetting": 1e-6}
+    draw = forgetting._one_draw(task, settings, chosen, 1, seed=0, damping=1e-3)
+    must = torch.unique(torch.cat(list(settings.values())))
+    for setting, removed in settings.items():
+        logits = draw["settings"][setting]["logits"]
+        x, y = task.ds.x_train[removed], task.ds.y_train[removed]
+        for name, idx_seed, role in ((("retrained", 1, "retrained"),
+                                      (forgetting.CONTROL, 5_001, "control"))):
+            sub, idx = forgetting._draw(task, must, idx_seed)
+            keep = torch.ones(sub.n, dtype=torch.bool)
+            keep[torch.searchsorted(idx, removed)] = False
+            model = sub.train(sub.data(torch.nonzero(keep).flatten()), seed=seeds[1][role])
+            with torch.no_grad():
+                again = model(x).double().numpy()
+            np.testing.assert_allclose(logits[name], again, rtol=1e-5, atol=1e-5)
+        for name in ("SSSE", forgetting.NEWTON, "gradient ascent", "Fisher forgetting",
+                     "retrained", forgetting.CONTROL):
+            assert np.abs(logits[name] - logits[forgetting.ORIGINAL]).max() > 1e-6, name
+        assert set(logits) == set(forgetting.ROWS) - {forgetting.INFLUENCE} | {"retrained"}
+        assert y.numel() == logits[forgetting.ORIGINAL].shape[0]

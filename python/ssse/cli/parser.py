@@ -464,7 +464,8 @@ def _add_experiment(sub) -> None:
                    help="points of every method's grid")
     g.add_argument("--minibatch", type=positive_int, default=None,
                    help="the mini-batch Fisher's batch (only 10, the paper's, is supported)")
-    _common(p, out_default=None, out_help="results/NAME", func=experiment.run)
+    _common(p, out_default=None, out_help="results/NAME, or results/NAME_DATA with --data",
+            func=experiment.run)
 
 
 def _add_bench(sub) -> None:

@@ -1,20 +1,28 @@
-"""The forgetting test on digits: can a per-example likelihood-ratio attack (U-LiRA) tell the
-models an erasure method produces from models retrained without the erased samples?
+"""The forgetting test on digits (L2 logistic regression) and Fashion-MNIST (the non-convex
+experiment's small ResNet): can a per-example likelihood-ratio attack (U-LiRA) tell the models
+an erasure method produces from models retrained without the erased samples?
 
-L2 logistic regression trained to its optimum is deterministic, so the randomness the attack
-has to see through is the data's, as in LiRA: each of ``R`` draws trains on the removal set S
-plus a random half of the other training samples. Per draw: the original model, each method's
-erasure of S from it, the model retrained on the draw without S (the reference family), and a
-control, retrained without S on an independent draw (a family the attack cannot tell apart:
-it measures the test's floor). The statistic is the logit-scaled confidence of the true class
-on S (:func:`ssse.metrics.forgetting_quality`).
+L2 logistic regression trained to its optimum is deterministic, so there the randomness the
+attack has to see through is the data's, as in LiRA: each of ``R`` draws trains on the removal
+set S plus a random half of the other training samples. The CNN's SGD adds the training's own
+randomness: each draw trains its original, retrained and control models with seeds of their
+own that vary with the draw (:func:`train_seeds`), as LiRA trains its shadow models. Per
+draw: the original model, each method's erasure of S from it, the model retrained on the draw
+without S (the reference family), and a control, retrained without S on an independent draw
+(a family the attack cannot tell apart: it measures the test's floor). The statistic is the
+logit-scaled confidence of the true class on S (:func:`ssse.metrics.forgetting_quality`).
 
 The methods' hyperparameters (SSSE's ε, gradient ascent's step, Fisher forgetting's noise α)
 are chosen once as the other experiments choose them, by argmin δ on a proxy removal (half of
 class 9, on its own draw, with its own retrain) among the values that keep the accuracy on
 D∖S within 5 points of the original's; the Newton step and the influence update have none.
+The CNN uses the non-convex experiment's settings: its inverse Fisher blocks (per parameter
+tensor, at most 256), its Gauss–Newton inverse for the Newton step (the largest blocks that
+fit); the influence update's exact Hessian of all d parameters is out of reach there (its
+measured cost is recorded with the results) and that row is left out.
 
-Run: ``python -m ssse.experiments.forgetting [--quick] [--models R] [--out DIR]``.
+Run: ``python -m ssse.experiments.forgetting [--data digits|fashion-mnist] [--quick]
+[--models R] [--out DIR] [--note TEXT]``.
 """
 
 from __future__ import annotations
@@ -42,22 +50,65 @@ from ssse.io import atomic_path  # noqa: E402
 from .common import EPS_GRID, eps_grid, markdown_table, report  # noqa: E402
 from .methods import NEWTON, curve, fit_ggn, select  # noqa: E402
 from .removal import make_removal, outputs  # noqa: E402
+from . import nonconvex  # noqa: E402
 from .tasks import DEFAULTS, make_task  # noqa: E402
 
 NAME = "forgetting"
+#: The data sets and the model each uses: L2 logistic regression on digits, the non-convex
+#: experiment's small ResNet on Fashion-MNIST.
+DATA = {"digits": "linear", "fashion-mnist": "resnet"}
 
 #: The tuned methods: hyperparameter name and grid ``(lo, hi, num)`` (the non-convex
 #: experiment's grids for gradient ascent and Fisher forgetting).
 GRIDS = {"SSSE": ("ε", EPS_GRID), "gradient ascent": ("lr", (1e-3, 1e2, 31)),
          "Fisher forgetting": ("α", (1e-8, 1e-2, 25))}
 ORIGINAL, CONTROL, INFLUENCE = "original (no erasure)", "retrained (control)", "influence"
-#: The rows of the tables, in order.
+#: The rows of the tables, in order (the CNN's lack :data:`INFLUENCE`).
 ROWS = (ORIGINAL, "SSSE", NEWTON, INFLUENCE, "Fisher forgetting", "gradient ascent", CONTROL)
 #: The removals: half of one class (the paper's kind), and as many random samples.
 REMOVED_CLASS, PROXY_CLASS, FRACTION = 3, 9, 0.5
 #: The share of the samples outside the removal sets that each draw trains on (LiRA's half).
 KEEP = 0.5
 MAX_ACCURACY_DROP = 0.05
+#: The digits subsets of the ``--quick`` setting (the CNN's are the non-convex experiment's).
+QUICK_LIMITS = {"train_limit": 400, "test_limit": 300}
+#: The inverse Fisher's blocks: one per output row for the linear model, the non-convex
+#: experiment's for the CNN (per parameter tensor, at most 256).
+INVERSE = {"linear": {"layout": "rows"},
+           "resnet": {"layout": "per_parameter", "block_size": 256}}
+#: The CNN's Fisher damping (the non-convex experiment's default).
+CNN_DAMPING = 1e-3
+#: Draws R per family when none is given.
+DEFAULT_MODELS = {"digits": 64, "fashion-mnist": 46}
+#: Retained samples of the CNN's timed influence update (what its exact Hessian costs).
+HESSIAN_PROBE = 8
+
+
+def make(data: str, *, quick: bool, seed: int, device, dtype, data_dir) -> tuple:
+    """The task of data set ``data`` and its size settings (recorded with the results)."""
+    if data not in DATA:
+        raise ValueError(f"the forgetting experiment runs on {' or '.join(DATA)}, not {data}")
+    if DATA[data] == "linear":
+        limits = dict(QUICK_LIMITS) if quick else {}
+        return make_task(data, data_dir=data_dir, seed=seed, device=device, dtype=dtype,
+                         **limits), limits
+    cfg = {**nonconvex.SETTINGS[data], **(nonconvex.QUICK if quick else {})}
+    return make_task(data, model=DATA[data], data_dir=data_dir, seed=seed, device=device,
+                     dtype=dtype, **cfg), cfg
+
+
+def _arch(task) -> str:
+    return "linear" if task.spec["arch"] == "linear" else "resnet"
+
+
+def train_seeds(task, seed: int, r: int) -> dict:
+    """The training seeds of draw ``r``'s original, retrained and control models: ``seed`` for
+    all with a deterministic recipe (L-BFGS to the optimum), and with SGD one of their own per
+    model that varies with ``r``."""
+    roles = ("original", "retrained", "control")
+    if task.recipe["optimizer"] != "sgd":
+        return dict.fromkeys(roles, seed)
+    return {role: seed + 20_000 + 10_000 * i + r for i, role in enumerate(roles)}
 
 
 def _draw(task, must: torch.Tensor, seed: int):
@@ -98,7 +149,8 @@ def _scale(name: str, value: float) -> float:
 def _fit(task, *, seed: int, damping: float):
     model = task.train(task.data(), seed=seed)
     inv = ssse.fit_inverse_fisher(model, task.loss_fn, task.data(), damping=damping,
-                                  layout="rows", weight_decay=task.weight_decay, progress=False)
+                                  weight_decay=task.weight_decay, progress=False,
+                                  **INVERSE[_arch(task)])
     return model, inv
 
 
@@ -127,13 +179,30 @@ def _erasures(task, model, inv, ggn, removed, chosen: dict, *, seed: int) -> dic
     units = _unit_states(task, model, inv, removed, seed=seed)
     star = model.state_dict()
     states = {name: {k: star[k] + _scale(name, chosen[name]) * (units[name][k] - star[k])
-                     for k in star} for name in units}
+                     if star[k].is_floating_point() else star[k] for k in star}
+              for name in units}
     states[NEWTON] = ssse.newton_erase(model, task.loss_fn, data, inv_fisher=ggn,
                                        n_total=task.n, weight_decay=wd,
                                        likelihood=task.likelihood)
-    states[INFLUENCE] = ssse.influence_update(model, task.loss_fn, data,
-                                              retained=task.retained(removed), weight_decay=wd)
+    if _arch(task) == "linear":  # the exact Hessian of the CNN is out of reach
+        states[INFLUENCE] = ssse.influence_update(model, task.loss_fn, data,
+                                                  retained=task.retained(removed),
+                                                  weight_decay=wd)
     return states
+
+
+def _influence_probe(task, model, removed) -> dict:
+    """The wall time of the influence update (its exact Hessian of all d parameters) over
+    :data:`HESSIAN_PROBE` retained samples, and the retained samples of a full erasure."""
+    keep = torch.ones(task.n, dtype=torch.bool)
+    keep[removed] = False
+    retained = torch.nonzero(keep).flatten()
+    t0 = time.perf_counter()
+    ssse.influence_update(model, task.loss_fn, task.data(removed[:1]),
+                          retained=task.data(retained[:HESSIAN_PROBE]),
+                          weight_decay=task.weight_decay)
+    return {"samples": HESSIAN_PROBE, "seconds": time.perf_counter() - t0,
+            "retained": int(retained.numel())}
 
 
 def _logits(model, state, data) -> np.ndarray:
@@ -143,28 +212,32 @@ def _logits(model, state, data) -> np.ndarray:
     return outputs(model.eval(), data).numpy()
 
 
-def _one_draw(task, settings: dict, chosen: dict, r: int, *, seed: int,
-              damping: float) -> dict:
-    """Draw ``r``: per setting, the logits on S and the test accuracy of every row's model."""
+def _one_draw(task, settings: dict, chosen: dict, r: int, *, seed: int, damping: float,
+              probe: bool = False) -> dict:
+    """Draw ``r``: per setting, the logits on S and the test accuracy of every row's model;
+    with ``probe``, the influence update's timing (:func:`_influence_probe`)."""
     must = torch.unique(torch.cat(list(settings.values())))
     sub, idx = _draw(task, must, seed + r)
     control, cidx = _draw(task, must, seed + 5_000 + r)
-    model, inv = _fit(sub, seed=seed, damping=damping)
+    seeds = train_seeds(task, seed, r)
+    model, inv = _fit(sub, seed=seeds["original"], damping=damping)
     ggn, _ = fit_ggn(sub, model)
     test = task.ds.test()
-    out = {}
+    out = {"settings": {}, "newton_block": ggn.layout.max_block_size}
     for setting, removed in settings.items():
         at, data = _positions(idx, removed), task.data(removed)
         models = {ORIGINAL: (model, None)}
         for name, state in _erasures(sub, model, inv, ggn, at, chosen, seed=seed + r).items():
             models[name] = (model, state)
-        models["retrained"] = (sub.train(sub.retained(at), seed=seed), None)
+        models["retrained"] = (sub.train(sub.retained(at), seed=seeds["retrained"]), None)
         models[CONTROL] = (control.train(control.retained(_positions(cidx, removed)),
-                                         seed=seed), None)
+                                         seed=seeds["control"]), None)
         logits = {name: _logits(m, s, data) for name, (m, s) in models.items()}
         acc = {name: metrics.accuracy(torch.from_numpy(_logits(m, s, test)), test[1])
                for name, (m, s) in models.items()}
-        out[setting] = {"logits": logits, "test_accuracy": acc}
+        out["settings"][setting] = {"logits": logits, "test_accuracy": acc}
+        if probe and "influence_probe" not in out:
+            out["influence_probe"] = _influence_probe(sub, model, at)
     return out
 
 
@@ -179,19 +252,19 @@ def _settings(task, seed: int) -> dict:
             f"{part.numel()} random samples": rand}
 
 
-def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.float64,
+def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=None,
             progress: bool = True, data: str | None = None, data_dir=None,
-            repeats: int | None = None) -> dict:
-    """The experiment's numbers; ``repeats``: the number of draws R (models per family)."""
+            repeats: int | None = None, note: str | None = None) -> dict:
+    """The experiment's numbers; ``repeats``: the number of draws R (models per family);
+    ``note``: recorded with the results (how R was chosen, say)."""
     data = data or "digits"
-    if data != "digits":
-        raise ValueError(f"the forgetting experiment runs on digits, not {data}")
-    limits = {"train_limit": 400, "test_limit": 300} if quick else {}
-    models = repeats or (3 if quick else 64)
+    task, limits = make(data, quick=quick, seed=seed, device=device, dtype=dtype,
+                        data_dir=data_dir)
+    models = repeats or (3 if quick else DEFAULT_MODELS[data])
     if models < 3:
         raise ValueError(f"repeats must be at least 3 (models per family), got {models}")
-    task = make_task(data, data_dir=data_dir, seed=seed, device=device, dtype=dtype, **limits)
-    damping = DEFAULTS[data]["damping"]
+    arch = _arch(task)
+    damping = DEFAULTS[data]["damping"] if arch == "linear" else CNN_DAMPING
     grids = {name: eps_grid(lo, hi, 7 if quick else num)
              for name, (_, (lo, hi, num)) in GRIDS.items()}
     t0 = time.perf_counter()
@@ -200,7 +273,8 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
     settings = _settings(task, seed)
     draws = []
     for r in range(models):
-        draws.append(_one_draw(task, settings, chosen, r, seed=seed, damping=damping))
+        draws.append(_one_draw(task, settings, chosen, r, seed=seed, damping=damping,
+                               probe=r == 0 and arch != "linear" and not quick))
         if progress:
             print(f"draw {r + 1}/{models}: {time.perf_counter() - t0:.0f} s", flush=True)
     results = {"chosen": chosen, "proxy": proxy,
@@ -213,16 +287,45 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
               "hyperparameters": {name: h for name, (h, _) in GRIDS.items()},
               "removed": {s: r.tolist() for s, r in settings.items()},
               "fprs": list(DEFAULT_FPRS), "delta": 0.01,
-              "statistic": "logit-scaled confidence of the true class", **limits}
+              "statistic": "logit-scaled confidence of the true class", **limits,
+              **_task_config(task, draws, seed)}
+    if note:
+        config["note"] = note
     return {"config": config, "results": results}
+
+
+def _task_config(task, draws: list, seed: int) -> dict:
+    """What the results record of the model: its architecture, training, inverse Fisher and
+    Newton blocks, training seeds, and the rows left out (with why)."""
+    arch = _arch(task)
+    d = sum(p.numel() for p in task.new_model().parameters())
+    out = {"model": arch, "spec": task.spec, "recipe": task.recipe, "d": d,
+           "inverse": INVERSE[arch], "newton_block": draws[0]["newton_block"],
+           "train_seeds": ("the same seed for every model (L-BFGS to the optimum)"
+                           if task.recipe["optimizer"] != "sgd" else
+                           f"draw r trains its original with seed {seed} + 20000 + r, its "
+                           f"retrained models with {seed} + 30000 + r, its controls with "
+                           f"{seed} + 40000 + r")}
+    if arch != "linear":
+        p = draws[0].get("influence_probe")
+        why = ("the exact Hessian of all d = {d} parameters (torch.func, float64) is out of "
+               "reach on a CPU".format(d=d))
+        if p:
+            hours = p["seconds"] * p["retained"] / p["samples"] / 3600
+            why += (f": the influence update over {p['samples']} retained samples took "
+                    f"{p['seconds']:.0f} s, so about {hours:.1f} h per erasure over a draw's "
+                    f"{p['retained']} retained samples (linear in the samples), twice per draw")
+        out["omitted"] = {INFLUENCE: why}
+        out["influence_probe"] = p
+    return out
 
 
 def _attack(draws: list, setting: str, labels: np.ndarray) -> dict:
     """The forgetting test of every row against the retrained family."""
-    stack = {name: np.stack([d[setting]["logits"][name] for d in draws])
-             for name in draws[0][setting]["logits"]}
+    stack = {name: np.stack([d["settings"][setting]["logits"][name] for d in draws])
+             for name in draws[0]["settings"][setting]["logits"]}
     out = {}
-    for name in ROWS:
+    for name in [n for n in ROWS if n in stack]:
         q = metrics.forgetting_quality(stack["retrained"], stack[name], labels)
         v = metrics.forgetting_quality(stack["retrained"], stack[name], labels,
                                        variance="per_sample")
@@ -232,8 +335,8 @@ def _attack(draws: list, setting: str, labels: np.ndarray) -> dict:
                      "forget_score": q["forget_score"],
                      "per_sample_epsilon_median": float(np.median(q["per_sample_epsilon"])),
                      "accuracy_S": acc_s,
-                     "test_accuracy": float(np.mean([d[setting]["test_accuracy"][name]
-                                                     for d in draws])),
+                     "test_accuracy": float(np.mean([d["settings"][setting]["test_accuracy"]
+                                                     [name] for d in draws])),
                      "decisions": q["decisions"],
                      "per_sample_variance": {"tpr_at_fpr": {str(f): t for f, t in
                                                             v["tpr_at_fpr"].items()},
@@ -247,13 +350,17 @@ def table(r: dict) -> str:
     label = {name: f"{name} ({GRIDS[name][0]}={chosen[name]:.3g})" for name in chosen}
     header = ["model", "TPR @ FPR 0.01", "TPR @ 0.05", "TPR @ 0.1", "AUC", "ε (δ=0.01)",
               "F (challenge)", "median per-sample ε", "acc S", "acc test"]
-    text = (f"{c['data']} (n={c['n']}), L2 logistic regression; R={c['models']} draws per "
+    text = (f"{c['data']} (n={c['n']}), {_model_text(c)}; R={c['models']} draws per "
             f"family, each training on S plus a random half of the other samples; attack: "
             f"per-example likelihood ratio of Gaussian fits (U-LiRA) to the logit-scaled "
             f"confidence of the true class, each model scored by fits to the other R-1 pairs; "
             f"TPR/FPR pooled over R·k decisions. Hyperparameters chosen by argmin δ on a proxy "
             f"removal (half of class {res['proxy']['class']}, own draw and retrain) within "
             f"{MAX_ACCURACY_DROP:.0%} accuracy on D∖S. {res['seconds']:.0f} s.\n")
+    for name, why in c.get("omitted", {}).items():
+        text += f"\nNot run: {name}: {why}.\n"
+    if c.get("note"):
+        text += f"\n{c['note']}\n"
     for setting, s in res["settings"].items():
         rows = []
         for name, q in s["rows"].items():
@@ -265,17 +372,29 @@ def table(r: dict) -> str:
     return text
 
 
+def _model_text(c: dict) -> str:
+    """The model, its training and curvatures, as the table's preamble states them."""
+    if c.get("model", "linear") == "linear":
+        return "L2 logistic regression"
+    inv = c["inverse"]
+    return (f"SmallResNet {c['spec']} (d={c['d']}), SGD {c['recipe']}, weight decay "
+            f"{c['weight_decay']:g}, n_test={c['n_test']}; training seeds: {c['train_seeds']}; "
+            f"inverse Fisher λ={c['damping']:g}, {inv['layout']} blocks of ≤ "
+            f"{inv['block_size']}; Newton step: Gauss–Newton blocks of ≤ {c['newton_block']}")
+
+
 def figures(r: dict, out: Path) -> list[Path]:
     """TPR at FPR 0.01 and ε per method, one group of bars per removal."""
     res = r["results"]
     settings = list(res["settings"])
+    names = [n for n in ROWS if n in res["settings"][settings[0]]["rows"]]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     width = 0.8 / len(settings)
-    x = np.arange(len(ROWS))
+    x = np.arange(len(names))
     for i, setting in enumerate(settings):
         rows = res["settings"][setting]["rows"]
-        tpr = [rows[n]["tpr_at_fpr"]["0.01"] for n in ROWS]
-        eps = [rows[n]["epsilon"] for n in ROWS]
+        tpr = [rows[n]["tpr_at_fpr"]["0.01"] for n in names]
+        eps = [rows[n]["epsilon"] for n in names]
         axes[0].bar(x + i * width, tpr, width, label=setting)
         finite = [e for e in eps if math.isfinite(e)]
         cap = 1.2 * max(finite + [1.0])
@@ -289,10 +408,11 @@ def figures(r: dict, out: Path) -> list[Path]:
     axes[1].set_ylabel("ε (δ = 0.01; lower: forgotten)")
     for ax in axes:
         ax.set_xticks(x + width * (len(settings) - 1) / 2)
-        ax.set_xticklabels([n.replace(" (", "\n(") for n in ROWS], fontsize=7, rotation=30)
+        ax.set_xticklabels([n.replace(" (", "\n(") for n in names], fontsize=7, rotation=30)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{r['config']['data']}: can U-LiRA tell erased from retrained models? "
-                 f"(R={r['config']['models']})")
+    model = "CNN" if r["config"].get("model", "linear") != "linear" else "logistic regression"
+    fig.suptitle(f"{r['config']['data']} ({model}): can U-LiRA tell erased from retrained "
+                 f"models? (R={r['config']['models']})")
     path = Path(out) / "forgetting.png"
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, bbox_inches="tight", format="png")
@@ -300,24 +420,41 @@ def figures(r: dict, out: Path) -> list[Path]:
     return [path]
 
 
-def run(*, out: Path = Path(f"results/{NAME}"), seeds=None, **kwargs) -> str:
+def default_out(data: str | None) -> Path:
+    """The results folder of data set ``data``: ``results/forgetting`` for digits,
+    ``results/forgetting_<data>`` otherwise."""
+    data = data or "digits"
+    return Path(f"results/{NAME}" if data == "digits" else f"results/{NAME}_{data}")
+
+
+def run(*, out: Path | None = None, seeds=None, **kwargs) -> str:
     """Runs the experiment (the options of :func:`compute`; ``seeds``: once per seed, each
     seed's results and their mean ± sd in one results file) and writes its results, table and
-    figures to ``out``; returns the table."""
+    figures to ``out`` (default :func:`default_out`); returns the table."""
+    out = default_out(kwargs.get("data")) if out is None else out
     return report(NAME, compute, table, figures, out, seeds=seeds, **kwargs)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ssse.experiments.forgetting",
                                 description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", choices=list(DATA), default="digits",
+                   help="digits (logistic regression) or fashion-mnist (the small ResNet)")
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds), for tests")
     p.add_argument("--models", type=int, default=None,
-                   help="draws R per family (default 64; --quick: 3)")
+                   help="draws R per family (default: "
+                        + ", ".join(f"{k} {v}" for k, v in DEFAULT_MODELS.items())
+                        + "; --quick: 3)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path(f"results/{NAME}"))
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None,
+                   help="results folder (default results/forgetting for digits, "
+                        "results/forgetting_<data> otherwise)")
+    p.add_argument("--note", default=None, help="a line recorded with the results")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    print(run(out=a.out, quick=a.quick, seed=a.seed, repeats=a.models, progress=not a.quiet))
+    print(run(out=a.out, quick=a.quick, seed=a.seed, repeats=a.models, progress=not a.quiet,
+              data=a.data, data_dir=a.data_dir, note=a.note))
     return 0
 
 

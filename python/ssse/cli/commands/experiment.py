@@ -19,7 +19,9 @@ NONCONVEX_OPTIONS = ("model", "layout", "block_size", "representation", "methods
 
 def run(args) -> int:
     module = importlib.import_module(f"ssse.experiments.{args.name}")
-    out = Path(args.out or f"results/{args.name}")
+    # another data set than the experiment's own gets its own folder, not the default one's
+    out = Path(args.out or (f"results/{args.name}" if args.data is None else
+                            f"results/{args.name}_{args.data}"))
     kwargs = {"quick": args.quick, "seed": args.seed, "device": args.device,
               "progress": not args.quiet, "data": args.data, "data_dir": args.data_dir,
               "repeats": args.repeats}
