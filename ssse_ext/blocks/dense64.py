@@ -24,9 +24,9 @@ import torch
 from ..budget import COPY_REMEDIES, check_memory, format_bytes
 from ..layout import BlockLayout
 from ..validation import check_dtype
-from .base import BlockStore, BuildCost, StoreBuilder, copied_to, element_size
+from .base import BlockStore, StoreBuilder, copied_to
 from .dense import DenseStore, GramBuilder
-from .dense_gram import dense_build_nbytes, gram_build_workspace, group_cap, groups
+from .dense_gram import check_kept_build, kept_build_cost
 
 __all__ = ["Dense64Store"]
 
@@ -152,31 +152,18 @@ class Dense64Store(BlockStore):
 
     @classmethod
     def build_cost(cls, layout, block_ids, *, rows, dtype, device, method):
-        sizes = [layout.sizes[b] for b in block_ids]
-        numel = sum(s * s for s in sizes)
-        largest = max((sum(sizes[i] ** 2 for i in range(g0, g1))
-                       for g0, g1 in groups(sizes, group_cap(sizes))), default=0)
-        workspace = gram_build_workspace(layout, block_ids, device)
         # the float64 Grams while the rows stream in; at the end, a group at a time: its
         # float64 inverse, a copy of its Gram and the rounded copies next to the stores made
         # so far, which hold at most 12 bytes per element (the blocks that keep their Gram to
         # serve requests, requests_stores)
-        peak = max(dense_build_nbytes(sizes, dtype), 12 * numel + 28 * largest)
-        return BuildCost(8 * numel + workspace, peak + workspace, 8 * numel,
-                         f"{len(sizes)} dense64 blocks of up to {max(sizes, default=0)}: "
-                         f"{format_bytes(8 * numel)} stored, built from float64 Grams")
+        return kept_build_cost(cls.name, layout, block_ids, dtype, device, stored=8, held=12,
+                               spare=28, what="float64 inverses, built from float64 Grams")
 
     @classmethod
     def builder(cls, layout, block_ids, *, dtype, device, method, damping, normalizer, rows,
                 probe=None, max_memory=None):
-        cost = cls.build_cost(layout, tuple(block_ids), rows=rows or 0, dtype=dtype,
-                              device=torch.device(device), method=method)
-        check_memory("Dense64Store.builder", cost.peak, device, max_memory=max_memory,
-                     detail=cost.detail,
-                     remedies=("hold fewer blocks as dense64 (representation=) or use smaller "
-                               "blocks",
-                               "pass max_memory=<bytes> if more memory may be used than is "
-                               "free now"))
+        check_kept_build(cls, layout, block_ids, dtype=dtype, device=device, method=method,
+                         rows=rows, max_memory=max_memory)
         return _Builder(GramBuilder(layout, block_ids, dtype, device, damping=damping,
                                     probe=probe, max_memory=max_memory))
 

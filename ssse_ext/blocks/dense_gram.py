@@ -18,8 +18,9 @@ from ..layout import BlockLayout
 from ..validation import all_finite, check_dtype, check_positive_float
 from .base import element_size
 
-__all__ = ["DenseGram", "cuda_workspace", "dense_build_nbytes", "gather_rows",
-           "gram_build_workspace", "groups", "raise_if_failed"]
+__all__ = ["DenseGram", "check_kept_build", "cuda_workspace", "dense_build_nbytes",
+           "gather_rows", "gram_build_workspace", "groups", "kept_build_cost",
+           "raise_if_failed"]
 
 # The stable build keeps its float64 accumulators in about this many groups of blocks (and
 # inverts them one group at a time); groups smaller than _MIN_GROUP_NUMEL are not split further.
@@ -116,6 +117,37 @@ def dense_build_nbytes(sizes, dtype: torch.dtype) -> int:
     invert = max((8 * sum(parts[g:]) + elem * sum(parts[:g + 1])
                   for g in range(len(parts))), default=0)
     return max(check, invert)
+
+
+def kept_build_cost(name: str, layout, block_ids, dtype: torch.dtype, device, *,
+                    stored: int, held: int, spare: int, what: str):
+    """The :class:`~ssse_ext.blocks.BuildCost` of a store of dense-family blocks built from
+    float64 Grams (:class:`DenseGram`) that keeps ``stored`` bytes per element: the Grams
+    while the rows stream in; at the end at most ``held`` bytes per element of every block
+    and ``spare`` per element of the largest group. ``what``: what it stores, in words."""
+    from .base import BuildCost
+    sizes = [layout.sizes[b] for b in block_ids]
+    numel = sum(s * s for s in sizes)
+    largest = max((sum(sizes[i] ** 2 for i in range(g0, g1))
+                   for g0, g1 in groups(sizes, group_cap(sizes))), default=0)
+    workspace = gram_build_workspace(layout, block_ids, device)
+    peak = max(dense_build_nbytes(sizes, dtype), held * numel + spare * largest)
+    return BuildCost(8 * numel + workspace, peak + workspace, stored * numel,
+                     f"{len(sizes)} {name} blocks of up to {max(sizes, default=0)}: "
+                     f"{format_bytes(stored * numel)} stored ({what})")
+
+
+def check_kept_build(cls, layout, block_ids, *, dtype, device, method, rows,
+                     max_memory) -> None:
+    """Refuses the build of store ``cls`` when its :meth:`build_cost` peak does not fit."""
+    cost = cls.build_cost(layout, tuple(block_ids), rows=rows or 0, dtype=dtype,
+                          device=torch.device(device), method=method)
+    check_memory(f"{cls.__name__}.builder", cost.peak, device, max_memory=max_memory,
+                 detail=cost.detail,
+                 remedies=(f"hold fewer blocks as {cls.name} (representation=) or use "
+                           f"smaller blocks",
+                           "pass max_memory=<bytes> if more memory may be used than is free "
+                           "now"))
 
 
 class DenseGram:

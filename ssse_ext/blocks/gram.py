@@ -33,11 +33,10 @@ from ..budget import COPY_REMEDIES, check_memory, format_bytes
 from ..layout import BlockLayout
 from ..lowrank import WOODBURY_ELEMENTS, checked_cholesky, shifted_factor, solve_kept
 from ..validation import check_dtype
-from .base import BlockStore, BuildCost, copied_to, element_size
+from .base import BlockStore, copied_to, element_size
 from .dense import DenseFactors, DenseStore, GramBuilder
 from .dense64 import Dense64Store
-from .dense_gram import (dense_build_nbytes, gram_build_workspace, group_cap, groups,
-                         raise_if_failed)
+from .dense_gram import check_kept_build, kept_build_cost, raise_if_failed
 
 __all__ = ["REQUEST_TOLERANCE", "GramStore", "condition_bounds", "downdates_hold",
            "representation_for_requests", "request_store", "requests_stores",
@@ -382,30 +381,16 @@ class GramStore(BlockStore):
 
     @classmethod
     def build_cost(cls, layout, block_ids, *, rows, dtype, device, method):
-        sizes = [layout.sizes[b] for b in block_ids]
-        numel = sum(s * s for s in sizes)
-        elem = element_size(dtype)
-        largest = max((sum(sizes[i] ** 2 for i in range(g0, g1))
-                       for g0, g1 in groups(sizes, group_cap(sizes))), default=0)
-        workspace = gram_build_workspace(layout, block_ids, device)
         # the Grams are kept: all of them, every inverse and the copy of one group at the end
-        peak = max(dense_build_nbytes(sizes, dtype), (8 + elem) * numel + 8 * largest)
-        stored = (8 + elem) * numel
-        return BuildCost(8 * numel + workspace, peak + workspace, stored,
-                         f"{len(sizes)} gram blocks of up to {max(sizes, default=0)}: "
-                         f"{format_bytes(stored)} stored (float64 Grams and inverses)")
+        elem = element_size(dtype)
+        return kept_build_cost(cls.name, layout, block_ids, dtype, device, stored=8 + elem,
+                               held=8 + elem, spare=8, what="float64 Grams and inverses")
 
     @classmethod
     def builder(cls, layout, block_ids, *, dtype, device, method, damping, normalizer, rows,
                 probe=None, max_memory=None):
-        cost = cls.build_cost(layout, tuple(block_ids), rows=rows or 0, dtype=dtype,
-                              device=torch.device(device), method=method)
-        check_memory("GramStore.builder", cost.peak, device, max_memory=max_memory,
-                     detail=cost.detail,
-                     remedies=("hold fewer blocks as gram (representation=) or use smaller "
-                               "blocks",
-                               "pass max_memory=<bytes> if more memory may be used than is "
-                               "free now"))
+        check_kept_build(cls, layout, block_ids, dtype=dtype, device=device, method=method,
+                         rows=rows, max_memory=max_memory)
         return _Builder(layout, block_ids, dtype, device, damping=damping, probe=probe,
                         max_memory=max_memory)
 
