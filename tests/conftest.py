@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from ssse.cli import main
+from ssse.curvature import unregister_curvature
+from ssse.curvature.kfac import ekfac, kfac
 
 MODEL, FISHER = "model.safetensors", "inverse_fisher.safetensors"
 
@@ -33,3 +35,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---- Kronecker-factored curvature variants, registered for a test and removed after ----
+
+@pytest.fixture
+def exact_ekfac():
+    curv = ekfac("ekfac_exact", refresh="exact")
+    yield curv
+    unregister_curvature(curv.name)
+
+
+@pytest.fixture
+def compact_curvatures():
+    made = [kfac("kfac_compact", storage="compact"), ekfac("ekfac_compact", storage="compact"),
+            ekfac("ekfac_exact_compact", refresh="exact", storage="compact")]
+    yield made
+    for curv in made:
+        unregister_curvature(curv.name)
