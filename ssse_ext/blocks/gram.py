@@ -63,9 +63,13 @@ REQUEST_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 def condition_bounds(gram: torch.Tensor, damping: float, normalizer: float) -> torch.Tensor:
     r"""Bounds :math:`B_b = 1 + \lVert S_b\rVert_F / (N\lambda)` of a run of ``(n, s, s)``
-    float64 Grams (full symmetric), one per block: :math:`B_b \ge \lambda_{\max}(F_b)/\lambda
+    float64 Grams whose lower triangles hold :math:`S_b` (as the build accumulates them; the
+    upper triangles are not read), one per block: :math:`B_b \ge \lambda_{\max}(F_b)/\lambda
     \ge \kappa(F_b)`, and it stays a bound after any downdate of the block."""
-    return 1 + torch.linalg.matrix_norm(gram) / (normalizer * damping)
+    low = torch.tril(gram)
+    fro = (2 * low.square().sum((1, 2)) -
+           low.diagonal(dim1=1, dim2=2).square().sum(1)).clamp(min=0).sqrt()
+    return 1 + fro / (normalizer * damping)
 
 
 def request_store(bound: torch.Tensor, dtype: torch.dtype) -> list[str]:
@@ -466,12 +470,9 @@ def requests_stores(gram, damping: float, normalizer: float, *, probe=None,
     for (g0, g1), acc in zip(gram.groups, gram.grams):
         o = 0
         for b0, n, s in layout.runs(blocks=gram.blocks[g0:g1]):
-            low = torch.tril(acc[o:o + n * s * s].view(n, s, s))
+            bound = condition_bounds(acc[o:o + n * s * s].view(n, s, s), damping, normalizer)
             o += n * s * s
-            fro = (2 * low.square().sum((1, 2)) -
-                   low.diagonal(dim1=1, dim2=2).square().sum(1)).clamp(min=0).sqrt()
-            names = request_store(1 + fro / (normalizer * damping), gram.dtype) \
-                if store is None else [store] * n
+            names = request_store(bound, gram.dtype) if store is None else [store] * n
             where.update(zip(range(b0, b0 + n), names))
     parts = _Parts(layout, where, gram.dtype, damping, normalizer)
 
