@@ -34,11 +34,11 @@ again, so requests never drift, for 8 more bytes per element; the ``"dense64"`` 
 (:class:`~ssse_ext.blocks.Dense64Store`) holds a float32 inverse's blocks in float64, which its
 Woodbury downdates change (a drift of :math:`\kappa^2 u_{64}`). Neither is chosen
 by bytes: by name, or by accuracy with ``representation="requests"`` (or ``requests=True``),
-which builds ``"gram"`` where ``"auto"`` would build ``"dense"`` and then holds each such
-block in ``"dense"``, ``"dense64"`` or ``"gram"`` by its condition bound :math:`\kappa`
+which builds from float64 Grams every block ``"auto"`` would hold densely and then holds it in
+``"dense"``, ``"dense64"`` or ``"gram"`` by its bound :math:`B \ge \kappa`
 (:func:`~ssse_ext.blocks.gram.requests_stores`: the first whose Woodbury downdates keep
-:math:`\kappa^2 u` within :data:`~ssse_ext.blocks.REQUEST_TOLERANCE`, 1e-5 in float32 and
-1e-10 in float64).
+:math:`B^2 u` within :data:`~ssse_ext.blocks.REQUEST_TOLERANCE`, 1e-5 in float32 and 1e-10
+in float64).
 """
 
 from __future__ import annotations
