@@ -204,6 +204,10 @@ def newton_refined(fm: FlatModel, loss_fn, batches, inv: ssse_ext.BlockInverseFi
     when the caller has them; ``max_memory``: the bytes the rows may take while computed.
     """
     w, dtype, device, N = weight_decay, inv.dtype, inv.device, inv.normalizer
+    if steps and any(store.takes_side for store in inv.stores):
+        raise ValueError(f"refine_steps must be 0 with {inv.curvature!r} blocks, got {steps}: "
+                         "the refinement tracks F x through the rows' rank-k change, and "
+                         "Kronecker-factored blocks change by more than their rows")
     k = sum(batch_len(y) for _, y in batches)
     ratio = n / N
     delta = newton_shift(inv, n, k, w)
@@ -235,6 +239,10 @@ def newton_refined(fm: FlatModel, loss_fn, batches, inv: ssse_ext.BlockInverseFi
                 raise
             rows = rows_star
             d = inv.solve_changed(rows, rhs, sign=-1, shift=delta)
+        if step == steps:  # no refinement follows: F d is not needed
+            if step == 0:
+                x = x + d
+                break
         if step == 0:
             rows_star = rows
         r64 = rows.to(torch.float64)

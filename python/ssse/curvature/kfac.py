@@ -22,7 +22,12 @@ is which.
 The rows are the per-sample gradients (without weight decay: the regulariser's curvature is
 the damping's part) with the factor sums of the same samples as their side payload
 (:class:`ssse_ext.Rows`); one more batched forward and backward pass per chunk gives the
-factors; EK-FAC's fit reads re-readable data twice (the bases, then the eigenvalues in them).
+factors. With ``fisher="ggn"`` (``"kfac_ggn"``, ``"ekfac_ggn"``) the curvature factored is the
+Gauss–Newton matrix instead (:mod:`ssse.curvature.ggn`): the rows are its :math:`c` rows per
+sample :math:`J_i^\top B_i e_r`, the output gradients :math:`g_{i,t,r}` those of
+:math:`B_i e_r` back through the network (one backward pass per output row),
+:math:`S = \frac1N\sum_{i,t,r} g g^\top`, so the stored matrix needs no labels and serves the
+leave-k-out Newton step (:func:`ssse.newton_erase`); EK-FAC's fit reads re-readable data twice (the bases, then the eigenvalues in them).
 A request (:class:`ssse.Eraser`) downdates the factor sums and the rows' blocks exactly;
 EK-FAC's ``refresh``
 (``"basis-kept"``, the default, or ``"exact"``, which keeps the rows of its blocks) says how
@@ -48,11 +53,17 @@ from ssse_ext.validation import check_choice, check_nonneg_float
 
 from ..model import per_sample_losses
 from . import register_curvature
-from .base import Curvature
+from .base import Curvature, outputs_2d
 from .empirical import group_gradients
+from .ggn import ggn_rows
 from .layer_grads import captured_calls, layer_kind
+from .likelihoods import get_likelihood
 
-__all__ = ["EKFAC", "KFAC", "ekfac", "kfac", "kronecker_weights", "layer_factors"]
+__all__ = ["EKFAC", "FISHERS", "KFAC", "ekfac", "kfac", "kronecker_weights", "layer_factors"]
+
+#: The matrices a Kronecker-factored curvature factors: the empirical Fisher of the per-sample
+#: gradients, or the Gauss–Newton matrix (:mod:`ssse.curvature.ggn`).
+FISHERS = ("empirical", "ggn")
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -98,19 +109,34 @@ def _positions(module: nn.Module, kind: str, a: torch.Tensor, g: torch.Tensor
 
 def layer_factors(fm, weights: dict, loss_fn, params: dict, frozen: dict, x, y, *,
                   refresh: str = "basis-kept", tolerance: float = DEFAULT_TOLERANCE,
-                  storage: str = DEFAULT_STORAGE) -> KroneckerFactors:
+                  storage: str = DEFAULT_STORAGE, likelihood=None) -> KroneckerFactors:
     r"""The float64 sums :math:`\sum_{i,t} a a^\top` and :math:`\sum_{i,t} g g^\top` of the
     layers of ``weights`` (:func:`kronecker_weights`) over the samples of ``(x, y)``, from one
     forward and one backward pass of their summed losses (samples must not interact: a model
-    in eval mode). A layer called several times adds up its calls; one never reached gives
-    zeros. ``refresh``, ``tolerance`` and ``storage`` are the stores' options it carries
-    (:class:`~ssse_ext.blocks.kronecker.KroneckerFactors`)."""
+    in eval mode). With a ``likelihood``, the Gauss–Newton sums instead: the output gradients
+    are those of each :math:`B_i e_r` (one backward pass per output row ``r``), summed over
+    ``r``, and ``y`` is not read. A layer called several times adds up its calls; one never
+    reached gives zeros. ``refresh``, ``tolerance`` and ``storage`` are the stores' options it
+    carries (:class:`~ssse_ext.blocks.kronecker.KroneckerFactors`)."""
     options = KroneckerFactors({}, refresh=refresh, tolerance=tolerance,
                                storage=storage).options()
     modules = dict(fm.model.named_modules())
-    losses, calls, grads = captured_calls(
-        fm, [path for path, _, _ in weights.values()],
-        lambda leaves: per_sample_losses(loss_fn, fm(leaves, x, frozen), y), params)
+    paths = [path for path, _, _ in weights.values()]
+    if likelihood is None:
+        losses, calls, grads = captured_calls(
+            fm, paths, lambda leaves: per_sample_losses(loss_fn, fm(leaves, x, frozen), y),
+            params)
+        passes = [grads]
+    else:
+        lik = get_likelihood(likelihood)
+
+        def outputs(leaves):
+            z = fm(leaves, x, frozen)
+            return z.reshape(z.shape[0], -1) if isinstance(z, torch.Tensor) else \
+                outputs_2d(fm, leaves, frozen, x)  # refuses outputs that are not one tensor
+
+        losses, calls, passes = captured_calls(fm, paths, outputs, params,
+                                               directions=lik.factor)
     factors, kinds = {}, {}
     for path, start, kind in weights.values():
         w = modules[path].weight
@@ -120,12 +146,18 @@ def layer_factors(fm, weights: dict, loss_fn, params: dict, frozen: dict, x, y, 
                           torch.zeros(out_f, out_f, dtype=torch.float64, device=losses.device),
                           kind == "conv1d")
         kinds[path] = (start, kind)
-    for (path, a, _), g in zip(calls, grads):
-        if g is not None:
-            start, kind = kinds[path]
+    for j, (path, a, _) in enumerate(calls):
+        start, kind = kinds[path]
+        reached = False
+        for grads in passes:
+            g = grads[j]
+            if g is None:
+                continue
             a2, g2 = _positions(modules[path], kind, a, g)
-            factors[start][0].add_(a2.T @ a2)
             factors[start][1].add_(g2.T @ g2)
+            reached = True
+        if reached:  # the inputs count once per call, whatever the output rows
+            factors[start][0].add_(a2.T @ a2)
     return KroneckerFactors(factors, **options)
 
 
@@ -136,6 +168,9 @@ class KFAC(Curvature):
     Args:
         name: the name to register it under.
         storage: ``"exact"`` or ``"compact"`` (:mod:`ssse_ext.blocks.kronecker`).
+        fisher: the matrix factored, one of :data:`FISHERS`: ``"empirical"`` (the per-sample
+            gradients; needs labels) or ``"ggn"`` (the Gauss–Newton matrix, :math:`c` rows
+            per sample; needs the likelihood, not the labels, and serves the Newton step).
     """
 
     name = "kfac"
@@ -146,12 +181,20 @@ class KFAC(Curvature):
     refresh = "basis-kept"
     tolerance = DEFAULT_TOLERANCE
     storage = DEFAULT_STORAGE
+    fisher = "empirical"
 
-    def __init__(self, name: str = "kfac", *, storage: str = DEFAULT_STORAGE):
+    def __init__(self, name: str = "kfac", *, storage: str = DEFAULT_STORAGE,
+                 fisher: str = "empirical"):
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty str, got {name!r}")
         self.name = name
         self.storage = check_choice(storage, "storage", STORAGE_MODES)
+        self.fisher = check_choice(fisher, "fisher", FISHERS)
+        ggn = self.fisher == "ggn"
+        self.needs_labels, self.needs_likelihood, self.supports_newton = not ggn, ggn, ggn
+
+    def rows_per_sample(self, num_outputs, *, mc_samples=1):
+        return num_outputs if self.fisher == "ggn" else 1
 
     def layout_for(self, fm, layout):
         """``layout`` with each supported weight one block, cut at every parameter (none is
@@ -179,10 +222,14 @@ class KFAC(Curvature):
              minibatch, state):
         if "kronecker_weights" not in state:
             state["kronecker_weights"] = kronecker_weights(fm)
-        rows = group_gradients(fm, loss_fn, params, frozen, x, y, 1, state).detach()
+        if self.fisher == "ggn":
+            rows = ggn_rows(fm, params, frozen, x, likelihood)
+        else:
+            rows = group_gradients(fm, loss_fn, params, frozen, x, y, 1, state).detach()
         factors = layer_factors(fm, state["kronecker_weights"], loss_fn, params, frozen, x, y,
                                 refresh=self.refresh, tolerance=self.tolerance,
-                                storage=self.storage)
+                                storage=self.storage,
+                                likelihood=likelihood if self.fisher == "ggn" else None)
         return ssse_ext.Rows(rows, {KRONECKER_KEY: factors})
 
 
@@ -194,33 +241,37 @@ class EKFAC(KFAC):
         refresh: ``"basis-kept"`` or ``"exact"`` (:mod:`ssse_ext.blocks.kronecker`).
         tolerance: the basis movement ``"basis-kept"`` tolerates before it projects.
         storage: ``"exact"`` or ``"compact"`` (:mod:`ssse_ext.blocks.kronecker`).
+        fisher: ``"empirical"`` or ``"ggn"``, as for :class:`KFAC`.
     """
 
     store = "ekfac"
 
     def __init__(self, name: str = "ekfac", *, refresh: str = "basis-kept",
-                 tolerance: float = DEFAULT_TOLERANCE, storage: str = DEFAULT_STORAGE):
-        super().__init__(name, storage=storage)
+                 tolerance: float = DEFAULT_TOLERANCE, storage: str = DEFAULT_STORAGE,
+                 fisher: str = "empirical"):
+        super().__init__(name, storage=storage, fisher=fisher)
         self.refresh = check_choice(refresh, "refresh", REFRESH_MODES)
         self.tolerance = check_nonneg_float(tolerance, "tolerance")
         if not math.isfinite(self.tolerance):
             raise ValueError(f"tolerance must be finite, got {tolerance!r}")
 
 
-def kfac(name: str, *, storage: str = DEFAULT_STORAGE) -> KFAC:
+def kfac(name: str, *, storage: str = DEFAULT_STORAGE, fisher: str = "empirical") -> KFAC:
     """Registers (and returns) a K-FAC curvature under ``name`` with its own options, e.g.
     ``kfac("kfac_compact", storage="compact")``; then ``curvature="kfac_compact"``."""
-    return register_curvature(KFAC(name, storage=storage))
+    return register_curvature(KFAC(name, storage=storage, fisher=fisher))
 
 
 def ekfac(name: str, *, refresh: str = "basis-kept", tolerance: float = DEFAULT_TOLERANCE,
-          storage: str = DEFAULT_STORAGE) -> EKFAC:
+          storage: str = DEFAULT_STORAGE, fisher: str = "empirical") -> EKFAC:
     """Registers (and returns) an EK-FAC curvature under ``name`` with its own options, e.g.
     ``ekfac("ekfac_exact", refresh="exact")`` or ``ekfac("ekfac_compact",
     storage="compact")``; then ``curvature="ekfac_exact"``."""
     return register_curvature(EKFAC(name, refresh=refresh, tolerance=tolerance,
-                                    storage=storage))
+                                    storage=storage, fisher=fisher))
 
 
 KFAC_CURVATURE = register_curvature(KFAC())
 EKFAC_CURVATURE = register_curvature(EKFAC())
+KFAC_GGN_CURVATURE = register_curvature(KFAC("kfac_ggn", fisher="ggn"))
+EKFAC_GGN_CURVATURE = register_curvature(EKFAC("ekfac_ggn", fisher="ggn"))

@@ -48,11 +48,17 @@ def linear_owners(model: nn.Module, names) -> dict[str, tuple[str, str]] | None:
     return owners
 
 
-def captured_calls(fm, paths, loss_of, params: dict) -> tuple[torch.Tensor, list, tuple]:
-    """One forward and one backward pass of ``loss_of(leaves)`` (the ``(m,)`` per-sample losses
+def captured_calls(fm, paths, loss_of, params: dict, *, directions=None
+                   ) -> tuple[torch.Tensor, list, tuple]:
+    r"""One forward and one backward pass of ``loss_of(leaves)`` (the ``(m,)`` per-sample losses
     at ``params`` made leaves that require gradients), capturing every call of the modules at
     ``paths``: ``(losses, [(path, input, output), ...], output gradients)`` (``None`` for an
-    output the losses do not reach)."""
+    output the losses do not reach).
+
+    With ``directions``, ``loss_of`` returns the ``(m, c)`` outputs :math:`z` instead and
+    ``directions(z)`` (detached) gives ``(m, c, r)`` vectors :math:`b_{i,j}`: one backward pass
+    per :math:`j` of :math:`\sum_i b_{i,j}^\top z_i`, and the output gradients are a list of
+    ``r`` such tuples (samples must not interact)."""
     modules = dict(fm.model.named_modules())
     seen: dict[str, list] = {path: [] for path in paths}
     handles = []
@@ -65,8 +71,16 @@ def captured_calls(fm, paths, loss_of, params: dict) -> tuple[torch.Tensor, list
         with torch.enable_grad():
             losses = loss_of(leaves)
             calls = [(path, a, z) for path, hits in seen.items() for a, z in hits]
-            grads = torch.autograd.grad(losses.sum(), [z for _, _, z in calls],
-                                        allow_unused=True) if calls else ()
+            outputs = [z for _, _, z in calls]
+            if directions is None:
+                grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) \
+                    if calls else ()
+            else:
+                dirs = directions(losses.detach()).to(losses.dtype)
+                r = dirs.shape[-1]
+                grads = [torch.autograd.grad(losses, outputs, grad_outputs=dirs[..., j],
+                                             allow_unused=True, retain_graph=j + 1 < r)
+                         if calls else () for j in range(r)]
     finally:
         for h in handles:
             h.remove()

@@ -25,7 +25,7 @@ from ssse_ext.build import build_peak_bytes
 from .common import timed
 from .removal import Removal
 
-__all__ = ["CRITERIA", "NEWTON_SMALL", "REFINE_STEPS", "curve", "fit_ggn", "largest_block_size",
+__all__ = ["CRITERIA", "NEWTON_EKFAC", "NEWTON_SMALL", "REFINE_STEPS", "curve", "fit_ggn", "largest_block_size",
            "newton_rows", "scaled_states", "select", "ssse_curve"]
 
 #: Refinement steps of the "+ refinement" rows of the experiments' tables.
@@ -36,6 +36,9 @@ REFINED = f"GGN Newton + {REFINE_STEPS} refinement steps"
 #: The Newton step with the earlier default blocks (one per output row of a linear model; the
 #: inverse Fishers' blocks of a CNN).
 NEWTON_SMALL = "GGN Newton, small blocks"
+#: The Newton step with the EK-FAC of the Gauss–Newton matrix (``curvature="ekfac_ggn"``): the
+#: weights in Kronecker-factored blocks, the other parameters in the inverse Fishers' blocks.
+NEWTON_EKFAC = "GGN Newton, EK-FAC"
 
 #: The criterion of :func:`ssse.metrics.select_epsilon` for each score.
 CRITERIA = {"delta": "confusion", "gamma": "similarity_ratio"}
@@ -105,12 +108,13 @@ def largest_block_size(model: nn.Module, *, dtype: torch.dtype = torch.float64,
 
 
 def fit_ggn(task, model, *, layout=None, block_size: int | None = None,
-            progress: bool = False):
+            curvature: str = "ggn", progress: bool = False):
     """The Gauss–Newton inverse of the tuning-free rows: damping = the task's weight decay, so
     the stored matrix is the curvature of the training objective; returns (inverse, seconds).
     ``layout=None`` (default): the largest blocks that fit the memory budget
     (:func:`largest_block_size`; one block for the linear models); ``"rows"``: one block per
-    output row, the earlier default."""
+    output row, the earlier default. ``curvature``: a Gauss–Newton one (``"ggn"``, or
+    ``"ekfac_ggn"`` for Kronecker-factored weights)."""
     if layout is None:
         if block_size is not None:
             raise ValueError("block_size needs a layout (the default chooses its own blocks)")
@@ -118,7 +122,7 @@ def fit_ggn(task, model, *, layout=None, block_size: int | None = None,
         block_size = largest_block_size(model, dtype=task.dtype, device=task.device)
     return timed(ssse.fit_inverse_fisher, model, task.loss_fn, task.data(),
                  damping=task.weight_decay, layout=layout, block_size=block_size,
-                 curvature="ggn", likelihood=task.likelihood, progress=progress)
+                 curvature=curvature, likelihood=task.likelihood, progress=progress)
 
 
 def newton_rows(rem: Removal, inv: ssse_ext.BlockInverseFisher, *,

@@ -26,7 +26,7 @@ from ssse import plots
 from ssse.data import class_removal
 
 from .common import eps_grid, geomean, markdown_table, nearest, summary, timed, report
-from .methods import NEWTON, NEWTON_SMALL, REFINED, curve, fit_ggn, newton_rows, select
+from .methods import NEWTON, NEWTON_EKFAC, NEWTON_SMALL, REFINED, curve, fit_ggn, newton_rows, select
 from .removal import QUANTISED_BELOW, SPLITS, Removal, make_removal, quantised
 from .tasks import make_task
 
@@ -165,7 +165,14 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
         small, t_fisher["ggn_small"] = fit_ggn(task, model, layout=layout,
                                                block_size=block_size, progress=progress)
         ggn = {NEWTON: ggn, NEWTON_SMALL: small}
+        if "EK-FAC" in inverses:  # the Newton step with the same Kronecker-factored blocks
+            ggn[NEWTON_EKFAC], t_fisher["ggn_ekfac"] = fit_ggn(
+                task, model, layout=layout, block_size=block_size, curvature="ekfac_ggn",
+                progress=progress)
         newton_blocks = {name: inv.layout.max_block_size for name, inv in ggn.items()}
+        memory.update({name: {"bytes": inv.nbytes, "dense_bytes": inv.layout.numel *
+                              torch.finfo(dtype).bits // 8, "dual_blocks": 0}
+                       for name, inv in ggn.items()})
 
     def removal(removed, cls):
         return make_removal(task, model, removed, classes=[cls], seed=seed, progress=progress)
@@ -279,7 +286,9 @@ def _run(rem, cls: int, model, inverses, grids, chosen: dict, ggn, *, seed: int,
            "retrain_seconds": rem.retrain_seconds, "methods": methods}
     if ggn is not None:
         run["newton"] = newton_rows(rem, ggn[NEWTON])
-        run["newton"][NEWTON_SMALL] = newton_rows(rem, ggn[NEWTON_SMALL], refine=False)[NEWTON]
+        for name in (NEWTON_SMALL, NEWTON_EKFAC):
+            if name in ggn:
+                run["newton"][name] = newton_rows(rem, ggn[name], refine=False)[NEWTON]
         for row in run["newton"].values():
             row["gap"] = _gap(row, retrained)
     return run
@@ -454,7 +463,10 @@ def table(r: dict) -> str:
             f"Fisher fits {fits}"
             + (" (ggn: the Gauss-Newton inverse, damping = weight decay, for the rows without "
                f"tuning, blocks of ≤ {_blocks(c, NEWTON)}; ggn_small: the same on the inverse "
-               f"Fishers' blocks, for '{NEWTON_SMALL}')" if "ggn" in res["fisher_seconds"]
+               f"Fishers' blocks, for '{NEWTON_SMALL}'"
+               + (f"; ggn_ekfac: its EK-FAC on those blocks, for '{NEWTON_EKFAC}'"
+                  if "ggn_ekfac" in res["fisher_seconds"] else "") + ")"
+               if "ggn" in res["fisher_seconds"]
                else "") + ".\n\n"
             + markdown_table(header, rows) + "\n" + per_class_table(r))
 
@@ -491,7 +503,8 @@ def _blocks(config: dict, name: str) -> str:
 
 def _newton_names(run: dict) -> list[str]:
     """The tuning-free rows a run has, in table order."""
-    return [n for n in (NEWTON, REFINED, NEWTON_SMALL) if n in run.get("newton", {})]
+    return [n for n in (NEWTON, REFINED, NEWTON_SMALL, NEWTON_EKFAC)
+            if n in run.get("newton", {})]
 
 
 def seeds_table(result: dict) -> str:
