@@ -9,7 +9,8 @@ r"""The curvatures the inverse can store, by name: the kernels take *rows* :math
 - ``"mc"`` (:mod:`~ssse.curvature.mc`): the true Fisher by sampled labels, one row per draw.
 - ``"kfac"``, ``"ekfac"`` (:mod:`~ssse.curvature.kfac`): Kronecker-factored blocks for the
   weights of linear and convolution layers (their rows carry the factors as a side payload),
-  the empirical Fisher for the other parameters.
+  the empirical Fisher for the other parameters; ``"kfac_ggn"``, ``"ekfac_ggn"``: the same
+  for the Gauss–Newton matrix (the Newton step's).
 
 Each is a :class:`~ssse.curvature.base.Curvature` registered here; a new one is a subclass and
 one :func:`register_curvature` call, after which ``curvature="name"`` works everywhere. The
@@ -31,7 +32,7 @@ __all__ = ["CURVATURES", "LIKELIHOODS", "Bernoulli", "Categorical", "Curvature",
            "register_likelihood", "resolve_likelihood", "sample_labels", "unregister_curvature"]
 
 #: The registered curvatures; as a sequence, their names (``"empirical"``, ``"ggn"``, ``"mc"``,
-#: ``"kfac"``, ``"ekfac"`` and any registered later).
+#: ``"kfac"``, ``"ekfac"``, ``"kfac_ggn"``, ``"ekfac_ggn"`` and any registered later).
 CURVATURES = Registry("curvature", Curvature)
 
 
