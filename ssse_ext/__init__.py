@@ -22,6 +22,7 @@ from . import _C, blocks, budget, fisher, health, reference, side, validation
 from ._ops import CUDA_KERNEL_SETS, cuda_kernels, set_cuda_kernels, use_cuda_kernels
 from .blocks import (STORES, BlockStore, Dense64Store, DenseStore, DualBlocks, GramStore,
                      choose_stores, get_store, register_store)
+from .change import PendingChange
 from .build import (BUILD_METHODS, DEFAULT_BLOCK_SIZE, REPRESENTATIONS, GramAccumulator,
                     build_dual_blocks, build_inverse_fisher, build_peak_bytes)
 from .dual import choose_representation
@@ -58,6 +59,7 @@ __all__ = [
     "InsufficientMemoryError",
     "LowRankChange",
     "NotPositiveDefiniteError",
+    "PendingChange",
     "RowNotFoundError",
     "Rows",
     "blocks",

@@ -207,21 +207,29 @@ def _(inv, layout, layout_dev, grads, normalizer, sign, chunked):
 
 
 def _woodbury_check_impl(inv: torch.Tensor, layout: torch.Tensor, rows: torch.Tensor,
-                         normalizer: float, sign: int
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""CPU: ``(wt, pivots, info)`` of a Woodbury change of the dense blocks of the layout table
-    by the ``(k, d)`` rows (see csrc/cpu/woodbury.h): ``wt`` float64, every block's
+                         normalizer: float, sign: int, vecs: torch.Tensor | None = None,
+                         changed: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""CPU: ``(wt, pivots, info, out)`` of a Woodbury change of the dense blocks of the layout
+    table by the ``(k, d)`` rows (see csrc/cpu/woodbury.h): ``wt`` float64, every block's
     :math:`W_b^\top` (``k x s_b``) one after the other; ``pivots`` ``(num_blocks, k)``;
-    ``info`` ``(num_blocks,)``. Nothing is written to ``inv``."""
+    ``info`` ``(num_blocks,)``. With ``vecs`` ``(d, r)`` (the inverse's dtype), ``out``
+    ``(d, r)`` float64 holds, on the rows of the blocks that pass (zeros elsewhere),
+    :math:`F_b^{-1} V_b`, or with ``changed`` the changed blocks' inverses times :math:`V_b`,
+    from the same pass over the blocks; without, ``out`` is empty. Nothing is written to
+    ``inv``."""
     k, d = rows.shape
     nb = layout.shape[0]
     wt = torch.empty(k * int(layout[:, 1].sum()) if nb else 0, dtype=torch.float64)
     pivots = torch.empty(nb, k, dtype=torch.float64)
     info = torch.empty(nb, dtype=torch.int64)
+    r = 0 if vecs is None else vecs.shape[1]
+    out = torch.zeros((d, r) if r else (0, 0), dtype=torch.float64)
     _C.woodbury_check(_code(inv), inv.data_ptr(), layout.data_ptr(), nb, rows.data_ptr(), k, d,
                       normalizer, sign, wt.data_ptr(), pivots.data_ptr(), info.data_ptr(),
-                      _threads())
-    return wt, pivots, info
+                      _threads(), 0 if vecs is None else vecs.data_ptr(), r, bool(changed),
+                      out.data_ptr() if r else 0)
+    return wt, pivots, info, out
 
 
 woodbury_check = torch.library.custom_op("ssse_ext::woodbury_check",
@@ -229,11 +237,12 @@ woodbury_check = torch.library.custom_op("ssse_ext::woodbury_check",
 
 
 @woodbury_check.register_fake
-def _(inv, layout, rows, normalizer, sign):
+def _(inv, layout, rows, normalizer, sign, vecs=None, changed=False):
     k, nb = rows.shape[0], layout.shape[0]
     n = torch.library.get_ctx().new_dynamic_size()
+    shape = (0, 0) if vecs is None else (rows.shape[1], vecs.shape[1])
     return (inv.new_empty(n, dtype=torch.float64), inv.new_empty(nb, k, dtype=torch.float64),
-            inv.new_empty(nb, dtype=torch.int64))
+            inv.new_empty(nb, dtype=torch.int64), inv.new_empty(shape, dtype=torch.float64))
 
 
 def _woodbury_write__impl(inv: torch.Tensor, layout: torch.Tensor, wt: torch.Tensor, k: int,

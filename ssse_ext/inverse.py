@@ -15,21 +15,16 @@ import torch
 
 from .blocks import DenseStore, file_prefix, get_store
 from .budget import AVAILABLE_MEMORY_ENV, COPY_REMEDIES, check_memory, format_bytes
-from .health import FisherProbe, Health, device_clock
+from .change import UPDATE_METHODS, PendingChange, check_change
+from .health import FisherProbe, Health
 from .layout import BlockLayout
 from .lowrank import LowRankChange, check_change_memory
-from .side import follow_probe, gathered_rows, side_kwargs
-from .validation import (FLOAT_DTYPES, check_choice, check_dtype, check_finite_float,
-                         check_positive_float, check_positive_int, check_update_operands,
-                         check_vector)
+from .side import gathered_rows, side_kwargs
+from .validation import (FLOAT_DTYPES, check_dtype, check_finite_float, check_positive_float,
+                         check_update_operands, check_vector)
 
 __all__ = ["BlockInverseFisher", "FisherConfig", "UPDATE_METHODS", "check_label"]
 
-#: Methods of :meth:`BlockInverseFisher.update` and :meth:`BlockInverseFisher.downdate`.
-UPDATE_METHODS = ("woodbury", "sherman_morrison")
-# Rows per CUDA kernel call of the Woodbury form (the kernel fuses consecutive rank-64 steps into
-# one pass over F^{-1}, its workspace growing with the call); on the CPU a call takes all rows.
-_DEFAULT_WOODBURY_CHUNK = 1024
 
 
 def check_label(value, name: str) -> str:
@@ -165,6 +160,9 @@ class BlockInverseFisher:
         self._owner = self._owners(config)
         self.config = config
         self.num_samples = int(num_samples)
+        #: Changes written since the inverse was made (a :class:`~ssse_ext.change.PendingChange`
+        #: checked before another one was written is refused).
+        self.changes = 0
         if probe is not None and (not isinstance(probe, FisherProbe) or
                                   probe.layout != config.layout):
             raise ValueError("probe must be a FisherProbe of the same layout")
@@ -357,34 +355,33 @@ class BlockInverseFisher:
         return out.view(-1) if vec else out
 
     # ---- updates ----
+    def checked_change(self, grads, *, sign: int = -1, method: str = "woodbury",
+                       chunk_size: int | None = None, apply=None,
+                       changed: bool = False) -> PendingChange:
+        r"""Checks the change of :meth:`downdate` (``sign=-1``) or :meth:`update` (``+1``) on
+        every block and writes nothing: :meth:`~ssse_ext.change.PendingChange.commit` writes
+        it and cannot fail; a dropped one leaves the inverse as it is (:mod:`ssse_ext.change`).
+
+        Args:
+            grads, method, chunk_size: as for :meth:`update`.
+            apply: optional ``(d,)`` or ``(d, r)`` vectors :math:`v`, the inverse's dtype: the
+                check also gives :math:`F^{-1} v` (the blocks before the change) or, with
+                ``changed``, :math:`(F + \mathrm{sign}\,R^\top R / N)^{-1} v`, in float64 as
+                ``applied``, from the same pass over the blocks where a store can (an erasure's
+                step of eq. 8 and its downdate).
+
+        Raises:
+            NotPositiveDefiniteError, RowNotFoundError: as :meth:`downdate`; nothing changed.
+        """
+        return check_change(self, self._stores, grads, sign, method=method,
+                            chunk_size=chunk_size, apply=apply, changed=changed)
+
     def _change(self, grads, sign: int, method: str, chunk_size: int | None,
                 timings: dict | None) -> "BlockInverseFisher":
-        check_choice(method, "method", UPDATE_METHODS)
-        chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
-        if method == "woodbury" and chunk_size is None and self.device.type == "cuda":
-            chunk_size = _DEFAULT_WOODBURY_CHUNK  # the CPU kernel's memory does not grow with it
-        what = "update" if sign > 0 else "downdate"
-        rows, side = self._rows(grads)
-        if rows.shape[0] == 0:
-            return self
-        check_change_memory(self._stores, rows.shape[0], self.dim, self.device, what,
-                            method=method)
-        # Every store checks all of its blocks before any store writes: a refusal leaves the
-        # inverse as it was, without a copy of it (the writes cannot fail).
-        clock = (lambda: device_clock(self.device)) if timings is not None else float
-        t0 = clock()
-        plans = [store.check_change(rows, sign, method=method, chunk_size=chunk_size, what=what,
-                                    **side_kwargs(store, side))
-                 for store in self._stores]
-        t1 = clock()
-        for store, plan in zip(self._stores, plans):
-            store.write(plan)
-        t2 = clock()
-        self.num_samples += sign * rows.shape[0]
-        if self.probe is not None:
-            follow_probe(self.probe, self._stores, rows, sign)
+        change = self.checked_change(grads, sign=sign, method=method, chunk_size=chunk_size)
+        change.commit(timings=timings)
         if timings is not None:
-            timings.update(check=t1 - t0, write=t2 - t1, probe=clock() - t2)
+            timings["check"] = change.check_seconds
         return self
 
     def update(self, grads, *, method: str = "woodbury", chunk_size: int | None = None,

@@ -332,6 +332,33 @@ def test_without_and_solve_changed_in_float64(name, dtype, device, sign):
 
 
 @pytest.mark.parametrize("name,dtype,device", PRODUCT)
+@pytest.mark.parametrize("sign,changed", [(-1, False), (-1, True), (1, True)])
+def test_check_and_apply_gives_the_products_with_the_plan(name, dtype, device, sign, changed):
+    g = rows_of(N_ROWS + 3, dtype, device, 10)
+    n = N_ROWS + 3
+    store = build(name, g[:N_ROWS], SUBSETS["some"], normalizer=n)
+    rows = (g[:2] if sign < 0 else g[N_ROWS:]).contiguous()
+    v = rows_of(2, dtype, device, 11).T.contiguous()
+    before = snapshot(store)
+    out = torch.zeros(v.shape, dtype=torch.float64, device=device)
+    plan = store.check_and_apply(rows, sign, v, out, changed=changed, method="woodbury",
+                                 chunk_size=None, what="test")
+    assert_unchanged(store, before)  # the check writes nothing
+    r, v64 = rows.double().cpu(), v.double().cpu()
+    for b in range(LAYOUT.num_blocks):
+        sl = LAYOUT.slice(b)
+        if b not in store.block_ids:  # another store's rows: left at zero
+            assert torch.all(out[sl] == 0)
+            continue
+        fisher = torch.linalg.inv(ref_block(g[:N_ROWS], b, n))
+        if changed:
+            fisher = fisher + sign * r[:, sl].T @ r[:, sl] / n
+        assert rel_err(out[sl], torch.linalg.solve(fisher, v64[sl])) <= SOLVE[dtype], b
+    store.write(plan)
+    assert_blocks(store, g[2:N_ROWS] if sign < 0 else g, n, CHAIN[dtype])
+
+
+@pytest.mark.parametrize("name,dtype,device", PRODUCT)
 def test_copies_and_state(name, dtype, device):
     g = rows_of(N_ROWS, dtype, device, 10)
     store = build(name, g, SUBSETS["some"])

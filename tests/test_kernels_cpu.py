@@ -180,7 +180,7 @@ def test_woodbury_check_and_write(dtype, s, m):
     wide = torch.zeros(m, d + 7, dtype=dtype)
     wide[:, 3:3 + d] = rows
     rows = wide[:, 3:3 + d].contiguous()
-    wt, piv, info = _ops.call(_ops.woodbury_check, packed, host, rows, normalizer, -1)
+    wt, piv, info, _ = _ops.call(_ops.woodbury_check, packed, host, rows, normalizer, -1)
     assert torch.equal(packed, full.packed)  # the check writes nothing
     assert not info.any() and bool((piv > 0).all()) and piv.shape == (3, m)
     assert wt.shape == (m * d,)
@@ -192,12 +192,44 @@ def test_woodbury_check_and_write(dtype, s, m):
         assert torch.equal(blk, blk.T), b  # bitwise symmetric
         assert rel_err(blk, expect[b]) <= CHAIN[dtype], b
     # adding the rows back returns to the full inverse
-    wt, piv, info = _ops.call(_ops.woodbury_check, packed, host, rows, normalizer, 1)
+    wt, piv, info, _ = _ops.call(_ops.woodbury_check, packed, host, rows, normalizer, 1)
     assert not info.any()
     _ops.call(_ops.woodbury_write_, packed, host, wt, m, 1)
     ref = reference.block_closed_form(gs, layout, 0.5, normalizer)
     for b, (o, sb) in enumerate(zip(layout.offsets, layout.sizes)):
         assert rel_err(packed[o:o + sb * sb].view(sb, sb), ref[b]) <= CHAIN[dtype], b
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("r", [1, 3])
+@pytest.mark.parametrize("changed", [False, True])
+def test_woodbury_check_applies_the_blocks_in_the_same_pass(dtype, r, changed):
+    """With vectors, the check also returns F_b^{-1} V_b (or the changed blocks' inverses times
+    V_b) in float64, against the stored blocks in float64; its factors are the same bits."""
+    torch.manual_seed(11 * r + changed)
+    layout = BlockLayout.from_boundaries([0, 47, 52, 99])  # blocks of 47, 5 and 47
+    d = layout.dim
+    g = torch.randn(2 * d, d, dtype=torch.float64)
+    inv = ssse_ext.build_inverse_fisher(g.to(dtype), damping=0.5, layout=layout,
+                                        representation="dense")
+    host, n = layout.table(), float(2 * d)
+    rows = g[:3].to(dtype).contiguous()
+    vecs = torch.randn(d, 2 * r, dtype=dtype)[:, ::2].contiguous()
+    wt, piv, info, out = _ops.call(_ops.woodbury_check, inv.packed, host, rows, n, -1, vecs,
+                                   changed)
+    wt0, piv0, _, none = _ops.call(_ops.woodbury_check, inv.packed, host, rows, n, -1)
+    assert not info.any() and torch.equal(wt, wt0) and torch.equal(piv, piv0)
+    assert out.dtype == torch.float64 and out.shape == (d, r) and none.numel() == 0
+    _, _, _, plain = _ops.call(_ops.woodbury_check, inv.packed, host, rows[:0], n, -1, vecs,
+                               changed)
+    r64 = rows.double()
+    for b, (st, sb) in enumerate(zip(layout.starts, layout.sizes)):
+        blk, vb = inv.blocks[b].double(), vecs[st:st + sb].double()
+        assert rel_err(plain[st:st + sb], blk @ vb) <= SOLVE[torch.float64], b
+        if changed:
+            rb = r64[:, st:st + sb]
+            blk = torch.linalg.inv(torch.linalg.inv(blk) - rb.T @ rb / n)
+        assert rel_err(out[st:st + sb], blk @ vb) <= SOLVE[torch.float64], b
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -209,11 +241,11 @@ def test_woodbury_check_reports_failures_and_overflow(dtype):
     host = layout.table()
     # rows never added: removing them makes both blocks indefinite
     never = (10 * torch.randn(3, 12, dtype=torch.float64)).to(dtype)
-    _, piv, info = _ops.call(_ops.woodbury_check, inv.packed, host, never, 30.0, -1)
+    _, piv, info, _ = _ops.call(_ops.woodbury_check, inv.packed, host, never, 30.0, -1)
     assert bool((info > 0).all())
     # a row added once: its removal's pivot equals the float64 one of C / N
     row = g[:1].to(dtype)
-    _, piv, info = _ops.call(_ops.woodbury_check, inv.packed, host, row, 30.0, -1)
+    _, piv, info, _ = _ops.call(_ops.woodbury_check, inv.packed, host, row, 30.0, -1)
     assert not info.any()
     for b in range(2):
         f = inv.dense_block(b).double()
@@ -222,10 +254,10 @@ def test_woodbury_check_reports_failures_and_overflow(dtype):
         assert abs(float(piv[b, 0]) - float(c) / 30.0) <= 1e-6 * abs(float(c) / 30.0)
     huge = torch.full((1, 12), 1e200, dtype=torch.float64)
     if dtype == torch.float64:
-        _, _, info = _ops.call(_ops.woodbury_check, inv.packed, host, huge, 30.0, -1)
+        _, _, info, _ = _ops.call(_ops.woodbury_check, inv.packed, host, huge, 30.0, -1)
         assert bool((info == -1).all())
     # no rows: nothing to check, nothing written
-    wt, piv, info = _ops.call(_ops.woodbury_check, inv.packed, host, row[:0], 30.0, -1)
+    wt, piv, info, _ = _ops.call(_ops.woodbury_check, inv.packed, host, row[:0], 30.0, -1)
     assert wt.numel() == 0 and not info.any()
 
 

@@ -29,8 +29,10 @@ std::vector<int64_t> wt_offsets(const BlockSpec* blocks, int64_t num_blocks, int
 template <typename T>
 void woodbury_check(const T* inv, const int64_t* layout, int64_t num_blocks, const T* rows,
                     int64_t k, int64_t d, double normalizer, int sign, double* wt,
-                    double* pivots, int64_t* info, int threads) {
+                    double* pivots, int64_t* info, int threads, const T* vecs, int64_t r,
+                    bool changed, double* out) {
   if (num_blocks <= 0) return;
+  if (vecs == nullptr || out == nullptr) r = 0;
   const BlockSpec* blocks = as_blocks(layout);
   const std::vector<int64_t> offsets = wt_offsets(blocks, num_blocks, k);
   const std::vector<int64_t> order = blocks_by_size(layout, num_blocks);
@@ -40,43 +42,70 @@ void woodbury_check(const T* inv, const int64_t* layout, int64_t num_blocks, con
     const int64_t s = blk.size;
     double* piv = pivots + b * k;
     info[b] = 0;
-    if (k == 0 || s == 0) {
+    if (s == 0) {
       std::fill(piv, piv + k, 1.0);  // C = N I
       return;
     }
     const T* f = inv + blk.offset;
     const T* x = rows + blk.start;  // R_b: [k, s] with leading dimension d
     double* w = wt + offsets[static_cast<size_t>(b)];
-    // U^T = R_b F_b^{-1} [k, s] (the block read once, converted in the packing)
-    gemm<T, T>(k, s, s, 1.0, x, d, 1, f, s, 1, 0.0, w, s);
-    // C = N I + sign R_b U, symmetrised
-    std::vector<double> c(static_cast<size_t>(k * k));
-    gemm<T, double>(k, k, s, static_cast<double>(sign), x, d, 1, w, 1, s, 0.0, c.data(), k);
-    bool finite = true;
-    for (int64_t i = 0; i < k; ++i) {
-      for (int64_t j = 0; j < i; ++j) {
-        double& lo = c[static_cast<size_t>(i * k + j)];
-        lo = 0.5 * (lo + c[static_cast<size_t>(j * k + i)]);
-        finite = finite && std::isfinite(lo);
+    // [U^T; (F_b^{-1} V_b)^T] = [R_b; V_b^T] F_b^{-1}: one product, the block read once and
+    // converted in the packing (F_b^{-1} is symmetric)
+    std::vector<double> fv(static_cast<size_t>(r * s));
+    if (r > 0) {
+      std::vector<T> a(static_cast<size_t>((k + r) * s));
+      for (int64_t i = 0; i < k; ++i) std::copy(x + i * d, x + i * d + s, a.data() + i * s);
+      for (int64_t j = 0; j < r; ++j)
+        for (int64_t i = 0; i < s; ++i)
+          a[static_cast<size_t>((k + j) * s + i)] = vecs[(blk.start + i) * r + j];
+      std::vector<double> u(static_cast<size_t>((k + r) * s));
+      gemm<T, T>(k + r, s, s, 1.0, a.data(), s, 1, f, s, 1, 0.0, u.data(), s);
+      std::copy(u.begin(), u.begin() + k * s, w);
+      std::copy(u.begin() + k * s, u.end(), fv.begin());
+    } else if (k > 0) {
+      // U^T = R_b F_b^{-1} [k, s]
+      gemm<T, T>(k, s, s, 1.0, x, d, 1, f, s, 1, 0.0, w, s);
+    }
+    if (k > 0) {
+      // C = N I + sign R_b U, symmetrised
+      std::vector<double> c(static_cast<size_t>(k * k));
+      gemm<T, double>(k, k, s, static_cast<double>(sign), x, d, 1, w, 1, s, 0.0, c.data(), k);
+      bool finite = true;
+      for (int64_t i = 0; i < k; ++i) {
+        for (int64_t j = 0; j < i; ++j) {
+          double& lo = c[static_cast<size_t>(i * k + j)];
+          lo = 0.5 * (lo + c[static_cast<size_t>(j * k + i)]);
+          finite = finite && std::isfinite(lo);
+        }
+        double& dia = c[static_cast<size_t>(i * k + i)];
+        dia += normalizer;
+        finite = finite && std::isfinite(dia);
       }
-      double& dia = c[static_cast<size_t>(i * k + i)];
-      dia += normalizer;
-      finite = finite && std::isfinite(dia);
+      std::fill(piv, piv + k, 0.0);
+      if (!finite) {
+        info[b] = -1;
+        return;
+      }
+      if (int64_t code = potrf_lower(k, c.data(), k)) {
+        info[b] = code;
+        return;
+      }
+      for (int64_t i = 0; i < k; ++i) {
+        const double l = c[static_cast<size_t>(i * k + i)];
+        piv[i] = l * l / normalizer;
+      }
+      trsm_left_lower(k, s, c.data(), k, w, s);  // W^T = L^{-1} U^T
+      if (changed && r > 0) {
+        // (F V)^T - sign (W^T V)^T W^T
+        std::vector<double> wv(static_cast<size_t>(k * r));
+        gemm<double, T>(k, r, s, 1.0, w, s, 1, vecs + blk.start * r, r, 1, 0.0, wv.data(), r);
+        gemm<double, double>(r, s, k, -static_cast<double>(sign), wv.data(), 1, r, w, s, 1, 1.0,
+                             fv.data(), s);
+      }
     }
-    std::fill(piv, piv + k, 0.0);
-    if (!finite) {
-      info[b] = -1;
-      return;
-    }
-    if (int64_t code = potrf_lower(k, c.data(), k)) {
-      info[b] = code;
-      return;
-    }
-    for (int64_t i = 0; i < k; ++i) {
-      const double l = c[static_cast<size_t>(i * k + i)];
-      piv[i] = l * l / normalizer;
-    }
-    trsm_left_lower(k, s, c.data(), k, w, s);  // W^T = L^{-1} U^T
+    for (int64_t i = 0; i < s; ++i)
+      for (int64_t j = 0; j < r; ++j)
+        out[(blk.start + i) * r + j] = fv[static_cast<size_t>(j * s + i)];
   });
 }
 
@@ -117,10 +146,11 @@ void woodbury_write(T* inv, const int64_t* layout, int64_t num_blocks, const dou
 }
 
 template void woodbury_check<float>(const float*, const int64_t*, int64_t, const float*, int64_t,
-                                    int64_t, double, int, double*, double*, int64_t*, int);
+                                    int64_t, double, int, double*, double*, int64_t*, int,
+                                    const float*, int64_t, bool, double*);
 template void woodbury_check<double>(const double*, const int64_t*, int64_t, const double*,
                                      int64_t, int64_t, double, int, double*, double*, int64_t*,
-                                     int);
+                                     int, const double*, int64_t, bool, double*);
 template void woodbury_write<float>(float*, const int64_t*, int64_t, const double*, int64_t, int,
                                     int);
 template void woodbury_write<double>(double*, const int64_t*, int64_t, const double*, int64_t,

@@ -14,13 +14,19 @@ namespace ssse::cpu {
 // pivots [num_blocks, k]: (L_b)_ii^2 / N (zero where the factorisation failed). info[b] = 0, the
 // potrf code of C_b when it is not positive definite, or -1 when C_b is not finite (the rows'
 // products overflowed float64).
+//
+// With r > 0 vectors V [d, r] (row-major, the inverse's dtype), the same pass also writes, for
+// every block that passes, out[start_b + i, j] (float64 [d, r], row-major; other rows untouched)
+// = (F_b^{-1} V_b)(i, j) where changed is false, or ((F_b + sign R_b^T R_b / N)^{-1} V_b)(i, j)
+// = (F_b^{-1} V_b - sign W_b W_b^T V_b)(i, j) where it is true: the block is read once for both.
 template <typename T>
 void woodbury_check(const T* inv,           // packed [sum size_b^2], full symmetric blocks
                     const int64_t* layout,  // [num_blocks, 3] (start, size, offset)
                     int64_t num_blocks,
                     const T* rows,          // [k, d] row-major
                     int64_t k, int64_t d, double normalizer, int sign, double* wt,
-                    double* pivots, int64_t* info, int threads);
+                    double* pivots, int64_t* info, int threads, const T* vecs = nullptr,
+                    int64_t r = 0, bool changed = false, double* out = nullptr);
 
 // F_b^{-1} -= sign W_b W_b^T for every block, from woodbury_check's wt.
 template <typename T>

@@ -29,11 +29,11 @@ from .fit import fit_inverse_fisher
 from .gradients import gradient_sum
 from .layouts import resolve_layout
 from .settings import check_minibatch
-from .rows import check_autocast, likelihood_of_data, row_stream, stacked_rows
+from .rows import check_autocast, likelihood_of_data
 from .sharded_fit import agreed_likelihood, fit_samples
 from .io import fingerprint
 from .ledger import Ledger, check_ids
-from .newton import newton_refined
+from .newton import newton_refined, rows_of
 from .certificate import certify_flat
 from .requests import (DEFAULT_PROBE_BLOCKS, StageTimer, check_probe_blocks, check_verify,
                        group_means, record_request, request_ids, request_rows)
@@ -45,18 +45,6 @@ __all__ = ["ssse_update", "Eraser", "FISHER_VARIANTS", "GRADIENT_VARIANTS", "che
 FISHER_VARIANTS = ("full", "leave_k_out")
 #: ``"removed"``: the summed gradient of S (the paper); ``"retained"``: minus that of D \ S.
 GRADIENT_VARIANTS = ("removed", "retained")
-
-
-def _removed_rows(fm: FlatModel, loss_fn, removed, *, weight_decay: float, dtype,
-                  params: dict | None = None, max_memory: int | None = None) -> torch.Tensor:
-    """The ``(k, d)`` per-sample gradients of ``removed`` (a list of batches), computed in
-    chunks of at most ``max_memory`` bytes and written into one tensor."""
-    k = sum(batch_len(y) for _, y in removed)
-    if k == 0:
-        raise ValueError("removed is empty: nothing to erase")
-    return stacked_rows(row_stream(fm, loss_fn, removed, "removed", weight_decay=weight_decay,
-                                     chunk_size=None, minibatch=1, dtype=dtype, params=params,
-                                     max_memory=max_memory), k)
 
 
 def check_ssse_settings(epsilon, n_total, weight_decay, fisher, gradient, minibatch, retained,
@@ -134,9 +122,9 @@ def ssse_update(model: nn.Module, loss_fn, removed, *,
     dtype, device = inv.dtype, inv.device
     rows = None
     if fisher == "leave_k_out":
-        rows = _removed_rows(fm, loss_fn, list(iter_batches(removed, "removed", task=fm.task)),
-                             weight_decay=weight_decay, dtype=dtype,
-                             max_memory=request_budget(inv.nbytes, fm.device))
+        rows = rows_of(fm, loss_fn, list(iter_batches(removed, "removed", task=fm.task)),
+                       curvature="empirical", dtype=dtype, weight_decay=weight_decay,
+                       max_memory=request_budget(inv.nbytes, fm.device))
         k = rows.shape[0]
         v = rows.sum(0)
     else:
@@ -518,9 +506,10 @@ class Eraser:
             timer.lap("ledger")
         rows, v = self.rows_and_gradient(batches)
         timer.lap("rows")
-        # No copy of the inverse: the step is computed first (the leave-k-out curvature applied
-        # on the fly), then the downdate, which checks every block before it writes any, so an
-        # error at either point leaves everything unchanged. Extra memory: O(k d).
+        # No copy of the inverse: the step and the downdate's check of every block come first
+        # (one pass over the blocks for eq. 8), the writes last, so an error at either point
+        # leaves everything unchanged. Extra memory: O(k d).
+        change = None
         if epsilon is None:
             step = newton_refined(self._fm, self.loss_fn, batches, self.inv_fisher, n=self.n,
                                   weight_decay=self.weight_decay, likelihood=self.likelihood,
@@ -530,12 +519,13 @@ class Eraser:
                                       self.max_memory))
             theta = (self.theta.to(torch.float64) + step).to(self.dtype)
         else:
-            theta = self.inv_fisher.apply_update(
-                self.theta, v, epsilon / (self.n - k),
-                without=rows if fisher == "leave_k_out" else None)
+            change = self.inv_fisher.checked_change(rows, apply=v,
+                                                    changed=fisher == "leave_k_out")
+            theta = (self.theta.to(torch.float64) + epsilon / (self.n - k) *
+                     change.applied).to(self.dtype)
         if not bool(torch.isfinite(theta).all()):
             raise FloatingPointError("the erasure produced NaN or Inf; nothing was changed")
-        timer.lap("apply")
+        timer.add({} if change is None else {"check": change.check_seconds}, rest="apply")
         # the certificate depends on the new parameters only: taken before anything changes
         certificate = None if verify is None else certify_flat(
             self._fm, self.loss_fn, verify[0], theta, weight_decay=self.weight_decay,
@@ -547,9 +537,12 @@ class Eraser:
             if self._inverse_fp is None:
                 self._inverse_fp = fingerprint(self.inv_fisher.to_state()[0])
             timer.lap("ledger")
+        if change is None:
+            change = self.inv_fisher.checked_change(rows)
+            timer.lap("check")
         seconds: dict = {}
-        self.inv_fisher.downdate(rows, timings=seconds)
-        timer.add(seconds, rest="check")
+        change.commit(timings=seconds)
+        timer.add(seconds, rest="apply")
         old_theta, old_n = self.theta, self.n
         state = finish_update(self._fm, theta, inplace=inplace, what="the erasure")
         self.theta, self.n = theta, self.n - k

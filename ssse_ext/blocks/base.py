@@ -322,6 +322,26 @@ class BlockStore(abc.ABC):
                 changed.
         """
 
+    def check_and_apply(self, rows: torch.Tensor, sign: int, v: torch.Tensor, out: torch.Tensor,
+                        *, changed: bool, method: str, chunk_size: int | None, what: str,
+                        **side) -> Any:
+        r""":meth:`check_change`'s plan, and the store's rows of :math:`F_b^{-1} v_b` written
+        into ``out`` (``(d, r)`` float64, zeros on the store's rows): with the blocks before
+        the change, or with ``changed`` after it, :math:`(F_b + \mathrm{sign}\,R_b^\top R_b /
+        N)^{-1} v_b`. ``v``: ``(d, r)``, the store's dtype. ``side``: as for
+        :meth:`check_change`. This default checks, then applies (:meth:`solve_changed` or
+        :meth:`apply_into`); a store that can read its blocks once for both overrides it."""
+        plan = self.check_change(rows, sign, method=method, chunk_size=chunk_size, what=what,
+                                 **side)
+        if changed:
+            self.solve_changed(rows, v.to(torch.float64), out, sign=sign, shift=0.0, what=what,
+                               **side)
+        else:
+            part = torch.zeros_like(v)
+            self.apply_into(v, None, 1.0, part)
+            out += part  # zeros outside the store's rows
+        return plan
+
     @abc.abstractmethod
     def write(self, plan: Any) -> None:
         """Applies a plan of :meth:`check_change` (the last one made; it cannot fail)."""

@@ -257,15 +257,19 @@ class DenseStore(BlockStore):
         writes it (no float64 copy of any block)."""
         return self.device.type == "cpu" and k <= min(self.sizes, default=0)
 
-    def _kernel_check(self, rows: torch.Tensor, sign: int, what: str) -> list:
+    def _kernel_check(self, rows: torch.Tensor, sign: int, what: str, v=None, out=None,
+                      changed: bool = False) -> list:
         r""":meth:`woodbury`'s check with ``write`` in the CPU kernels: the factors
-        :math:`W_b^\top` of every segment, after every block's pivots passed."""
+        :math:`W_b^\top` of every segment, after every block's pivots passed; with ``v``, the
+        products of :meth:`check_and_apply` added into ``out`` from the same pass."""
         kept, infos, pivots, ids = [], [], [], []
         for j, (seg, host, _) in enumerate(self._segment_tables()):
             if not seg.numel():
                 continue
-            wt, piv, info = _ops.call(_ops.woodbury_check, seg, host, rows,
-                                      float(self.normalizer), int(sign))
+            wt, piv, info, part = _ops.call(_ops.woodbury_check, seg, host, rows,
+                                            float(self.normalizer), int(sign), v, changed)
+            if v is not None:
+                out += part  # zeros outside the segment's rows
             kept.append(_KernelFactors(j, rows.shape[0], wt))
             infos.append(info)
             pivots.append(piv)
@@ -348,6 +352,15 @@ class DenseStore(BlockStore):
         work = [seg.clone() for seg in self._segments]
         self._recur(work, rows, sign, method, chunk_size, what)
         return rows, sign, method, chunk_size, what, work, None
+
+    def check_and_apply(self, rows, sign, v, out, *, changed, method, chunk_size, what):
+        k = rows.shape[0]
+        if method != "woodbury" or not self._writes_factors(k) or not self._kernel_writes(k):
+            return super().check_and_apply(rows, sign, v, out, changed=changed, method=method,
+                                           chunk_size=chunk_size, what=what)
+        # one pass over the blocks: the check's factors and the products of v
+        kept = self._kernel_check(rows, sign, what, v.contiguous(), out, changed)
+        return rows, sign, method, chunk_size, what, None, kept
 
     def write(self, plan) -> None:
         rows, sign, method, chunk_size, what, work, kept = plan

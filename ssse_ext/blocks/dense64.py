@@ -89,6 +89,11 @@ class Dense64Store(BlockStore):
         return self._exact.check_change(rows.to(torch.float64), sign, method=method,
                                         chunk_size=chunk_size, what=what)
 
+    def check_and_apply(self, rows, sign, v, out, *, changed, method, chunk_size, what):
+        return self._exact.check_and_apply(rows.to(torch.float64), sign, v.to(torch.float64),
+                                           out, changed=changed, method=method,
+                                           chunk_size=chunk_size, what=what)
+
     def write(self, plan) -> None:
         self._exact.write(plan)
 

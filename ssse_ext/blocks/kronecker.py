@@ -281,6 +281,16 @@ class KroneckerStore(BlockStore):
     def check_change(self, rows, sign, *, method, chunk_size, what, side=None):
         return self._changed(rows, side, sign, what)
 
+    def check_and_apply(self, rows, sign, v, out, *, changed, method, chunk_size, what,
+                        side=None):
+        plan = self._changed(rows, side, sign, what)  # the changed blocks serve the products
+        new = {i: blk for i, blk, _ in plan} if changed else {}
+        for i, b in enumerate(self.block_ids):
+            blk, sl = new.get(i, self._blocks[i]), self.layout.slice(b)
+            denom = blk.lam / self.normalizer + self.damping
+            out[sl] = kron_times(blk, v[sl].to(torch.float64), 1.0 / denom)
+        return plan
+
     def write(self, plan) -> None:
         for i, blk, rebased in plan:
             self._blocks[i] = blk

@@ -159,20 +159,9 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
                        "dense_bytes": inv.layout.numel * torch.finfo(dtype).bits // 8,
                        "dual_blocks": inv.representation.count("dual")}
               for fisher, inv in inverses.items()}
-    ggn, newton_blocks = None, {}
-    if tuning_free:  # the largest blocks that fit, and the inverse Fishers' blocks
-        ggn, t_fisher["ggn"] = fit_ggn(task, model, progress=progress)
-        small, t_fisher["ggn_small"] = fit_ggn(task, model, layout=layout,
-                                               block_size=block_size, progress=progress)
-        ggn = {NEWTON: ggn, NEWTON_SMALL: small}
-        if "EK-FAC" in inverses:  # the Newton step with the same Kronecker-factored blocks
-            ggn[NEWTON_EKFAC], t_fisher["ggn_ekfac"] = fit_ggn(
-                task, model, layout=layout, block_size=block_size, curvature="ekfac_ggn",
-                progress=progress)
-        newton_blocks = {name: inv.layout.max_block_size for name, inv in ggn.items()}
-        memory.update({name: {"bytes": inv.nbytes, "dense_bytes": inv.layout.numel *
-                              torch.finfo(dtype).bits // 8, "dual_blocks": 0}
-                       for name, inv in ggn.items()})
+    ggn = _newton_inverses(task, model, layout, block_size, "EK-FAC" in inverses, t_fisher,
+                           memory, progress) if tuning_free else None
+    newton_blocks = {name: inv.layout.max_block_size for name, inv in (ggn or {}).items()}
 
     def removal(removed, cls):
         return make_removal(task, model, removed, classes=[cls], seed=seed, progress=progress)
@@ -209,6 +198,25 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=torch.flo
     return {"config": config, "results": results}
 
 
+
+
+def _newton_inverses(task, model, layout, block_size, ekfac: bool, seconds: dict,
+                     memory: dict, progress: bool) -> dict:
+    """The Gauss–Newton inverses of the tuning-free rows: the largest blocks that fit, the
+    inverse Fishers' blocks and (with ``ekfac``) their EK-FAC; their fit times go into
+    ``seconds``, their bytes into ``memory``."""
+    ggn = {}
+    ggn[NEWTON], seconds["ggn"] = fit_ggn(task, model, progress=progress)
+    ggn[NEWTON_SMALL], seconds["ggn_small"] = fit_ggn(task, model, layout=layout,
+                                                      block_size=block_size, progress=progress)
+    if ekfac:  # the Newton step with the same Kronecker-factored blocks
+        ggn[NEWTON_EKFAC], seconds["ggn_ekfac"] = fit_ggn(
+            task, model, layout=layout, block_size=block_size, curvature="ekfac_ggn",
+            progress=progress)
+    memory.update({name: {"bytes": inv.nbytes, "dense_bytes": inv.layout.numel *
+                          torch.finfo(task.dtype).bits // 8, "dual_blocks": 0}
+                   for name, inv in ggn.items()})
+    return ggn
 
 
 def _settings(data: str, model: str, methods, quick: bool) -> dict:
