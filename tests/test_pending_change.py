@@ -33,10 +33,11 @@ def fitted(dtype, representation):
 @pytest.mark.parametrize("representation", ["dense", "requests", "dense64", "gram", "dual"])
 @pytest.mark.parametrize("changed", [False, True])
 @pytest.mark.parametrize("r", [None, 2])
+@pytest.mark.parametrize("k", [4, 6])  # 6: more rows than the block of 5 (no kernel path)
 def test_the_check_gives_the_products_and_the_commit_is_a_downdate(dtype, representation,
-                                                                   changed, r):
+                                                                   changed, r, k):
     inv = fitted(dtype, representation)
-    removed = rows(N, dtype, 0)[:4]
+    removed = rows(N, dtype, 0)[:k]
     v = rows(1 if r is None else r, dtype, 1)
     v = v[0] if r is None else v.T  # (d,), or (d, r) not contiguous
     dense_before = inv.dense().double()
@@ -49,7 +50,7 @@ def test_the_check_gives_the_products_and_the_commit_is_a_downdate(dtype, repres
     assert change.applied.dtype == torch.float64 and change.applied.shape == v.shape
     assert rel_err(change.applied, torch.linalg.solve(fisher, v.double())) <= SOLVE[dtype]
     plain = fitted(dtype, representation).downdate(removed)
-    assert change.commit() is inv and inv.num_samples == N - 4
+    assert change.commit() is inv and inv.num_samples == N - k
     assert torch.equal(inv.dense(), plain.dense())  # the same bits as a plain downdate
 
 

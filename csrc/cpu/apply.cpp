@@ -14,18 +14,6 @@ constexpr int64_t kRowsPerTask = 64;
 // From this many right-hand sides on, the packed GEMM beats row-by-row dot products.
 constexpr int64_t kGemmColumns = 16;
 
-template <typename T>
-inline double dot(const T* __restrict a, const double* __restrict b, int64_t n) {
-  // Eight independent accumulators so that the compiler can vectorise without reassociating.
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int u = 0; u < 8; ++u) acc[u] += static_cast<double>(a[j + u]) * b[j + u];
-  double s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; j < n; ++j) s += static_cast<double>(a[j]) * b[j];
-  return s;
-}
-
 struct Task {
   int64_t block;
   int64_t row0;

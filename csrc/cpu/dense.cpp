@@ -54,6 +54,18 @@ template void gemm_symmetric_b<double>(int64_t, int64_t, double, const double*, 
                                        const double*, int64_t, double, double*, int64_t);
 
 template <typename T>
+double dot(const T* a, const double* b, int64_t n) {
+  const detail::MicroKernel& mk = detail::micro_kernel();
+  if constexpr (std::is_same_v<T, float>)
+    return mk.dot_f(a, b, n);
+  else
+    return mk.dot_d(a, b, n);
+}
+
+template double dot<float>(const float*, const double*, int64_t);
+template double dot<double>(const double*, const double*, int64_t);
+
+template <typename T>
 void gram_lower(int64_t s, int64_t j0, int64_t j1, int64_t K, const T* x, int64_t ldx, double* c,
                 int64_t ldc) {
   const detail::MicroKernel& mk = detail::micro_kernel();

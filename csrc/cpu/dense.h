@@ -32,6 +32,11 @@ template <typename T>
 void gram_lower(int64_t s, int64_t j0, int64_t j1, int64_t K, const T* x, int64_t ldx, double* c,
                 int64_t ldc);
 
+// sum_i a[i] b[i] in float64 (vectorised for the running CPU; the order of the sums depends on
+// its vector width, as the GEMM's do).
+template <typename T>
+double dot(const T* a, const double* b, int64_t n);
+
 // In-place lower Cholesky factor of the SPD matrix a[n, n] (lda): reads and writes the lower
 // triangle only. Returns 0 on success, else j + 1 where the leading minor of order j + 1 is not
 // positive definite (LAPACK's convention).

@@ -50,6 +50,8 @@ struct MicroKernel {
   TrsmFn trsm_left_lower_trans;
   TrsmFn trsm_right_lower_trans;
   void (*symmetrize_from_lower)(int64_t n, double* a, int64_t lda);
+  double (*dot_f)(const float* a, const double* b, int64_t n);
+  double (*dot_d)(const double* a, const double* b, int64_t n);
 };
 
 // The best kernel set for the running CPU (decided once; SSSE_CPU_ISA=generic|avx2|avx512

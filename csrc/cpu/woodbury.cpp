@@ -49,21 +49,16 @@ void woodbury_check(const T* inv, const int64_t* layout, int64_t num_blocks, con
     const T* f = inv + blk.offset;
     const T* x = rows + blk.start;  // R_b: [k, s] with leading dimension d
     double* w = wt + offsets[static_cast<size_t>(b)];
-    // [U^T; (F_b^{-1} V_b)^T] = [R_b; V_b^T] F_b^{-1}: one product, the block read once and
-    // converted in the packing (F_b^{-1} is symmetric)
-    std::vector<double> fv(static_cast<size_t>(r * s));
-    if (r > 0) {
-      std::vector<T> a(static_cast<size_t>((k + r) * s));
-      for (int64_t i = 0; i < k; ++i) std::copy(x + i * d, x + i * d + s, a.data() + i * s);
+    // (F_b^{-1} V_b)^T [r, s], a pass that brings the block into cache for the product below
+    std::vector<double> vb(static_cast<size_t>(r * s)), fv(static_cast<size_t>(r * s));
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t i = 0; i < s; ++i)
+        vb[static_cast<size_t>(j * s + i)] = static_cast<double>(vecs[(blk.start + i) * r + j]);
+    for (int64_t i = 0; i < s; ++i)
       for (int64_t j = 0; j < r; ++j)
-        for (int64_t i = 0; i < s; ++i)
-          a[static_cast<size_t>((k + j) * s + i)] = vecs[(blk.start + i) * r + j];
-      std::vector<double> u(static_cast<size_t>((k + r) * s));
-      gemm<T, T>(k + r, s, s, 1.0, a.data(), s, 1, f, s, 1, 0.0, u.data(), s);
-      std::copy(u.begin(), u.begin() + k * s, w);
-      std::copy(u.begin() + k * s, u.end(), fv.begin());
-    } else if (k > 0) {
-      // U^T = R_b F_b^{-1} [k, s]
+        fv[static_cast<size_t>(j * s + i)] = dot(f + i * s, vb.data() + j * s, s);
+    if (k > 0) {
+      // U^T = R_b F_b^{-1} [k, s] (the block converted in the packing)
       gemm<T, T>(k, s, s, 1.0, x, d, 1, f, s, 1, 0.0, w, s);
     }
     if (k > 0) {
@@ -95,12 +90,13 @@ void woodbury_check(const T* inv, const int64_t* layout, int64_t num_blocks, con
         piv[i] = l * l / normalizer;
       }
       trsm_left_lower(k, s, c.data(), k, w, s);  // W^T = L^{-1} U^T
-      if (changed && r > 0) {
-        // (F V)^T - sign (W^T V)^T W^T
-        std::vector<double> wv(static_cast<size_t>(k * r));
-        gemm<double, T>(k, r, s, 1.0, w, s, 1, vecs + blk.start * r, r, 1, 0.0, wv.data(), r);
-        gemm<double, double>(r, s, k, -static_cast<double>(sign), wv.data(), 1, r, w, s, 1, 1.0,
-                             fv.data(), s);
+      for (int64_t j = 0; changed && j < r; ++j) {  // F^{-1} v - sign W (W^T v)
+        double* out_j = fv.data() + j * s;
+        for (int64_t a = 0; a < k; ++a) {
+          const double coef = -static_cast<double>(sign) * dot(w + a * s, vb.data() + j * s, s);
+          const double* wa = w + a * s;
+          for (int64_t i = 0; i < s; ++i) out_j[i] += coef * wa[i];
+        }
       }
     }
     for (int64_t i = 0; i < s; ++i)

@@ -45,10 +45,11 @@ def _run_budget(k: int):
 
 class _KernelFactors(NamedTuple):
     r"""What :meth:`DenseStore._kernel_check` keeps of a segment for its write: the segment,
-    the rows' count and the kernel's :math:`W_b^\top` of its blocks."""
+    the rows' count, the kernel's table of the blocks it checked and their :math:`W_b^\top`."""
 
     segment: int
     k: int
+    table: torch.Tensor
     wt: torch.Tensor
 
 
@@ -171,16 +172,17 @@ class DenseStore(BlockStore):
                 _ops.call(_ops.apply_inverse, seg, host, dev, v, base, float(scale), out)
 
     # ---- the Woodbury form in float64 ----
-    def _float64_batches(self, k: int):
+    def _float64_batches(self, k: int, below: int | None = None):
         """``(segment, offset, first block, count, size, blocks)`` per batch of equal-size
-        blocks (:func:`_run_budget`), ``blocks`` the batch's ``(count, size, size)`` blocks in
-        float64: a view of the storage for a float64 store, else the batch converted into one
-        scratch buffer reused by every batch (nothing of the store's size is converted at
-        once, and nothing is allocated per batch). The view or buffer is valid until the next
-        batch."""
-        budget = _run_budget(k)
+        blocks (:func:`_run_budget`; only those smaller than ``below`` when given), ``blocks``
+        the batch's ``(count, size, size)`` blocks in float64: a view of the storage for a
+        float64 store, else the batch converted into one scratch buffer reused by every batch
+        (nothing of the store's size is converted at once, and nothing is allocated per
+        batch). The view or buffer is valid until the next batch."""
+        budget, sizes = _run_budget(k), self.layout.sizes
         plan = [(j, b0, n, s) for j in range(len(self._segments))
-                for b0, n, s in self.layout.runs(budget, blocks=self._segment_ids(j))]
+                for b0, n, s in self.layout.runs(budget, blocks=[
+                    b for b in self._segment_ids(j) if below is None or sizes[b] < below])]
         scratch = None
         if self.dtype != torch.float64 and plan:
             numel = max(n * s * s for _, _, n, s in plan)
@@ -195,7 +197,8 @@ class DenseStore(BlockStore):
 
     def woodbury(self, rows: torch.Tensor, sign: int, what: str, *, keep: bool = False,
                  shift: float = 0.0, rhs: torch.Tensor | None = None,
-                 out: torch.Tensor | None = None, write: bool = False) -> list:
+                 out: torch.Tensor | None = None, write: bool = False,
+                 applied: tuple | None = None) -> list:
         r"""Checks, for every block, that :math:`M_b = F_b + \mathrm{sign}\,R_b^\top R_b / N
         - \mathrm{shift}\,I` stays positive definite with the margin; writes nothing to the
         store. With ``keep``, returns the factors of every batch of blocks (for
@@ -217,18 +220,28 @@ class DenseStore(BlockStore):
         shift), so the margin means the same in both. The inverse of a triangular factor is
         taken once (:math:`k \times k` or :math:`s \times s`) and applied by a batched
         product: a batched triangular solve with many right-hand sides runs block by block.
+        With ``write`` on the CPU, the blocks at least ``k`` wide are checked in the kernels
+        instead (:meth:`_kernel_check`). ``applied``: ``(v, out, changed)`` of
+        :meth:`check_and_apply`, whose products are written into ``out`` from the same pass.
         """
         k, N = rows.shape[0], self.normalizer
+        factors, below = [], None
         if write and self._kernel_writes(k) and rhs is None and not keep and shift == 0:
-            return self._kernel_check(rows, sign, what)
+            factors, below = self._kernel_check(rows, sign, what, applied), k
         r64 = rows.to(torch.float64)  # once: 8 k d bytes, as change_nbytes counts
-        factors = []
-        for j, o, b0, n, s, f in self._float64_batches(k):
+        v64 = None if applied is None else applied[0].to(torch.float64)
+        for j, o, b0, n, s, f in self._float64_batches(k, below):
             st = self.layout.starts[b0]
             ids = range(b0, b0 + n)
             r = r64[:, st:st + n * s].view(k, n, s).transpose(0, 1)             # (n, k, s)
+            fv = None
             if k <= s and shift == 0:
-                u = f @ r.transpose(1, 2)                                       # (n, s, k)
+                if v64 is None:
+                    u = f @ r.transpose(1, 2)                                   # (n, s, k)
+                else:  # F_b^{-1} v_b from the same product
+                    u = f @ torch.cat([r.transpose(1, 2),
+                                       v64[st:st + n * s].view(n, s, -1)], dim=2)
+                    u, fv = u[..., :k], u[..., k:]
                 chol = checked_cholesky(inner_matrix(u, r, sign, N), what, self.layout, ids,
                                         scale=N)
                 kept = (st, n, s, "correction", u, chol)
@@ -245,35 +258,45 @@ class DenseStore(BlockStore):
                 eye = torch.eye(chol.shape[-1], dtype=torch.float64, device=chol.device)
                 inverse = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
                 factors.append((j, o, n, s, kept[3], inverse @ kept[4].transpose(1, 2)))
-            if rhs is not None:
-                vb = rhs[st:st + n * s].reshape(n, s, -1)
-                res = solve_kept(kept, vb, sign, lambda v: f @ v)
-                out[st:st + n * s] = res.reshape(n * s, -1)
+            if rhs is not None or applied is not None:
+                sl = slice(st, st + n * s)
+                vb = (rhs if rhs is not None else v64)[sl].reshape(n, s, -1)
+                if rhs is not None or applied[2]:  # the changed blocks
+                    res = solve_kept(kept, vb, sign, lambda v: f @ v if fv is None else fv)
+                else:
+                    res = f @ vb if fv is None else fv
+                (out if rhs is not None else applied[1])[sl] = res.reshape(n * s, -1)
         return factors
 
     def _kernel_writes(self, k: int) -> bool:
         """Whether a checked change of ``k`` rows runs in the CPU kernels (every block at
-        least ``k`` wide): one pass reads each block in its own dtype for the check, one more
-        writes it (no float64 copy of any block)."""
+        least ``k`` wide; otherwise torch's batched float64 products, which read each block
+        as often and run at the speed of its BLAS)."""
         return self.device.type == "cpu" and k <= min(self.sizes, default=0)
 
-    def _kernel_check(self, rows: torch.Tensor, sign: int, what: str, v=None, out=None,
-                      changed: bool = False) -> list:
-        r""":meth:`woodbury`'s check with ``write`` in the CPU kernels: the factors
-        :math:`W_b^\top` of every segment, after every block's pivots passed; with ``v``, the
+    def _kernel_check(self, rows: torch.Tensor, sign: int, what: str,
+                      applied: tuple | None = None) -> list:
+        r""":meth:`woodbury`'s check with ``write`` in the CPU kernels, for the blocks at least
+        ``k`` wide (one pass reads each block in its own dtype for the check, one more writes
+        it; no float64 copy of any block): the factors :math:`W_b^\top` of every segment,
+        after every block's pivots passed; with ``applied`` ``(v, out, changed)``, the
         products of :meth:`check_and_apply` added into ``out`` from the same pass."""
+        v, out, changed = applied if applied is not None else (None, None, False)
         kept, infos, pivots, ids = [], [], [], []
+        k = rows.shape[0]
         for j, (seg, host, _) in enumerate(self._segment_tables()):
-            if not seg.numel():
+            wide = host[:, 1] >= k
+            if not seg.numel() or not bool(wide.any()):
                 continue
-            wt, piv, info, part = _ops.call(_ops.woodbury_check, seg, host, rows,
+            table = host if bool(wide.all()) else host[wide].contiguous()
+            wt, piv, info, part = _ops.call(_ops.woodbury_check, seg, table, rows,
                                             float(self.normalizer), int(sign), v, changed)
             if v is not None:
-                out += part  # zeros outside the segment's rows
-            kept.append(_KernelFactors(j, rows.shape[0], wt))
+                out += part  # zeros outside the checked blocks' rows
+            kept.append(_KernelFactors(j, k, table, wt))
             infos.append(info)
             pivots.append(piv)
-            ids += list(self._segment_ids(j))
+            ids += [b for b, w in zip(self._segment_ids(j), wide.tolist()) if w]
         if infos:
             info, piv = torch.cat(infos), torch.cat(pivots)
             if bool((info == -1).any()):
@@ -354,12 +377,11 @@ class DenseStore(BlockStore):
         return rows, sign, method, chunk_size, what, work, None
 
     def check_and_apply(self, rows, sign, v, out, *, changed, method, chunk_size, what):
-        k = rows.shape[0]
-        if method != "woodbury" or not self._writes_factors(k) or not self._kernel_writes(k):
+        if method != "woodbury" or not self._writes_factors(rows.shape[0]):
             return super().check_and_apply(rows, sign, v, out, changed=changed, method=method,
                                            chunk_size=chunk_size, what=what)
         # one pass over the blocks: the check's factors and the products of v
-        kept = self._kernel_check(rows, sign, what, v.contiguous(), out, changed)
+        kept = self.woodbury(rows, sign, what, write=True, applied=(v.contiguous(), out, changed))
         return rows, sign, method, chunk_size, what, None, kept
 
     def write(self, plan) -> None:
@@ -380,20 +402,17 @@ class DenseStore(BlockStore):
         in the same order), so the blocks stay so: that is checked on the first block, and a
         GEMM that does not is followed by a symmetrisation from the lower triangle, as the
         kernel keeps its blocks."""
-        if not kept:
-            return
-        if isinstance(kept[0], _KernelFactors):
-            tables = self._segment_tables()
-            for j, k, wt in kept:
-                seg, host, _ = tables[j]
-                _ops.call(_ops.woodbury_write_, seg, host, wt, k, int(sign))
-            return
+        batches = [entry for entry in kept if not isinstance(entry, _KernelFactors)]
+        for entry in kept:
+            if isinstance(entry, _KernelFactors):
+                _ops.call(_ops.woodbury_write_, self._segments[entry.segment], entry.table,
+                          entry.wt, entry.k, int(sign))
         scratch = None
-        if self.dtype != torch.float64:
-            numel = max(n * s * s for _, _, n, s, _, _ in kept)
+        if self.dtype != torch.float64 and batches:
+            numel = max(n * s * s for _, _, n, s, _, _ in batches)
             scratch = torch.empty(numel, dtype=torch.float64, device=self.device)
         symmetric = None
-        for j, o, n, s, kind, m in kept:
+        for j, o, n, s, kind, m in batches:
             view = self._segments[j][o:o + n * s * s].view(n, s, s)
             f = view if scratch is None else scratch[:n * s * s].view(n, s, s)
             if kind == "correction":
