@@ -224,7 +224,7 @@ def _woodbury_check_impl(inv: torch.Tensor, layout: torch.Tensor, rows: torch.Te
     pivots = torch.empty(nb, k, dtype=torch.float64)
     info = torch.empty(nb, dtype=torch.int64)
     r = 0 if vecs is None else vecs.shape[1]
-    out = torch.zeros((d, r) if r else (0, 0), dtype=torch.float64)
+    out = torch.zeros((0, 0) if vecs is None else (d, r), dtype=torch.float64)
     _C.woodbury_check(_code(inv), inv.data_ptr(), layout.data_ptr(), nb, rows.data_ptr(), k, d,
                       normalizer, sign, wt.data_ptr(), pivots.data_ptr(), info.data_ptr(),
                       _threads(), 0 if vecs is None else vecs.data_ptr(), r, bool(changed),

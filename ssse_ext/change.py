@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .budget import check_memory
 from .health import device_clock
 from .lowrank import check_change_memory
 from .side import follow_probe, side_kwargs
@@ -41,6 +42,7 @@ class PendingChange:
     def __init__(self, inv, stores, rows, sign: int, plans, applied, check_seconds: float):
         self._inv, self._stores, self._rows, self._sign = inv, stores, rows, sign
         self._plans, self._at, self._done = plans, inv.changes, False
+        self._version = rows._version  # plans may read the rows again when written
         self.applied, self.check_seconds = applied, check_seconds
 
     def commit(self, *, timings: dict | None = None):
@@ -48,14 +50,18 @@ class PendingChange:
         the seconds of the writes (``"write"``) and of the probe's update (``"probe"``).
 
         Raises:
-            RuntimeError: committed already, or the inverse changed after the check (nothing
-                is written: check the change again).
+            RuntimeError: committed already, or the inverse or the rows changed after the
+                check (nothing is written: check the change again). Changes made to the stores
+                directly, not through the inverse, are not detected.
         """
         inv = self._inv
         if self._done:
             raise RuntimeError("this change was committed already")
         if inv.changes != self._at:
             raise RuntimeError("the inverse changed after this change was checked: nothing "
+                               "was written; check the change again")
+        if self._rows._version != self._version:
+            raise RuntimeError("the rows were modified after this change was checked: nothing "
                                "was written; check the change again")
         self._done = True
         if self._plans is None:  # no rows: nothing to write
@@ -75,8 +81,9 @@ class PendingChange:
 
 
 def check_change(inv, stores, grads, sign: int, *, method: str, chunk_size: int | None,
-                 apply=None, changed: bool = False) -> PendingChange:
-    """:meth:`BlockInverseFisher.checked_change` on ``inv``'s ``stores``."""
+                 apply=None, changed: bool = False, timed: bool = True) -> PendingChange:
+    """:meth:`BlockInverseFisher.checked_change` on ``inv``'s ``stores``; ``timed``: read the
+    device's clock for ``check_seconds`` (on a GPU, a synchronisation)."""
     if sign not in (1, -1):
         raise ValueError(f"sign must be +1 or -1, got {sign!r}")
     check_choice(method, "method", UPDATE_METHODS)
@@ -90,13 +97,18 @@ def check_change(inv, stores, grads, sign: int, *, method: str, chunk_size: int 
     vv = out = vec = None
     if apply is not None:
         vv, vec = inv._vector(apply, "apply")
-        out = torch.zeros(vv.shape, dtype=torch.float64, device=inv.device)
-    t0 = device_clock(inv.device)
+    clock = (lambda: device_clock(inv.device)) if timed else float
+    t0 = clock()
     if rows.shape[0] == 0:  # nothing to check or write: the products of the blocks as they are
         if vv is not None:
             out = inv.matvec(vv).to(torch.float64)
         return PendingChange(inv, stores, rows, sign, None, _shaped(out, vec), 0.0)
     check_change_memory(stores, rows.shape[0], inv.dim, inv.device, what, method=method)
+    if vv is not None:
+        # the products in float64, a kernel's part of them and the vectors converted
+        check_memory(what, 24 * vv.numel(), inv.device,
+                     detail=f"float64 products of {vv.shape[1]} vector(s)")
+        out = torch.zeros(vv.shape, dtype=torch.float64, device=inv.device)
     # Every store checks all of its blocks before any store writes: a refusal leaves the
     # inverse as it was, without a copy of it.
     plans = []
@@ -104,8 +116,7 @@ def check_change(inv, stores, grads, sign: int, *, method: str, chunk_size: int 
         kw = dict(method=method, chunk_size=chunk_size, what=what, **side_kwargs(store, side))
         plans.append(store.check_change(rows, sign, **kw) if vv is None else
                      store.check_and_apply(rows, sign, vv, out, changed=changed, **kw))
-    return PendingChange(inv, stores, rows, sign, plans, _shaped(out, vec),
-                         device_clock(inv.device) - t0)
+    return PendingChange(inv, stores, rows, sign, plans, _shaped(out, vec), clock() - t0)
 
 
 def _shaped(out, vec):

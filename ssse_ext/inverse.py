@@ -366,9 +366,10 @@ class BlockInverseFisher:
             grads, method, chunk_size: as for :meth:`update`.
             apply: optional ``(d,)`` or ``(d, r)`` vectors :math:`v`, the inverse's dtype: the
                 check also gives :math:`F^{-1} v` (the blocks before the change) or, with
-                ``changed``, :math:`(F + \mathrm{sign}\,R^\top R / N)^{-1} v`, in float64 as
-                ``applied``, from the same pass over the blocks where a store can (an erasure's
-                step of eq. 8 and its downdate).
+                ``changed``, :math:`(F + \mathrm{sign}\,R^\top R / N)^{-1} v` (for stores
+                defined by a side payload, the blocks the change leaves), in float64 as
+                ``applied``, from the same pass over the blocks where a store can (the dense
+                stores on the CPU: an erasure's step of eq. 8 and its downdate).
 
         Raises:
             NotPositiveDefiniteError, RowNotFoundError: as :meth:`downdate`; nothing changed.
@@ -378,7 +379,8 @@ class BlockInverseFisher:
 
     def _change(self, grads, sign: int, method: str, chunk_size: int | None,
                 timings: dict | None) -> "BlockInverseFisher":
-        change = self.checked_change(grads, sign=sign, method=method, chunk_size=chunk_size)
+        change = check_change(self, self._stores, grads, sign, method=method,
+                              chunk_size=chunk_size, timed=timings is not None)
         change.commit(timings=timings)
         if timings is not None:
             timings["check"] = change.check_seconds

@@ -29,6 +29,13 @@ for dtype in (torch.float32, torch.float64):
         expect = torch.block_diag(*ref) @ v
         worst = max(worst, ((out.double() - expect).norm() / expect.norm()).item()
                     / chain_tol[dtype])
+        for r in (1, 3):  # the dot products of the apply and of the check's products
+            v = torch.randn(d, r, dtype=torch.float64)
+            expect = torch.block_diag(*ref) @ v
+            for out in (inv.matvec(v.to(dtype)),
+                        inv.checked_change(g[:2].to(dtype), apply=v.to(dtype)).applied):
+                worst = max(worst, ((out.double() - expect).norm() / expect.norm()).item()
+                            / chain_tol[dtype])
 print(ssse_ext.build_info()["cpu_isa"], worst)
 """
 

@@ -67,6 +67,37 @@ def test_stale_and_repeated_commits_are_refused():
     assert torch.equal(inv.dense(), after) and inv.num_samples == N - 2 and inv.changes == 1
 
 
+def test_rows_modified_after_the_check_are_refused():
+    inv = fitted(torch.float64, "gram")  # its write reads the rows again
+    removed = rows(N, torch.float64, 0)[:3].clone()
+    change = inv.checked_change(removed)
+    before = inv.dense()
+    removed.mul_(30)
+    with pytest.raises(RuntimeError, match="rows were modified"):
+        change.commit()
+    assert torch.equal(inv.dense(), before) and inv.num_samples == N and inv.changes == 0
+
+
+@pytest.mark.parametrize("changed", [False, True])
+def test_kronecker_blocks_give_the_products_of_the_blocks_a_request_leaves(changed):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double().eval()
+    loss = nn.CrossEntropyLoss(reduction="none")
+    X, y = torch.randn(30, 5, dtype=torch.float64), torch.randint(0, 3, (30,))
+    inv = ssse.fit_inverse_fisher(model, loss, (X, y), damping=0.1, curvature="kfac",
+                                  progress=False)
+    eraser = ssse.Eraser(model, loss, damping=0.1, curvature="kfac")
+    eraser.inv_fisher = inv
+    removed, _ = eraser.rows_and_gradient([(X[:4], y[:4])])
+    v = torch.randn(inv.dim, dtype=torch.float64)
+    expect = inv.without(removed) @ v if changed else inv @ v
+    change = inv.checked_change(removed, apply=v, changed=changed)
+    assert rel_err(change.applied, expect) <= SOLVE[torch.float64]
+    plain = inv.clone().downdate(removed)
+    change.commit()
+    assert torch.equal(inv.dense(), plain.dense())
+
+
 def test_no_rows_applies_the_inverse_and_writes_nothing():
     inv = fitted(torch.float32, "dense")
     v = rows(1, torch.float32, 3)[0]
@@ -112,3 +143,27 @@ def test_the_erasers_step_is_read_in_the_checks_pass(fisher):
     t = eraser.last_timings
     assert {"rows", "check", "write", "apply", "probe"} <= t.keys()
     assert sum(s for k, s in t.items() if k != "total") <= t["total"] * (1 + 1e-9) + 1e-6
+
+
+@pytest.mark.parametrize("representation", ["dense", "requests"])
+def test_the_erasers_step_takes_no_pass_of_its_own_on_dense_blocks(representation,
+                                                                  monkeypatch):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).float().eval()
+    loss = nn.CrossEntropyLoss(reduction="none")
+    X, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    eraser = ssse.Eraser(model, loss, damping=0.1, block_size=16,
+                         representation=representation).fit((X, y), progress=False)
+    assert set(eraser.inv_fisher.representation) <= {"dense", "dense64"}
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("a separate pass over the blocks for the step")
+
+    for cls in (ssse_ext.DenseStore, ssse_ext.Dense64Store):
+        monkeypatch.setattr(cls, "apply_into", no_pass)
+        monkeypatch.setattr(cls, "solve_changed", no_pass)
+    # the health probe after the request reads sampled blocks: not the step's pass
+    monkeypatch.setattr(ssse_ext.BlockInverseFisher, "health", lambda self, **kw: None)
+    for fisher in ("full", "leave_k_out"):
+        eraser.erase((X[:2], y[:2]) if fisher == "full" else (X[2:4], y[2:4]),
+                     epsilon=1.0, fisher=fisher, ids=[0, 1] if fisher == "full" else [2, 3])

@@ -239,10 +239,9 @@ def newton_refined(fm: FlatModel, loss_fn, batches, inv: ssse_ext.BlockInverseFi
                 raise
             rows = rows_star
             d = inv.solve_changed(rows, rhs, sign=-1, shift=delta)
-        if step == steps:  # no refinement follows: F d is not needed
-            if step == 0:
-                x = x + d
-                break
+        if steps == 0:  # the plain Newton step: no line search needs F d
+            x = x + d
+            break
         if step == 0:
             rows_star = rows
         r64 = rows.to(torch.float64)

@@ -33,7 +33,8 @@ __all__ = ["DEFAULT_PROBE_BLOCKS", "STAGES", "StageTimer", "check_probe_blocks",
 #: of a ResNet's blocks of 256, a cost of about 1 % of a full probe there.
 DEFAULT_PROBE_BLOCKS = 32
 #: The stages of a request, in :attr:`ssse.Eraser.last_timings`: the rows and summed gradient,
-#: the step (eq. 8 or the Newton step), the check of every block, the write, the probe; with a
+#: the step (the Newton step; for eq. 8 the update of the parameters only, its product with the
+#: inverse being read in the check's pass), the check of every block, the write, the probe; with a
 #: ledger, ``"ledger"`` (the probe before the request, the fingerprints and the record); with
 #: ``verify=``, ``"verify"`` (the certificate's pass over the retained data).
 STAGES = ("rows", "apply", "check", "write", "probe", "ledger", "verify")

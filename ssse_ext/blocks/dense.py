@@ -45,11 +45,10 @@ def _run_budget(k: int):
 
 class _KernelFactors(NamedTuple):
     r"""What :meth:`DenseStore._kernel_check` keeps of a segment for its write: the segment,
-    the rows' count, the kernel's table of the blocks it checked and their :math:`W_b^\top`."""
+    the rows' count and the kernel's :math:`W_b^\top` of its blocks."""
 
     segment: int
     k: int
-    table: torch.Tensor
     wt: torch.Tensor
 
 
@@ -172,17 +171,16 @@ class DenseStore(BlockStore):
                 _ops.call(_ops.apply_inverse, seg, host, dev, v, base, float(scale), out)
 
     # ---- the Woodbury form in float64 ----
-    def _float64_batches(self, k: int, below: int | None = None):
+    def _float64_batches(self, k: int):
         """``(segment, offset, first block, count, size, blocks)`` per batch of equal-size
-        blocks (:func:`_run_budget`; only those smaller than ``below`` when given), ``blocks``
-        the batch's ``(count, size, size)`` blocks in float64: a view of the storage for a
-        float64 store, else the batch converted into one scratch buffer reused by every batch
-        (nothing of the store's size is converted at once, and nothing is allocated per
-        batch). The view or buffer is valid until the next batch."""
-        budget, sizes = _run_budget(k), self.layout.sizes
+        blocks (:func:`_run_budget`), ``blocks`` the batch's ``(count, size, size)`` blocks in
+        float64: a view of the storage for a float64 store, else the batch converted into one
+        scratch buffer reused by every batch (nothing of the store's size is converted at
+        once, and nothing is allocated per batch). The view or buffer is valid until the next
+        batch."""
+        budget = _run_budget(k)
         plan = [(j, b0, n, s) for j in range(len(self._segments))
-                for b0, n, s in self.layout.runs(budget, blocks=[
-                    b for b in self._segment_ids(j) if below is None or sizes[b] < below])]
+                for b0, n, s in self.layout.runs(budget, blocks=self._segment_ids(j))]
         scratch = None
         if self.dtype != torch.float64 and plan:
             numel = max(n * s * s for _, _, n, s in plan)
@@ -220,17 +218,18 @@ class DenseStore(BlockStore):
         shift), so the margin means the same in both. The inverse of a triangular factor is
         taken once (:math:`k \times k` or :math:`s \times s`) and applied by a batched
         product: a batched triangular solve with many right-hand sides runs block by block.
-        With ``write`` on the CPU, the blocks at least ``k`` wide are checked in the kernels
+        With ``write``, when every block is at least ``k`` wide, the CPU kernels check
         instead (:meth:`_kernel_check`). ``applied``: ``(v, out, changed)`` of
-        :meth:`check_and_apply`, whose products are written into ``out`` from the same pass.
+        :meth:`check_and_apply`, whose products are written into ``out`` from the same pass
+        (:math:`F_b^{-1} v_b`, or with ``changed`` :math:`M^{-1} v_b`).
         """
         k, N = rows.shape[0], self.normalizer
-        factors, below = [], None
         if write and self._kernel_writes(k) and rhs is None and not keep and shift == 0:
-            factors, below = self._kernel_check(rows, sign, what, applied), k
+            return self._kernel_check(rows, sign, what, applied)
+        factors = []
         r64 = rows.to(torch.float64)  # once: 8 k d bytes, as change_nbytes counts
         v64 = None if applied is None else applied[0].to(torch.float64)
-        for j, o, b0, n, s, f in self._float64_batches(k, below):
+        for j, o, b0, n, s, f in self._float64_batches(k):
             st = self.layout.starts[b0]
             ids = range(b0, b0 + n)
             r = r64[:, st:st + n * s].view(k, n, s).transpose(0, 1)             # (n, k, s)
@@ -276,27 +275,24 @@ class DenseStore(BlockStore):
 
     def _kernel_check(self, rows: torch.Tensor, sign: int, what: str,
                       applied: tuple | None = None) -> list:
-        r""":meth:`woodbury`'s check with ``write`` in the CPU kernels, for the blocks at least
-        ``k`` wide (one pass reads each block in its own dtype for the check, one more writes
-        it; no float64 copy of any block): the factors :math:`W_b^\top` of every segment,
-        after every block's pivots passed; with ``applied`` ``(v, out, changed)``, the
-        products of :meth:`check_and_apply` added into ``out`` from the same pass."""
+        r""":meth:`woodbury`'s check with ``write`` in the CPU kernels (one pass reads each
+        block in its own dtype for the check, one more writes it; no float64 copy of any
+        block): the factors :math:`W_b^\top` of every segment, after every block's pivots
+        passed; with ``applied`` ``(v, out, changed)``, the products of
+        :meth:`check_and_apply` added into ``out`` from the same pass."""
         v, out, changed = applied if applied is not None else (None, None, False)
         kept, infos, pivots, ids = [], [], [], []
-        k = rows.shape[0]
         for j, (seg, host, _) in enumerate(self._segment_tables()):
-            wide = host[:, 1] >= k
-            if not seg.numel() or not bool(wide.any()):
+            if not seg.numel():
                 continue
-            table = host if bool(wide.all()) else host[wide].contiguous()
-            wt, piv, info, part = _ops.call(_ops.woodbury_check, seg, table, rows,
+            wt, piv, info, part = _ops.call(_ops.woodbury_check, seg, host, rows,
                                             float(self.normalizer), int(sign), v, changed)
             if v is not None:
-                out += part  # zeros outside the checked blocks' rows
-            kept.append(_KernelFactors(j, k, table, wt))
+                out += part  # zeros outside the segment's rows
+            kept.append(_KernelFactors(j, rows.shape[0], wt))
             infos.append(info)
             pivots.append(piv)
-            ids += [b for b, w in zip(self._segment_ids(j), wide.tolist()) if w]
+            ids += list(self._segment_ids(j))
         if infos:
             info, piv = torch.cat(infos), torch.cat(pivots)
             if bool((info == -1).any()):
@@ -402,17 +398,20 @@ class DenseStore(BlockStore):
         in the same order), so the blocks stay so: that is checked on the first block, and a
         GEMM that does not is followed by a symmetrisation from the lower triangle, as the
         kernel keeps its blocks."""
-        batches = [entry for entry in kept if not isinstance(entry, _KernelFactors)]
-        for entry in kept:
-            if isinstance(entry, _KernelFactors):
-                _ops.call(_ops.woodbury_write_, self._segments[entry.segment], entry.table,
-                          entry.wt, entry.k, int(sign))
+        if not kept:
+            return
+        if isinstance(kept[0], _KernelFactors):
+            tables = self._segment_tables()
+            for j, k, wt in kept:
+                seg, host, _ = tables[j]
+                _ops.call(_ops.woodbury_write_, seg, host, wt, k, int(sign))
+            return
         scratch = None
-        if self.dtype != torch.float64 and batches:
-            numel = max(n * s * s for _, _, n, s, _, _ in batches)
+        if self.dtype != torch.float64:
+            numel = max(n * s * s for _, _, n, s, _, _ in kept)
             scratch = torch.empty(numel, dtype=torch.float64, device=self.device)
         symmetric = None
-        for j, o, n, s, kind, m in batches:
+        for j, o, n, s, kind, m in kept:
             view = self._segments[j][o:o + n * s * s].view(n, s, s)
             f = view if scratch is None else scratch[:n * s * s].view(n, s, s)
             if kind == "correction":

@@ -26,7 +26,8 @@ from ssse import plots
 from ssse.data import class_removal
 
 from .common import eps_grid, geomean, markdown_table, nearest, summary, timed, report
-from .methods import NEWTON, NEWTON_EKFAC, NEWTON_SMALL, REFINED, curve, fit_ggn, newton_rows, select
+from .methods import (NEWTON, NEWTON_EKFAC, NEWTON_SMALL, REFINED, curve, fit_ggn, newton_rows,
+                      select)
 from .removal import QUANTISED_BELOW, SPLITS, Removal, make_removal, quantised
 from .tasks import make_task
 
@@ -214,7 +215,8 @@ def _newton_inverses(task, model, layout, block_size, ekfac: bool, seconds: dict
             task, model, layout=layout, block_size=block_size, curvature="ekfac_ggn",
             progress=progress)
     memory.update({name: {"bytes": inv.nbytes, "dense_bytes": inv.layout.numel *
-                          torch.finfo(task.dtype).bits // 8, "dual_blocks": 0}
+                          torch.finfo(task.dtype).bits // 8,
+                          "dual_blocks": inv.representation.count("dual")}
                    for name, inv in ggn.items()})
     return ggn
 
@@ -445,7 +447,7 @@ def table(r: dict) -> str:
                          f"({m['acc_D-S_best_unguarded']['mean']:.2f})"]
                         + [pm(m[f"acc_{sp}"]) for sp in SPLITS]
                         + [f"{m['erase_seconds']['mean']:.3f}"])
-        for name in [n for n in (NEWTON, REFINED, NEWTON_SMALL) if n in e]:
+        for name in [n for n in (NEWTON, REFINED, NEWTON_SMALL, NEWTON_EKFAC) if n in e]:
             m = e[name]
             rows.append([setting, name, "none", pm(m["delta"]), "-", "-"]
                         + [pm(m[f"acc_{sp}"]) for sp in SPLITS]
