@@ -13,8 +13,8 @@ import torch
 import ssse
 from ssse.data import class_removal, two_blobs_2d
 from ssse.experiments import illustration, multinomial, nonconvex
-from ssse.experiments.common import aggregate_numbers, compute_seeds, nearest
-from ssse.experiments.methods import NEWTON, NEWTON_SMALL
+from ssse.experiments.common import aggregate_numbers, compute_seeds, nearest, seed_file
+from ssse.experiments.methods import NEWTON, NEWTON_EKFAC, NEWTON_SMALL
 from ssse.experiments.demo import run_demo
 from ssse.experiments.tasks import make_task
 
@@ -244,6 +244,29 @@ def test_aggregation_over_seeds_is_numpys_mean_and_sd():
             compute_seeds(compute, bad, scale=1.0)
 
 
+def test_a_run_of_seeds_keeps_each_seed_and_completes_later(tmp_path):
+    calls = []
+
+    def compute(*, seed, scale):
+        calls.append(seed)
+        if seed == 2 and len(calls) == 2:
+            raise KeyboardInterrupt  # the first run stops during its second seed
+        return {"config": {"seed": seed, "n": 5}, "results": {"x": seed * scale}}
+
+    with pytest.raises(KeyboardInterrupt):
+        compute_seeds(compute, [1, 2, 3], seed_dir=tmp_path, scale=2.0)
+    assert calls == [1, 2] and seed_file(tmp_path, 1).is_file()
+    assert not seed_file(tmp_path, 2).exists()
+    out = compute_seeds(compute, [1, 2, 3], seed_dir=tmp_path, scale=2.0)
+    assert calls == [1, 2, 2, 3]  # seed 1 read from its file, not computed again
+    assert out["results"]["aggregate"]["x"]["mean"] == pytest.approx(4.0)
+    assert out["results"]["per_seed"][0]["results"] == {"x": 2.0}
+    # other options: the stored seed is not reused
+    compute_seeds(compute, [1], seed_dir=tmp_path, scale=3.0)
+    assert calls[-1] == 1 and json.loads(seed_file(tmp_path, 1).read_text())[
+        "result"]["results"] == {"x": 3.0}
+
+
 def test_demo_reports_the_delta_of_its_models(tmp_path):
     out = run_demo(train_limit=500, eps=(0.05, 5.0, 5), out=tmp_path, progress=False)
     assert (tmp_path / "demo_delta.png").stat().st_size > 1000
@@ -345,9 +368,12 @@ def test_nonconvex_quick_choices_follow_their_curves(tmp_path):
     assert run["differing"] == differ
     md = (tmp_path / "results.md").read_text()
     assert f"| {differ} ({'yes' if differ < 10 else 'no'}) |" in md
-    # the Newton rows on the largest blocks that fit (one block of all d) and on the Fisher's
-    assert set(run["newton"]) == {NEWTON, NEWTON_SMALL, "GGN Newton + 2 refinement steps"}
-    assert a["config"]["newton_blocks"] == {NEWTON: a["config"]["d"], NEWTON_SMALL: 256}
+    # the Newton rows on the largest blocks that fit (one block of all d), on the Fisher's and
+    # (with the EK-FAC methods) on EK-FAC, whose weights are whole blocks
+    assert set(run["newton"]) == {NEWTON, NEWTON_SMALL, NEWTON_EKFAC,
+                                  "GGN Newton + 2 refinement steps"}
+    assert a["config"]["newton_blocks"] == {NEWTON: a["config"]["d"], NEWTON_SMALL: 256,
+                                            NEWTON_EKFAC: 8 * 8 * 3 * 3}  # a whole conv weight
     # the original sits at 1 here and the best SSSE variant (guarded by the accuracy floor)
     # reaches 0.0 (per-sample gradients of S)
     assert min(m["best"]["delta"] for name, m in run["methods"].items()

@@ -52,6 +52,7 @@ __all__ = [
     "save_inverse_fisher",
     "save_model",
     "uninterrupted",
+    "json_default",
     "write_json",
     "write_text",
 ]
@@ -208,18 +209,17 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _json_default(obj):
-    if isinstance(obj, torch.Tensor):
+def json_default(obj):
+    """JSON for tensors, numpy arrays and numpy scalars (``json.dumps(..., default=)``)."""
+    if hasattr(obj, "tolist"):  # tensors, numpy arrays and scalars
         return obj.tolist()
-    if hasattr(obj, "item"):  # numpy scalars
+    if hasattr(obj, "item"):
         return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
 def fingerprint(tensors) -> str:
@@ -241,7 +241,7 @@ def _save(path, tensors: dict[str, torch.Tensor], fmt: str, meta: dict) -> Path:
     # safetensors refuses tensors that share storage; copies are cheap for the models used here.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     header = {"format": fmt, "format_version": str(FORMAT_VERSION),
-              "ssse": json.dumps(meta, default=_json_default)}
+              "ssse": json.dumps(meta, default=json_default)}
     return atomic_write_bytes(path, _save_bytes(tensors, metadata=header))
 
 

@@ -3,6 +3,7 @@ markdown table and the results files."""
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import subprocess
@@ -14,7 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 import ssse
-from ssse.io import write_json, write_text
+from ssse.io import json_default, write_json, write_text
 from ssse_ext.bench import machine
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "aggregate_numbers",
     "check_seeds",
     "compute_seeds",
+    "seed_file",
     "eps_grid",
     "geomean",
     "markdown_table",
@@ -209,23 +211,69 @@ def aggregate_numbers(items: Sequence):
     return None
 
 
-def compute_seeds(compute: Callable, seeds, **kwargs) -> dict:
+def _options(kwargs: dict) -> dict:
+    """The options of a run as JSON values (what a seed's file must match to be reused; the
+    progress bars do not count)."""
+    return json.loads(json.dumps({k: v for k, v in kwargs.items() if k != "progress"},
+                                 sort_keys=True, default=str))
+
+
+def seed_file(seed_dir, seed: int) -> Path:
+    """Where a run of several seeds keeps one seed's whole result: ``seed_dir/seed_S.json``."""
+    return Path(seed_dir) / f"seed_{int(seed)}.json"
+
+
+def _stored_seed(path: Path | None, options: dict) -> dict | None:
+    """A seed's stored result when its file exists and was made with the same options."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return stored if stored.get("options") == options else None
+
+
+def compute_seeds(compute: Callable, seeds, *, seed_dir=None, **kwargs) -> dict:
     """``compute(seed=s, **kwargs)`` for each seed: ``{"config", "results"}`` with the first
     seed's config (``"seeds"`` in place of ``"seed"``) and as results ``{"seeds", "per_seed"
     (one ``{"seed", "seconds", "config", "results"}`` per seed, ``seconds`` its wall time),
     "aggregate"}`` (see :func:`aggregate_numbers`), and as ``first`` the first seed's whole
-    result (what its figures need beyond the results file)."""
+    result (what its figures need beyond the results file).
+
+    With ``seed_dir``, each seed's whole result is written to :func:`seed_file` as soon as it
+    is done, and a seed whose file holds a result of the same options is read, not computed
+    again: a run of several seeds that stops keeps what it did, and a later run with the
+    same options completes it (or reports the seeds done so far at once). Every result
+    goes through JSON, so stored and computed seeds read alike."""
     seeds = check_seeds(seeds)
     if "seed" in kwargs:
         raise ValueError("give seed or seeds, not both")
+    options = _options(kwargs)
     runs, first = [], None
     for s in seeds:
-        r, seconds = timed(compute, seed=s, **kwargs)
+        path = None if seed_dir is None else seed_file(seed_dir, s)
+        stored = _stored_seed(path, options)
+        if stored is None:
+            r, seconds = timed(compute, seed=s, **kwargs)
+            stored = json.loads(json.dumps({"options": options, "source": source(),
+                                            "seconds": seconds, "result": r},
+                                           default=json_default))
+            if path is not None:
+                write_json(path, stored)
+            print(f"seed {s}: {seconds:.0f} s", file=sys.stderr, flush=True)
+        else:
+            print(f"seed {s}: read from {path}", file=sys.stderr, flush=True)
+        r = stored["result"]
         first = first or r
-        runs.append({"seed": s, "seconds": seconds, "config": r["config"],
+        runs.append({"seed": s, "seconds": stored["seconds"], "config": r["config"],
                      "results": r["results"]})
-        print(f"seed {s}: {seconds:.0f} s", file=sys.stderr, flush=True)
+    return _combined(runs, first)
+
+
+def _combined(runs: list, first: dict) -> dict:
     config = {k: v for k, v in runs[0]["config"].items() if k != "seed"}
+    seeds = [r["seed"] for r in runs]
     config["seeds"] = seeds
     return {"config": config, "first": first, "results": {
         "seeds": seeds, "per_seed": runs,
@@ -233,8 +281,13 @@ def compute_seeds(compute: Callable, seeds, **kwargs) -> dict:
 
 
 def report(name: str, compute: Callable, table: Callable, figures: Callable, out, *,
-           seeds=None, seeds_table: Callable | None = None, **kwargs) -> str:
+           seeds=None, seeds_table: Callable | None = None, seed_dir=None, **kwargs) -> str:
     """Runs ``compute`` (once, or once per seed of ``seeds``) and writes its report
-    (:func:`write_report`) to ``out``; returns the tables."""
-    result = compute(**kwargs) if seeds is None else compute_seeds(compute, seeds, **kwargs)
+    (:func:`write_report`) to ``out``; returns the tables. With ``seeds``, each seed's result
+    is kept in ``seed_dir`` (default ``out/seeds``; :func:`compute_seeds`)."""
+    if seeds is None:
+        result = compute(**kwargs)
+    else:
+        result = compute_seeds(compute, seeds, seed_dir=Path(out) / "seeds" if seed_dir is None
+                               else seed_dir, **kwargs)
     return write_report(name, result, table, figures, out, seeds_table=seeds_table)

@@ -122,7 +122,8 @@ def figures(r: dict, out: Path) -> list[Path]:
     panels = [(title, np.asarray(req["removed"]),
                {k: (v["w"], v["b"], _STYLES[k]) for k, v in req.items() if isinstance(v, dict)})
               for title, req in r["results"].items()]
-    return [plots.decision_boundaries(out / "illustration.png", r["x"], r["y"], panels,
+    return [plots.decision_boundaries(out / "illustration.png", np.asarray(r["x"]),
+                                      np.asarray(r["y"]), panels,
                                       title=f"2-D logistic regression: erasing the red-circled "
                                             f"samples (SSSE with ε={r['config']['epsilon']:g})")]
 

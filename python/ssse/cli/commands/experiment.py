@@ -1,5 +1,7 @@
 """``ssse experiment NAME``: one of the paper's experiments (``ssse.experiments.NAME.run``),
-its results written to ``--out`` whole or not at all."""
+its results written to ``--out`` whole or not at all; with ``--seeds``, each seed's result
+also lands in ``--out/seeds`` as soon as it is done, and a later run with the same options
+reads the seeds found there instead of computing them again."""
 
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ def run(args) -> int:
         if args.seed != 0:
             raise UsageError("give --seed or --seeds, not both")
         del kwargs["seed"]
-        kwargs["seeds"] = args.seeds
+        # each seed's result lands in --out as soon as it is done: a run that stops keeps it
+        kwargs["seeds"], kwargs["seed_dir"] = args.seeds, out / "seeds"
     if args.dtype:
         kwargs["dtype"] = dtype(args)
     extra = {k: getattr(args, k) for k in NONCONVEX_OPTIONS if getattr(args, k) is not None}
