@@ -77,6 +77,11 @@ def fresh(model, X, curvature, normalizer, layout):
                                          normalizer=float(normalizer))
 
 
+def fit(model, X, y, curvature, **kw):
+    return ssse.fit_inverse_fisher(model, LOSS, (X, y), damping=WD, curvature=curvature,
+                                   progress=False, **kw)
+
+
 def rel(a, b):
     return float((a - b).norm() / b.norm())
 
@@ -90,8 +95,7 @@ def ggn_exact():
 
 def test_the_kfac_ggn_blocks_are_the_gauss_newton_factors():
     model, (X, y) = mlp(), data()
-    inv = ssse.fit_inverse_fisher(model, LOSS, (X, y), damping=WD, curvature="kfac_ggn",
-                                  progress=False)
+    inv = fit(model, X, y, "kfac_ggn")
     assert inv.representation == ("kfac", "dense", "kfac", "dense")
     n = X.shape[0]
     for b, (a, g) in zip((0, 2), ggn_references(model, X)):
@@ -99,24 +103,19 @@ def test_the_kfac_ggn_blocks_are_the_gauss_newton_factors():
         F = torch.kron(S, a.T @ a / n) + WD * torch.eye(S.shape[0] * a.shape[1], dtype=F64)
         assert rel(inv.dense_block(b), torch.linalg.inv(F)) <= 1e-10
     # the other parameters keep the Gauss-Newton matrix itself
-    ggn = ssse.fit_inverse_fisher(model, LOSS, (X, y), damping=WD, curvature="ggn",
-                                  layout=inv.layout, progress=False)
+    ggn = fit(model, X, y, "ggn", layout=inv.layout)
     for b in (1, 3):
         assert rel(inv.dense_block(b), ggn.dense_block(b)) <= 1e-12
     # the Gauss-Newton factors do not read the labels; the empirical ones do
     other = (y + 1) % 3
-    assert torch.equal(ssse.fit_inverse_fisher(model, LOSS, (X, other), damping=WD,
-                                               curvature="kfac_ggn", progress=False).dense(),
-                       inv.dense())
-    empirical = ssse.fit_inverse_fisher(model, LOSS, (X, y), damping=WD, curvature="kfac",
-                                        progress=False)
+    assert torch.equal(fit(model, X, other, "kfac_ggn").dense(), inv.dense())
+    empirical = fit(model, X, y, "kfac")
     assert rel(empirical.dense_block(0), inv.dense_block(0)) > 1e-3
 
 
 def test_the_ekfac_ggn_eigenvalues_are_the_second_moments_of_the_gauss_newton_rows():
     model, (X, y) = mlp(), data()
-    inv = ssse.fit_inverse_fisher(model, LOSS, (X, y), damping=WD, curvature="ekfac_ggn",
-                                  progress=False)
+    inv = fit(model, X, y, "ekfac_ggn")
     store = inv.stores[[s.name for s in inv.stores].index("ekfac")]
     rows = jacobian_rows(model, X)                                  # (n, c, d)
     n = X.shape[0]
@@ -134,8 +133,7 @@ def newton_reference(model, X, y, k, curvature):
     :math:`\frac1n (F' - \delta I)^{-1} \sum_{i \in S} \nabla\ell_i`, with :math:`F'` the
     dense matrix of a fresh fit on the remaining samples at the normaliser :math:`n`."""
     n = X.shape[0]
-    layout = ssse.fit_inverse_fisher(model, LOSS, (X[:1], y[:1]), damping=WD,
-                                     curvature=curvature, progress=False).layout
+    layout = fit(model, X[:1], y[:1], curvature).layout
     Fp = torch.linalg.inv(fresh(model, X[k:], curvature, n, layout).dense())
     delta = WD - (n - k) * WD / n
     params = dict(model.named_parameters())
@@ -150,8 +148,7 @@ def newton_reference(model, X, y, k, curvature):
 def test_the_newton_step_with_kronecker_gauss_newton_blocks(curvature, ggn_exact):
     model, (X, y) = mlp(), data()
     n, k = X.shape[0], 4
-    inv = ssse.fit_inverse_fisher(model, LOSS, (X, y), damping=WD, curvature=curvature,
-                                  progress=False)
+    inv = fit(model, X, y, curvature)
     before = inv.dense()
     state = ssse.newton_erase(model, LOSS, (X[:k], y[:k]), inv_fisher=inv, n_total=n,
                               weight_decay=WD)
@@ -174,8 +171,7 @@ def test_basis_kept_newton_steps_stay_near_the_exact_ones(ggn_exact):
     exact refresh's step, but closer to it than a step that ignores the removal's curvature
     (the stored matrix of all n samples, shifted alike)."""
     model, (X, y) = mlp(), data()
-    inv = ssse.fit_inverse_fisher(model, LOSS, (X, y), damping=WD, curvature="ekfac_ggn",
-                                  progress=False)
+    inv = fit(model, X, y, "ekfac_ggn")
     state = ssse.newton_erase(model, LOSS, (X[:4], y[:4]), inv_fisher=inv, n_total=30,
                               weight_decay=WD)
     theta, step, g = newton_reference(model, X, y, 4, ggn_exact.name)
@@ -196,8 +192,7 @@ def test_the_flavour_is_an_option_of_the_curvature():
         kfac("kfac_bad", fisher="hessian")
     assert "kfac_bad" not in ssse.curvature.CURVATURES
     model, (X, y) = mlp(), data(8)
-    inv = ssse.fit_inverse_fisher(model, LOSS, (X, y), damping=WD, curvature="ekfac",
-                                  progress=False)
+    inv = fit(model, X, y, "ekfac")
     with pytest.raises(ValueError, match="^inv_fisher must hold the Gauss-Newton matrix"):
         ssse.newton_erase(model, LOSS, (X[:1], y[:1]), inv_fisher=inv, n_total=8,
                           weight_decay=WD)

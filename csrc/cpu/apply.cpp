@@ -40,13 +40,7 @@ void apply_inverse(const T* inv, const int64_t* layout, int64_t num_blocks, cons
     if (r >= kGemmColumns) {
       gemm<T, T>(rows, r, s, 1.0, f, s, 1, v + blk.start * r, r, 1, 0.0, prod.data(), r);
     } else {
-      std::vector<double> vt(static_cast<size_t>(r * s));  // v_b^T: [r, s] in float64
-      for (int64_t j = 0; j < s; ++j)
-        for (int64_t c = 0; c < r; ++c)
-          vt[static_cast<size_t>(c * s + j)] = static_cast<double>(v[(blk.start + j) * r + c]);
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t c = 0; c < r; ++c)
-          prod[static_cast<size_t>(i * r + c)] = dot(f + i * s, vt.data() + c * s, s);
+      rows_times(f, rows, s, v + blk.start * r, r, prod.data());
     }
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t row = blk.start + task.row0 + i;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <type_traits>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -64,6 +65,20 @@ double dot(const T* a, const double* b, int64_t n) {
 
 template double dot<float>(const float*, const double*, int64_t);
 template double dot<double>(const double*, const double*, int64_t);
+
+template <typename T>
+void rows_times(const T* f, int64_t rows, int64_t s, const T* v, int64_t r, double* out) {
+  std::vector<double> vt(static_cast<size_t>(r * s));  // v^T: [r, s] in float64
+  for (int64_t j = 0; j < s; ++j)
+    for (int64_t c = 0; c < r; ++c)
+      vt[static_cast<size_t>(c * s + j)] = static_cast<double>(v[j * r + c]);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t c = 0; c < r; ++c) out[i * r + c] = dot(f + i * s, vt.data() + c * s, s);
+}
+
+template void rows_times<float>(const float*, int64_t, int64_t, const float*, int64_t, double*);
+template void rows_times<double>(const double*, int64_t, int64_t, const double*, int64_t,
+                                 double*);
 
 template <typename T>
 void gram_lower(int64_t s, int64_t j0, int64_t j1, int64_t K, const T* x, int64_t ldx, double* c,

@@ -37,6 +37,12 @@ void gram_lower(int64_t s, int64_t j0, int64_t j1, int64_t K, const T* x, int64_
 template <typename T>
 double dot(const T* a, const double* b, int64_t n);
 
+// out[i * r + c] = sum_j f[i * s + j] v[j * r + c] for i < rows (rows of a block times r
+// vectors v [s, r], row-major), in float64 by dot products: for few vectors, where a packed
+// GEMM would waste its register tile.
+template <typename T>
+void rows_times(const T* f, int64_t rows, int64_t s, const T* v, int64_t r, double* out);
+
 // In-place lower Cholesky factor of the SPD matrix a[n, n] (lda): reads and writes the lower
 // triangle only. Returns 0 on success, else j + 1 where the leading minor of order j + 1 is not
 // positive definite (LAPACK's convention).

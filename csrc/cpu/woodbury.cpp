@@ -49,14 +49,10 @@ void woodbury_check(const T* inv, const int64_t* layout, int64_t num_blocks, con
     const T* f = inv + blk.offset;
     const T* x = rows + blk.start;  // R_b: [k, s] with leading dimension d
     double* w = wt + offsets[static_cast<size_t>(b)];
-    // (F_b^{-1} V_b)^T [r, s], a pass that brings the block into cache for the product below
-    std::vector<double> vb(static_cast<size_t>(r * s)), fv(static_cast<size_t>(r * s));
-    for (int64_t j = 0; j < r; ++j)
-      for (int64_t i = 0; i < s; ++i)
-        vb[static_cast<size_t>(j * s + i)] = static_cast<double>(vecs[(blk.start + i) * r + j]);
-    for (int64_t i = 0; i < s; ++i)
-      for (int64_t j = 0; j < r; ++j)
-        fv[static_cast<size_t>(j * s + i)] = dot(f + i * s, vb.data() + j * s, s);
+    // F_b^{-1} V_b [s, r], a pass that brings the block into cache for the product below
+    const T* vb = r > 0 ? vecs + blk.start * r : nullptr;
+    std::vector<double> fv(static_cast<size_t>(s * r));
+    if (r > 0) rows_times(f, s, s, vb, r, fv.data());
     if (k > 0) {
       // U^T = R_b F_b^{-1} [k, s] (the block converted in the packing)
       gemm<T, T>(k, s, s, 1.0, x, d, 1, f, s, 1, 0.0, w, s);
@@ -90,18 +86,14 @@ void woodbury_check(const T* inv, const int64_t* layout, int64_t num_blocks, con
         piv[i] = l * l / normalizer;
       }
       trsm_left_lower(k, s, c.data(), k, w, s);  // W^T = L^{-1} U^T
-      for (int64_t j = 0; changed && j < r; ++j) {  // F^{-1} v - sign W (W^T v)
-        double* out_j = fv.data() + j * s;
-        for (int64_t a = 0; a < k; ++a) {
-          const double coef = -static_cast<double>(sign) * dot(w + a * s, vb.data() + j * s, s);
-          const double* wa = w + a * s;
-          for (int64_t i = 0; i < s; ++i) out_j[i] += coef * wa[i];
-        }
+      if (changed && r > 0) {  // F^{-1} V - sign W (W^T V), W^T [k, s]
+        std::vector<double> wv(static_cast<size_t>(k * r));
+        gemm<double, T>(k, r, s, 1.0, w, s, 1, vb, r, 1, 0.0, wv.data(), r);
+        gemm<double, double>(s, r, k, -static_cast<double>(sign), w, 1, s, wv.data(), r, 1, 1.0,
+                             fv.data(), r);
       }
     }
-    for (int64_t i = 0; i < s; ++i)
-      for (int64_t j = 0; j < r; ++j)
-        out[(blk.start + i) * r + j] = fv[static_cast<size_t>(j * s + i)];
+    std::copy(fv.begin(), fv.end(), out + blk.start * r);
   });
 }
 
