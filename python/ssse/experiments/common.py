@@ -255,8 +255,9 @@ def compute_seeds(compute: Callable, seeds, *, seed_dir=None, **kwargs) -> dict:
         path = None if seed_dir is None else seed_file(seed_dir, s)
         stored = _stored_seed(path, options)
         if stored is None:
+            src = source()  # the code the seed runs, before anything can change it
             r, seconds = timed(compute, seed=s, **kwargs)
-            stored = json.loads(json.dumps({"options": options, "source": source(),
+            stored = json.loads(json.dumps({"options": options, "source": src,
                                             "seconds": seconds, "result": r},
                                            default=json_default))
             if path is not None:
