@@ -26,7 +26,6 @@ from .validation import (FLOAT_DTYPES, check_dtype, check_finite_float, check_po
 __all__ = ["BlockInverseFisher", "FisherConfig", "UPDATE_METHODS", "check_label"]
 
 
-
 def check_label(value, name: str) -> str:
     """A non-empty string."""
     if not isinstance(value, str):

@@ -517,12 +517,11 @@ class Eraser:
                                   first=(rows, v), max_memory=request_budget(
                                       self.inv_fisher.nbytes, self._fm.device,
                                       self.max_memory))
-            theta = (self.theta.to(torch.float64) + step).to(self.dtype)
         else:
             change = self.inv_fisher.checked_change(rows, apply=v,
                                                     changed=fisher == "leave_k_out")
-            theta = (self.theta.to(torch.float64) + epsilon / (self.n - k) *
-                     change.applied).to(self.dtype)
+            step = epsilon / (self.n - k) * change.applied
+        theta = (self.theta.to(torch.float64) + step).to(self.dtype)
         if not bool(torch.isfinite(theta).all()):
             raise FloatingPointError("the erasure produced NaN or Inf; nothing was changed")
         timer.add({} if change is None else {"check": change.check_seconds}, rest="apply")
