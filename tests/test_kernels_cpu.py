@@ -162,8 +162,9 @@ def test_sherman_morrison_update_and_downdate(dtype, s, m, chunked):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("s", [5, 47, 130, 257, 300])
-@pytest.mark.parametrize("m", [1, 3, 5])
+@pytest.mark.parametrize("s,m", [(s, m) for s in (5, 47, 130, 257, 300) for m in (1, 3, 5, 30)]
+                         # a write whose packed rows exceed the kernel's 8 MiB: tiled instead
+                         + [(1100, 480)])
 def test_woodbury_check_and_write(dtype, s, m):
     torch.manual_seed(7 * s + m)
     n0 = 2 * s

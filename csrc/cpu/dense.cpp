@@ -81,6 +81,33 @@ template void rows_times<double>(const double*, int64_t, int64_t, const double*,
                                  double*);
 
 template <typename T>
+void gemm_rows_b(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs,
+                 const T* b, int64_t ldb, double* c, int64_t ldc) {
+  const detail::MicroKernel& mk = detail::micro_kernel();
+  if constexpr (std::is_same_v<T, float>)
+    mk.gemm_rows_f(M, N, K, a, a_rs, a_cs, b, ldb, c, ldc);
+  else
+    mk.gemm_rows_d(M, N, K, a, a_rs, a_cs, b, ldb, c, ldc);
+}
+
+template void gemm_rows_b<float>(int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
+                                 const float*, int64_t, double*, int64_t);
+template void gemm_rows_b<double>(int64_t, int64_t, int64_t, const double*, int64_t, int64_t,
+                                  const double*, int64_t, double*, int64_t);
+
+template <typename T>
+bool rank_update(int64_t s, int64_t k, const double* wt, double coef, T* f, int64_t ldf) {
+  const detail::MicroKernel& mk = detail::micro_kernel();
+  if constexpr (std::is_same_v<T, float>)
+    return mk.rank_update_f(s, k, wt, coef, f, ldf);
+  else
+    return mk.rank_update_d(s, k, wt, coef, f, ldf);
+}
+
+template bool rank_update<float>(int64_t, int64_t, const double*, double, float*, int64_t);
+template bool rank_update<double>(int64_t, int64_t, const double*, double, double*, int64_t);
+
+template <typename T>
 void gram_lower(int64_t s, int64_t j0, int64_t j1, int64_t K, const T* x, int64_t ldx, double* c,
                 int64_t ldc) {
   const detail::MicroKernel& mk = detail::micro_kernel();

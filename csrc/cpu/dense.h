@@ -43,6 +43,20 @@ double dot(const T* a, const double* b, int64_t n);
 template <typename T>
 void rows_times(const T* f, int64_t rows, int64_t s, const T* v, int64_t r, double* out);
 
+// C[M, N] (ldc) = A B with A(i, k) = a[i * a_rs + k * a_cs] and B row-major [K, N] (b, ldb)
+// read in place, converted to float64 as it is loaded (no packed copy of B): a few rows times a
+// whole block, where packing the block would cost as much as the product.
+template <typename T>
+void gemm_rows_b(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs,
+                 const T* b, int64_t ldb, double* c, int64_t ldc);
+
+// F[s, s] (ldf) += coef W W^T with W(i, k) = wt[k * s + i] (wt: [k, s] float64), in one pass
+// over F, each element updated in float64 and rounded once to T; a symmetric F stays bitwise
+// symmetric. Returns false, doing nothing, when k is too large for its packed copies of W
+// (2 s k doubles above 8 MiB): the caller then tiles the product itself.
+template <typename T>
+bool rank_update(int64_t s, int64_t k, const double* wt, double coef, T* f, int64_t ldf);
+
 // In-place lower Cholesky factor of the SPD matrix a[n, n] (lda): reads and writes the lower
 // triangle only. Returns 0 on success, else j + 1 where the leading minor of order j + 1 is not
 // positive definite (LAPACK's convention).

@@ -28,6 +28,16 @@ using GemmSymmetricFn = void (*)(int64_t M, int64_t N, double alpha, const TA* a
                                  int64_t a_cs, const double* s, int64_t lds, double beta,
                                  double* c, int64_t ldc);
 
+// C[M, N] (ldc) = A B with A as in GemmFn and B row-major [K, N] (b, ldb), read in place.
+template <typename T>
+using GemmRowsFn = void (*)(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs,
+                            int64_t a_cs, const T* b, int64_t ldb, double* c, int64_t ldc);
+
+// F[s, s] (ldf) += coef W W^T with W(i, k) = wt[k s + i]; false: not done (too many rows k).
+template <typename T>
+using RankUpdateFn = bool (*)(int64_t s, int64_t k, const double* wt, double coef, T* f,
+                              int64_t ldf);
+
 // X[m, n] := op(L)^{-1} X or X op(L)^{-1} for a lower triangular L (see dense.h).
 using TrsmFn = void (*)(int64_t m, int64_t n, const double* l, int64_t ldl, double* x,
                         int64_t ldx);
@@ -52,6 +62,10 @@ struct MicroKernel {
   void (*symmetrize_from_lower)(int64_t n, double* a, int64_t lda);
   double (*dot_f)(const float* a, const double* b, int64_t n);
   double (*dot_d)(const double* a, const double* b, int64_t n);
+  GemmRowsFn<float> gemm_rows_f;
+  GemmRowsFn<double> gemm_rows_d;
+  RankUpdateFn<float> rank_update_f;
+  RankUpdateFn<double> rank_update_d;
 };
 
 // The best kernel set for the running CPU (decided once; SSSE_CPU_ISA=generic|avx2|avx512

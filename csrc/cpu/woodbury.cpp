@@ -54,13 +54,16 @@ void woodbury_check(const T* inv, const int64_t* layout, int64_t num_blocks, con
     std::vector<double> fv(static_cast<size_t>(s * r));
     if (r > 0) rows_times(f, s, s, vb, r, fv.data());
     if (k > 0) {
-      // U^T = R_b F_b^{-1} [k, s] (the block converted in the packing)
-      gemm<T, T>(k, s, s, 1.0, x, d, 1, f, s, 1, 0.0, w, s);
+      // U^T = R_b F_b^{-1} [k, s], the block read in place (in cache after the pass above)
+      gemm_rows_b<T>(k, s, s, x, d, 1, f, s, w, s);
     }
     if (k > 0) {
       // C = N I + sign R_b U, symmetrised
       std::vector<double> c(static_cast<size_t>(k * k));
-      gemm<T, double>(k, k, s, static_cast<double>(sign), x, d, 1, w, 1, s, 0.0, c.data(), k);
+      // (dot products: a k x k product too small for the packed GEMM to pay for its packing)
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t j = 0; j < k; ++j)
+          c[static_cast<size_t>(i * k + j)] = static_cast<double>(sign) * dot(x + i * d, w + j * s, s);
       bool finite = true;
       for (int64_t i = 0; i < k; ++i) {
         for (int64_t j = 0; j < i; ++j) {
@@ -87,10 +90,17 @@ void woodbury_check(const T* inv, const int64_t* layout, int64_t num_blocks, con
       }
       trsm_left_lower(k, s, c.data(), k, w, s);  // W^T = L^{-1} U^T
       if (changed && r > 0) {  // F^{-1} V - sign W (W^T V), W^T [k, s]
-        std::vector<double> wv(static_cast<size_t>(k * r));
-        gemm<double, T>(k, r, s, 1.0, w, s, 1, vb, r, 1, 0.0, wv.data(), r);
-        gemm<double, double>(s, r, k, -static_cast<double>(sign), w, 1, s, wv.data(), r, 1, 1.0,
-                             fv.data(), r);
+        // by dot products and row updates: r is a few vectors, too narrow for the GEMM's tile
+        std::vector<double> col(static_cast<size_t>(s));
+        for (int64_t c = 0; c < r; ++c) {
+          for (int64_t j = 0; j < s; ++j) col[static_cast<size_t>(j)] = static_cast<double>(vb[j * r + c]);
+          for (int64_t i = 0; i < k; ++i) {
+            const double* wi = w + i * s;
+            const double coef = -static_cast<double>(sign) * dot(wi, col.data(), s);
+            double* fc = fv.data() + c;
+            for (int64_t j = 0; j < s; ++j) fc[j * r] += coef * wi[j];
+          }
+        }
       }
     }
     std::copy(fv.begin(), fv.end(), out + blk.start * r);
@@ -112,6 +122,7 @@ void woodbury_write(T* inv, const int64_t* layout, int64_t num_blocks, const dou
     if (s == 0) return;
     T* f = inv + blk.offset;
     const double* w = wt + offsets[static_cast<size_t>(b)];  // W^T [k, s]
+    if (rank_update<T>(s, k, w, coef, f, s)) return;  // one pass, tiles in registers
     std::vector<double> tile(static_cast<size_t>(std::min(s, kTile) * std::min(s, kTile)));
     // Every tile in full, rows written in place: (W W^T)(i, j) and (W W^T)(j, i) are the same
     // products summed in the same order, so a symmetric block stays bitwise symmetric.
