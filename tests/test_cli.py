@@ -363,3 +363,44 @@ def test_ctrl_c_during_the_imports_prints_one_line(tmp_path):
                           cwd=tmp_path, timeout=600)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip() == "ssse: interrupted"
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "kfac_ggn"])
+def test_the_newton_erase_takes_every_gauss_newton_curvature(capsys, trained, tmp_path,
+                                                             curvature):
+    """Without --epsilon, an inverse of any curvature that serves the Newton step erases with
+    the library's Newton step (and serves a ledger request); another is refused, naming
+    --epsilon and the curvatures that would do."""
+    import shutil
+
+    import ssse
+    from ssse.experiments.tasks import make_task
+    from ssse.io import load_inverse_fisher, load_model
+
+    shutil.copy(trained / "model.safetensors", tmp_path / "model.safetensors")
+    model_file, fisher = tmp_path / "model.safetensors", tmp_path / "inverse_fisher.safetensors"
+    code, _, err = run(capsys, "erase", "--model", str(model_file), "--fisher",
+                       str(trained / "inverse_fisher.safetensors"), "--indices", "3-7",
+                       "--out", str(tmp_path))
+    assert code == 2 and "--epsilon is needed" in err and "kfac_ggn" in err and \
+        "empirical" in err and one_line(err)
+    assert main(["fisher", "--model", str(model_file), "--curvature", curvature,
+                 "--out", str(tmp_path), "--quiet"]) == 0
+    code, out, _ = run(capsys, "erase", "--model", str(model_file), "--fisher", str(fisher),
+                       "--indices", "3-7", "--out", str(tmp_path))
+    assert code == 0 and "Newton step" in out
+    erased, _ = load_model(tmp_path / "erased.safetensors")
+    model, meta = load_model(model_file)
+    inv, _ = load_inverse_fisher(fisher)
+    assert inv.curvature == curvature
+    task = make_task("digits", seed=meta["data"]["seed"], train_limit=300)
+    want = ssse.newton_erase(model, task.loss_fn, task.data([3, 4, 5, 6, 7]), inv_fisher=inv,
+                             n_total=300, weight_decay=meta["weight_decay"])
+    step = _flat(want) - _flat(model)
+    assert step.norm() > 0
+    assert (_flat(erased) - _flat(want)).norm() <= 1e-10 * step.norm()
+    code, out, _ = run(capsys, "erase", "--model", str(model_file), "--fisher", str(fisher),
+                       "--ledger", str(tmp_path / "ledger.jsonl"), "--indices", "3-7")
+    assert code == 0 and "recorded in" in out
+    served, _ = load_model(model_file)
+    assert (_flat(served) - _flat(want)).norm() <= 1e-10 * step.norm()

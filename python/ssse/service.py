@@ -41,6 +41,7 @@ import ssse_ext
 from ssse_ext.validation import check_device, check_positive_float
 
 from .certificate import certify
+from .curvature import CURVATURES
 from .data import Dataset
 from .erasure import Eraser
 from .files import (InputNames, check_file, check_fitted_on, fitted_at, load_inverse_file,
@@ -370,9 +371,11 @@ def _admit(opened: _Opened, ledger: Ledger, request_id: str, indices, epsilon,
         raise
     except ValueError as exc:
         raise ServiceError(str(exc)) from None
-    if epsilon is None and opened.inv.curvature != "ggn":
-        raise ServiceError(f"{names.epsilon} is needed unless {names.fisher} holds the "
-                           "Gauss-Newton matrix (ssse fisher --curvature ggn)")
+    newton = CURVATURES.where("supports_newton")
+    if epsilon is None and opened.inv.curvature not in newton:
+        raise ServiceError(f"{names.epsilon} is needed unless {names.fisher} holds a "
+                           f"Gauss-Newton matrix (ssse fisher --curvature "
+                           f"{' or '.join(newton)}); it holds {opened.inv.curvature}")
     return ids
 
 

@@ -77,9 +77,11 @@ def _erase(args, model, inv, fmeta, task, removed, before) -> tuple[dict, str]:
                                  minibatch=int(fmeta.get("minibatch", 1)), comm=comm,
                                  params=args.params)
         return state, f"ε={args.epsilon:g} ({args.variant} Fisher)"
-    if inv.curvature != "ggn":
-        raise UsageError("--epsilon is needed unless --fisher holds the Gauss-Newton matrix "
-                         "(ssse fisher --curvature ggn)")
+    newton = ssse.curvature.CURVATURES.where("supports_newton")
+    if inv.curvature not in newton:
+        raise UsageError(f"--epsilon is needed unless --fisher holds a Gauss-Newton matrix "
+                         f"(ssse fisher --curvature {' or '.join(newton)}); it holds "
+                         f"{inv.curvature}")
     if before:
         raise UsageError("the Newton erasure needs the inverse of the data left; this model "
                          "already had samples erased with an inverse of the whole training "
