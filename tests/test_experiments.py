@@ -13,7 +13,8 @@ import torch
 import ssse
 from ssse.data import class_removal, two_blobs_2d
 from ssse.experiments import illustration, multinomial, nonconvex
-from ssse.experiments.common import aggregate_numbers, compute_seeds, nearest, seed_file
+from ssse.experiments.common import (aggregate_numbers, compute_seeds, nearest, seed_file,
+                                     write_report)
 from ssse.experiments.methods import NEWTON, NEWTON_EKFAC, NEWTON_SMALL
 from ssse.experiments.demo import run_demo
 from ssse.experiments.tasks import make_task
@@ -261,6 +262,16 @@ def test_a_run_of_seeds_keeps_each_seed_and_completes_later(tmp_path):
     assert calls == [1, 2, 2, 3]  # seed 1 read from its file, not computed again
     assert out["results"]["aggregate"]["x"]["mean"] == pytest.approx(4.0)
     assert out["results"]["per_seed"][0]["results"] == {"x": 2.0}
+    # the report names the code each seed ran: a seed stored by other code keeps its commit
+    stored = json.loads(seed_file(tmp_path, 1).read_text())
+    stored["source"] = {"version": "0.0.1", "commit": "f" * 40 + "+dirty"}
+    seed_file(tmp_path, 1).write_text(json.dumps(stored))
+    out = compute_seeds(compute, [1, 3], seed_dir=tmp_path, scale=2.0)
+    assert [r["source"]["commit"] for r in out["results"]["per_seed"]] == \
+        ["f" * 40 + "+dirty", json.loads(seed_file(tmp_path, 3).read_text())["source"]["commit"]]
+    text = write_report("toy", out, lambda r: "", lambda r, o: [], tmp_path / "report")
+    assert "seed 1: ssse 0.0.1, commit fffffff+dirty; seed 3: ssse " in text
+    assert "this report written by ssse" in (tmp_path / "report" / "results.md").read_text()
     # other options: the stored seed is not reused
     compute_seeds(compute, [1], seed_dir=tmp_path, scale=3.0)
     assert calls[-1] == 1 and json.loads(seed_file(tmp_path, 1).read_text())[

@@ -123,12 +123,14 @@ def write_results(out: Path, name: str, config: dict, results: dict, tables: str
     results, plots) and ``results.md`` in ``out``."""
     out = Path(out)
     src = source()
-    payload = {"experiment": name, "schema_version": 2 if "per_seed" in results else 1, "config": config, "source": src,
-               "machine": machine(), "results": results,
+    seeds = "per_seed" in results  # each seed records its own source (write_report)
+    payload = {"experiment": name, "schema_version": 2 if seeds else 1, "config": config,
+               "source": src, "machine": machine(), "results": results,
                "plots": [Path(p).name for p in plots]}
     write_json(out / "results.json", payload)
-    md = f"# {name}\n\nssse {src['version']}, commit {src['commit'] or 'unknown'}\n\n" + tables + "\n" + "".join(f"![{Path(p).stem}]({Path(p).name})\n"
-                                                  for p in plots)
+    made = "this report written by" if seeds else "made by"
+    md = (f"# {name}\n\n{made} ssse {src['version']}, commit {src['commit'] or 'unknown'}\n\n"
+          + tables + "\n" + "".join(f"![{Path(p).stem}]({Path(p).name})\n" for p in plots))
     write_text(out / "results.md", md)
     return out / "results.json"
 
@@ -147,7 +149,8 @@ def write_report(name: str, result: dict, table: Callable, figures: Callable, ou
         return text
     runs = res["per_seed"]
     text = (f"Seeds {res['seeds']} (each seed draws the data split, the removal sets and the "
-            f"training); mean ± sd over seeds use the population sd (ddof = 0).\n\n")
+            f"training); mean ± sd over seeds use the population sd (ddof = 0). The code each "
+            f"seed ran: {_seed_sources(runs)}.\n\n")
     if seeds_table is not None:
         text += seeds_table(result) + "\n"
     text += "".join(f"## Seed {r['seed']}\n\n" + table(r) + "\n" for r in runs)
@@ -155,6 +158,17 @@ def write_report(name: str, result: dict, table: Callable, figures: Callable, ou
     write_results(out, name, result["config"], res, text,
                   figures(result.get("first") or runs[0], out))
     return text
+
+
+def _seed_sources(runs: list) -> str:
+    """``seed 0: commit abc1234, ...`` from the seeds' recorded sources."""
+    def one(src) -> str:
+        if not isinstance(src, dict):
+            return "not recorded"
+        commit = src.get("commit")
+        short = commit[:7] + commit[40:] if commit else "unknown"  # keeps "+dirty"
+        return f"ssse {src.get('version')}, commit {short}"
+    return "; ".join(f"seed {r['seed']}: {one(r.get('source'))}" for r in runs)
 
 
 def check_seeds(seeds) -> list[int]:
@@ -267,8 +281,8 @@ def compute_seeds(compute: Callable, seeds, *, seed_dir=None, **kwargs) -> dict:
             print(f"seed {s}: read from {path}", file=sys.stderr, flush=True)
         r = stored["result"]
         first = first or r
-        runs.append({"seed": s, "seconds": stored["seconds"], "config": r["config"],
-                     "results": r["results"]})
+        runs.append({"seed": s, "seconds": stored["seconds"], "source": stored.get("source"),
+                     "config": r["config"], "results": r["results"]})
     return _combined(runs, first)
 
 
