@@ -36,6 +36,28 @@ for dtype in (torch.float32, torch.float64):
                         inv.checked_change(g[:2].to(dtype), apply=v.to(dtype)).applied):
                 worst = max(worst, ((out.double() - expect).norm() / expect.norm()).item()
                             / chain_tol[dtype])
+# the downdate's two kernel passes on edge shapes: blocks narrower than a register tile, more
+# rows than a block is wide, slabs deeper than one, the in-place and the packed products
+from ssse_ext import _ops
+for dtype in (torch.float32, torch.float64):
+    for s, m in [(5, 7), (47, 3), (257, 30), (300, 70)]:
+        layout = ssse_ext.BlockLayout.from_boundaries([0, s, 2 * s])
+        g = torch.randn(2 * s + m, 2 * s, dtype=torch.float64)
+        n = float(g.shape[0])
+        inv = ssse_ext.build_inverse_fisher(g.to(dtype), damping=0.5, layout=layout,
+                                            representation="dense")
+        packed, host = inv.packed.clone(), layout.table()
+        wt, _, info, _ = _ops.call(_ops.woodbury_check, packed, host,
+                                   g[2 * s:].to(dtype).contiguous(), n, -1)
+        assert not info.any()
+        _ops.call(_ops.woodbury_write_, packed, host, wt, m, -1)
+        ref = reference.block_closed_form(g[:2 * s].to(dtype).double(), layout, 0.5, n)
+        for b, (o, sb) in enumerate(zip(layout.offsets, layout.sizes)):
+            blk = packed[o:o + sb * sb].view(sb, sb)
+            if not torch.equal(blk, blk.T):  # a written block stays bitwise symmetric
+                worst = float("inf")
+            err = ((blk.double() - ref[b]).norm() / ref[b].norm()).item()
+            worst = max(worst, err / chain_tol[dtype])
 print(ssse_ext.build_info()["cpu_isa"], worst)
 """
 

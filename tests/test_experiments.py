@@ -397,9 +397,21 @@ def test_results_record_the_version_and_a_null_commit_where_git_fails(monkeypatc
     def no_git(*args, **kwargs):  # git missing or not a checkout: exit status 128
         return __import__("subprocess").CompletedProcess(args, 128, "", "fatal")
 
+    monkeypatch.setattr(common, "_SOURCE", None)  # as in a new process
     monkeypatch.setattr(common.subprocess, "run", no_git)
     assert common.source() == {"version": ssse.__version__, "commit": None}
     common.write_results(tmp_path, "x", {"seed": 0}, {"v": 1.0}, "table\n", [])
     out = json.loads((tmp_path / "results.json").read_text())
     assert out["source"] == {"version": ssse.__version__, "commit": None}
     assert "commit unknown" in (tmp_path / "results.md").read_text()
+
+
+def test_the_source_is_read_once_per_process(monkeypatch):
+    """A run records the code it imported: the checkout may change while it computes."""
+    from ssse.experiments import common
+
+    monkeypatch.setattr(common, "_SOURCE", None)
+    first = common.source()
+    calls = []
+    monkeypatch.setattr(common.subprocess, "run", lambda *a, **k: calls.append(a))
+    assert common.source() == first and not calls

@@ -13,6 +13,10 @@ namespace {
 // Square tiles of the write's float64 product W_b W_b^T (512 KiB each, per thread): a block is
 // written a tile at a time, whatever its size.
 constexpr int64_t kTile = 256;
+// Rows of a change up to which the check reads each block in place and forms its k x k
+// capacitance by dot products; more rows take the packed GEMM, which reads a block once for
+// all of them (the in-place product reads it once per 96 rows).
+constexpr int64_t kFewRows = 64;
 
 // k * (size_0 + ... + size_{b-1}) for every block, in table order.
 std::vector<int64_t> wt_offsets(const BlockSpec* blocks, int64_t num_blocks, int64_t k) {
@@ -54,16 +58,24 @@ void woodbury_check(const T* inv, const int64_t* layout, int64_t num_blocks, con
     std::vector<double> fv(static_cast<size_t>(s * r));
     if (r > 0) rows_times(f, s, s, vb, r, fv.data());
     if (k > 0) {
-      // U^T = R_b F_b^{-1} [k, s], the block read in place (in cache after the pass above)
-      gemm_rows_b<T>(k, s, s, x, d, 1, f, s, w, s);
+      // U^T = R_b F_b^{-1} [k, s]: for a few rows, the block read in place (in cache after
+      // the pass above); for many, the packed GEMM, which reads it once for all of them
+      if (k <= kFewRows)
+        gemm_rows_b<T>(k, s, s, x, d, 1, f, s, w, s);
+      else
+        gemm<T, T>(k, s, s, 1.0, x, d, 1, f, s, 1, 0.0, w, s);
     }
     if (k > 0) {
       // C = N I + sign R_b U, symmetrised
       std::vector<double> c(static_cast<size_t>(k * k));
-      // (dot products: a k x k product too small for the packed GEMM to pay for its packing)
-      for (int64_t i = 0; i < k; ++i)
-        for (int64_t j = 0; j < k; ++j)
-          c[static_cast<size_t>(i * k + j)] = static_cast<double>(sign) * dot(x + i * d, w + j * s, s);
+      if (k <= kFewRows) {  // dot products: too small for the packed GEMM to pay its packing
+        for (int64_t i = 0; i < k; ++i)
+          for (int64_t j = 0; j < k; ++j)
+            c[static_cast<size_t>(i * k + j)] =
+                static_cast<double>(sign) * dot(x + i * d, w + j * s, s);
+      } else {
+        gemm<T, double>(k, k, s, static_cast<double>(sign), x, d, 1, w, 1, s, 0.0, c.data(), k);
+      }
       bool finite = true;
       for (int64_t i = 0; i < k; ++i) {
         for (int64_t j = 0; j < i; ++j) {
@@ -92,13 +104,14 @@ void woodbury_check(const T* inv, const int64_t* layout, int64_t num_blocks, con
       if (changed && r > 0) {  // F^{-1} V - sign W (W^T V), W^T [k, s]
         // by dot products and row updates: r is a few vectors, too narrow for the GEMM's tile
         std::vector<double> col(static_cast<size_t>(s));
-        for (int64_t c = 0; c < r; ++c) {
-          for (int64_t j = 0; j < s; ++j) col[static_cast<size_t>(j)] = static_cast<double>(vb[j * r + c]);
+        for (int64_t q = 0; q < r; ++q) {
+          for (int64_t j = 0; j < s; ++j)
+            col[static_cast<size_t>(j)] = static_cast<double>(vb[j * r + q]);
           for (int64_t i = 0; i < k; ++i) {
             const double* wi = w + i * s;
             const double coef = -static_cast<double>(sign) * dot(wi, col.data(), s);
-            double* fc = fv.data() + c;
-            for (int64_t j = 0; j < s; ++j) fc[j * r] += coef * wi[j];
+            double* fq = fv.data() + q;
+            for (int64_t j = 0; j < s; ++j) fq[j * r] += coef * wi[j];
           }
         }
       }

@@ -375,7 +375,8 @@ def _admit(opened: _Opened, ledger: Ledger, request_id: str, indices, epsilon,
     if epsilon is None and opened.inv.curvature not in newton:
         raise ServiceError(f"{names.epsilon} is needed unless {names.fisher} holds a "
                            f"Gauss-Newton matrix (ssse fisher --curvature "
-                           f"{' or '.join(newton)}); it holds {opened.inv.curvature}")
+                           f"{' or '.join(newton) or '(none registered)'}); it holds "
+                           f"{opened.inv.curvature}")
     return ids
 
 

@@ -336,9 +336,9 @@ def _add_fisher(sub) -> None:
     p.add_argument("--model", required=True, metavar="FILE", help="model file (ssse train)")
     _data_args(p, default=None)
     p.add_argument("--damping", type=positive_float, default=None,
-                   help="λ (default: 1e-3 for the empirical Fisher; the model's weight decay "
-                   "for ggn and mc, which makes the stored matrix the training objective's "
-                   "curvature)")
+                   help="λ (default: 1e-3 for the empirical Fisher, whose rows hold the "
+                   "weight decay; the model's weight decay for every other curvature, which "
+                   "makes the stored matrix the training objective's curvature)")
     p.add_argument("--curvature", choices=list(ssse.curvature.CURVATURES), default="empirical",
                    help="empirical (the paper's), ggn (Gauss-Newton: erase without ε), mc "
                    "(sampled labels), kfac / ekfac (Kronecker-factored blocks for the linear "
@@ -380,7 +380,8 @@ def _add_erase(sub) -> None:
     _removal_args(p)
     p.add_argument("--epsilon", type=positive_float, default=None,
                    help="ε of eq. 8; omit it with a Gauss-Newton inverse (ssse fisher "
-                   "--curvature ggn) for the leave-k-out Newton step, nothing to tune")
+                   "--curvature ggn, kfac_ggn or ekfac_ggn) for the leave-k-out Newton step, "
+                   "nothing to tune")
     p.add_argument("--refine-steps", type=nonneg_int, default=0,
                    help="refinement steps of the Newton erasure (default: 0)")
     p.add_argument("--variant", choices=list(FISHER_VARIANTS), default="full",

@@ -95,9 +95,21 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_SOURCE: dict | None = None
+
+
 def source() -> dict:
     """The version of this source tree and, when it is a git checkout, its commit (with
-    ``"+dirty"`` when files differ from it): what produced a results file."""
+    ``"+dirty"`` when files differ from it): what produced a results file. Read once per
+    process, at the first call (an experiment asks before it computes): the code a process
+    runs is what it imported then, whatever the checkout becomes while it runs."""
+    global _SOURCE
+    if _SOURCE is None:
+        _SOURCE = _read_source()
+    return dict(_SOURCE)
+
+
+def _read_source() -> dict:
     root = Path(__file__).resolve().parents[3]
     commit = None
     if not (root / "pyproject.toml").is_file():  # an installed copy: no source tree to ask
@@ -166,7 +178,8 @@ def _seed_sources(runs: list) -> str:
         if not isinstance(src, dict):
             return "not recorded"
         commit = src.get("commit")
-        short = commit[:7] + commit[40:] if commit else "unknown"  # keeps "+dirty"
+        sha, plus, rest = commit.partition("+") if commit else ("unknown", "", "")
+        short = sha[:7] + plus + rest  # keeps "+dirty"
         return f"ssse {src.get('version')}, commit {short}"
     return "; ".join(f"seed {r['seed']}: {one(r.get('source'))}" for r in runs)
 
@@ -251,7 +264,8 @@ def _stored_seed(path: Path | None, options: dict) -> dict | None:
 def compute_seeds(compute: Callable, seeds, *, seed_dir=None, **kwargs) -> dict:
     """``compute(seed=s, **kwargs)`` for each seed: ``{"config", "results"}`` with the first
     seed's config (``"seeds"`` in place of ``"seed"``) and as results ``{"seeds", "per_seed"
-    (one ``{"seed", "seconds", "config", "results"}`` per seed, ``seconds`` its wall time),
+    (one ``{"seed", "seconds", "source", "config", "results"}`` per seed, ``seconds`` its wall
+    time, ``source`` the code it ran),
     "aggregate"}`` (see :func:`aggregate_numbers`), and as ``first`` the first seed's whole
     result (what its figures need beyond the results file).
 
@@ -300,6 +314,7 @@ def report(name: str, compute: Callable, table: Callable, figures: Callable, out
     """Runs ``compute`` (once, or once per seed of ``seeds``) and writes its report
     (:func:`write_report`) to ``out``; returns the tables. With ``seeds``, each seed's result
     is kept in ``seed_dir`` (default ``out/seeds``; :func:`compute_seeds`)."""
+    source()  # the code this run imported, read before it computes
     if seeds is None:
         result = compute(**kwargs)
     else:

@@ -80,8 +80,8 @@ def _erase(args, model, inv, fmeta, task, removed, before) -> tuple[dict, str]:
     newton = ssse.curvature.CURVATURES.where("supports_newton")
     if inv.curvature not in newton:
         raise UsageError(f"--epsilon is needed unless --fisher holds a Gauss-Newton matrix "
-                         f"(ssse fisher --curvature {' or '.join(newton)}); it holds "
-                         f"{inv.curvature}")
+                         f"(ssse fisher --curvature {' or '.join(newton) or '(none registered)'}"
+                         f"); it holds {inv.curvature}")
     if before:
         raise UsageError("the Newton erasure needs the inverse of the data left; this model "
                          "already had samples erased with an inverse of the whole training "

@@ -71,7 +71,10 @@ def run(args) -> int:
 
 def _damping(args, task) -> float:
     """λ, after the checks of the options that depend on the training set."""
-    damping = args.damping or (1e-3 if args.curvature == "empirical" else task.weight_decay)
+    # rows with the weight decay in them: the paper's 1e-3; otherwise the regulariser's
+    # curvature is the damping's part (ssse.curvature.Curvature.includes_weight_decay)
+    own = ssse.curvature.get_curvature(args.curvature).includes_weight_decay
+    damping = args.damping or (1e-3 if own else task.weight_decay)
     if not damping > 0:
         raise UsageError(f"--curvature {args.curvature}: the model was trained without weight "
                          "decay; give --damping")
