@@ -167,3 +167,34 @@ def test_the_erasers_step_takes_no_pass_of_its_own_on_dense_blocks(representatio
     for fisher in ("full", "leave_k_out"):
         eraser.erase((X[:2], y[:2]) if fisher == "full" else (X[2:4], y[2:4]),
                      epsilon=1.0, fisher=fisher, ids=[0, 1] if fisher == "full" else [2, 3])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_change_wider_than_some_blocks_runs_the_kernels_on_the_others(dtype, monkeypatch):
+    """Six rows against blocks of 40, 5, 40 and 45: the kernels check and write the three wide
+    blocks, torch's batched products the block of 5, and the result is the fit of the rows
+    left (every block against the float64 closed form)."""
+    from ssse_ext import _ops, reference
+
+    from .testing import CHAIN
+
+    widths, real = [], _ops.call
+
+    def spy(op, *args):
+        if op is _ops.woodbury_check:
+            widths.extend(args[1][:, 1].tolist())  # the sizes in the kernel's table
+        return real(op, *args)
+
+    monkeypatch.setattr(_ops, "call", spy)
+    inv = fitted(dtype, "dense")
+    g = rows(N, dtype, 0)
+    v = rows(1, dtype, 1)[0]
+    change = inv.checked_change(g[:6], apply=v)
+    assert sorted(widths) == [40, 40, 45]
+    assert rel_err(change.applied, inv.dense().double() @ v.double()) <= SOLVE[dtype]
+    change.commit()
+    want = reference.block_closed_form(g[6:].double(), LAYOUT, LAM, N)
+    for b in range(LAYOUT.num_blocks):
+        got = inv.dense_block(b)
+        assert torch.equal(got, got.T), b  # both paths keep their blocks bitwise symmetric
+        assert rel_err(got.double(), want[b]) <= CHAIN[dtype], b

@@ -45,11 +45,13 @@ def _run_budget(k: int):
 
 class _KernelFactors(NamedTuple):
     r"""What :meth:`DenseStore._kernel_check` keeps of a segment for its write: the segment,
-    the rows' count and the kernel's :math:`W_b^\top` of its blocks."""
+    the rows' count, the kernel's :math:`W_b^\top` of its blocks and the layout table of
+    those blocks (the segment's blocks at least ``k`` wide)."""
 
     segment: int
     k: int
     wt: torch.Tensor
+    table: torch.Tensor
 
 
 class DenseFactors(ChangeFactors):
@@ -171,16 +173,17 @@ class DenseStore(BlockStore):
                 _ops.call(_ops.apply_inverse, seg, host, dev, v, base, float(scale), out)
 
     # ---- the Woodbury form in float64 ----
-    def _float64_batches(self, k: int):
+    def _float64_batches(self, k: int, below: int | None = None):
         """``(segment, offset, first block, count, size, blocks)`` per batch of equal-size
         blocks (:func:`_run_budget`), ``blocks`` the batch's ``(count, size, size)`` blocks in
         float64: a view of the storage for a float64 store, else the batch converted into one
         scratch buffer reused by every batch (nothing of the store's size is converted at
         once, and nothing is allocated per batch). The view or buffer is valid until the next
-        batch."""
+        batch. ``below``: only the blocks narrower than that."""
         budget = _run_budget(k)
         plan = [(j, b0, n, s) for j in range(len(self._segments))
-                for b0, n, s in self.layout.runs(budget, blocks=self._segment_ids(j))]
+                for b0, n, s in self.layout.runs(budget, blocks=self._segment_ids(j))
+                if below is None or s < below]
         scratch = None
         if self.dtype != torch.float64 and plan:
             numel = max(n * s * s for _, _, n, s in plan)
@@ -218,18 +221,21 @@ class DenseStore(BlockStore):
         shift), so the margin means the same in both. The inverse of a triangular factor is
         taken once (:math:`k \times k` or :math:`s \times s`) and applied by a batched
         product: a batched triangular solve with many right-hand sides runs block by block.
-        With ``write``, when every block is at least ``k`` wide, the CPU kernels check
-        instead (:meth:`_kernel_check`). ``applied``: ``(v, out, changed)`` of
-        :meth:`check_and_apply`, whose products are written into ``out`` from the same pass
+        With ``write`` on the CPU, the kernels check the blocks at least ``k`` wide instead
+        (:meth:`_kernel_check`), and the batches above the narrower ones. ``applied``:
+        ``(v, out, changed)`` of :meth:`check_and_apply`, whose products are written into ``out`` from the same pass
         (:math:`F_b^{-1} v_b`, or with ``changed`` :math:`M^{-1} v_b`).
         """
         k, N = rows.shape[0], self.normalizer
+        factors, below = [], None
         if write and self._kernel_writes(k) and rhs is None and not keep and shift == 0:
-            return self._kernel_check(rows, sign, what, applied)
-        factors = []
+            factors = self._kernel_check(rows, sign, what, applied)
+            if min(self.sizes) >= k:
+                return factors
+            below = k  # the narrower blocks: the batches below
         r64 = rows.to(torch.float64)  # once: 8 k d bytes, as change_nbytes counts
         v64 = None if applied is None else applied[0].to(torch.float64)
-        for j, o, b0, n, s, f in self._float64_batches(k):
+        for j, o, b0, n, s, f in self._float64_batches(k, below):
             st = self.layout.starts[b0]
             ids = range(b0, b0 + n)
             r = r64[:, st:st + n * s].view(k, n, s).transpose(0, 1)             # (n, k, s)
@@ -268,31 +274,35 @@ class DenseStore(BlockStore):
         return factors
 
     def _kernel_writes(self, k: int) -> bool:
-        """Whether a checked change of ``k`` rows runs in the CPU kernels (every block at
-        least ``k`` wide; otherwise torch's batched float64 products, which read each block
-        as often and run at the speed of its BLAS)."""
-        return self.device.type == "cpu" and k <= min(self.sizes, default=0)
+        """Whether a checked change of ``k`` rows runs in the CPU kernels, on its blocks at
+        least ``k`` wide (narrower blocks take torch's batched float64 products, the
+        Woodbury identity's other form)."""
+        return self.device.type == "cpu" and k <= max(self.sizes, default=0)
 
     def _kernel_check(self, rows: torch.Tensor, sign: int, what: str,
                       applied: tuple | None = None) -> list:
-        r""":meth:`woodbury`'s check with ``write`` in the CPU kernels (one pass reads each
-        block in its own dtype for the check, one more writes it; no float64 copy of any
-        block): the factors :math:`W_b^\top` of every segment, after every block's pivots
-        passed; with ``applied`` ``(v, out, changed)``, the products of
-        :meth:`check_and_apply` added into ``out`` from the same pass."""
+        r""":meth:`woodbury`'s check with ``write`` in the CPU kernels, on the blocks at least
+        ``k`` wide (one pass reads each block in its own dtype for the check, one more writes
+        it; no float64 copy of any block): the factors :math:`W_b^\top` of those blocks of
+        every segment, after every one's pivots passed; with ``applied`` ``(v, out,
+        changed)``, their products of :meth:`check_and_apply` added into ``out`` from the same
+        pass."""
         v, out, changed = applied if applied is not None else (None, None, False)
+        k = rows.shape[0]
         kept, infos, pivots, ids = [], [], [], []
         for j, (seg, host, _) in enumerate(self._segment_tables()):
-            if not seg.numel():
+            wide = host[:, 1] >= k  # the table's rows: start, size, offset
+            if not seg.numel() or not bool(wide.any()):
                 continue
-            wt, piv, info, part = _ops.call(_ops.woodbury_check, seg, host, rows,
+            table = host if bool(wide.all()) else host[wide].contiguous()
+            wt, piv, info, part = _ops.call(_ops.woodbury_check, seg, table, rows,
                                             float(self.normalizer), int(sign), v, changed)
             if v is not None:
-                out += part  # zeros outside the segment's rows
-            kept.append(_KernelFactors(j, rows.shape[0], wt))
+                out += part  # zeros outside these blocks' rows
+            kept.append(_KernelFactors(j, k, wt, table))
             infos.append(info)
             pivots.append(piv)
-            ids += list(self._segment_ids(j))
+            ids += [b for b, w in zip(self._segment_ids(j), wide.tolist()) if w]
         if infos:
             info, piv = torch.cat(infos), torch.cat(pivots)
             if bool((info == -1).any()):
@@ -398,13 +408,10 @@ class DenseStore(BlockStore):
         in the same order), so the blocks stay so: that is checked on the first block, and a
         GEMM that does not is followed by a symmetrisation from the lower triangle, as the
         kernel keeps its blocks."""
+        for j, k, wt, table in (f for f in kept if isinstance(f, _KernelFactors)):
+            _ops.call(_ops.woodbury_write_, self._segments[j], table, wt, k, int(sign))
+        kept = [f for f in kept if not isinstance(f, _KernelFactors)]  # the narrower blocks
         if not kept:
-            return
-        if isinstance(kept[0], _KernelFactors):
-            tables = self._segment_tables()
-            for j, k, wt in kept:
-                seg, host, _ = tables[j]
-                _ops.call(_ops.woodbury_write_, seg, host, wt, k, int(sign))
             return
         scratch = None
         if self.dtype != torch.float64:
