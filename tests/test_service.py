@@ -105,7 +105,8 @@ def test_refused_requests_raise_typed_errors_and_change_nothing(svc, one_thread)
         ([4, 5], "r2", {}, ServiceError, "1 of these samples were already erased"),
         ([5, 200], "r2", {}, ServiceError, r"out of range \[0, 200\): \[200\]"),
         ([5], "r2", {"epsilon": None}, ServiceError,
-         "epsilon is needed unless fisher_path holds the Gauss-Newton matrix"),
+         r"epsilon is needed unless fisher_path holds a Gauss-Newton matrix \(ssse fisher "
+         r"--curvature ggn or kfac_ggn or ekfac_ggn\); it holds empirical"),
         ([5, 5], "r2", {}, ServiceError, "indices must be distinct"),
         ([True], "r2", {}, TypeError, "indices must hold ints or strings, got bool"),
         (["a"], "r2", {}, TypeError, "indices must be training-set indices"),
