@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from ssse.cli import main
-from ssse.curvature import unregister_curvature
-from ssse.curvature.kfac import ekfac, kfac
+from ssse.curvature import get_curvature, unregister_curvature
+from ssse.curvature.kfac import ekfac
 
 MODEL, FISHER = "model.safetensors", "inverse_fisher.safetensors"
 
@@ -48,8 +48,6 @@ def exact_ekfac():
 
 @pytest.fixture
 def compact_curvatures():
-    made = [kfac("kfac_compact", storage="compact"), ekfac("ekfac_compact", storage="compact"),
-            ekfac("ekfac_exact_compact", refresh="exact", storage="compact")]
-    yield made
-    for curv in made:
-        unregister_curvature(curv.name)
+    made = ekfac("ekfac_exact_compact", refresh="exact", storage="compact")
+    yield [get_curvature("kfac_compact"), get_curvature("ekfac_compact"), made]  # built in
+    unregister_curvature(made.name)

@@ -404,3 +404,31 @@ def test_the_newton_erase_takes_every_gauss_newton_curvature(capsys, trained, tm
     assert code == 0 and "recorded in" in out
     served, _ = load_model(model_file)
     assert (_flat(served) - _flat(want)).norm() <= 1e-10 * step.norm()
+
+
+def test_compact_kronecker_curvature_by_name(capsys, trained, tmp_path):
+    """`--curvature ekfac_compact` fits the compact EK-FAC, and its file erases by that name
+    (the library's SSSE step with the same inverse)."""
+    import shutil
+
+    import ssse
+    from ssse.experiments.tasks import make_task
+    from ssse.io import load_inverse_fisher, load_model
+
+    shutil.copy(trained / "model.safetensors", tmp_path / "model.safetensors")
+    model_file, fisher = tmp_path / "model.safetensors", tmp_path / "inverse_fisher.safetensors"
+    assert main(["fisher", "--model", str(model_file), "--curvature", "ekfac_compact",
+                 "--out", str(tmp_path), "--quiet"]) == 0
+    inv, _ = load_inverse_fisher(fisher)
+    assert inv.curvature == "ekfac_compact" and "ekfac" in inv.representation
+    code, _, _ = run(capsys, "erase", "--model", str(model_file), "--fisher", str(fisher),
+                     "--indices", "3-7", "--epsilon", "0.5", "--out", str(tmp_path))
+    assert code == 0
+    erased, _ = load_model(tmp_path / "erased.safetensors")
+    model, meta = load_model(model_file)
+    task = make_task("digits", seed=meta["data"]["seed"], train_limit=300)
+    want = ssse.ssse_update(model, task.loss_fn, task.data([3, 4, 5, 6, 7]), inv_fisher=inv,
+                            epsilon=0.5, n_total=300, weight_decay=meta["weight_decay"])
+    step = _flat(want) - _flat(model)
+    assert step.norm() > 0
+    assert (_flat(erased) - _flat(want)).norm() <= 1e-10 * step.norm()

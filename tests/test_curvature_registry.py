@@ -73,14 +73,15 @@ def one_block_ggn(model, loss, X, y, damping, **kw):
 # ---- the registries -------------------------------------------------------------------------
 
 def test_the_registries_read_as_tuples_of_names():
-    names = ("empirical", "ggn", "mc", "kfac", "ekfac", "kfac_ggn", "ekfac_ggn")
+    names = ("empirical", "ggn", "mc", "kfac", "ekfac", "kfac_compact", "ekfac_compact",
+             "kfac_ggn", "ekfac_ggn")
     assert CURVATURES == names and list(CURVATURES) == [*CURVATURES]
     assert LIKELIHOODS == ("categorical", "bernoulli", "gaussian")
     assert "ggn" in CURVATURES and "toy" not in CURVATURES and None not in CURVATURES
     assert repr(CURVATURES) == repr(names)  # what choice errors print
     assert get_curvature("ggn").supports_newton and not get_curvature("mc").supports_newton
     assert [get_curvature(n).needs_likelihood for n in CURVATURES] == \
-        [False, True, True, False, False, True, True]
+        [False, True, True, False, False, False, False, True, True]
     with pytest.raises(ValueError, match=r"curvature must be one of \('empirical'"):
         get_curvature("shampoo")
     with pytest.raises(ValueError, match="likelihood must be one of"):

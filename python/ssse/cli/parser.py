@@ -342,8 +342,9 @@ def _add_fisher(sub) -> None:
     p.add_argument("--curvature", choices=list(ssse.curvature.CURVATURES), default="empirical",
                    help="empirical (the paper's), ggn (Gauss-Newton: erase without ε), mc "
                    "(sampled labels), kfac / ekfac (Kronecker-factored blocks for the linear "
-                   "and convolution weights), kfac_ggn / ekfac_ggn (the same of the "
-                   "Gauss-Newton matrix: erase without ε) (default: empirical)")
+                   "and convolution weights; *_compact: their bases in the inverse's dtype), "
+                   "kfac_ggn / ekfac_ggn (the same of the Gauss-Newton matrix: erase without "
+                   "ε) (default: empirical)")
     p.add_argument("--mc-samples", type=positive_int, default=1,
                    help="label draws per sample for --curvature mc (default: 1)")
     p.add_argument("--block-size", type=positive_int, default=None, metavar="B",

@@ -33,8 +33,9 @@ EK-FAC's ``refresh``
 (``"basis-kept"``, the default, or ``"exact"``, which keeps the rows of its blocks) says how
 its eigenvalues follow a removal. ``storage`` (``"exact"``, the default, or ``"compact"``:
 the eigenbases only in the inverse's dtype, a third of their bytes for float32;
-:mod:`ssse_ext.blocks.kronecker`) says how the blocks keep their bases; :func:`kfac` and
-:func:`ekfac` make curvatures with other options.
+:mod:`ssse_ext.blocks.kronecker`) says how the blocks keep their bases (``"kfac_compact"`` and
+``"ekfac_compact"`` are registered); :func:`kfac` and :func:`ekfac` make curvatures with other
+options.
 """
 
 from __future__ import annotations
@@ -258,20 +259,25 @@ class EKFAC(KFAC):
 
 def kfac(name: str, *, storage: str = DEFAULT_STORAGE, fisher: str = "empirical") -> KFAC:
     """Registers (and returns) a K-FAC curvature under ``name`` with its own options, e.g.
-    ``kfac("kfac_compact", storage="compact")``; then ``curvature="kfac_compact"``."""
+    ``kfac("kfac_ggn_compact", storage="compact", fisher="ggn")``; then
+    ``curvature="kfac_ggn_compact"`` (``"kfac_compact"`` is registered already)."""
     return register_curvature(KFAC(name, storage=storage, fisher=fisher))
 
 
 def ekfac(name: str, *, refresh: str = "basis-kept", tolerance: float = DEFAULT_TOLERANCE,
           storage: str = DEFAULT_STORAGE, fisher: str = "empirical") -> EKFAC:
     """Registers (and returns) an EK-FAC curvature under ``name`` with its own options, e.g.
-    ``ekfac("ekfac_exact", refresh="exact")`` or ``ekfac("ekfac_compact",
-    storage="compact")``; then ``curvature="ekfac_exact"``."""
+    ``ekfac("ekfac_exact", refresh="exact")``; then ``curvature="ekfac_exact"``
+    (``"ekfac_compact"``, the bases in the inverse's dtype, is registered already)."""
     return register_curvature(EKFAC(name, refresh=refresh, tolerance=tolerance,
                                     storage=storage, fisher=fisher))
 
 
 KFAC_CURVATURE = register_curvature(KFAC())
 EKFAC_CURVATURE = register_curvature(EKFAC())
+# the bases in the inverse's dtype (a third of their bytes for float32), by name for the CLI
+# and for inverse files, which record the curvature by name
+KFAC_COMPACT_CURVATURE = register_curvature(KFAC("kfac_compact", storage="compact"))
+EKFAC_COMPACT_CURVATURE = register_curvature(EKFAC("ekfac_compact", storage="compact"))
 KFAC_GGN_CURVATURE = register_curvature(KFAC("kfac_ggn", fisher="ggn"))
 EKFAC_GGN_CURVATURE = register_curvature(EKFAC("ekfac_ggn", fisher="ggn"))
