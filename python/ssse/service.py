@@ -55,7 +55,7 @@ from .models import LOSS_LIKELIHOODS, loss_function
 
 __all__ = ["NOT_INHERITED", "LedgerReport", "ServedFile", "ServedRequest", "ServiceError",
            "check_health", "check_indices", "check_ledger", "check_origin", "erased_header",
-           "recover_ledger", "serve_request"]
+           "newton_refusal", "recover_ledger", "serve_request"]
 
 #: Model-file header fields that an erased model does not inherit from the model it came from.
 NOT_INHERITED = ("spec", "dtype", "fingerprint", "ledger_request", "ledger_entry")
@@ -371,13 +371,21 @@ def _admit(opened: _Opened, ledger: Ledger, request_id: str, indices, epsilon,
         raise
     except ValueError as exc:
         raise ServiceError(str(exc)) from None
-    newton = CURVATURES.where("supports_newton")
-    if epsilon is None and opened.inv.curvature not in newton:
-        raise ServiceError(f"{names.epsilon} is needed unless {names.fisher} holds a "
-                           f"Gauss-Newton matrix (ssse fisher --curvature "
-                           f"{' or '.join(newton) or '(none registered)'}); it holds "
-                           f"{opened.inv.curvature}")
+    refusal = None if epsilon is not None else newton_refusal(opened.inv.curvature, names)
+    if refusal:
+        raise ServiceError(refusal)
     return ids
+
+
+def newton_refusal(curvature: str, names: InputNames = InputNames()) -> str | None:
+    """Why an erasure without ε cannot take the Newton step on an inverse of ``curvature``
+    (one line), or ``None`` when the curvature serves it."""
+    newton = CURVATURES.where("supports_newton")
+    if curvature in newton:
+        return None
+    return (f"{names.epsilon} is needed unless {names.fisher} holds a Gauss-Newton matrix "
+            f"(ssse fisher --curvature {' or '.join(newton) or '(none registered)'}); it "
+            f"holds {curvature}")
 
 
 def _indices(indices, ds: Dataset, erased: list[int]) -> list[int]:

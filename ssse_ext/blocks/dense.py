@@ -223,8 +223,9 @@ class DenseStore(BlockStore):
         product: a batched triangular solve with many right-hand sides runs block by block.
         With ``write`` on the CPU, the kernels check the blocks at least ``k`` wide instead
         (:meth:`_kernel_check`), and the batches above the narrower ones. ``applied``:
-        ``(v, out, changed)`` of :meth:`check_and_apply`, whose products are written into ``out`` from the same pass
-        (:math:`F_b^{-1} v_b`, or with ``changed`` :math:`M^{-1} v_b`).
+        ``(v, out, changed)`` of :meth:`check_and_apply`, whose products are written into
+        ``out`` from the same pass (:math:`F_b^{-1} v_b`, or with ``changed``
+        :math:`M^{-1} v_b`).
         """
         k, N = rows.shape[0], self.normalizer
         factors, below = [], None

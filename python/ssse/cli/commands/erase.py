@@ -11,7 +11,8 @@ import ssse
 import ssse.sharding
 import ssse_ext
 from ssse.files import check_fitted_on, fitted_at
-from ssse.service import check_health, check_origin, erased_header, serve_request
+from ssse.service import (check_health, check_origin, erased_header, newton_refusal,
+                          serve_request)
 
 from ..common import (BUILT_IN_NAMES, FACTORY_OPTIONS, NAMES, UsageError, data_overrides,
                       distributed, dtype, load_fisher, load_model, out_path, task_from_meta)
@@ -77,11 +78,9 @@ def _erase(args, model, inv, fmeta, task, removed, before) -> tuple[dict, str]:
                                  minibatch=int(fmeta.get("minibatch", 1)), comm=comm,
                                  params=args.params)
         return state, f"ε={args.epsilon:g} ({args.variant} Fisher)"
-    newton = ssse.curvature.CURVATURES.where("supports_newton")
-    if inv.curvature not in newton:
-        raise UsageError(f"--epsilon is needed unless --fisher holds a Gauss-Newton matrix "
-                         f"(ssse fisher --curvature {' or '.join(newton) or '(none registered)'}"
-                         f"); it holds {inv.curvature}")
+    refusal = newton_refusal(inv.curvature, NAMES)
+    if refusal:
+        raise UsageError(refusal)
     if before:
         raise UsageError("the Newton erasure needs the inverse of the data left; this model "
                          "already had samples erased with an inverse of the whole training "
