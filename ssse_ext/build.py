@@ -66,7 +66,7 @@ from .validation import (check_choice, check_dtype, check_nonneg_int, check_posi
                          matrix_chunks)
 
 __all__ = ["BUILD_METHODS", "DEFAULT_BLOCK_SIZE", "REPRESENTATIONS", "GramAccumulator",
-           "build_dual_blocks", "build_inverse_fisher", "build_peak_bytes"]
+           "StoreBuild", "build_dual_blocks", "build_inverse_fisher", "build_peak_bytes"]
 
 #: ``auto`` = ``cholesky`` (the stable build), and the two recurrences (see the module).
 BUILD_METHODS = ("auto", "cholesky", "sherman_morrison", "woodbury")
@@ -293,42 +293,99 @@ def _build(chunks, layout: BlockLayout, plan: _Plan, *, damping: float,
     their blocks take to serve requests,
     :meth:`~ssse_ext.blocks.StoreBuilder.finish_for_requests`)."""
     recurrence = method in _RECURRENCES
-    # a recurrence always checks its result with a probe (it may have lost its accuracy)
-    columns = max(probe_vectors, 1) if recurrence else probe_vectors
-    probe = FisherProbe(layout, columns=columns, device=device) if columns else None
-    owned = _owned(plan.names) or {resolve_representation(AUTO, method)[0]: []}
-    builders = [get_store(name).builder(layout, ids, dtype=dtype, device=device, method=method,
-                                        damping=damping, normalizer=normalizer,
-                                        rows=capacity, probe=probe, max_memory=max_memory)
-                for name, ids in owned.items()]
-    if reread is not None:
-        for builder in builders:
-            builder.can_reread()
+    build = StoreBuild(layout, plan, dtype=dtype, device=device, method=method, damping=damping,
+                       normalizer=normalizer, rows=capacity, probe_vectors=probe_vectors,
+                       max_memory=max_memory, reread=reread is not None)
     stream = _gathered(chunks, plan.gather) if plan.gather else chunks
-    rows, largest = _feed(builders, stream, method, damping)
+    rows, largest = _feed([build], stream, method, damping)
     if normalizer is None:
         normalizer = max(rows, 1) / rows_per_sample
     if sides.total is not None:  # summed over the stream: every chunk has been read
-        side = {k: v.to(device) for k, v in sides.total.items()}
-        for builder in builders:
-            builder.add_side(side)
-    again = [builder for builder in builders if builder.another_pass()]
-    if again:  # the same rows once more; their side payload is known already
+        build.add_side(sides.total)
+    if build.another_pass():  # the same rows once more; their side payload is known already
         for chunk in matrix_chunks(strip_side(reread(), lambda side: None), chunk_size,
                                    dim=layout.dim, dtype=dtype, device=device):
-            for builder in again:
-                builder.add(chunk)
+            build.add(chunk)
     stores = []
-    for builder in builders:  # a loop, not a comprehension: the warnings count frames
+    for builder in build.builders:  # a loop, not a comprehension: the warnings count frames
         stores += builder.finish_for_requests(normalizer, max_memory=max_memory) if requests \
             else [builder.finish(normalizer)]
     inv = BlockInverseFisher(stores, FisherConfig(damping, normalizer, layout, curvature), rows,
-                             probe=probe)
+                             probe=build.probe)
     if recurrence:
         _warn_unhealthy(inv, method, damping, largest)
         if not probe_vectors:
             inv.probe = None
     return inv
+
+
+class StoreBuild:
+    """The builders of one build's stores, one per store chosen, for a caller that drives the
+    rows itself (the sharded fit, :mod:`ssse.sharded_fit`, feeds each owner the columns of its
+    blocks of every rank's rows): :meth:`add` every chunk, :meth:`add_side` the side payload
+    of all of them, then, while :meth:`another_pass` asks, the same rows again; :meth:`finish`.
+
+    Make it with :meth:`planned`, which chooses the stores for ``representation`` and refuses
+    a build that does not fit the memory before it allocates."""
+
+    def __init__(self, layout: BlockLayout, plan: _Plan, *, dtype: torch.dtype, device,
+                 method: str = "auto", damping: float, normalizer: float | None = None,
+                 rows: int | None = None, probe_vectors: int = DEFAULT_COLUMNS,
+                 max_memory: int | None = None, reread: bool = False):
+        self.layout, self.damping, self.device = layout, damping, torch.device(device)
+        # a recurrence always checks its result with a probe (it may have lost its accuracy)
+        columns = max(probe_vectors, 1) if method in _RECURRENCES else probe_vectors
+        self.probe = FisherProbe(layout, columns=columns, device=device) if columns else None
+        owned = _owned(plan.names) or {resolve_representation(AUTO, method)[0]: []}
+        self.builders = [get_store(name).builder(
+            layout, ids, dtype=dtype, device=device, method=method, damping=damping,
+            normalizer=normalizer, rows=rows, probe=self.probe, max_memory=max_memory)
+            for name, ids in owned.items()]
+        if reread:
+            for builder in self.builders:
+                builder.can_reread()
+        self.feeding = self.builders
+
+    @classmethod
+    def planned(cls, layout: BlockLayout, representation, *, dtype: torch.dtype, device,
+                damping: float, rows: int | None = None, probe_vectors: int = DEFAULT_COLUMNS,
+                max_memory: int | None = None, reread: bool = False) -> "StoreBuild":
+        """The builders for ``rows`` rows (``None``: unknown) of ``layout`` stored as
+        ``representation`` (as :func:`build_inverse_fisher` takes it); ``reread``: the caller
+        can give the rows a second time (else the stores that need them twice hold them)."""
+        check_dtype(dtype)
+        first = torch.zeros(0, layout.dim, dtype=dtype, device=device)
+        plan = _checked_plan(layout, first, rows, representation, "auto", probe_vectors,
+                             max_memory)
+        return cls(layout, plan, dtype=dtype, device=device, damping=damping, rows=rows,
+                   probe_vectors=probe_vectors, max_memory=max_memory, reread=reread)
+
+    def add(self, chunk: torch.Tensor) -> None:
+        """One chunk of ``(m, dim)`` rows to every builder (of the second pass: to those that
+        asked for it)."""
+        for builder in self.feeding:
+            builder.add(chunk)
+
+    def add_side(self, side: dict) -> None:
+        """The side payload of all the rows, once they have all been added."""
+        side = {k: v.to(self.device) for k, v in side.items()}
+        for builder in self.builders:
+            builder.add_side(side)
+
+    def another_pass(self) -> bool:
+        """Whether some store needs the rows once more (then :meth:`add` them again)."""
+        self.feeding = [builder for builder in self.builders if builder.another_pass()]
+        return bool(self.feeding)
+
+    def finish(self, normalizer: float, *, curvature: str,
+               num_samples: int) -> BlockInverseFisher:
+        """The inverse of the blocks (each store's :meth:`~StoreBuilder.finish`)."""
+        stores = []
+        for builder in self.builders:  # a loop, not a comprehension: the warnings count frames
+            stores.append(builder.finish(normalizer))
+        return BlockInverseFisher(stores, FisherConfig(self.damping, normalizer, self.layout,
+                                                       curvature), num_samples,
+                                  probe=self.probe)
 
 
 def _rereader(grads):

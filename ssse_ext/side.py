@@ -21,7 +21,7 @@ import torch
 from .validation import matrix_chunks
 
 __all__ = ["Rows", "SidePayload", "SideSum", "follow_probe", "gathered_rows", "merge_sides",
-           "side_kwargs", "strip_side"]
+           "register_side", "side_kwargs", "side_type", "strip_side"]
 
 
 class SidePayload(abc.ABC):
@@ -34,6 +34,50 @@ class SidePayload(abc.ABC):
     @abc.abstractmethod
     def to(self, device) -> "SidePayload":
         """The payload with its tensors on ``device``."""
+
+    # ---- over several processes (:mod:`ssse.sharded_side`): every rank sums the same
+    # tensors, each part ends on the rank that owns its block ----
+    def skeleton(self) -> dict:
+        """What :meth:`zeros` needs to make a payload of zeros of the same shapes (JSON-able):
+        a rank whose share of the rows is empty sums that one."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be summed over processes")
+
+    @classmethod
+    def zeros(cls, skeleton: dict, device) -> "SidePayload":
+        """A payload of zeros described by ``skeleton`` (:meth:`skeleton`)."""
+        raise NotImplementedError(f"{cls.__name__} cannot be summed over processes")
+
+    def parts(self) -> list[tuple[int, torch.Tensor]]:
+        """The payload's tensors in a fixed order, each with the flat index of the first
+        parameter of the block it describes: summing them in place sums the payloads."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be summed over processes")
+
+    def restricted(self, lo: int, hi: int) -> "SidePayload":
+        """The part describing the parameters ``lo .. hi - 1``, their indices counted from
+        ``lo`` (a rank's share of the payload, over its columns)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be cut to a rank's blocks")
+
+
+_SIDE_TYPES: dict[str, type] = {}
+
+
+def register_side(key: str, cls: type) -> type:
+    """Registers the :class:`SidePayload` class that the payloads under ``key`` have (a rank
+    without rows makes its zeros from it)."""
+    if not (isinstance(cls, type) and issubclass(cls, SidePayload)):
+        raise TypeError(f"cls must be a SidePayload subclass, got {cls!r}")
+    if _SIDE_TYPES.get(key, cls) is not cls:
+        raise ValueError(f"side key {key!r} is taken by {_SIDE_TYPES[key].__name__}")
+    _SIDE_TYPES[key] = cls
+    return cls
+
+
+def side_type(key: str) -> type:
+    """The :class:`SidePayload` class registered under ``key``."""
+    if key not in _SIDE_TYPES:
+        raise ValueError(f"no side payload is registered under {key!r} (registered: "
+                         f"{', '.join(sorted(_SIDE_TYPES)) or 'none'})")
+    return _SIDE_TYPES[key]
 
 
 def _check_side(side, name: str = "side") -> dict[str, SidePayload]:

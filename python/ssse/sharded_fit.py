@@ -22,10 +22,15 @@ The fit has two exchanges (``comm.exchange``), with the same result to rounding:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 import ssse_ext
+from ssse_ext.blocks import Pinned
 from ssse_ext.budget import available_memory
+from ssse_ext.build import StoreBuild
+from ssse_ext.side import SideSum
 
 from .batches import check_data, check_loss, check_module, is_batch, task_of
 from .budget import CHUNK_SHARE_OF_INVERSE, MEMORY_SHARE, MIN_CHUNK_BYTES
@@ -34,6 +39,7 @@ from .curvature import get_curvature
 from .model import FlatModel, data_size
 from .rows import check_autocast, likelihood_of_data, row_stream
 from .settings import check_fit_settings
+from .sharded_side import owned_side, split_rows
 from .sharding import ShardedInverseFisher, Sharding, local_inverse
 
 __all__ = ["agreed_likelihood", "choose_exchange",
@@ -82,7 +88,10 @@ def _prepare(a: dict) -> dict:
     check_module(a["model"])
     check_data(a["data"], "data", task_of(check_loss(a["loss_fn"])))
     fm = FlatModel(a["model"], params=a.get("params"), loss_fn=a["loss_fn"])
-    return dict(check_fit_settings(a, fm), fm=fm)
+    args = dict(check_fit_settings(a, fm), fm=fm)
+    args["representation"] = args["curv"].representation_for(fm, args["layout"],
+                                                             a["representation"])
+    return args
 
 
 def fit_sharded(comm: Comm, a: dict) -> ShardedInverseFisher:
@@ -102,15 +111,12 @@ def fit_sharded(comm: Comm, a: dict) -> ShardedInverseFisher:
                      comm.exchange, str(dt), list(lay.sizes)),
               "fit_inverse_fisher: the model's parameters or the arguments")
     sharding = Sharding.balanced(lay, comm.size)
+    if isinstance(args["representation"], Pinned):  # blocks in a store of the curvature's own
+        return _fit_stores(comm, sharding, a, args, lik, data)
     choice, acc_bytes, budget = _plan(comm, sharding, data, args)
     before = dict(comm.sent)
     info: dict = {}
-    stream = row_stream(fm, a["loss_fn"], data, "data", weight_decay=args["weight_decay"],
-                        chunk_size=args["chunk_size"], minibatch=args["minibatch"], dtype=dt,
-                        max_memory=budget, curvature=curv.name, likelihood=lik,
-                        mc_samples=args["mc_samples"],
-                        seed=args["seed"] + (comm.rank if curv.random else 0), info=info,
-                        autocast=check_autocast(a.get("autocast"), dt))
+    stream = _stream(args, a, comm, data, lik, info, budget)
     fit = _fit_all_to_all if choice == "all_to_all" else _fit_reduce_scatter
     acc, total, per_sample = fit(comm, sharding, stream, info, dt, dev)
     if total == 0:
@@ -135,6 +141,78 @@ def fit_sharded(comm: Comm, a: dict) -> ShardedInverseFisher:
     return inv
 
 
+def _stream(args: dict, a: dict, comm: Comm, data, lik, info: dict, budget: int | None):
+    curv = args["curv"]
+    return row_stream(args["fm"], a["loss_fn"], data, "data", weight_decay=args["weight_decay"],
+                      chunk_size=args["chunk_size"], minibatch=args["minibatch"],
+                      dtype=args["dtype"], max_memory=budget, curvature=curv.name,
+                      likelihood=lik, mc_samples=args["mc_samples"],
+                      seed=args["seed"] + (comm.rank if curv.random else 0), info=info,
+                      autocast=check_autocast(a.get("autocast"), args["dtype"]))
+
+
+def _sub_representation(rep: Pinned, sharding: Sharding, rank: int):
+    """``rep`` for the blocks of ``rank``, numbered from its first."""
+    first, last = sharding.blocks(rank)
+    pinned = {b - first: name for b, name in rep.blocks.items() if first <= b < last}
+    return Pinned(pinned, rep.rest) if pinned else rep.rest
+
+
+def _fit_stores(comm: Comm, sharding: Sharding, a: dict, args: dict, lik,
+                data) -> ShardedInverseFisher:
+    r"""The fit of a curvature that keeps some blocks in a store of its own (the
+    Kronecker-factored ones), by the ``"all_to_all"`` exchange: each owner feeds the column
+    slices of its blocks of every rank's rows to the builders of its stores
+    (:class:`ssse_ext.build.StoreBuild`), the rows' side payloads are summed onto the owners
+    of their blocks (:func:`ssse.sharded_side.owned_side`), and a store that needs the rows
+    twice (EK-FAC's eigenvalues, in bases known only from the summed factors) gets them in a
+    second pass in which every rank takes part."""
+    if comm.exchange == "reduce_scatter":
+        raise ValueError(f"exchange='reduce_scatter' is not offered for curvature="
+                         f"{args['curv'].name!r}: its blocks are built by their owners from "
+                         "the rows' column slices (pass exchange='all_to_all' or 'auto')")
+    dt, dev, fm = args["dtype"], args["device"], args["fm"]
+    again = is_batch(data, fm.task) or not isinstance(data, Iterator)
+    reread = all(r[0] for r in comm.ints([int(again)], "fit_inverse_fisher (re-readable data)"))
+    budget = args["max_memory"]
+    if args["chunk_size"] is None and budget is None:
+        budget = max(MIN_CHUNK_BYTES, int(MEMORY_SHARE * available_memory(fm.device)) // 4)
+
+    def plan():
+        return StoreBuild.planned(
+            sharding.sub_layout(comm.rank),
+            _sub_representation(args["representation"], sharding, comm.rank), dtype=dt,
+            device=dev, damping=args["damping"], probe_vectors=args["probe_vectors"],
+            max_memory=args["max_memory"], reread=reread)
+
+    build, error = run_local(plan)
+    comm.agree(error, "fit_inverse_fisher (the stores of the blocks)")
+    before, info, sides = dict(comm.sent), {}, SideSum()
+    total, per_sample = _exchange_pass(comm, sharding, _stream(args, a, comm, data, lik, info,
+                                                               budget),
+                                       info, dt, dev, _Gather([build], STORE_GATHER), sides)
+    if total == 0:
+        raise ValueError("data is empty on every rank: the Fisher needs at least one sample")
+    side = owned_side(comm, sharding, sides.total, "fit_inverse_fisher", device=dev)
+    more, error = run_local(lambda: (build.add_side(side) if side else None,
+                                     build.another_pass())[1])
+    if any(r[0] for r in comm.status([int(bool(more))], error,
+                                     "fit_inverse_fisher (the side payload)")):
+        _exchange_pass(comm, sharding, _stream(args, a, comm, data, lik, {}, budget),
+                       info, dt, dev, _Gather([build], STORE_GATHER))
+    curv = args["curv"]
+    normalizer = total / (per_sample // curv.normalizer_weight(mc_samples=args["mc_samples"]))
+    local, error = run_local(lambda: build.finish(normalizer, curvature=curv.name,
+                                                  num_samples=total))
+    comm.agree(error, "fit_inverse_fisher (the inverse of the blocks)")
+    inv = ShardedInverseFisher(local, sharding, comm.rank, comm)
+    inv.fit_stats = {"exchange": "all_to_all", "rows": total,
+                     "bytes_sent": comm.sent_since(before, "rows", "side"),
+                     "control_bytes": comm.sent_since(before, "control"),
+                     "accumulator_bytes": None, "inverse_bytes": local.nbytes}
+    return inv
+
+
 def _plan(comm: Comm, sharding: Sharding, data, args: dict) -> tuple[str, int, int | None]:
     """The exchange (the same on every rank), the accumulators' bytes and the chunks' budget."""
     lay, dt, dev, fm = args["layout"], args["dtype"], args["device"], args["fm"]
@@ -155,6 +233,10 @@ def _plan(comm: Comm, sharding: Sharding, data, args: dict) -> tuple[str, int, i
         budget = max(1, min(free, max(int(CHUNK_SHARE_OF_INVERSE * own * elem),
                                       MIN_CHUNK_BYTES)))
     return choice, acc_bytes, budget
+
+
+#: Rows gathered per call of the stores' builders in a fit over several processes.
+STORE_GATHER = 256
 
 
 def _chunks_with_status(stream):
@@ -191,13 +273,7 @@ class _Gather:
 
 def _fit_all_to_all(comm: Comm, sharding: Sharding, stream, info: dict, dt, dev):
     """Design (b): every chunk's column slices go to their owners, which accumulate their
-    blocks over all rows. Returns (the accumulator, rows of all ranks, rows per sample).
-
-    Every round starts with the ranks' status (rows of their next chunk, or done, or failed),
-    so a rank whose gradients, accumulation or memory failed stops every rank at the next
-    round."""
-    width = sharding.width(comm.rank)
-
+    blocks over all rows. Returns (the accumulator, rows of all ranks, rows per sample)."""
     def allocate():
         acc = ssse_ext.GramAccumulator(sharding.sub_layout(comm.rank), dt, dev)
         return acc, _Gather([acc], acc.gather_rows)
@@ -205,12 +281,30 @@ def _fit_all_to_all(comm: Comm, sharding: Sharding, stream, info: dict, dt, dev)
     made, error = run_local(allocate)
     comm.agree(error, "fit_inverse_fisher (the accumulators)")
     acc, feed = made
-    done, total, per_sample = False, 0, 0
+    total, per_sample = _exchange_pass(comm, sharding, stream, info, dt, dev, feed)
+    return acc, total, per_sample
+
+
+def _exchange_pass(comm: Comm, sharding: Sharding, stream, info: dict, dt, dev, feed,
+                   sides: SideSum | None = None) -> tuple[int, int]:
+    """One pass of the rows of ``stream`` (all ranks'), each chunk's column slices to their
+    owners, which ``feed`` them; the rows' side payloads go to ``sides`` (this rank's own).
+    Returns (rows of all ranks, rows per sample).
+
+    Every round starts with the ranks' status (rows of their next chunk, or done, or failed),
+    so a rank whose gradients, accumulation or memory failed stops every rank at the next
+    round."""
+    width = sharding.width(comm.rank)
+    done, total, per_sample, error = False, 0, 0, None
     while True:
         chunk = None
         if not done and error is None:
             chunk, error = _chunks_with_status(stream)
             done = chunk is None and error is None
+            if chunk is not None:
+                chunk, side = split_rows(chunk)
+                if side is not None and sides is not None:
+                    sides.add(side)
         m = 0 if chunk is None else chunk.shape[0]
         rows = comm.status([int(done), m, info.get("rows_per_sample", 0)], error,
                            "fit_inverse_fisher (the gradients of a chunk)")
@@ -229,7 +323,7 @@ def _fit_all_to_all(comm: Comm, sharding: Sharding, stream, info: dict, dt, dev)
         total += sum(counts)
     _, error = run_local(feed.flush)
     comm.agree(error, "fit_inverse_fisher (the accumulation)")
-    return acc, total, per_sample
+    return total, per_sample
 
 
 def choose_exchange(requested: str, size: int, all_fit: bool, rows: int | None, numel: int,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import NotPositiveDefiniteError
-from ..side import SidePayload
+from ..side import SidePayload, register_side
 from ..validation import check_choice, check_nonneg_float
 from .base import element_size
 
@@ -105,6 +105,29 @@ class KroneckerFactors(SidePayload):
     def to(self, device) -> "KroneckerFactors":
         on = {s: (a.to(device), g.to(device), tr) for s, (a, g, tr) in self.factors.items()}
         return KroneckerFactors(on, **self.options())
+
+    def skeleton(self) -> dict:
+        return {"options": self.options(),
+                "factors": [[start, a.shape[0], g.shape[0], bool(tr)]
+                            for start, (a, g, tr) in sorted(self.factors.items())]}
+
+    @classmethod
+    def zeros(cls, skeleton: dict, device) -> "KroneckerFactors":
+        def square(n: int) -> torch.Tensor:
+            return torch.zeros(n, n, dtype=torch.float64, device=device)
+
+        return cls({int(start): (square(int(inn)), square(int(out)), bool(tr))
+                    for start, inn, out, tr in skeleton["factors"]}, **skeleton["options"])
+
+    def parts(self) -> list[tuple[int, torch.Tensor]]:
+        return [(start, t) for start, (a, g, _) in sorted(self.factors.items()) for t in (a, g)]
+
+    def restricted(self, lo: int, hi: int) -> "KroneckerFactors":
+        return KroneckerFactors({start - lo: entry for start, entry in self.factors.items()
+                                 if lo <= start < hi}, **self.options())
+
+
+register_side(KRONECKER_KEY, KroneckerFactors)
 
 
 @dataclass

@@ -178,7 +178,6 @@ class KFAC(Curvature):
     store = "kfac"
     needs_labels = True
     includes_weight_decay = False
-    shardable = False
     refresh = "basis-kept"
     tolerance = DEFAULT_TOLERANCE
     storage = DEFAULT_STORAGE
