@@ -39,7 +39,7 @@ from .requests import (DEFAULT_PROBE_BLOCKS, StageTimer, check_probe_blocks, che
                        group_means, record_request, request_ids, request_rows)
 
 __all__ = ["ssse_update", "Eraser", "FISHER_VARIANTS", "GRADIENT_VARIANTS", "check_ssse_settings",
-           "group_means"]
+           "group_means", "refuse_side_rows"]
 
 #: ``"full"``: the Fisher of D (the paper); ``"leave_k_out"``: downdated by S first.
 FISHER_VARIANTS = ("full", "leave_k_out")
@@ -63,6 +63,17 @@ def check_ssse_settings(epsilon, n_total, weight_decay, fisher, gradient, miniba
                              'gradient="retained"')
         check_data(retained, "retained", task)
     return epsilon, n_total, weight_decay, minibatch
+
+
+def refuse_side_rows(inv: ssse_ext.BlockInverseFisher, fisher: str, curvature: str) -> None:
+    """:func:`ssse_update`'s refusal of ``fisher="leave_k_out"`` on an inverse with blocks whose
+    downdate reads a side payload of the rows (it computes plain gradient rows)."""
+    if fisher == "leave_k_out" and any(getattr(s, "takes_side", False)
+                                       for s in getattr(inv, "stores", ())):
+        raise ValueError(f'fisher="leave_k_out" needs the removed samples\' rows of '
+                         f'curvature={curvature!r} with their side payload, which '
+                         f'ssse_update does not compute: serve the request with ssse.Eraser('
+                         f'..., curvature={curvature!r}).erase(..., fisher="leave_k_out")')
 
 
 def ssse_update(model: nn.Module, loss_fn, removed, *,
@@ -112,12 +123,7 @@ def ssse_update(model: nn.Module, loss_fn, removed, *,
         epsilon, n_total, weight_decay, fisher, gradient, minibatch, retained, "D \\ S",
         fm.task)
     warn_if_training(model, "ssse_update")
-    if fisher == "leave_k_out" and any(getattr(s, "takes_side", False)
-                                       for s in getattr(inv, "stores", ())):
-        raise ValueError(f'fisher="leave_k_out" needs the removed samples\' rows of '
-                         f'curvature={inv.curvature!r} with their side payload, which '
-                         f'ssse_update does not compute: serve the request with ssse.Eraser('
-                         f'..., curvature={inv.curvature!r}).erase(..., fisher="leave_k_out")')
+    refuse_side_rows(inv, fisher, inv.curvature)
 
     dtype, device = inv.dtype, inv.device
     rows = None

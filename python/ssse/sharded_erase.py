@@ -24,18 +24,20 @@ from typing import Callable
 import torch
 
 import ssse_ext
+from ssse_ext.side import gathered_rows
 from ssse_ext.validation import (check_choice, check_finite_float, check_nonneg_float,
                                  check_positive_float, check_positive_int, check_update_operands,
-                                 check_vector, matrix_chunks)
+                                 check_vector)
 
 from .batches import batch_len, check_data, check_loss, check_module, task_of
 from .comm import Comm, digest, one_process, run_local
 from .curvature import check_likelihood, get_curvature, options_with
-from .erasure import FISHER_VARIANTS, check_ssse_settings, group_means
+from .erasure import FISHER_VARIANTS, check_ssse_settings, group_means, refuse_side_rows
 from .gradients import gradient_sum
 from .model import FlatModel, check_inverse, finish_update, iter_batches
 from .newton import check_newton_inverse, newton_shift, rows_of
 from .sharded_fit import agreed_likelihood, refuse
+from .sharded_side import owned_side, split_rows, with_side
 from .sharding import ShardedInverseFisher, check_sharded
 
 __all__ = ["ShardedChange", "apply_update", "check_erase_request", "check_newton_settings",
@@ -91,10 +93,13 @@ def _owner_step(comm: Comm, inv: ShardedInverseFisher, step: Callable[[], torch.
     return comm.gather_step(run, inv.sharding, what)
 
 
-def _exchange_rows(comm: Comm, inv: ShardedInverseFisher, rows: torch.Tensor,
-                   what: str) -> torch.Tensor:
-    """Every rank's ``rows``, cut to this rank's columns, on the inverse's device."""
-    return comm.exchange_rows(rows, inv.sharding, what).to(inv.device)
+def _exchange_rows(comm: Comm, inv: ShardedInverseFisher, rows, what: str):
+    """Every rank's ``rows``, cut to this rank's columns, on the inverse's device; rows with a
+    side payload (:class:`ssse_ext.Rows`) come with the sum of all ranks' payloads over this
+    rank's blocks (:func:`ssse.sharded_side.owned_side`)."""
+    rows, side = split_rows(rows)
+    mine = comm.exchange_rows(rows, inv.sharding, what).to(inv.device)
+    return with_side(mine, owned_side(comm, inv.sharding, side, what, device=inv.device))
 
 
 def _check_request(model, loss_fn, removed, inv_fisher, comm, params=None) -> FlatModel:
@@ -142,6 +147,7 @@ def ssse_update_sharded(comm: Comm, a: dict) -> dict[str, torch.Tensor]:
         eps, n, w, b = check_ssse_settings(a["epsilon"], a["n_total"], a["weight_decay"],
                                            a["fisher"], a["gradient"], a["minibatch"],
                                            a["retained"], "this rank's share of D \\ S")
+        refuse_side_rows(inv.local, a["fisher"], inv.curvature)
         batches = list(iter_batches(a["removed"], "removed", device=fm.device))
         rows = None
         if a["fisher"] == "leave_k_out":
@@ -386,20 +392,17 @@ def gathered(inv: ShardedInverseFisher, what: str, step, v, theta=None, *, name:
 def owned_rows(inv: ShardedInverseFisher, rows, what: str, name: str = "rows",
                check: Callable[[], None] | None = None) -> torch.Tensor:
     """All ranks' rows cut to this rank's columns, on its device: ``rows`` is this rank's
-    ``(k_r, d)`` share (or an iterable of such chunks), checked on every rank with ``check``
-    first."""
+    ``(k_r, d)`` share (or an iterable of such chunks; either may be :class:`ssse_ext.Rows`),
+    checked on every rank with ``check`` first."""
     def local():
         check_sharded(inv, inv.comm)
         if check is not None:
             check()
-        chunks = [c for c in matrix_chunks(rows, None, name, dim=inv.dim, dtype=inv.dtype,
-                                           device=inv.device) if c.shape[0]]
-        return torch.cat(chunks) if chunks else \
-            torch.zeros(0, inv.dim, dtype=inv.dtype, device=inv.device)
+        return gathered_rows(rows, name, dim=inv.dim, dtype=inv.dtype, device=inv.device)
 
-    mine, error = run_local(local)
+    made, error = run_local(local)
     inv.comm.agree(error, f"{what} (the rows)")
-    return inv.comm.exchange_rows(mine, inv.sharding, what).to(inv.device)
+    return _exchange_rows(inv.comm, inv, with_side(*made), what)
 
 
 def _check_sign(sign) -> None:
