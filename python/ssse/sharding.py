@@ -4,160 +4,42 @@ index).
 
 Rank :math:`r` of :math:`P` owns the consecutive blocks ``sharding.blocks(r)`` of the layout,
 chosen so that the ranks' costs :math:`\sum_b s_b^2` (the Gram's flops per row, and the memory)
-are balanced (:meth:`Sharding.balanced`). The library's functions make and use sharded inverses
-when they are given a :class:`ssse.comm.Comm` of more than one process.
+are balanced (:class:`~ssse.partition.Sharding`). The library's functions make and use sharded
+inverses when they are given a :class:`ssse.comm.Comm` of more than one process.
+
+A shard file keeps dense blocks packed, which any number of ranks can load (each reads the
+blocks it owns: re-sharding). Blocks in other stores (the Kronecker-factored ones of
+``curvature="kfac"`` or ``"ekfac"``) are kept by their store's state
+(:meth:`ssse_ext.BlockInverseFisher.to_state`), and such a save loads on as many ranks as
+wrote it.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import os
 import secrets
 import types
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import ssse_ext
-from ssse_ext.validation import check_device, check_dtype, check_int, check_positive_int
+from ssse_ext.validation import check_device, check_dtype
 
 from .comm import Comm, digest, run_local
 from .io import atomic_path, write_json
+from .partition import Sharding
 
 __all__ = ["INDEX_FORMAT", "SHARD_FORMAT", "ShardedInverseFisher", "Sharding", "check_sharded",
            "is_index", "load_sharded", "local_inverse", "save_sharded"]
 
 INDEX_FORMAT = "ssse-inverse-fisher-index"
 SHARD_FORMAT = "ssse-inverse-fisher-shard"
-FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Sharding:
-    r"""Which rank owns which blocks: rank ``r`` owns blocks ``bounds[r] .. bounds[r+1] - 1``
-    of ``layout``, i.e. the parameters ``columns(r)``.
-
-    Use :meth:`balanced` (the partition that minimises the largest
-    :math:`\sum_{b \in r} s_b^2`).
-    """
-
-    layout: ssse_ext.BlockLayout
-    bounds: tuple[int, ...]
-
-    def __post_init__(self):
-        if not isinstance(self.layout, ssse_ext.BlockLayout):
-            raise TypeError(f"layout must be a ssse_ext.BlockLayout, got "
-                            f"{type(self.layout).__name__}")
-        bounds = tuple(int(b) for b in self.bounds)
-        nb = self.layout.num_blocks
-        if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != nb or \
-                any(b > c for b, c in zip(bounds, bounds[1:])):
-            raise ValueError(f"bounds must rise from 0 to the layout's {nb} blocks with at least "
-                             f"one rank, got {list(self.bounds)}")
-        object.__setattr__(self, "bounds", bounds)
-        # the first parameter of every range (asked for per chunk of rows, so kept)
-        starts = [self.layout.starts[b] if b < nb else self.layout.dim for b in bounds]
-        object.__setattr__(self, "_starts", tuple(starts))
-
-    @classmethod
-    def balanced(cls, layout: ssse_ext.BlockLayout, world_size: int) -> "Sharding":
-        r"""Consecutive ranges of blocks for ``world_size`` ranks with the smallest possible
-        largest cost :math:`\sum s_b^2`; every rank gets at least one block when there are
-        enough blocks."""
-        if not isinstance(layout, ssse_ext.BlockLayout):
-            raise TypeError(f"layout must be a ssse_ext.BlockLayout, got {type(layout).__name__}")
-        world_size = check_positive_int(world_size, "world_size")
-        costs = [s * s for s in layout.sizes]
-        prefix = [0]
-        for c in costs:
-            prefix.append(prefix[-1] + c)
-        nb = len(costs)
-        if nb == 0:
-            return cls(layout, (0,) * (world_size + 1))
-
-        def cuts(cap: int) -> list[int] | None:
-            """Greedy ranges of cost <= cap (None: more than world_size needed)."""
-            out, pos = [0], 0
-            while pos < nb:
-                pos = bisect.bisect_right(prefix, prefix[pos] + cap) - 1
-                out.append(pos)
-                if len(out) - 1 > world_size:
-                    return None
-            return out
-
-        lo, hi = max(costs), prefix[-1]
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if cuts(mid) is None:
-                lo = mid + 1
-            else:
-                hi = mid
-        bounds = cuts(lo)
-        # fewer ranges than ranks: split the costliest range that has two blocks or more
-        while len(bounds) - 1 < world_size:
-            spans = [(prefix[b] - prefix[a], j) for j, (a, b) in
-                     enumerate(zip(bounds, bounds[1:])) if b - a >= 2]
-            if not spans:
-                break
-            _, j = max(spans)
-            a, b = bounds[j], bounds[j + 1]
-            half = (prefix[a] + prefix[b]) / 2
-            c = min(max(bisect.bisect_left(prefix, half, a, b), a + 1), b - 1)
-            if c + 1 < b and abs(prefix[c + 1] - half) < abs(prefix[c] - half):
-                c += 1
-            bounds.insert(j + 1, c)
-        bounds += [nb] * (world_size + 1 - len(bounds))
-        return cls(layout, tuple(bounds))
-
-    @property
-    def world_size(self) -> int:
-        return len(self.bounds) - 1
-
-    def _rank(self, rank: int) -> int:
-        rank = check_int(rank, "rank")
-        if not 0 <= rank < self.world_size:
-            raise ValueError(f"rank must be in [0, {self.world_size}), got {rank}")
-        return rank
-
-    def blocks(self, rank: int) -> tuple[int, int]:
-        """``(first, last)``: rank ``rank`` owns blocks ``first .. last - 1``."""
-        rank = self._rank(rank)
-        return self.bounds[rank], self.bounds[rank + 1]
-
-    def columns(self, rank: int) -> slice:
-        """The parameters covered by the blocks of rank ``rank``."""
-        rank = self._rank(rank)
-        return slice(self._starts[rank], self._starts[rank + 1])
-
-    def width(self, rank: int) -> int:
-        c = self.columns(rank)
-        return c.stop - c.start
-
-    def numel(self, rank: int) -> int:
-        """Elements of rank ``rank``'s part of the packed inverse (its cost)."""
-        return self.layout.numel_of(*self.blocks(rank))
-
-    def sub_layout(self, rank: int) -> ssse_ext.BlockLayout:
-        """Rank ``rank``'s blocks as a layout of their own (over its columns)."""
-        first, last = self.blocks(rank)
-        sizes = list(self.layout.sizes[first:last])
-        return ssse_ext.BlockLayout.from_dict({"dim": sum(sizes), "sizes": sizes})
-
-    def owner(self, block: int) -> int:
-        """The rank that owns block ``block``."""
-        block = check_int(block, "block")
-        if not 0 <= block < self.layout.num_blocks:
-            raise ValueError(f"block must be in [0, {self.layout.num_blocks}), got {block}")
-        return bisect.bisect_right(self.bounds, block) - 1
-
-    def __repr__(self) -> str:
-        costs = [self.numel(r) for r in range(self.world_size)]
-        return (f"Sharding({self.layout!r}, world_size={self.world_size}, "
-                f"bounds={list(self.bounds)}, costs={costs})")
+#: 2: the shards keep the states of their stores (blocks in stores other than the dense one)
+FORMAT_VERSION = 2
 
 
 def local_attribute(name: str, doc: str) -> property:
@@ -250,6 +132,11 @@ class ShardedInverseFisher:
         if sharding.layout != inv.layout or sharding.world_size != size:
             raise ValueError(f"sharding must partition the inverse's layout ({inv.layout!r}) "
                              f"over the group's {size} ranks, got {sharding!r}")
+        side = sorted({store.name for store in inv.stores if store.takes_side})
+        if side:
+            raise ValueError(f"inv keeps blocks in the {', '.join(side)} store, whose changes "
+                             "read the rows' side payload; from_full makes dense blocks: fit "
+                             "with comm= instead")
         first, last = sharding.blocks(rank)
         sizes, offsets = inv.layout.sizes, inv.layout.offsets
         packed = torch.empty(inv.layout.numel_of(first, last), dtype=inv.dtype, device=inv.device)
@@ -264,6 +151,11 @@ class ShardedInverseFisher:
         made this inverse): memory of the whole inverse."""
         comm = comm or self.comm
         check_sharded(self, comm)
+        own = own_stores(self.local)
+        comm.agree(None if not own else ValueError(
+            f"gather assembles dense blocks; this inverse keeps blocks in the "
+            f"{', '.join(own)} store (use matvec, or save_sharded and load_sharded)"),
+            "gather of the inverse")
         numels = [self.sharding.numel(r) for r in range(comm.size)]
         buf = torch.zeros(max(max(numels), 1), dtype=self.dtype, device=comm.device)
         packed = self.local.packed
@@ -310,6 +202,12 @@ def local_inverse(segments, sharding: Sharding, rank: int, damping: float, norma
                    curvature: str, num_samples: int) -> ssse_ext.BlockInverseFisher:
     config = ssse_ext.FisherConfig(damping, normalizer, sharding.sub_layout(rank), curvature)
     return ssse_ext.BlockInverseFisher(segments, config, num_samples)
+
+
+def own_stores(local: ssse_ext.BlockInverseFisher) -> list[str]:
+    """The stores of a rank's blocks other than the dense one: the files keep them by their
+    state (:meth:`ssse_ext.BlockInverseFisher.to_state`) and they are not re-sharded."""
+    return sorted(set(local.representation) - {"dense"})
 
 
 def check_sharded(inv, comm: Comm) -> None:
@@ -368,17 +266,24 @@ def save_sharded(path: str | os.PathLike, inv: ShardedInverseFisher, *,
     token = f"{int(comm.broadcast(word, 0, 'save_sharded (token)')[0]):016x}"[-12:]
     shard = path.parent / _shard_name(path, token, comm.rank, comm.size)
     first, last = inv.block_range
-    seg_bounds = _segment_bounds(inv)
+    stores = sorted({n for t in comm.texts(",".join(own_stores(inv.local)),
+                                           "save_sharded (the stores)") for n in t.split(",")
+                     if n})
+    seg_bounds = [first, last] if stores else _segment_bounds(inv)
 
     def write():
         from safetensors.torch import save_file
 
-        tensors = {f"packed.{j}": t.detach().cpu().contiguous()
-                   for j, t in enumerate(t for t in inv.local.segments if t.numel())}
+        shard_meta = {"rank": comm.rank, "world_size": comm.size, "first": first, "last": last,
+                      "segments": seg_bounds, "token": token, "state": _state_meta(inv)}
+        if stores:  # every store by its state
+            tensors, shard_meta["local_state"] = inv.local.to_state()
+            tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
+        else:
+            tensors = {f"packed.{j}": t.detach().cpu().contiguous()
+                       for j, t in enumerate(t for t in inv.local.segments if t.numel())}
         header = {"format": SHARD_FORMAT, "format_version": str(FORMAT_VERSION),
-                  "ssse": json.dumps({"rank": comm.rank, "world_size": comm.size,
-                                      "first": first, "last": last, "segments": seg_bounds,
-                                      "token": token, "state": _state_meta(inv)})}
+                  "ssse": json.dumps(shard_meta)}
         with atomic_path(shard) as tmp:
             save_file(tensors, str(tmp), metadata=header)
         return [shard.stat().st_size, _sha256(shard)]
@@ -397,7 +302,7 @@ def save_sharded(path: str | os.PathLike, inv: ShardedInverseFisher, *,
         digests = comm.texts("" if written is None else written[1],
                              "save_sharded (fingerprints)")
         old, error = run_local(lambda: _write_index(path, inv, comm, token, sizes, digests,
-                                                    meta) if comm.rank == 0 else None)
+                                                    meta, stores) if comm.rank == 0 else None)
         comm.agree(error, "save_sharded (writing the index)")
     except BaseException:
         discard()
@@ -429,7 +334,8 @@ def _segment_bounds(inv: ShardedInverseFisher) -> list[int]:
 
 
 def _write_index(path: Path, inv: ShardedInverseFisher, comm: Comm, token: str,
-                 sizes: list[int], digests: list[str], meta: dict) -> dict | None:
+                 sizes: list[int], digests: list[str], meta: dict,
+                 stores: list[str]) -> dict | None:
     """Writes the index of a save (rank 0); returns the index it replaced, if readable."""
     old = None
     if path.is_file():
@@ -440,9 +346,12 @@ def _write_index(path: Path, inv: ShardedInverseFisher, comm: Comm, token: str,
     shards = [{"rank": r, "file": _shard_name(path, token, r, comm.size),
                "first": inv.sharding.bounds[r], "last": inv.sharding.bounds[r + 1],
                "bytes": sizes[r], "sha256": digests[r]} for r in range(comm.size)]
-    write_json(path, {"format": INDEX_FORMAT, "format_version": FORMAT_VERSION,
-                      "state": _state_meta(inv), "world_size": comm.size,
-                      "owners": list(inv.sharding.bounds), "shards": shards, "meta": meta})
+    index = {"format": INDEX_FORMAT, "format_version": 2 if stores else 1,
+             "state": _state_meta(inv), "world_size": comm.size,
+             "owners": list(inv.sharding.bounds), "shards": shards, "meta": meta}
+    if stores:
+        index["stores"] = stores
+    write_json(path, index)
     return old
 
 
@@ -484,9 +393,49 @@ class _Index:
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path} is not a valid inverse-Fisher index: {exc}") from None
         self.path, self.meta = path, dict(data.get("meta", {}))
+        self.stores = [str(n) for n in data.get("stores", [])]
 
     def shard_path(self, rank: int) -> Path:
         return self.path.parent / self.shards[rank]["file"]
+
+
+def _shard_meta(index: _Index, r: int, header: dict, path: Path) -> dict:
+    """The metadata of rank ``r``'s shard, checked against the index."""
+    entry = index.shards[r]
+    try:
+        meta = json.loads(header["ssse"])
+        bounds = [int(b) for b in meta["segments"]]
+        ok = header.get("format") == SHARD_FORMAT and meta["rank"] == r and \
+            (meta["first"], meta["last"]) == (entry["first"], entry["last"]) and \
+            bounds[0] == entry["first"] and bounds[-1] == entry["last"] and \
+            (not index.stores or isinstance(meta.get("local_state"), dict))
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"the shard of rank {r} ({path}) is not the shard {index.path} lists")
+    return meta
+
+
+def _verified(index: _Index, r: int, verify: bool) -> Path:
+    path = index.shard_path(r)
+    if verify and _sha256(path) != index.shards[r]["sha256"]:
+        raise ValueError(f"the shard of rank {r} ({path}) does not match its fingerprint "
+                         f"in {index.path}: it was changed or belongs to another save")
+    return path
+
+
+def _read_state(index: _Index, r: int, verify: bool) -> ssse_ext.BlockInverseFisher:
+    """Rank ``r``'s blocks from its shard, every store from its state."""
+    from safetensors import safe_open
+
+    path = _verified(index, r, verify)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = _shard_meta(index, r, f.metadata() or {}, path)
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        return ssse_ext.BlockInverseFisher.from_state(tensors, meta["local_state"])
+    except ValueError as exc:
+        raise ValueError(f"the shard of rank {r} ({path}): {exc}") from None
 
 
 def _read_blocks(index: _Index, first: int, last: int, verify: bool) -> list[torch.Tensor]:
@@ -498,23 +447,9 @@ def _read_blocks(index: _Index, first: int, last: int, verify: bool) -> list[tor
         lo, hi = max(first, entry["first"]), min(last, entry["last"])
         if lo >= hi:
             continue
-        path = index.shard_path(r)
-        if verify and _sha256(path) != entry["sha256"]:
-            raise ValueError(f"the shard of rank {r} ({path}) does not match its fingerprint "
-                             f"in {index.path}: it was changed or belongs to another save")
+        path = _verified(index, r, verify)
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            try:
-                meta = json.loads(header["ssse"])
-                bounds = [int(b) for b in meta["segments"]]
-                ok = header.get("format") == SHARD_FORMAT and meta["rank"] == r and \
-                    (meta["first"], meta["last"]) == (entry["first"], entry["last"]) and \
-                    bounds[0] == entry["first"] and bounds[-1] == entry["last"]
-            except (KeyError, TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise ValueError(f"the shard of rank {r} ({path}) is not the shard {index.path} "
-                                 "lists")
+            bounds = [int(b) for b in _shard_meta(index, r, f.metadata() or {}, path)["segments"]]
             for j, (a, b) in enumerate(zip(bounds, bounds[1:])):
                 s0, s1 = max(a, lo), min(b, hi)
                 if s0 >= s1:
@@ -556,6 +491,10 @@ def load_sharded(path: str | os.PathLike, *, comm: Comm | None = None, device=No
     index, error = run_local(lambda: _Index(path))
     comm.agree(error, "load_sharded (the index)")
     saved = index.sharding
+    if index.stores and saved.world_size != comm.size:
+        raise ValueError(f"{path} keeps blocks in the {', '.join(index.stores)} store, saved on "
+                         f"{saved.world_size} ranks: load it on {saved.world_size} ranks (only "
+                         f"dense blocks are re-sharded)")
     sharding = saved if saved.world_size == comm.size else \
         Sharding.balanced(index.layout, comm.size)
     first, last = sharding.blocks(comm.rank)
@@ -572,6 +511,11 @@ def load_sharded(path: str | os.PathLike, *, comm: Comm | None = None, device=No
                                    f"{', '.join(map(str, lost[1:]))}" if lost[1:] else ""))
 
     def read():
+        if index.stores:
+            local = _read_state(index, comm.rank, verify)
+            if device is not None or dtype is not None:
+                local = local.to(device=device, dtype=dtype)
+            return ShardedInverseFisher(local, sharding, comm.rank, comm)
         pieces = _read_blocks(index, first, last, verify)
         pieces = [p.to(device=device, dtype=dtype or index.dtype) for p in pieces]
         if not pieces:
