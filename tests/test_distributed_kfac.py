@@ -1,0 +1,222 @@
+"""The Kronecker-factored curvatures over several processes (gloo on CPU): with 2 and 3 ranks
+the sharded fit, the erasures (SSSE, the Newton step, an Eraser's requests) and the saved
+files give the single-process results; what is not offered is refused in one line on every
+rank. Also, in one process, the side payloads' summing protocol that carries the factor sums
+to the owners of their blocks."""
+
+from __future__ import annotations
+
+import torch
+import pytest
+from torch import nn
+
+import ssse
+import ssse.comm
+import ssse.sharded_side
+import ssse.sharding
+from ssse.partition import Sharding
+from ssse_ext import BlockLayout
+from ssse_ext.blocks.kronecker import KroneckerFactors
+from ssse_ext.side import side_type
+
+from .test_distributed import spawn
+from .testing import SOLVE, rel_err
+
+N, DAMPING, WD, EPS = 36, 0.1, 1e-2, 0.5
+REMOVED_1 = [1, 7, 8, 20, 33]
+REMOVED_2 = [3, 25, 30]
+LOSS = nn.CrossEntropyLoss(reduction="none")
+LAYOUT = dict(layout="per_parameter")  # blocks: W1 (20), b1 (4), W2 (12), b2 (3)
+D = 39
+
+
+def problem():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(N, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (N,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double().eval()
+    return X, y, model
+
+
+def probe_vectors():
+    return torch.randn(D, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def flat(state, model):
+    return torch.cat([state[k].reshape(-1) for k, _ in model.named_parameters()])
+
+
+def _error(exc: BaseException) -> tuple[str, str]:
+    return type(exc).__name__, str(exc)
+
+
+def requests(model, X, y, share, comm, res, out=None):
+    """Everything compared between the ranks and one process (``share``: this rank's samples;
+    ``comm`` None in one process)."""
+    V = probe_vectors()
+
+    def mine(idx):
+        idx = [i for i in idx if i in share]
+        return [(X[idx], y[idx])]
+
+    data = mine(range(N))
+    for curvature in ("kfac", "ekfac", "ekfac_ggn"):
+        inv = ssse.fit_inverse_fisher(model, LOSS, data, damping=DAMPING, weight_decay=WD,
+                                      curvature=curvature, chunk_size=5, progress=False,
+                                      comm=comm, **LAYOUT)
+        res[f"fit_{curvature}"] = inv.matvec(V)
+    inv = ssse.fit_inverse_fisher(model, LOSS, data, damping=DAMPING, weight_decay=WD,
+                                  curvature="ekfac", progress=False, comm=comm, **LAYOUT)
+    res["ssse"] = flat(ssse.ssse_update(model, LOSS, mine(REMOVED_1), inv_fisher=inv,
+                                        epsilon=EPS, n_total=N, weight_decay=WD, comm=comm),
+                       model)
+    for curvature, eps in (("ekfac", EPS), ("kfac_ggn", None)):
+        er = ssse.Eraser(model, LOSS, damping=DAMPING if eps else WD, weight_decay=WD,
+                         curvature=curvature, comm=comm, **LAYOUT).fit(data)
+        res[f"{curvature}_1"] = flat(er.erase(mine(REMOVED_1), epsilon=eps), model)
+        res[f"{curvature}_2"] = flat(er.erase(mine(REMOVED_2), epsilon=EPS,
+                                              fisher="leave_k_out"), model)
+        res[f"{curvature}_inv"] = er.inv_fisher.matvec(V)
+        if out is not None:
+            index = out / f"{curvature}{comm.size}" / "inverse_fisher.index.json"
+            ssse.sharding.save_sharded(index, er.inv_fisher)
+            back, _ = ssse.sharding.load_sharded(index, comm=comm)
+            res[f"{curvature}_reload"] = back.matvec(V)
+            res[f"{curvature}_index"] = str(index)
+    return er
+
+
+def kfac_scenario(rank, world, out, opts, res):
+    X, y, model = problem()
+    comm = ssse.comm.TorchComm()
+    er = requests(model, X, y, comm.share(N), comm, res, out)
+    res["stores"] = er.inv_fisher.local.representation
+    try:
+        er.inv_fisher.gather()
+        res["gather"] = None
+    except Exception as exc:  # the rank with the Kronecker blocks: ValueError; the others name it
+        res["gather"] = _error(exc)
+    try:
+        ssse.fit_inverse_fisher(model, LOSS, [(X, y)], damping=DAMPING, curvature="kfac",
+                                comm=ssse.comm.TorchComm(exchange="reduce_scatter"), **LAYOUT)
+        res["reduce_scatter"] = None
+    except ValueError as exc:
+        res["reduce_scatter"] = _error(exc)
+    if "other_world" in opts:
+        try:
+            ssse.sharding.load_sharded(opts["other_world"], comm=comm)
+            res["other_world"] = None
+        except ValueError as exc:
+            res["other_world"] = _error(exc)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist_kfac")
+    two, codes2 = spawn("tests.test_distributed_kfac:kfac_scenario", 2, out)
+    saved = out / "kfac_ggn2" / "inverse_fisher.index.json"
+    three, codes3 = spawn("tests.test_distributed_kfac:kfac_scenario", 3, out,
+                          {"other_world": str(saved)})
+    X, y, model = problem()
+    ref: dict = {}
+    requests(model, X, y, range(N), None, ref)
+    return {2: (two, codes2), 3: (three, codes3), "ref": ref}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_rank_completes(runs, world):
+    results, codes = runs[world]
+    for r, res in enumerate(results):
+        assert res is not None and "crash" not in res, (r, res and res.get("crash"))
+    assert codes == [0] * world
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_sharded_fit_and_requests_equal_one_process(runs, world):
+    ref = runs["ref"]
+    for res in runs[world][0]:
+        for key in ("fit_kfac", "fit_ekfac", "fit_ekfac_ggn", "ssse", "ekfac_1", "ekfac_2",
+                    "ekfac_inv", "kfac_ggn_1", "kfac_ggn_2", "kfac_ggn_inv"):
+            assert rel_err(res[key], ref[key]) <= SOLVE[torch.float64], key
+        for key in ("ekfac_reload", "kfac_ggn_reload"):  # the saved blocks, bit for bit
+            assert torch.equal(res[key], res[key.replace("reload", "inv")]), key
+
+
+def test_the_requests_change_the_kronecker_blocks(runs):
+    """The owners downdate their Kronecker blocks (from the summed side payloads): the
+    inverse after the requests is not the one fitted."""
+    ref = runs["ref"]
+    for res in runs[2][0]:
+        assert rel_err(res["ekfac_inv"], ref["fit_ekfac"]) > 1e-3
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_kronecker_blocks_are_owned_by_one_rank_each(runs, world):
+    stores = [res["stores"] for res in runs[world][0]]
+    assert sum(names.count("kfac") for names in stores) == 2
+    assert any("kfac" not in names for names in stores) == (world == 3)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_what_is_not_offered_is_refused_in_one_line_on_every_rank(runs, world):
+    for res in runs[world][0]:
+        assert res["gather"][0] in ("ValueError", "DistributedError")
+        assert res["reduce_scatter"] == ("ValueError", "exchange='reduce_scatter' is not "
+                                         "offered for curvature='kfac': its blocks are built by "
+                                         "their owners from the rows' column slices (pass "
+                                         "exchange='all_to_all' or 'auto')")
+    gathered = [res["gather"] for res in runs[world][0]]
+    assert any("keeps blocks in the kfac store" in text for _, text in gathered)
+    if world == 3:
+        for res in runs[3][0]:
+            kind, text = res["other_world"]
+            assert kind == "ValueError" and "saved on 2 ranks: load it on 2 ranks" in text
+
+
+# ---- one process: the side payloads' protocol ----------------------------------------------
+
+def _payload(seed: int, starts=(0, 30)) -> KroneckerFactors:
+    g = torch.Generator().manual_seed(seed)
+    factors = {}
+    for start, (inn, out) in zip(starts, ((5, 4), (4, 3))):
+        a = torch.randn(inn, inn, generator=g, dtype=torch.float64)
+        s = torch.randn(out, out, generator=g, dtype=torch.float64)
+        factors[start] = (a @ a.T, s @ s.T, start == 30)
+    return KroneckerFactors(factors, refresh="exact", tolerance=0.125)
+
+
+def test_zeros_from_the_skeleton_add_to_the_same_payload():
+    p = _payload(0)
+    zeros = side_type("kronecker").zeros(p.skeleton(), "cpu")
+    assert zeros.options() == p.options()
+    total = zeros + p
+    assert [s for s, _ in total.parts()] == [0, 0, 30, 30]
+    for (s0, t0), (s1, t1) in zip(total.parts(), p.parts()):
+        assert s0 == s1 and torch.equal(t0, t1)
+        assert t0.data_ptr() != t1.data_ptr()  # summed in place without touching the input
+
+
+def test_restricted_keeps_the_blocks_of_the_columns_counted_from_their_start():
+    p = _payload(1)
+    cut = p.restricted(20, 39)
+    assert list(cut.factors) == [10]
+    assert torch.equal(cut.factors[10][0], p.factors[30][0]) and cut.factors[10][2] is True
+    assert p.restricted(0, 20).factors.keys() == {0}
+
+
+def test_one_process_owns_every_part_of_the_payload():
+    side = {"kronecker": _payload(2)}
+    sharding = Sharding.balanced(BlockLayout.from_dict({"dim": 42, "sizes": [20, 10, 12]}), 1)
+    got = ssse.sharded_side.owned_side(ssse.comm.Comm(), sharding, side, "test")
+    for (s0, t0), (s1, t1) in zip(got["kronecker"].parts(), side["kronecker"].parts()):
+        assert s0 == s1 and torch.equal(t0, t1)
+    assert ssse.sharded_side.owned_side(ssse.comm.Comm(), sharding, None, "test") is None
+
+
+def test_from_full_refuses_kronecker_blocks():
+    X, y, model = problem()
+    inv = ssse.fit_inverse_fisher(model, LOSS, [(X, y)], damping=DAMPING, curvature="kfac",
+                                  progress=False, **LAYOUT)
+    with pytest.raises(ValueError, match="inv keeps blocks in the kfac store"):
+        ssse.sharding.ShardedInverseFisher.from_full(inv)
