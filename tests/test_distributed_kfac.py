@@ -103,6 +103,13 @@ def kfac_scenario(rank, world, out, opts, res):
         res["reduce_scatter"] = None
     except ValueError as exc:
         res["reduce_scatter"] = _error(exc)
+    whole = ssse.fit_inverse_fisher(model, LOSS, [(X, y)], damping=DAMPING, curvature="kfac",
+                                    progress=False, **LAYOUT)
+    try:
+        ssse.sharding.ShardedInverseFisher.from_full(whole, comm=comm)
+        res["from_full"] = None
+    except ValueError as exc:
+        res["from_full"] = _error(exc)
     if "other_world" in opts:
         try:
             ssse.sharding.load_sharded(opts["other_world"], comm=comm)
@@ -166,6 +173,9 @@ def test_what_is_not_offered_is_refused_in_one_line_on_every_rank(runs, world):
                                          "offered for curvature='kfac': its blocks are built by "
                                          "their owners from the rows' column slices (pass "
                                          "exchange='all_to_all' or 'auto')")
+        assert res["from_full"] == ("ValueError", "inv keeps blocks in the kfac store, whose "
+                                    "changes read the rows' side payload; from_full makes dense "
+                                    "blocks over several ranks: fit with comm= instead")
     gathered = [res["gather"] for res in runs[world][0]]
     assert any("keeps blocks in the kfac store" in text for _, text in gathered)
     if world == 3:
@@ -214,9 +224,15 @@ def test_one_process_owns_every_part_of_the_payload():
     assert ssse.sharded_side.owned_side(ssse.comm.Comm(), sharding, None, "test") is None
 
 
-def test_from_full_refuses_kronecker_blocks():
+def test_one_process_holds_and_gives_back_the_whole_kronecker_inverse(tmp_path):
     X, y, model = problem()
     inv = ssse.fit_inverse_fisher(model, LOSS, [(X, y)], damping=DAMPING, curvature="kfac",
                                   progress=False, **LAYOUT)
-    with pytest.raises(ValueError, match="inv keeps blocks in the kfac store"):
-        ssse.sharding.ShardedInverseFisher.from_full(inv)
+    one = ssse.sharding.ShardedInverseFisher.from_full(inv)
+    V = probe_vectors()
+    assert torch.equal(one.matvec(V), inv.matvec(V))
+    assert torch.equal(one.gather().matvec(V), inv.matvec(V))
+    index = ssse.sharding.save_sharded(tmp_path / "inv.index.json", one)
+    again, _ = ssse.sharding.load_sharded(index)
+    assert again.local.representation == inv.representation
+    assert torch.equal(again.gather().matvec(V), inv.matvec(V))

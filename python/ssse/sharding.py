@@ -133,10 +133,12 @@ class ShardedInverseFisher:
             raise ValueError(f"sharding must partition the inverse's layout ({inv.layout!r}) "
                              f"over the group's {size} ranks, got {sharding!r}")
         side = sorted({store.name for store in inv.stores if store.takes_side})
+        if side and size == 1:  # the whole inverse is the one rank's share, in any store
+            return cls(inv.clone(), sharding, rank, comm)
         if side:
             raise ValueError(f"inv keeps blocks in the {', '.join(side)} store, whose changes "
-                             "read the rows' side payload; from_full makes dense blocks: fit "
-                             "with comm= instead")
+                             "read the rows' side payload; from_full makes dense blocks over "
+                             "several ranks: fit with comm= instead")
         first, last = sharding.blocks(rank)
         sizes, offsets = inv.layout.sizes, inv.layout.offsets
         packed = torch.empty(inv.layout.numel_of(first, last), dtype=inv.dtype, device=inv.device)
@@ -152,6 +154,10 @@ class ShardedInverseFisher:
         comm = comm or self.comm
         check_sharded(self, comm)
         own = own_stores(self.local)
+        if own and comm.size == 1:  # the one rank holds the whole inverse
+            whole = self.local.clone()
+            whole.config = self.config
+            return whole
         comm.agree(None if not own else ValueError(
             f"gather assembles dense blocks; this inverse keeps blocks in the "
             f"{', '.join(own)} store (use matvec, or save_sharded and load_sharded)"),
