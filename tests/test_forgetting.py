@@ -238,7 +238,7 @@ def test_the_experiment_on_quick_settings(tmp_path, one_thread):
     assert len(sections) == len(out["settings"])
     for section, (setting, s) in zip(sections, out["settings"].items()):
         assert section.startswith(f"{setting} (k={s['k']})")
-        assert list(s["rows"]) == list(forgetting.ROWS)
+        assert list(s["rows"]) == [n for n in forgetting.ROWS if n not in forgetting.EKFAC_ROWS]
         lines = [line for line in section.splitlines() if line.startswith("| ")][1:]
         for line, (name, q) in zip(lines, s["rows"].items()):
             assert q["decisions"] == res["config"]["models"] * s["k"]
@@ -273,9 +273,53 @@ def test_the_experiment_on_the_cnn_quick_settings(tmp_path, one_thread):
     assert forgetting.INFLUENCE in c["omitted"]
     assert f"Not run: {forgetting.INFLUENCE}" in (tmp_path / "results.md").read_text()
     for s in out["settings"].values():
-        assert list(s["rows"]) == [n for n in forgetting.ROWS if n != forgetting.INFLUENCE]
+        assert list(s["rows"]) == [n for n in forgetting.ROWS if n != forgetting.INFLUENCE
+                                   and n not in forgetting.EKFAC_ROWS]
         for q in s["rows"].values():
             assert q["decisions"] == c["models"] * s["k"]
+
+
+def test_the_cnn_quick_settings_with_the_ekfac_rows(tmp_path, one_thread):
+    """methods=["SSSE EK-FAC"] adds SSSE with the EK-FAC inverse (its ε chosen on the proxy as
+    SSSE's) and the Newton step on the Gauss-Newton EK-FAC, next to every other row."""
+    import json
+
+    from ssse.experiments import forgetting
+
+    forgetting.run(quick=True, seed=0, data="fashion-mnist", out=tmp_path, progress=False,
+                   methods=["SSSE EK-FAC"], repeats=3)
+    res = json.loads((tmp_path / "results.json").read_text())
+    out = res["results"]
+    assert forgetting.SSSE_EKFAC in out["chosen"] and forgetting.SSSE_EKFAC in \
+        res["config"]["grids"]
+    for s in out["settings"].values():
+        assert list(s["rows"]) == [n for n in forgetting.ROWS if n != forgetting.INFLUENCE]
+    assert "SSSE EK-FAC (ε=" in (tmp_path / "results.md").read_text()
+    # a draw's EK-FAC rows are erasures with their own inverses: other models than the
+    # exact blocks' at the same ε (the quick settings' attack saturates, so compare logits)
+    task, _ = forgetting.make("fashion-mnist", quick=True, seed=0, device="cpu", dtype=None,
+                              data_dir=None)
+    settings = forgetting._settings(task, 0)
+    chosen = {"SSSE": 0.1, forgetting.SSSE_EKFAC: 0.1, "gradient ascent": 0.01,
+              "Fisher forgetting": 1e-6}
+    draw = forgetting._one_draw(task, settings, chosen, 0, seed=0, damping=1e-3, ekfac=True)
+    for s in draw["settings"].values():
+        logits = s["logits"]
+        for exact, kron in (("SSSE", forgetting.SSSE_EKFAC),
+                            (forgetting.NEWTON, forgetting.NEWTON_EKFAC)):
+            assert np.abs(logits[kron] - logits[exact]).max() > 1e-3
+            assert np.abs(logits[kron] - logits["original (no erasure)"]).max() > 1e-3
+
+
+@pytest.mark.parametrize("data, methods, text", [
+    ("fashion-mnist", ["SSSE", "Newton"], "methods: unknown 'Newton'"),
+    ("digits", ["SSSE EK-FAC"], "methods: the EK-FAC rows need the CNN"),
+])
+def test_methods_are_checked_with_named_messages(data, methods, text):
+    from ssse.experiments import forgetting
+
+    with pytest.raises(ValueError, match=text):
+        forgetting.compute(quick=True, data=data, methods=methods, progress=False)
 
 
 def test_each_cnn_draw_trains_its_own_models(one_thread):

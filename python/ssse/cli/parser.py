@@ -463,7 +463,8 @@ def _add_experiment(sub) -> None:
                    help="dense blocks (default), the exact low-rank form, or the smaller per "
                    "block")
     g.add_argument("--methods", type=lambda t: [m.strip() for m in t.split(",") if m.strip()],
-                   default=None, metavar="LIST", help="comma-separated subset of the methods")
+                   default=None, metavar="LIST", help="comma-separated subset of the methods "
+                   "(forgetting: 'SSSE EK-FAC' adds the EK-FAC rows to its own)")
     g.add_argument("--grid-points", type=positive_int, default=None, metavar="K",
                    help="points of every method's grid")
     g.add_argument("--minibatch", type=positive_int, default=None,

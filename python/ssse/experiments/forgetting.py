@@ -48,7 +48,7 @@ from ssse.forgetting import DEFAULT_FPRS  # noqa: E402
 from ssse.io import atomic_path  # noqa: E402
 
 from .common import EPS_GRID, eps_grid, markdown_table, report  # noqa: E402
-from .methods import NEWTON, curve, fit_ggn, select  # noqa: E402
+from .methods import NEWTON, NEWTON_EKFAC, curve, fit_ggn, select  # noqa: E402
 from .removal import make_removal, outputs  # noqa: E402
 from . import nonconvex  # noqa: E402
 from .tasks import DEFAULTS, make_task  # noqa: E402
@@ -60,11 +60,18 @@ DATA = {"digits": "linear", "fashion-mnist": "resnet"}
 
 #: The tuned methods: hyperparameter name and grid ``(lo, hi, num)`` (the non-convex
 #: experiment's grids for gradient ascent and Fisher forgetting).
-GRIDS = {"SSSE": ("ε", EPS_GRID), "gradient ascent": ("lr", (1e-3, 1e2, 31)),
+SSSE_EKFAC = "SSSE EK-FAC"
+GRIDS = {"SSSE": ("ε", EPS_GRID), SSSE_EKFAC: ("ε", EPS_GRID),
+         "gradient ascent": ("lr", (1e-3, 1e2, 31)),
          "Fisher forgetting": ("α", (1e-8, 1e-2, 25))}
 ORIGINAL, CONTROL, INFLUENCE = "original (no erasure)", "retrained (control)", "influence"
 #: The rows of the tables, in order (the CNN's lack :data:`INFLUENCE`).
-ROWS = (ORIGINAL, "SSSE", NEWTON, INFLUENCE, "Fisher forgetting", "gradient ascent", CONTROL)
+ROWS = (ORIGINAL, "SSSE", SSSE_EKFAC, NEWTON, NEWTON_EKFAC, INFLUENCE, "Fisher forgetting",
+        "gradient ascent", CONTROL)
+#: The rows always run; ``methods=["SSSE EK-FAC"]`` adds the EK-FAC rows (the CNN only: SSSE
+#: with the EK-FAC inverse of the same blocks, the Newton step with their Gauss–Newton EK-FAC).
+DEFAULT_METHODS = ("SSSE", NEWTON, INFLUENCE, "Fisher forgetting", "gradient ascent")
+EKFAC_ROWS = (SSSE_EKFAC, NEWTON_EKFAC)
 #: The removals: half of one class (the paper's kind), and as many random samples.
 REMOVED_CLASS, PROXY_CLASS, FRACTION = 3, 9, 0.5
 #: The share of the samples outside the removal sets that each draw trains on (LiRA's half).
@@ -129,16 +136,19 @@ def _positions(idx: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(idx, samples)
 
 
-def _unit_states(task, model, inv, removed, *, seed: int) -> dict:
-    """Each tuned method's model at hyperparameter 1 (its grid scales it)."""
+def _unit_states(task, model, invs: dict, removed, *, seed: int) -> dict:
+    """Each tuned method's model at hyperparameter 1 (its grid scales it); ``invs``: the
+    inverse of each SSSE row run."""
     wd, data = task.weight_decay, task.data(removed)
-    return {"SSSE": ssse.ssse_update(model, task.loss_fn, data, inv_fisher=inv, epsilon=1.0,
-                                     n_total=task.n, weight_decay=wd),
-            "gradient ascent": ssse.gradient_ascent(model, task.loss_fn, data, lr=1.0,
-                                                    weight_decay=wd),
-            "Fisher forgetting": ssse.fisher_forgetting(model, task.loss_fn, data,
-                                                        retained=task.retained(removed),
-                                                        alpha=1.0, seed=seed)}
+    out = {name: ssse.ssse_update(model, task.loss_fn, data, inv_fisher=inv, epsilon=1.0,
+                                  n_total=task.n, weight_decay=wd)
+           for name, inv in invs.items()}
+    out["gradient ascent"] = ssse.gradient_ascent(model, task.loss_fn, data, lr=1.0,
+                                                  weight_decay=wd)
+    out["Fisher forgetting"] = ssse.fisher_forgetting(model, task.loss_fn, data,
+                                                      retained=task.retained(removed),
+                                                      alpha=1.0, seed=seed)
+    return out
 
 
 def _scale(name: str, value: float) -> float:
@@ -146,23 +156,27 @@ def _scale(name: str, value: float) -> float:
     return math.sqrt(value) if name == "Fisher forgetting" else value
 
 
-def _fit(task, *, seed: int, damping: float):
+def _fit(task, *, seed: int, damping: float, ekfac: bool = False):
+    """The model trained on ``task`` and the inverse of each SSSE row (with ``ekfac``, the
+    EK-FAC inverse of the same blocks too)."""
     model = task.train(task.data(), seed=seed)
-    inv = ssse.fit_inverse_fisher(model, task.loss_fn, task.data(), damping=damping,
-                                  weight_decay=task.weight_decay, progress=False,
-                                  **INVERSE[_arch(task)])
-    return model, inv
+    invs = {}
+    for name, curvature in (("SSSE", "empirical"), (SSSE_EKFAC, "ekfac"))[:1 + ekfac]:
+        invs[name] = ssse.fit_inverse_fisher(model, task.loss_fn, task.data(), damping=damping,
+                                             weight_decay=task.weight_decay, progress=False,
+                                             curvature=curvature, **INVERSE[_arch(task)])
+    return model, invs
 
 
-def choose(task, *, seed: int, damping: float, grids: dict) -> dict:
+def choose(task, *, seed: int, damping: float, grids: dict, ekfac: bool = False) -> dict:
     """The proxy's choice of each tuned method's hyperparameter, with its δ curve."""
     proxy_task, _ = _draw(task, torch.zeros(0, dtype=torch.long), seed + 10_000)
-    model, inv = _fit(proxy_task, seed=seed, damping=damping)
+    model, invs = _fit(proxy_task, seed=seed, damping=damping, ekfac=ekfac)
     removed = class_removal(proxy_task.ds.y_train, PROXY_CLASS, FRACTION, seed=seed + 1)
     rem = make_removal(proxy_task, model, removed, classes=[PROXY_CLASS], seed=seed)
     floor = rem.evaluate(model)["accuracy"]["D-S"] - MAX_ACCURACY_DROP
     out = {}
-    for name, unit in _unit_states(proxy_task, model, inv, removed, seed=seed).items():
+    for name, unit in _unit_states(proxy_task, model, invs, removed, seed=seed).items():
         grid = grids[name]
         rows = curve(rem, unit, [_scale(name, v) for v in grid])
         allowed = [i for i, r in enumerate(rows) if r["accuracy"]["D-S"] >= floor] or None
@@ -173,17 +187,20 @@ def choose(task, *, seed: int, damping: float, grids: dict) -> dict:
     return {"k": rem.k, "class": PROXY_CLASS, "accuracy_floor": floor, "methods": out}
 
 
-def _erasures(task, model, inv, ggn, removed, chosen: dict, *, seed: int) -> dict:
-    """Every method's erasure of ``removed`` (positions in the draw) from ``model``."""
+def _erasures(task, model, invs: dict, ggns: dict, removed, chosen: dict, *,
+              seed: int) -> dict:
+    """Every method's erasure of ``removed`` (positions in the draw) from ``model``
+    (``ggns``: the Gauss–Newton inverse of each Newton row)."""
     wd, data = task.weight_decay, task.data(removed)
-    units = _unit_states(task, model, inv, removed, seed=seed)
+    units = _unit_states(task, model, invs, removed, seed=seed)
     star = model.state_dict()
     states = {name: {k: star[k] + _scale(name, chosen[name]) * (units[name][k] - star[k])
                      if star[k].is_floating_point() else star[k] for k in star}
               for name in units}
-    states[NEWTON] = ssse.newton_erase(model, task.loss_fn, data, inv_fisher=ggn,
-                                       n_total=task.n, weight_decay=wd,
-                                       likelihood=task.likelihood)
+    for name, ggn in ggns.items():
+        states[name] = ssse.newton_erase(model, task.loss_fn, data, inv_fisher=ggn,
+                                         n_total=task.n, weight_decay=wd,
+                                         likelihood=task.likelihood)
     if _arch(task) == "linear":  # the exact Hessian of the CNN is out of reach
         states[INFLUENCE] = ssse.influence_update(model, task.loss_fn, data,
                                                   retained=task.retained(removed),
@@ -213,21 +230,26 @@ def _logits(model, state, data) -> np.ndarray:
 
 
 def _one_draw(task, settings: dict, chosen: dict, r: int, *, seed: int, damping: float,
-              probe: bool = False) -> dict:
+              probe: bool = False, ekfac: bool = False) -> dict:
     """Draw ``r``: per setting, the logits on S and the test accuracy of every row's model;
-    with ``probe``, the influence update's timing (:func:`_influence_probe`)."""
+    with ``probe``, the influence update's timing (:func:`_influence_probe`); with ``ekfac``,
+    the EK-FAC rows too."""
     must = torch.unique(torch.cat(list(settings.values())))
     sub, idx = _draw(task, must, seed + r)
     control, cidx = _draw(task, must, seed + 5_000 + r)
     seeds = train_seeds(task, seed, r)
-    model, inv = _fit(sub, seed=seeds["original"], damping=damping)
-    ggn, _ = fit_ggn(sub, model)
+    model, invs = _fit(sub, seed=seeds["original"], damping=damping, ekfac=ekfac)
+    ggns = {NEWTON: fit_ggn(sub, model)[0]}
+    if ekfac:  # the Gauss-Newton EK-FAC of the SSSE inverse's blocks
+        ggns[NEWTON_EKFAC] = fit_ggn(sub, model, curvature="ekfac_ggn",
+                                     **INVERSE[_arch(task)])[0]
     test = task.ds.test()
-    out = {"settings": {}, "newton_block": ggn.layout.max_block_size}
+    out = {"settings": {}, "newton_block": ggns[NEWTON].layout.max_block_size}
     for setting, removed in settings.items():
         at, data = _positions(idx, removed), task.data(removed)
         models = {ORIGINAL: (model, None)}
-        for name, state in _erasures(sub, model, inv, ggn, at, chosen, seed=seed + r).items():
+        for name, state in _erasures(sub, model, invs, ggns, at, chosen,
+                                     seed=seed + r).items():
             models[name] = (model, state)
         models["retrained"] = (sub.train(sub.retained(at), seed=seeds["retrained"]), None)
         models[CONTROL] = (control.train(control.retained(_positions(cidx, removed)),
@@ -254,9 +276,10 @@ def _settings(task, seed: int) -> dict:
 
 def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=None,
             progress: bool = True, data: str | None = None, data_dir=None,
-            repeats: int | None = None, note: str | None = None) -> dict:
+            repeats: int | None = None, note: str | None = None, methods=None) -> dict:
     """The experiment's numbers; ``repeats``: the number of draws R (models per family);
-    ``note``: recorded with the results (how R was chosen, say)."""
+    ``note``: recorded with the results (how R was chosen, say); ``methods``: with
+    ``"SSSE EK-FAC"``, the EK-FAC rows as well (:func:`_wants_ekfac`)."""
     data = data or "digits"
     task, limits = make(data, quick=quick, seed=seed, device=device, dtype=dtype,
                         data_dir=data_dir)
@@ -264,17 +287,18 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=None,
     if models < 3:
         raise ValueError(f"repeats must be at least 3 (models per family), got {models}")
     arch = _arch(task)
+    ekfac = _wants_ekfac(methods, arch)
     damping = DEFAULTS[data]["damping"] if arch == "linear" else CNN_DAMPING
     grids = {name: eps_grid(lo, hi, 7 if quick else num)
-             for name, (_, (lo, hi, num)) in GRIDS.items()}
+             for name, (_, (lo, hi, num)) in GRIDS.items() if ekfac or name != SSSE_EKFAC}
     t0 = time.perf_counter()
-    proxy = choose(task, seed=seed, damping=damping, grids=grids)
+    proxy = choose(task, seed=seed, damping=damping, grids=grids, ekfac=ekfac)
     chosen = {name: m["value"] for name, m in proxy["methods"].items()}
     settings = _settings(task, seed)
     draws = []
     for r in range(models):
         draws.append(_one_draw(task, settings, chosen, r, seed=seed, damping=damping,
-                               probe=r == 0 and arch != "linear" and not quick))
+                               probe=r == 0 and arch != "linear" and not quick, ekfac=ekfac))
         if progress:
             print(f"draw {r + 1}/{models}: {time.perf_counter() - t0:.0f} s", flush=True)
     results = {"chosen": chosen, "proxy": proxy,
@@ -292,6 +316,24 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=None,
     if note:
         config["note"] = note
     return {"config": config, "results": results}
+
+
+def _wants_ekfac(methods, arch: str) -> bool:
+    """Whether ``methods`` asks for the EK-FAC rows: ``"SSSE EK-FAC"`` adds SSSE with the
+    EK-FAC inverse of the same blocks and the Newton step with their Gauss–Newton EK-FAC (the
+    CNN only). The other rows always run: a draw trains every model they need anyway."""
+    if methods is None:
+        return False
+    known = DEFAULT_METHODS + (SSSE_EKFAC,)
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ValueError(f"methods: unknown {unknown[0]!r} (the forgetting test's rows: "
+                         f"{', '.join(known)})")
+    ekfac = SSSE_EKFAC in methods
+    if ekfac and arch == "linear":
+        raise ValueError("methods: the EK-FAC rows need the CNN (data='fashion-mnist'): the "
+                         "logistic regression's inverse is one exact block already")
+    return ekfac
 
 
 def _task_config(task, draws: list, seed: int) -> dict:

@@ -14,9 +14,10 @@ from ..common import UsageError, dtype
 
 __all__ = ["run"]
 
-#: Options of the nonconvex experiment only.
+#: Options of the nonconvex experiment only (and ``methods`` of the forgetting test).
 NONCONVEX_OPTIONS = ("model", "layout", "block_size", "representation", "methods",
                      "grid_points")
+OWN_OPTIONS = {"nonconvex": NONCONVEX_OPTIONS, "forgetting": ("methods",)}
 
 
 def run(args) -> int:
@@ -39,9 +40,11 @@ def run(args) -> int:
     if args.minibatch not in (None, getattr(module, "MINIBATCH", None)):
         raise UsageError(f"--minibatch: the non-convex experiment's mini-batch Fisher uses "
                          f"batches of 10, got {args.minibatch}")
-    if extra and args.name != "nonconvex":
-        raise UsageError(f"--{next(iter(extra)).replace('_', '-')} applies to the nonconvex "
-                         "experiment only")
+    foreign = [k for k in extra if k not in OWN_OPTIONS.get(args.name, ())]
+    if foreign:
+        raise UsageError(f"--{foreign[0].replace('_', '-')} applies to the nonconvex "
+                         "experiment only" + (" (and --methods to forgetting)"
+                                              if foreign[0] == "methods" else ""))
     with atomic_folder(out) as stage:
         summary = module.run(out=stage, **kwargs, **extra)
     print(summary.rstrip("\n"))
