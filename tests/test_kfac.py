@@ -344,8 +344,10 @@ def test_a_leave_k_out_apply_equals_the_downdated_inverse():
 
 def test_the_refusals_name_the_argument(tmp_path):
     model, (X, y) = mlp(), data(8)
-    with pytest.raises(ValueError, match="^comm: curvature='kfac' is not offered"):
-        ssse.fit_inverse_fisher(model, LOSS, (X, y), damping=DAMPING, curvature="kfac",
+    local_only = kfac("kfac_local_only")  # a curvature may keep its fit to one process
+    local_only.shardable = False
+    with pytest.raises(ValueError, match="^comm: curvature='kfac_local_only' is not offered"):
+        ssse.fit_inverse_fisher(model, LOSS, (X, y), damping=DAMPING, curvature=local_only,
                                 comm=TwoRanks())
     with pytest.raises(ValueError, match="^checkpoint: "):
         ssse.fit_inverse_fisher(model, LOSS, (X, y), damping=DAMPING, curvature="kfac",
