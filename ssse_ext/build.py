@@ -333,6 +333,7 @@ class StoreBuild:
                  rows: int | None = None, probe_vectors: int = DEFAULT_COLUMNS,
                  max_memory: int | None = None, reread: bool = False):
         self.layout, self.damping, self.device = layout, damping, torch.device(device)
+        self.peak = plan.peak  # the bytes the build allocates at most (planned)
         # a recurrence always checks its result with a probe (it may have lost its accuracy)
         columns = max(probe_vectors, 1) if method in _RECURRENCES else probe_vectors
         self.probe = FisherProbe(layout, columns=columns, device=device) if columns else None

@@ -174,9 +174,6 @@ def _fit_stores(comm: Comm, sharding: Sharding, a: dict, args: dict, lik,
     dt, dev, fm = args["dtype"], args["device"], args["fm"]
     again = is_batch(data, fm.task) or not isinstance(data, Iterator)
     reread = all(r[0] for r in comm.ints([int(again)], "fit_inverse_fisher (re-readable data)"))
-    budget = args["max_memory"]
-    if args["chunk_size"] is None and budget is None:
-        budget = max(MIN_CHUNK_BYTES, int(MEMORY_SHARE * available_memory(fm.device)) // 4)
 
     def plan():
         return StoreBuild.planned(
@@ -187,6 +184,10 @@ def _fit_stores(comm: Comm, sharding: Sharding, a: dict, args: dict, lik,
 
     build, error = run_local(plan)
     comm.agree(error, "fit_inverse_fisher (the stores of the blocks)")
+    budget = args["max_memory"]
+    if args["chunk_size"] is None and budget is None:  # the rows get what the build leaves
+        held = build.peak if dev == fm.device else 0
+        budget = max(MIN_CHUNK_BYTES, int(MEMORY_SHARE * (available_memory(fm.device) - held)))
     before, info, sides = dict(comm.sent), {}, SideSum()
     total, per_sample = _exchange_pass(comm, sharding, _stream(args, a, comm, data, lik, info,
                                                                budget),
