@@ -39,6 +39,18 @@ def problem():
     return X, y, model
 
 
+class Elementwise(nn.Module):
+    """Logits ``x[:, :3] * w + b``: no weight the Kronecker curvatures factor."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, 3, dtype=torch.float64))
+        self.b = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+
+    def forward(self, x):
+        return x[:, :3] * self.w + self.b
+
+
 def probe_vectors():
     return torch.randn(D, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
@@ -66,6 +78,12 @@ def requests(model, X, y, share, comm, res, out=None):
                                       curvature=curvature, chunk_size=5, progress=False,
                                       comm=comm, **LAYOUT)
         res[f"fit_{curvature}"] = inv.matvec(V)
+    plain = Elementwise()  # nothing to factor: dense blocks of the rows, every exchange
+    for exchange in ("reduce_scatter", "all_to_all"):
+        other = None if comm is None else ssse.comm.TorchComm(exchange=exchange)
+        res[f"plain_{exchange}"] = ssse.fit_inverse_fisher(
+            plain, LOSS, data, damping=DAMPING, curvature="kfac", progress=False, comm=other,
+            **LAYOUT).matvec(torch.eye(6, dtype=torch.float64))
     inv = ssse.fit_inverse_fisher(model, LOSS, data, damping=DAMPING, weight_decay=WD,
                                   curvature="ekfac", progress=False, comm=comm, **LAYOUT)
     res["ssse"] = flat(ssse.ssse_update(model, LOSS, mine(REMOVED_1), inv_fisher=inv,
@@ -144,7 +162,8 @@ def test_the_sharded_fit_and_requests_equal_one_process(runs, world):
     ref = runs["ref"]
     for res in runs[world][0]:
         for key in ("fit_kfac", "fit_ekfac", "fit_ekfac_ggn", "ssse", "ekfac_1", "ekfac_2",
-                    "ekfac_inv", "kfac_ggn_1", "kfac_ggn_2", "kfac_ggn_inv"):
+                    "ekfac_inv", "kfac_ggn_1", "kfac_ggn_2", "kfac_ggn_inv",
+                    "plain_reduce_scatter", "plain_all_to_all"):
             assert rel_err(res[key], ref[key]) <= SOLVE[torch.float64], key
         for key in ("ekfac_reload", "kfac_ggn_reload"):  # the saved blocks, bit for bit
             assert torch.equal(res[key], res[key.replace("reload", "inv")]), key
@@ -213,6 +232,21 @@ def test_restricted_keeps_the_blocks_of_the_columns_counted_from_their_start():
     assert list(cut.factors) == [10]
     assert torch.equal(cut.factors[10][0], p.factors[30][0]) and cut.factors[10][2] is True
     assert p.restricted(0, 20).factors.keys() == {0}
+
+
+def test_a_payload_of_many_layers_travels_whole():
+    """The skeleton of 150 factored weights is far longer than a short control message."""
+    g = torch.Generator().manual_seed(3)
+    factors = {10 * i: (torch.rand(3, 3, generator=g, dtype=torch.float64),
+                        torch.rand(2, 2, generator=g, dtype=torch.float64), False)
+               for i in range(150)}
+    side = {"kronecker": KroneckerFactors(factors)}
+    layout = BlockLayout.from_dict({"dim": 1500, "sizes": [10] * 150})
+    got = ssse.sharded_side.owned_side(ssse.comm.Comm(), Sharding.balanced(layout, 1), side,
+                                       "test")
+    assert len(got["kronecker"].skeleton()["factors"]) == 150
+    for (s0, t0), (s1, t1) in zip(got["kronecker"].parts(), side["kronecker"].parts()):
+        assert s0 == s1 and torch.equal(t0, t1)
 
 
 def test_one_process_owns_every_part_of_the_payload():

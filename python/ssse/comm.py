@@ -331,9 +331,11 @@ class Comm:
         t = torch.tensor(values, dtype=torch.int64)
         return self.all_gather(t, what).cpu().tolist()
 
-    def texts(self, text: str, what: str) -> list[str]:
-        """Every rank's short text (UTF-8 bytes in tensors: nothing is pickled)."""
-        data = text.encode("utf-8")[:_MAX_MESSAGE]
+    def texts(self, text: str, what: str, *, whole: bool = False) -> list[str]:
+        """Every rank's short text (UTF-8 bytes in tensors: nothing is pickled), cut to
+        2000 bytes unless ``whole`` (then as long as the longest)."""
+        data = text.encode("utf-8")
+        data = data if whole else data[:_MAX_MESSAGE]
         lengths = [row[0] for row in self.ints([len(data)], what)]
         buf = torch.zeros(max(max(lengths), 1), dtype=torch.uint8)
         buf[:len(data)] = torch.tensor(list(data), dtype=torch.uint8)

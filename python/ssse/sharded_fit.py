@@ -30,7 +30,7 @@ import ssse_ext
 from ssse_ext.blocks import Pinned
 from ssse_ext.budget import available_memory
 from ssse_ext.build import StoreBuild
-from ssse_ext.side import SideSum
+from ssse_ext.side import SideSum, strip_side
 
 from .batches import check_data, check_loss, check_module, is_batch, task_of
 from .budget import CHUNK_SHARE_OF_INVERSE, MEMORY_SHARE, MIN_CHUNK_BYTES
@@ -116,7 +116,8 @@ def fit_sharded(comm: Comm, a: dict) -> ShardedInverseFisher:
     choice, acc_bytes, budget = _plan(comm, sharding, data, args)
     before = dict(comm.sent)
     info: dict = {}
-    stream = _stream(args, a, comm, data, lik, info, budget)
+    # a curvature whose rows carry a side payload but pins no block here: dense blocks only
+    stream = strip_side(_stream(args, a, comm, data, lik, info, budget), lambda side: None)
     fit = _fit_all_to_all if choice == "all_to_all" else _fit_reduce_scatter
     acc, total, per_sample = fit(comm, sharding, stream, info, dt, dev)
     if total == 0:
@@ -240,10 +241,14 @@ def _plan(comm: Comm, sharding: Sharding, data, args: dict) -> tuple[str, int, i
 STORE_GATHER = 256
 
 
-def _chunks_with_status(stream):
-    """``next(stream)`` as ``(chunk or None, error or None)``."""
+def _chunks_with_status(stream, sides: SideSum | None = None):
+    """``next(stream)`` as ``(chunk or None, error or None)``, the chunk's side payload (if
+    any) stripped and added to ``sides``."""
     try:
-        return next(stream, None), None
+        chunk, side = split_rows(next(stream, None))
+        if side is not None and sides is not None:
+            sides.add(side)
+        return chunk, None
     except Exception as exc:  # agreed on with the other ranks before it is raised
         return None, exc
 
@@ -300,12 +305,8 @@ def _exchange_pass(comm: Comm, sharding: Sharding, stream, info: dict, dt, dev, 
     while True:
         chunk = None
         if not done and error is None:
-            chunk, error = _chunks_with_status(stream)
+            chunk, error = _chunks_with_status(stream, sides)
             done = chunk is None and error is None
-            if chunk is not None:
-                chunk, side = split_rows(chunk)
-                if side is not None and sides is not None:
-                    sides.add(side)
         m = 0 if chunk is None else chunk.shape[0]
         rows = comm.status([int(done), m, info.get("rows_per_sample", 0)], error,
                            "fit_inverse_fisher (the gradients of a chunk)")

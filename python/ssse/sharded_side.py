@@ -22,7 +22,7 @@ from ssse_ext.side import side_type, strip_side
 
 from .comm import Comm, run_local
 
-__all__ = ["owned_side", "split_rows"]
+__all__ = ["owned_side", "split_rows", "with_side"]
 
 
 def split_rows(rows) -> tuple[torch.Tensor, dict | None]:
@@ -42,7 +42,9 @@ def owned_side(comm: Comm, sharding, side: dict | None, what: str, *,
                device=None) -> dict | None:
     """The sum over every rank of its ``side`` payload (this rank's rows'; ``None``: none), cut
     to this rank's columns of ``sharding`` (collective); ``None`` when no rank has one."""
-    texts = comm.texts(_skeleton(side), f"{what} (the side payload)")
+    mine, error = run_local(lambda: _skeleton(side))
+    comm.agree(error, f"{what} (the side payload)")
+    texts = comm.texts(mine, f"{what} (the side payload)", whole=True)
     shapes = sorted({t for t in texts if t})
     if len(shapes) > 1:
         raise ValueError(f"{what}: the ranks' rows carry side payloads of different shapes "

@@ -173,7 +173,10 @@ def load_sharded_fisher(args, path, model, dtype):
         inv, meta = load_inverse_fisher(path, device=args.device, dtype=dtype)
     args.params = choose_parameters(args, model, inv)
     if comm is not None and not is_index(path):
-        inv = ShardedInverseFisher.from_full(inv, comm=comm)
+        try:
+            inv = ShardedInverseFisher.from_full(inv, comm=comm)
+        except ValueError as exc:
+            raise UsageError(f"--fisher: {exc}") from None
     d = trainable_size(model)
     if inv.dim != d:
         raise UsageError(f"--fisher has dim {inv.dim}, the model has {d} parameters")

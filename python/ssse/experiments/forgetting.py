@@ -281,13 +281,13 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=None,
     ``note``: recorded with the results (how R was chosen, say); ``methods``: with
     ``"SSSE EK-FAC"``, the EK-FAC rows as well (:func:`_wants_ekfac`)."""
     data = data or "digits"
+    ekfac = _wants_ekfac(methods, DATA.get(data, "resnet"))
     task, limits = make(data, quick=quick, seed=seed, device=device, dtype=dtype,
                         data_dir=data_dir)
     models = repeats or (3 if quick else DEFAULT_MODELS[data])
     if models < 3:
         raise ValueError(f"repeats must be at least 3 (models per family), got {models}")
     arch = _arch(task)
-    ekfac = _wants_ekfac(methods, arch)
     damping = DEFAULTS[data]["damping"] if arch == "linear" else CNN_DAMPING
     grids = {name: eps_grid(lo, hi, 7 if quick else num)
              for name, (_, (lo, hi, num)) in GRIDS.items() if ekfac or name != SSSE_EKFAC}
@@ -308,7 +308,7 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=None,
     config = {"data": data, "quick": quick, "seed": seed, "models": models, "n": task.n,
               "n_test": int(task.ds.y_test.numel()), "keep": KEEP, "damping": damping,
               "weight_decay": task.weight_decay, "grids": grids,
-              "hyperparameters": {name: h for name, (h, _) in GRIDS.items()},
+              "hyperparameters": {name: h for name, (h, _) in GRIDS.items() if name in grids},
               "removed": {s: r.tolist() for s, r in settings.items()},
               "fprs": list(DEFAULT_FPRS), "delta": 0.01,
               "statistic": "logit-scaled confidence of the true class", **limits,
@@ -319,21 +319,20 @@ def compute(*, quick: bool = False, seed: int = 0, device="cpu", dtype=None,
 
 
 def _wants_ekfac(methods, arch: str) -> bool:
-    """Whether ``methods`` asks for the EK-FAC rows: ``"SSSE EK-FAC"`` adds SSSE with the
+    """Whether ``methods`` asks for the EK-FAC rows: ``["SSSE EK-FAC"]`` adds SSSE with the
     EK-FAC inverse of the same blocks and the Newton step with their Gauss–Newton EK-FAC (the
-    CNN only). The other rows always run: a draw trains every model they need anyway."""
+    CNN only). The other rows always run (a draw trains every model they need anyway), so no
+    other name is taken."""
     if methods is None:
         return False
-    known = DEFAULT_METHODS + (SSSE_EKFAC,)
-    unknown = [m for m in methods if m not in known]
-    if unknown:
-        raise ValueError(f"methods: unknown {unknown[0]!r} (the forgetting test's rows: "
-                         f"{', '.join(known)})")
-    ekfac = SSSE_EKFAC in methods
-    if ekfac and arch == "linear":
+    other = [m for m in methods if m != SSSE_EKFAC]
+    if other:
+        raise ValueError(f"methods: {other[0]!r} is not a row to add: the forgetting test runs "
+                         f"its own rows always, and adds only {SSSE_EKFAC!r}")
+    if SSSE_EKFAC in methods and arch == "linear":
         raise ValueError("methods: the EK-FAC rows need the CNN (data='fashion-mnist'): the "
                          "logistic regression's inverse is one exact block already")
-    return ekfac
+    return SSSE_EKFAC in methods
 
 
 def _task_config(task, draws: list, seed: int) -> dict:
@@ -493,10 +492,12 @@ def main(argv=None) -> int:
                    help="results folder (default results/forgetting for digits, "
                         "results/forgetting_<data> otherwise)")
     p.add_argument("--note", default=None, help="a line recorded with the results")
+    p.add_argument("--methods", default=None, type=lambda t: [m.strip() for m in t.split(",")],
+                   help=f"'{SSSE_EKFAC}' adds the EK-FAC rows (the CNN)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     print(run(out=a.out, quick=a.quick, seed=a.seed, repeats=a.models, progress=not a.quiet,
-              data=a.data, data_dir=a.data_dir, note=a.note))
+              data=a.data, data_dir=a.data_dir, note=a.note, methods=a.methods))
     return 0
 
 
