@@ -16,6 +16,7 @@ import ssse.sharded_side
 import ssse.sharding
 from ssse.partition import Sharding
 from ssse_ext import BlockLayout
+from ssse_ext.blocks import get_store
 from ssse_ext.blocks.kronecker import KroneckerFactors
 from ssse_ext.side import side_type
 
@@ -110,6 +111,7 @@ def kfac_scenario(rank, world, out, opts, res):
     comm = ssse.comm.TorchComm()
     er = requests(model, X, y, comm.share(N), comm, res, out)
     res["stores"] = er.inv_fisher.local.representation
+    res["bounds"] = er.inv_fisher.sharding.bounds
     try:
         er.inv_fisher.gather()
         res["gather"] = None
@@ -201,6 +203,53 @@ def test_what_is_not_offered_is_refused_in_one_line_on_every_rank(runs, world):
         for res in runs[3][0]:
             kind, text = res["other_world"]
             assert kind == "ValueError" and "saved on 2 ranks: load it on 2 ranks" in text
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_blocks_are_balanced_by_their_stores_bytes(runs, world):
+    """A Kronecker block costs its factors' bytes, not the s^2 of a dense block."""
+    X, y, model = problem()
+    inv = ssse.fit_inverse_fisher(model, LOSS, [(X, y)], damping=DAMPING, curvature="kfac",
+                                  progress=False, **LAYOUT)
+    costs = [get_store(name).nbytes_for(s, None, torch.float64)
+             for name, s in zip(inv.representation, inv.layout.sizes)]
+    assert costs != [8 * s * s for s in inv.layout.sizes]
+    expected = Sharding.balanced(inv.layout, world, costs)
+    for res in runs[world][0]:
+        assert res["bounds"] == expected.bounds
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_balanced_with_costs_minimises_the_largest_sum(seed):
+    g = torch.Generator().manual_seed(seed)
+    nb = int(torch.randint(1, 9, (1,), generator=g))
+    sizes = torch.randint(1, 20, (nb,), generator=g).tolist()
+    costs = torch.randint(0, 1000, (nb,), generator=g).tolist()
+    layout = BlockLayout.from_dict({"dim": sum(sizes), "sizes": sizes})
+    for world in (1, 2, 3, 5):
+        sh = Sharding.balanced(layout, world, costs)
+        largest = max(sum(costs[slice(*sh.blocks(r))]) for r in range(world))
+        best = min(max(sum(costs[i:j]) for i, j in zip(b, b[1:]))
+                   for b in _cuts(nb, world))
+        assert largest == best
+
+
+def _cuts(nb: int, world: int):
+    """Every partition of ``nb`` blocks into ``world`` consecutive (possibly empty) ranges."""
+    if world == 1:
+        yield [0, nb]
+        return
+    for first in range(nb + 1):
+        for rest in _cuts(nb - first, world - 1):
+            yield [0] + [first + c for c in rest]
+
+
+def test_balanced_refuses_costs_that_do_not_fit_the_layout():
+    layout = BlockLayout.from_dict({"dim": 5, "sizes": [2, 3]})
+    with pytest.raises(ValueError, match="costs must give the layout's 2 blocks"):
+        Sharding.balanced(layout, 2, [1])
+    with pytest.raises(ValueError, match="costs must give"):
+        Sharding.balanced(layout, 2, [1, -1])
 
 
 # ---- one process: the side payloads' protocol ----------------------------------------------

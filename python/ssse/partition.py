@@ -20,7 +20,7 @@ class Sharding:
     of ``layout``, i.e. the parameters ``columns(r)``.
 
     Use :meth:`balanced` (the partition that minimises the largest
-    :math:`\sum_{b \in r} s_b^2`).
+    :math:`\sum_{b \in r} s_b^2`, or the largest sum of the blocks' costs given).
     """
 
     layout: ssse_ext.BlockLayout
@@ -42,14 +42,22 @@ class Sharding:
         object.__setattr__(self, "_starts", tuple(starts))
 
     @classmethod
-    def balanced(cls, layout: ssse_ext.BlockLayout, world_size: int) -> "Sharding":
+    def balanced(cls, layout: ssse_ext.BlockLayout, world_size: int,
+                 costs=None) -> "Sharding":
         r"""Consecutive ranges of blocks for ``world_size`` ranks with the smallest possible
-        largest cost :math:`\sum s_b^2`; every rank gets at least one block when there are
-        enough blocks."""
+        largest cost; every rank gets at least one block when there are enough blocks.
+        ``costs``: per block, a non-negative integer (e.g. its store's bytes); default
+        :math:`s_b^2`, a dense block's elements (its Gram's work per row, and its memory)."""
         if not isinstance(layout, ssse_ext.BlockLayout):
             raise TypeError(f"layout must be a ssse_ext.BlockLayout, got {type(layout).__name__}")
         world_size = check_positive_int(world_size, "world_size")
-        costs = [s * s for s in layout.sizes]
+        if costs is None:
+            costs = [s * s for s in layout.sizes]
+        else:
+            costs = [check_int(c, "costs[i]") for c in costs]
+            if len(costs) != layout.num_blocks or any(c < 0 for c in costs):
+                raise ValueError(f"costs must give the layout's {layout.num_blocks} blocks a "
+                                 f"non-negative integer each, got {len(costs)} values")
         prefix = [0]
         for c in costs:
             prefix.append(prefix[-1] + c)

@@ -22,12 +22,13 @@ The fit has two exchanges (``comm.exchange``), with the same result to rounding:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
 
 import ssse_ext
-from ssse_ext.blocks import Pinned
+from ssse_ext.blocks import Pinned, choose_stores, get_store
 from ssse_ext.budget import available_memory
 from ssse_ext.build import StoreBuild
 from ssse_ext.side import SideSum, strip_side
@@ -110,9 +111,12 @@ def fit_sharded(comm: Comm, a: dict) -> ShardedInverseFisher:
                                                       "curvature", "mc_samples")},
                      comm.exchange, str(dt), list(lay.sizes)),
               "fit_inverse_fisher: the model's parameters or the arguments")
-    sharding = Sharding.balanced(lay, comm.size)
     if isinstance(args["representation"], Pinned):  # blocks in a store of the curvature's own
-        return _fit_stores(comm, sharding, a, args, lik, data)
+        names = choose_stores(lay.sizes, None, dt, representation=args["representation"])
+        costs = [math.ceil(get_store(name).nbytes_for(size, None, dt))
+                 for name, size in zip(names, lay.sizes)]  # balanced by the stores' bytes
+        return _fit_stores(comm, Sharding.balanced(lay, comm.size, costs), a, args, lik, data)
+    sharding = Sharding.balanced(lay, comm.size)
     choice, acc_bytes, budget = _plan(comm, sharding, data, args)
     before = dict(comm.sent)
     info: dict = {}
