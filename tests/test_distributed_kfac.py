@@ -15,6 +15,8 @@ import ssse.comm
 import ssse.sharded_side
 import ssse.sharding
 from ssse.partition import Sharding
+from ssse.curvature import unregister_curvature
+from ssse.curvature.kfac import ekfac
 from ssse_ext import BlockLayout
 from ssse_ext.blocks import get_store
 from ssse_ext.blocks.kronecker import KroneckerFactors
@@ -28,6 +30,7 @@ REMOVED_1 = [1, 7, 8, 20, 33]
 REMOVED_2 = [3, 25, 30]
 LOSS = nn.CrossEntropyLoss(reduction="none")
 LAYOUT = dict(layout="per_parameter")  # blocks: W1 (20), b1 (4), W2 (12), b2 (3)
+EXACT = "ekfac_exact_sharded"  # registered while the requests run
 D = 39
 
 
@@ -86,19 +89,30 @@ def requests(model, X, y, share, comm, res, out=None):
     res["ssse"] = flat(ssse.ssse_update(model, LOSS, mine(REMOVED_1), inv_fisher=inv,
                                         epsilon=EPS, n_total=N, weight_decay=WD, comm=comm),
                        model)
-    for curvature, eps in (("ekfac", EPS), ("kfac_ggn", None)):
-        er = ssse.Eraser(model, LOSS, damping=DAMPING if eps else WD, weight_decay=WD,
-                         curvature=curvature, comm=comm, **LAYOUT).fit(data)
-        res[f"{curvature}_1"] = flat(er.erase(mine(REMOVED_1), epsilon=eps), model)
-        res[f"{curvature}_2"] = flat(er.erase(mine(REMOVED_2), epsilon=EPS,
-                                              fisher="leave_k_out"), model)
-        res[f"{curvature}_inv"] = er.inv_fisher.matvec(V)
-        if out is not None:
-            index = out / f"{curvature}{comm.size}" / "inverse_fisher.index.json"
-            ssse.sharding.save_sharded(index, er.inv_fisher)
-            back, _ = ssse.sharding.load_sharded(index, comm=comm)
-            res[f"{curvature}_reload"] = back.matvec(V)
-            res[f"{curvature}_index"] = str(index)
+    ekfac(EXACT, refresh="exact")  # EK-FAC that keeps its blocks' rows: an owner holds its
+    try:                           # columns of every rank's rows
+        for curvature, eps in (("ekfac", EPS), (EXACT, EPS), ("kfac_ggn", None)):
+            er = _requests_of(curvature, eps, model, data, mine, comm, res, out)
+    finally:
+        unregister_curvature(EXACT)
+    return er
+
+
+def _requests_of(curvature, eps, model, data, mine, comm, res, out):
+    """Two requests to an Eraser with ``curvature``; returns the Eraser."""
+    V = probe_vectors()
+    er = ssse.Eraser(model, LOSS, damping=DAMPING if eps else WD, weight_decay=WD,
+                     curvature=curvature, comm=comm, **LAYOUT).fit(data)
+    res[f"{curvature}_1"] = flat(er.erase(mine(REMOVED_1), epsilon=eps), model)
+    res[f"{curvature}_2"] = flat(er.erase(mine(REMOVED_2), epsilon=EPS,
+                                          fisher="leave_k_out"), model)
+    res[f"{curvature}_inv"] = er.inv_fisher.matvec(V)
+    if out is not None:
+        index = out / f"{curvature}{comm.size}" / "inverse_fisher.index.json"
+        ssse.sharding.save_sharded(index, er.inv_fisher)
+        back, _ = ssse.sharding.load_sharded(index, comm=comm)
+        res[f"{curvature}_reload"] = back.matvec(V)
+        res[f"{curvature}_index"] = str(index)
     return er
 
 
@@ -155,9 +169,10 @@ def test_the_sharded_fit_and_requests_equal_one_process(runs, world):
     for res in runs[world][0]:
         for key in ("fit_kfac", "fit_ekfac", "fit_ekfac_ggn", "ssse", "ekfac_1", "ekfac_2",
                     "ekfac_inv", "kfac_ggn_1", "kfac_ggn_2", "kfac_ggn_inv",
-                    "plain_reduce_scatter", "plain_all_to_all"):
+                    "plain_reduce_scatter", "plain_all_to_all", f"{EXACT}_1", f"{EXACT}_2",
+                    f"{EXACT}_inv"):
             assert rel_err(res[key], ref[key]) <= SOLVE[torch.float64], key
-        for key in ("ekfac_reload", "kfac_ggn_reload"):  # the saved blocks, bit for bit
+        for key in ("ekfac_reload", "kfac_ggn_reload", f"{EXACT}_reload"):  # bit for bit
             assert torch.equal(res[key], res[key.replace("reload", "inv")]), key
 
 
