@@ -450,8 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", choices=["float32", "float64", "both"], default="both")
     p.add_argument("--cases", default=None,
-                   help="comma-separated n:blocks:B cases (default: 1024:4:256 and "
-                        "4096:16:1024 on CPU; 8192:16:1024 and 8192:16:4096 on CUDA); a case "
+                   help="comma-separated n:blocks:B cases (default: 1024:4:256, "
+                        "4096:16:1024 and 256:4:1024, fewer rows than a block, on CPU; "
+                        "8192:16:1024 and 8192:16:4096 on CUDA); a case "
                         "that would not fit in the memory free now is refused")
     p.add_argument("--small", action="store_true", help="only the small case (a quick check)")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed repeats (median)")
@@ -492,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     elif device.type == "cuda":
         cases = [(8192, 16, 1024), (8192, 16, 4096)]
     else:
-        cases = [(1024, 4, 256), (4096, 16, 1024)]
+        # the last: fewer rows than a block, so each block is singular up to the damping
+        cases = [(1024, 4, 256), (4096, 16, 1024), (256, 4, 1024)]
     if args.small:
         cases = cases[:1]
     dtypes = [torch.float32, torch.float64] if args.dtype == "both" else [DTYPES[args.dtype]]
