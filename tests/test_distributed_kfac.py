@@ -131,9 +131,11 @@ def kfac_scenario(rank, world, out, opts, res):
                                     progress=False, **LAYOUT)
     res["from_full"] = refusal(lambda: ssse.sharding.ShardedInverseFisher.from_full(
         whole, comm=comm))
-    if "other_world" in opts:
-        res["other_world"] = refusal(lambda: ssse.sharding.load_sharded(opts["other_world"],
-                                                                        comm=comm))
+    if "other_world" in opts:  # a save of 2 ranks, re-sharded onto these
+        back, _ = ssse.sharding.load_sharded(opts["other_world"], comm=comm)
+        res["other_world"] = back.matvec(probe_vectors())
+        res["other_world_stores"] = back.local.representation
+        res["other_world_bounds"] = back.sharding.bounds
 
 
 def refusal(call):
@@ -155,6 +157,9 @@ def runs(tmp_path_factory):
     X, y, model = problem()
     ref: dict = {}
     requests(model, X, y, range(N), None, ref)
+    one, _ = ssse.sharding.load_sharded(saved)  # the save of 2 ranks in this one process
+    ref["one_process"] = one.gather().matvec(probe_vectors())
+    ref["one_process_stores"] = one.local.representation
     return {2: (two, codes2), 3: (three, codes3), "ref": ref}
 
 
@@ -204,10 +209,20 @@ def test_what_is_not_offered_is_refused_in_one_line_on_every_rank(runs, world):
                                     "blocks over several ranks: fit with comm= instead")
     gathered = [res["gather"] for res in runs[world][0]]
     assert any("keeps blocks in the kfac store" in text for _, text in gathered)
-    if world == 3:
-        for res in runs[3][0]:
-            kind, text = res["other_world"]
-            assert kind == "ValueError" and "saved on 2 ranks: load it on 2 ranks" in text
+
+
+def test_a_kronecker_save_loads_on_another_number_of_ranks(runs):
+    """The save of 2 ranks (its Kronecker blocks, the float64 blocks of the requests'
+    representation) on 3 ranks and in one process: the inverse the 2 ranks held."""
+    saved = runs[2][0][0]["kfac_ggn_inv"]
+    stores = [res["other_world_stores"] for res in runs[3][0]]
+    assert sum(names.count("kfac") for names in stores) == 2
+    for res in runs[3][0]:
+        assert rel_err(res["other_world"], saved) <= SOLVE[torch.float64]
+        assert res["other_world_bounds"] == runs[3][0][0]["bounds"]  # balanced as the fit
+    ref = runs["ref"]
+    assert rel_err(ref["one_process"], saved) <= SOLVE[torch.float64]
+    assert ref["one_process_stores"].count("kfac") == 2
 
 
 @pytest.mark.parametrize("world", [2, 3])

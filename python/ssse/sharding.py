@@ -9,9 +9,10 @@ inverses when they are given a :class:`ssse.comm.Comm` of more than one process.
 
 A shard file keeps dense blocks packed, which any number of ranks can load (each reads the
 blocks it owns: re-sharding). Blocks in other stores (the Kronecker-factored ones of
-``curvature="kfac"`` or ``"ekfac"``) are kept by their store's state
-(:meth:`ssse_ext.BlockInverseFisher.to_state`), and such a save loads on as many ranks as
-wrote it.
+``curvature="kfac"`` or ``"ekfac"``, the float64 ones of ``representation="requests"``) are
+kept by their store's state (:meth:`ssse_ext.BlockInverseFisher.to_state`); such a save loads
+on any number of ranks too (:mod:`ssse.resharding`), except blocks in a store that cannot give
+its blocks apart (the low-rank and Gram stores), which load on as many ranks as wrote them.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ssse_ext.validation import check_device, check_dtype
 
 from .comm import Comm, digest, run_local
 from .io import atomic_path, write_json
+from . import resharding
 from .partition import Sharding
 
 __all__ = ["INDEX_FORMAT", "SHARD_FORMAT", "ShardedInverseFisher", "Sharding", "check_sharded",
@@ -212,7 +214,8 @@ def local_inverse(segments, sharding: Sharding, rank: int, damping: float, norma
 
 def own_stores(local: ssse_ext.BlockInverseFisher) -> list[str]:
     """The stores of a rank's blocks other than the dense one: the files keep them by their
-    state (:meth:`ssse_ext.BlockInverseFisher.to_state`) and they are not re-sharded."""
+    state (:meth:`ssse_ext.BlockInverseFisher.to_state`), re-sharded by
+    :mod:`ssse.resharding`."""
     return sorted(set(local.representation) - {"dense"})
 
 
@@ -497,12 +500,14 @@ def load_sharded(path: str | os.PathLike, *, comm: Comm | None = None, device=No
     index, error = run_local(lambda: _Index(path))
     comm.agree(error, "load_sharded (the index)")
     saved = index.sharding
-    if index.stores and saved.world_size != comm.size:
-        raise ValueError(f"{path} keeps blocks in the {', '.join(index.stores)} store, saved on "
-                         f"{saved.world_size} ranks: load it on {saved.world_size} ranks (only "
-                         f"dense blocks are re-sharded)")
-    sharding = saved if saved.world_size == comm.size else \
-        Sharding.balanced(index.layout, comm.size)
+    if saved.world_size == comm.size:
+        sharding = saved
+    elif index.stores:  # balanced by the blocks' bytes in their stores
+        sharding, error = run_local(lambda: resharding.balanced(
+            index, comm.size, resharding.store_names(index)))
+        comm.agree(error, "load_sharded (the shards' stores)")
+    else:
+        sharding = Sharding.balanced(index.layout, comm.size)
     first, last = sharding.blocks(comm.rank)
     needed = [r for r in range(saved.world_size)
               if max(first, saved.bounds[r]) < min(last, saved.bounds[r + 1])]
@@ -518,7 +523,9 @@ def load_sharded(path: str | os.PathLike, *, comm: Comm | None = None, device=No
 
     def read():
         if index.stores:
-            local = _read_state(index, comm.rank, verify)
+            local = _read_state(index, comm.rank, verify) if sharding is saved else \
+                resharding.regrouped_local(index, sharding, comm.rank,
+                                           lambda r: _read_state(index, r, verify))
             if device is not None or dtype is not None:
                 local = local.to(device=device, dtype=dtype)
             return ShardedInverseFisher(local, sharding, comm.rank, comm)

@@ -407,6 +407,30 @@ class BlockStore(abc.ABC):
         :attr:`dtype`); ``ValueError`` for tensors or metadata that do not describe such a
         store."""
 
+    @classmethod
+    def regrouped(cls, pieces: Sequence[tuple["BlockStore", int]], *, layout: BlockLayout,
+                  block_ids: Sequence[int]) -> "BlockStore":
+        """A store of this kind holding, as the blocks ``block_ids`` of ``layout``, the blocks
+        ``pieces``: one ``(store, b)`` per id, in order (block ``b`` of ``store``, a store of
+        this kind, all of the same dtype, device, damping and normaliser). This is how a saved
+        inverse moves to another number of ranks; the result may share tensors with the
+        pieces' stores, which the caller drops. A store that cannot give its blocks apart
+        refuses in one line (``ValueError``)."""
+        raise ValueError(f"the {cls.name} blocks cannot be moved to another partition: load "
+                         f"the inverse on as many ranks as saved it")
+
+    @staticmethod
+    def regrouped_stores(pieces: Sequence[tuple["BlockStore", int]]) -> list["BlockStore"]:
+        """The distinct stores of ``pieces``, checked to agree as :meth:`regrouped` needs."""
+        stores = list({id(st): st for st, _ in pieces}.values())
+        first = stores[0]
+        for st in stores[1:]:
+            if (type(st), st.dtype, st.device, st.damping, st.normalizer) != \
+                    (type(first), first.dtype, first.device, first.damping, first.normalizer):
+                raise ValueError(f"the {first.name} blocks to regroup differ in kind, dtype, "
+                                 f"device, damping or normaliser")
+        return stores
+
     # ---- costs, for choosing and planning (class level) ----
     @classmethod
     @abc.abstractmethod

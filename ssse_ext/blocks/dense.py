@@ -475,6 +475,13 @@ class DenseStore(BlockStore):
             {"segments": len(self._segments)}
 
     @classmethod
+    def regrouped(cls, pieces, *, layout, block_ids):
+        first = cls.regrouped_stores(pieces)[0]
+        packed = torch.cat([st.dense_block(b).reshape(-1) for st, b in pieces])
+        return cls(layout, block_ids, packed, damping=first.damping,
+                   normalizer=first.normalizer)
+
+    @classmethod
     def from_state(cls, tensors, meta, *, layout, block_ids, damping, normalizer, dtype=None):
         try:
             segments = [tensors[str(j)] for j in range(int(meta["segments"]))]

@@ -136,6 +136,13 @@ class Dense64Store(BlockStore):
             {"segments": len(self._exact.segments)}
 
     @classmethod
+    def regrouped(cls, pieces, *, layout, block_ids):
+        first = cls.regrouped_stores(pieces)[0]
+        exact = torch.cat([st._exact.dense_block(b).reshape(-1) for st, b in pieces])
+        return cls(layout, block_ids, exact, dtype=first.dtype, damping=first.damping,
+                   normalizer=first.normalizer)
+
+    @classmethod
     def from_state(cls, tensors, meta, *, layout, block_ids, damping, normalizer, dtype=None):
         try:
             exact = [tensors[str(j)] for j in range(int(meta["segments"]))]

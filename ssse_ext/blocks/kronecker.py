@@ -370,6 +370,20 @@ class KroneckerStore(BlockStore):
                          "drift": [float(blk.drift) for blk in self._blocks]}
 
     @classmethod
+    def regrouped(cls, pieces, *, layout, block_ids):
+        """:meth:`BlockStore.regrouped`, from stores of one ``refresh``, ``tolerance`` and
+        ``storage``; :attr:`rebased` sums theirs."""
+        stores = cls.regrouped_stores(pieces)
+        first = stores[0]
+        if len({(st.refresh, st.tolerance, st.storage) for st in stores}) > 1:
+            raise ValueError(f"the {cls.name} blocks to regroup differ in refresh or storage")
+        store = cls(layout, block_ids, [st.blocks[st.position(b)] for st, b in pieces],
+                    damping=first.damping, normalizer=first.normalizer, dtype=first.dtype,
+                    refresh=first.refresh, tolerance=first.tolerance, storage=first.storage)
+        store.rebased = sum(st.rebased for st in stores)
+        return store
+
+    @classmethod
     def from_state(cls, tensors, meta, *, layout, block_ids, damping, normalizer, dtype=None):
         """Inverse of :meth:`state`; also reads format 1 (the factor sums ``a`` and ``g``
         saved for every block, no ``storage``: ``"exact"``), whose sums are dropped where the

@@ -1,0 +1,84 @@
+"""Loading a save whose shards keep their stores' states (blocks in stores other than the dense
+one, such as the Kronecker-factored ones) on another number of ranks than wrote it.
+
+The new partition balances the blocks' bytes in their stores (as the sharded fit does), read
+from the shards' headers. Each rank then reads the saved shards that hold its blocks, and every
+store kind gathers its blocks into one store of the rank's layout
+(:meth:`ssse_ext.blocks.BlockStore.regrouped`). As when dense blocks are re-sharded, the health
+probe's sketch stays with the saved partition: the loaded shares carry none.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+import ssse_ext
+from ssse_ext.blocks import get_store
+
+from .partition import Sharding
+
+
+def store_names(index) -> list[str]:
+    """Per block of the saved layout, the name of the store that holds it (from the shards'
+    headers; ``ValueError`` naming the shard when one does not list its stores)."""
+    from safetensors import safe_open
+
+    names: list[str | None] = [None] * index.layout.num_blocks
+    for r in range(index.sharding.world_size):
+        path = index.shard_path(r)
+        first = index.sharding.bounds[r]
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                header = f.metadata() or {}
+            for entry in json.loads(header["ssse"])["local_state"]["stores"]:
+                for lo, hi in entry["blocks"]:
+                    for b in range(first + int(lo), first + int(hi)):
+                        names[b] = str(entry["name"])
+        except (OSError, KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ValueError(f"the shard of rank {r} ({path}) does not list its stores "
+                             f"({exc})") from None
+    missing = [b for b, name in enumerate(names) if name is None]
+    if missing:
+        raise ValueError(f"no shard of {index.path} holds blocks {missing[:5]}")
+    return names
+
+
+def balanced(index, world_size: int, names: list[str]) -> Sharding:
+    """The partition of the saved layout over ``world_size`` ranks by the blocks' bytes."""
+    costs = [math.ceil(get_store(name).nbytes_for(size, None, index.dtype))
+             for name, size in zip(names, index.layout.sizes)]
+    return Sharding.balanced(index.layout, world_size, costs)
+
+
+def regrouped_local(index, sharding: Sharding, rank: int,
+                    read_state) -> ssse_ext.BlockInverseFisher:
+    """Rank ``rank``'s blocks of ``sharding`` as one inverse of its sub-layout, from the saved
+    shards that hold them (``read_state(r)``: saved rank ``r``'s inverse)."""
+    first, last = sharding.blocks(rank)
+    saved = index.sharding
+    layout = sharding.sub_layout(rank)
+    config = ssse_ext.FisherConfig(index.config.damping, index.config.normalizer, layout,
+                                   index.config.curvature)
+    pieces: dict[str, list] = {}  # per store name: (new id, (saved store, saved id))
+    for r in range(saved.world_size):
+        lo, hi = max(first, saved.bounds[r]), min(last, saved.bounds[r + 1])
+        if lo >= hi:
+            continue
+        local = read_state(r)
+        owner = {b: st for st in local.stores for b in st.block_ids}
+        for b in range(lo, hi):
+            st = owner[b - saved.bounds[r]]
+            pieces.setdefault(st.name, []).append((b - first, (st, b - saved.bounds[r])))
+    if not pieces:  # a rank without blocks
+        return ssse_ext.BlockInverseFisher([torch.zeros(0, dtype=index.dtype)], config,
+                                           index.num_samples)
+    try:
+        stores = [get_store(name).regrouped([p for _, p in held], layout=layout,
+                                            block_ids=[b for b, _ in held])
+                  for name, held in pieces.items()]
+    except ValueError as exc:
+        raise ValueError(f"{index.path}: {exc} ({saved.world_size})") from None
+    return ssse_ext.BlockInverseFisher(stores, config, index.num_samples)
