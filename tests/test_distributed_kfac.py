@@ -6,6 +6,8 @@ to the owners of their blocks."""
 
 from __future__ import annotations
 
+import shutil
+
 import torch
 import pytest
 from torch import nn
@@ -160,7 +162,7 @@ def runs(tmp_path_factory):
     one, _ = ssse.sharding.load_sharded(saved)  # the save of 2 ranks in this one process
     ref["one_process"] = one.gather().matvec(probe_vectors())
     ref["one_process_stores"] = one.local.representation
-    return {2: (two, codes2), 3: (three, codes3), "ref": ref}
+    return {2: (two, codes2), 3: (three, codes3), "ref": ref, "saved": saved}
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -223,6 +225,45 @@ def test_a_kronecker_save_loads_on_another_number_of_ranks(runs):
     ref = runs["ref"]
     assert rel_err(ref["one_process"], saved) <= SOLVE[torch.float64]
     assert ref["one_process_stores"].count("kfac") == 2
+
+
+def _copy_of_save(runs, tmp_path):
+    src = runs["saved"].parent
+    for f in src.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    index = tmp_path / runs["saved"].name
+    shards = sorted(tmp_path.glob("*.safetensors"))
+    assert len(shards) == 2
+    return index, shards
+
+
+def test_re_sharding_a_save_with_a_missing_or_damaged_shard_is_refused(runs, tmp_path):
+    index, shards = _copy_of_save(runs, tmp_path)
+    shards[1].write_bytes(shards[1].read_bytes()[:5])
+    with pytest.raises(ValueError, match=r"the shard of rank 1 \(.*\) does not list its stores"):
+        ssse.sharding.load_sharded(index)
+    shards[1].unlink()
+    with pytest.raises(FileNotFoundError, match="the shard of rank 1 of the saved inverse is "
+                                                "missing"):
+        ssse.sharding.load_sharded(index)
+
+
+def test_re_sharding_blocks_that_cannot_move_is_refused_in_one_line(runs, tmp_path):
+    """A store that cannot give its blocks apart (here the header of rank 0's shard names the
+    low-rank store) is refused before any shard is read."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    index, shards = _copy_of_save(runs, tmp_path)
+    with safe_open(str(shards[0]), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta["ssse"] = meta["ssse"].replace('"name": "kfac"', '"name": "dual"')
+    assert '"dual"' in meta["ssse"]
+    save_file(tensors, str(shards[0]), metadata=meta)
+    with pytest.raises(ValueError) as err:
+        ssse.sharding.load_sharded(index)
+    assert str(err.value) == (f"{index} keeps blocks in the dual store, whose blocks cannot "
+                              f"move to another partition: load it on 2 ranks")
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -100,7 +100,7 @@ def test_kronecker_stores_of_other_options_are_refused():
     a = next(st for st in mlp_inverse("ekfac").stores if st.name == "ekfac")
     b = a.clone()
     b.refresh = "exact"
-    with pytest.raises(ValueError, match="differ in refresh or storage"):
+    with pytest.raises(ValueError, match="differ in refresh, tolerance or storage"):
         type(a).regrouped([(a, 0), (b, 2)], layout=layout_of(20, 12), block_ids=[0, 1])
 
 

@@ -2,10 +2,11 @@
 one, such as the Kronecker-factored ones) on another number of ranks than wrote it.
 
 The new partition balances the blocks' bytes in their stores (as the sharded fit does), read
-from the shards' headers. Each rank then reads the saved shards that hold its blocks, and every
-store kind gathers its blocks into one store of the rank's layout
-(:meth:`ssse_ext.blocks.BlockStore.regrouped`). As when dense blocks are re-sharded, the health
-probe's sketch stays with the saved partition: the loaded shares carry none.
+from every shard's header. Each rank then reads, whole, the saved shards that hold its blocks,
+and every store kind gathers its blocks into one store of the rank's layout
+(:meth:`ssse_ext.blocks.BlockStore.regrouped`); the loaded blocks may share tensors with the
+shards read, which are dropped. As when dense blocks are re-sharded, the health probe's sketch
+stays with the saved partition: the loaded shares carry none.
 """
 
 from __future__ import annotations
@@ -17,18 +18,24 @@ import torch
 
 import ssse_ext
 from ssse_ext.blocks import get_store
+from ssse_ext.blocks.base import BlockStore
 
 from .partition import Sharding
 
 
 def store_names(index) -> list[str]:
-    """Per block of the saved layout, the name of the store that holds it (from the shards'
-    headers; ``ValueError`` naming the shard when one does not list its stores)."""
+    """Per block of the saved layout, the name of the store that holds it, from every shard's
+    header: ``FileNotFoundError`` for a missing shard, ``ValueError`` naming the shard for
+    one that does not list its stores, and for a store that cannot give its blocks apart."""
     from safetensors import safe_open
 
+    saved = index.sharding.world_size
     names: list[str | None] = [None] * index.layout.num_blocks
-    for r in range(index.sharding.world_size):
+    for r in range(saved):
         path = index.shard_path(r)
+        if not path.is_file():
+            raise FileNotFoundError(f"the shard of rank {r} of the saved inverse is missing: "
+                                    f"{path} (listed in {index.path})")
         first = index.sharding.bounds[r]
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -37,12 +44,17 @@ def store_names(index) -> list[str]:
                 for lo, hi in entry["blocks"]:
                     for b in range(first + int(lo), first + int(hi)):
                         names[b] = str(entry["name"])
-        except (OSError, KeyError, TypeError, ValueError, IndexError) as exc:
+        except Exception as exc:  # safetensors raises its own error for a damaged header
             raise ValueError(f"the shard of rank {r} ({path}) does not list its stores "
                              f"({exc})") from None
     missing = [b for b, name in enumerate(names) if name is None]
     if missing:
         raise ValueError(f"no shard of {index.path} holds blocks {missing[:5]}")
+    fixed = sorted({n for n in names if get_store(n).regrouped.__func__ is
+                    BlockStore.regrouped.__func__})
+    if fixed:
+        raise ValueError(f"{index.path} keeps blocks in the {', '.join(fixed)} store, whose "
+                         f"blocks cannot move to another partition: load it on {saved} ranks")
     return names
 
 
@@ -80,5 +92,5 @@ def regrouped_local(index, sharding: Sharding, rank: int,
                                             block_ids=[b for b, _ in held])
                   for name, held in pieces.items()]
     except ValueError as exc:
-        raise ValueError(f"{index.path}: {exc} ({saved.world_size})") from None
+        raise ValueError(f"{index.path}, saved on {saved.world_size} ranks: {exc}") from None
     return ssse_ext.BlockInverseFisher(stores, config, index.num_samples)

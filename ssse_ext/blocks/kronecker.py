@@ -371,12 +371,12 @@ class KroneckerStore(BlockStore):
 
     @classmethod
     def regrouped(cls, pieces, *, layout, block_ids):
-        """:meth:`BlockStore.regrouped`, from stores of one ``refresh``, ``tolerance`` and
-        ``storage``; :attr:`rebased` sums theirs."""
+        """:meth:`BlockStore.regrouped` (of one refresh, tolerance, storage); rebased sums."""
         stores = cls.regrouped_stores(pieces)
         first = stores[0]
         if len({(st.refresh, st.tolerance, st.storage) for st in stores}) > 1:
-            raise ValueError(f"the {cls.name} blocks to regroup differ in refresh or storage")
+            raise ValueError(f"the {cls.name} blocks to regroup differ in refresh, tolerance or "
+                             f"storage")
         store = cls(layout, block_ids, [st.blocks[st.position(b)] for st, b in pieces],
                     damping=first.damping, normalizer=first.normalizer, dtype=first.dtype,
                     refresh=first.refresh, tolerance=first.tolerance, storage=first.storage)
