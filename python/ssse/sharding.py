@@ -478,8 +478,9 @@ def load_sharded(path: str | os.PathLike, *, comm: Comm | None = None, device=No
     """Loads an inverse saved by :func:`save_sharded` onto the ranks of ``comm`` (collective):
     the saved partition when the world size is the same, else a balanced one (re-sharding);
     each rank reads only the shards that hold its blocks (and, to re-shard a save that keeps
-    its stores' states, every shard's header: :mod:`ssse.resharding`). One process (the default ``comm``)
-    gets every block (:meth:`ShardedInverseFisher.gather` then gives the whole inverse).
+    its stores' states, every shard's header: :mod:`ssse.resharding`). One process (the
+    default ``comm``) gets every block (:meth:`ShardedInverseFisher.gather` then gives the
+    whole inverse).
 
     Args:
         path: the index file.
