@@ -129,10 +129,16 @@ def kfac_scenario(rank, world, out, opts, res):
     res["reduce_scatter"] = refusal(lambda: ssse.fit_inverse_fisher(
         model, LOSS, [(X, y)], damping=DAMPING, curvature="kfac",
         comm=ssse.comm.TorchComm(exchange="reduce_scatter"), **LAYOUT))
-    whole = ssse.fit_inverse_fisher(model, LOSS, [(X, y)], damping=DAMPING, curvature="kfac",
-                                    progress=False, **LAYOUT)
-    res["from_full"] = refusal(lambda: ssse.sharding.ShardedInverseFisher.from_full(
-        whole, comm=comm))
+    X, y, model = problem()  # from_full: each rank's blocks of one process's fit, in their
+    whole = ssse.fit_inverse_fisher(model, LOSS, [(X, y)], damping=DAMPING, weight_decay=WD,
+                                    curvature="ekfac", progress=False, **LAYOUT)  # stores
+    share = ssse.sharding.ShardedInverseFisher.from_full(whole, comm=comm)
+    res["from_full_stores"] = share.local.representation
+    res["from_full"] = share.matvec(probe_vectors())
+    removed = [i for i in REMOVED_1 if i in comm.share(N)]
+    res["from_full_ssse"] = flat(ssse.ssse_update(
+        model, LOSS, [(X[removed], y[removed])], inv_fisher=share, epsilon=EPS, n_total=N,
+        weight_decay=WD, comm=comm), model)
     if "other_world" in opts:  # a save of 2 ranks, re-sharded onto these
         back, _ = ssse.sharding.load_sharded(opts["other_world"], comm=comm)
         res["other_world"] = back.matvec(probe_vectors())
@@ -183,6 +189,18 @@ def test_the_sharded_fit_and_requests_equal_one_process(runs, world):
             assert torch.equal(res[key], res[key.replace("reload", "inv")]), key
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_from_full_keeps_each_block_in_its_store(runs, world):
+    """A whole EK-FAC inverse shared by from_full over the ranks: each rank holds its blocks
+    in their stores, and the SSSE step over the ranks is the one-process step."""
+    ref = runs["ref"]
+    stores = [res["from_full_stores"] for res in runs[world][0]]
+    assert sum(names.count("ekfac") for names in stores) == 2
+    for res in runs[world][0]:
+        assert rel_err(res["from_full"], ref["fit_ekfac"]) <= SOLVE[torch.float64]
+        assert rel_err(res["from_full_ssse"], ref["ssse"]) <= SOLVE[torch.float64]
+
+
 def test_the_requests_change_the_kronecker_blocks(runs):
     """The owners downdate their Kronecker blocks (from the summed side payloads): the
     inverse after the requests is not the one fitted."""
@@ -206,9 +224,6 @@ def test_what_is_not_offered_is_refused_in_one_line_on_every_rank(runs, world):
                                          "offered for curvature='kfac': its blocks are built by "
                                          "their owners from the rows' column slices (pass "
                                          "exchange='all_to_all' or 'auto')")
-        assert res["from_full"] == ("ValueError", "inv keeps blocks in the kfac store, whose "
-                                    "changes read the rows' side payload; from_full makes dense "
-                                    "blocks over several ranks: fit with comm= instead")
     gathered = [res["gather"] for res in runs[world][0]]
     assert any("keeps blocks in the kfac store" in text for _, text in gathered)
 

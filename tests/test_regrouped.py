@@ -115,3 +115,25 @@ def test_a_save_is_re_sharded_by_its_blocks_bytes():
     names = ["kfac"] + ["dense"] * 4
     assert resharding.balanced(index, 2, names).bounds == (0, 2, 5)  # 1440 + 800 | 2400
     assert Sharding.balanced(index.layout, 2).bounds == (0, 1, 5)  # 3600 | 400
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
+def test_a_share_of_a_whole_inverse_keeps_each_block_in_its_store(curvature):
+    from ssse import resharding
+    from ssse.partition import Sharding
+
+    inv = mlp_inverse(curvature)
+    for world in (2, 3, 5):  # 5: more ranks than blocks
+        sharding = Sharding.balanced(inv.layout, world)
+        for r in range(world):
+            first, last = sharding.blocks(r)
+            share = resharding.share_of(inv, sharding, r)
+            assert share.representation == inv.representation[first:last]
+            for b in range(first, last):
+                got = share.dense_block(b - first)
+                assert torch.equal(got, inv.dense_block(b))
+            source = next(s for s in inv.stores if s.name == curvature)
+            for st in share.stores:  # copies, not views
+                if st.name == curvature:
+                    assert all(x.qa.data_ptr() != y.qa.data_ptr() for x in st.blocks
+                               for y in source.blocks)

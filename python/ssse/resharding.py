@@ -71,9 +71,6 @@ def regrouped_local(index, sharding: Sharding, rank: int,
     shards that hold them (``read_state(r)``: saved rank ``r``'s inverse)."""
     first, last = sharding.blocks(rank)
     saved = index.sharding
-    layout = sharding.sub_layout(rank)
-    config = ssse_ext.FisherConfig(index.config.damping, index.config.normalizer, layout,
-                                   index.config.curvature)
     pieces: dict[str, list] = {}  # per store name: (new id, (saved store, saved id))
     for r in range(saved.world_size):
         lo, hi = max(first, saved.bounds[r]), min(last, saved.bounds[r + 1])
@@ -84,13 +81,39 @@ def regrouped_local(index, sharding: Sharding, rank: int,
         for b in range(lo, hi):
             st = owner[b - saved.bounds[r]]
             pieces.setdefault(st.name, []).append((b - first, (st, b - saved.bounds[r])))
-    if not pieces:  # a rank without blocks
-        return ssse_ext.BlockInverseFisher([torch.zeros(0, dtype=index.dtype)], config,
-                                           index.num_samples)
     try:
-        stores = [get_store(name).regrouped([p for _, p in held], layout=layout,
-                                            block_ids=[b for b, _ in held])
-                  for name, held in pieces.items()]
+        return _assembled(pieces, sharding.sub_layout(rank), index.config, index.dtype,
+                          index.num_samples)
     except ValueError as exc:
         raise ValueError(f"{index.path}, saved on {saved.world_size} ranks: {exc}") from None
-    return ssse_ext.BlockInverseFisher(stores, config, index.num_samples)
+
+
+def share_of(inv: ssse_ext.BlockInverseFisher, sharding: Sharding,
+             rank: int) -> ssse_ext.BlockInverseFisher:
+    """Rank ``rank``'s blocks of ``sharding`` of the whole inverse ``inv``, each in its own
+    store (a copy); ``ValueError`` naming a store of them that cannot give its blocks apart."""
+    first, last = sharding.blocks(rank)
+    pieces: dict[str, list] = {}
+    for st in inv.stores:
+        for b in st.block_ids:
+            if first <= b < last:
+                pieces.setdefault(st.name, []).append((b - first, (st, b)))
+    for held in pieces.values():
+        held.sort(key=lambda item: item[0])
+    local = _assembled(pieces, sharding.sub_layout(rank), inv.config, inv.dtype,
+                       inv.num_samples)
+    return ssse_ext.BlockInverseFisher([st.clone() for st in local.stores], local.config,
+                                       local.num_samples)
+
+
+def _assembled(pieces: dict[str, list], layout, config, dtype,
+               num_samples: int) -> ssse_ext.BlockInverseFisher:
+    """One inverse of ``layout`` from ``pieces``: per store name, ``(id in layout, (store,
+    its id))`` in increasing ids."""
+    config = ssse_ext.FisherConfig(config.damping, config.normalizer, layout, config.curvature)
+    if not pieces:  # a rank without blocks
+        return ssse_ext.BlockInverseFisher([torch.zeros(0, dtype=dtype)], config, num_samples)
+    stores = [get_store(name).regrouped([p for _, p in held], layout=layout,
+                                        block_ids=[b for b, _ in held])
+              for name, held in pieces.items()]
+    return ssse_ext.BlockInverseFisher(stores, config, num_samples)

@@ -122,8 +122,10 @@ class ShardedInverseFisher:
     @classmethod
     def from_full(cls, inv: ssse_ext.BlockInverseFisher, *, comm: Comm | None = None,
                   sharding: Sharding | None = None) -> "ShardedInverseFisher":
-        """This rank's blocks of a whole inverse (a copy); ``sharding`` default balanced over
-        the ranks of ``comm`` (default: one process)."""
+        """This rank's blocks of a whole inverse (a copy), as dense blocks, or each in its own
+        store when the inverse has blocks in a store whose changes read the rows' side
+        payload (the Kronecker-factored ones: :func:`ssse.resharding.share_of`); ``sharding``
+        default balanced over the ranks of ``comm`` (default: one process)."""
         if not isinstance(inv, ssse_ext.BlockInverseFisher):
             raise TypeError(f"inv must be a ssse_ext.BlockInverseFisher, got {type(inv).__name__}")
         comm = comm or Comm()
@@ -137,10 +139,13 @@ class ShardedInverseFisher:
         side = sorted({store.name for store in inv.stores if store.takes_side})
         if side and size == 1:  # the whole inverse is the one rank's share, in any store
             return cls(inv.clone(), sharding, rank, comm)
-        if side:
-            raise ValueError(f"inv keeps blocks in the {', '.join(side)} store, whose changes "
-                             "read the rows' side payload; from_full makes dense blocks over "
-                             "several ranks: fit with comm= instead")
+        if side:  # each block stays in its store: the changes need the side payload's store
+            try:
+                return cls(resharding.share_of(inv, sharding, rank), sharding, rank, comm)
+            except ValueError as exc:
+                raise ValueError(f"inv keeps blocks in the {', '.join(side)} store, whose "
+                                 f"changes read the rows' side payload, so from_full keeps "
+                                 f"every block in its store: {exc}") from None
         first, last = sharding.blocks(rank)
         sizes, offsets = inv.layout.sizes, inv.layout.offsets
         packed = torch.empty(inv.layout.numel_of(first, last), dtype=inv.dtype, device=inv.device)
