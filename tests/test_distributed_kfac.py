@@ -6,6 +6,7 @@ to the owners of their blocks."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import torch
@@ -21,6 +22,7 @@ from ssse.curvature import unregister_curvature
 from ssse.curvature.kfac import ekfac
 from ssse_ext import BlockLayout
 from ssse_ext.blocks import get_store
+from ssse_ext.budget import AVAILABLE_MEMORY_ENV
 from ssse_ext.blocks.kronecker import KroneckerFactors
 from ssse_ext.side import side_type
 
@@ -124,8 +126,14 @@ def kfac_scenario(rank, world, out, opts, res):
     er = requests(model, X, y, comm.share(N), comm, res, out)
     res["stores"] = er.inv_fisher.local.representation
     res["bounds"] = er.inv_fisher.sharding.bounds
-    # the rank with the Kronecker blocks refuses with ValueError, the others name it
-    res["gather"] = refusal(er.inv_fisher.gather)
+    whole = er.inv_fisher.gather()  # the whole inverse on every rank, blocks in their stores
+    res["gather"] = whole.matvec(probe_vectors())
+    res["gather_stores"] = whole.representation
+    os.environ[AVAILABLE_MEMORY_ENV] = "1000"  # the states do not fit: refused on every rank
+    try:
+        res["gather_small"] = refusal(er.inv_fisher.gather)
+    finally:
+        del os.environ[AVAILABLE_MEMORY_ENV]
     res["reduce_scatter"] = refusal(lambda: ssse.fit_inverse_fisher(
         model, LOSS, [(X, y)], damping=DAMPING, curvature="kfac",
         comm=ssse.comm.TorchComm(exchange="reduce_scatter"), **LAYOUT))
@@ -219,13 +227,23 @@ def test_the_kronecker_blocks_are_owned_by_one_rank_each(runs, world):
 @pytest.mark.parametrize("world", [2, 3])
 def test_what_is_not_offered_is_refused_in_one_line_on_every_rank(runs, world):
     for res in runs[world][0]:
-        assert res["gather"][0] in ("ValueError", "DistributedError")
         assert res["reduce_scatter"] == ("ValueError", "exchange='reduce_scatter' is not "
                                          "offered for curvature='kfac': its blocks are built by "
                                          "their owners from the rows' column slices (pass "
                                          "exchange='all_to_all' or 'auto')")
-    gathered = [res["gather"] for res in runs[world][0]]
-    assert any("keeps blocks in the kfac store" in text for _, text in gathered)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_gather_gives_every_rank_the_whole_inverse_in_its_stores(runs, world):
+    """The Eraser's inverse after its requests (kfac_ggn; float64 blocks for the rest)."""
+    for res in runs[world][0]:
+        assert torch.equal(res["gather"], res["kfac_ggn_inv"])
+        assert res["gather_stores"].count("kfac") == 2
+        assert res["gather_stores"] == runs[world][0][0]["gather_stores"]
+    kinds = [res["gather_small"][0] for res in runs[world][0]]
+    assert set(kinds) <= {"InsufficientMemoryError", "DistributedError"} and \
+        "InsufficientMemoryError" in kinds
+    assert all("gather of the inverse" in res["gather_small"][1] for res in runs[world][0])
 
 
 def test_a_kronecker_save_loads_on_another_number_of_ranks(runs):

@@ -50,12 +50,16 @@ def store_names(index) -> list[str]:
     missing = [b for b, name in enumerate(names) if name is None]
     if missing:
         raise ValueError(f"no shard of {index.path} holds blocks {missing[:5]}")
-    fixed = sorted({n for n in names if get_store(n).regrouped.__func__ is
-                    BlockStore.regrouped.__func__})
+    fixed = sorted({n for n in names if not movable(n)})
     if fixed:
         raise ValueError(f"{index.path} keeps blocks in the {', '.join(fixed)} store, whose "
                          f"blocks cannot move to another partition: load it on {saved} ranks")
     return names
+
+
+def movable(name: str) -> bool:
+    """Whether the store ``name`` can give its blocks apart (:meth:`BlockStore.regrouped`)."""
+    return get_store(name).regrouped.__func__ is not BlockStore.regrouped.__func__
 
 
 def balanced(index, world_size: int, names: list[str]) -> Sharding:
@@ -117,3 +121,40 @@ def _assembled(pieces: dict[str, list], layout, config, dtype,
                                         block_ids=[b for b, _ in held])
               for name, held in pieces.items()]
     return ssse_ext.BlockInverseFisher(stores, config, num_samples)
+
+
+def gathered(local: ssse_ext.BlockInverseFisher, sharding: Sharding, comm,
+             what: str) -> ssse_ext.BlockInverseFisher:
+    """The whole inverse on every rank of ``comm``, each block in its own store (collective):
+    every rank's share travels as its state (safetensors bytes and JSON metadata; nothing is
+    pickled). Refused on every rank, before the transfer, when the states would not fit in
+    the memory free on a rank (they are held three times: sent, received and as stores)."""
+    from safetensors.torch import load, save
+
+    from ssse_ext.budget import check_memory
+
+    tensors, meta = local.to_state(check=False)
+    data = save({k: t.detach().cpu().contiguous() for k, t in tensors.items()})
+    lengths = [row[0] for row in comm.ints([len(data)], what)]
+    error = None
+    try:
+        check_memory(what, 3 * sum(lengths), detail="every rank's share of the inverse")
+    except Exception as exc:  # refused on every rank at once
+        error = exc
+    comm.agree(error, what)
+    metas = [json.loads(text) for text in comm.texts(json.dumps(meta), what, whole=True)]
+    buf = torch.zeros(max(max(lengths), 1), dtype=torch.uint8)
+    buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    rows = comm.all_gather(buf, what, kind="inverse").cpu()
+    pieces: dict[str, list] = {}
+    for r in range(comm.size):
+        share = ssse_ext.BlockInverseFisher.from_state(
+            load(rows[r, :lengths[r]].numpy().tobytes()), metas[r])
+        first = sharding.bounds[r]
+        for st in share.stores:
+            for b in st.block_ids:
+                pieces.setdefault(st.name, []).append((first + b, (st, b)))
+    for held in pieces.values():
+        held.sort(key=lambda item: item[0])
+    whole = _assembled(pieces, sharding.layout, local.config, local.dtype, local.num_samples)
+    return whole.to(device=local.device)

@@ -157,7 +157,10 @@ class ShardedInverseFisher:
 
     def gather(self, *, comm: Comm | None = None) -> ssse_ext.BlockInverseFisher:
         """The whole inverse, on every rank (collective over ``comm``, default the ranks that
-        made this inverse): memory of the whole inverse."""
+        made this inverse): memory of the whole inverse. Blocks in other stores than the dense
+        one (the Kronecker-factored, the float64 ones) stay in their stores, sent as every
+        rank's state (:func:`ssse.resharding.gathered`); the low-rank and Gram stores are
+        refused in one line."""
         comm = comm or self.comm
         check_sharded(self, comm)
         own = own_stores(self.local)
@@ -165,10 +168,17 @@ class ShardedInverseFisher:
             whole = self.local.clone()
             whole.config = self.config
             return whole
-        comm.agree(None if not own else ValueError(
-            f"gather assembles dense blocks; this inverse keeps blocks in the "
-            f"{', '.join(own)} store (use matvec, or save_sharded and load_sharded)"),
-            "gather of the inverse")
+        kept = sorted({n for t in comm.texts(",".join(own), "gather of the inverse (the stores)")
+                       for n in t.split(",") if n})
+        fixed = [n for n in kept if not resharding.movable(n)]
+        if fixed:  # the same on every rank
+            raise ValueError(f"gather of the inverse: the {', '.join(fixed)} blocks cannot move "
+                             f"to another partition (use matvec, or save_sharded and "
+                             f"load_sharded on as many ranks)")
+        if kept:  # each block in its own store, from every rank's state
+            whole = resharding.gathered(self.local, self.sharding, comm, "gather of the inverse")
+            whole.config = self.config
+            return whole
         numels = [self.sharding.numel(r) for r in range(comm.size)]
         buf = torch.zeros(max(max(numels), 1), dtype=self.dtype, device=comm.device)
         packed = self.local.packed
