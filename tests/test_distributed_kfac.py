@@ -142,6 +142,10 @@ def kfac_scenario(rank, world, out, opts, res):
                                     curvature="ekfac", progress=False, **LAYOUT)  # stores
     share = ssse.sharding.ShardedInverseFisher.from_full(whole, comm=comm)
     res["from_full_stores"] = share.local.representation
+    mixed = ssse.fit_inverse_fisher(model, LOSS, [(X, y)], damping=DAMPING, curvature="kfac",
+                                    representation="gram", progress=False, **LAYOUT)
+    res["from_full_gram"] = (mixed.representation, refusal(
+        lambda: ssse.sharding.ShardedInverseFisher.from_full(mixed, comm=comm)))
     res["from_full"] = share.matvec(probe_vectors())
     removed = [i for i in REMOVED_1 if i in comm.share(N)]
     res["from_full_ssse"] = flat(ssse.ssse_update(
@@ -204,6 +208,11 @@ def test_from_full_keeps_each_block_in_its_store(runs, world):
     ref = runs["ref"]
     stores = [res["from_full_stores"] for res in runs[world][0]]
     assert sum(names.count("ekfac") for names in stores) == 2
+    for res in runs[world][0]:  # blocks that cannot be shared: refused alike on every rank
+        assert res["from_full_gram"] == (("kfac", "gram", "kfac", "gram"), (
+            "ValueError", "inv keeps blocks in the kfac store, whose changes read the rows' "
+            "side payload, and in the gram store, whose blocks cannot be shared: fit with "
+            "comm= instead"))
     for res in runs[world][0]:
         assert rel_err(res["from_full"], ref["fit_ekfac"]) <= SOLVE[torch.float64]
         assert rel_err(res["from_full_ssse"], ref["ssse"]) <= SOLVE[torch.float64]

@@ -137,3 +137,15 @@ def test_a_share_of_a_whole_inverse_keeps_each_block_in_its_store(curvature):
                 if st.name == curvature:
                     assert all(x.qa.data_ptr() != y.qa.data_ptr() for x in st.blocks
                                for y in source.blocks)
+
+
+def test_a_kronecker_stores_rebase_count_goes_with_its_first_block():
+    """Split and joined again, the count of basis changes is neither lost nor multiplied."""
+    store = next(st for st in mlp_inverse("ekfac").stores if st.name == "ekfac")
+    store.rebased = 3
+    kind = type(store)
+    first = kind.regrouped([(store, 0)], layout=layout_of(20), block_ids=[0])
+    second = kind.regrouped([(store, 2)], layout=layout_of(12), block_ids=[0])
+    assert (first.rebased, second.rebased) == (3, 0)
+    again = kind.regrouped([(first, 0), (second, 0)], layout=layout_of(20, 12), block_ids=[0, 1])
+    assert again.rebased == 3

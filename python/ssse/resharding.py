@@ -105,18 +105,19 @@ def share_of(inv: ssse_ext.BlockInverseFisher, sharding: Sharding,
     for held in pieces.values():
         held.sort(key=lambda item: item[0])
     local = _assembled(pieces, sharding.sub_layout(rank), inv.config, inv.dtype,
-                       inv.num_samples)
+                       inv.num_samples, inv.device)
     return ssse_ext.BlockInverseFisher([st.clone() for st in local.stores], local.config,
                                        local.num_samples)
 
 
-def _assembled(pieces: dict[str, list], layout, config, dtype,
-               num_samples: int) -> ssse_ext.BlockInverseFisher:
+def _assembled(pieces: dict[str, list], layout, config, dtype, num_samples: int,
+               device=None) -> ssse_ext.BlockInverseFisher:
     """One inverse of ``layout`` from ``pieces``: per store name, ``(id in layout, (store,
-    its id))`` in increasing ids."""
+    its id))`` in increasing ids (none: an empty inverse on ``device``)."""
     config = ssse_ext.FisherConfig(config.damping, config.normalizer, layout, config.curvature)
     if not pieces:  # a rank without blocks
-        return ssse_ext.BlockInverseFisher([torch.zeros(0, dtype=dtype)], config, num_samples)
+        return ssse_ext.BlockInverseFisher([torch.zeros(0, dtype=dtype, device=device)], config,
+                                           num_samples)
     stores = [get_store(name).regrouped([p for _, p in held], layout=layout,
                                         block_ids=[b for b, _ in held])
               for name, held in pieces.items()]
@@ -127,24 +128,38 @@ def gathered(local: ssse_ext.BlockInverseFisher, sharding: Sharding, comm,
              what: str) -> ssse_ext.BlockInverseFisher:
     """The whole inverse on every rank of ``comm``, each block in its own store (collective):
     every rank's share travels as its state (safetensors bytes and JSON metadata; nothing is
-    pickled). Refused on every rank, before the transfer, when the states would not fit in
-    the memory free on a rank (they are held three times: sent, received and as stores)."""
+    pickled); the health probe's sketch stays behind. Refused on every rank, before anything
+    is copied, when the copies would not fit in the memory free on a rank (on the CPU: the
+    received shares twice, as bytes and as stores, the whole inverse assembled, and this
+    rank's bytes; on the inverse's device: the whole inverse)."""
     from safetensors.torch import load, save
 
     from ssse_ext.budget import check_memory
 
-    tensors, meta = local.to_state(check=False)
-    data = save({k: t.detach().cpu().contiguous() for k, t in tensors.items()})
-    lengths = [row[0] for row in comm.ints([len(data)], what)]
-    error = None
-    try:
-        check_memory(what, 3 * sum(lengths), detail="every rank's share of the inverse")
-    except Exception as exc:  # refused on every rank at once
-        error = exc
+    from .comm import run_local
+
+    sizes = [row[0] for row in comm.ints([local.nbytes], what)]
+
+    def fits():
+        check_memory(what, comm.size * max(sizes) + 2 * sum(sizes) + local.nbytes,
+                     detail="every rank's share of the inverse, sent as bytes")
+        if local.device.type != "cpu":
+            check_memory(what, sum(sizes), local.device, detail="the whole inverse")
+
+    def state():
+        tensors, meta = local.to_state(check=False)
+        tensors = {k: t for k, t in tensors.items() if not k.startswith("probe.")}
+        return save({k: t.detach().cpu().contiguous() for k, t in tensors.items()}), \
+            json.dumps({k: v for k, v in meta.items() if k != "probe"})
+
+    comm.agree(run_local(fits)[1], what)
+    (data, meta), error = run_local(state)
     comm.agree(error, what)
-    metas = [json.loads(text) for text in comm.texts(json.dumps(meta), what, whole=True)]
+    lengths = [row[0] for row in comm.ints([len(data)], what)]
+    metas = [json.loads(text) for text in comm.texts(meta, what, whole=True)]
     buf = torch.zeros(max(max(lengths), 1), dtype=torch.uint8)
     buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    del data
     rows = comm.all_gather(buf, what, kind="inverse").cpu()
     pieces: dict[str, list] = {}
     for r in range(comm.size):
@@ -154,7 +169,8 @@ def gathered(local: ssse_ext.BlockInverseFisher, sharding: Sharding, comm,
         for st in share.stores:
             for b in st.block_ids:
                 pieces.setdefault(st.name, []).append((first + b, (st, b)))
+    del rows
     for held in pieces.values():
         held.sort(key=lambda item: item[0])
     whole = _assembled(pieces, sharding.layout, local.config, local.dtype, local.num_samples)
-    return whole.to(device=local.device)
+    return whole if local.device.type == "cpu" else whole.to(device=local.device)

@@ -140,12 +140,13 @@ class ShardedInverseFisher:
         if side and size == 1:  # the whole inverse is the one rank's share, in any store
             return cls(inv.clone(), sharding, rank, comm)
         if side:  # each block stays in its store: the changes need the side payload's store
-            try:
-                return cls(resharding.share_of(inv, sharding, rank), sharding, rank, comm)
-            except ValueError as exc:
+            fixed = sorted({st.name for st in inv.stores if not resharding.movable(st.name)})
+            if fixed:  # decided from the whole inverse: the same on every rank
                 raise ValueError(f"inv keeps blocks in the {', '.join(side)} store, whose "
-                                 f"changes read the rows' side payload, so from_full keeps "
-                                 f"every block in its store: {exc}") from None
+                                 f"changes read the rows' side payload, and in the "
+                                 f"{', '.join(fixed)} store, whose blocks cannot be shared: "
+                                 f"fit with comm= instead")
+            return cls(resharding.share_of(inv, sharding, rank), sharding, rank, comm)
         first, last = sharding.blocks(rank)
         sizes, offsets = inv.layout.sizes, inv.layout.offsets
         packed = torch.empty(inv.layout.numel_of(first, last), dtype=inv.dtype, device=inv.device)

@@ -371,16 +371,16 @@ class KroneckerStore(BlockStore):
 
     @classmethod
     def regrouped(cls, pieces, *, layout, block_ids):
-        """:meth:`BlockStore.regrouped` (of one refresh, tolerance, storage); rebased sums."""
-        stores = cls.regrouped_stores(pieces)
-        first = stores[0]
+        """:meth:`BlockStore.regrouped`; a store's ``rebased`` goes with its first block."""
+        first, *_ = stores = cls.regrouped_stores(pieces)
         if len({(st.refresh, st.tolerance, st.storage) for st in stores}) > 1:
             raise ValueError(f"the {cls.name} blocks to regroup differ in refresh, tolerance or "
                              f"storage")
         store = cls(layout, block_ids, [st.blocks[st.position(b)] for st, b in pieces],
                     damping=first.damping, normalizer=first.normalizer, dtype=first.dtype,
                     refresh=first.refresh, tolerance=first.tolerance, storage=first.storage)
-        store.rebased = sum(st.rebased for st in stores)
+        firsts = {(id(st), b) for st, b in pieces}
+        store.rebased = sum(st.rebased for st in stores if (id(st), st.block_ids[0]) in firsts)
         return store
 
     @classmethod
