@@ -106,15 +106,13 @@ def test_kronecker_stores_of_other_options_are_refused():
 
 def test_a_save_is_re_sharded_by_its_blocks_bytes():
     """A Kronecker block costs its factors' bytes, not the s^2 of a dense block."""
-    from types import SimpleNamespace
-
-    from ssse import resharding
     from ssse.partition import Sharding
 
-    index = SimpleNamespace(layout=layout_of(60, 10, 10, 10, 10), dtype=torch.float64)
+    layout = layout_of(60, 10, 10, 10, 10)
     names = ["kfac"] + ["dense"] * 4
-    assert resharding.balanced(index, 2, names).bounds == (0, 2, 5)  # 1440 + 800 | 2400
-    assert Sharding.balanced(index.layout, 2).bounds == (0, 1, 5)  # 3600 | 400
+    assert Sharding.by_store_bytes(layout, 2, names, torch.float64).bounds == \
+        (0, 2, 5)  # 1440 + 800 | 2400
+    assert Sharding.balanced(layout, 2).bounds == (0, 1, 5)  # 3600 | 400
 
 
 @pytest.mark.parametrize("curvature", ["kfac", "ekfac"])

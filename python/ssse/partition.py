@@ -6,9 +6,11 @@ r"""Which rank owns which blocks of a sharded inverse (:class:`Sharding`): rank 
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 
 import ssse_ext
+from ssse_ext.blocks import get_store
 from ssse_ext.validation import check_int, check_positive_int
 
 __all__ = ["Sharding"]
@@ -40,6 +42,16 @@ class Sharding:
         # the first parameter of every range (asked for per chunk of rows, so kept)
         starts = [self.layout.starts[b] if b < nb else self.layout.dim for b in bounds]
         object.__setattr__(self, "_starts", tuple(starts))
+
+    @classmethod
+    def by_store_bytes(cls, layout: ssse_ext.BlockLayout, world_size: int, names,
+                       dtype) -> "Sharding":
+        """:meth:`balanced` with each block's bytes in its store (``names``: per block, the
+        store that holds it; ``dtype``: the inverse's): a Kronecker-factored block of s
+        parameters holds O(s) numbers, not s²."""
+        return cls.balanced(layout, world_size,
+                            [math.ceil(get_store(name).nbytes_for(size, None, dtype))
+                             for name, size in zip(names, layout.sizes)])
 
     @classmethod
     def balanced(cls, layout: ssse_ext.BlockLayout, world_size: int,

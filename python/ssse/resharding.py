@@ -1,8 +1,10 @@
-"""Loading a save whose shards keep their stores' states (blocks in stores other than the dense
-one, such as the Kronecker-factored ones) on another number of ranks than wrote it.
+"""Moving blocks kept in stores other than the dense one (the Kronecker-factored ones, the
+float64 ones) between partitions: a save loaded on another number of ranks than wrote it
+(:func:`regrouped_local`), a whole inverse shared over ranks (:func:`share_of`, for
+``from_full``) and the shares gathered into the whole (:func:`gathered`, for ``gather``).
 
-The new partition balances the blocks' bytes in their stores (as the sharded fit does), read
-from every shard's header. Each rank then reads, whole, the saved shards that hold its blocks,
+A save's new partition balances the blocks' bytes in their stores (as the sharded fit does),
+read from every shard's header. Each rank then reads, whole, the saved shards that hold its blocks,
 and every store kind gathers its blocks into one store of the rank's layout
 (:meth:`ssse_ext.blocks.BlockStore.regrouped`); the loaded blocks may share tensors with the
 shards read, which are dropped. As when dense blocks are re-sharded, the health probe's sketch
@@ -12,7 +14,6 @@ stays with the saved partition: the loaded shares carry none.
 from __future__ import annotations
 
 import json
-import math
 
 import torch
 
@@ -62,29 +63,18 @@ def movable(name: str) -> bool:
     return get_store(name).regrouped.__func__ is not BlockStore.regrouped.__func__
 
 
-def balanced(index, world_size: int, names: list[str]) -> Sharding:
-    """The partition of the saved layout over ``world_size`` ranks by the blocks' bytes."""
-    costs = [math.ceil(get_store(name).nbytes_for(size, None, index.dtype))
-             for name, size in zip(names, index.layout.sizes)]
-    return Sharding.balanced(index.layout, world_size, costs)
-
-
 def regrouped_local(index, sharding: Sharding, rank: int,
                     read_state) -> ssse_ext.BlockInverseFisher:
     """Rank ``rank``'s blocks of ``sharding`` as one inverse of its sub-layout, from the saved
     shards that hold them (``read_state(r)``: saved rank ``r``'s inverse)."""
     first, last = sharding.blocks(rank)
     saved = index.sharding
-    pieces: dict[str, list] = {}  # per store name: (new id, (saved store, saved id))
+    pieces: dict[str, list] = {}
     for r in range(saved.world_size):
         lo, hi = max(first, saved.bounds[r]), min(last, saved.bounds[r + 1])
-        if lo >= hi:
-            continue
-        local = read_state(r)
-        owner = {b: st for st in local.stores for b in st.block_ids}
-        for b in range(lo, hi):
-            st = owner[b - saved.bounds[r]]
-            pieces.setdefault(st.name, []).append((b - first, (st, b - saved.bounds[r])))
+        if lo < hi:
+            start = saved.bounds[r]
+            _take(pieces, read_state(r), lo - start, hi - start, start - first)
     try:
         return _assembled(pieces, sharding.sub_layout(rank), index.config, index.dtype,
                           index.num_samples)
@@ -98,23 +88,30 @@ def share_of(inv: ssse_ext.BlockInverseFisher, sharding: Sharding,
     store (a copy); ``ValueError`` naming a store of them that cannot give its blocks apart."""
     first, last = sharding.blocks(rank)
     pieces: dict[str, list] = {}
-    for st in inv.stores:
-        for b in st.block_ids:
-            if first <= b < last:
-                pieces.setdefault(st.name, []).append((b - first, (st, b)))
-    for held in pieces.values():
-        held.sort(key=lambda item: item[0])
+    _take(pieces, inv, first, last, -first)
     local = _assembled(pieces, sharding.sub_layout(rank), inv.config, inv.dtype,
                        inv.num_samples, inv.device)
     return ssse_ext.BlockInverseFisher([st.clone() for st in local.stores], local.config,
                                        local.num_samples)
 
 
+def _take(pieces: dict[str, list], inv: ssse_ext.BlockInverseFisher, lo: int, hi: int,
+          shift: int) -> None:
+    """Adds the blocks ``lo .. hi - 1`` of ``inv`` to ``pieces`` (per store name, ``(id in the
+    new layout, (store, its id))``) as the blocks ``b + shift`` of the new layout."""
+    for st in inv.stores:
+        for b in st.block_ids:
+            if lo <= b < hi:
+                pieces.setdefault(st.name, []).append((b + shift, (st, b)))
+
+
 def _assembled(pieces: dict[str, list], layout, config, dtype, num_samples: int,
                device=None) -> ssse_ext.BlockInverseFisher:
-    """One inverse of ``layout`` from ``pieces``: per store name, ``(id in layout, (store,
-    its id))`` in increasing ids (none: an empty inverse on ``device``)."""
+    """One inverse of ``layout`` from ``pieces`` (:func:`_take`; none: an empty inverse on
+    ``device``)."""
     config = ssse_ext.FisherConfig(config.damping, config.normalizer, layout, config.curvature)
+    for held in pieces.values():
+        held.sort(key=lambda item: item[0])
     if not pieces:  # a rank without blocks
         return ssse_ext.BlockInverseFisher([torch.zeros(0, dtype=dtype, device=device)], config,
                                            num_samples)
@@ -165,12 +162,7 @@ def gathered(local: ssse_ext.BlockInverseFisher, sharding: Sharding, comm,
     for r in range(comm.size):
         share = ssse_ext.BlockInverseFisher.from_state(
             load(rows[r, :lengths[r]].numpy().tobytes()), metas[r])
-        first = sharding.bounds[r]
-        for st in share.stores:
-            for b in st.block_ids:
-                pieces.setdefault(st.name, []).append((first + b, (st, b)))
+        _take(pieces, share, 0, share.layout.num_blocks, sharding.bounds[r])
     del rows
-    for held in pieces.values():
-        held.sort(key=lambda item: item[0])
     whole = _assembled(pieces, sharding.layout, local.config, local.dtype, local.num_samples)
     return whole if local.device.type == "cpu" else whole.to(device=local.device)

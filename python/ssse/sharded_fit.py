@@ -22,13 +22,12 @@ The fit has two exchanges (``comm.exchange``), with the same result to rounding:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
 
 import ssse_ext
-from ssse_ext.blocks import Pinned, choose_stores, get_store
+from ssse_ext.blocks import Pinned, choose_stores
 from ssse_ext.budget import available_memory
 from ssse_ext.build import StoreBuild
 from ssse_ext.side import SideSum, strip_side
@@ -113,9 +112,8 @@ def fit_sharded(comm: Comm, a: dict) -> ShardedInverseFisher:
               "fit_inverse_fisher: the model's parameters or the arguments")
     if isinstance(args["representation"], Pinned):  # blocks in a store of the curvature's own
         names = choose_stores(lay.sizes, None, dt, representation=args["representation"])
-        costs = [math.ceil(get_store(name).nbytes_for(size, None, dt))
-                 for name, size in zip(names, lay.sizes)]  # balanced by the stores' bytes
-        return _fit_stores(comm, Sharding.balanced(lay, comm.size, costs), a, args, lik, data)
+        sharding = Sharding.by_store_bytes(lay, comm.size, names, dt)
+        return _fit_stores(comm, sharding, a, args, lik, data)
     sharding = Sharding.balanced(lay, comm.size)
     choice, acc_bytes, budget = _plan(comm, sharding, data, args)
     before = dict(comm.sent)

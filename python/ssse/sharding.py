@@ -521,8 +521,8 @@ def load_sharded(path: str | os.PathLike, *, comm: Comm | None = None, device=No
     if saved.world_size == comm.size:
         sharding = saved
     elif index.stores:  # balanced by the blocks' bytes in their stores
-        sharding, error = run_local(lambda: resharding.balanced(
-            index, comm.size, resharding.store_names(index)))
+        sharding, error = run_local(lambda: Sharding.by_store_bytes(
+            index.layout, comm.size, resharding.store_names(index), index.dtype))
         comm.agree(error, "load_sharded (the shards' stores)")
     else:
         sharding = Sharding.balanced(index.layout, comm.size)
