@@ -81,7 +81,7 @@ template void rows_times<double>(const double*, int64_t, int64_t, const double*,
                                  double*);
 
 template <typename T>
-void gemm_rows_b(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs,
+void gemm_rows_b(int64_t M, int64_t N, int64_t K, const double* a, int64_t a_rs, int64_t a_cs,
                  const T* b, int64_t ldb, double* c, int64_t ldc) {
   const detail::MicroKernel& mk = detail::micro_kernel();
   if constexpr (std::is_same_v<T, float>)
@@ -90,7 +90,7 @@ void gemm_rows_b(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int6
     mk.gemm_rows_d(M, N, K, a, a_rs, a_cs, b, ldb, c, ldc);
 }
 
-template void gemm_rows_b<float>(int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
+template void gemm_rows_b<float>(int64_t, int64_t, int64_t, const double*, int64_t, int64_t,
                                  const float*, int64_t, double*, int64_t);
 template void gemm_rows_b<double>(int64_t, int64_t, int64_t, const double*, int64_t, int64_t,
                                   const double*, int64_t, double*, int64_t);

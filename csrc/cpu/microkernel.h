@@ -28,9 +28,9 @@ using GemmSymmetricFn = void (*)(int64_t M, int64_t N, double alpha, const TA* a
                                  int64_t a_cs, const double* s, int64_t lds, double beta,
                                  double* c, int64_t ldc);
 
-// C[M, N] (ldc) = A B with A as in GemmFn and B row-major [K, N] (b, ldb), read in place.
+// C[M, N] (ldc) = A B with A (float64) as in GemmFn and B row-major [K, N] (b, ldb), read in place.
 template <typename T>
-using GemmRowsFn = void (*)(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs,
+using GemmRowsFn = void (*)(int64_t M, int64_t N, int64_t K, const double* a, int64_t a_rs,
                             int64_t a_cs, const T* b, int64_t ldb, double* c, int64_t ldc);
 
 // F[s, s] (ldf) += coef W W^T with W(i, k) = wt[k s + i]; false: not done (too many rows k).

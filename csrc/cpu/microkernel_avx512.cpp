@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <memory>
 
+#include <immintrin.h>
+
 #include "microkernel.h"
 
 namespace ssse::cpu::detail {

@@ -57,11 +57,19 @@ void woodbury_check(const T* inv, const int64_t* layout, int64_t num_blocks, con
     const T* vb = r > 0 ? vecs + blk.start * r : nullptr;
     std::vector<double> fv(static_cast<size_t>(s * r));
     if (r > 0) rows_times(f, s, s, vb, r, fv.data());
+    // R_b in float64, contiguous (its rows, d apart in the rows, may share cache sets)
+    thread_local std::vector<double> xb;
+    if (k > 0 && k <= kFewRows) {
+      xb.resize(static_cast<size_t>(k * s));
+      for (int64_t i = 0; i < k; ++i)
+        std::transform(x + i * d, x + i * d + s, xb.begin() + i * s,
+                       [](T e) { return static_cast<double>(e); });
+    }
     if (k > 0) {
-      // U^T = R_b F_b^{-1} [k, s]: for a few rows, the block read in place (in cache after
-      // the pass above); for many, the packed GEMM, which reads it once for all of them
+      // U^T = R_b F_b^{-1} [k, s]: for a few rows, the block streamed row after row in place
+      // (in cache after the pass above); for many, the packed GEMM, which reads it once for all
       if (k <= kFewRows)
-        gemm_rows_b<T>(k, s, s, x, d, 1, f, s, w, s);
+        gemm_rows_b<T>(k, s, s, xb.data(), s, 1, f, s, w, s);
       else
         gemm<T, T>(k, s, s, 1.0, x, d, 1, f, s, 1, 0.0, w, s);
     }
@@ -72,7 +80,7 @@ void woodbury_check(const T* inv, const int64_t* layout, int64_t num_blocks, con
         for (int64_t i = 0; i < k; ++i)
           for (int64_t j = 0; j < k; ++j)
             c[static_cast<size_t>(i * k + j)] =
-                static_cast<double>(sign) * dot(x + i * d, w + j * s, s);
+                static_cast<double>(sign) * dot(xb.data() + i * s, w + j * s, s);
       } else {
         gemm<T, double>(k, k, s, static_cast<double>(sign), x, d, 1, w, 1, s, 0.0, c.data(), k);
       }
