@@ -303,12 +303,14 @@ PYBIND11_MODULE(_C, m) {
       [](int dtype, std::uintptr_t inv, std::uintptr_t layout, int64_t num_blocks,
          std::uintptr_t rows, int64_t k, int64_t d, double normalizer, int sign, std::uintptr_t wt,
          std::uintptr_t pivots, std::uintptr_t info, int threads, std::uintptr_t vecs, int64_t r,
-         bool changed, std::uintptr_t out) {
+         bool changed, std::uintptr_t out, int64_t out_start) {
         check_blocks(num_blocks);
         check_threads(threads);
         check_update_args(k, d, normalizer, sign);
         ssse::check_arg(r >= 0, "r must be >= 0, got " + std::to_string(r));
         ssse::check_arg(r == 0 || (vecs != 0 && out != 0), "r > 0 needs vecs and out");
+        ssse::check_arg(out_start >= 0 && out_start <= d,
+                        "out_start must be in [0, d], got " + std::to_string(out_start));
         py::gil_scoped_release release;
         dispatch(dtype, [&](auto tag) {
           using T = decltype(tag);
@@ -316,13 +318,14 @@ PYBIND11_MODULE(_C, m) {
                                        ptr<const T>(rows), k, d, normalizer, sign,
                                        ptr<double>(wt), ptr<double>(pivots), ptr<int64_t>(info),
                                        threads, ptr<const T>(vecs), r, changed,
-                                       ptr<double>(out));
+                                       ptr<double>(out), out_start);
         });
       },
       py::arg("dtype"), py::arg("inv"), py::arg("layout"), py::arg("num_blocks"),
       py::arg("rows"), py::arg("k"), py::arg("d"), py::arg("normalizer"), py::arg("sign"),
       py::arg("wt"), py::arg("pivots"), py::arg("info"), py::arg("threads"),
-      py::arg("vecs") = 0, py::arg("r") = 0, py::arg("changed") = false, py::arg("out") = 0);
+      py::arg("vecs") = 0, py::arg("r") = 0, py::arg("changed") = false, py::arg("out") = 0,
+      py::arg("out_start") = 0);
 
   m.def(
       "woodbury_write",

@@ -214,22 +214,31 @@ def _woodbury_check_impl(inv: torch.Tensor, layout: torch.Tensor, rows: torch.Te
     table by the ``(k, d)`` rows (see csrc/cpu/woodbury.h): ``wt`` float64, every block's
     :math:`W_b^\top` (``k x s_b``) one after the other; ``pivots`` ``(num_blocks, k)``;
     ``info`` ``(num_blocks,)``. With ``vecs`` ``(d, r)`` (the inverse's dtype), ``out``
-    ``(d, r)`` float64 holds, on the rows of the blocks that pass (zeros elsewhere),
-    :math:`F_b^{-1} V_b`, or with ``changed`` the changed blocks' inverses times :math:`V_b`,
-    from the same pass over the blocks; without, ``out`` is empty. Nothing is written to
-    ``inv``."""
+    float64 holds the rows ``check_rows(layout)`` of :math:`F_b^{-1} V_b` (on the blocks
+    that pass; zeros elsewhere), or with ``changed`` of the changed blocks' inverses times
+    :math:`V_b`, from the same pass over the blocks; without, ``out`` is empty. Nothing is
+    written to ``inv``."""
     k, d = rows.shape
     nb = layout.shape[0]
     wt = torch.empty(k * int(layout[:, 1].sum()) if nb else 0, dtype=torch.float64)
     pivots = torch.empty(nb, k, dtype=torch.float64)
     info = torch.empty(nb, dtype=torch.int64)
     r = 0 if vecs is None else vecs.shape[1]
-    out = torch.zeros((0, 0) if vecs is None else (d, r), dtype=torch.float64)
+    lo, hi = check_rows(layout)
+    out = torch.zeros((0, 0) if vecs is None else (hi - lo, r), dtype=torch.float64)
     _C.woodbury_check(_code(inv), inv.data_ptr(), layout.data_ptr(), nb, rows.data_ptr(), k, d,
                       normalizer, sign, wt.data_ptr(), pivots.data_ptr(), info.data_ptr(),
                       _threads(), 0 if vecs is None else vecs.data_ptr(), r, bool(changed),
-                      out.data_ptr() if r else 0)
+                      out.data_ptr() if r else 0, lo if r else 0)
     return wt, pivots, info, out
+
+
+def check_rows(layout: torch.Tensor) -> tuple[int, int]:
+    """The rows ``(lo, hi)`` of the inverse that the blocks of a layout table (start, size,
+    offset) cover from the first to the last: those of :func:`woodbury_check`'s ``out``."""
+    if not layout.shape[0]:
+        return 0, 0
+    return int(layout[:, 0].min()), int((layout[:, 0] + layout[:, 1]).max())
 
 
 woodbury_check = torch.library.custom_op("ssse_ext::woodbury_check",
@@ -240,7 +249,8 @@ woodbury_check = torch.library.custom_op("ssse_ext::woodbury_check",
 def _(inv, layout, rows, normalizer, sign, vecs=None, changed=False):
     k, nb = rows.shape[0], layout.shape[0]
     n = torch.library.get_ctx().new_dynamic_size()
-    shape = (0, 0) if vecs is None else (rows.shape[1], vecs.shape[1])
+    shape = (0, 0) if vecs is None else (torch.library.get_ctx().new_dynamic_size(),
+                                         vecs.shape[1])
     return (inv.new_empty(n, dtype=torch.float64), inv.new_empty(nb, k, dtype=torch.float64),
             inv.new_empty(nb, dtype=torch.int64), inv.new_empty(shape, dtype=torch.float64))
 

@@ -234,6 +234,36 @@ def test_woodbury_check_applies_the_blocks_in_the_same_pass(dtype, r, changed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_woodbury_check_applies_the_rows_of_its_blocks_only(dtype):
+    """A table of some blocks (a store's segment) gets F_b^{-1} V_b for the rows its blocks
+    span, from the first block's start: the products of the whole table, sliced."""
+    torch.manual_seed(5)
+    layout = BlockLayout.from_boundaries([0, 9, 30, 31, 64, 70])  # 9, 21, 1, 33, 6
+    d = layout.dim
+    g = torch.randn(2 * d, d, dtype=torch.float64)
+    inv = ssse_ext.build_inverse_fisher(g.to(dtype), damping=0.5, layout=layout,
+                                        representation="dense")
+    host, n = layout.table(), float(2 * d)
+    rows = g[:2].to(dtype).contiguous()
+    vecs = torch.randn(d, 2, dtype=dtype)
+    _, _, _, whole = _ops.call(_ops.woodbury_check, inv.packed, host, rows, n, -1, vecs)
+    assert _ops.check_rows(host) == (0, d) and whole.shape == (d, 2)
+    for picked in ([1, 3], [2], [4], [1, 2, 3, 4]):
+        part = host[picked].contiguous()
+        lo, hi = _ops.check_rows(part)
+        assert (lo, hi) == (layout.starts[picked[0]],
+                            layout.starts[picked[-1]] + layout.sizes[picked[-1]])
+        wt, _, info, out = _ops.call(_ops.woodbury_check, inv.packed, part, rows, n, -1, vecs)
+        assert not info.any() and out.shape == (hi - lo, 2)
+        expect = torch.zeros(hi - lo, 2, dtype=torch.float64)
+        for b in picked:
+            st, sb = layout.starts[b], layout.sizes[b]
+            expect[st - lo:st - lo + sb] = whole[st:st + sb]
+        assert torch.equal(out, expect), picked
+    assert _ops.check_rows(host[:0]) == (0, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_woodbury_check_reports_failures_and_overflow(dtype):
     torch.manual_seed(3)
     layout = BlockLayout.fixed(12, 6)

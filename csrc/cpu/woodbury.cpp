@@ -34,7 +34,7 @@ template <typename T>
 void woodbury_check(const T* inv, const int64_t* layout, int64_t num_blocks, const T* rows,
                     int64_t k, int64_t d, double normalizer, int sign, double* wt,
                     double* pivots, int64_t* info, int threads, const T* vecs, int64_t r,
-                    bool changed, double* out) {
+                    bool changed, double* out, int64_t out_start) {
   if (num_blocks <= 0) return;
   if (vecs == nullptr || out == nullptr) r = 0;
   const BlockSpec* blocks = as_blocks(layout);
@@ -124,7 +124,7 @@ void woodbury_check(const T* inv, const int64_t* layout, int64_t num_blocks, con
         }
       }
     }
-    std::copy(fv.begin(), fv.end(), out + blk.start * r);
+    std::copy(fv.begin(), fv.end(), out + (blk.start - out_start) * r);
   });
 }
 
@@ -167,10 +167,10 @@ void woodbury_write(T* inv, const int64_t* layout, int64_t num_blocks, const dou
 
 template void woodbury_check<float>(const float*, const int64_t*, int64_t, const float*, int64_t,
                                     int64_t, double, int, double*, double*, int64_t*, int,
-                                    const float*, int64_t, bool, double*);
+                                    const float*, int64_t, bool, double*, int64_t);
 template void woodbury_check<double>(const double*, const int64_t*, int64_t, const double*,
                                      int64_t, int64_t, double, int, double*, double*, int64_t*,
-                                     int, const double*, int64_t, bool, double*);
+                                     int, const double*, int64_t, bool, double*, int64_t);
 template void woodbury_write<float>(float*, const int64_t*, int64_t, const double*, int64_t, int,
                                     int);
 template void woodbury_write<double>(double*, const int64_t*, int64_t, const double*, int64_t,

@@ -16,7 +16,8 @@ namespace ssse::cpu {
 // products overflowed float64).
 //
 // With r > 0 vectors V [d, r] (row-major, the inverse's dtype), the same pass also writes, for
-// every block that passes, out[start_b + i, j] (float64 [d, r], row-major; other rows untouched)
+// every block that passes, out[start_b - out_start + i, j] (float64, row-major, its first row
+// row out_start of V: the rows of the table's blocks; other rows untouched)
 // = (F_b^{-1} V_b)(i, j) where changed is false, or ((F_b + sign R_b^T R_b / N)^{-1} V_b)(i, j)
 // = (F_b^{-1} V_b - sign W_b W_b^T V_b)(i, j) where it is true: the block is read once for both.
 template <typename T>
@@ -26,7 +27,8 @@ void woodbury_check(const T* inv,           // packed [sum size_b^2], full symme
                     const T* rows,          // [k, d] row-major
                     int64_t k, int64_t d, double normalizer, int sign, double* wt,
                     double* pivots, int64_t* info, int threads, const T* vecs = nullptr,
-                    int64_t r = 0, bool changed = false, double* out = nullptr);
+                    int64_t r = 0, bool changed = false, double* out = nullptr,
+                    int64_t out_start = 0);
 
 // F_b^{-1} -= sign W_b W_b^T for every block, from woodbury_check's wt.
 template <typename T>

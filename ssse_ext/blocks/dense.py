@@ -299,7 +299,8 @@ class DenseStore(BlockStore):
             wt, piv, info, part = _ops.call(_ops.woodbury_check, seg, table, rows,
                                             float(self.normalizer), int(sign), v, changed)
             if v is not None:
-                out += part  # zeros outside these blocks' rows
+                lo, hi = _ops.check_rows(table)
+                out[lo:hi] += part  # zeros outside these blocks' rows
             kept.append(_KernelFactors(j, k, wt, table))
             infos.append(info)
             pivots.append(piv)
