@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <type_traits>
 
 #include "common.h"
 #include "cpu/apply.h"
@@ -303,8 +304,11 @@ PYBIND11_MODULE(_C, m) {
       [](int dtype, std::uintptr_t inv, std::uintptr_t layout, int64_t num_blocks,
          std::uintptr_t rows, int64_t k, int64_t d, double normalizer, int sign, std::uintptr_t wt,
          std::uintptr_t pivots, std::uintptr_t info, int threads, std::uintptr_t vecs, int64_t r,
-         bool changed, std::uintptr_t out, int64_t out_start) {
+         bool changed, std::uintptr_t out, int64_t out_start, int rows_dtype) {
         check_blocks(num_blocks);
+        if (rows_dtype < 0) rows_dtype = dtype;
+        ssse::check_arg(rows_dtype == dtype || (dtype == kFloat64 && rows_dtype == kFloat32),
+                        "rows must be in the inverse's dtype, or float32 for float64 blocks");
         check_threads(threads);
         check_update_args(k, d, normalizer, sign);
         ssse::check_arg(r >= 0, "r must be >= 0, got " + std::to_string(r));
@@ -314,18 +318,25 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release release;
         dispatch(dtype, [&](auto tag) {
           using T = decltype(tag);
-          ssse::cpu::woodbury_check<T>(ptr<const T>(inv), ptr<const int64_t>(layout), num_blocks,
-                                       ptr<const T>(rows), k, d, normalizer, sign,
-                                       ptr<double>(wt), ptr<double>(pivots), ptr<int64_t>(info),
-                                       threads, ptr<const T>(vecs), r, changed,
-                                       ptr<double>(out), out_start);
+          auto run = [&](auto rows_tag) {
+            using R = decltype(rows_tag);
+            ssse::cpu::woodbury_check<T, R>(ptr<const T>(inv), ptr<const int64_t>(layout),
+                                            num_blocks, ptr<const R>(rows), k, d, normalizer,
+                                            sign, ptr<double>(wt), ptr<double>(pivots),
+                                            ptr<int64_t>(info), threads, ptr<const T>(vecs), r,
+                                            changed, ptr<double>(out), out_start);
+          };
+          if constexpr (std::is_same_v<T, double>) {
+            if (rows_dtype == kFloat32) return run(float{});
+          }
+          run(T{});
         });
       },
       py::arg("dtype"), py::arg("inv"), py::arg("layout"), py::arg("num_blocks"),
       py::arg("rows"), py::arg("k"), py::arg("d"), py::arg("normalizer"), py::arg("sign"),
       py::arg("wt"), py::arg("pivots"), py::arg("info"), py::arg("threads"),
       py::arg("vecs") = 0, py::arg("r") = 0, py::arg("changed") = false, py::arg("out") = 0,
-      py::arg("out_start") = 0);
+      py::arg("out_start") = 0, py::arg("rows_dtype") = -1);
 
   m.def(
       "woodbury_write",

@@ -211,7 +211,8 @@ def _woodbury_check_impl(inv: torch.Tensor, layout: torch.Tensor, rows: torch.Te
                          changed: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""CPU: ``(wt, pivots, info, out)`` of a Woodbury change of the dense blocks of the layout
-    table by the ``(k, d)`` rows (see csrc/cpu/woodbury.h): ``wt`` float64, every block's
+    table by the ``(k, d)`` rows (see csrc/cpu/woodbury.h; in the inverse's dtype, or float32
+    for a float64 inverse): ``wt`` float64, every block's
     :math:`W_b^\top` (``k x s_b``) one after the other; ``pivots`` ``(num_blocks, k)``;
     ``info`` ``(num_blocks,)``. With ``vecs`` ``(d, r)`` (the inverse's dtype), ``out``
     float64 holds the rows ``check_rows(layout)`` of :math:`F_b^{-1} V_b` (on the blocks
@@ -229,7 +230,7 @@ def _woodbury_check_impl(inv: torch.Tensor, layout: torch.Tensor, rows: torch.Te
     _C.woodbury_check(_code(inv), inv.data_ptr(), layout.data_ptr(), nb, rows.data_ptr(), k, d,
                       normalizer, sign, wt.data_ptr(), pivots.data_ptr(), info.data_ptr(),
                       _threads(), 0 if vecs is None else vecs.data_ptr(), r, bool(changed),
-                      out.data_ptr() if r else 0, lo if r else 0)
+                      out.data_ptr() if r else 0, lo if r else 0, rows_dtype=_code(rows))
     return wt, pivots, info, out
 
 

@@ -263,6 +263,26 @@ def test_woodbury_check_applies_the_rows_of_its_blocks_only(dtype):
     assert _ops.check_rows(host[:0]) == (0, 0)
 
 
+@pytest.mark.parametrize("m", [3, 70])  # the streamed product and the packed GEMM
+def test_woodbury_check_takes_float32_rows_for_float64_blocks(m):
+    """float32 rows against float64 blocks: the same bits as the rows converted first (every
+    product is formed in float64); float64 rows against float32 blocks are refused."""
+    torch.manual_seed(9 + m)
+    layout = BlockLayout.from_boundaries([0, 75, 80, 157])
+    d = layout.dim
+    g = torch.randn(3 * d, d, dtype=torch.float64)
+    inv = ssse_ext.build_inverse_fisher(g, damping=0.5, layout=layout, representation="dense")
+    host, n = layout.table(), float(3 * d)
+    rows = g[:m].float()
+    vecs = torch.randn(d, 1, dtype=torch.float64)
+    got = _ops.call(_ops.woodbury_check, inv.packed, host, rows, n, -1, vecs)
+    expect = _ops.call(_ops.woodbury_check, inv.packed, host, rows.double(), n, -1, vecs)
+    for a, b in zip(got, expect):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="float32 for float64 blocks"):
+        _ops.call(_ops.woodbury_check, inv.packed.float(), host, rows.double(), n, -1)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_woodbury_check_reports_failures_and_overflow(dtype):
     torch.manual_seed(3)

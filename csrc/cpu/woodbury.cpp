@@ -30,8 +30,8 @@ std::vector<int64_t> wt_offsets(const BlockSpec* blocks, int64_t num_blocks, int
 }
 }  // namespace
 
-template <typename T>
-void woodbury_check(const T* inv, const int64_t* layout, int64_t num_blocks, const T* rows,
+template <typename T, typename R>
+void woodbury_check(const T* inv, const int64_t* layout, int64_t num_blocks, const R* rows,
                     int64_t k, int64_t d, double normalizer, int sign, double* wt,
                     double* pivots, int64_t* info, int threads, const T* vecs, int64_t r,
                     bool changed, double* out, int64_t out_start) {
@@ -51,7 +51,7 @@ void woodbury_check(const T* inv, const int64_t* layout, int64_t num_blocks, con
       return;
     }
     const T* f = inv + blk.offset;
-    const T* x = rows + blk.start;  // R_b: [k, s] with leading dimension d
+    const R* x = rows + blk.start;  // R_b: [k, s] with leading dimension d
     double* w = wt + offsets[static_cast<size_t>(b)];
     // F_b^{-1} V_b [s, r], a pass that brings the block into cache for the product below
     const T* vb = r > 0 ? vecs + blk.start * r : nullptr;
@@ -63,7 +63,7 @@ void woodbury_check(const T* inv, const int64_t* layout, int64_t num_blocks, con
       xb.resize(static_cast<size_t>(k * s));
       for (int64_t i = 0; i < k; ++i)
         std::transform(x + i * d, x + i * d + s, xb.begin() + i * s,
-                       [](T e) { return static_cast<double>(e); });
+                       [](R e) { return static_cast<double>(e); });
     }
     if (k > 0) {
       // U^T = R_b F_b^{-1} [k, s]: for a few rows, the block streamed row after row in place
@@ -71,7 +71,7 @@ void woodbury_check(const T* inv, const int64_t* layout, int64_t num_blocks, con
       if (k <= kFewRows)
         gemm_rows_b<T>(k, s, s, xb.data(), s, 1, f, s, w, s);
       else
-        gemm<T, T>(k, s, s, 1.0, x, d, 1, f, s, 1, 0.0, w, s);
+        gemm<R, T>(k, s, s, 1.0, x, d, 1, f, s, 1, 0.0, w, s);
     }
     if (k > 0) {
       // C = N I + sign R_b U, symmetrised
@@ -82,7 +82,7 @@ void woodbury_check(const T* inv, const int64_t* layout, int64_t num_blocks, con
             c[static_cast<size_t>(i * k + j)] =
                 static_cast<double>(sign) * dot(xb.data() + i * s, w + j * s, s);
       } else {
-        gemm<T, double>(k, k, s, static_cast<double>(sign), x, d, 1, w, 1, s, 0.0, c.data(), k);
+        gemm<R, double>(k, k, s, static_cast<double>(sign), x, d, 1, w, 1, s, 0.0, c.data(), k);
       }
       bool finite = true;
       for (int64_t i = 0; i < k; ++i) {
@@ -165,12 +165,18 @@ void woodbury_write(T* inv, const int64_t* layout, int64_t num_blocks, const dou
   });
 }
 
-template void woodbury_check<float>(const float*, const int64_t*, int64_t, const float*, int64_t,
-                                    int64_t, double, int, double*, double*, int64_t*, int,
-                                    const float*, int64_t, bool, double*, int64_t);
-template void woodbury_check<double>(const double*, const int64_t*, int64_t, const double*,
-                                     int64_t, int64_t, double, int, double*, double*, int64_t*,
-                                     int, const double*, int64_t, bool, double*, int64_t);
+template void woodbury_check<float, float>(const float*, const int64_t*, int64_t, const float*,
+                                           int64_t, int64_t, double, int, double*, double*,
+                                           int64_t*, int, const float*, int64_t, bool, double*,
+                                           int64_t);
+template void woodbury_check<double, double>(const double*, const int64_t*, int64_t,
+                                             const double*, int64_t, int64_t, double, int,
+                                             double*, double*, int64_t*, int, const double*,
+                                             int64_t, bool, double*, int64_t);
+template void woodbury_check<double, float>(const double*, const int64_t*, int64_t, const float*,
+                                            int64_t, int64_t, double, int, double*, double*,
+                                            int64_t*, int, const double*, int64_t, bool, double*,
+                                            int64_t);
 template void woodbury_write<float>(float*, const int64_t*, int64_t, const double*, int64_t, int,
                                     int);
 template void woodbury_write<double>(double*, const int64_t*, int64_t, const double*, int64_t,

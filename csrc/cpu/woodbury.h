@@ -20,11 +20,12 @@ namespace ssse::cpu {
 // row out_start of V: the rows of the table's blocks; other rows untouched)
 // = (F_b^{-1} V_b)(i, j) where changed is false, or ((F_b + sign R_b^T R_b / N)^{-1} V_b)(i, j)
 // = (F_b^{-1} V_b - sign W_b W_b^T V_b)(i, j) where it is true: the block is read once for both.
-template <typename T>
+// The rows are in the blocks' dtype R = T, or float32 (R) for float64 blocks (T).
+template <typename T, typename R = T>
 void woodbury_check(const T* inv,           // packed [sum size_b^2], full symmetric blocks
                     const int64_t* layout,  // [num_blocks, 3] (start, size, offset)
                     int64_t num_blocks,
-                    const T* rows,          // [k, d] row-major
+                    const R* rows,          // [k, d] row-major
                     int64_t k, int64_t d, double normalizer, int sign, double* wt,
                     double* pivots, int64_t* info, int threads, const T* vecs = nullptr,
                     int64_t r = 0, bool changed = false, double* out = nullptr,

@@ -234,12 +234,12 @@ class DenseStore(BlockStore):
             if min(self.sizes) >= k:
                 return factors
             below = k  # the narrower blocks: the batches below
-        r64 = rows.to(torch.float64)  # once: 8 k d bytes, as change_nbytes counts
         v64 = None if applied is None else applied[0].to(torch.float64)
         for j, o, b0, n, s, f in self._float64_batches(k, below):
             st = self.layout.starts[b0]
             ids = range(b0, b0 + n)
-            r = r64[:, st:st + n * s].view(k, n, s).transpose(0, 1)             # (n, k, s)
+            # the batch's rows in float64, (n, k, s): 8 k d bytes at most, as change_nbytes counts
+            r = rows[:, st:st + n * s].to(torch.float64).view(k, n, s).transpose(0, 1)
             fv = None
             if k <= s and shift == 0:
                 if v64 is None:

@@ -85,14 +85,22 @@ class Dense64Store(BlockStore):
             out[st:st + m] = wide[st:st + m]
 
     # ---- changes: on the float64 blocks ----
+    def _rows(self, rows: torch.Tensor, method: str) -> torch.Tensor:
+        """The rows as the float64 blocks' change takes them: as they are where the CPU
+        kernels check it (they convert each block's rows as they read them), else in
+        float64."""
+        if method == "woodbury" and self._exact._writes_factors(rows.shape[0]):
+            return rows
+        return rows.to(torch.float64)
+
     def check_change(self, rows, sign, *, method, chunk_size, what):
-        return self._exact.check_change(rows.to(torch.float64), sign, method=method,
+        return self._exact.check_change(self._rows(rows, method), sign, method=method,
                                         chunk_size=chunk_size, what=what)
 
     def check_and_apply(self, rows, sign, v, out, *, changed, method, chunk_size, what):
-        return self._exact.check_and_apply(rows.to(torch.float64), sign, v.to(torch.float64),
-                                           out, changed=changed, method=method,
-                                           chunk_size=chunk_size, what=what)
+        return self._exact.check_and_apply(self._rows(rows, method), sign,
+                                           v.to(torch.float64), out, changed=changed,
+                                           method=method, chunk_size=chunk_size, what=what)
 
     def write(self, plan) -> None:
         self._exact.write(plan)
