@@ -123,9 +123,20 @@ void rows_product(const T* rows, int64_t m, int64_t d, const int64_t* layout, in
     const int64_t s = blk.size;
     if (s <= 0) return;
     const T* rb = rows + blk.start;  // R_b [m, s], leading dimension d
-    std::vector<double> rx(static_cast<size_t>(m * r));
-    gemm<T, double>(m, r, s, 1.0, rb, d, 1, x + blk.start * r, r, 1, 0.0, rx.data(), r);
-    gemm<T, double>(s, r, m, sign, rb, 1, d, rx.data(), r, 1, 1.0, sketch + blk.start * r, r);
+    // r is a few columns: too narrow for the packed GEMM's register tile. R_b X_b by dot
+    // products with X_b's columns, then (R_b X_b)^T R_b streaming R_b's rows in place.
+    std::vector<double> xt(static_cast<size_t>(r * s)), rx(static_cast<size_t>(m * r)),
+        out(static_cast<size_t>(r * s));
+    const double* xb = x + blk.start * r;
+    for (int64_t j = 0; j < s; ++j)
+      for (int64_t c = 0; c < r; ++c) xt[static_cast<size_t>(c * s + j)] = xb[j * r + c];
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t c = 0; c < r; ++c)
+        rx[static_cast<size_t>(i * r + c)] = dot(rb + i * d, xt.data() + c * s, s);
+    gemm_rows_b<T>(r, s, m, rx.data(), 1, r, rb, d, out.data(), s);
+    double* sk = sketch + blk.start * r;
+    for (int64_t j = 0; j < s; ++j)
+      for (int64_t c = 0; c < r; ++c) sk[j * r + c] += sign * out[static_cast<size_t>(c * s + j)];
   });
 }
 
