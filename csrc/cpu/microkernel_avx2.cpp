@@ -8,6 +8,8 @@
 
 #include <immintrin.h>
 
+#define SSSE_KERNEL_ISA_AVX2 1  // the intrinsics of microkernel_impl.inc for this target
+
 #include "microkernel.h"
 
 namespace ssse::cpu::detail {
