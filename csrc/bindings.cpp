@@ -315,6 +315,12 @@ PYBIND11_MODULE(_C, m) {
         ssse::check_arg(r == 0 || (vecs != 0 && out != 0), "r > 0 needs vecs and out");
         ssse::check_arg(out_start >= 0 && out_start <= d,
                         "out_start must be in [0, d], got " + std::to_string(out_start));
+        if (r > 0) {  // out's first row: at or before every block's
+          const int64_t* table = ptr<const int64_t>(layout);
+          for (int64_t b = 0; b < num_blocks; ++b)
+            ssse::check_arg(table[3 * b + 1] == 0 || table[3 * b] >= out_start,
+                            "out_start must be at or before every block's start");
+        }
         py::gil_scoped_release release;
         dispatch(dtype, [&](auto tag) {
           using T = decltype(tag);

@@ -261,6 +261,16 @@ def test_woodbury_check_applies_the_rows_of_its_blocks_only(dtype):
             expect[st - lo:st - lo + sb] = whole[st:st + sb]
         assert torch.equal(out, expect), picked
     assert _ops.check_rows(host[:0]) == (0, 0)
+    # the binding refuses an out whose first row is past a block's start
+    part = host[[1, 3]].contiguous()
+    wt = torch.empty(2 * int(part[:, 1].sum()), dtype=torch.float64)
+    piv, info = torch.empty(2, 2, dtype=torch.float64), torch.empty(2, dtype=torch.int64)
+    out = torch.zeros(d, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="out_start"):
+        _C.woodbury_check(_ops._code(inv.packed), inv.packed.data_ptr(), part.data_ptr(), 2,
+                          rows.data_ptr(), 2, d, n, -1, wt.data_ptr(), piv.data_ptr(),
+                          info.data_ptr(), 1, vecs.data_ptr(), 2, False, out.data_ptr(),
+                          layout.starts[1] + 1)
 
 
 @pytest.mark.parametrize("m", [3, 70])  # the streamed product and the packed GEMM

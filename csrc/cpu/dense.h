@@ -43,9 +43,9 @@ double dot(const T* a, const double* b, int64_t n);
 template <typename T>
 void rows_times(const T* f, int64_t rows, int64_t s, const T* v, int64_t r, double* out);
 
-// C[M, N] (ldc) = A B with A(i, k) = a[i * a_rs + k * a_cs] (float64) and B row-major [K, N] (b, ldb)
-// read in place, converted to float64 as it is loaded (no packed copy of B): a few rows times a
-// whole block, where packing the block would cost as much as the product.
+// C[M, N] (ldc) = A B with A(i, k) = a[i * a_rs + k * a_cs] (float64) and B row-major [K, N]
+// (b, ldb) read in place, converted to float64 as it is loaded (no packed copy of B): a few rows
+// times a whole block, where packing the block would cost as much as the product.
 template <typename T>
 void gemm_rows_b(int64_t M, int64_t N, int64_t K, const double* a, int64_t a_rs, int64_t a_cs,
                  const T* b, int64_t ldb, double* c, int64_t ldc);

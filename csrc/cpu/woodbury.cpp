@@ -28,6 +28,30 @@ std::vector<int64_t> wt_offsets(const BlockSpec* blocks, int64_t num_blocks, int
   }
   return out;
 }
+
+// U^T = R_b F_b^{-1} into w [k, s] and sign R_b U into c [k, k], for a block f [s, s] and its
+// rows x [k, s] (leading dimension d). For a few rows: the block streamed row after row in place
+// (in cache after the check's first pass) against a contiguous float64 copy of R_b (its rows,
+// d apart, may share cache sets), and C by dot products (too small for the packed GEMM to pay
+// its packing); for many, the packed GEMM, which reads the block once for all of them.
+template <typename T, typename R>
+void block_products(const T* f, int64_t s, const R* x, int64_t k, int64_t d, int sign, double* w,
+                    double* c) {
+  if (k > kFewRows) {
+    gemm<R, T>(k, s, s, 1.0, x, d, 1, f, s, 1, 0.0, w, s);
+    gemm<R, double>(k, k, s, static_cast<double>(sign), x, d, 1, w, 1, s, 0.0, c, k);
+    return;
+  }
+  thread_local std::vector<double> xb;
+  xb.resize(static_cast<size_t>(k * s));
+  for (int64_t i = 0; i < k; ++i)
+    std::transform(x + i * d, x + i * d + s, xb.begin() + i * s,
+                   [](R e) { return static_cast<double>(e); });
+  gemm_rows_b<T>(k, s, s, xb.data(), s, 1, f, s, w, s);
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j < k; ++j)
+      c[i * k + j] = static_cast<double>(sign) * dot(xb.data() + i * s, w + j * s, s);
+}
 }  // namespace
 
 template <typename T, typename R>
@@ -57,33 +81,10 @@ void woodbury_check(const T* inv, const int64_t* layout, int64_t num_blocks, con
     const T* vb = r > 0 ? vecs + blk.start * r : nullptr;
     std::vector<double> fv(static_cast<size_t>(s * r));
     if (r > 0) rows_times(f, s, s, vb, r, fv.data());
-    // R_b in float64, contiguous (its rows, d apart in the rows, may share cache sets)
-    thread_local std::vector<double> xb;
-    if (k > 0 && k <= kFewRows) {
-      xb.resize(static_cast<size_t>(k * s));
-      for (int64_t i = 0; i < k; ++i)
-        std::transform(x + i * d, x + i * d + s, xb.begin() + i * s,
-                       [](R e) { return static_cast<double>(e); });
-    }
-    if (k > 0) {
-      // U^T = R_b F_b^{-1} [k, s]: for a few rows, the block streamed row after row in place
-      // (in cache after the pass above); for many, the packed GEMM, which reads it once for all
-      if (k <= kFewRows)
-        gemm_rows_b<T>(k, s, s, xb.data(), s, 1, f, s, w, s);
-      else
-        gemm<R, T>(k, s, s, 1.0, x, d, 1, f, s, 1, 0.0, w, s);
-    }
     if (k > 0) {
       // C = N I + sign R_b U, symmetrised
       std::vector<double> c(static_cast<size_t>(k * k));
-      if (k <= kFewRows) {  // dot products: too small for the packed GEMM to pay its packing
-        for (int64_t i = 0; i < k; ++i)
-          for (int64_t j = 0; j < k; ++j)
-            c[static_cast<size_t>(i * k + j)] =
-                static_cast<double>(sign) * dot(xb.data() + i * s, w + j * s, s);
-      } else {
-        gemm<R, double>(k, k, s, static_cast<double>(sign), x, d, 1, w, 1, s, 0.0, c.data(), k);
-      }
+      block_products(f, s, x, k, d, sign, w, c.data());
       bool finite = true;
       for (int64_t i = 0; i < k; ++i) {
         for (int64_t j = 0; j < i; ++j) {

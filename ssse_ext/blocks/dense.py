@@ -238,7 +238,7 @@ class DenseStore(BlockStore):
         for j, o, b0, n, s, f in self._float64_batches(k, below):
             st = self.layout.starts[b0]
             ids = range(b0, b0 + n)
-            # the batch's rows in float64, (n, k, s): 8 k d bytes at most, as change_nbytes counts
+            # the batch's rows in float64, (n, k, s): 8 k n s bytes, as change_nbytes counts
             r = rows[:, st:st + n * s].to(torch.float64).view(k, n, s).transpose(0, 1)
             fv = None
             if k <= s and shift == 0:

@@ -89,9 +89,12 @@ class Dense64Store(BlockStore):
         """The rows as the float64 blocks' change takes them: as they are where the CPU
         kernels check it (they convert each block's rows as they read them), else in
         float64."""
-        if method == "woodbury" and self._exact._writes_factors(rows.shape[0]):
-            return rows
-        return rows.to(torch.float64)
+        return rows if self._kernel_rows(rows.shape[0], method) else rows.to(torch.float64)
+
+    def _kernel_rows(self, k: int, method: str, keep: bool = False, shift: float = 0.0) -> bool:
+        """Whether a change of ``k`` rows reaches the CPU kernels' check with its rows as given."""
+        return method == "woodbury" and not keep and not shift and \
+            self._exact._writes_factors(k)
 
     def check_change(self, rows, sign, *, method, chunk_size, what):
         return self._exact.check_change(self._rows(rows, method), sign, method=method,
@@ -107,7 +110,9 @@ class Dense64Store(BlockStore):
 
     def change_nbytes(self, k, *, method="woodbury", keep=False, shift=0.0):
         work, kept = self._exact.change_nbytes(k, method=method, keep=keep, shift=shift)
-        return work + 8 * k * self.dim, kept  # and the rows in float64
+        if not self._kernel_rows(k, method, keep, shift):
+            work += 8 * k * self.dim  # the rows in float64
+        return work, kept
 
     def without(self, rows, sign, *, what):
         return self._exact.without(rows.to(torch.float64), sign, what=what)
