@@ -201,6 +201,16 @@ def test_woodbury_check_and_write(dtype, s, m):
         assert rel_err(packed[o:o + sb * sb].view(sb, sb), ref[b]) <= CHAIN[dtype], b
 
 
+def _dense_inverse(boundaries, dtype):
+    """A dense inverse of the blocks between ``boundaries`` fitted (λ = 0.5) from 2 d Gaussian
+    rows: its layout, the float64 rows, the inverse, its layout table and its normaliser."""
+    layout = BlockLayout.from_boundaries(boundaries)
+    g = torch.randn(2 * layout.dim, layout.dim, dtype=torch.float64)
+    inv = ssse_ext.build_inverse_fisher(g.to(dtype), damping=0.5, layout=layout,
+                                        representation="dense")
+    return layout, g, inv, layout.table(), float(2 * layout.dim)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("r", [1, 3])
 @pytest.mark.parametrize("changed", [False, True])
@@ -208,12 +218,8 @@ def test_woodbury_check_applies_the_blocks_in_the_same_pass(dtype, r, changed):
     """With vectors, the check also returns F_b^{-1} V_b (or the changed blocks' inverses times
     V_b) in float64, against the stored blocks in float64; its factors are the same bits."""
     torch.manual_seed(11 * r + changed)
-    layout = BlockLayout.from_boundaries([0, 47, 52, 99])  # blocks of 47, 5 and 47
+    layout, g, inv, host, n = _dense_inverse([0, 47, 52, 99], dtype)  # blocks of 47, 5 and 47
     d = layout.dim
-    g = torch.randn(2 * d, d, dtype=torch.float64)
-    inv = ssse_ext.build_inverse_fisher(g.to(dtype), damping=0.5, layout=layout,
-                                        representation="dense")
-    host, n = layout.table(), float(2 * d)
     rows = g[:3].to(dtype).contiguous()
     vecs = torch.randn(d, 2 * r, dtype=dtype)[:, ::2].contiguous()
     wt, piv, info, out = _ops.call(_ops.woodbury_check, inv.packed, host, rows, n, -1, vecs,
@@ -238,12 +244,8 @@ def test_woodbury_check_applies_the_rows_of_its_blocks_only(dtype):
     """A table of some blocks (a store's segment) gets F_b^{-1} V_b for the rows its blocks
     span, from the first block's start: the products of the whole table, sliced."""
     torch.manual_seed(5)
-    layout = BlockLayout.from_boundaries([0, 9, 30, 31, 64, 70])  # 9, 21, 1, 33, 6
+    layout, g, inv, host, n = _dense_inverse([0, 9, 30, 31, 64, 70], dtype)  # 9, 21, 1, 33, 6
     d = layout.dim
-    g = torch.randn(2 * d, d, dtype=torch.float64)
-    inv = ssse_ext.build_inverse_fisher(g.to(dtype), damping=0.5, layout=layout,
-                                        representation="dense")
-    host, n = layout.table(), float(2 * d)
     rows = g[:2].to(dtype).contiguous()
     vecs = torch.randn(d, 2, dtype=dtype)
     _, _, _, whole = _ops.call(_ops.woodbury_check, inv.packed, host, rows, n, -1, vecs)
@@ -278,11 +280,8 @@ def test_woodbury_check_takes_float32_rows_for_float64_blocks(m):
     """float32 rows against float64 blocks: the same bits as the rows converted first (every
     product is formed in float64); float64 rows against float32 blocks are refused."""
     torch.manual_seed(9 + m)
-    layout = BlockLayout.from_boundaries([0, 75, 80, 157])
+    layout, g, inv, host, n = _dense_inverse([0, 75, 80, 157], torch.float64)
     d = layout.dim
-    g = torch.randn(3 * d, d, dtype=torch.float64)
-    inv = ssse_ext.build_inverse_fisher(g, damping=0.5, layout=layout, representation="dense")
-    host, n = layout.table(), float(3 * d)
     rows = g[:m].float()
     vecs = torch.randn(d, 1, dtype=torch.float64)
     got = _ops.call(_ops.woodbury_check, inv.packed, host, rows, n, -1, vecs)
