@@ -66,19 +66,23 @@ double dot(const T* a, const double* b, int64_t n) {
 template double dot<float>(const float*, const double*, int64_t);
 template double dot<double>(const double*, const double*, int64_t);
 
-template <typename T>
-void rows_times(const T* f, int64_t rows, int64_t s, const T* v, int64_t r, double* out) {
+template <typename T, typename V>
+void rows_times(const T* f, int64_t rows, int64_t s, const V* v, int64_t r, double* out,
+                int64_t ldf) {
   std::vector<double> vt(static_cast<size_t>(r * s));  // v^T: [r, s] in float64
   for (int64_t j = 0; j < s; ++j)
     for (int64_t c = 0; c < r; ++c)
       vt[static_cast<size_t>(c * s + j)] = static_cast<double>(v[j * r + c]);
   for (int64_t i = 0; i < rows; ++i)
-    for (int64_t c = 0; c < r; ++c) out[i * r + c] = dot(f + i * s, vt.data() + c * s, s);
+    for (int64_t c = 0; c < r; ++c) out[i * r + c] = dot(f + i * ldf, vt.data() + c * s, s);
 }
 
-template void rows_times<float>(const float*, int64_t, int64_t, const float*, int64_t, double*);
-template void rows_times<double>(const double*, int64_t, int64_t, const double*, int64_t,
-                                 double*);
+template void rows_times<float, float>(const float*, int64_t, int64_t, const float*, int64_t,
+                                       double*, int64_t);
+template void rows_times<double, double>(const double*, int64_t, int64_t, const double*, int64_t,
+                                         double*, int64_t);
+template void rows_times<float, double>(const float*, int64_t, int64_t, const double*, int64_t,
+                                        double*, int64_t);
 
 template <typename T>
 void gemm_rows_b(int64_t M, int64_t N, int64_t K, const double* a, int64_t a_rs, int64_t a_cs,

@@ -37,11 +37,16 @@ void gram_lower(int64_t s, int64_t j0, int64_t j1, int64_t K, const T* x, int64_
 template <typename T>
 double dot(const T* a, const double* b, int64_t n);
 
-// out[i * r + c] = sum_j f[i * s + j] v[j * r + c] for i < rows (rows of a block times r
+// out[i * r + c] = sum_j f[i * ldf + j] v[j * r + c] for i < rows (rows of a block times r
 // vectors v [s, r], row-major), in float64 by dot products: for few vectors, where a packed
-// GEMM would waste its register tile.
+// GEMM would waste its register tile. V is T or double.
+template <typename T, typename V = T>
+void rows_times(const T* f, int64_t rows, int64_t s, const V* v, int64_t r, double* out,
+                int64_t ldf);
 template <typename T>
-void rows_times(const T* f, int64_t rows, int64_t s, const T* v, int64_t r, double* out);
+void rows_times(const T* f, int64_t rows, int64_t s, const T* v, int64_t r, double* out) {
+  rows_times<T, T>(f, rows, s, v, r, out, s);
+}
 
 // C[M, N] (ldc) = A B with A(i, k) = a[i * a_rs + k * a_cs] (float64) and B row-major [K, N]
 // (b, ldb) read in place, converted to float64 as it is loaded (no packed copy of B): a few rows

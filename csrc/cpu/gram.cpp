@@ -125,14 +125,8 @@ void rows_product(const T* rows, int64_t m, int64_t d, const int64_t* layout, in
     const T* rb = rows + blk.start;  // R_b [m, s], leading dimension d
     // r is a few columns: too narrow for the packed GEMM's register tile. R_b X_b by dot
     // products with X_b's columns, then (R_b X_b)^T R_b streaming R_b's rows in place.
-    std::vector<double> xt(static_cast<size_t>(r * s)), rx(static_cast<size_t>(m * r)),
-        out(static_cast<size_t>(r * s));
-    const double* xb = x + blk.start * r;
-    for (int64_t j = 0; j < s; ++j)
-      for (int64_t c = 0; c < r; ++c) xt[static_cast<size_t>(c * s + j)] = xb[j * r + c];
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t c = 0; c < r; ++c)
-        rx[static_cast<size_t>(i * r + c)] = dot(rb + i * d, xt.data() + c * s, s);
+    std::vector<double> rx(static_cast<size_t>(m * r)), out(static_cast<size_t>(r * s));
+    rows_times<T, double>(rb, m, s, x + blk.start * r, r, rx.data(), d);
     gemm_rows_b<T>(r, s, m, rx.data(), 1, r, rb, d, out.data(), s);
     double* sk = sketch + blk.start * r;
     for (int64_t j = 0; j < s; ++j)
