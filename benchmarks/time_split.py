@@ -1,19 +1,28 @@
-"""Per-kernel time split on CUDA, measured with CUDA events: the Gram accumulation, the inverse, the
+"""Per-kernel time split, on CUDA measured with CUDA events: the Gram accumulation, the inverse, the
 Woodbury update and the apply of each CUDA kernel set (simt, tc, and tc-m8n8k4 for the Gram)
 beside torch's pieces of the closed form (bmm, cholesky, cholesky_inverse) in the same dtype on
 the same inputs; then (--resnet18) the build on the ResNet-18-size per_parameter layout
 (43 692 blocks of <= 256) against the same set's rate on 16 x 1024.
+
+With --device cpu, the same split of the CPU kernels (the instruction set SSSE_CPU_ISA chose),
+timed by the host clock, and the float64 matmul rate beside each dtype's: the CPU kernels
+compute in float64 for both dtypes, so on a CPU whose float64 rate is half its float32 rate the
+float32 closed form's Gram (a full one, in float32) and the build's (half of it, in float64)
+cost the same arithmetic time. Run it with OMP_NUM_THREADS set (one thread: the kernels' own
+rate); each row is labelled with the CPU, threads and instruction set.
 
 Every result is checked against a float64 closed form before it is timed; a kernel whose result is
 off is reported as such and not timed. Kernels are called through ssse_ext._ops (no input
 validation, no host synchronisation), warmed up, and timed as the median of --repeats.
 
     python benchmarks/time_split.py [--cases 8192:16:1024,8192:16:4096] [--resnet18] [--json F]
+    OMP_NUM_THREADS=1 python benchmarks/time_split.py --device cpu [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -23,12 +32,27 @@ import torch
 
 import ssse_ext
 from ssse_ext import BlockLayout, _ops
+from ssse_ext.bench import _describe
 
-TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-12}  # of the build against float64
+TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-10}  # of the build against float64
+# (1e-10: a block with fewer rows than its size is singular up to the damping, kappa ~ 1e5)
 UPDATE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
 
 
 DEVICE = torch.device("cuda")
+CPU_CASES = "1024:4:256,4096:16:1024,256:4:1024"  # ssse bench's CPU cases
+MATMUL_SIZE = {"cuda": 8192, "cpu": 2048}  # a dry run: 512
+
+
+def _kernel_set(kernels: str):
+    """The CUDA kernel set ``kernels`` inside the block; the CPU has one (chosen at import)."""
+    return ssse_ext.use_cuda_kernels(kernels) if DEVICE.type == "cuda" else \
+        contextlib.nullcontext()
+
+
+def matmul_gflops(dtype, size: int, repeats: int) -> float:
+    a = torch.randn(size, size, dtype=dtype, device=DEVICE)
+    return 2 * size**3 / time_ms(lambda: a @ a, repeats) / 1e6
 
 
 class _Timer:
@@ -87,7 +111,7 @@ def packed_blocks(packed: torch.Tensor, nb: int, block: int) -> torch.Tensor:
 
 
 def split_case(n: int, nb: int, block: int, dtype, kernel_sets, repeats: int, update_rows: int,
-               damping: float) -> dict:
+               damping: float, matmul_size: int = 512) -> dict:
     d = nb * block
     dev = DEVICE
     gen = torch.Generator(device=dev).manual_seed(1234)
@@ -98,7 +122,8 @@ def split_case(n: int, nb: int, block: int, dtype, kernel_sets, repeats: int, up
     layout = BlockLayout.fixed(d, block)
     host = layout.table()
     tdev = host.to(dev)
-    out = {"n": n, "blocks": nb, "B": block, "dtype": str(dtype)[6:], "sets": {}}
+    out = {"n": n, "blocks": nb, "B": block, "dtype": str(dtype)[6:], "sets": {},
+           "machine": _describe(dev)}
 
     # torch, same dtype: the pieces of cholesky_inverse(cholesky(bmm)).
     gram_t, chol_t, inv_t = closed_form(x, nb, block, damping, float(n))
@@ -110,10 +135,10 @@ def split_case(n: int, nb: int, block: int, dtype, kernel_sets, repeats: int, up
     out["torch_closed_form_ms"] = time_ms(
         lambda: closed_form(x, nb, block, damping, float(n)), repeats)
     del gram_t, chol_t, inv_t
-    size = 8192 if dev.type == "cuda" else 512
-    a = torch.randn(size, size, dtype=dtype, device=dev)
-    out["matmul_gflops"] = 2 * size**3 / time_ms(lambda: a @ a, repeats) / 1e6
-    del a
+    out["matmul_gflops"] = matmul_gflops(dtype, matmul_size, repeats)
+    # the rate of the arithmetic the kernels do (float64) where it is not the case's own
+    out["matmul64_gflops"] = out["matmul_gflops"] if dtype == torch.float64 else \
+        matmul_gflops(torch.float64, matmul_size, repeats)
 
     v = torch.randn(d, 1, dtype=dtype, device=dev)
     g_up = x[:update_rows].contiguous()
@@ -121,7 +146,7 @@ def split_case(n: int, nb: int, block: int, dtype, kernel_sets, repeats: int, up
         res = {}
         out["sets"][kernels] = res
         try:
-            with ssse_ext.use_cuda_kernels(kernels):
+            with _kernel_set(kernels):
                 gram = torch.zeros(layout.numel, dtype=torch.float64, device=dev)
                 _ops.gram_accumulate_(x, host, tdev, gram)
                 gram_keep = gram.clone()
@@ -153,16 +178,17 @@ def split_case(n: int, nb: int, block: int, dtype, kernel_sets, repeats: int, up
                     res["update_ms"] = time_ms(
                         lambda: _ops.sherman_morrison_(upd, host, tdev, g_up, float(n), 1, True),
                         repeats, setup=lambda: upd.copy_(target))
-                    res["update_vs_matmul"] = (4.0 * update_rows * d * block / res["update_ms"]
+                    res["update_vs_matmul"] = (4.0 * g_up.shape[0] * d * block / res["update_ms"]
                                                / 1e6 / out["matmul_gflops"])
                 del upd, target
                 # Apply: bytes of the inverse over time, against a device copy of it.
-                got = _ops.apply_inverse(packed, host, tdev, v, None, 1.0)
+                got = torch.empty_like(v)
+                _ops.apply_inverse(packed, host, tdev, v, None, 1.0, got)
                 expect = torch.bmm(packed_blocks(packed, nb, block).double(),
                                    v.double().view(nb, block, 1)).view(d, 1)
                 res["apply_err"] = rel(got, expect)
                 res["apply_ms"] = time_ms(lambda: _ops.apply_inverse(packed, host, tdev, v, None,
-                                                                     1.0), repeats * 5)
+                                                                     1.0, got), repeats * 5)
                 copy_ms = time_ms(lambda: packed.clone(), repeats * 5)
                 nbytes = packed.numel() * packed.element_size()
                 res["apply_gbs"] = nbytes / res["apply_ms"] / 1e6
@@ -209,7 +235,7 @@ def resnet18_case(kernel_sets, n: int, chunk: int, damping: float, dtype=torch.f
         res = {}
         out["sets"][kernels] = res
         try:
-            with ssse_ext.use_cuda_kernels(kernels):
+            with _kernel_set(kernels):
                 xs = torch.randn(16, small.dim, dtype=dtype, device=dev)
                 gs = torch.zeros(small.numel, dtype=torch.float64, device=dev)
                 _ops.gram_accumulate_(xs, small_host, small_host.to(dev), gs)
@@ -252,6 +278,10 @@ def resnet18_case(kernel_sets, n: int, chunk: int, damping: float, dtype=torch.f
     return out
 
 
+def _scaled(x, scale: float):
+    return None if x is None else x * scale
+
+
 def fmt(x, spec=".2f"):
     return "-" if x is None else format(x, spec)
 
@@ -260,17 +290,26 @@ def times(x):
     return "-" if x is None else f"{x:.2f}x"
 
 
+def _rate_unit() -> tuple[float, str]:
+    """The scale and name of the rates printed: TF/s on a GPU, GFLOP/s on a CPU."""
+    return (1.0, "TF/s") if DEVICE.type == "cuda" else (1e3, "GFLOP/s")
+
+
 def print_split(case: dict):
     sets = case["sets"]
     names = list(sets)
+    scale, unit = _rate_unit()
+    rates = f"matmul {case['matmul_gflops'] / 1e3 * scale:.1f} {unit}"
+    if case["dtype"] != "float64":
+        rates += f", float64 matmul {case['matmul64_gflops'] / 1e3 * scale:.1f}"
     print(f"\n### {case['blocks']}x{case['B']}, n={case['n']}, {case['dtype']} "
-          f"(matmul {case['matmul_gflops'] / 1e3:.1f} TF/s; ms, median)")
+          f"({rates}; ms, median; {case['machine']})")
     print("| piece | " + " | ".join(names) + " | torch |")
     print("|---" * (len(names) + 2) + "|")
     torch_col = {"gram_ms": case["torch_bmm_ms"],
                  "inverse_ms": case["torch_cholesky_ms"] + case["torch_cholesky_inverse_ms"],
                  "build_ms": case["torch_closed_form_ms"]}
-    labels = [("gram_ms", "Gram (torch: bmm)"), ("gram_tflops", "Gram TF/s (2nBd)"),
+    labels = [("gram_ms", "Gram (torch: bmm)"), ("gram_tflops", f"Gram {unit} (2nBd)"),
               ("inverse_ms", "inverse (torch: cholesky + cholesky_inverse)"),
               ("build_ms", "build (torch: closed form)"), ("build_vs_closed_form", "vs closed form"),
               ("build_err", "build err"), ("update_ms", "update"),
@@ -280,6 +319,8 @@ def print_split(case: dict):
         cells = []
         for nm in names:
             val = sets[nm].get(key)
+            if key == "gram_tflops" and val is not None:
+                val *= scale
             spec = ".1e" if key.endswith("err") else (".3f" if key.endswith("ms") else ".2f")
             cells.append(fmt(val, spec))
         t = torch_col.get(key)
@@ -294,19 +335,22 @@ def print_split(case: dict):
 
 def print_summary(report: dict):
     """One line per case, dtype and kernel set (and torch), for the end of a log."""
-    print("\n## split summary (ms, median of CUDA-event timings)")
-    print("| case | dtype | kernels | Gram | Gram TF/s | inverse | build | vs torch | build err |"
+    scale, unit = _rate_unit()
+    clock = "CUDA-event timings" if DEVICE.type == "cuda" else "the host clock"
+    print(f"\n## split summary (ms, median of {clock}; {report['machine']})")
+    print(f"| case | dtype | kernels | Gram | Gram {unit} | inverse | build | vs torch | build err |"
           " update/matmul | apply/copy |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for c in report["cases"]:
         case = f"{c['blocks']}x{c['B']}, n={c['n']}"
         tinv = c["torch_cholesky_ms"] + c["torch_cholesky_inverse_ms"]
         print(f"| {case} | {c['dtype']} | torch | {c['torch_bmm_ms']:.2f} | "
-              f"{2.0 * c['n'] * c['blocks'] * c['B'] ** 2 / c['torch_bmm_ms'] / 1e9:.1f} | "
+              f"{2.0 * c['n'] * c['blocks'] * c['B'] ** 2 / c['torch_bmm_ms'] / 1e9 * scale:.1f} | "
               f"{tinv:.2f} | {c['torch_closed_form_ms']:.2f} | 1.00x | {c['torch_err']:.1e} | - | - |")
         for k, r in c["sets"].items():
             print(f"| {case} | {c['dtype']} | {k} | {fmt(r.get('gram_ms'))} | "
-                  f"{fmt(r.get('gram_tflops'), '.1f')} | {fmt(r.get('inverse_ms'))} | "
+                  f"{fmt(_scaled(r.get('gram_tflops'), scale), '.1f')} | "
+                  f"{fmt(r.get('inverse_ms'))} | "
                   f"{fmt(r.get('build_ms'))} | {times(r.get('build_vs_closed_form'))} | "
                   f"{fmt(r.get('build_err'), '.1e')} | {fmt(r.get('update_vs_matmul'))} | "
                   f"{fmt(r.get('apply_vs_copy'))} |" + (f" {r['error']}" if "error" in r else ""))
@@ -322,8 +366,11 @@ def print_summary(report: dict):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", default="8192:16:1024,8192:16:4096",
-                   help="comma-separated n:blocks:B cases")
+    p.add_argument("--cases", default=None,
+                   help="comma-separated n:blocks:B cases (default: 8192:16:1024,8192:16:4096 "
+                        f"on CUDA, {CPU_CASES} on the CPU)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu: the CPU kernels' split, timed by the host clock")
     p.add_argument("--dtype", choices=["float32", "float64", "both"], default="both")
     p.add_argument("--kernels", default="simt,tc,tc-m8n8k4")
     p.add_argument("--repeats", type=int, default=3)
@@ -340,8 +387,10 @@ def main(argv=None) -> int:
                         "meaning): a check of the script itself")
     args = p.parse_args(argv)
     global DEVICE
-    if args.dry_run_cpu:
+    if args.dry_run_cpu or args.device == "cpu":
         DEVICE = torch.device("cpu")
+        if (args.resnet18 or args.resnet18_only) and not args.dry_run_cpu:
+            p.error("--resnet18 needs --device cuda (its blocks take 23 GiB)")
     elif not torch.cuda.is_available():
         print("time_split: no CUDA device visible to torch; nothing to time", file=sys.stderr)
         return 2
@@ -349,19 +398,23 @@ def main(argv=None) -> int:
         print("time_split: ssse_ext was built without CUDA kernels", file=sys.stderr)
         return 2
     kernel_sets = [k for k in args.kernels.split(",") if k]
+    if args.device == "cpu" and not args.dry_run_cpu:
+        kernel_sets = [f"cpu {ssse_ext.build_info()['cpu_isa']}"]  # the one set of this CPU
+    cases = args.cases or (CPU_CASES if DEVICE.type == "cpu" else "8192:16:1024,8192:16:4096")
+    matmul_size = 512 if args.dry_run_cpu else MATMUL_SIZE[DEVICE.type]
     torch.backends.cuda.matmul.allow_tf32 = False
     dtypes = [torch.float32, torch.float64] if args.dtype == "both" else \
         [getattr(torch, args.dtype)]
-    report = {"machine": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu dry run",
+    report = {"machine": "cpu dry run" if args.dry_run_cpu else _describe(DEVICE),
               "cases": [], "resnet18": None}
     t0 = time.time()
     if not args.resnet18_only:
-        for case in args.cases.split(","):
+        for case in cases.split(","):
             n, nb, block = (int(v) for v in case.split(":"))
             for dtype in dtypes:
                 print(f"split {nb}x{block}, n={n}, {str(dtype)[6:]} ...", flush=True)
                 report["cases"].append(split_case(n, nb, block, dtype, kernel_sets, args.repeats,
-                                                  args.update_rows, args.damping))
+                                                  args.update_rows, args.damping, matmul_size))
                 print_split(report["cases"][-1])
     if args.resnet18 or args.resnet18_only:
         sets = [k for k in kernel_sets if k != "tc-m8n8k4"]

@@ -129,3 +129,45 @@ def test_model_benchmark_checks_its_fit_and_erase_on_a_small_cnn():
     assert "median of 3 requests" in table
     assert f"fit / epoch = {r['fit_s'] / r['epoch_s']:.1f}" in table
     assert f"inverse {r['inverse_bytes'] / 2**30:.2f} GiB float32" in table
+
+
+def _load_time_split():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "time_split.py"
+    spec = importlib.util.spec_from_file_location("time_split", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("args", [["--dry-run-cpu", "--resnet18", "--resnet18-rows", "32",
+                                   "--resnet18-chunk", "16"],
+                                  ["--device", "cpu", "--dtype", "float32"]])
+def test_time_split_runs_every_piece_it_reports(args, tmp_path):
+    """The per-kernel split (its dry run, as the device check runs it, and the CPU split):
+    every piece of every kernel set is checked and timed, none fails, and each case names its
+    machine."""
+    time_split = _load_time_split()
+    out = tmp_path / "split.json"
+    try:
+        assert time_split.main(["--cases", "64:2:16,24:2:40", "--repeats", "1",
+                                "--update-rows", "16", "--json", str(out), *args]) == 0
+    finally:
+        time_split.DEVICE = torch.device("cuda")
+    import json
+    report = json.loads(out.read_text())
+    sets = [(c, r) for c in report["cases"] for r in c["sets"].values()]
+    assert len(report["cases"]) == (4 if "--dry-run-cpu" in args else 2)
+    for case, r in sets:
+        assert "error" not in r, r["error"]
+        assert r["build_err"] <= time_split.TOLERANCE[getattr(torch, case["dtype"])]
+        assert "gram_ms" in r and r["gram_ms"] > 0
+        assert ssse_ext.build_info()["cpu_isa"] in case["machine"]
+    full = [r for _, r in sets if "inverse_ms" in r]
+    assert full and all(r["update_err"] <= time_split.UPDATE_TOLERANCE[torch.float32]
+                        and r["apply_err"] < 1e-5 and r["build_vs_closed_form"] > 0
+                        for r in full)
+    if "--resnet18" in args:
+        assert all("error" not in r and r["max_block_err"] < 1e-6
+                   for r in report["resnet18"]["sets"].values())
