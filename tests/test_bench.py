@@ -2,6 +2,8 @@
 are the flop and byte counts of the method over the measured times, and its errors are those of
 what it built against an oracle computed here another way."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 import ssse_ext
 from ssse_ext import bench
 
-from .testing import CHAIN, SOLVE, STABLE
+from .testing import CHAIN, SOLVE, STABLE, load_benchmark
 
 F64 = torch.float64
 N, BLOCKS, B, DAMPING = 64, 2, 16, 1e-3
@@ -131,16 +133,6 @@ def test_model_benchmark_checks_its_fit_and_erase_on_a_small_cnn():
     assert f"inverse {r['inverse_bytes'] / 2**30:.2f} GiB float32" in table
 
 
-def _load_time_split():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "time_split.py"
-    spec = importlib.util.spec_from_file_location("time_split", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("args", [["--dry-run-cpu", "--resnet18", "--resnet18-rows", "32",
                                    "--resnet18-chunk", "16"],
                                   ["--device", "cpu", "--dtype", "float32"]])
@@ -148,14 +140,13 @@ def test_time_split_runs_every_piece_it_reports(args, tmp_path):
     """The per-kernel split (its dry run, as the device check runs it, and the CPU split):
     every piece of every kernel set is checked and timed, none fails, and each case names its
     machine."""
-    time_split = _load_time_split()
+    time_split = load_benchmark("time_split")
     out = tmp_path / "split.json"
     try:
         assert time_split.main(["--cases", "64:2:16,24:2:40", "--repeats", "1",
                                 "--update-rows", "16", "--json", str(out), *args]) == 0
     finally:
         time_split.DEVICE = torch.device("cuda")
-    import json
     report = json.loads(out.read_text())
     sets = [(c, r) for c in report["cases"] for r in c["sets"].values()]
     assert len(report["cases"]) == (4 if "--dry-run-cpu" in args else 2)

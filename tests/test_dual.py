@@ -11,7 +11,7 @@ from ssse_ext import (BlockLayout, DualBlocks, NotPositiveDefiniteError, RowNotF
                       build_dual_blocks, build_inverse_fisher, choose_representation, reference)
 from ssse_ext.dual import MATCH_RTOL, dual_nbytes
 
-from .testing import DEVICES, DTYPES, TOL, rel_err
+from .testing import DEVICES, DTYPES, TOL, load_benchmark, rel_err
 
 PRODUCT = list(itertools.product(DTYPES, DEVICES))
 
@@ -491,13 +491,7 @@ def test_bad_inputs():
 # ---- the benchmark ------------------------------------------------------------------------------
 
 def test_benchmark_checks_then_times(capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_dual.py"
-    spec = importlib.util.spec_from_file_location("bench_dual", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_dual")
     row = bench.run_case(12, 2, 40, torch.float64, torch.device("cpu"), repeats=1, damping=1e-3,
                          seed=0)
     assert row["factor_rel_err"] < 1e-12 and row["apply_rel_err"] < 1e-12

@@ -2,13 +2,12 @@
 figure against the stores' documented sizes, the requests against a fresh fit on the
 remaining sequences."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 import ssse
+
+from .testing import load_benchmark
 
 pytest.importorskip("transformers")
 
@@ -17,11 +16,7 @@ TINY = {"n_layer": 2, "n_embd": 16, "n_head": 2, "vocab_size": 32, "seq_len": 8,
 
 
 def load_bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kfac_scale.py"
-    spec = importlib.util.spec_from_file_location("bench_kfac_scale", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("bench_kfac_scale")
 
 
 def documented_nbytes(out, inn, storage="exact"):

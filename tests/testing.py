@@ -3,10 +3,12 @@ with a float64 reference uses a named tolerance of the table below."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -82,6 +84,15 @@ CONTRACT = Tolerance(float32=1e-4)
 #: tests/test_cuda.py's tolerance until that file is folded into the DTYPES x DEVICES product of
 #: the other tests (issue 12); new tests use the named entries above.
 TOL = {torch.float32: 1e-5, torch.float64: 1e-11}
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (the benchmarks are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
